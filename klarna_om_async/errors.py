@@ -1,0 +1,300 @@
+"""The exceptions this library raises, and the one function that turns an HTTP answer into one.
+
+Every error that happens while talking to Klarna carries the request it belongs to (method, URL,
+idempotency key, attempts made) and says whether the operation may have happened anyway, so a
+caller never loses track of money: ``err.outcome_unknown`` is true when a capture may have been
+booked, and ``err.idempotency_key`` is the key that makes a later retry safe.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from collections.abc import Mapping
+from typing import ClassVar
+
+import orjson
+
+__all__ = (
+    "AuthenticationError",
+    "BadRequestError",
+    "CaptureNotAllowedError",
+    "ConflictError",
+    "KlarnaAPIError",
+    "KlarnaConnectionError",
+    "KlarnaError",
+    "KlarnaResponseError",
+    "KlarnaTimeoutError",
+    "NoSuchCaptureError",
+    "NoSuchOrderError",
+    "NotAllowedError",
+    "NotFoundError",
+    "RateLimitError",
+    "RequestTooLargeError",
+    "ServerError",
+    "UnprocessableEntityError",
+    "ValidationError",
+    "decode_error",
+    "parse_retry_after",
+)
+
+_MUTATING_METHODS = frozenset({"POST", "PATCH", "PUT", "DELETE"})
+
+
+class KlarnaError(Exception):
+    """Base class of every error raised by klarna-om-async."""
+
+    #: HTTP method of the failed call, e.g. ``"POST"`` (``None`` when nothing was sent).
+    method: str | None = None
+    #: Full URL of the failed call (``None`` when nothing was sent).
+    url: str | None = None
+    #: The ``Klarna-Idempotency-Key`` the call used: resend with it to retry safely.
+    idempotency_key: str | None = None
+    #: How many HTTP attempts were made before giving up.
+    attempts: int = 0
+
+    def bind(
+        self, *, method: str, url: str, idempotency_key: str | None, attempts: int | None = None
+    ) -> None:
+        """Attach the request this error belongs to (called by the middleware chain)."""
+        self.method = method
+        self.url = url
+        self.idempotency_key = idempotency_key
+        if attempts is not None:
+            self.attempts = attempts
+
+    @property
+    def outcome_unknown(self) -> bool:
+        """True when the operation may have taken effect at Klarna despite this error."""
+        return False
+
+    def _retry_hint(self) -> str:
+        if self.outcome_unknown and self.idempotency_key:
+            return (
+                f" The outcome is unknown: it may have taken effect. Retry with"
+                f" idempotency_key={self.idempotency_key!r} (within 24 hours) to finish it"
+                f" exactly once."
+            )
+        return ""
+
+
+class ValidationError(KlarnaError, ValueError):
+    """A request value breaks a documented Klarna limit; raised before anything is sent."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        #: Dotted path of the offending field, e.g. ``"order_lines[2].name"``.
+        self.field = field
+        #: What is wrong with it.
+        self.reason = message
+
+
+class KlarnaConnectionError(KlarnaError):
+    """Klarna could not be reached, or the connection broke, and retries ran out."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    @property
+    def outcome_unknown(self) -> bool:
+        """A POST or PATCH whose answer was lost may have been processed."""
+        return self.method in _MUTATING_METHODS
+
+    def __str__(self) -> str:
+        where = f" ({self.method} {self.url}, {self.attempts} attempts)" if self.method else ""
+        return f"{self.message}{where}.{self._retry_hint()}"
+
+
+class KlarnaTimeoutError(KlarnaConnectionError, TimeoutError):
+    """Klarna did not answer within the per-attempt timeout, and retries ran out."""
+
+
+class KlarnaResponseError(KlarnaError):
+    """Klarna answered with success but the answer could not be understood."""
+
+    def __init__(self, message: str, *, status: int) -> None:
+        super().__init__(message)
+        self.message = message
+        #: The HTTP status Klarna answered with.
+        self.status = status
+
+    @property
+    def outcome_unknown(self) -> bool:
+        """Klarna said yes, so a mutating call did take effect; its details are unknown."""
+        return self.method in _MUTATING_METHODS
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.status} on {self.method} {self.url}).{self._retry_hint()}"
+
+
+class KlarnaAPIError(KlarnaError):
+    """Klarna (or a proxy in front of it) answered with a non-2xx status."""
+
+    #: Whether resending the same request with the same key can succeed.
+    retryable: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        *,
+        status: int,
+        error_code: str | None = None,
+        error_messages: tuple[str, ...] = (),
+        correlation_id: str | None = None,
+        retry_after: float | None = None,
+        body: str = "",
+    ) -> None:
+        super().__init__(status, error_code)
+        #: HTTP status code.
+        self.status = status
+        #: Klarna's machine-readable code, e.g. ``"CAPTURE_NOT_ALLOWED"``.
+        self.error_code = error_code
+        #: Klarna's human-readable explanations.
+        self.error_messages = error_messages
+        #: Quote this to Klarna support; it finds the call in the merchant portal logs.
+        self.correlation_id = correlation_id
+        #: Seconds the server asked us to wait (``Retry-After``), if it said.
+        self.retry_after = retry_after
+        #: The start of a body that was not Klarna's JSON error shape (e.g. a proxy's HTML).
+        self.body = body
+
+    @property
+    def outcome_unknown(self) -> bool:
+        """A 5xx or 409 on a mutating call may hide a request that was processed."""
+        return self.method in _MUTATING_METHODS and (self.status >= 500 or self.status == 409)
+
+    def __str__(self) -> str:
+        code = f" {self.error_code}" if self.error_code else ""
+        where = f" on {self.method} {self.url}" if self.method else ""
+        detail = "; ".join(self.error_messages) or self.body[:200]
+        detail = f": {detail}" if detail else ""
+        correlation = f" (correlation_id={self.correlation_id})" if self.correlation_id else ""
+        return f"{self.status}{code}{where}{detail}{correlation}.{self._retry_hint()}"
+
+
+class BadRequestError(KlarnaAPIError):
+    """400: the request is malformed; fix it before sending again."""
+
+
+class AuthenticationError(KlarnaAPIError):
+    """401: missing or wrong API credentials, or credentials for another region."""
+
+
+class NotAllowedError(KlarnaAPIError):
+    """403: the operation is not allowed for this order or capture in its current state."""
+
+
+class CaptureNotAllowedError(NotAllowedError):
+    """403 CAPTURE_NOT_ALLOWED: order cancelled or expired, or amount above what is left."""
+
+
+class NotFoundError(KlarnaAPIError):
+    """404: the order or capture does not exist (check the id and the region)."""
+
+
+class NoSuchOrderError(NotFoundError):
+    """404 NO_SUCH_ORDER: no order with this id for these credentials."""
+
+
+class NoSuchCaptureError(NotFoundError):
+    """404 NO_SUCH_CAPTURE: the order has no capture with this id."""
+
+
+class ConflictError(KlarnaAPIError):
+    """409: a request with the same idempotency key is still in flight; retried by default."""
+
+    retryable = True
+
+
+class RequestTooLargeError(KlarnaAPIError):
+    """413: the request body is too large (e.g. too many order lines)."""
+
+
+class UnprocessableEntityError(KlarnaAPIError):
+    """422: Klarna understood the request but refuses its content (e.g. INVALID_ADDRESS)."""
+
+
+class RateLimitError(KlarnaAPIError):
+    """429: too many requests for this merchant; retried with backoff by default."""
+
+    retryable = True
+
+
+class ServerError(KlarnaAPIError):
+    """5xx: Klarna or a proxy failed; retried with the same idempotency key by default."""
+
+    retryable = True
+
+
+_BY_STATUS: Mapping[int, type[KlarnaAPIError]] = {
+    400: BadRequestError,
+    401: AuthenticationError,
+    403: NotAllowedError,
+    404: NotFoundError,
+    409: ConflictError,
+    413: RequestTooLargeError,
+    422: UnprocessableEntityError,
+    429: RateLimitError,
+}
+_BY_CODE: Mapping[str, type[KlarnaAPIError]] = {
+    "CAPTURE_NOT_ALLOWED": CaptureNotAllowedError,
+    "NO_SUCH_ORDER": NoSuchOrderError,
+    "NO_SUCH_CAPTURE": NoSuchCaptureError,
+}
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def _error_class(status: int, error_code: str | None) -> type[KlarnaAPIError]:
+    cls = _BY_STATUS.get(status, ServerError if status >= 500 else KlarnaAPIError)
+    specific = _BY_CODE.get(error_code or "")
+    # A code only refines its own status: a proxy's odd code never turns a 5xx into a 404.
+    return specific if specific is not None and issubclass(specific, cls) else cls
+
+
+def decode_error(status: int, headers: Mapping[str, str], body: bytes) -> KlarnaAPIError:
+    """Turn a non-2xx answer into the matching typed exception; a pure function, no I/O.
+
+    Klarna's error body is ``{"error_code", "error_messages", "correlation_id"}``; a proxy or
+    load balancer may send HTML or nothing, which still yields the class for the status.
+    """
+    error_code: str | None = None
+    messages: tuple[str, ...] = ()
+    correlation_id = headers.get("Klarna-Correlation-Id")
+    text = ""
+    try:
+        payload = orjson.loads(body) if body else None
+    except orjson.JSONDecodeError:
+        payload = None
+    if isinstance(payload, dict):
+        code = payload.get("error_code")
+        error_code = code if isinstance(code, str) else None
+        raw_messages = payload.get("error_messages")
+        if isinstance(raw_messages, list):
+            messages = tuple(str(m) for m in raw_messages)
+        if isinstance(payload.get("correlation_id"), str):
+            correlation_id = payload["correlation_id"]
+    else:
+        text = body[:1000].decode("utf-8", errors="replace").strip()
+    return _error_class(status, error_code)(
+        status=status,
+        error_code=error_code,
+        error_messages=messages,
+        correlation_id=correlation_id,
+        retry_after=parse_retry_after(headers.get("Retry-After")),
+        body=text,
+    )
