@@ -1,0 +1,165 @@
+"""The package's one cattrs converter: models to JSON bytes and back.
+
+Rules: optional fields left at None are omitted on output; unknown keys in Klarna's answers
+are ignored; ints and strs are taken as they are, never coerced (a float is not money);
+datetimes are ISO 8601 and always timezone-aware; tuples travel as JSON arrays.
+"""
+
+from __future__ import annotations
+
+import enum
+import types
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, TypeVar, Union, get_args, get_origin
+
+import attrs
+import cattrs
+import orjson
+from cattrs.cols import (
+    homogenous_tuple_structure_factory,
+    is_mutable_sequence,
+    is_sequence,
+    list_structure_factory,
+)
+from cattrs.preconf.orjson import make_converter
+from cattrs.strategies import configure_union_passthrough
+
+from .models import Address, Capture, CaptureRequest, Order, OrderLine, Refund, ShippingInfo
+
+__all__ = ("converter", "from_json", "to_json")
+
+T = TypeVar("T")
+
+converter = make_converter(omit_if_default=True, forbid_extra_keys=False)
+
+
+def _exact(kind: type[object]) -> Callable[[object, Any], object]:
+    """Take a JSON value only if it already has the right class; never coerce it."""
+
+    def structure(value: object, cls: Any) -> object:
+        if value.__class__ is not kind:
+            raise TypeError(f"expected {kind.__name__}, got {type(value).__name__}")
+        # The hook also serves subclasses, such as a str enum.
+        return value if cls is kind else cls(value)
+
+    return structure
+
+
+def _structure_datetime(value: str, _: object) -> datetime:
+    moment = datetime.fromisoformat(value)
+    # Klarna always sends an offset or Z; should one be missing, its clocks are UTC.
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _union_args(kind: object) -> tuple[Any, ...]:
+    return get_args(kind) if get_origin(kind) in (Union, types.UnionType) else ()
+
+
+def _is_str_enum(kind: object) -> bool:
+    return isinstance(kind, enum.EnumMeta) and issubclass(kind, enum.StrEnum)
+
+
+def _is_enum_or_str(kind: object) -> bool:
+    """``SomeStrEnum | str`` (optionally ``| None``), the type of fields Klarna may extend."""
+    extra = set(_union_args(kind)) - {str, type(None)}
+    return len(extra) == 1 and str in _union_args(kind) and _is_str_enum(extra.pop())
+
+
+def _is_json_native(kind: object) -> bool:
+    """A union orjson writes as is: of str, int, None and str enums."""
+    args = _union_args(kind)
+    return bool(args) and all(a in (str, int, type(None)) or _is_str_enum(a) for a in args)
+
+
+def _objects_only(cls: type[object]) -> Callable[[object, object], object]:
+    structure = converter.gen_structure_attrs_fromdict(cls)
+
+    def check(value: object, _: object) -> object:
+        # cattrs would read any container (e.g. "[]") as a model with every field unset.
+        if value.__class__ is not dict:
+            raise TypeError(f"expected a JSON object, got {type(value).__name__}")
+        return structure(value, cls)
+
+    return check
+
+
+def _arrays_only(kind: Any) -> Callable[[object, object], object]:
+    factory = (
+        list_structure_factory if is_mutable_sequence(kind) else homogenous_tuple_structure_factory
+    )
+    structure = factory(kind, converter)
+
+    def check(value: object, _: object) -> object:
+        # cattrs would read {} as an empty list: "no captures" when Klarna said something else.
+        if value.__class__ is not list:
+            raise TypeError(f"expected a JSON array, got {type(value).__name__}")
+        return structure(value, kind)
+
+    return check
+
+
+def _passthrough(value: T, _: object = None) -> T:
+    return value
+
+
+converter.register_structure_hook(int, _exact(int))
+converter.register_structure_hook(str, _exact(str))
+# The orjson preset lets bool through as an int (its subclass); True is not an amount.
+configure_union_passthrough(str | int | None, converter)
+converter.register_structure_hook_factory(attrs.has, _objects_only)
+converter.register_structure_hook_factory(is_sequence, _arrays_only)
+converter.register_structure_hook(datetime, _structure_datetime)
+converter.register_unstructure_hook(datetime, datetime.isoformat)
+# The model field's own converter maps a known value to the enum member and keeps an unknown
+# one as str; it must run for hand-built models anyway, so cattrs only passes the value on.
+converter.register_structure_hook_func(_is_enum_or_str, _passthrough)
+# Saves cattrs' None check and inner call on every optional field of every line.
+converter.register_unstructure_hook_func(_is_json_native, _passthrough)
+
+_MODELS = (OrderLine, ShippingInfo, Address, CaptureRequest, Capture, Refund, Order)
+# Built once at import, so the first capture of a batch pays no code generation.
+_UNSTRUCTURE: dict[object, Callable[[Any], Any]] = {
+    cls: converter.get_unstructure_hook(cls) for cls in _MODELS
+}
+_STRUCTURE: dict[object, Callable[[Any, Any], Any]] = {
+    cls: converter.get_structure_hook(cls) for cls in (*_MODELS, list[Capture])
+}
+
+
+def to_json(value: object) -> bytes:
+    """Serialize a model (or a dict/list of models) to JSON bytes, omitting unset fields."""
+    hook = _UNSTRUCTURE.get(value.__class__)
+    return orjson.dumps(hook(value) if hook is not None else converter.unstructure(value))
+
+
+def from_json(data: bytes, cls: type[T]) -> T:
+    """Parse Klarna's JSON into ``cls``; raises ValueError if it is not JSON of that shape.
+
+    Never raises ``ValidationError``: that error means a request was refused before sending,
+    while a bad answer comes after Klarna acted.
+    """
+    hook = _STRUCTURE.get(cls) or converter.get_structure_hook(cls)
+    try:
+        result: T = hook(orjson.loads(data), cls)
+    except orjson.JSONDecodeError as error:
+        raise ValueError(f"not JSON: {error}") from error
+    except (cattrs.BaseValidationError, ValueError, TypeError, KeyError, AttributeError) as error:
+        detail = "; ".join(_describe(error))
+        raise ValueError(f"not a valid {_name(cls)}: {detail}") from error
+    return result
+
+
+def _describe(error: BaseException) -> list[str]:
+    if isinstance(error, cattrs.BaseValidationError):
+        return cattrs.transform_error(error, format_exception=_format_exception)
+    return [_format_exception(error, None)]
+
+
+def _format_exception(error: BaseException, _type: object) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
+def _name(cls: object) -> str:
+    # list[Capture].__name__ is "list"; its str() names the items too.
+    return str(cls) if get_args(cls) else getattr(cls, "__name__", str(cls))

@@ -1,0 +1,409 @@
+"""Typed models of Klarna Order Management captures: what we send and what Klarna answers.
+
+Leaf models (``OrderLine``, ``ShippingInfo``, ``Address``) appear in requests and responses, so
+they check only what both satisfy: types, ranges, lengths and required fields. Enum-typed leaf
+fields keep a value Klarna added after this release as a plain ``str``; request models then
+refuse such values before anything is sent. Every failure is a ``ValidationError`` naming the
+field. Serialization rules live in ``_convert``, not here.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime
+from typing import Any, TypeVar
+
+import attrs
+
+from .errors import ValidationError
+
+__all__ = (
+    "Address",
+    "Capture",
+    "CaptureCreated",
+    "CaptureRequest",
+    "FraudStatus",
+    "Order",
+    "OrderLine",
+    "OrderLineType",
+    "OrderStatus",
+    "Refund",
+    "ShippingInfo",
+    "ShippingMethod",
+    "validate_shipping_info_request",
+)
+
+#: The largest amount (minor units) Klarna accepts in a capture or an order line.
+_MAX_AMOUNT = 200_000_000
+_MAX_ORDER_LINES = 1000
+_MAX_SHIPPING_INFO = 500
+
+_T = TypeVar("_T")
+_E = TypeVar("_E", bound=enum.StrEnum)
+# Any, not object: attrs infers a field's type from its validator's value parameter.
+_Validator = Callable[[Any, "attrs.Attribute[Any]", Any], None]
+
+
+class OrderLineType(enum.StrEnum):
+    """Kind of an order line."""
+
+    PHYSICAL = "physical"
+    DISCOUNT = "discount"
+    SHIPPING_FEE = "shipping_fee"
+    SALES_TAX = "sales_tax"
+    STORE_CREDIT = "store_credit"
+    GIFT_CARD = "gift_card"
+    DIGITAL = "digital"
+    SURCHARGE = "surcharge"
+    RETURN_FEE = "return_fee"
+
+
+class ShippingMethod(enum.StrEnum):
+    """How the goods of a capture are delivered."""
+
+    PICK_UP_STORE = "PickUpStore"
+    HOME = "Home"
+    BOX_REG = "BoxReg"
+    BOX_UNREG = "BoxUnreg"
+    PICK_UP_POINT = "PickUpPoint"
+    OWN = "Own"
+    POSTAL = "Postal"
+    DHL_PACKSTATION = "DHLPackstation"
+    DIGITAL = "Digital"
+    UNDEFINED = "Undefined"
+    PICK_UP_WAREHOUSE = "PickUpWarehouse"
+    CLICK_COLLECT = "ClickCollect"
+    PALLET_DELIVERY = "PalletDelivery"
+
+
+class OrderStatus(enum.StrEnum):
+    """Where an order is in its life: authorized, (partly) captured, or over."""
+
+    AUTHORIZED = "AUTHORIZED"
+    PART_CAPTURED = "PART_CAPTURED"
+    CAPTURED = "CAPTURED"
+    CANCELLED = "CANCELLED"
+    EXPIRED = "EXPIRED"
+    CLOSED = "CLOSED"
+
+
+class FraudStatus(enum.StrEnum):
+    """Klarna's fraud decision on an order."""
+
+    ACCEPTED = "ACCEPTED"
+    PENDING = "PENDING"
+    REJECTED = "REJECTED"
+
+
+# --- validators: each raises ValidationError naming the attribute --------------------------
+
+
+def _required(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is None:
+        raise ValidationError(attribute.name, "is required")
+
+
+def _text(max_len: int | None = None) -> _Validator:
+    """An optional string of at most ``max_len`` characters."""
+
+    def check(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+        if value is None:
+            return
+        if not isinstance(value, str):
+            raise ValidationError(attribute.name, f"must be a str, got {type(value).__name__}")
+        if max_len is not None and len(value) > max_len:
+            raise ValidationError(
+                attribute.name, f"must be at most {max_len} characters, got {len(value)}"
+            )
+
+    return check
+
+
+def _int_range(lo: int | None, hi: int | None) -> _Validator:
+    """An optional int (never a bool or float) within ``lo..hi``; None means unbounded."""
+
+    def check(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+        if value is None:
+            return
+        # type() rather than isinstance(): bool is an int subclass, and True is not money.
+        if type(value) is not int:
+            raise ValidationError(attribute.name, f"must be an int, got {type(value).__name__}")
+        if lo is not None and value < lo:
+            raise ValidationError(attribute.name, f"must be at least {lo}, got {value}")
+        if hi is not None and value > hi:
+            raise ValidationError(attribute.name, f"must be at most {hi}, got {value}")
+
+    return check
+
+
+def _check_items(
+    field: str,
+    items: object,
+    kind: type[object],
+    *,
+    max_items: int,
+    min_items: int = 0,
+    known: tuple[str, type[enum.StrEnum]],
+) -> None:
+    """Check a request list: its size, its items' class, and that an enum field is known."""
+    name, members = known
+    if not isinstance(items, tuple):
+        raise ValidationError(field, f"must be a sequence of {kind.__name__}")
+    if not min_items <= len(items) <= max_items:
+        raise ValidationError(field, f"must hold {min_items}..{max_items} items, got {len(items)}")
+    for index, item in enumerate(items):
+        if not isinstance(item, kind):
+            raise ValidationError(
+                f"{field}[{index}]", f"must be a {kind.__name__}, got {type(item).__name__}"
+            )
+        value = getattr(item, name)
+        # Responses may carry values Klarna added later; a request may only send known ones.
+        if value is not None and not isinstance(value, members):
+            raise ValidationError(
+                f"{field}[{index}].{name}",
+                f"unknown value {value!r}; expected one of {', '.join(members)}",
+            )
+
+
+def _items(kind: type[object], max_items: int, known: tuple[str, type[enum.StrEnum]]) -> _Validator:
+    """An optional request list of ``kind`` items, see ``_check_items``."""
+
+    def check(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+        if value is not None:
+            _check_items(attribute.name, value, kind, max_items=max_items, known=known)
+
+    return check
+
+
+# --- converters: attrs runs them before validators, also on hand-built models --------------
+
+
+def _as_tuple(value: Iterable[_T] | None) -> tuple[_T, ...] | None:
+    if value is None:
+        return None
+    # A str or mapping is iterable but never a list of models: left for the validator to name.
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+        return value  # type: ignore[return-value]
+    return tuple(value)
+
+
+def _as_enum(kind: type[_E], value: str | None) -> _E | str | None:
+    # A value Klarna added after this release stays a plain str instead of failing the parse;
+    # a non-str is left for the field's validator to reject with the field's name.
+    if isinstance(value, str) and not isinstance(value, kind):
+        return kind._value2member_map_.get(value, value)  # type: ignore[return-value]
+    return value
+
+
+# mypy's attrs plugin types __init__ from named converters only, hence these one-liners.
+def _order_lines(value: Iterable[OrderLine] | None) -> tuple[OrderLine, ...] | None:
+    return _as_tuple(value)
+
+
+def _shipping_infos(value: Iterable[ShippingInfo] | None) -> tuple[ShippingInfo, ...] | None:
+    return _as_tuple(value)
+
+
+def _captures(value: Iterable[Capture] | None) -> tuple[Capture, ...] | None:
+    return _as_tuple(value)
+
+
+def _refunds(value: Iterable[Refund] | None) -> tuple[Refund, ...] | None:
+    return _as_tuple(value)
+
+
+def _line_type(value: str | None) -> OrderLineType | str | None:
+    return _as_enum(OrderLineType, value)
+
+
+def _shipping_method(value: str | None) -> ShippingMethod | str | None:
+    return _as_enum(ShippingMethod, value)
+
+
+def _order_status(value: str | None) -> OrderStatus | str | None:
+    return _as_enum(OrderStatus, value)
+
+
+def _fraud_status(value: str | None) -> FraudStatus | str | None:
+    return _as_enum(FraudStatus, value)
+
+
+# --- shared leaf models ---------------------------------------------------------------------
+
+
+@attrs.define(frozen=True, kw_only=True)
+class OrderLine:
+    """One line of a capture, refund or order; amounts are minor units including tax."""
+
+    name: str = attrs.field(validator=[_required, _text(255)])
+    quantity: int = attrs.field(validator=[_required, _int_range(0, None)])
+    # Discount lines carry negative prices, so only the maximum is documented.
+    unit_price: int = attrs.field(validator=[_required, _int_range(None, _MAX_AMOUNT)])
+    total_amount: int = attrs.field(validator=[_required, _int_range(None, _MAX_AMOUNT)])
+    type: OrderLineType | str | None = attrs.field(
+        default=None, converter=_line_type, validator=_text()
+    )
+    reference: str | None = attrs.field(default=None, validator=_text(255))
+    quantity_unit: str | None = attrs.field(default=None, validator=_text(10))
+    tax_rate: int | None = attrs.field(default=None, validator=_int_range(0, None))
+    total_discount_amount: int | None = attrs.field(
+        default=None, validator=_int_range(0, _MAX_AMOUNT)
+    )
+    total_tax_amount: int | None = attrs.field(
+        default=None, validator=_int_range(None, _MAX_AMOUNT)
+    )
+    merchant_data: str | None = attrs.field(default=None, validator=_text(1024))
+    image_url: str | None = attrs.field(default=None, validator=_text(1024))
+    product_url: str | None = attrs.field(default=None, validator=_text(1024))
+
+
+@attrs.define(frozen=True, kw_only=True)
+class ShippingInfo:
+    """Tracking details of one shipment (or return shipment) of a capture."""
+
+    shipping_company: str | None = attrs.field(default=None, validator=_text(100))
+    shipping_method: ShippingMethod | str | None = attrs.field(
+        default=None, converter=_shipping_method, validator=_text()
+    )
+    tracking_number: str | None = attrs.field(default=None, validator=_text(100))
+    tracking_uri: str | None = attrs.field(default=None, validator=_text(1024))
+    return_shipping_company: str | None = attrs.field(default=None, validator=_text(100))
+    return_tracking_number: str | None = attrs.field(default=None, validator=_text(100))
+    return_tracking_uri: str | None = attrs.field(default=None, validator=_text(1024))
+
+
+@attrs.define(frozen=True, kw_only=True)
+class Address:
+    """A billing or shipping address as Klarna returns it."""
+
+    # Only read from responses, so only types are checked: a long value must not break a read.
+    given_name: str | None = attrs.field(default=None, validator=_text())
+    family_name: str | None = attrs.field(default=None, validator=_text())
+    title: str | None = attrs.field(default=None, validator=_text())
+    organization_name: str | None = attrs.field(default=None, validator=_text())
+    attention: str | None = attrs.field(default=None, validator=_text())
+    street_address: str | None = attrs.field(default=None, validator=_text())
+    street_address2: str | None = attrs.field(default=None, validator=_text())
+    postal_code: str | None = attrs.field(default=None, validator=_text())
+    city: str | None = attrs.field(default=None, validator=_text())
+    region: str | None = attrs.field(default=None, validator=_text())
+    country: str | None = attrs.field(default=None, validator=_text())
+    email: str | None = attrs.field(default=None, validator=_text())
+    phone: str | None = attrs.field(default=None, validator=_text())
+
+
+# --- requests -------------------------------------------------------------------------------
+
+
+@attrs.define(frozen=True, kw_only=True)
+class CaptureRequest:
+    """Body of a capture: the amount to capture (all of the order or part of it) and details."""
+
+    captured_amount: int = attrs.field(validator=[_required, _int_range(0, _MAX_AMOUNT)])
+    description: str | None = attrs.field(default=None, validator=_text(255))
+    reference: str | None = attrs.field(default=None, validator=_text(255))
+    order_lines: tuple[OrderLine, ...] | None = attrs.field(
+        default=None,
+        converter=_order_lines,
+        validator=_items(OrderLine, _MAX_ORDER_LINES, ("type", OrderLineType)),
+    )
+    shipping_info: tuple[ShippingInfo, ...] | None = attrs.field(
+        default=None,
+        converter=_shipping_infos,
+        validator=_items(ShippingInfo, _MAX_SHIPPING_INFO, ("shipping_method", ShippingMethod)),
+    )
+    shipping_delay: int | None = attrs.field(default=None, validator=_int_range(0, None))
+
+
+def validate_shipping_info_request(
+    shipping_info: Iterable[ShippingInfo],
+) -> tuple[ShippingInfo, ...]:
+    """Check the body of add-shipping-info (1 to 500 items, known methods); returns a tuple."""
+    items = _as_tuple(shipping_info) or ()
+    _check_items(
+        "shipping_info",
+        items,
+        ShippingInfo,
+        min_items=1,
+        max_items=_MAX_SHIPPING_INFO,
+        known=("shipping_method", ShippingMethod),
+    )
+    return items
+
+
+# --- responses: every field optional, nothing validated beyond the leaf models --------------
+
+
+@attrs.define(frozen=True, kw_only=True)
+class Capture:
+    """A capture as Klarna returns it."""
+
+    capture_id: str | None = None
+    klarna_reference: str | None = None
+    captured_amount: int | None = None
+    captured_at: datetime | None = None
+    description: str | None = None
+    reference: str | None = None
+    refunded_amount: int | None = None
+    order_lines: tuple[OrderLine, ...] | None = attrs.field(default=None, converter=_order_lines)
+    billing_address: Address | None = None
+    shipping_address: Address | None = None
+    shipping_info: tuple[ShippingInfo, ...] | None = attrs.field(
+        default=None, converter=_shipping_infos
+    )
+
+
+@attrs.define(frozen=True, kw_only=True)
+class Refund:
+    """A refund as Klarna returns it."""
+
+    refund_id: str | None = None
+    refunded_amount: int | None = None
+    refunded_at: datetime | None = None
+    description: str | None = None
+    reference: str | None = None
+    order_lines: tuple[OrderLine, ...] | None = attrs.field(default=None, converter=_order_lines)
+
+
+@attrs.define(frozen=True, kw_only=True)
+class Order:
+    """An order as Klarna returns it: amounts, status, and its captures and refunds."""
+
+    order_id: str | None = None
+    status: OrderStatus | str | None = attrs.field(
+        default=None, converter=_order_status, validator=_text()
+    )
+    fraud_status: FraudStatus | str | None = attrs.field(
+        default=None, converter=_fraud_status, validator=_text()
+    )
+    order_amount: int | None = None
+    original_order_amount: int | None = None
+    captured_amount: int | None = None
+    refunded_amount: int | None = None
+    #: What can still be captured, in minor units.
+    remaining_authorized_amount: int | None = None
+    purchase_currency: str | None = None
+    locale: str | None = None
+    merchant_reference1: str | None = None
+    merchant_reference2: str | None = None
+    klarna_reference: str | None = None
+    order_lines: tuple[OrderLine, ...] | None = attrs.field(default=None, converter=_order_lines)
+    billing_address: Address | None = None
+    shipping_address: Address | None = None
+    created_at: datetime | None = None
+    expires_at: datetime | None = None
+    captures: tuple[Capture, ...] | None = attrs.field(default=None, converter=_captures)
+    refunds: tuple[Refund, ...] | None = attrs.field(default=None, converter=_refunds)
+
+
+@attrs.define(frozen=True, kw_only=True)
+class CaptureCreated:
+    """Result of creating a capture, read from the 201's headers (its body is empty)."""
+
+    capture_id: str
+    location: str
+    #: The key the capture was made with; resending with it can never capture twice.
+    idempotency_key: str
+    #: How many HTTP attempts the call took (more than 1 when retries were needed).
+    attempts: int = 1
