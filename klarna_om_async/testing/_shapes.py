@@ -1,0 +1,85 @@
+"""Klarna's JSON shapes for orders and captures, built as plain dicts from the fake's ledger."""
+
+from __future__ import annotations
+
+from ._ledger import FakeCapture, FakeOrder, JSONObject
+
+__all__ = ("capture_json", "order_json")
+
+# The addresses of Klarna's own capture sample (docs.klarna.com, "Capture and track orders").
+_ADDRESS: JSONObject = {
+    "given_name": "John",
+    "family_name": "Doe",
+    "title": "Mr",
+    "street_address": "123 Fake St",
+    "postal_code": "12345",
+    "city": "New York",
+    "region": "NY",
+    "country": "US",
+    "email": "john@doe.com",
+    "phone": "123456",
+}
+
+_LOCALES = {"EUR": "de-DE", "SEK": "sv-SE", "NOK": "nb-NO", "DKK": "da-DK", "GBP": "en-GB"}
+
+
+def capture_json(capture: FakeCapture) -> JSONObject:
+    """A capture as ``GET .../captures/{capture_id}`` returns it."""
+    body: JSONObject = {
+        "capture_id": capture.capture_id,
+        "klarna_reference": capture.klarna_reference,
+        "captured_amount": capture.captured_amount,
+        "captured_at": capture.captured_at,
+        "order_lines": capture.order_lines,
+        "refunded_amount": 0,
+        "billing_address": _ADDRESS,
+        "shipping_address": _ADDRESS,
+        "shipping_info": capture.shipping_info,
+    }
+    # The spec's strings are not nullable, so absent values are left out rather than null.
+    if capture.description is not None:
+        body["description"] = capture.description
+    if capture.reference is not None:
+        body["reference"] = capture.reference
+    return body
+
+
+def _order_line(amount: int) -> JSONObject:
+    return {
+        "type": "physical",
+        "reference": "FAKE-1",
+        "name": "Fake item",
+        "quantity": 1,
+        "unit_price": amount,
+        "tax_rate": 0,
+        "total_amount": amount,
+        "total_discount_amount": 0,
+        "total_tax_amount": 0,
+    }
+
+
+def order_json(order: FakeOrder) -> JSONObject:
+    """An order as ``GET /ordermanagement/v1/orders/{order_id}`` returns it."""
+    body: JSONObject = {
+        "order_id": order.order_id,
+        "status": order.status,
+        "fraud_status": "ACCEPTED",
+        "order_amount": order.order_amount,
+        "original_order_amount": order.original_order_amount,
+        "captured_amount": order.captured_amount,
+        "refunded_amount": 0,
+        "remaining_authorized_amount": order.remaining_authorized_amount,
+        "purchase_currency": order.purchase_currency,
+        "locale": _LOCALES.get(order.purchase_currency, "en-US"),
+        "order_lines": [_order_line(order.order_amount)],
+        "klarna_reference": order.klarna_reference,
+        "created_at": order.created_at,
+        "expires_at": order.expires_at,
+        "billing_address": _ADDRESS,
+        "shipping_address": _ADDRESS,
+        "captures": [capture_json(capture) for capture in order.captures],
+        "refunds": [],
+    }
+    if order.merchant_reference1 is not None:
+        body["merchant_reference1"] = order.merchant_reference1
+    return body
