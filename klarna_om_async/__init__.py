@@ -1,0 +1,106 @@
+"""Asyncio client for Klarna Order Management captures: exactly-once, typed, fast.
+
+::
+
+    async with KlarnaOM("user", "password", region=Region.EU, playground=True) as om:
+        created = await om.captures.create(order_id, CaptureRequest(captured_amount=6000))
+"""
+
+from ._version import __version__
+from .batch import BatchItem, BatchProgress, CaptureOutcome, CaptureStatus
+from .client import KlarnaOM
+from .config import Region, RetryPolicy
+from .errors import (
+    AuthenticationError,
+    BadRequestError,
+    CaptureNotAllowedError,
+    ConflictError,
+    KlarnaAPIError,
+    KlarnaConnectionError,
+    KlarnaError,
+    KlarnaResponseError,
+    KlarnaTimeoutError,
+    NoSuchCaptureError,
+    NoSuchOrderError,
+    NotAllowedError,
+    NotFoundError,
+    RateLimitError,
+    RequestTooLargeError,
+    ServerError,
+    UnprocessableEntityError,
+    ValidationError,
+)
+from .journal import (
+    Journal,
+    JournalEntry,
+    JournalStatus,
+    MemoryJournal,
+    SQLiteJournal,
+    deterministic_key,
+)
+from .middleware import Handler, Middleware, Request, Response
+from .models import (
+    Address,
+    Capture,
+    CaptureCreated,
+    CaptureRequest,
+    FraudStatus,
+    Order,
+    OrderLine,
+    OrderLineType,
+    OrderStatus,
+    Refund,
+    ShippingInfo,
+    ShippingMethod,
+)
+
+__all__ = (
+    "Address",
+    "AuthenticationError",
+    "BadRequestError",
+    "BatchItem",
+    "BatchProgress",
+    "Capture",
+    "CaptureCreated",
+    "CaptureNotAllowedError",
+    "CaptureOutcome",
+    "CaptureRequest",
+    "CaptureStatus",
+    "ConflictError",
+    "FraudStatus",
+    "Handler",
+    "Journal",
+    "JournalEntry",
+    "JournalStatus",
+    "KlarnaAPIError",
+    "KlarnaConnectionError",
+    "KlarnaError",
+    "KlarnaOM",
+    "KlarnaResponseError",
+    "KlarnaTimeoutError",
+    "MemoryJournal",
+    "Middleware",
+    "NoSuchCaptureError",
+    "NoSuchOrderError",
+    "NotAllowedError",
+    "NotFoundError",
+    "Order",
+    "OrderLine",
+    "OrderLineType",
+    "OrderStatus",
+    "RateLimitError",
+    "Refund",
+    "Region",
+    "Request",
+    "RequestTooLargeError",
+    "Response",
+    "RetryPolicy",
+    "SQLiteJournal",
+    "ServerError",
+    "ShippingInfo",
+    "ShippingMethod",
+    "UnprocessableEntityError",
+    "ValidationError",
+    "__version__",
+    "deterministic_key",
+)

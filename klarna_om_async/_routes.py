@@ -1,0 +1,68 @@
+"""Paths and request values shared by the endpoint modules."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+from urllib.parse import quote
+
+from ._convert import from_json
+from ._version import __version__
+from .errors import KlarnaResponseError, ValidationError
+from .middleware import Request, Response
+
+T = TypeVar("T")
+
+_ORDERS = "/ordermanagement/v1/orders/"
+
+# Shared, never mutated: middlewares copy before adding headers.
+_GET_HEADERS = {"Accept": "application/json", "User-Agent": f"klarna-om-async/{__version__}"}
+_JSON_HEADERS = {**_GET_HEADERS, "Content-Type": "application/json"}
+
+
+def quote_id(field: str, value: str) -> str:
+    """Validate an order or capture id and quote it as one path segment."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValidationError(field, f"must be a non-empty string, got {value!r}")
+    return quote(value, safe="")
+
+
+def order_path(order_id: str) -> str:
+    """``/ordermanagement/v1/orders/{order_id}``."""
+    return _ORDERS + quote_id("order_id", order_id)
+
+
+def capture_path(order_id: str, capture_id: str) -> str:
+    """``/ordermanagement/v1/orders/{order_id}/captures/{capture_id}``."""
+    return f"{order_path(order_id)}/captures/{quote_id('capture_id', capture_id)}"
+
+
+def get(path: str) -> Request:
+    """A GET request value."""
+    return Request("GET", path, headers=_GET_HEADERS)
+
+
+def post(path: str, body: bytes | None = None, *, idempotency_key: str | None = None) -> Request:
+    """A POST request value; the idempotency middleware adds the key header."""
+    headers = _JSON_HEADERS if body is not None else _GET_HEADERS
+    return Request("POST", path, body, headers, idempotency_key)
+
+
+def unreadable(response: Response, message: str) -> KlarnaResponseError:
+    """A KlarnaResponseError for a 2xx answer we could not make sense of."""
+    request = response.request
+    error = KlarnaResponseError(message, status=response.status)
+    error.bind(
+        method=request.method,
+        url=response.url,
+        idempotency_key=request.idempotency_key,
+        attempts=response.attempts,
+    )
+    return error
+
+
+def read(response: Response, cls: type[T]) -> T:
+    """Structure a 2xx JSON body into ``cls``; a body that does not fit is Klarna's fault."""
+    try:
+        return from_json(response.body, cls)
+    except ValueError as exc:
+        raise unreadable(response, f"Klarna's answer does not fit {cls}: {exc}") from exc
