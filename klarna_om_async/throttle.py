@@ -33,8 +33,9 @@ def rate_limited(requests_per_second: float | None) -> Iterator[None]:
         raise ValueError(f"rate_limit must be positive, got {requests_per_second!r}")
     limiter = None
     if requests_per_second is not None:
-        # A one-second bucket of this size: short bursts are allowed, the rate holds over time.
-        limiter = AsyncLimiter(requests_per_second, time_period=1)
+        # A bucket of one, refilled every 1/rate seconds: no window of one second ever holds
+        # more than the rate (a bucket of `rate` per second would allow twice that at start).
+        limiter = AsyncLimiter(1, time_period=1 / requests_per_second)
     token = _limiter.set(limiter)
     try:
         yield
