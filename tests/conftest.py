@@ -4,7 +4,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from klarna_om_async.testing import FakeKlarna
+from klarna_om_async import KlarnaOM, RetryPolicy
+from klarna_om_async.testing import FakeKlarna, InstantSleep
 
 
 @pytest.fixture
@@ -12,3 +13,19 @@ async def fake() -> AsyncIterator[FakeKlarna]:
     """A started FakeKlarna on 127.0.0.1 and a free port, closed after the test."""
     async with FakeKlarna() as server:
         yield server
+
+
+@pytest.fixture
+def sleeps() -> InstantSleep:
+    """Stands in for asyncio.sleep: retries are instant and their waits observable."""
+    return InstantSleep()
+
+
+@pytest.fixture
+async def om(fake: FakeKlarna, sleeps: InstantSleep) -> AsyncIterator[KlarnaOM]:
+    """A client of ``fake`` with 4 attempts, un-jittered backoff and instant sleeps."""
+    policy = RetryPolicy(max_attempts=4, jitter=lambda d: d, sleep=sleeps)
+    async with KlarnaOM(
+        fake.username, fake.password, base_url=fake.base_url, retry=policy
+    ) as client:
+        yield client

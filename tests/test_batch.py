@@ -20,7 +20,6 @@ from klarna_om_async import (
     JournalStatus,
     KlarnaOM,
     MemoryJournal,
-    RetryPolicy,
     ServerError,
     SQLiteJournal,
     ValidationError,
@@ -32,32 +31,11 @@ from klarna_om_async.testing import (
     Delay,
     DropAfterProcessing,
     FakeKlarna,
+    InstantSleep,
     RateLimited,
     ServerFailure,
 )
 from klarna_om_async.throttle import ThrottleMiddleware
-
-
-class Sleeps:
-    def __init__(self) -> None:
-        self.waits: list[float] = []
-
-    async def __call__(self, seconds: float) -> None:
-        self.waits.append(seconds)
-
-
-@pytest.fixture
-def sleeps() -> Sleeps:
-    return Sleeps()
-
-
-@pytest.fixture
-async def om(fake: FakeKlarna, sleeps: Sleeps) -> AsyncIterator[KlarnaOM]:
-    policy = RetryPolicy(max_attempts=3, jitter=lambda d: d, sleep=sleeps)
-    async with KlarnaOM(
-        fake.username, fake.password, base_url=fake.base_url, retry=policy
-    ) as client:
-        yield client
 
 
 def full(fake: FakeKlarna, amounts: list[int]) -> list[tuple[str, CaptureRequest]]:
@@ -77,7 +55,7 @@ async def test_mixed_outcomes_are_each_reported(om: KlarnaOM, fake: FakeKlarna) 
     good = full(fake, [100, 200, 300])
     over = (fake.add_order(amount=50), CaptureRequest(captured_amount=51))
     flaky = fake.add_order(amount=70)
-    fake.inject(ServerFailure(503), method="POST", path=flaky, times=3)
+    fake.inject(ServerFailure(503), method="POST", path=flaky, times=4)
     items = [*good, over, (flaky, CaptureRequest(captured_amount=70)), ("", good[0][1])]
 
     outcomes = await collect(om.capture_many(items, concurrency=4))
@@ -93,7 +71,7 @@ async def test_mixed_outcomes_are_each_reported(om: KlarnaOM, fake: FakeKlarna) 
     assert failed.status is CaptureStatus.FAILED
     assert isinstance(failed.error, ServerError)
     assert failed.error.outcome_unknown
-    assert failed.attempts == 3
+    assert failed.attempts == 4
     assert failed.idempotency_key == failed.error.idempotency_key
     invalid = outcomes[""]
     assert invalid.status is CaptureStatus.REFUSED
@@ -118,7 +96,7 @@ async def test_a_rerun_with_the_journal_skips_captured_and_finishes_failed_with_
 ) -> None:
     items = full(fake, [10, 20, 30, 40])
     stuck = items[1][0]
-    fake.inject(ServerFailure(503), method="POST", path=stuck, times=3)
+    fake.inject(ServerFailure(503), method="POST", path=stuck, times=4)
     async with SQLiteJournal(tmp_path / "journal.sqlite") as journal:
         first = await collect(om.capture_many(items, journal=journal))
     assert first[stuck].status is CaptureStatus.FAILED
@@ -195,7 +173,9 @@ async def test_the_rate_limit_holds_over_a_run(om: KlarnaOM, fake: FakeKlarna) -
     assert times[-1] - times[0] >= 1.0
 
 
-async def test_a_429_pauses_the_whole_batch(om: KlarnaOM, fake: FakeKlarna, sleeps: Sleeps) -> None:
+async def test_a_429_pauses_the_whole_batch(
+    om: KlarnaOM, fake: FakeKlarna, sleeps: InstantSleep
+) -> None:
     fake.inject(Delay(0.05), method="POST", times=3)
     fake.inject(RateLimited(retry_after="1"), method="POST")
     outcomes = await collect(om.capture_many(full(fake, [5] * 12), concurrency=4))
@@ -210,7 +190,7 @@ async def test_a_429_pauses_the_whole_batch(om: KlarnaOM, fake: FakeKlarna, slee
 
 async def test_throttle_pause_follows_retry_after_on_its_clock() -> None:
     now = [100.0]
-    sleeps = Sleeps()
+    sleeps = InstantSleep()
     throttle = ThrottleMiddleware(sleep=sleeps, clock=lambda: now[0])
     calls = 0
 

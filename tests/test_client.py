@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import aiohttp
 import orjson
 import pytest
@@ -35,6 +33,7 @@ from klarna_om_async.testing import (
     DropAfterProcessing,
     DropConnection,
     FakeKlarna,
+    InstantSleep,
     NonJsonError,
     RateLimited,
     ServerFailure,
@@ -51,30 +50,6 @@ TOMATOES = OrderLine(
     total_amount=6000,
     total_tax_amount=1200,
 )
-
-
-class Sleeps:
-    """Stands in for asyncio.sleep so retries are instant and their waits observable."""
-
-    def __init__(self) -> None:
-        self.waits: list[float] = []
-
-    async def __call__(self, seconds: float) -> None:
-        self.waits.append(seconds)
-
-
-@pytest.fixture
-def sleeps() -> Sleeps:
-    return Sleeps()
-
-
-@pytest.fixture
-async def om(fake: FakeKlarna, sleeps: Sleeps) -> AsyncIterator[KlarnaOM]:
-    policy = RetryPolicy(max_attempts=4, jitter=lambda d: d, sleep=sleeps)
-    async with KlarnaOM(
-        fake.username, fake.password, base_url=fake.base_url, retry=policy
-    ) as client:
-        yield client
 
 
 def capture_posts(fake: FakeKlarna) -> list[str | None]:
@@ -261,7 +236,7 @@ async def test_a_dropped_connection_before_processing_is_retried(
 
 
 async def test_503_then_success_books_one_capture(
-    om: KlarnaOM, fake: FakeKlarna, sleeps: Sleeps
+    om: KlarnaOM, fake: FakeKlarna, sleeps: InstantSleep
 ) -> None:
     order_id = fake.add_order(amount=6000)
     fake.inject(ServerFailure(503), method="POST")
@@ -294,7 +269,7 @@ async def test_503_until_the_end_reports_an_unknown_outcome_with_the_key(
 
 
 async def test_a_read_timeout_after_booking_is_retried_with_the_same_key(
-    fake: FakeKlarna, sleeps: Sleeps
+    fake: FakeKlarna, sleeps: InstantSleep
 ) -> None:
     order_id = fake.add_order(amount=6000)
     fake.inject(Delay(5, after_processing=True), method="POST")
@@ -327,7 +302,9 @@ async def test_a_timeout_on_the_last_attempt_raises_a_timeout_error_with_the_key
     assert caught.value.idempotency_key == capture_posts(fake)[0]
 
 
-async def test_429_retry_after_is_honoured(om: KlarnaOM, fake: FakeKlarna, sleeps: Sleeps) -> None:
+async def test_429_retry_after_is_honoured(
+    om: KlarnaOM, fake: FakeKlarna, sleeps: InstantSleep
+) -> None:
     order_id = fake.add_order(amount=100)
     fake.inject(RateLimited(retry_after="2"), method="POST")
     await om.captures.create(order_id, CaptureRequest(captured_amount=100))
@@ -386,7 +363,7 @@ async def test_gets_carry_no_idempotency_key(om: KlarnaOM, fake: FakeKlarna) -> 
 
 
 async def test_user_middleware_sees_every_attempt_with_its_key_but_no_credentials(
-    fake: FakeKlarna, sleeps: Sleeps
+    fake: FakeKlarna, sleeps: InstantSleep
 ) -> None:
     seen: list[tuple[str | None, bool, int | None]] = []
 

@@ -27,6 +27,7 @@ from klarna_om_async.middleware import (
     RetryMiddleware,
     compose,
 )
+from klarna_om_async.testing import InstantSleep
 
 
 def ok(request: Request, status: int = 200) -> Response:
@@ -50,15 +51,7 @@ class Script:
         return ok(request, outcome)
 
 
-class Sleeps:
-    def __init__(self) -> None:
-        self.waits: list[float] = []
-
-    async def __call__(self, seconds: float) -> None:
-        self.waits.append(seconds)
-
-
-def policy(sleeps: Sleeps, **kwargs: float) -> RetryPolicy:
+def policy(sleeps: InstantSleep, **kwargs: float) -> RetryPolicy:
     return RetryPolicy(jitter=lambda d: d, sleep=sleeps, **kwargs)  # type: ignore[arg-type]
 
 
@@ -111,7 +104,7 @@ async def test_a_bad_key_is_refused_before_sending(key: str) -> None:
 
 
 async def test_retries_reuse_the_same_request_and_key_until_success() -> None:
-    sleeps = Sleeps()
+    sleeps = InstantSleep()
     script = Script(KlarnaConnectionError("reset"), api_error(503), api_error(409), 201)
     handler = compose([IdempotencyMiddleware(), RetryMiddleware(policy(sleeps))], script)
     response = await handler(Request("POST", "/captures"))
@@ -125,7 +118,7 @@ async def test_retries_reuse_the_same_request_and_key_until_success() -> None:
 
 @pytest.mark.parametrize("status", [400, 401, 403, 404, 413, 422])
 async def test_client_errors_are_never_retried(status: int) -> None:
-    sleeps = Sleeps()
+    sleeps = InstantSleep()
     script = Script(api_error(status), 201)
     with pytest.raises(KlarnaAPIError) as caught:
         await RetryMiddleware(policy(sleeps))(Request("POST", "/c"), script)
@@ -135,7 +128,7 @@ async def test_client_errors_are_never_retried(status: int) -> None:
 
 
 async def test_giving_up_reports_the_attempts_made() -> None:
-    sleeps = Sleeps()
+    sleeps = InstantSleep()
     script = Script(*[KlarnaTimeoutError("slow")] * 3)
     retry = RetryMiddleware(policy(sleeps, max_attempts=3))
     with pytest.raises(KlarnaTimeoutError) as caught:
@@ -145,7 +138,7 @@ async def test_giving_up_reports_the_attempts_made() -> None:
 
 
 async def test_retry_after_replaces_the_schedule_and_is_capped() -> None:
-    sleeps = Sleeps()
+    sleeps = InstantSleep()
     script = Script(api_error(429, "3"), api_error(503, "120"), 200)
     await RetryMiddleware(policy(sleeps, retry_after_cap=10))(Request("GET", "/o"), script)
     assert sleeps.waits == [3.0, 10.0]
@@ -169,7 +162,7 @@ async def test_no_attempt_starts_after_the_deadline() -> None:
 
 
 async def test_full_jitter_draws_waits_within_the_exponential_cap() -> None:
-    sleeps = Sleeps()
+    sleeps = InstantSleep()
     script = Script(*[api_error(500)] * 6, 200)
     retry_policy = RetryPolicy(max_attempts=7, initial_delay=0.5, max_delay=4, sleep=sleeps)
     await RetryMiddleware(retry_policy)(Request("GET", "/o"), script)
@@ -189,7 +182,7 @@ async def test_error_middleware_passes_2xx_and_raises_typed_errors_with_context(
 
 
 async def test_rate_limit_error_survives_retries_exhausted() -> None:
-    sleeps = Sleeps()
+    sleeps = InstantSleep()
     script = Script(*[api_error(429, "1")] * 2)
     with pytest.raises(RateLimitError) as caught:
         await RetryMiddleware(policy(sleeps, max_attempts=2))(Request("GET", "/o"), script)

@@ -32,6 +32,7 @@ from ._idempotency import REPLAYED_HEADER
 from ._ledger import FakeCapture, FakeOrder
 from ._recording import RecordedRequest
 from ._server import FakeKlarna
+from ._sleep import InstantSleep
 
 __all__ = (
     "REPLAYED_HEADER",
@@ -41,6 +42,7 @@ __all__ = (
     "FakeCapture",
     "FakeKlarna",
     "FakeOrder",
+    "InstantSleep",
     "Fault",
     "NonJsonError",
     "RateLimited",
