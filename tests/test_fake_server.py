@@ -882,3 +882,38 @@ async def test_waiters_wake_in_count_order(
     await fetch(session, "GET", f"{ORDERS}/x")
     async with asyncio.timeout(1):
         await second
+
+
+async def _statuses_with_a_seeded_fault(seed: int, n: int) -> list[int]:
+    async with FakeKlarna(seed=seed) as fake:
+        order_id = fake.add_order(amount=1000)
+        fake.inject(ServerFailure(503), times=None, probability=0.3)
+        async with aiohttp.ClientSession(
+            fake.base_url, headers={"Authorization": fake.auth_header}
+        ) as client:
+            return [(await fetch(client, "GET", f"{ORDERS}/{order_id}")).status for _ in range(n)]
+
+
+async def test_probabilistic_faults_spread_over_a_run_and_repeat_with_the_seed() -> None:
+    first = await _statuses_with_a_seeded_fault(7, 60)
+    assert set(first) == {200, 503}
+    assert 5 <= first.count(503) <= 35
+    last_failure = max(i for i, status in enumerate(first) if status == 503)
+    assert 200 in first[:last_failure]  # spread out, not simply the first requests
+    assert await _statuses_with_a_seeded_fault(7, 60) == first
+
+
+async def test_a_request_escaping_a_probabilistic_fault_takes_the_next_one(
+    fake: FakeKlarna, session: aiohttp.ClientSession
+) -> None:
+    order_id = fake.add_order(amount=1000)
+    fake.inject(ServerFailure(503), times=None, probability=0.5)
+    fake.inject(RateLimited("0"), times=None)
+    statuses = {(await fetch(session, "GET", f"{ORDERS}/{order_id}")).status for _ in range(30)}
+    assert statuses == {429, 503}
+
+
+def test_probability_is_validated(fake: FakeKlarna) -> None:
+    for probability in (0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="probability"):
+            fake.inject(ServerFailure(), probability=probability)

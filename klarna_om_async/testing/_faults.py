@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import re
 from typing import TypeAlias
 
@@ -88,6 +89,7 @@ class _Entry:
     remaining: int | None
     method: str | None
     path: str | re.Pattern[str] | None
+    probability: float = 1.0
 
     def matches(self, method: str, path: str) -> bool:
         if self.method is not None and self.method != method:
@@ -102,8 +104,10 @@ class _Entry:
 class FaultQueue:
     """Injected faults in injection order; each request consumes the first one it matches."""
 
-    def __init__(self) -> None:
+    def __init__(self, rng: random.Random | None = None) -> None:
         self._entries: list[_Entry] = []
+        # Seeded by the fake's owner, so a probabilistic run can be replayed exactly.
+        self._rng = rng if rng is not None else random.Random()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -115,17 +119,26 @@ class FaultQueue:
         times: int | None,
         method: str | None,
         path: str | re.Pattern[str] | None,
+        probability: float = 1.0,
     ) -> None:
-        """Queue ``fault`` for the next ``times`` matching requests (``None``: every one)."""
+        """Queue ``fault`` for the next ``times`` matching requests (``None``: every one).
+
+        With ``probability`` below 1, each matching request takes the fault only with that
+        chance; a request that escapes it goes on to the next queued fault it matches.
+        """
         if times is not None and times < 1:
             raise ValueError(f"times must be >= 1 or None, got {times!r}")
+        if not 0 < probability <= 1:
+            raise ValueError(f"probability must be in (0, 1], got {probability!r}")
         upper = method.upper() if method is not None else None
-        self._entries.append(_Entry(fault, times, upper, path))
+        self._entries.append(_Entry(fault, times, upper, path, probability))
 
     def take(self, method: str, path: str) -> Fault | None:
         """Consume and return the first fault matching this request, if any."""
         for index, entry in enumerate(self._entries):
             if entry.matches(method, path):
+                if entry.probability < 1 and self._rng.random() >= entry.probability:
+                    continue
                 if entry.remaining is not None:
                     entry.remaining -= 1
                     if entry.remaining == 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import re
 import time
 from collections.abc import Sequence
@@ -65,7 +66,8 @@ class FakeKlarna:
     """A fake Klarna Order Management server for tests, demos and benchmarks.
 
     It serves the capture endpoints over real HTTP with Klarna's rules, Basic auth and
-    idempotency, records every request, and injects faults on demand.
+    idempotency, records every request, and injects faults on demand. ``seed`` makes
+    probabilistic faults (``inject(..., probability=p)``) fall on the same requests every run.
     """
 
     def __init__(
@@ -75,12 +77,13 @@ class FakeKlarna:
         password: str = "test-password",
         idempotency_ttl: float = _DAY,
         record_requests: bool = True,
+        seed: int | None = None,
     ) -> None:
         self._username = username
         self._password = password
         self._auth_header = basic_auth_header(username, password)
         self._ledger = Ledger()
-        self._faults = FaultQueue()
+        self._faults = FaultQueue(random.Random(seed))
         self._idempotency = IdempotencyStore(idempotency_ttl)
         self._record_requests = record_requests
         self._requests: list[RecordedRequest] = []
@@ -253,14 +256,17 @@ class FakeKlarna:
         times: int | None = 1,
         method: str | None = None,
         path: str | re.Pattern[str] | None = None,
+        probability: float = 1.0,
     ) -> None:
         """Apply ``fault`` to the next ``times`` requests (``None``: all) that match.
 
         ``method`` is an HTTP method; ``path`` a substring of the request path, or a compiled
         regex searched in it. Faults are consumed first-in first-out: each request takes the
-        first queued fault it matches.
+        first queued fault it matches. ``probability`` below 1 spreads the fault over a run:
+        each matching request takes it with that chance, drawn from the RNG seeded by
+        ``FakeKlarna(seed=...)``, and a request that escapes it may take the next fault queued.
         """
-        self._faults.add(fault, times=times, method=method, path=path)
+        self._faults.add(fault, times=times, method=method, path=path, probability=probability)
 
     def clear_faults(self) -> None:
         """Drop every fault still queued."""
