@@ -46,6 +46,17 @@ def _exact(kind: type[object]) -> Callable[[object, Any], object]:
     return structure
 
 
+def _exact_or_none(kind: type[object]) -> Callable[[object, Any], object]:
+    """``kind | None`` in one call (cattrs' optional hook would make two per field)."""
+
+    def structure(value: object, _: object) -> object:
+        if value is None or value.__class__ is kind:
+            return value
+        raise TypeError(f"expected {kind.__name__}, got {type(value).__name__}")
+
+    return structure
+
+
 def _structure_datetime(value: str, _: object) -> datetime:
     moment = datetime.fromisoformat(value)
     # Klarna always sends an offset or Z; should one be missing, its clocks are UTC.
@@ -103,8 +114,53 @@ def _passthrough(value: T, _: object = None) -> T:
     return value
 
 
+def _optional_inner(kind: object) -> Any:
+    """``X`` of ``X | None`` when X is a model, a sequence or a datetime; else None."""
+    args = _union_args(kind)
+    if len(args) != 2 or type(None) not in args:
+        return None
+    inner = args[0] if args[1] is type(None) else args[1]
+    return inner if attrs.has(inner) or is_sequence(inner) or inner is datetime else None
+
+
+def _structure_optional(kind: object) -> Callable[[object, object], object]:
+    """``X | None`` with X's hook looked up once (cattrs' own looks it up on every value)."""
+    inner = _optional_inner(kind)
+    structure = converter.get_structure_hook(inner)
+
+    def optional(value: object, _: object) -> object:
+        return None if value is None else structure(value, inner)
+
+    return optional
+
+
+def _model_items(kind: object) -> type[object] | None:
+    """The model class of ``tuple[Model, ...]`` or ``tuple[Model, ...] | None``, else None."""
+    args = _union_args(kind)
+    if args:
+        if len(args) != 2 or type(None) not in args:
+            return None
+        (kind,) = (arg for arg in args if arg is not type(None))
+    if get_origin(kind) is not tuple:
+        return None
+    item, *rest = get_args(kind)
+    return item if rest == [Ellipsis] and attrs.has(item) else None
+
+
+def _unstructure_model_items(kind: object) -> Callable[[Any], Any]:
+    """A list comprehension over the item hook: cattrs' generic one goes through a generator."""
+    item = converter.get_unstructure_hook(_model_items(kind))
+
+    def unstructure(value: Any) -> Any:
+        return None if value is None else [item(entry) for entry in value]
+
+    return unstructure
+
+
 converter.register_structure_hook(int, _exact(int))
 converter.register_structure_hook(str, _exact(str))
+converter.register_structure_hook(int | None, _exact_or_none(int))
+converter.register_structure_hook(str | None, _exact_or_none(str))
 # The orjson preset lets bool through as an int (its subclass); True is not an amount.
 configure_union_passthrough(str | int | None, converter)
 converter.register_structure_hook_factory(attrs.has, _objects_only)
@@ -114,8 +170,14 @@ converter.register_unstructure_hook(datetime, datetime.isoformat)
 # The model field's own converter maps a known value to the enum member and keeps an unknown
 # one as str; it must run for hand-built models anyway, so cattrs only passes the value on.
 converter.register_structure_hook_func(_is_enum_or_str, _passthrough)
+converter.register_structure_hook_factory(
+    lambda kind: _optional_inner(kind) is not None, _structure_optional
+)
 # Saves cattrs' None check and inner call on every optional field of every line.
 converter.register_unstructure_hook_func(_is_json_native, _passthrough)
+converter.register_unstructure_hook_factory(
+    lambda kind: _model_items(kind) is not None, _unstructure_model_items
+)
 
 _MODELS = (OrderLine, ShippingInfo, Address, CaptureRequest, Capture, Refund, Order)
 # Built once at import, so the first capture of a batch pays no code generation.

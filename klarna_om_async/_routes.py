@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import TypeVar
 from urllib.parse import quote
 
@@ -19,8 +20,14 @@ _GET_HEADERS = {"Accept": "application/json", "User-Agent": f"klarna-om-async/{_
 _JSON_HEADERS = {**_GET_HEADERS, "Content-Type": "application/json"}
 
 
+# Ids made only of URL-unreserved characters (as Klarna's are) need no quoting.
+_PLAIN_ID = re.compile(r"[A-Za-z0-9_.~-]+").fullmatch
+
+
 def quote_id(field: str, value: str) -> str:
     """Validate an order or capture id and quote it as one path segment."""
+    if value.__class__ is str and _PLAIN_ID(value):
+        return value
     if not isinstance(value, str) or not value.strip():
         raise ValidationError(field, f"must be a non-empty string, got {value!r}")
     return quote(value, safe="")
@@ -29,6 +36,11 @@ def quote_id(field: str, value: str) -> str:
 def order_path(order_id: str) -> str:
     """``/ordermanagement/v1/orders/{order_id}``."""
     return _ORDERS + quote_id("order_id", order_id)
+
+
+def captures_path(order_id: str) -> str:
+    """``/ordermanagement/v1/orders/{order_id}/captures``."""
+    return _ORDERS + quote_id("order_id", order_id) + "/captures"
 
 
 def capture_path(order_id: str, capture_id: str) -> str:

@@ -34,14 +34,9 @@ class CapturesService:
         """
         if not isinstance(request, CaptureRequest):
             raise TypeError(f"request must be a CaptureRequest, got {type(request).__name__}")
-        response = await self._send(
-            _routes.post(
-                f"{_routes.order_path(order_id)}/captures",
-                to_json(request),
-                idempotency_key=idempotency_key,
-            )
-        )
-        return _capture_created(response)
+        path = _routes.captures_path(order_id)
+        request_value = _routes.post(path, to_json(request), idempotency_key=idempotency_key)
+        return _capture_created(await self._send(request_value))
 
     async def get(self, order_id: str, capture_id: str) -> Capture:
         """One capture's details.
@@ -56,7 +51,7 @@ class CapturesService:
 
         https://docs.klarna.com/api/ordermanagement/#operation/getCaptures
         """
-        response = await self._send(_routes.get(f"{_routes.order_path(order_id)}/captures"))
+        response = await self._send(_routes.get(_routes.captures_path(order_id)))
         return _routes.read(response, list[Capture])
 
     async def add_shipping_info(

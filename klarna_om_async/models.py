@@ -10,6 +10,8 @@ field. Serialization rules live in ``_convert``, not here.
 from __future__ import annotations
 
 import enum
+import math
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from typing import Any, TypeVar
@@ -99,20 +101,24 @@ class FraudStatus(enum.StrEnum):
 # --- validators: each raises ValidationError naming the attribute --------------------------
 
 
-def _required(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if value is None:
-        raise ValidationError(attribute.name, "is required")
+# Each field has ONE validator, whose first line accepts the common valid value: models are
+# built per request (and per response line), so a chain of checks per field adds up.
 
 
-def _text(max_len: int | None = None) -> _Validator:
-    """An optional string of at most ``max_len`` characters."""
+def _text(max_len: int | None = None, *, required: bool = False) -> _Validator:
+    """A string of at most ``max_len`` characters; ``None`` only if not ``required``."""
+    limit = max_len if max_len is not None else sys.maxsize
 
     def check(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+        if value.__class__ is str and len(value) <= limit:
+            return
         if value is None:
+            if required:
+                raise ValidationError(attribute.name, "is required")
             return
         if not isinstance(value, str):
             raise ValidationError(attribute.name, f"must be a str, got {type(value).__name__}")
-        if max_len is not None and len(value) > max_len:
+        if len(value) > limit:
             raise ValidationError(
                 attribute.name, f"must be at most {max_len} characters, got {len(value)}"
             )
@@ -120,19 +126,24 @@ def _text(max_len: int | None = None) -> _Validator:
     return check
 
 
-def _int_range(lo: int | None, hi: int | None) -> _Validator:
-    """An optional int (never a bool or float) within ``lo..hi``; None means unbounded."""
+def _int_range(lo: int | None, hi: int | None, *, required: bool = False) -> _Validator:
+    """An int (never a bool or float) in ``lo..hi`` (None: unbounded); None unless required."""
+    low = lo if lo is not None else -math.inf
+    high = hi if hi is not None else math.inf
 
     def check(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
-        if value is None:
+        # __class__/type() rather than isinstance(): bool is an int subclass, and True is not money.
+        if value.__class__ is int and low <= value <= high:
             return
-        # type() rather than isinstance(): bool is an int subclass, and True is not money.
+        if value is None:
+            if required:
+                raise ValidationError(attribute.name, "is required")
+            return
         if type(value) is not int:
             raise ValidationError(attribute.name, f"must be an int, got {type(value).__name__}")
-        if lo is not None and value < lo:
+        if value < low:
             raise ValidationError(attribute.name, f"must be at least {lo}, got {value}")
-        if hi is not None and value > hi:
-            raise ValidationError(attribute.name, f"must be at most {hi}, got {value}")
+        raise ValidationError(attribute.name, f"must be at most {hi}, got {value}")
 
     return check
 
@@ -180,8 +191,11 @@ def _items(kind: type[object], max_items: int, known: tuple[str, type[enum.StrEn
 
 
 def _as_tuple(value: Iterable[_T] | None) -> tuple[_T, ...] | None:
-    if value is None:
-        return None
+    # Exact classes first: the ABC checks below cost more than the rest of a model's init.
+    if value is None or value.__class__ is tuple:
+        return value
+    if value.__class__ is list:
+        return tuple(value)
     # A str or mapping is iterable but never a list of models: left for the validator to name.
     if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
         return value  # type: ignore[return-value]
@@ -191,7 +205,7 @@ def _as_tuple(value: Iterable[_T] | None) -> tuple[_T, ...] | None:
 def _as_enum(kind: type[_E], value: str | None) -> _E | str | None:
     # A value Klarna added after this release stays a plain str instead of failing the parse;
     # a non-str is left for the field's validator to reject with the field's name.
-    if isinstance(value, str) and not isinstance(value, kind):
+    if value.__class__ is str or (isinstance(value, str) and not isinstance(value, kind)):
         return kind._value2member_map_.get(value, value)  # type: ignore[return-value]
     return value
 
@@ -236,11 +250,11 @@ def _fraud_status(value: str | None) -> FraudStatus | str | None:
 class OrderLine:
     """One line of a capture, refund or order; amounts are minor units including tax."""
 
-    name: str = attrs.field(validator=[_required, _text(255)])
-    quantity: int = attrs.field(validator=[_required, _int_range(0, None)])
+    name: str = attrs.field(validator=_text(255, required=True))
+    quantity: int = attrs.field(validator=_int_range(0, None, required=True))
     # Discount lines carry negative prices, so only the maximum is documented.
-    unit_price: int = attrs.field(validator=[_required, _int_range(None, _MAX_AMOUNT)])
-    total_amount: int = attrs.field(validator=[_required, _int_range(None, _MAX_AMOUNT)])
+    unit_price: int = attrs.field(validator=_int_range(None, _MAX_AMOUNT, required=True))
+    total_amount: int = attrs.field(validator=_int_range(None, _MAX_AMOUNT, required=True))
     type: OrderLineType | str | None = attrs.field(
         default=None, converter=_line_type, validator=_text()
     )
@@ -300,7 +314,7 @@ class Address:
 class CaptureRequest:
     """Body of a capture: the amount to capture (all of the order or part of it) and details."""
 
-    captured_amount: int = attrs.field(validator=[_required, _int_range(0, _MAX_AMOUNT)])
+    captured_amount: int = attrs.field(validator=_int_range(0, _MAX_AMOUNT, required=True))
     description: str | None = attrs.field(default=None, validator=_text(255))
     reference: str | None = attrs.field(default=None, validator=_text(255))
     order_lines: tuple[OrderLine, ...] | None = attrs.field(

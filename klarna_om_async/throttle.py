@@ -61,9 +61,12 @@ class ThrottleMiddleware:
         limiter = _limiter.get()
         if limiter is not None:
             await limiter.acquire()
-        wait = self._resume_at - self._clock()
-        if wait > 0:
-            await self._sleep(wait)
+        if self._resume_at:  # 0.0 unless a 429 paused the client and nobody has waited since
+            wait = self._resume_at - self._clock()
+            if wait > 0:
+                await self._sleep(wait)
+            else:
+                self._resume_at = 0.0  # the pause is over: later calls skip the clock
         try:
             return await call_next(request)
         except RateLimitError as error:
