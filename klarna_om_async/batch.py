@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterable
 from typing import TypeAlias
 
 import attrs
@@ -228,7 +228,7 @@ async def capture_many(
     rate_limit: float | None = None,
     journal: Journal | None = None,
     on_progress: Callable[[BatchProgress], None] | None = None,
-) -> AsyncIterator[CaptureOutcome]:
+) -> AsyncGenerator[CaptureOutcome, None]:
     """Capture every item with at most ``concurrency`` in flight; yield outcomes as they end.
 
     ``items`` is consumed lazily. With a ``journal``, items captured in an earlier run are

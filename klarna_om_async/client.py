@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from types import TracebackType
 from typing import Self
 
@@ -96,12 +96,14 @@ class KlarnaOM:
         rate_limit: float | None = None,
         journal: Journal | None = None,
         on_progress: Callable[[BatchProgress], None] | None = None,
-    ) -> AsyncIterator[CaptureOutcome]:
+    ) -> AsyncGenerator[CaptureOutcome, None]:
         """Capture many orders concurrently; ``async for`` the outcomes as they complete.
 
         ``items``: (order_id, CaptureRequest) pairs or ``BatchItem``s, sync or async,
         consumed lazily. ``rate_limit``: requests per second (Klarna allows 200/s in
         production, 50/s in the playground). ``journal``: makes reruns exactly-once.
+        Stop early with ``await outcomes.aclose()`` (or by leaving ``async with
+        contextlib.aclosing(...)``): started items finish and are recorded, no new one starts.
         See ``klarna_om_async.batch.capture_many``.
         """
         return capture_many(

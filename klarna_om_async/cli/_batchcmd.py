@@ -1,0 +1,222 @@
+"""``klarna-om batch FILE``: capture every line of a CSV or JSON Lines file, resumably."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import sys
+from collections.abc import AsyncIterator
+
+import attrs
+import click
+from rich.console import Console
+
+from ..batch import CaptureStatus
+from ..journal import SQLiteJournal
+from ._batchfile import (
+    CSV_COLUMNS,
+    BatchFileError,
+    BatchFormat,
+    count_lines,
+    detect_format,
+    open_batch,
+)
+from ._options import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_SOME_NOT_CAPTURED,
+    Connection,
+    InputError,
+    connection_options,
+    json_option,
+)
+from ._render import BatchView
+from ._runner import run_batch
+
+__all__ = ("batch",)
+
+# Seconds per item; a batch job can afford more patience than an interactive call.
+_BATCH_DEADLINE = 120.0
+
+_HELP = f"""Capture every line of FILE (CSV or JSON Lines), many at a time, exactly once.
+
+\b
+CSV (.csv): a header line, then one capture per line. Columns:
+  order_id          required
+  captured_amount   required, integer minor units (1050 = 10.50)
+  {", ".join(CSV_COLUMNS[2:5])}
+  {", ".join(CSV_COLUMNS[5:])}
+                    optional; any shipping column adds one shipping_info entry
+
+\b
+JSON Lines (.jsonl, .ndjson): one object per line with order_id, an optional
+idempotency_key, and Klarna's capture fields: captured_amount, reference,
+description, order_lines, shipping_info, shipping_delay. Example:
+  {{"order_id": "abc", "captured_amount": 6000, "reference": "INV-1"}}
+
+Blank lines are skipped. A line that cannot become a capture is not sent: it is
+reported as refused with its line number, and the other lines go on.
+
+The journal (default: FILE.journal.sqlite, unless --no-journal) records each
+item's idempotency key before it is sent. Rerun the same command after a crash,
+Ctrl-C or failures: captured items are skipped, and items whose outcome was
+unknown are resent with their original keys, so nothing is captured twice.
+An order captured in several parts needs a distinct reference per line.
+
+\b
+Exit status: 0 all captured or skipped; 1 some refused or failed (see the
+summary, or --json); 2 usage or input errors; 130 interrupted.
+"""
+
+
+@attrs.frozen
+class _Settings:
+    path: str
+    fmt: BatchFormat
+    journal: str | None
+    concurrency: int
+    rate: float | None
+    json_output: bool
+
+
+@click.command(help=_HELP)
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice([fmt.value for fmt in BatchFormat]),
+    help="File format; by default from the extension (.csv, .jsonl, .ndjson).",
+)
+@click.option(
+    "--journal",
+    type=click.Path(dir_okay=False),
+    help="SQLite journal that makes reruns exactly-once [default: FILE.journal.sqlite].",
+)
+@click.option(
+    "--no-journal",
+    is_flag=True,
+    help="Keep no journal: a rerun may capture again items whose answer was lost.",
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=32,
+    show_default=True,
+    help="Captures in flight at once.",
+)
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0, min_open=True),
+    help="At most this many requests per second (Klarna allows 200/s in production, "
+    "50/s in the playground) [default: no limit].",
+)
+@connection_options
+@json_option
+def batch(
+    file: str,
+    fmt: str | None,
+    journal: str | None,
+    no_journal: bool,
+    concurrency: int,
+    rate: float | None,
+    json_output: bool,
+) -> None:
+    if journal is not None and no_journal:
+        raise click.UsageError("--journal and --no-journal exclude each other")
+    try:
+        settings = _Settings(
+            path=file,
+            fmt=detect_format(file, fmt),
+            journal=None if no_journal else (journal or file + ".journal.sqlite"),
+            concurrency=concurrency,
+            rate=rate,
+            json_output=json_output,
+        )
+    except BatchFileError as error:
+        raise InputError(str(error)) from None
+    connection = Connection.from_context()
+    connection.check()  # missing credentials: fail before touching the journal
+    try:
+        all_done = asyncio.run(_run(settings, connection))
+    except KeyboardInterrupt:
+        where = f"the journal {settings.journal}" if settings.journal else "no journal"
+        click.echo(
+            "Interrupted: no new items were started. Items already started are recorded in "
+            f"{where}; rerun the same command to finish them with their original keys.",
+            err=True,
+        )
+        sys.exit(EXIT_INTERRUPTED)
+    sys.exit(EXIT_OK if all_done else EXIT_SOME_NOT_CAPTURED)
+
+
+async def _run(settings: _Settings, connection: Connection) -> bool:
+    console = Console(highlight=False)
+    show_progress = console.is_terminal and not settings.json_output
+    view = BatchView(
+        console,
+        json_output=settings.json_output,
+        title="klarna-om batch",
+        total=_total(settings) if show_progress else None,
+    )
+    interrupted = False
+    try:
+        with open_batch(settings.path, settings.fmt) as rows:
+            async with (
+                connection.client(deadline=_BATCH_DEADLINE) as om,
+                _journal(settings) as journal,
+            ):
+                with view:
+                    await run_batch(
+                        om,
+                        rows,
+                        report=view.report,
+                        concurrency=settings.concurrency,
+                        rate_limit=settings.rate,
+                        journal=journal,
+                    )
+    except BatchFileError as error:
+        raise InputError(str(error)) from None
+    except ValueError as error:  # the journal holds an item key for another order
+        raise InputError(f"journal {settings.journal}: {error}") from None
+    except asyncio.CancelledError:
+        interrupted = True
+        raise
+    finally:
+        if view.tally.items or interrupted:
+            _finish(view, settings, interrupted=interrupted)
+    return view.tally.all_done
+
+
+def _total(settings: _Settings) -> int:
+    # A cheap streamed count, only to give the progress bar a total; minus the CSV header.
+    lines = count_lines(settings.path)
+    return max(lines - (settings.fmt is BatchFormat.CSV), 0)
+
+
+@contextlib.asynccontextmanager
+async def _journal(settings: _Settings) -> AsyncIterator[SQLiteJournal | None]:
+    if settings.journal is None:
+        yield None
+        return
+    journal = SQLiteJournal(settings.journal)
+    try:
+        await journal.open()
+    except (sqlite3.Error, OSError) as error:
+        raise InputError(f"cannot open the journal {settings.journal}: {error}") from None
+    try:
+        yield journal
+    finally:
+        await journal.close()
+
+
+def _finish(view: BatchView, settings: _Settings, *, interrupted: bool) -> None:
+    notes = [f"Journal: {settings.journal}"] if settings.journal else []
+    if view.tally.counts[CaptureStatus.FAILED]:
+        notes.append(
+            "Some outcomes are unknown (failed): rerun the same command to finish them "
+            "exactly once with their original idempotency keys."
+        )
+    if interrupted:
+        notes.append("Interrupted: the summary covers the items finished so far.")
+    view.finish(notes=notes, extra={"journal": settings.journal, "interrupted": interrupted})

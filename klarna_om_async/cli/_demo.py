@@ -1,0 +1,268 @@
+"""``klarna-om demo``: a batch against an in-process FakeKlarna with faults, then a check.
+
+The check is the library's promise made visible: despite responses lost after Klarna booked
+the capture, 503s and 429s, every order is booked at most once, and exactly the captures the
+client reports as captured are booked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import random
+import sys
+import tempfile
+
+import attrs
+import click
+from rich.console import Console
+
+from ..batch import BatchItem, CaptureOutcome, CaptureStatus
+from ..client import KlarnaOM
+from ..config import RetryPolicy
+from ..journal import SQLiteJournal
+from ..models import CaptureRequest
+from ..testing import DropAfterProcessing, FakeKlarna, Fault, RateLimited, ServerFailure
+from ._options import EXIT_OK, EXIT_SOME_NOT_CAPTURED, json_option
+from ._render import BatchView
+from ._runner import run_batch
+
+__all__ = ("DemoCheck", "demo", "inject_demo_faults")
+
+#: Share of the fault rate per fault kind: lost answers, 503s, 429s.
+_FAULT_MIX = ((DropAfterProcessing(), 0.3), (ServerFailure(503), 0.4), (RateLimited("0"), 0.3))
+#: Per fault kind: its key in --json output, and its name for people.
+_FAULT_NAMES: dict[type[Fault], tuple[str, str]] = {
+    DropAfterProcessing: ("dropped_after_processing", "responses dropped after booking"),
+    ServerFailure: ("503", "503 Service Unavailable"),
+    RateLimited: ("429", "429 Too Many Requests (Retry-After: 0)"),
+}
+_OVER_CAPTURE_SHARE = 0.02
+# Fast and patient: faults are frequent here, but no wait should be long.
+_DEMO_RETRY = RetryPolicy(
+    max_attempts=10, initial_delay=0.05, max_delay=0.5, deadline=30.0, retry_after_cap=1.0
+)
+
+
+def inject_demo_faults(fake: FakeKlarna, rate: float) -> None:
+    """Make about ``rate`` of the capture POSTs fail: lost answers, 503s and 429s."""
+    if rate <= 0:
+        return
+    escaped = 1.0
+    for fault, share in _FAULT_MIX:
+        # Each request tries the faults in turn, so later ones see only what escaped earlier.
+        probability = min(rate * share / escaped, 1.0)
+        fake.inject(fault, times=None, method="POST", path="/captures", probability=probability)
+        escaped -= rate * share
+
+
+@attrs.frozen
+class _Plan:
+    items: list[BatchItem]
+    over_captures: frozenset[str]
+
+
+def _plan(fake: FakeKlarna, orders: int, seed: int) -> _Plan:
+    rng = random.Random(seed)
+    items, over = [], set()
+    for index in range(orders):
+        amount = rng.randrange(1_000, 100_000)
+        order_id = fake.add_order(f"demo-{seed}-{index:06d}", amount=amount)
+        captured = amount
+        if rng.random() < _OVER_CAPTURE_SHARE:
+            captured = amount + rng.randrange(1, 1_000)
+            over.add(order_id)
+        request = CaptureRequest(captured_amount=captured, reference=f"INV-{index:06d}")
+        items.append(BatchItem(order_id=order_id, request=request))
+    return _Plan(items, frozenset(over))
+
+
+@attrs.frozen
+class DemoCheck:
+    """What the demo verifies once the batch is over."""
+
+    problems: tuple[str, ...]
+    booked: int
+    captured: int
+
+    @property
+    def passed(self) -> bool:
+        """True when nothing was booked twice and every capture that fits was made."""
+        return not self.problems
+
+    @classmethod
+    def of(cls, fake: FakeKlarna, plan: _Plan, outcomes: list[CaptureOutcome]) -> DemoCheck:
+        """Compare what the fake booked with what the client reported."""
+        problems = []
+        twice = [i.order_id for i in plan.items if len(fake.captures(i.order_id)) > 1]
+        if twice:
+            problems.append(f"{len(twice)} order(s) booked more than once, e.g. {twice[0]}")
+        booked = {(c.order_id, c.capture_id) for c in fake.booked_captures}
+        captured = {
+            (o.order_id, o.capture_id) for o in outcomes if o.status is CaptureStatus.CAPTURED
+        }
+        if booked != captured:
+            problems.append(
+                f"booked {len(booked)} capture(s) but the client reports {len(captured)}; "
+                f"{len(booked - captured)} booked and not reported"
+            )
+        if len(outcomes) != len(plan.items):
+            problems.append(f"{len(outcomes)} outcome(s) for {len(plan.items)} items")
+        missed = [
+            o
+            for o in outcomes
+            if (o.status is CaptureStatus.CAPTURED) == (o.order_id in plan.over_captures)
+        ]
+        if missed:
+            problems.append(
+                f"{len(missed)} item(s) ended otherwise than expected, e.g. {missed[0].order_id}: "
+                f"{missed[0].status.value} {missed[0].error or ''}".rstrip()
+            )
+        return cls(tuple(problems), booked=len(booked), captured=len(captured))
+
+    def describe(self, orders: int, over_captures: int) -> str:
+        """One line for people: passed or failed, and why."""
+        if self.passed:
+            return (
+                f"Double-booking check: passed - {orders} orders, none booked twice; "
+                f"booked {self.booked} == captured {self.captured}; "
+                f"{over_captures} over-captures refused."
+            )
+        return "Double-booking check: FAILED - " + "; ".join(self.problems)
+
+
+@click.command()
+@click.option(
+    "--orders",
+    type=click.IntRange(min=1),
+    default=3000,
+    show_default=True,
+    help="Orders to capture.",
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="Captures in flight at once.",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Seed of the orders, the over-captures and which attempts hit a fault.",
+)
+@click.option(
+    "--fault-rate",
+    type=click.FloatRange(0, 0.9),
+    default=0.1,
+    show_default=True,
+    help="Share of capture attempts that hit a fault.",
+)
+@json_option
+def demo(orders: int, concurrency: int, seed: int, fault_rate: float, json_output: bool) -> None:
+    """Capture thousands of orders on an in-process fake Klarna with faults; no credentials.
+
+    Starts FakeKlarna with ORDERS authorized orders, makes about --fault-rate of the capture
+    attempts fail (answers lost after the capture was booked, 503s, 429s with Retry-After)
+    and makes 2% of the items over-captures Klarna must refuse. Runs them all through the
+    client with an SQLite journal in a temporary directory, prints the summary, and checks
+    that no order was booked twice and that booked == captured.
+
+    \b
+    Exit status: 0 when the check passes and every item that fits its order was
+    captured; 1 otherwise.
+    """
+    console = Console(highlight=False)
+    if not json_output:
+        console.print(
+            f"Capturing {orders} orders on an in-process FakeKlarna (seed {seed}); "
+            f"about {fault_rate:.0%} of capture attempts hit a fault.",
+            markup=False,
+        )
+    passed = asyncio.run(_demo(console, orders, concurrency, seed, fault_rate, json_output))
+    sys.exit(EXIT_OK if passed else EXIT_SOME_NOT_CAPTURED)
+
+
+async def _demo(
+    console: Console, orders: int, concurrency: int, seed: int, fault_rate: float, json_output: bool
+) -> bool:
+    outcomes: list[CaptureOutcome] = []
+    # With --json the demo prints only its summary object, not one line per order; the
+    # over-captures it refuses on purpose are counted, not listed.
+    view = BatchView(
+        console,
+        json_output=json_output,
+        title="klarna-om demo",
+        total=orders,
+        outcome_lines=False,
+        list_problems=False,
+    )
+
+    def report(outcome: CaptureOutcome) -> None:
+        outcomes.append(outcome)
+        view.report(outcome)
+
+    # The fake does no per-request logging, so it and the client share one event loop.
+    async with FakeKlarna(seed=seed) as fake:
+        plan = _plan(fake, orders, seed)
+        inject_demo_faults(fake, fault_rate)
+        with tempfile.TemporaryDirectory(prefix="klarna-om-demo-") as tmp:
+            async with (
+                KlarnaOM(
+                    fake.username,
+                    fake.password,
+                    base_url=fake.base_url,
+                    retry=_DEMO_RETRY,
+                    timeout=10.0,
+                    max_connections=max(100, concurrency),
+                ) as om,
+                SQLiteJournal(os.path.join(tmp, "demo.journal.sqlite")) as journal,
+            ):
+                with view:
+                    await run_batch(
+                        om,
+                        iter(plan.items),
+                        report=report,
+                        concurrency=concurrency,
+                        journal=journal,
+                    )
+        check = DemoCheck.of(fake, plan, outcomes)
+        faults: collections.Counter[type[Fault]] = collections.Counter(
+            type(r.fault) for r in fake.requests if r.fault is not None
+        )
+        replayed = sum(r.replayed for r in fake.requests)
+    _show(view, check, faults, replayed, len(plan.over_captures), orders)
+    return check.passed
+
+
+def _show(
+    view: BatchView,
+    check: DemoCheck,
+    faults: collections.Counter[type[Fault]],
+    replayed: int,
+    over_captures: int,
+    orders: int,
+) -> None:
+    injected = (
+        ", ".join(f"{count} x {_FAULT_NAMES[kind][1]}" for kind, count in faults.most_common())
+        or "none"
+    )
+    view.finish(
+        extra={
+            "double_booking_check": "passed" if check.passed else "failed",
+            "problems": list(check.problems),
+            "booked": check.booked,
+            "over_captures": over_captures,
+            "faults": {_FAULT_NAMES[kind][0]: count for kind, count in faults.items()},
+            "replayed": replayed,
+        },
+        notes=[
+            f"Faults injected: {injected}.",
+            f"Resent with their original keys and answered from Klarna's idempotency store: "
+            f"{replayed}.",
+            check.describe(orders, over_captures),
+        ],
+    )

@@ -1,0 +1,278 @@
+"""Output: JSON lines for scripts, rich tables and a live progress bar for people."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import Self
+
+import click
+import orjson
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from .._convert import converter
+from ..batch import CaptureOutcome, CaptureStatus
+from ..models import Capture, Order
+from ._batchfile import BadLineError
+from ._runner import Tally
+
+__all__ = (
+    "BatchView",
+    "echo_json",
+    "outcome_json",
+    "show_capture",
+    "show_captures",
+    "show_order",
+    "to_plain",
+)
+
+#: How many refused or failed items the human summary lists; --json lists them all.
+_PROBLEMS_SHOWN = 20
+
+
+def to_plain(value: object) -> object:
+    """A model (or list of models) as JSON-ready values, in Klarna's field names."""
+    return converter.unstructure(value)
+
+
+def echo_json(value: object) -> None:
+    """Print one JSON object on its own line; click flushes it at once."""
+    click.echo(orjson.dumps(value).decode())
+
+
+def outcome_json(outcome: CaptureOutcome) -> dict[str, object]:
+    """One batch outcome as the JSON object ``--json`` prints for it."""
+    error = outcome.error
+    result: dict[str, object] = {
+        "type": "outcome",
+        "order_id": outcome.order_id,
+        "item_key": outcome.item_key,
+        "status": outcome.status.value,
+        "capture_id": outcome.capture_id,
+        "idempotency_key": outcome.idempotency_key or None,
+        "attempts": outcome.attempts,
+        "error": None if error is None else str(error),
+    }
+    if isinstance(error, BadLineError):
+        result["line"] = error.line
+    return result
+
+
+# --- single commands -------------------------------------------------------------------------
+
+
+def _fields(console: Console, title: str, rows: Sequence[tuple[str, object]]) -> None:
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    for name, value in rows:
+        if value is not None:
+            table.add_row(name, Text(str(value)))
+    console.print(table)
+
+
+def show_capture(console: Console, capture: Capture) -> None:
+    """One capture as a field/value table."""
+    shipments = [
+        " ".join(str(part) for part in (s.shipping_company, s.shipping_method, s.tracking_number))
+        for s in capture.shipping_info or ()
+    ]
+    _fields(
+        console,
+        f"Capture {capture.capture_id}",
+        [
+            ("capture_id", capture.capture_id),
+            ("klarna_reference", capture.klarna_reference),
+            ("captured_amount", capture.captured_amount),
+            ("captured_at", capture.captured_at),
+            ("reference", capture.reference),
+            ("description", capture.description),
+            ("refunded_amount", capture.refunded_amount),
+            ("order_lines", len(capture.order_lines or ())),
+            ("shipping_info", "; ".join(shipments) or None),
+        ],
+    )
+
+
+def show_captures(console: Console, order_id: str, captures: Sequence[Capture]) -> None:
+    """An order's captures as one table."""
+    if not captures:
+        console.print(f"Order {order_id} has no captures.")
+        return
+    table = Table(title=f"Captures of order {order_id}", title_justify="left")
+    for column in ("capture_id", "captured_amount", "captured_at", "reference", "shipments"):
+        table.add_column(column, justify="right" if column == "captured_amount" else "left")
+    for capture in captures:
+        # Text: values from Klarna or a file are never read as rich markup.
+        table.add_row(
+            Text(capture.capture_id or ""),
+            str(capture.captured_amount),
+            str(capture.captured_at or ""),
+            Text(capture.reference or ""),
+            str(len(capture.shipping_info or ())),
+        )
+    console.print(table)
+
+
+def show_order(console: Console, order: Order) -> None:
+    """An order's status and amounts, then its captures."""
+    _fields(
+        console,
+        f"Order {order.order_id}",
+        [
+            ("status", order.status),
+            ("fraud_status", order.fraud_status),
+            ("currency", order.purchase_currency),
+            ("order_amount", order.order_amount),
+            ("captured_amount", order.captured_amount),
+            ("refunded_amount", order.refunded_amount),
+            ("remaining_authorized_amount", order.remaining_authorized_amount),
+            ("expires_at", order.expires_at),
+            ("merchant_reference1", order.merchant_reference1),
+        ],
+    )
+    if order.captures:
+        show_captures(console, order.order_id or "", order.captures)
+
+
+# --- batches ---------------------------------------------------------------------------------
+
+_STATUS_STYLE = {
+    CaptureStatus.CAPTURED: "green",
+    CaptureStatus.REFUSED: "yellow",
+    CaptureStatus.FAILED: "red",
+    CaptureStatus.SKIPPED: "dim",
+}
+
+
+class BatchView:
+    """What a batch shows while it runs and when it ends, in JSON or for people.
+
+    With ``--json`` every outcome is printed (and flushed) as it ends, then a summary
+    object; this is a convenience, the journal is the durable record. Otherwise a live
+    progress bar runs when stdout is a terminal, and a summary table is printed at the end.
+    """
+
+    def __init__(
+        self,
+        console: Console,
+        *,
+        json_output: bool,
+        title: str,
+        total: int | None = None,
+        outcome_lines: bool | None = None,
+        list_problems: bool = True,
+    ) -> None:
+        self.tally = Tally()
+        self._console = console
+        self._json = json_output
+        # One JSON line per outcome; by default whenever the output is JSON.
+        self._lines = json_output if outcome_lines is None else outcome_lines
+        self._title = title
+        self._problems: list[CaptureOutcome] = []
+        self._list_problems = list_problems
+        self._progress: Progress | None = None
+        self._task: TaskID | None = None
+        if not json_output and console.is_terminal:
+            self._progress = Progress(
+                SpinnerColumn(),
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[counts]}"),
+                TextColumn("{task.fields[rate]}"),
+                TimeElapsedColumn(),
+                console=console,
+            )
+            self._task = self._progress.add_task(title, total=total, counts="", rate="")
+
+    def __enter__(self) -> Self:
+        if self._progress is not None:
+            self._progress.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.tally.stop()
+        if self._progress is not None:
+            self._progress.stop()
+
+    def report(self, outcome: CaptureOutcome) -> None:
+        """Count one outcome and show it."""
+        self.tally.add(outcome)
+        if self._lines:
+            echo_json(outcome_json(outcome))
+        not_done = outcome.status in (CaptureStatus.REFUSED, CaptureStatus.FAILED)
+        if not_done and len(self._problems) < _PROBLEMS_SHOWN:
+            self._problems.append(outcome)
+        if self._progress is not None and self._task is not None:
+            self._progress.update(
+                self._task, advance=1, counts=self._counts(), rate=f"{self.tally.per_second:.0f}/s"
+            )
+
+    def _counts(self) -> str:
+        return " ".join(
+            f"[{_STATUS_STYLE[status]}]{status.value} {count}[/]"
+            for status, count in self.tally.counts.items()
+            if count
+        )
+
+    def finish(
+        self, *, notes: Sequence[str] = (), extra: Mapping[str, object] | None = None
+    ) -> None:
+        """Print the summary: a JSON object with ``extra``, or tables followed by ``notes``."""
+        if self._json:
+            echo_json({"type": "summary", **self.tally.as_dict(), **(extra or {})})
+            return
+        self._console.print(self._summary_table())
+        if self._problems and self._list_problems:
+            self._print_problems()
+        for note in notes:
+            # soft_wrap: a path or key in a note must survive intact for copy and grep.
+            self._console.print(note, markup=False, soft_wrap=True)
+
+    def _summary_table(self) -> Table:
+        tally = self.tally
+        table = Table(title=self._title, title_justify="left")
+        table.add_column("")
+        table.add_column("items", justify="right")
+        for status, count in tally.counts.items():
+            table.add_row(f"[{_STATUS_STYLE[status]}]{status.value}[/]", str(count))
+        table.add_row("total", str(tally.items), end_section=True)
+        table.add_row("HTTP attempts", str(tally.attempts))
+        table.add_row("retries", str(tally.retries))
+        table.add_row("time", f"{tally.elapsed:.2f} s")
+        table.add_row("throughput", f"{tally.per_second:.0f} items/s")
+        return table
+
+    def _print_problems(self) -> None:
+        not_done = (
+            self.tally.counts[CaptureStatus.REFUSED] + self.tally.counts[CaptureStatus.FAILED]
+        )
+        shown = len(self._problems)
+        more = f" (first {shown} of {not_done}; --json lists all)" if not_done > shown else ""
+        self._console.print(f"Not captured{more}:", markup=False, soft_wrap=True)
+        for outcome in self._problems:
+            # Plain wrapped lines, not a table: the whole error (its correlation id and any
+            # idempotency key to retry with) must survive a narrow terminal.
+            line = Text("- ")
+            line.append(outcome.order_id or "(no order id)", style="bold")
+            line.append(" ")
+            line.append(outcome.status.value, style=_STATUS_STYLE[outcome.status])
+            line.append(f": {outcome.error}")
+            self._console.print(line, soft_wrap=True)

@@ -1,0 +1,130 @@
+"""Run a batch file's rows through ``capture_many`` and count what happened to them."""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Callable, Iterable, Iterator
+
+import attrs
+
+from ..batch import BatchItem, CaptureOutcome, CaptureStatus
+from ..client import KlarnaOM
+from ..journal import Journal
+from ._batchfile import BadLine, Row
+
+__all__ = ("Tally", "bad_line_outcome", "run_batch")
+
+
+@attrs.define
+class Tally:
+    """Running totals of a batch run: outcomes per status, HTTP attempts, elapsed time."""
+
+    counts: dict[CaptureStatus, int] = attrs.field(factory=lambda: dict.fromkeys(CaptureStatus, 0))
+    #: HTTP attempts made in this run, over all items.
+    attempts: int = 0
+    #: Items that made at least one attempt.
+    sent: int = 0
+    started: float = attrs.field(factory=time.monotonic)
+    #: Set when the run ends, so the summary's rate stops moving.
+    finished: float | None = None
+
+    def stop(self) -> None:
+        """Freeze the elapsed time: the run is over."""
+        if self.finished is None:
+            self.finished = time.monotonic()
+
+    def add(self, outcome: CaptureOutcome) -> None:
+        """Count one outcome."""
+        self.counts[outcome.status] += 1
+        self.attempts += outcome.attempts
+        self.sent += outcome.attempts > 0
+
+    @property
+    def items(self) -> int:
+        """Outcomes counted so far."""
+        return sum(self.counts.values())
+
+    @property
+    def retries(self) -> int:
+        """Attempts beyond each sent item's first: what faults and rate limits cost."""
+        return self.attempts - self.sent
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds since the run started (until it finished)."""
+        end = self.finished if self.finished is not None else time.monotonic()
+        return max(end - self.started, 1e-9)
+
+    @property
+    def per_second(self) -> float:
+        """Items completed per second."""
+        return self.items / self.elapsed
+
+    @property
+    def all_done(self) -> bool:
+        """True when every item was captured or skipped (exit code 0)."""
+        return not (self.counts[CaptureStatus.REFUSED] or self.counts[CaptureStatus.FAILED])
+
+    def as_dict(self) -> dict[str, int | float]:
+        """The totals as plain JSON values."""
+        return {
+            **{status.value: count for status, count in self.counts.items()},
+            "items": self.items,
+            "attempts": self.attempts,
+            "retries": self.retries,
+            "seconds": round(self.elapsed, 3),
+            "items_per_second": round(self.per_second, 1),
+        }
+
+
+def bad_line_outcome(bad: BadLine) -> CaptureOutcome:
+    """The outcome of a line that was not sent: refused, naming its line number."""
+    return CaptureOutcome(
+        order_id=bad.order_id or "",
+        item_key=f"line {bad.line}",
+        status=CaptureStatus.REFUSED,
+        idempotency_key="",
+        error=bad.error,
+    )
+
+
+async def run_batch(
+    om: KlarnaOM,
+    rows: Iterable[Row],
+    *,
+    report: Callable[[CaptureOutcome], None],
+    concurrency: int,
+    rate_limit: float | None = None,
+    journal: Journal | None = None,
+) -> None:
+    """Capture every good row, report every outcome (bad lines as refused), in end order.
+
+    ``rows`` is consumed lazily by ``capture_many``'s workers; bad lines never reach it, so
+    nothing is sent for them, and their outcomes are reported as the reading passes them.
+    """
+    bad: collections.deque[BadLine] = collections.deque()
+
+    def good_rows() -> Iterator[BatchItem]:
+        for row in rows:
+            if isinstance(row, BadLine):
+                bad.append(row)
+            else:
+                yield row
+
+    def report_bad() -> None:
+        while bad:
+            report(bad_line_outcome(bad.popleft()))
+
+    outcomes = om.capture_many(
+        good_rows(), concurrency=concurrency, rate_limit=rate_limit, journal=journal
+    )
+    try:
+        async for outcome in outcomes:
+            report_bad()
+            report(outcome)
+    finally:
+        # On Ctrl-C (cancellation) the generator's cleanup must cancel its workers now,
+        # while the journal is still open, not whenever the generator is collected.
+        await outcomes.aclose()
+    report_bad()

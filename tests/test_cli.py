@@ -1,0 +1,927 @@
+"""The `klarna-om` command through its real entry point, against FakeKlarna over loopback.
+
+The commands call `asyncio.run`, which cannot run inside pytest-asyncio's loop, so these
+tests are synchronous and the fake serves from its own loop in a background thread
+(`ServedFake`); a few tests run the command as a real subprocess.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import sysconfig
+import threading
+from collections.abc import Callable, Coroutine, Iterator, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+import pytest
+from click.testing import CliRunner, Result
+from rich.console import Console
+
+from klarna_om_async import (
+    CaptureOutcome,
+    CaptureRequest,
+    CaptureStatus,
+    KlarnaOM,
+    Region,
+    ServerError,
+    SQLiteJournal,
+)
+from klarna_om_async.cli import _fakeserver, _options, main
+from klarna_om_async.cli._batchfile import BadLineError
+from klarna_om_async.cli._demo import DemoCheck, _plan
+from klarna_om_async.cli._render import BatchView
+from klarna_om_async.testing import (
+    Delay,
+    DropAfterProcessing,
+    FakeKlarna,
+    RateLimited,
+    ServerFailure,
+)
+
+T = TypeVar("T")
+
+USERNAME = "merchant-7"
+# Distinctive, so a leak anywhere in any output is caught by `cli()`.
+PASSWORD = "pw-Sup3r-S3cret-do-not-print"
+ORDERS = "/ordermanagement/v1/orders"
+KLARNA_VARS = ("KLARNA_USERNAME", "KLARNA_PASSWORD", "KLARNA_REGION", "KLARNA_PLAYGROUND")
+
+
+class ServedFake:
+    """A FakeKlarna serving from its own event loop in a background thread."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="fake-klarna")
+        self._thread.start()
+        self.fake = self.run(self._start())
+
+    @staticmethod
+    async def _start() -> FakeKlarna:
+        fake = FakeKlarna(username=USERNAME, password=PASSWORD, seed=3)
+        await fake.start()
+        return fake
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the fake's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=30)
+
+    def do(self, fn: Callable[[], T]) -> T:
+        """Call ``fn`` on the fake's loop, so it never races a request being served."""
+
+        async def call() -> T:
+            return fn()
+
+        return self.run(call())
+
+    def add_order(self, amount: int = 10_000, order_id: str | None = None) -> str:
+        return self.do(lambda: self.fake.add_order(order_id, amount=amount))
+
+    def posts(self, order_id: str) -> list[str | None]:
+        """Idempotency keys of the capture POSTs received for ``order_id``."""
+        path = f"{ORDERS}/{order_id}/captures"
+        return self.do(lambda: [r.idempotency_key for r in self.fake.requests if r.path == path])
+
+    def requests_for(self, order_id: str) -> int:
+        return self.do(lambda: sum(order_id in r.path for r in self.fake.requests))
+
+    def booked(self, order_id: str) -> int:
+        return self.do(lambda: len(self.fake.captures(order_id)))
+
+    def close(self) -> None:
+        self.run(self.fake.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+
+@pytest.fixture
+def served() -> Iterator[ServedFake]:
+    served = ServedFake()
+    try:
+        yield served
+    finally:
+        served.close()
+
+
+def klarna_env(served: ServedFake | None) -> dict[str, str | None]:
+    """The environment the CLI reads credentials from; None unsets a variable."""
+    env: dict[str, str | None] = dict.fromkeys((*KLARNA_VARS, "KLARNA_BASE_URL"))
+    if served is not None:
+        env.update(
+            KLARNA_USERNAME=USERNAME,
+            KLARNA_PASSWORD=PASSWORD,
+            KLARNA_BASE_URL=served.fake.base_url,
+        )
+    return env
+
+
+def cli(
+    args: list[str], served: ServedFake | None = None, env: Mapping[str, str | None] = ()
+) -> Result:
+    """Invoke `klarna-om` in-process; every output is checked for the password."""
+    result = CliRunner().invoke(main, args, env={**klarna_env(served), **dict(env)})
+    assert PASSWORD not in result.output
+    assert "Traceback" not in result.output
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def outcomes_by_order(text: str) -> dict[str, dict[str, Any]]:
+    return {o["order_id"]: o for o in json_lines(text) if o["type"] == "outcome"}
+
+
+# -- single commands -------------------------------------------------------------------------
+
+
+def test_capture_books_the_capture_and_prints_its_id(served: ServedFake) -> None:
+    order_id = served.add_order(10_000)
+    result = cli(["capture", order_id, "--amount", "4000", "--reference", "INV-1"], served)
+    assert result.exit_code == 0, result.output
+    [booked] = served.do(lambda: served.fake.captures(order_id))
+    assert (booked.captured_amount, booked.reference) == (4000, "INV-1")
+    assert f"capture_id {booked.capture_id}" in result.stdout
+    assert booked.idempotency_key is not None
+    assert booked.idempotency_key in result.stdout
+
+
+def test_capture_json_uses_the_given_idempotency_key(served: ServedFake) -> None:
+    order_id = served.add_order(10_000)
+    args = ["capture", order_id, "--amount", "10000", "--description", "all", "--json"]
+    result = cli([*args, "--idempotency-key", "key-1"], served)
+    assert result.exit_code == 0, result.output
+    [printed] = json_lines(result.stdout)
+    assert printed["order_id"] == order_id
+    assert printed["idempotency_key"] == "key-1"
+    assert printed["attempts"] == 1
+    [booked] = served.do(lambda: served.fake.captures(order_id))
+    assert printed["capture_id"] == booked.capture_id
+    assert booked.description == "all"
+
+
+def test_capture_refused_prints_one_line_and_exits_1(served: ServedFake) -> None:
+    order_id = served.add_order(1000)
+    result = cli(["capture", order_id, "--amount", "5000"], served)
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    [line] = result.stderr.splitlines()
+    assert "403 CAPTURE_NOT_ALLOWED" in line
+    assert "correlation_id=" in line
+
+
+def test_capture_of_an_invalid_amount_is_a_usage_error_and_sends_nothing(
+    served: ServedFake,
+) -> None:
+    order_id = served.add_order(1000)
+    result = cli(["capture", order_id, "--amount", "-1"], served)
+    assert result.exit_code == 2
+    assert "captured_amount: must be at least 0" in result.stderr
+    assert served.requests_for(order_id) == 0
+
+
+def test_an_unknown_outcome_names_the_key_to_retry_with(served: ServedFake) -> None:
+    order_id = served.add_order(1000)
+    served.do(lambda: served.fake.inject(ServerFailure(503), times=None))
+    args = ["capture", order_id, "--amount", "1000", "--idempotency-key", "k-503"]
+    # Two attempts: one retry, whose backoff is at most 0.5 s.
+    result = cli([*args, "--max-attempts", "2"], served)
+    assert result.exit_code == 1
+    assert "503" in result.stderr
+    assert "idempotency_key='k-503'" in result.stderr
+    assert served.posts(order_id) == ["k-503", "k-503"]
+
+
+def test_get_shows_a_capture(served: ServedFake) -> None:
+    order_id = served.add_order(10_000)
+    capture_id = capture(served, order_id, 10_000)
+    human = cli(["get", order_id, capture_id], served)
+    assert human.exit_code == 0
+    assert capture_id in human.stdout
+    assert "10000" in human.stdout
+    as_json = cli(["get", order_id, capture_id, "--json"], served)
+    [printed] = json_lines(as_json.stdout)
+    assert (printed["capture_id"], printed["captured_amount"]) == (capture_id, 10_000)
+
+
+def test_get_of_an_unknown_capture_exits_1(served: ServedFake) -> None:
+    order_id = served.add_order()
+    result = cli(["get", order_id, "nope", "--json"], served)
+    assert result.exit_code == 1
+    assert "404 NO_SUCH_CAPTURE" in result.stderr
+    assert result.stdout == ""
+
+
+def test_list_shows_every_capture(served: ServedFake) -> None:
+    order_id = served.add_order(10_000)
+    empty = cli(["list", order_id], served)
+    assert "has no captures" in empty.stdout
+    first, second = capture(served, order_id, 3000), capture(served, order_id, 2000)
+    human = cli(["list", order_id], served)
+    assert human.exit_code == 0
+    assert "3000" in human.stdout
+    assert "2000" in human.stdout
+    as_json = cli(["list", order_id, "--json"], served)
+    [printed] = json_lines(as_json.stdout)
+    assert [c["capture_id"] for c in printed] == [first, second]
+
+
+def test_list_of_an_unknown_order_exits_1(served: ServedFake) -> None:
+    result = cli(["list", "no-such-order"], served)
+    assert result.exit_code == 1
+    assert "404 NO_SUCH_ORDER" in result.stderr
+
+
+def test_ship_adds_tracking_details(served: ServedFake) -> None:
+    order_id = served.add_order()
+    capture_id = capture(served, order_id, 10_000)
+    args = ["ship", order_id, capture_id, "--company", "DHL", "--tracking-number", "T-1"]
+    result = cli([*args, "--tracking-uri", "https://track.example/T-1"], served)
+    assert result.exit_code == 0, result.output
+    assert "DHL Home T-1" in result.stdout
+    as_json = cli([*args, "--method", "PickUpPoint", "--json"], served)
+    [printed] = json_lines(as_json.stdout)
+    assert printed["shipping_info"][0]["shipping_method"] == "PickUpPoint"
+    [booked] = served.do(lambda: served.fake.captures(order_id))
+    assert [s["shipping_method"] for s in booked.shipping_info] == ["Home", "PickUpPoint"]
+    assert booked.shipping_info[0]["tracking_uri"] == "https://track.example/T-1"
+
+
+def test_ship_to_an_unknown_capture_exits_1(served: ServedFake) -> None:
+    order_id = served.add_order()
+    args = ["ship", order_id, "nope", "--company", "DHL", "--tracking-number", "1"]
+    result = cli(args, served)
+    assert result.exit_code == 1
+    assert "404 NO_SUCH_CAPTURE" in result.stderr
+
+
+def test_send_out_triggers_the_customer_communication(served: ServedFake) -> None:
+    order_id = served.add_order()
+    capture_id = capture(served, order_id, 10_000)
+    assert "Triggered send-out" in cli(["send-out", order_id, capture_id], served).stdout
+    result = cli(["send-out", order_id, capture_id, "--json"], served)
+    assert json_lines(result.stdout) == [
+        {"order_id": order_id, "capture_id": capture_id, "send_out": "triggered"}
+    ]
+    assert served.do(lambda: served.fake.captures(order_id)[0].send_outs) == 2
+
+
+def test_send_out_of_an_unknown_capture_exits_1(served: ServedFake) -> None:
+    order_id = served.add_order()
+    result = cli(["send-out", order_id, "nope"], served)
+    assert result.exit_code == 1
+    assert "404 NO_SUCH_CAPTURE" in result.stderr
+
+
+def test_order_shows_status_amounts_and_captures(served: ServedFake) -> None:
+    order_id = served.add_order(10_000)
+    capture_id = capture(served, order_id, 4000)
+    human = cli(["order", order_id], served)
+    assert human.exit_code == 0
+    assert "PART_CAPTURED" in human.stdout
+    assert "6000" in human.stdout
+    assert capture_id[:8] in human.stdout
+    [printed] = json_lines(cli(["order", order_id, "--json"], served).stdout)
+    assert printed["remaining_authorized_amount"] == 6000
+    assert printed["captures"][0]["capture_id"] == capture_id
+
+
+def test_order_unknown_exits_1(served: ServedFake) -> None:
+    result = cli(["order", "no-such-order", "--json"], served)
+    assert result.exit_code == 1
+    assert "404 NO_SUCH_ORDER" in result.stderr
+
+
+def capture(served: ServedFake, order_id: str, amount: int) -> str:
+    result = cli(["capture", order_id, "--amount", str(amount), "--json"], served)
+    assert result.exit_code == 0, result.output
+    capture_id: str = json_lines(result.stdout)[0]["capture_id"]
+    return capture_id
+
+
+# -- credentials -----------------------------------------------------------------------------
+
+
+def test_credentials_can_be_flags(served: ServedFake) -> None:
+    order_id = served.add_order()
+    flags = ["--username", USERNAME, "--password", PASSWORD, "--base-url", served.fake.base_url]
+    result = cli(["order", order_id, *flags], None)
+    assert result.exit_code == 0, result.output
+
+
+def test_missing_credentials_are_a_usage_error() -> None:
+    result = cli(["order", "x"], None)
+    assert result.exit_code == 2
+    assert "KLARNA_USERNAME and KLARNA_PASSWORD" in result.stderr
+
+
+def test_wrong_credentials_exit_1_without_printing_them(served: ServedFake) -> None:
+    result = cli(["order", "x"], served, env={"KLARNA_PASSWORD": "wrong-pw-xyz"})
+    assert result.exit_code == 1
+    assert "401" in result.stderr
+    assert "wrong-pw-xyz" not in result.output
+
+
+def test_region_and_playground_come_from_the_environment(
+    served: ServedFake, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[dict[str, Any]] = []
+
+    def recording_client(username: str, password: str, **options: Any) -> KlarnaOM:
+        seen.append({"username": username, **options})
+        options["base_url"] = served.fake.base_url  # Klarna's real host is not for tests
+        return KlarnaOM(username, password, **options)
+
+    monkeypatch.setattr(_options, "KlarnaOM", recording_client)
+    order_id = served.add_order()
+    env = {"KLARNA_BASE_URL": None, "KLARNA_REGION": "na", "KLARNA_PLAYGROUND": "true"}
+    assert cli(["order", order_id], served, env=env).exit_code == 0
+    env = {"KLARNA_BASE_URL": None, "KLARNA_REGION": "OC", "KLARNA_PLAYGROUND": "0"}
+    assert cli(["order", order_id], served, env=env).exit_code == 0
+    assert [(s["region"], s["playground"], s["base_url"]) for s in seen] == [
+        (Region.NA, True, None),
+        (Region.OC, False, None),
+    ]
+    assert seen[0]["username"] == USERNAME
+
+
+def test_an_unknown_region_is_a_usage_error(served: ServedFake) -> None:
+    result = cli(["order", "x"], served, env={"KLARNA_REGION": "mars"})
+    assert result.exit_code == 2
+    assert "mars" in result.stderr
+
+
+def test_a_bad_base_url_is_a_usage_error(served: ServedFake) -> None:
+    result = cli(["order", "x"], served, env={"KLARNA_BASE_URL": "ftp://example"})
+    assert result.exit_code == 2
+    assert "base_url" in result.stderr
+
+
+def test_help_documents_the_environment_and_exit_codes() -> None:
+    text = cli(["--help"]).stdout
+    for name in (*KLARNA_VARS, "KLARNA_BASE_URL", "demo", "130"):
+        assert name in text
+    batch_help = cli(["batch", "--help"]).stdout
+    for word in ("order_id", "captured_amount", "idempotency_key", "JSON Lines", ".journal.sqlite"):
+        assert word in batch_help
+    assert "--no-journal" in batch_help
+
+
+# -- batch -----------------------------------------------------------------------------------
+
+
+def write(tmp_path: Path, name: str, text: str) -> str:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def test_batch_csv_reports_each_order_and_exits_1(served: ServedFake, tmp_path: Path) -> None:
+    full, part, over, bad, last = (served.add_order(10_000) for _ in range(5))
+    path = write(
+        tmp_path,
+        "orders.csv",
+        "order_id,captured_amount,reference,shipping_company,tracking_number\n"
+        f"{full},10000,INV-1,DHL,T-1\n"
+        f"{part},4000,INV-2,,\n"
+        f"{over},20000,INV-3,,\n"
+        "no-such-order,100,INV-4,,\n"
+        f"{bad},12.50,INV-5,,\n"
+        "\n"
+        f"{last},10000,,,\n",
+    )
+    result = cli(["batch", path, "--json"], served)
+    assert result.exit_code == 1, result.output
+    outcomes = outcomes_by_order(result.stdout)
+    assert {order: o["status"] for order, o in outcomes.items()} == {
+        full: "captured",
+        part: "captured",
+        over: "refused",
+        "no-such-order": "refused",
+        bad: "refused",
+        last: "captured",
+    }
+    assert "403 CAPTURE_NOT_ALLOWED" in outcomes[over]["error"]
+    assert "404 NO_SUCH_ORDER" in outcomes["no-such-order"]["error"]
+    assert outcomes[bad]["line"] == 6
+    assert outcomes[bad]["error"].startswith("line 6: captured_amount: must be a whole number")
+    assert served.requests_for(bad) == 0  # nothing was sent for the bad line
+    [booked] = served.do(lambda: served.fake.captures(full))
+    assert booked.shipping_info == [{"shipping_company": "DHL", "tracking_number": "T-1"}]
+    assert outcomes[full]["capture_id"] == booked.capture_id
+    summary = json_lines(result.stdout)[-1]
+    assert summary["type"] == "summary"
+    assert (summary["captured"], summary["refused"], summary["failed"]) == (3, 3, 0)
+    assert summary["journal"] == path + ".journal.sqlite"
+    assert os.path.exists(path + ".journal.sqlite")
+
+
+def test_batch_jsonl_reads_klarnas_shape_and_reports_bad_lines(
+    served: ServedFake, tmp_path: Path
+) -> None:
+    lines_order, keyed, over, bad = (served.add_order(6000) for _ in range(4))
+    order_line = {
+        "type": "physical",
+        "name": "Tomatoes",
+        "quantity": 10,
+        "unit_price": 600,
+        "total_amount": 6000,
+    }
+    rows = [
+        {
+            "order_id": lines_order,
+            "captured_amount": 6000,
+            "order_lines": [order_line],
+            "shipping_info": [{"shipping_company": "DHL", "shipping_method": "Home"}],
+        },
+        {"order_id": keyed, "captured_amount": 6000, "idempotency_key": "fixed-key"},
+        {"order_id": over, "captured_amount": 6001},
+        {"order_id": bad, "captured_amount": "6000"},
+    ]
+    text = "\n".join(orjson.dumps(row).decode() for row in rows) + "\n{not json\n\n"
+    path = write(tmp_path, "orders.jsonl", text)
+    result = cli(["batch", path, "--json", "--concurrency", "2"], served)
+    assert result.exit_code == 1, result.output
+    outcomes = outcomes_by_order(result.stdout)
+    assert outcomes[lines_order]["status"] == "captured"
+    assert outcomes[keyed]["idempotency_key"] == "fixed-key"
+    assert outcomes[over]["status"] == "refused"
+    assert outcomes[bad]["error"] == "line 4: captured_amount: expected int, got str"
+    assert outcomes[""]["error"].startswith("line 5: not valid JSON")
+    assert served.requests_for(bad) == 0
+    [booked] = served.do(lambda: served.fake.captures(lines_order))
+    assert booked.order_lines[0]["name"] == "Tomatoes"
+    assert booked.shipping_info == [{"shipping_company": "DHL", "shipping_method": "Home"}]
+    assert served.posts(keyed) == ["fixed-key"]
+
+
+def test_batch_prints_a_summary_table_and_the_problems_with_line_numbers(
+    served: ServedFake, tmp_path: Path
+) -> None:
+    good, bad = served.add_order(1000), served.add_order(1000)
+    path = write(tmp_path, "o.csv", f"order_id,captured_amount\n{good},1000\n{bad},\n")
+    result = cli(["batch", path, "--no-journal"], served)
+    assert result.exit_code == 1
+    for word in ("captured", "refused", "failed", "skipped", "retries", "items/s"):
+        assert word in result.stdout
+    assert "line 3: captured_amount: is required" in result.stdout
+    assert "Journal:" not in result.stdout
+    assert not os.path.exists(path + ".journal.sqlite")
+
+
+def test_batch_rerun_with_the_journal_finishes_unknown_outcomes_exactly_once(
+    served: ServedFake, tmp_path: Path
+) -> None:
+    orders = [served.add_order(1000) for _ in range(4)]
+    lost = orders[1]
+    # Klarna books the capture but the answer is lost; with one attempt the outcome is unknown.
+    served.do(lambda: served.fake.inject(DropAfterProcessing(), path=f"/{lost}/captures"))
+    path = write(
+        tmp_path, "o.csv", "order_id,captured_amount\n" + "".join(f"{o},1000\n" for o in orders)
+    )
+    journal = str(tmp_path / "run.sqlite")
+    first = cli(["batch", path, "--journal", journal, "--max-attempts", "1", "--json"], served)
+    assert first.exit_code == 1
+    assert outcomes_by_order(first.stdout)[lost]["status"] == "failed"
+    assert served.booked(lost) == 1
+
+    second = cli(["batch", path, "--journal", journal, "--json"], served)
+    assert second.exit_code == 0, second.output
+    statuses = {o: v["status"] for o, v in outcomes_by_order(second.stdout).items()}
+    assert statuses == {o: "captured" if o == lost else "skipped" for o in orders}
+    [first_key, resent_key] = served.posts(lost)
+    assert resent_key == first_key  # resent with its original key: Klarna replayed it
+
+    third = cli(["batch", path, "--journal", journal], served)
+    assert third.exit_code == 0
+    assert all(served.booked(order) == 1 for order in orders)
+    assert all(len(served.posts(order)) == 1 for order in orders if order != lost)
+
+
+def test_batch_human_output_says_how_to_finish_failed_items(
+    served: ServedFake, tmp_path: Path
+) -> None:
+    order_id = served.add_order(1000)
+    served.do(lambda: served.fake.inject(DropAfterProcessing()))
+    path = write(tmp_path, "o.csv", f"order_id,captured_amount\n{order_id},1000\n")
+    result = cli(["batch", path, "--max-attempts", "1"], served)
+    assert result.exit_code == 1
+    assert "rerun the same command" in result.stdout
+    assert f"Journal: {path}.journal.sqlite" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "extra", "message"),
+    [
+        ("o.txt", "x", [], "cannot tell the format"),
+        ("missing.csv", None, [], "No such file"),
+        ("o.csv", "order,amount\nx,1\n", [], "unknown column(s) 'order', 'amount'"),
+        ("o.csv", "order_id\nx\n", [], "missing required column(s) captured_amount"),
+        ("o.csv", "", [], "empty file"),
+        ("o.csv", "order_id,captured_amount\n", ["--no-journal", "--journal", "j"], "exclude"),
+        ("o.csv", "order_id,captured_amount\n", ["--journal", "/no/such/dir/j"], "journal"),
+    ],
+)
+def test_batch_input_errors_exit_2_and_send_nothing(
+    served: ServedFake,
+    tmp_path: Path,
+    name: str,
+    text: str | None,
+    extra: list[str],
+    message: str,
+) -> None:
+    path = write(tmp_path, name, text) if text is not None else str(tmp_path / name)
+    result = cli(["batch", path, *extra], served)
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert served.do(lambda: len(served.fake.requests)) == 0
+
+
+def test_batch_format_option_overrides_the_extension(served: ServedFake, tmp_path: Path) -> None:
+    order_id = served.add_order(1000)
+    path = write(tmp_path, "orders.txt", f'{{"order_id": "{order_id}", "captured_amount": 1000}}\n')
+    result = cli(["batch", path, "--format", "jsonl", "--json"], served)
+    assert result.exit_code == 0, result.output
+    assert outcomes_by_order(result.stdout)[order_id]["status"] == "captured"
+
+
+def test_batch_refuses_a_journal_that_holds_the_item_for_another_order(
+    served: ServedFake, tmp_path: Path
+) -> None:
+    journal = tmp_path / "j.sqlite"
+
+    async def begin_elsewhere() -> None:
+        async with SQLiteJournal(journal) as opened:
+            await opened.begin("X:ref", "another-order", "k")
+
+    asyncio.run(begin_elsewhere())
+    path = write(tmp_path, "X.csv", "order_id,captured_amount,reference\nX,1000,ref\n")
+    result = cli(["batch", path, "--journal", str(journal)], served)
+    assert result.exit_code == 2
+    assert "another-order" in result.stderr
+
+
+# -- demo ------------------------------------------------------------------------------------
+
+
+def test_demo_captures_every_order_once_and_exits_0() -> None:
+    result = cli(["demo", "--orders", "200", "--concurrency", "16"])
+    assert result.exit_code == 0, result.output
+    assert "Double-booking check: passed" in result.stdout
+    assert "retries" in result.stdout
+    assert "items/s" in result.stdout
+
+
+def test_demo_json_prints_one_summary_object() -> None:
+    result = cli(["demo", "--orders", "100", "--seed", "9", "--json"])
+    assert result.exit_code == 0, result.output
+    [summary] = json_lines(result.stdout)
+    assert summary["double_booking_check"] == "passed"
+    assert summary["captured"] + summary["refused"] == 100
+    assert summary["refused"] == summary["over_captures"]
+    assert summary["retries"] == summary["attempts"] - summary["items"]
+    assert sum(summary["faults"].values()) > 0
+
+
+async def test_demo_check_reports_double_bookings_and_unexpected_outcomes(
+    fake: FakeKlarna,
+) -> None:
+    plan = _plan(fake, 3, seed=1)
+    first = plan.items[0]
+    async with KlarnaOM(fake.username, fake.password, base_url=fake.base_url) as om:
+        half = CaptureRequest(captured_amount=10)
+        created = await om.captures.create(first.order_id, half)
+        await om.captures.create(first.order_id, half)
+    outcomes = [
+        CaptureOutcome(
+            order_id=first.order_id,
+            item_key=first.item_key,
+            status=CaptureStatus.CAPTURED,
+            idempotency_key="k",
+            capture_id=created.capture_id,
+        ),
+        CaptureOutcome(
+            order_id=plan.items[1].order_id,
+            item_key=plan.items[1].item_key,
+            status=CaptureStatus.FAILED,
+            idempotency_key="k2",
+            error=ServerError(status=503),
+        ),
+    ]
+    check = DemoCheck.of(fake, plan, outcomes)
+    assert not check.passed
+    text = check.describe(3, 0)
+    assert text.startswith("Double-booking check: FAILED")
+    assert "booked more than once" in text
+    assert "booked 2 capture(s) but the client reports 1" in text
+    assert "2 outcome(s) for 3 items" in text
+    assert "ended otherwise than expected" in text
+
+
+# -- rendering -------------------------------------------------------------------------------
+
+
+def test_the_progress_bar_runs_on_a_terminal_and_the_summary_follows() -> None:
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=120)
+    outcomes = [
+        CaptureOutcome(
+            order_id=f"o{i}",
+            item_key=f"o{i}",
+            status=status,
+            idempotency_key="k",
+            attempts=2,
+            error=None if status is CaptureStatus.CAPTURED else BadLineError(i, "f", "bad [x]"),
+        )
+        for i, status in enumerate([CaptureStatus.CAPTURED] * 3 + [CaptureStatus.REFUSED] * 25)
+    ]
+    with BatchView(console, json_output=False, title="t", total=len(outcomes)) as view:
+        for outcome in outcomes:
+            view.report(outcome)
+    view.finish(notes=["a note"])
+    text = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", out.getvalue())
+    assert "refused 25" in text  # the live counts
+    assert "first 20 of 25" in text
+    assert "line 4: f: bad [x]" in text  # file text is never read as markup
+    assert "a note" in text
+    assert view.tally.retries == 28
+
+
+# -- the real console script, in subprocesses ------------------------------------------------
+
+
+def subprocess_env(base_url: str | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KLARNA_")}
+    if base_url is not None:
+        env.update(KLARNA_USERNAME=USERNAME, KLARNA_PASSWORD=PASSWORD, KLARNA_BASE_URL=base_url)
+    return env
+
+
+def run_module(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-W", "error", "-m", "klarna_om_async.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_the_module_runs_a_batch_as_a_subprocess(served: ServedFake, tmp_path: Path) -> None:
+    good, over = served.add_order(1000), served.add_order(1000)
+    path = write(tmp_path, "o.csv", f"order_id,captured_amount\n{good},1000\n{over},1001\n")
+    done = run_module("batch", path, "--json", env=subprocess_env(served.fake.base_url))
+    assert done.returncode == 1, done.stderr
+    assert {o: v["status"] for o, v in outcomes_by_order(done.stdout).items()} == {
+        good: "captured",
+        over: "refused",
+    }
+    assert PASSWORD not in done.stdout + done.stderr
+    assert "Warning" not in done.stderr
+
+
+def test_the_console_script_is_installed() -> None:
+    script = Path(sysconfig.get_path("scripts")) / "klarna-om"
+    if not script.exists():
+        pytest.skip("the package is not installed with its console script")
+    done = subprocess.run(
+        [str(script), "--version"], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert done.returncode == 0
+    assert done.stdout.startswith("klarna-om, version ")
+
+
+def read_line(stream: io.TextIOWrapper | Any, timeout: float = 20) -> str:
+    ready, _, _ = select.select([stream], [], [], timeout)
+    assert ready, "the subprocess printed nothing in time"
+    line: str = stream.readline()
+    return line
+
+
+def test_fake_server_serves_seeded_orders_until_sigterm(tmp_path: Path) -> None:
+    batch_file = tmp_path / "seed.csv"
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-W",
+            "error",
+            "-m",
+            "klarna_om_async.cli",
+            "fake-server",
+            "--port",
+            "0",
+            "--orders",
+            "3",
+            "--amount",
+            "2500",
+            "--write-batch",
+            str(batch_file),
+            "--json",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
+    )
+    try:
+        info = orjson.loads(read_line(server.stdout))
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+", info["base_url"])
+        assert batch_file.read_text().splitlines() == [
+            "order_id,captured_amount",
+            *(f"{order_id},2500" for order_id in info["order_ids"]),
+        ]
+        env = {
+            "KLARNA_USERNAME": info["username"],
+            "KLARNA_PASSWORD": info["password"],
+            "KLARNA_BASE_URL": info["base_url"],
+        }
+        result = CliRunner().invoke(main, ["batch", str(batch_file), "--json"], env=env)
+        assert result.exit_code == 0, result.output
+        assert {o["status"] for o in outcomes_by_order(result.stdout).values()} == {"captured"}
+    finally:
+        server.send_signal(signal.SIGTERM)
+        _, stderr = server.communicate(timeout=20)
+    assert server.returncode == 0, stderr
+
+
+def test_fake_server_prints_how_to_use_it(tmp_path: Path) -> None:
+    server = subprocess.Popen(
+        [sys.executable, "-m", "klarna_om_async.cli", "fake-server", "--orders", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
+    )
+    try:
+        first = read_line(server.stdout)
+        # Printed in one write, so the other lines are there once the first one is.
+        lines = [first, *(server.stdout.readline() for _ in range(4))]  # type: ignore[union-attr]
+    finally:
+        server.send_signal(signal.SIGINT)
+        stdout, _ = server.communicate(timeout=20)
+    assert lines[0].startswith("FakeKlarna serving on http://127.0.0.1:")
+    assert "test-password" in lines[1]
+    assert server.returncode == 0
+    assert "FakeKlarna stopped." in stdout
+
+
+def test_ctrl_c_stops_a_batch_and_the_rerun_finishes_it_exactly_once(
+    served: ServedFake, tmp_path: Path
+) -> None:
+    orders = [served.add_order(1000) for _ in range(12)]
+    # Booked at once, answered only much later: Ctrl-C catches items in flight after booking.
+    served.do(lambda: served.fake.inject(Delay(30, after_processing=True), times=None))
+    path = write(
+        tmp_path, "o.csv", "order_id,captured_amount\n" + "".join(f"{o},1000\n" for o in orders)
+    )
+    batch = subprocess.Popen(
+        [sys.executable, "-m", "klarna_om_async.cli", "batch", path, "--concurrency", "4"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(served.fake.base_url),
+    )
+    try:
+        served.run(asyncio.wait_for(served.fake.wait_for_requests(4), timeout=25))
+    finally:
+        batch.send_signal(signal.SIGINT)
+        _, stderr = batch.communicate(timeout=20)
+    assert batch.returncode == 130, stderr
+    assert "Interrupted: no new items were started" in stderr
+    assert f"{path}.journal.sqlite" in stderr
+    assert served.do(lambda: len(served.fake.requests)) == 4  # nothing started after Ctrl-C
+
+    served.do(served.fake.clear_faults)
+    rerun = cli(["batch", path, "--json"], served)
+    assert rerun.exit_code == 0, rerun.output
+    assert {o["status"] for o in outcomes_by_order(rerun.stdout).values()} == {"captured"}
+    assert all(served.booked(order) == 1 for order in orders)
+
+
+def journal_summary(path: str) -> dict[str, int]:
+    async def read() -> dict[str, int]:
+        async with SQLiteJournal(path) as journal:
+            return {status.value: n for status, n in (await journal.summary()).items() if n}
+
+    return asyncio.run(read())
+
+
+def klarna_om_command() -> list[str]:
+    """The installed console script when there is one (as users run it), else the module."""
+    script = Path(sysconfig.get_path("scripts")) / "klarna-om"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "klarna_om_async.cli"]
+
+
+def test_kill_9_mid_batch_then_a_rerun_books_every_order_exactly_once(
+    served: ServedFake, tmp_path: Path
+) -> None:
+    orders = [served.add_order(1000) for _ in range(30)]
+    # Orders 10-13 are booked but their answers never come: with 4 workers, the batch is
+    # stuck there, 10 orders captured and 4 in flight, whatever the machine's speed.
+    stuck = orders[10:14]
+    for order in stuck:
+        served.do(
+            lambda order=order: served.fake.inject(
+                Delay(30, after_processing=True), method="POST", path=f"/{order}/captures"
+            )
+        )
+    path = write(
+        tmp_path, "o.csv", "order_id,captured_amount\n" + "".join(f"{o},1000\n" for o in orders)
+    )
+    journal = f"{path}.journal.sqlite"
+    batch = subprocess.Popen(
+        [*klarna_om_command(), "batch", path, "--concurrency", "4", "--json"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=subprocess_env(served.fake.base_url),
+    )
+    try:
+        served.run(asyncio.wait_for(served.fake.wait_for_requests(14), timeout=25))
+    finally:
+        batch.kill()  # SIGKILL: no cleanup, no final journal write
+        _, stderr = batch.communicate(timeout=20)
+    assert batch.returncode == -signal.SIGKILL, stderr
+    assert journal_summary(journal) == {"captured": 10, "in_flight": 4}
+
+    rerun = cli(["batch", path, "--json"], served)
+    assert rerun.exit_code == 0, rerun.output
+    statuses = {o: v["status"] for o, v in outcomes_by_order(rerun.stdout).items()}
+    assert statuses == {o: "skipped" if i < 10 else "captured" for i, o in enumerate(orders)}
+    assert all(served.booked(order) == 1 for order in orders)
+    # The in-flight orders were resent with the key the killed run recorded, so Klarna
+    # replayed the booked capture instead of capturing again.
+    assert all(len(set(served.posts(order))) == 1 for order in stuck)
+    assert all(len(served.posts(order)) == 2 for order in stuck)
+    assert journal_summary(journal) == {"captured": 30}
+
+
+# -- in-process pieces of fake-server, logging, and the connection ---------------------------
+
+
+async def test_fake_server_announces_itself_and_stops_on_request(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    fake = FakeKlarna()
+    order_ids = fake.add_orders(2, amount=100)
+    stop = asyncio.Event()
+    serving = asyncio.create_task(
+        _fakeserver._serve(fake, "127.0.0.1", 0, order_ids, "b.csv", json_output=False, stop=stop)
+    )
+    out = ""
+    for _ in range(1000):  # the announcement follows the start, within a few loop turns
+        out += capsys.readouterr().out
+        if "export" in out:
+            break
+        await asyncio.sleep(0.01)
+    assert f"2 authorized orders, e.g. {order_ids[0]}" in out
+    assert "batch file: b.csv" in out
+    stop.set()
+    await serving
+    assert "FakeKlarna stopped." in capsys.readouterr().out
+
+
+async def test_fake_server_reports_a_port_in_use(fake: FakeKlarna) -> None:
+    port = int(fake.base_url.rsplit(":", 1)[1])
+    with pytest.raises(_options.InputError, match=f"cannot listen on 127.0.0.1:{port}"):
+        await _fakeserver._serve(FakeKlarna(), "127.0.0.1", port, [], None, json_output=True)
+
+
+def test_fake_server_reports_a_batch_file_it_cannot_write(tmp_path: Path) -> None:
+    result = cli(["fake-server", "--write-batch", str(tmp_path / "no" / "such.csv")])
+    assert result.exit_code == 2
+    assert "cannot write" in result.stderr
+
+
+def test_verbose_logs_each_retry_with_its_key(served: ServedFake) -> None:
+    order_id = served.add_order(1000)
+    served.do(lambda: served.fake.inject(RateLimited("0")))
+    args = ["capture", order_id, "--amount", "1000", "--idempotency-key", "k-429"]
+    quiet = cli(args, served)
+    assert quiet.exit_code == 0
+    assert quiet.stderr == ""
+    served.do(lambda: served.fake.inject(RateLimited("0")))
+    loud = cli(["-v", *args], served)
+    assert loud.exit_code == 0
+    assert "RateLimitError" in loud.stderr
+    assert "k-429" in loud.stderr
+
+
+def test_the_connection_never_shows_the_password() -> None:
+    connection = _options.Connection(
+        username="u", password=PASSWORD, region=Region.EU, playground=False, base_url=None
+    )
+    assert PASSWORD not in repr(connection)
