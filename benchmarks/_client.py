@@ -1,0 +1,303 @@
+"""One benchmark workload in a fresh process; prints one JSON line with what it measured.
+
+    python benchmarks/_client.py VARIANT --url http://127.0.0.1:PORT -n 20000 -c 64
+
+Every variant sends the same captures: order ``bench-{i}``, the same headers and the same
+JSON body (the reference capture request with a per-item ``reference``); each item's body is
+built per request (a dict for the raw stacks, a ``CaptureRequest`` for the library), as an
+application would. A warm-up round (its own orders) opens the connections and fills caches
+first; then the process CPU time (all threads, so the journal's writer thread counts), the
+wall time and, at exit, the peak RSS are taken.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import resource
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from klarna_om_async import KlarnaOM, SQLiteJournal, __version__
+from klarna_om_async.models import CaptureRequest, OrderLine, OrderLineType, ShippingInfo
+
+USERNAME, PASSWORD = "bench-user", "bench-password"
+_ORDERS = "/ordermanagement/v1/orders/"
+_AUTH = "Basic YmVuY2gtdXNlcjpiZW5jaC1wYXNzd29yZA=="  # bench-user:bench-password
+_GET_HEADERS = {
+    "Accept": "application/json",
+    "User-Agent": f"klarna-om-async/{__version__}",
+    "Authorization": _AUTH,
+}
+_POST_HEADERS = {**_GET_HEADERS, "Content-Type": "application/json"}
+
+One = Callable[[int], Awaitable[None]]
+
+
+def order_id(i: int) -> str:
+    return f"bench-{i:07d}"
+
+
+def payload(i: int) -> dict[str, Any]:
+    """The body as a raw-stack user builds it; the same JSON as ``model(i)`` serializes to."""
+    return {
+        "captured_amount": 6000,
+        "description": "Shipped the full order",
+        "reference": f"ref-{i}",
+        "order_lines": [
+            {
+                "name": "Tomatoes",
+                "quantity": 10,
+                "unit_price": 600,
+                "total_amount": 6000,
+                "type": "physical",
+                "reference": "123050",
+                "quantity_unit": "kg",
+                "tax_rate": 2500,
+                "total_tax_amount": 1200,
+            }
+        ],
+        "shipping_info": [
+            {
+                "shipping_company": "DHL US",
+                "tracking_number": "1234567890",
+                "return_shipping_company": "UPS",
+                "return_tracking_number": "112233445566778899",
+            }
+        ],
+    }
+
+
+def model(i: int) -> CaptureRequest:
+    return CaptureRequest(
+        captured_amount=6000,
+        description="Shipped the full order",
+        reference=f"ref-{i}",
+        order_lines=[
+            OrderLine(
+                name="Tomatoes",
+                quantity=10,
+                unit_price=600,
+                total_amount=6000,
+                type=OrderLineType.PHYSICAL,
+                reference="123050",
+                quantity_unit="kg",
+                tax_rate=2500,
+                total_tax_amount=1200,
+            )
+        ],
+        shipping_info=[
+            ShippingInfo(
+                shipping_company="DHL US",
+                tracking_number="1234567890",
+                return_shipping_company="UPS",
+                return_tracking_number="112233445566778899",
+            )
+        ],
+    )
+
+
+def encode(i: int) -> bytes:
+    return json.dumps(payload(i), separators=(",", ":")).encode()
+
+
+async def drive(indices: range, concurrency: int, one: One) -> None:
+    """``concurrency`` tasks sending ``one(i)`` for every index, like a bounded worker pool."""
+    shared: Iterator[int] = iter(indices)
+
+    async def worker() -> None:
+        for i in shared:
+            await one(i)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+
+# --- the stacks -------------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def raw_aiohttp(
+    url: str, concurrency: int, *, get: bool, defaults: bool = True
+) -> AsyncIterator[One]:
+    """aiohttp as its docs show it: the session's defaults (a 5-minute total timeout, which
+    costs a loop timer per request), or, with ``defaults=False``, no timeout at all."""
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    timeout = aiohttp.client.DEFAULT_TIMEOUT if defaults else aiohttp.ClientTimeout(total=None)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        async def create(i: int) -> str:
+            headers = {**_POST_HEADERS, "Klarna-Idempotency-Key": str(uuid.uuid4())}
+            async with session.post(
+                f"{url}{_ORDERS}{order_id(i)}/captures", data=encode(i), headers=headers
+            ) as answer:
+                await answer.read()
+                if answer.status != 201:
+                    raise RuntimeError(f"unexpected {answer.status}")
+                return answer.headers["Capture-Id"]
+
+        async def create_get(i: int) -> None:
+            capture_id = await create(i)
+            async with session.get(
+                f"{url}{_ORDERS}{order_id(i)}/captures/{capture_id}", headers=_GET_HEADERS
+            ) as answer:
+                data = json.loads(await answer.read())
+                if answer.status != 200 or data["capture_id"] != capture_id:
+                    raise RuntimeError(f"unexpected {answer.status}")
+
+        async def create_only(i: int) -> None:
+            await create(i)
+
+        yield create_get if get else create_only
+
+
+@asynccontextmanager
+async def raw_httpx(url: str, concurrency: int) -> AsyncIterator[One]:
+    import httpx
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(limits=limits, timeout=20.0) as client:
+
+        async def create(i: int) -> None:
+            headers = {**_POST_HEADERS, "Klarna-Idempotency-Key": str(uuid.uuid4())}
+            answer = await client.post(
+                f"{url}{_ORDERS}{order_id(i)}/captures", content=encode(i), headers=headers
+            )
+            if answer.status_code != 201:
+                raise RuntimeError(f"unexpected {answer.status_code}")
+            answer.headers["Capture-Id"]
+
+        yield create
+
+
+@asynccontextmanager
+async def library(url: str, concurrency: int, *, get: bool) -> AsyncIterator[One]:
+    async with KlarnaOM(USERNAME, PASSWORD, base_url=url, max_connections=concurrency) as om:
+
+        async def create(i: int) -> None:
+            await om.captures.create(order_id(i), model(i))
+
+        async def create_get(i: int) -> None:
+            oid = order_id(i)
+            created = await om.captures.create(oid, model(i))
+            capture = await om.captures.get(oid, created.capture_id)
+            if capture.capture_id != created.capture_id:
+                raise RuntimeError("unexpected capture")
+
+        yield create_get if get else create
+
+
+async def run_batch(om: KlarnaOM, indices: range, concurrency: int, journal: Any) -> None:
+    items = ((order_id(i), model(i)) for i in indices)
+    captured = 0
+    async for outcome in om.capture_many(items, concurrency=concurrency, journal=journal):
+        if outcome.capture_id is None:
+            raise RuntimeError(f"item failed: {outcome}")
+        captured += 1
+    if captured != len(indices):
+        raise RuntimeError(f"{captured} outcomes for {len(indices)} items")
+
+
+# --- measuring --------------------------------------------------------------------------------
+
+VARIANTS = (
+    "raw_create",
+    "raw_create_notimeout",
+    "create",
+    "many",
+    "many_journal",
+    "raw_create_get",
+    "create_get",
+    "httpx_create",
+)
+
+
+async def measure(variant: str, url: str, n: int, concurrency: int, warmup: int) -> dict[str, Any]:
+    work = range(n)
+    warm = range(10_000_000, 10_000_000 + warmup)
+    if variant in ("many", "many_journal"):
+        with tempfile.TemporaryDirectory(prefix="klarna-om-bench-") as tmp:
+            journal = None
+            if variant == "many_journal":
+                journal = await SQLiteJournal(Path(tmp) / "journal.sqlite").open()
+            try:
+                async with KlarnaOM(
+                    USERNAME, PASSWORD, base_url=url, max_connections=concurrency
+                ) as om:
+                    await run_batch(om, warm, concurrency, journal)
+                    wall, cpu = await timed(run_batch(om, work, concurrency, journal))
+            finally:
+                if journal is not None:
+                    await journal.close()
+    else:
+        stack: Any
+        if variant == "raw_create":
+            stack = raw_aiohttp(url, concurrency, get=False)
+        elif variant == "raw_create_notimeout":
+            stack = raw_aiohttp(url, concurrency, get=False, defaults=False)
+        elif variant == "raw_create_get":
+            stack = raw_aiohttp(url, concurrency, get=True)
+        elif variant == "create":
+            stack = library(url, concurrency, get=False)
+        elif variant == "create_get":
+            stack = library(url, concurrency, get=True)
+        elif variant == "httpx_create":
+            stack = raw_httpx(url, concurrency)
+        else:
+            raise SystemExit(f"unknown variant {variant!r}; one of {', '.join(VARIANTS)}")
+        async with stack as one:
+            await drive(warm, concurrency, one)
+            wall, cpu = await timed(drive(work, concurrency, one))
+    maxrss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return {
+        "variant": variant,
+        "n": n,
+        "concurrency": concurrency,
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "peak_rss_mib": maxrss_kib / 1024,
+    }
+
+
+async def timed(work: Awaitable[None]) -> tuple[float, float]:
+    gc.collect()
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    await work
+    return time.perf_counter() - wall0, time.process_time() - cpu0
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("variant", choices=VARIANTS)
+    parser.add_argument("--url", required=True)
+    parser.add_argument("-n", type=int, default=20_000)
+    parser.add_argument("-c", "--concurrency", type=int, default=64)
+    parser.add_argument("--warmup", type=int, default=500)
+    parser.add_argument("--profile", metavar="FILE", help="write a cProfile of the run here")
+    args = parser.parse_args(argv)
+    if not args.url.startswith("http://127.0.0.1:"):
+        raise SystemExit("the benchmark only talks to a server on 127.0.0.1")
+    coro = measure(args.variant, args.url, args.n, args.concurrency, args.warmup)
+    if args.profile:
+        import cProfile
+
+        with cProfile.Profile() as profile:
+            result = asyncio.run(coro)
+        profile.dump_stats(args.profile)
+    else:
+        result = asyncio.run(coro)
+    json.dump(result, sys.stdout)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()
