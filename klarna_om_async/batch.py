@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import uuid
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterable
 from typing import TypeAlias
 
 import attrs
 
+from ._keys import random_key
 from .captures import CapturesService
 from .errors import KlarnaAPIError, KlarnaError, ValidationError
 from .journal import Journal, JournalEntry, JournalStatus
@@ -186,7 +186,7 @@ class _Run:
         if prior is not None and prior.status in (JournalStatus.IN_FLIGHT, JournalStatus.FAILED):
             key = prior.idempotency_key  # its first attempt may have been booked
         else:
-            key = item.idempotency_key or str(uuid.uuid4())  # new, or refused: nothing booked
+            key = item.idempotency_key or random_key()  # new, or refused: nothing booked
         if self.journal is not None:
             await self.journal.begin(key_name, item.order_id, key)
         try:

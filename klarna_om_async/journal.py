@@ -261,6 +261,8 @@ _T = TypeVar("_T")
 _Op = Callable[[sqlite3.Connection, str], object]
 # (None, future) asks the writer thread to stop; the future resolves once the file is closed.
 _Work = tuple[_Op | None, "asyncio.Future[Any]"]
+# The queue carries the calls made in one event-loop turn together (see SQLiteJournal._call).
+_Queue = queue.SimpleQueue[list[_Work]]
 _Outcome = tuple["asyncio.Future[Any]", object, BaseException | None]
 
 
@@ -323,7 +325,9 @@ class SQLiteJournal:
             raise ValueError(f"durability must be 'normal' or 'full', not {durability!r}")
         self._path = os.fspath(path)
         self._durability = durability
-        self._work: queue.SimpleQueue[_Work] | None = None
+        self._work: _Queue | None = None
+        # Calls made since the last flush; sent to the writer thread as one group.
+        self._unsent: list[_Work] = []
         self._thread: threading.Thread | None = None
         self.commits = 0
 
@@ -335,7 +339,7 @@ class SQLiteJournal:
         if self._work is not None:
             raise RuntimeError(f"{self!r} is already open")
         loop = asyncio.get_running_loop()
-        work: queue.SimpleQueue[_Work] = queue.SimpleQueue()
+        work: _Queue = queue.SimpleQueue()
         ready: asyncio.Future[None] = loop.create_future()
         thread = threading.Thread(
             target=self._run, args=(work, ready), name="klarna-om-journal", daemon=True
@@ -345,7 +349,7 @@ class SQLiteJournal:
             await ready
         except BaseException:
             # Stops the thread if it got as far as serving (e.g. open() was cancelled).
-            work.put((None, loop.create_future()))
+            work.put([(None, loop.create_future())])
             raise
         self._work, self._thread = work, thread
         return self
@@ -361,9 +365,10 @@ class SQLiteJournal:
         work, thread = self._work, self._thread
         if work is None or thread is None:
             return
+        self._send_unsent()  # calls made in this loop turn are written before the file closes
         self._work = self._thread = None
         closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        work.put((None, closed))
+        work.put([(None, closed)])
         await closed
         # The thread has closed the file and is returning, so this join does not wait.
         thread.join()
@@ -432,13 +437,25 @@ class SQLiteJournal:
         work = self._work
         if work is None:
             raise _not_open(type(self).__name__)
-        future: asyncio.Future[_T] = asyncio.get_running_loop().create_future()
-        work.put((op, future))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[_T] = loop.create_future()
+        # A batch's workers call in bursts (every answer read in one loop turn ends an item
+        # and begins the next). Sending each call on its own woke the writer thread and
+        # committed once per call; sending a turn's calls together commits them as one.
+        self._unsent.append((op, future))
+        if len(self._unsent) == 1:
+            loop.call_soon(self._send_unsent)
         return await future
+
+    def _send_unsent(self) -> None:
+        unsent, self._unsent = self._unsent, []
+        # Empty when close() sent them first; _call refuses new calls once closed.
+        if unsent and self._work is not None:
+            self._work.put(unsent)
 
     # --- everything below runs on the writer thread ---
 
-    def _run(self, work: queue.SimpleQueue[_Work], ready: asyncio.Future[None]) -> None:
+    def _run(self, work: _Queue, ready: asyncio.Future[None]) -> None:
         try:
             conn = self._connect()
         except BaseException as exc:
@@ -469,14 +486,12 @@ class SQLiteJournal:
             raise
         return conn
 
-    def _serve(
-        self, conn: sqlite3.Connection, work: queue.SimpleQueue[_Work]
-    ) -> list[asyncio.Future[Any]]:
+    def _serve(self, conn: sqlite3.Connection, work: _Queue) -> list[asyncio.Future[Any]]:
         while True:
-            batch = [work.get()]
+            batch = work.get()
             with contextlib.suppress(queue.Empty):
                 while True:
-                    batch.append(work.get_nowait())
+                    batch.extend(work.get_nowait())
             calls = [(op, future) for op, future in batch if op is not None]
             if calls:
                 _resolve(self._apply(conn, calls))

@@ -19,7 +19,6 @@ network by calling it with a fake ``call_next``.
 from __future__ import annotations
 
 import logging
-import os
 import time
 import types
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
@@ -28,6 +27,7 @@ from typing import Protocol
 import attrs
 import backoff
 
+from ._keys import random_key
 from .config import Credentials, RetryPolicy
 from .errors import (
     KlarnaAPIError,
@@ -133,15 +133,6 @@ def _link(middleware: Middleware, call_next: Handler) -> Handler:
     return link
 
 
-def _random_key() -> str:
-    """A random (version 4) UUID string, as ``str(uuid.uuid4())`` makes, at a third the cost."""
-    raw = bytearray(os.urandom(16))
-    raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
-    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
-    h = raw.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
-
-
 class IdempotencyMiddleware:
     """Gives every POST/PATCH one ``Klarna-Idempotency-Key`` for the whole logical call.
 
@@ -149,7 +140,7 @@ class IdempotencyMiddleware:
     every retry of the call carries the same key and Klarna executes it at most once.
     """
 
-    def __init__(self, new_key: Callable[[], str] = _random_key) -> None:
+    def __init__(self, new_key: Callable[[], str] = random_key) -> None:
         self._new_key = new_key
 
     def __call__(self, request: Request, call_next: Handler) -> Awaitable[Response]:

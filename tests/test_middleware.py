@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 
 import pytest
 
+from klarna_om_async._keys import random_key
 from klarna_om_async.config import Credentials, RetryPolicy
 from klarna_om_async.errors import (
     BadRequestError,
@@ -202,3 +204,11 @@ async def test_auth_adds_basic_credentials_and_hides_them() -> None:
 def test_credentials_must_not_be_empty() -> None:
     with pytest.raises(ValueError, match="non-empty"):
         Credentials("user", "")
+
+
+def test_fresh_keys_are_distinct_version_4_uuids() -> None:
+    keys = [random_key() for _ in range(1000)]
+    assert len(set(keys)) == len(keys)
+    for key in keys:
+        parsed = uuid.UUID(key)
+        assert (parsed.version, parsed.variant, str(parsed)) == (4, uuid.RFC_4122, key)
