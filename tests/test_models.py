@@ -279,6 +279,9 @@ def test_datetimes_are_written_as_iso_8601() -> None:
             Capture,
         ),
         (b'{"billing_address": {"city": 42}}', Capture),
+        (b'{"billing_address": ["Main St"]}', Capture),
+        (b'{"order_lines": ["Tomatoes"]}', Capture),
+        (b'{"shipping_info": [{"tracking_number": 1234567890}]}', Capture),
         (b'{"status": 7}', Order),
     ],
 )
