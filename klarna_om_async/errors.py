@@ -52,6 +52,9 @@ class KlarnaError(Exception):
     idempotency_key: str | None = None
     #: How many HTTP attempts were made before giving up.
     attempts: int = 0
+    #: Set when an earlier attempt of the same call may have taken effect (its answer was
+    #: lost): then a 429 or 409 on the last attempt proves nothing about the call.
+    earlier_attempt_unknown: bool = False
 
     def bind(
         self, *, method: str, url: str, idempotency_key: str | None, attempts: int | None = None
@@ -66,7 +69,7 @@ class KlarnaError(Exception):
     @property
     def outcome_unknown(self) -> bool:
         """True when the operation may have taken effect at Klarna despite this error."""
-        return False
+        return self.earlier_attempt_unknown
 
     def _retry_hint(self) -> str:
         if self.outcome_unknown and self.idempotency_key:
@@ -99,7 +102,7 @@ class KlarnaConnectionError(KlarnaError):
     @property
     def outcome_unknown(self) -> bool:
         """A POST or PATCH whose answer was lost may have been processed."""
-        return self.method in _MUTATING_METHODS
+        return self.earlier_attempt_unknown or self.method in _MUTATING_METHODS
 
     def __str__(self) -> str:
         where = f" ({self.method} {self.url}, {self.attempts} attempts)" if self.method else ""
@@ -122,7 +125,7 @@ class KlarnaResponseError(KlarnaError):
     @property
     def outcome_unknown(self) -> bool:
         """Klarna said yes, so a mutating call did take effect; its details are unknown."""
-        return self.method in _MUTATING_METHODS
+        return self.earlier_attempt_unknown or self.method in _MUTATING_METHODS
 
     def __str__(self) -> str:
         return f"{self.message} ({self.status} on {self.method} {self.url}).{self._retry_hint()}"
@@ -161,6 +164,8 @@ class KlarnaAPIError(KlarnaError):
     @property
     def outcome_unknown(self) -> bool:
         """A 5xx or 409 on a mutating call may hide a request that was processed."""
+        if self.earlier_attempt_unknown:
+            return True
         return self.method in _MUTATING_METHODS and (self.status >= 500 or self.status == 409)
 
     def __str__(self) -> str:

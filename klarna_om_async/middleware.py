@@ -193,11 +193,16 @@ class RetryMiddleware:
         delays = backoff.expo(factor=policy.initial_delay, max_value=policy.max_delay)
         next(delays)  # backoff's generators yield a priming 0 first
         attempt = 1
+        unknown = False
         while True:
             error.attempts = attempt
             wait = self._wait_before_retry(error, attempt, started, delays)
             if wait is None:
+                # Attempt 1 may have been booked and its answer lost; a later 429 (or even a
+                # 401) says nothing about that, so the call's outcome stays unknown.
+                error.earlier_attempt_unknown = unknown
                 raise error
+            unknown = unknown or error.outcome_unknown
             logger.warning(
                 "Klarna %s %s failed (attempt %d: %s); retrying in %.2fs with key %s",
                 request.method,

@@ -116,6 +116,24 @@ async def test_a_rerun_with_the_journal_skips_captured_and_finishes_failed_with_
     assert len(fake.booked_captures) == 4
 
 
+async def test_a_429_after_a_lost_answer_fails_the_item_and_the_rerun_keeps_its_key(
+    om: KlarnaOM, fake: FakeKlarna
+) -> None:
+    [item] = full(fake, [4000])
+    order_id = item[0]
+    fake.inject(DropAfterProcessing(), method="POST")
+    fake.inject(RateLimited(retry_after="1"), method="POST", times=None)
+    journal = MemoryJournal()
+    first = await collect(om.capture_many([item], journal=journal))
+    assert first[order_id].status is CaptureStatus.FAILED  # booked, but we cannot know
+
+    fake.clear_faults()
+    second = await collect(om.capture_many([item], journal=journal))
+    assert second[order_id].status is CaptureStatus.CAPTURED
+    assert second[order_id].idempotency_key == first[order_id].idempotency_key
+    assert len(fake.booked_captures) == 1
+
+
 async def test_a_refused_item_is_retried_with_a_new_key_on_rerun(
     om: KlarnaOM, fake: FakeKlarna
 ) -> None:

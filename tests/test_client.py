@@ -325,6 +325,29 @@ async def test_429_until_the_end_is_not_an_unknown_outcome(fake: FakeKlarna) -> 
     assert not caught.value.outcome_unknown
 
 
+async def test_429_after_a_lost_answer_keeps_the_outcome_unknown(
+    om: KlarnaOM, fake: FakeKlarna
+) -> None:
+    # Attempt 1 is booked but its answer lost; every later attempt meets a 429. The 429
+    # proves nothing about attempt 1, so the caller must be told to retry with the key.
+    order_id = fake.add_order(amount=10_000)
+    fake.inject(DropAfterProcessing(), method="POST")
+    fake.inject(RateLimited(retry_after="1"), method="POST", times=None)
+    request = CaptureRequest(captured_amount=4000)
+    with pytest.raises(RateLimitError) as caught:
+        await om.captures.create(order_id, request)
+    assert caught.value.outcome_unknown
+    assert caught.value.attempts == om.retry_policy.max_attempts
+    key = caught.value.idempotency_key
+    assert key is not None
+    assert repr(key) in str(caught.value)
+
+    fake.clear_faults()
+    again = await om.captures.create(order_id, request, idempotency_key=key)
+    [booked] = fake.booked_captures
+    assert again.capture_id == booked.capture_id
+
+
 async def test_a_proxys_html_error_is_still_typed(fake: FakeKlarna) -> None:
     fake.inject(NonJsonError(502, "<html>Bad Gateway</html>"))
     async with KlarnaOM(
