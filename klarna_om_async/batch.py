@@ -36,11 +36,12 @@ class CaptureStatus(enum.StrEnum):
 
     #: Klarna booked the capture (now, or in an earlier run whose answer was lost).
     CAPTURED = "captured"
-    #: Refused before or by Klarna (validation or a 4xx): nothing was captured.
+    #: Refused before or by Klarna (validation, a duplicate in this batch, or a 4xx): nothing
+    #: was captured for this item.
     REFUSED = "refused"
     #: Retries ran out and the outcome is unknown: rerun with the same key (journal does).
     FAILED = "failed"
-    #: Not attempted: already captured in an earlier run, or a duplicate in this batch.
+    #: Not attempted: already captured in an earlier run (says the journal).
     SKIPPED = "skipped"
 
 
@@ -170,9 +171,15 @@ class _Run:
             return CaptureOutcome(
                 order_id=item.order_id,
                 item_key=key_name,
-                status=CaptureStatus.SKIPPED,
+                # Refused, not skipped: the caller meant two captures or made a typo, and
+                # a batch that "succeeds" would hide the part never captured.
+                status=CaptureStatus.REFUSED,
                 idempotency_key=item.idempotency_key or "",
-                error=ValidationError("item_key", f"{key_name!r} appears twice in this batch"),
+                error=ValidationError(
+                    "item_key",
+                    f"{key_name!r} appears twice in this batch; give each part of a split"
+                    " capture its own reference",
+                ),
             )
         self.seen.add(key_name)
         if prior is not None and prior.status is JournalStatus.CAPTURED:

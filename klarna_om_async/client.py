@@ -103,7 +103,8 @@ class KlarnaOM:
         consumed lazily. ``rate_limit``: requests per second (Klarna allows 200/s in
         production, 50/s in the playground). ``journal``: makes reruns exactly-once.
         Stop early with ``await outcomes.aclose()`` (or by leaving ``async with
-        contextlib.aclosing(...)``): started items finish and are recorded, no new one starts.
+        contextlib.aclosing(...)``): no new item starts, and items in flight are cancelled and
+        stay in the journal as in flight, so the next run finishes them with their keys.
         See ``klarna_om_async.batch.capture_many``.
         """
         return capture_many(

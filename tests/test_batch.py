@@ -149,13 +149,13 @@ async def test_a_refused_item_is_retried_with_a_new_key_on_rerun(
     assert second.idempotency_key != first.idempotency_key
 
 
-async def test_duplicate_items_in_one_batch_are_skipped_not_captured_twice(
+async def test_a_duplicate_item_in_one_batch_is_refused_not_captured_twice(
     om: KlarnaOM, fake: FakeKlarna
 ) -> None:
     order_id = fake.add_order(amount=100)
     item = BatchItem(order_id=order_id, request=CaptureRequest(captured_amount=50))
     outcomes = [o async for o in om.capture_many([item, item], concurrency=1)]
-    assert [o.status for o in outcomes] == [CaptureStatus.CAPTURED, CaptureStatus.SKIPPED]
+    assert [o.status for o in outcomes] == [CaptureStatus.CAPTURED, CaptureStatus.REFUSED]
     assert isinstance(outcomes[1].error, ValidationError)
     assert len(fake.booked_captures) == 1
 
