@@ -159,7 +159,7 @@ async def _run(settings: _Settings, connection: Connection) -> bool:
         title="klarna-om batch",
         total=_total(settings) if show_progress else None,
     )
-    interrupted = False
+    interrupted = completed = False
     try:
         with open_batch(settings.path, settings.fmt) as rows:
             async with (
@@ -175,6 +175,7 @@ async def _run(settings: _Settings, connection: Connection) -> bool:
                         rate_limit=settings.rate,
                         journal=journal,
                     )
+        completed = True
     except BatchFileError as error:
         raise InputError(str(error)) from None
     except ValueError as error:  # the journal holds an item key for another order
@@ -183,14 +184,19 @@ async def _run(settings: _Settings, connection: Connection) -> bool:
         interrupted = True
         raise
     finally:
-        if view.tally.items or interrupted:
+        # No summary when the file or the journal could not be opened: nothing ran. A file
+        # without rows did run, and its summary shows 0 items.
+        if completed or view.tally.items or interrupted:
             _finish(view, settings, interrupted=interrupted)
     return view.tally.all_done
 
 
-def _total(settings: _Settings) -> int:
+def _total(settings: _Settings) -> int | None:
     # A cheap streamed count, only to give the progress bar a total; minus the CSV header.
-    lines = count_lines(settings.path)
+    try:
+        lines = count_lines(settings.path)
+    except OSError:
+        return None  # no total then; open_batch reports why the file cannot be read
     return max(lines - (settings.fmt is BatchFormat.CSV), 0)
 
 

@@ -74,10 +74,10 @@ def fake_server(
     fake = FakeKlarna(seed=seed)
     order_ids = fake.add_orders(orders, amount=amount)
     inject_demo_faults(fake, fault_rate)
-    if write_batch is not None:
-        _write_batch(write_batch, order_ids, amount)
+    # Written once the port is bound: a server that cannot start must leave the file alone.
+    write = None if write_batch is None else lambda: _write_batch(write_batch, order_ids, amount)
     with contextlib.suppress(KeyboardInterrupt):  # where signal handlers are not supported
-        asyncio.run(_serve(fake, host, port, order_ids, write_batch, json_output))
+        asyncio.run(_serve(fake, host, port, order_ids, write_batch, json_output, write=write))
 
 
 def _write_batch(path: str, order_ids: list[str], amount: int) -> None:
@@ -98,8 +98,14 @@ async def _serve(
     batch_file: str | None,
     json_output: bool,
     stop: asyncio.Event | None = None,
+    *,
+    write: Callable[[], None] | None = None,
 ) -> None:
-    """Serve until ``stop`` is set, by SIGINT or SIGTERM unless a ``stop`` is given."""
+    """Serve until ``stop`` is set, by SIGINT or SIGTERM unless a ``stop`` is given.
+
+    ``write`` (the batch file's writer) is called once the port is bound, before the
+    announcement.
+    """
     loop = asyncio.get_running_loop()
     signals: list[signal.Signals] = []
     if stop is None:
@@ -108,10 +114,14 @@ async def _serve(
             with contextlib.suppress(NotImplementedError):  # Windows
                 loop.add_signal_handler(signum, stop.set)
                 signals.append(signum)
+
+    def listening() -> None:
+        if write is not None:
+            write()
+        _announce(fake, order_ids, batch_file, json_output)
+
     try:
-        await _serve_until(
-            fake, host, port, stop, lambda: _announce(fake, order_ids, batch_file, json_output)
-        )
+        await _serve_until(fake, host, port, stop, listening)
     finally:
         for signum in signals:
             loop.remove_signal_handler(signum)
