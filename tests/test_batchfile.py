@@ -258,7 +258,7 @@ def test_jsonl_lines_use_klarnas_capture_shape(tmp_path: Path) -> None:
         ),
         (
             '{"order_id": "o", "captured_amount": 5, "order_lines": [{"name": "n"}]}',
-            "line 1: order_lines[0].quantity: is required (and 2 more)",
+            "line 1: order_lines[0].quantity: is required",
         ),
         (
             '{"order_id": "o", "captured_amount": 5, "order_lines": [{"nmae": "n"}]}',
