@@ -221,9 +221,12 @@ VARIANTS = (
 )
 
 
-async def measure(variant: str, url: str, n: int, concurrency: int, warmup: int) -> dict[str, Any]:
-    work = range(n)
-    warm = range(10_000_000, 10_000_000 + warmup)
+Run = Callable[[range], Awaitable[None]]
+
+
+@asynccontextmanager
+async def runner(variant: str, url: str, concurrency: int) -> AsyncIterator[Run]:
+    """``run(indices)`` sends the captures of ``indices`` through ``variant``'s stack."""
     if variant in ("many", "many_journal"):
         with tempfile.TemporaryDirectory(prefix="klarna-om-bench-") as tmp:
             journal = None
@@ -233,39 +236,78 @@ async def measure(variant: str, url: str, n: int, concurrency: int, warmup: int)
                 async with KlarnaOM(
                     USERNAME, PASSWORD, base_url=url, max_connections=concurrency
                 ) as om:
-                    await run_batch(om, warm, concurrency, journal)
-                    wall, cpu = await timed(run_batch(om, work, concurrency, journal))
+                    yield lambda indices: run_batch(om, indices, concurrency, journal)
             finally:
                 if journal is not None:
                     await journal.close()
+        return
+    stack: Any
+    if variant == "raw_create":
+        stack = raw_aiohttp(url, concurrency, get=False)
+    elif variant == "raw_create_notimeout":
+        stack = raw_aiohttp(url, concurrency, get=False, defaults=False)
+    elif variant == "raw_create_get":
+        stack = raw_aiohttp(url, concurrency, get=True)
+    elif variant == "create":
+        stack = library(url, concurrency, get=False)
+    elif variant == "create_get":
+        stack = library(url, concurrency, get=True)
+    elif variant == "httpx_create":
+        stack = raw_httpx(url, concurrency)
     else:
-        stack: Any
-        if variant == "raw_create":
-            stack = raw_aiohttp(url, concurrency, get=False)
-        elif variant == "raw_create_notimeout":
-            stack = raw_aiohttp(url, concurrency, get=False, defaults=False)
-        elif variant == "raw_create_get":
-            stack = raw_aiohttp(url, concurrency, get=True)
-        elif variant == "create":
-            stack = library(url, concurrency, get=False)
-        elif variant == "create_get":
-            stack = library(url, concurrency, get=True)
-        elif variant == "httpx_create":
-            stack = raw_httpx(url, concurrency)
-        else:
-            raise SystemExit(f"unknown variant {variant!r}; one of {', '.join(VARIANTS)}")
-        async with stack as one:
-            await drive(warm, concurrency, one)
-            wall, cpu = await timed(drive(work, concurrency, one))
-    maxrss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        raise SystemExit(f"unknown variant {variant!r}; one of {', '.join(VARIANTS)}")
+    async with stack as one:
+        yield lambda indices: drive(indices, concurrency, one)
+
+
+async def measure(variant: str, url: str, n: int, concurrency: int, warmup: int) -> dict[str, Any]:
+    async with runner(variant, url, concurrency) as run:
+        await run(range(10_000_000, 10_000_000 + warmup))
+        wall, cpu = await timed(run(range(n)))
     return {
         "variant": variant,
         "n": n,
         "concurrency": concurrency,
         "wall_s": wall,
         "cpu_s": cpu,
-        "peak_rss_mib": maxrss_kib / 1024,
+        "peak_rss_mib": peak_rss_mib(),
     }
+
+
+async def paired(
+    variant: str, baseline: str, url: str, n: int, concurrency: int, warmup: int, size: int
+) -> dict[str, Any]:
+    """``variant`` and ``baseline`` in one process, alternating slices of ``size`` captures.
+
+    The machine's speed drifts over seconds (other tenants, frequency); slices a fraction of
+    a second long, alternated and each stack going first in turn, share that drift, so the
+    ratio of the two CPU totals is steadier than one of two separate runs.
+    """
+    cpu = {variant: 0.0, baseline: 0.0}
+    async with runner(baseline, url, concurrency) as base, runner(variant, url, concurrency) as it:
+        stacks = {baseline: base, variant: it}
+        for run in stacks.values():
+            await run(range(10_000_000, 10_000_000 + warmup))
+        for number, start in enumerate(range(0, n, size)):
+            indices = range(start, min(start + size, n))
+            order = (baseline, variant) if number % 2 == 0 else (variant, baseline)
+            for name in order:
+                _, spent = await timed(stacks[name](indices))
+                cpu[name] += spent
+    return {
+        "variant": variant,
+        "baseline": baseline,
+        "n": n,
+        "concurrency": concurrency,
+        "cpu_s": cpu[variant],
+        "baseline_cpu_s": cpu[baseline],
+        "ratio": cpu[variant] / cpu[baseline],
+        "peak_rss_mib": peak_rss_mib(),  # of both stacks together
+    }
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 async def timed(work: Awaitable[None]) -> tuple[float, float]:
@@ -283,10 +325,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("-c", "--concurrency", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=500)
     parser.add_argument("--profile", metavar="FILE", help="write a cProfile of the run here")
+    parser.add_argument(
+        "--paired-with", metavar="BASELINE", choices=VARIANTS, help="measure against BASELINE"
+    )
+    parser.add_argument("--slice", type=int, default=1000, help="captures per paired slice")
     args = parser.parse_args(argv)
     if not args.url.startswith("http://127.0.0.1:"):
         raise SystemExit("the benchmark only talks to a server on 127.0.0.1")
-    coro = measure(args.variant, args.url, args.n, args.concurrency, args.warmup)
+    coro: Awaitable[dict[str, Any]]
+    if args.paired_with:
+        coro = paired(
+            args.variant,
+            args.paired_with,
+            args.url,
+            args.n,
+            args.concurrency,
+            args.warmup,
+            args.slice,
+        )
+    else:
+        coro = measure(args.variant, args.url, args.n, args.concurrency, args.warmup)
     if args.profile:
         import cProfile
 

@@ -32,6 +32,10 @@ def test_a_quick_run_completes_and_writes_its_tables(tmp_path: Path) -> None:
     runs = json.loads(raw.read_text())["runs"]
     assert {run["variant"] for run in runs} >= {"raw_create", "create", "many", "create_get"}
     assert all(run["cpu_s"] > 0 and run["peak_rss_mib"] > 0 for run in runs)
+    paired = [run for run in runs if run.get("table") == "paired"]
+    assert {run["variant"] for run in paired} >= {"create", "many", "many_journal", "create_get"}
+    assert all(run["ratio"] == run["cpu_s"] / run["baseline_cpu_s"] for run in paired)
+    assert "paired ratio" in report
 
 
 def test_unknown_variants_are_refused(tmp_path: Path) -> None:
