@@ -221,25 +221,55 @@ VARIANTS = (
 )
 
 
-Run = Callable[[range], Awaitable[None]]
+class Run:
+    """``await run(indices)`` sends those captures; ``await run.renew()`` (untimed) readies
+    the stack for another batch."""
+
+    def __init__(self, send: Callable[[range], Awaitable[None]]) -> None:
+        self.send = send
+
+    def __call__(self, indices: range) -> Awaitable[None]:
+        return self.send(indices)
+
+    async def renew(self) -> None:
+        """Nothing to renew for a stack that keeps no state between batches."""
+
+
+class JournaledRun(Run):
+    """capture_many with a fresh journal per batch (``renew``): a batch reads its whole
+    journal before it starts, so slices sharing one would each read all earlier slices."""
+
+    def __init__(self, om: KlarnaOM, concurrency: int, folder: Path) -> None:
+        super().__init__(lambda indices: run_batch(om, indices, concurrency, self.journal))
+        self.folder = folder
+        self.journal: SQLiteJournal | None = None
+
+    async def renew(self) -> None:
+        """Close the current journal and open an empty one."""
+        if self.journal is not None:
+            await self.journal.close()
+        self.journal = SQLiteJournal(self.folder / f"journal-{time.monotonic_ns()}.sqlite")
+        await self.journal.open()
 
 
 @asynccontextmanager
 async def runner(variant: str, url: str, concurrency: int) -> AsyncIterator[Run]:
-    """``run(indices)`` sends the captures of ``indices`` through ``variant``'s stack."""
+    """A ``Run`` that sends captures through ``variant``'s stack."""
     if variant in ("many", "many_journal"):
         with tempfile.TemporaryDirectory(prefix="klarna-om-bench-") as tmp:
-            journal = None
-            if variant == "many_journal":
-                journal = await SQLiteJournal(Path(tmp) / "journal.sqlite").open()
-            try:
-                async with KlarnaOM(
-                    USERNAME, PASSWORD, base_url=url, max_connections=concurrency
-                ) as om:
-                    yield lambda indices: run_batch(om, indices, concurrency, journal)
-            finally:
-                if journal is not None:
-                    await journal.close()
+            async with KlarnaOM(
+                USERNAME, PASSWORD, base_url=url, max_connections=concurrency
+            ) as om:
+                if variant == "many":
+                    yield Run(lambda indices: run_batch(om, indices, concurrency, None))
+                    return
+                run = JournaledRun(om, concurrency, Path(tmp))
+                await run.renew()
+                try:
+                    yield run
+                finally:
+                    if run.journal is not None:
+                        await run.journal.close()
         return
     stack: Any
     if variant == "raw_create":
@@ -257,7 +287,7 @@ async def runner(variant: str, url: str, concurrency: int) -> AsyncIterator[Run]
     else:
         raise SystemExit(f"unknown variant {variant!r}; one of {', '.join(VARIANTS)}")
     async with stack as one:
-        yield lambda indices: drive(indices, concurrency, one)
+        yield Run(lambda indices: drive(indices, concurrency, one))
 
 
 async def measure(variant: str, url: str, n: int, concurrency: int, warmup: int) -> dict[str, Any]:
@@ -292,6 +322,7 @@ async def paired(
             indices = range(start, min(start + size, n))
             order = (baseline, variant) if number % 2 == 0 else (variant, baseline)
             for name in order:
+                await stacks[name].renew()
                 _, spent = await timed(stacks[name](indices))
                 cpu[name] += spent
     return {
