@@ -16,7 +16,7 @@ import attrs
 
 from ._keys import random_key
 from .captures import CapturesService
-from .errors import KlarnaAPIError, KlarnaError, ValidationError
+from .errors import KlarnaError, ValidationError
 from .journal import Journal, JournalEntry, JournalStatus
 from .models import CaptureRequest
 from .throttle import rate_limited
@@ -113,10 +113,9 @@ def _as_item(raw: BatchItem | tuple[str, CaptureRequest]) -> BatchItem:
 def _status_of(error: Exception) -> CaptureStatus:
     if isinstance(error, ValidationError | TypeError):
         return CaptureStatus.REFUSED  # nothing was sent
-    if isinstance(error, KlarnaAPIError) and not error.retryable:
-        return CaptureStatus.REFUSED  # Klarna said no; the request must change
     if isinstance(error, KlarnaError) and not error.outcome_unknown:
-        return CaptureStatus.REFUSED  # e.g. 429 until the end: nothing was processed
+        return CaptureStatus.REFUSED  # Klarna said no, or 429 until the end: nothing booked
+    # Unknown, even for a 4xx: an earlier attempt whose answer was lost may have been booked.
     return CaptureStatus.FAILED
 
 

@@ -32,6 +32,7 @@ from klarna_om_async.testing import (
     DropAfterProcessing,
     FakeKlarna,
     InstantSleep,
+    NonJsonError,
     RateLimited,
     ServerFailure,
 )
@@ -128,6 +129,24 @@ async def test_a_429_after_a_lost_answer_fails_the_item_and_the_rerun_keeps_its_
     assert first[order_id].status is CaptureStatus.FAILED  # booked, but we cannot know
 
     fake.clear_faults()
+    second = await collect(om.capture_many([item], journal=journal))
+    assert second[order_id].status is CaptureStatus.CAPTURED
+    assert second[order_id].idempotency_key == first[order_id].idempotency_key
+    assert len(fake.booked_captures) == 1
+
+
+async def test_a_refusal_after_a_lost_answer_fails_the_item_instead_of_refusing_it(
+    om: KlarnaOM, fake: FakeKlarna
+) -> None:
+    # A proxy's 403 on the retry says nothing about the first attempt, which was booked.
+    [item] = full(fake, [4000])
+    order_id = item[0]
+    fake.inject(DropAfterProcessing(), method="POST")
+    fake.inject(NonJsonError(403, "<html>Forbidden</html>"), method="POST")
+    journal = MemoryJournal()
+    first = await collect(om.capture_many([item], journal=journal))
+    assert first[order_id].status is CaptureStatus.FAILED
+
     second = await collect(om.capture_many([item], journal=journal))
     assert second[order_id].status is CaptureStatus.CAPTURED
     assert second[order_id].idempotency_key == first[order_id].idempotency_key
