@@ -15,11 +15,13 @@ from .errors import (
     BadRequestError,
     CaptureNotAllowedError,
     ConflictError,
+    ItemConflictError,
     KlarnaAPIError,
     KlarnaConnectionError,
     KlarnaError,
     KlarnaResponseError,
     KlarnaTimeoutError,
+    NeedsReviewError,
     NoSuchCaptureError,
     NoSuchOrderError,
     NotAllowedError,
@@ -33,8 +35,11 @@ from .errors import (
 from .journal import (
     Journal,
     JournalEntry,
+    JournalError,
+    JournalInUseError,
     JournalStatus,
     MemoryJournal,
+    NotAJournalError,
     SQLiteJournal,
     deterministic_key,
 )
@@ -53,6 +58,7 @@ from .models import (
     ShippingInfo,
     ShippingMethod,
 )
+from .reconcile import Reconciliation, Verdict
 
 __all__ = (
     "Address",
@@ -69,8 +75,11 @@ __all__ = (
     "ConflictError",
     "FraudStatus",
     "Handler",
+    "ItemConflictError",
     "Journal",
     "JournalEntry",
+    "JournalError",
+    "JournalInUseError",
     "JournalStatus",
     "KlarnaAPIError",
     "KlarnaConnectionError",
@@ -80,8 +89,10 @@ __all__ = (
     "KlarnaTimeoutError",
     "MemoryJournal",
     "Middleware",
+    "NeedsReviewError",
     "NoSuchCaptureError",
     "NoSuchOrderError",
+    "NotAJournalError",
     "NotAllowedError",
     "NotFoundError",
     "Order",
@@ -89,6 +100,7 @@ __all__ = (
     "OrderLineType",
     "OrderStatus",
     "RateLimitError",
+    "Reconciliation",
     "Refund",
     "Region",
     "Request",
@@ -101,6 +113,7 @@ __all__ = (
     "ShippingMethod",
     "UnprocessableEntityError",
     "ValidationError",
+    "Verdict",
     "__version__",
     "deterministic_key",
 )

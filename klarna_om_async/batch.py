@@ -1,24 +1,31 @@
 """Capture many orders concurrently: bounded workers, one outcome per item, optional journal.
 
-Exactly-once rests on two things: every item's idempotency key is chosen (and journaled)
-before its first attempt, and an item whose outcome is unknown is only ever retried with that
-same key, so Klarna replays its first answer instead of capturing twice.
+Exactly-once rests on the journal: it decides each item's idempotency key before the first
+attempt (and records it durably), keeps an item whose outcome is unknown on that same key so
+Klarna replays its first answer instead of capturing twice, refuses an item that changed
+since it was journaled, and has an item whose key Klarna may have forgotten reconciled
+against the order instead of resent.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import hashlib
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterable
 from typing import TypeAlias
 
 import attrs
+import orjson
 
+from ._convert import to_json
 from ._keys import random_key
 from .captures import CapturesService
-from .errors import KlarnaError, ValidationError
-from .journal import Journal, JournalEntry, JournalStatus
-from .models import CaptureRequest
+from .errors import ItemConflictError, KlarnaError, NeedsReviewError, ValidationError
+from .journal import Claim, ClaimAction, ItemRecord, Journal, JournalStatus
+from .models import CaptureCreated, CaptureRequest
+from .orders import OrdersService
+from .reconcile import Verdict, reconcile_entry
 from .throttle import rate_limited
 
 __all__ = (
@@ -28,6 +35,7 @@ __all__ = (
     "CaptureStatus",
     "ItemSource",
     "capture_many",
+    "request_fingerprint",
 )
 
 
@@ -36,13 +44,15 @@ class CaptureStatus(enum.StrEnum):
 
     #: Klarna booked the capture (now, or in an earlier run whose answer was lost).
     CAPTURED = "captured"
-    #: Refused before or by Klarna (validation, a duplicate in this batch, or a 4xx): nothing
-    #: was captured for this item.
+    #: Refused before or by Klarna (validation, a duplicate in this batch, an item changed
+    #: since it was journaled, or a 4xx): nothing was captured under this item's key.
     REFUSED = "refused"
-    #: Retries ran out and the outcome is unknown: rerun with the same key (journal does).
+    #: The outcome is unknown: rerun with the same key (the journal does).
     FAILED = "failed"
     #: Not attempted: already captured in an earlier run (says the journal).
     SKIPPED = "skipped"
+    #: Reconciliation could not decide whether it was captured: never sent; a person decides.
+    NEEDS_REVIEW = "needs_review"
 
 
 @attrs.frozen(kw_only=True)
@@ -88,6 +98,7 @@ class BatchProgress:
     refused: int = 0
     failed: int = 0
     skipped: int = 0
+    needs_review: int = 0
 
     def add(self, status: CaptureStatus) -> BatchProgress:
         """These totals with one more outcome of ``status``."""
@@ -110,6 +121,15 @@ def _as_item(raw: BatchItem | tuple[str, CaptureRequest]) -> BatchItem:
     return BatchItem(order_id=order_id, request=request)
 
 
+def request_fingerprint(order_id: str, request: CaptureRequest) -> str:
+    """A digest of what decides the money a capture moves: order, amount, reference, lines."""
+    lines = request.order_lines
+    payload = orjson.dumps([order_id, request.captured_amount, request.reference])
+    if lines:
+        payload += to_json(lines)
+    return hashlib.blake2b(payload, digest_size=16).hexdigest()
+
+
 def _status_of(error: Exception) -> CaptureStatus:
     if isinstance(error, ValidationError | TypeError):
         return CaptureStatus.REFUSED  # nothing was sent
@@ -125,16 +145,17 @@ class _Run:
     def __init__(
         self,
         captures: CapturesService,
+        orders: OrdersService | None,
         items: ItemSource,
         journal: Journal | None,
-        known: dict[str, JournalEntry],
         outcomes: asyncio.Queue[CaptureOutcome | None],
     ) -> None:
         self.captures = captures
+        self.orders = orders
         self.journal = journal
-        self.known = known
         self.outcomes = outcomes
         self.seen: set[str] = set()
+        self.seen_keys: set[str] = set()
         self.error: BaseException | None = None
         if isinstance(items, AsyncIterable):
             self._aiter: AsyncIterator[BatchItem | tuple[str, CaptureRequest]] | None = aiter(items)
@@ -163,67 +184,149 @@ class _Run:
                 self.error = error
         await self.outcomes.put(None)
 
-    async def _capture(self, item: BatchItem) -> CaptureOutcome:
+    def _duplicate(self, item: BatchItem) -> CaptureOutcome | None:
+        """Refuse an item whose key or idempotency key an earlier item of this batch has."""
         key_name = item.item_key
-        prior = self.known.pop(key_name, None)
         if key_name in self.seen:
-            return CaptureOutcome(
-                order_id=item.order_id,
-                item_key=key_name,
-                # Refused, not skipped: the caller meant two captures or made a typo, and
-                # a batch that "succeeds" would hide the part never captured.
-                status=CaptureStatus.REFUSED,
-                idempotency_key=item.idempotency_key or "",
-                error=ValidationError(
-                    "item_key",
-                    f"{key_name!r} appears twice in this batch; give each part of a split"
-                    " capture its own reference",
-                ),
+            # Refused, not skipped: the caller meant two captures or made a typo, and a batch
+            # that "succeeds" would hide the part never captured.
+            field, why = (
+                "item_key",
+                f"{key_name!r} appears twice in this batch; give each part of a split"
+                " capture its own reference",
             )
-        self.seen.add(key_name)
-        if prior is not None and prior.status is JournalStatus.CAPTURED:
-            return CaptureOutcome(
-                order_id=item.order_id,
-                item_key=key_name,
-                status=CaptureStatus.SKIPPED,
-                idempotency_key=prior.idempotency_key,
-                capture_id=prior.capture_id,
+        elif item.idempotency_key is not None and item.idempotency_key in self.seen_keys:
+            # Klarna would replay the first item's answer for the second: one capture, two
+            # "captured" reports.
+            field, why = (
+                "idempotency_key",
+                f"{item.idempotency_key!r} is given to two items of this batch; each capture"
+                " needs its own key",
             )
-        if prior is not None and prior.status in (JournalStatus.IN_FLIGHT, JournalStatus.FAILED):
-            key = prior.idempotency_key  # its first attempt may have been booked
         else:
-            key = item.idempotency_key or random_key()  # new, or refused: nothing booked
-        if self.journal is not None:
-            await self.journal.begin(key_name, item.order_id, key)
+            self.seen.add(key_name)
+            if item.idempotency_key is not None:
+                self.seen_keys.add(item.idempotency_key)
+            return None
+        return _outcome(item, CaptureStatus.REFUSED, "", error=ValidationError(field, why))
+
+    async def _capture(self, item: BatchItem) -> CaptureOutcome:
+        refused = self._duplicate(item)
+        if refused is not None:
+            return refused
+        journal = self.journal
+        if journal is None:
+            return await self._send(item, item.idempotency_key or random_key())
         try:
-            created = await self.captures.create(item.order_id, item.request, idempotency_key=key)
+            record = ItemRecord(
+                item_key=item.item_key,
+                order_id=item.order_id,
+                captured_amount=item.request.captured_amount,
+                reference=item.request.reference,
+                fingerprint=request_fingerprint(item.order_id, item.request),
+            )
+        except (TypeError, AttributeError, ValueError) as error:  # not a CaptureRequest
+            return _outcome(item, CaptureStatus.REFUSED, "", error=error)
+        claim = await journal.claim(record, item.idempotency_key or random_key())
+        if claim.action is ClaimAction.RECONCILE:
+            outcome = await self._reconcile(item, claim, journal)
+            if outcome is not None:
+                return outcome
+            # Proven never booked: the item takes a new key and is sent.
+            claim = await journal.claim(record, item.idempotency_key or random_key())
+        return await self._act(item, claim, journal)
+
+    async def _act(self, item: BatchItem, claim: Claim, journal: Journal) -> CaptureOutcome:
+        entry = claim.entry
+        key = entry.idempotency_key
+        match claim.action:
+            case ClaimAction.SEND:
+                outcome = await self._send(item, key)
+                recorded = await journal.finish(
+                    item.item_key,
+                    JournalStatus(outcome.status.value),
+                    capture_id=outcome.capture_id,
+                    error=None if outcome.error is None else str(outcome.error),
+                    attempts=outcome.attempts,
+                )
+                # The journal knows more than this run: a refusal after an uncertain send
+                # proves nothing, so it stays failed (unknown).
+                return attrs.evolve(outcome, status=CaptureStatus(recorded.value))
+            case ClaimAction.SKIP:
+                return _outcome(item, CaptureStatus.SKIPPED, key, capture_id=entry.capture_id)
+            case ClaimAction.REVIEW:
+                evidence = entry.error or "needs review"
+                error = NeedsReviewError(evidence, order_id=item.order_id, idempotency_key=key)
+                return _outcome(item, CaptureStatus.NEEDS_REVIEW, key, error=error)
+            case _:  # CONFLICT (RECONCILE was handled by the caller)
+                conflict = ItemConflictError(
+                    claim.reason or "conflict", item_key=item.item_key, idempotency_key=key
+                )
+                return _outcome(item, CaptureStatus.REFUSED, key, error=conflict)
+
+    async def _reconcile(
+        self, item: BatchItem, claim: Claim, journal: Journal
+    ) -> CaptureOutcome | None:
+        """Settle an item whose key may be forgotten; None when it proved never booked."""
+        entry = claim.entry
+        key = entry.idempotency_key
+        if self.orders is None:
+            error = KlarnaError(
+                "the outcome is unknown and the key older than the journal's key_max_age;"
+                " reconcile the journal (om.reconcile) before resending"
+            )
+            error.idempotency_key = key
+            return _outcome(item, CaptureStatus.FAILED, key, error=error)
+        result = await reconcile_entry(self.orders, journal, entry)
+        match result.verdict:
+            case Verdict.CAPTURED:
+                return _outcome(item, CaptureStatus.CAPTURED, key, capture_id=result.capture_id)
+            case Verdict.NEEDS_REVIEW:
+                error = NeedsReviewError(
+                    result.evidence, order_id=item.order_id, idempotency_key=key
+                )
+                return _outcome(item, CaptureStatus.NEEDS_REVIEW, key, error=error)
+            case Verdict.NOT_CAPTURED:
+                return None
+            case _:  # the order could not be read: still unknown
+                return _outcome(item, CaptureStatus.FAILED, key, error=result.error)
+
+    async def _send(self, item: BatchItem, key: str) -> CaptureOutcome:
+        try:
+            created: CaptureCreated = await self.captures.create(
+                item.order_id, item.request, idempotency_key=key
+            )
         except Exception as error:
-            outcome = CaptureOutcome(
-                order_id=item.order_id,
-                item_key=key_name,
-                status=_status_of(error),
-                idempotency_key=key,
-                error=error,
-                attempts=getattr(error, "attempts", 0),
+            return _outcome(
+                item, _status_of(error), key, error=error, attempts=getattr(error, "attempts", 0)
             )
-        else:
-            outcome = CaptureOutcome(
-                order_id=item.order_id,
-                item_key=key_name,
-                status=CaptureStatus.CAPTURED,
-                idempotency_key=key,
-                capture_id=created.capture_id,
-                attempts=created.attempts,
-            )
-        if self.journal is not None:
-            await self.journal.finish(
-                key_name,
-                JournalStatus(outcome.status.value),
-                capture_id=outcome.capture_id,
-                error=None if outcome.error is None else str(outcome.error),
-                attempts=outcome.attempts,
-            )
-        return outcome
+        return _outcome(
+            item,
+            CaptureStatus.CAPTURED,
+            key,
+            capture_id=created.capture_id,
+            attempts=created.attempts,
+        )
+
+
+def _outcome(
+    item: BatchItem,
+    status: CaptureStatus,
+    key: str,
+    *,
+    capture_id: str | None = None,
+    error: Exception | None = None,
+    attempts: int = 0,
+) -> CaptureOutcome:
+    return CaptureOutcome(
+        order_id=item.order_id,
+        item_key=item.item_key,
+        status=status,
+        idempotency_key=key or item.idempotency_key or "",
+        capture_id=capture_id,
+        error=error,
+        attempts=attempts,
+    )
 
 
 async def capture_many(
@@ -234,19 +337,22 @@ async def capture_many(
     rate_limit: float | None = None,
     journal: Journal | None = None,
     on_progress: Callable[[BatchProgress], None] | None = None,
+    orders: OrdersService | None = None,
 ) -> AsyncGenerator[CaptureOutcome, None]:
     """Capture every item with at most ``concurrency`` in flight; yield outcomes as they end.
 
-    ``items`` is consumed lazily. With a ``journal``, items captured in an earlier run are
-    skipped and items whose outcome was unknown are resent with their original key. If the
-    consumer stops early, no new item is started; items already started keep their journal
-    record (in flight, with their key) so the next run finishes them exactly once.
+    ``items`` is consumed lazily. With a ``journal``, each item is claimed from the journal
+    first: items captured in an earlier run are skipped, items whose outcome was unknown are
+    resent with their original key, items that changed since they were journaled are
+    refused, and unknown items whose key Klarna may have forgotten are reconciled by reading
+    the order through ``orders`` (see :mod:`klarna_om_async.reconcile`). If the consumer
+    stops early, no new item is started; items already started keep their journal record (in
+    flight, with their key) so the next run finishes them exactly once.
     """
     if concurrency < 1:
         raise ValueError(f"concurrency must be at least 1, got {concurrency!r}")
-    known = await journal.load() if journal is not None else {}
     outcomes: asyncio.Queue[CaptureOutcome | None] = asyncio.Queue(maxsize=concurrency)
-    run = _Run(captures, items, journal, known, outcomes)
+    run = _Run(captures, orders, items, journal, outcomes)
     with rate_limited(rate_limit):
         workers = [asyncio.create_task(run.work()) for _ in range(concurrency)]
     progress = BatchProgress()

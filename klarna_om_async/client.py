@@ -25,6 +25,7 @@ from .middleware import (
     compose,
 )
 from .orders import OrdersService
+from .reconcile import Reconciliation, reconcile
 from .throttle import ThrottleMiddleware
 from .transport import AiohttpTransport
 
@@ -114,7 +115,19 @@ class KlarnaOM:
             rate_limit=rate_limit,
             journal=journal,
             on_progress=on_progress,
+            orders=self.orders,
         )
+
+    async def reconcile(self, journal: Journal, *, concurrency: int = 8) -> list[Reconciliation]:
+        """Settle every item of ``journal`` whose outcome is unknown by reading its order.
+
+        Returns one ``Reconciliation`` per unknown item: ``captured`` (recorded with its
+        capture id), ``not_captured`` (the next run sends it with a new key), ``needs_review``
+        (never sent again; read ``evidence``), ``resend`` (the key is still valid: the next
+        run resends it, which settles it exactly), or ``verdict=None`` when the order could not
+        be read. See ``klarna_om_async.reconcile``.
+        """
+        return await reconcile(self.orders, journal, concurrency=concurrency)
 
     def __repr__(self) -> str:
         return f"KlarnaOM(base_url={self.base_url!r}, username={self.username!r})"

@@ -20,11 +20,13 @@ __all__ = (
     "BadRequestError",
     "CaptureNotAllowedError",
     "ConflictError",
+    "ItemConflictError",
     "KlarnaAPIError",
     "KlarnaConnectionError",
     "KlarnaError",
     "KlarnaResponseError",
     "KlarnaTimeoutError",
+    "NeedsReviewError",
     "NoSuchCaptureError",
     "NoSuchOrderError",
     "NotAllowedError",
@@ -249,14 +251,22 @@ _BY_CODE: Mapping[str, type[KlarnaAPIError]] = {
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP date), or None."""
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP date), or None.
+
+    A number that is negative or not finite (``inf``, ``nan``, ``1e999``) is no usable wait
+    and counts as absent (None); an HTTP date in the past is 0.0. ``now`` (Unix seconds,
+    default ``time.time()``) is what a date is measured from.
+    """
     if not value:
         return None
     value = value.strip()
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
         pass
+    else:
+        # The comparison is false for nan too: a nan or infinite wait would stall forever.
+        return seconds if 0.0 <= seconds < float("inf") else None
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
@@ -303,3 +313,43 @@ def decode_error(status: int, headers: Mapping[str, str], body: bytes) -> Klarna
         retry_after=parse_retry_after(headers.get("Retry-After")),
         body=text,
     )
+
+
+class ItemConflictError(KlarnaError, ValueError):
+    """A batch item differs from the item its journal holds under the same key; not sent.
+
+    Raised (as a batch outcome's ``error``) when a rerun's line was edited after an attempt,
+    or when its idempotency key already belongs to another item. The message names both
+    amounts when they differ and says what to do.
+    """
+
+    def __init__(self, message: str, *, item_key: str, idempotency_key: str | None) -> None:
+        super().__init__(message)
+        #: The item's key in the journal.
+        self.item_key = item_key
+        self.idempotency_key = idempotency_key
+
+
+class NeedsReviewError(KlarnaError):
+    """Reconciliation could not tell whether an item's capture was booked; never resent.
+
+    ``evidence`` lists what Klarna's order shows (candidate captures, amounts). A person
+    decides: look the order up in the merchant portal, then settle the item in the journal.
+    """
+
+    def __init__(self, evidence: str, *, order_id: str, idempotency_key: str | None) -> None:
+        super().__init__(evidence)
+        #: What the order shows, in one line.
+        self.evidence = evidence
+        self.order_id = order_id
+        self.idempotency_key = idempotency_key
+
+    @property
+    def outcome_unknown(self) -> bool:
+        """Always: that is what needs review."""
+        return True
+
+    def __str__(self) -> str:
+        return (
+            f"needs review: order {self.order_id}: {self.evidence} (key {self.idempotency_key})"
+        )

@@ -1,9 +1,21 @@
-"""Durable record of idempotency keys and outcomes, so a rerun batch captures each item once.
+"""The authority on every batch item: which idempotency key it is sent with, and its outcome.
 
-Before the first HTTP attempt of an item the batch calls ``begin``, which records the item's
-idempotency key; after the outcome it calls ``finish``. A rerun with the same journal skips
-finished items and retries in-flight ones with their original key, which Klarna answers by
-replaying the first response instead of capturing again.
+Before an item is sent the batch asks the journal to ``claim`` it; the journal answers with
+what to do and the key to send, and durably records the claim. After the outcome the batch
+calls ``finish``. The journal decides from everything it holds, never from what one run saw:
+
+- An item's key never changes while money may have moved under it. Once a key may have been
+  sent, the item is *uncertain* until a success or a reconciliation settles it; a later
+  refusal (401, 403, 429, validation) in this or any later run proves nothing and is
+  recorded as ``failed`` (outcome unknown), so the next run resends the same key.
+- Only a refused item that never had an uncertain send gets a new key.
+- The journal remembers what each item asked for (a fingerprint of the request). An item
+  that differs from the journaled one is refused, never resent under the old key or skipped.
+- Klarna keeps a key for 24 hours. The journal records when each key was first handed out;
+  an uncertain item whose key is older than ``key_max_age`` is not resent but reconciled
+  (see :mod:`klarna_om_async.reconcile`).
+- One owner per journal file: :class:`SQLiteJournal` holds an exclusive lock on
+  ``PATH.lock`` while open, so two runs can never send from the same journal.
 """
 
 from __future__ import annotations
@@ -14,20 +26,28 @@ import enum
 import os
 import queue
 import sqlite3
+import sys
 import threading
 import uuid
-from collections.abc import Callable
-from datetime import UTC, datetime
-from typing import Any, Literal, Protocol, Self, TypeVar
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime, timedelta
+from typing import IO, Any, Literal, Protocol, Self, TypeVar
 
 import attrs
 
 __all__ = (
+    "DEFAULT_KEY_MAX_AGE",
     "KLARNA_OM_NAMESPACE",
+    "Claim",
+    "ClaimAction",
+    "ItemRecord",
     "Journal",
     "JournalEntry",
+    "JournalError",
+    "JournalInUseError",
     "JournalStatus",
     "MemoryJournal",
+    "NotAJournalError",
     "SQLiteJournal",
     "deterministic_key",
 )
@@ -35,49 +55,123 @@ __all__ = (
 KLARNA_OM_NAMESPACE = uuid.UUID("1d2b8123-73b1-4db4-8907-032af9f09d73")
 """Namespace of the keys made by :func:`deterministic_key`; fixed forever, keys depend on it."""
 
+#: Klarna honours a key for 24 hours after its first use; an hour's margin covers clock skew
+#: and a send that was slow to leave.
+DEFAULT_KEY_MAX_AGE = timedelta(hours=23)
+
 
 def deterministic_key(business_id: str, *, namespace: uuid.UUID = KLARNA_OM_NAMESPACE) -> str:
     """Return the idempotency key for ``business_id``: the same on every run, no journal needed.
 
     Derive it from a stable business id such as ``f"{order_id}:{capture_reference}"``; never
     reuse a key for a different operation — Klarna replays the first result for a key and
-    ignores the new body.
+    ignores the new body. Klarna forgets a key 24 hours after its first use.
     """
     return str(uuid.uuid5(namespace, business_id))
 
 
 class JournalStatus(enum.StrEnum):
-    """Where a batch item stands: in flight (outcome unknown) or a recorded outcome."""
+    """Where an item stands in the journal."""
 
+    #: Claimed for sending: the send is under way, or the run died during it (unknown).
     IN_FLIGHT = "in_flight"
+    #: Klarna booked it; ``capture_id`` says which capture.
     CAPTURED = "captured"
+    #: Nothing was booked under any key this item had; the next run sends a new key.
     REFUSED = "refused"
+    #: The outcome is unknown; the next run resends the same key (or reconciles it).
     FAILED = "failed"
+    #: Reconciliation could not decide; never sent again until a person settles it.
+    NEEDS_REVIEW = "needs_review"
+
+
+_UNKNOWN = frozenset({JournalStatus.IN_FLIGHT, JournalStatus.FAILED})
+
+
+@attrs.frozen(kw_only=True)
+class ItemRecord:
+    """What an item asks for, as the journal keeps it to recognise the item in a later run."""
+
+    #: The item's identity in the journal (by default ``order_id`` or ``order_id:reference``).
+    item_key: str
+    order_id: str
+    #: Minor units.
+    captured_amount: int
+    reference: str | None = None
+    #: A digest of everything that decides the money moved (order, amount, lines, reference).
+    fingerprint: str
 
 
 @attrs.frozen(kw_only=True)
 class JournalEntry:
-    """One batch item: its key, its last outcome, and the HTTP attempts made over all runs."""
+    """One item: its key, its last outcome, what it asked for, and when its key was first sent."""
 
     item_key: str
     order_id: str
     idempotency_key: str
     status: JournalStatus
     capture_id: str | None
+    #: Why it was refused, failed or needs review (one line).
     error: str | None
+    #: HTTP attempts made over all runs.
     attempts: int
     updated_at: datetime
+    #: ``None`` only in journals written before fingerprints were kept.
+    fingerprint: str | None = None
+    captured_amount: int | None = None
+    reference: str | None = None
+    #: When the current key was first handed out for sending (``None``: not known).
+    key_sent_at: datetime | None = None
+    #: True while a send under ``idempotency_key`` may have booked money unseen.
+    uncertain: bool = False
+
+
+class ClaimAction(enum.StrEnum):
+    """What the journal tells the batch to do with an item."""
+
+    #: Send it now with ``claim.entry.idempotency_key``.
+    SEND = "send"
+    #: Already captured (``claim.entry.capture_id``); send nothing.
+    SKIP = "skip"
+    #: Its outcome is unknown and its key older than ``key_max_age``: read the order first.
+    RECONCILE = "reconcile"
+    #: It needs review by a person; send nothing.
+    REVIEW = "review"
+    #: It differs from the journaled item, or its key belongs to another item; send nothing.
+    CONFLICT = "conflict"
+
+
+@attrs.frozen
+class Claim:
+    """The journal's answer to :meth:`Journal.claim`."""
+
+    action: ClaimAction
+    #: The item's entry after the claim (for ``SEND``, already durably in flight).
+    entry: JournalEntry
+    #: Why, for ``CONFLICT``: one line for the user.
+    reason: str | None = None
+
+
+class JournalError(Exception):
+    """The journal cannot be used; nothing was sent."""
+
+
+class JournalInUseError(JournalError):
+    """Another run (process or journal object) holds this journal file."""
+
+
+class NotAJournalError(JournalError):
+    """The file is not a klarna-om journal (another program's database, or not SQLite)."""
 
 
 class Journal(Protocol):
-    """What the batch code needs from a journal; bring your own or use :class:`SQLiteJournal`."""
+    """What the batch needs from a journal; :class:`SQLiteJournal` is the durable one."""
 
-    async def load(self) -> dict[str, JournalEntry]:
-        """Return every entry, keyed by ``item_key``."""
-        ...
+    async def claim(self, item: ItemRecord, new_key: str) -> Claim:
+        """Decide what to do with ``item`` and durably record a ``SEND`` as in flight.
 
-    async def begin(self, item_key: str, order_id: str, idempotency_key: str) -> None:
-        """Durably record an item as in flight; an existing item keeps its key unless refused."""
+        ``new_key`` is used only when the item gets a new key (new, or refused before).
+        """
         ...
 
     async def finish(
@@ -88,8 +182,24 @@ class Journal(Protocol):
         capture_id: str | None = None,
         error: str | None = None,
         attempts: int = 0,
-    ) -> None:
-        """Durably record the outcome of a begun item and add ``attempts`` to its total."""
+        reconciled: bool = False,
+    ) -> JournalStatus:
+        """Durably record an outcome and return the status the journal recorded.
+
+        A ``REFUSED`` outcome of an uncertain item is recorded as ``FAILED`` unless
+        ``reconciled`` (Klarna's order proved nothing was booked). A captured item stays
+        captured whatever is reported later.
+        """
+        ...
+
+    async def entries(
+        self, *, statuses: Iterable[JournalStatus] | None = None, order_id: str | None = None
+    ) -> list[JournalEntry]:
+        """The entries (optionally only these statuses, or this order's), by ``item_key``."""
+        ...
+
+    def key_expired(self, entry: JournalEntry) -> bool:
+        """True when Klarna may have forgotten ``entry``'s key (older than ``key_max_age``)."""
         ...
 
     async def close(self) -> None:
@@ -97,31 +207,148 @@ class Journal(Protocol):
         ...
 
 
-def _rebegin_key(old: JournalEntry, new_key: str) -> str:
-    # A key that may have booked money must be reused; a refused one booked nothing, and the
-    # batch retries it with a fresh key that the journal must then hold.
-    return new_key if old.status is JournalStatus.REFUSED else old.idempotency_key
+# --- the decisions, shared by every journal ------------------------------------------------
 
 
-def _check_attempts(attempts: int) -> None:
+def _changed(old: JournalEntry, item: ItemRecord) -> str | None:
+    """Why ``item`` is not the item journaled as ``old``, or None if it is the same."""
+    if old.order_id != item.order_id:
+        return f"it was journaled for order {old.order_id!r}, not {item.order_id!r}"
+    if old.fingerprint is None or old.fingerprint == item.fingerprint:
+        return None
+    if old.captured_amount != item.captured_amount:
+        return (
+            f"captured_amount is {item.captured_amount} now, {old.captured_amount} in the journal"
+        )
+    if old.reference != item.reference:
+        return f"reference is {item.reference!r} now, {old.reference!r} in the journal"
+    return "its order lines differ from the journaled ones"
+
+
+def _conflict(old: JournalEntry, item: ItemRecord) -> Claim | None:
+    why = _changed(old, item)
+    if why is None:
+        return None
+    if old.status is JournalStatus.CAPTURED:
+        advice = (
+            f"it was already captured (capture {old.capture_id}); a further capture of the"
+            " order needs its own reference"
+        )
+    else:
+        advice = (
+            f"its earlier send is {old.status.value} (outcome unknown, key"
+            f" {old.idempotency_key}); reconcile the journal first (klarna-om reconcile)"
+        )
+    reason = f"item {item.item_key!r} changed since it was journaled: {why}; {advice}"
+    return Claim(ClaimAction.CONFLICT, old, reason)
+
+
+def _decide(
+    old: JournalEntry | None,
+    item: ItemRecord,
+    new_key: str,
+    key_owner: str | None,
+    now: datetime,
+    key_max_age: timedelta,
+) -> Claim:
+    """The claim for ``item``; a ``SEND`` claim's entry is what must be written.
+
+    ``key_owner`` is the item that already holds ``new_key`` in the journal, if any.
+    """
+    if old is not None and old.status in (JournalStatus.CAPTURED, JournalStatus.NEEDS_REVIEW):
+        conflict = _conflict(old, item)
+        if conflict is not None:
+            return conflict
+        action = ClaimAction.SKIP if old.status is JournalStatus.CAPTURED else ClaimAction.REVIEW
+        return Claim(action, old)
+    if old is not None and old.status in _UNKNOWN:
+        conflict = _conflict(old, item)
+        if conflict is not None:
+            return conflict
+        if _expired(old, now, key_max_age):
+            return Claim(ClaimAction.RECONCILE, old)
+        # Its key may have booked money: resend the same key, and remember the doubt.
+        return Claim(
+            ClaimAction.SEND,
+            attrs.evolve(old, status=JournalStatus.IN_FLIGHT, uncertain=True, updated_at=now),
+        )
+    if old is not None and old.order_id != item.order_id:
+        return Claim(ClaimAction.CONFLICT, old, f"item {item.item_key!r}: {_changed(old, item)}")
+    # New, or refused: nothing was booked, so the item may take a new key (and new content).
+    if key_owner is not None and key_owner != item.item_key:
+        return Claim(
+            ClaimAction.CONFLICT,
+            old or _new_entry(item, new_key, now),
+            f"item {item.item_key!r}: idempotency key {new_key} already belongs to item"
+            f" {key_owner!r} in this journal; give each capture its own key",
+        )
+    entry = _new_entry(item, new_key, now)
+    if old is not None:
+        entry = attrs.evolve(entry, attempts=old.attempts)
+    return Claim(ClaimAction.SEND, entry)
+
+
+def _expired(entry: JournalEntry, now: datetime, key_max_age: timedelta) -> bool:
+    sent = entry.key_sent_at
+    return sent is None or now - sent >= key_max_age
+
+
+def _new_entry(item: ItemRecord, key: str, now: datetime) -> JournalEntry:
+    return JournalEntry(
+        item_key=item.item_key,
+        order_id=item.order_id,
+        idempotency_key=key,
+        status=JournalStatus.IN_FLIGHT,
+        capture_id=None,
+        error=None,
+        attempts=0,
+        updated_at=now,
+        fingerprint=item.fingerprint,
+        captured_amount=item.captured_amount,
+        reference=item.reference,
+        key_sent_at=now,
+        uncertain=False,
+    )
+
+
+def _finished(
+    old: JournalEntry,
+    status: JournalStatus,
+    capture_id: str | None,
+    error: str | None,
+    attempts: int,
+    reconciled: bool,
+    now: datetime,
+) -> JournalEntry:
+    """``old`` after an outcome; what a later report may not undo stays."""
     if attempts < 0:
         raise ValueError(f"attempts must be >= 0, not {attempts}")
-
-
-def _one_line(error: str | None) -> str | None:
-    # Reports print one entry per line.
-    return None if error is None else " ".join(error.splitlines())
-
-
-def _order_mismatch(item_key: str, existing: str, order_id: str) -> ValueError:
-    return ValueError(
-        f"item {item_key!r} was begun for order {existing!r}, not {order_id!r}; "
-        "an item key must identify one capture of one order"
+    status = JournalStatus(status)
+    total = old.attempts + attempts
+    if old.status is JournalStatus.CAPTURED or (
+        old.status is JournalStatus.NEEDS_REVIEW and not reconciled
+    ):
+        return attrs.evolve(old, attempts=total, updated_at=now)  # never reopened
+    uncertain = old.uncertain
+    if status is JournalStatus.REFUSED and uncertain and not reconciled:
+        status = JournalStatus.FAILED  # a refusal now says nothing of the earlier send
+    if status is JournalStatus.FAILED or status is JournalStatus.IN_FLIGHT:
+        uncertain = True
+    elif status is not JournalStatus.NEEDS_REVIEW:
+        uncertain = False  # captured, or proven not booked
+    return attrs.evolve(
+        old,
+        status=status,
+        capture_id=capture_id,
+        error=None if error is None else " ".join(error.splitlines()),
+        attempts=total,
+        uncertain=uncertain,
+        updated_at=now,
     )
 
 
 def _not_begun(item_key: str) -> LookupError:
-    return LookupError(f"finish() for item {item_key!r}, which was never begun in this journal")
+    return LookupError(f"finish() for item {item_key!r}, which this journal never claimed")
 
 
 def _not_open(name: str) -> RuntimeError:
@@ -130,11 +357,43 @@ def _not_open(name: str) -> RuntimeError:
     )
 
 
-class MemoryJournal:
-    """Journal kept in memory: dedupes within one process, survives nothing; usable at once."""
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
 
-    def __init__(self) -> None:
+
+def _selected(
+    entries: Iterable[JournalEntry],
+    statuses: Iterable[JournalStatus] | None,
+    order_id: str | None,
+) -> list[JournalEntry]:
+    wanted = None if statuses is None else set(statuses)
+    return sorted(
+        (
+            e
+            for e in entries
+            if (wanted is None or e.status in wanted)
+            and (order_id is None or e.order_id == order_id)
+        ),
+        key=lambda e: e.item_key,
+    )
+
+
+class MemoryJournal:
+    """Journal kept in memory: the same decisions as :class:`SQLiteJournal`, survives nothing.
+
+    Usable at once, without ``open``; useful in tests and for one process's own retries.
+    """
+
+    def __init__(
+        self,
+        *,
+        key_max_age: timedelta = DEFAULT_KEY_MAX_AGE,
+        clock: Callable[[], datetime] = _utc_now,
+    ) -> None:
         self._entries: dict[str, JournalEntry] = {}
+        self._owners: dict[str, str] = {}  # idempotency key -> item key
+        self._key_max_age = key_max_age
+        self._clock = clock
         self._open = True
 
     async def open(self) -> Self:
@@ -152,34 +411,17 @@ class MemoryJournal:
         if not self._open:
             raise _not_open(type(self).__name__)
 
-    async def load(self) -> dict[str, JournalEntry]:
-        """Return every entry, keyed by ``item_key``."""
+    async def claim(self, item: ItemRecord, new_key: str) -> Claim:
+        """Decide what to do with ``item``; record a ``SEND`` as in flight."""
         self._check_open()
-        return dict(self._entries)
-
-    async def begin(self, item_key: str, order_id: str, idempotency_key: str) -> None:
-        """Record an item as in flight; an existing item keeps its key unless refused."""
-        self._check_open()
-        now = datetime.now(UTC)
-        old = self._entries.get(item_key)
-        if old is None:
-            self._entries[item_key] = JournalEntry(
-                item_key=item_key,
-                order_id=order_id,
-                idempotency_key=idempotency_key,
-                status=JournalStatus.IN_FLIGHT,
-                capture_id=None,
-                error=None,
-                attempts=0,
-                updated_at=now,
-            )
-        elif old.order_id != order_id:
-            raise _order_mismatch(item_key, old.order_id, order_id)
-        else:
-            key = _rebegin_key(old, idempotency_key)
-            self._entries[item_key] = attrs.evolve(
-                old, idempotency_key=key, status=JournalStatus.IN_FLIGHT, updated_at=now
-            )
+        old = self._entries.get(item.item_key)
+        claim = _decide(
+            old, item, new_key, self._owners.get(new_key), self._clock(), self._key_max_age
+        )
+        if claim.action is ClaimAction.SEND:
+            self._entries[item.item_key] = claim.entry
+            self._owners[claim.entry.idempotency_key] = item.item_key
+        return claim
 
     async def finish(
         self,
@@ -189,44 +431,62 @@ class MemoryJournal:
         capture_id: str | None = None,
         error: str | None = None,
         attempts: int = 0,
-    ) -> None:
-        """Record the outcome of a begun item and add ``attempts`` to its total."""
+        reconciled: bool = False,
+    ) -> JournalStatus:
+        """Record an outcome; returns the status recorded (see :meth:`Journal.finish`)."""
         self._check_open()
-        _check_attempts(attempts)
         old = self._entries.get(item_key)
         if old is None:
             raise _not_begun(item_key)
-        self._entries[item_key] = attrs.evolve(
-            old,
-            status=JournalStatus(status),
-            capture_id=capture_id,
-            error=_one_line(error),
-            attempts=old.attempts + attempts,
-            updated_at=datetime.now(UTC),
-        )
+        new = _finished(old, status, capture_id, error, attempts, reconciled, self._clock())
+        self._entries[item_key] = new
+        return new.status
 
-    async def close(self) -> None:
-        """Refuse further calls until :meth:`open`; the entries are kept."""
-        self._open = False
-
-    async def entries(self) -> list[JournalEntry]:
-        """Return every entry, ordered by ``item_key``."""
+    async def entries(
+        self, *, statuses: Iterable[JournalStatus] | None = None, order_id: str | None = None
+    ) -> list[JournalEntry]:
+        """The entries (optionally only these statuses, or this order's), by ``item_key``."""
         self._check_open()
-        return sorted(self._entries.values(), key=lambda entry: entry.item_key)
+        return _selected(self._entries.values(), statuses, order_id)
+
+    def key_expired(self, entry: JournalEntry) -> bool:
+        """True when Klarna may have forgotten ``entry``'s key (older than ``key_max_age``)."""
+        return _expired(entry, self._clock(), self._key_max_age)
 
     async def summary(self) -> dict[JournalStatus, int]:
-        """Return how many items are in each status (zero included)."""
+        """How many items are in each status (zero included)."""
         self._check_open()
         counts = dict.fromkeys(JournalStatus, 0)
         for entry in self._entries.values():
             counts[entry.status] += 1
         return counts
 
+    async def close(self) -> None:
+        """Refuse further calls until :meth:`open`; the entries are kept."""
+        self._open = False
 
-_SCHEMA_VERSION = 1
-_SCHEMA = f"""
-BEGIN IMMEDIATE;
-CREATE TABLE IF NOT EXISTS journal (
+
+# --- SQLite -----------------------------------------------------------------------------------
+
+_SCHEMA_VERSION = 2
+# "KOMJ": marks the file as ours, so another program's database is never written to.
+_APPLICATION_ID = 0x4B4F4D4A
+_COLUMNS = (
+    "item_key, order_id, idempotency_key, status, capture_id, error, attempts, updated_at,"
+    " fingerprint, captured_amount, reference, key_sent_at, uncertain"
+)
+_V1_COLUMNS = [
+    "item_key",
+    "order_id",
+    "idempotency_key",
+    "status",
+    "capture_id",
+    "error",
+    "attempts",
+    "updated_at",
+]
+_CREATE = """
+CREATE TABLE journal (
     item_key        TEXT PRIMARY KEY,
     order_id        TEXT NOT NULL,
     idempotency_key TEXT NOT NULL,
@@ -234,31 +494,45 @@ CREATE TABLE IF NOT EXISTS journal (
     capture_id      TEXT,
     error           TEXT,
     attempts        INTEGER NOT NULL,
-    updated_at      TEXT NOT NULL
+    updated_at      TEXT NOT NULL,
+    fingerprint     TEXT,
+    captured_amount INTEGER,
+    reference       TEXT,
+    key_sent_at     TEXT,
+    uncertain       INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
-PRAGMA user_version = {_SCHEMA_VERSION};
-COMMIT;
 """
-_COLUMNS = "item_key, order_id, idempotency_key, status, capture_id, error, attempts, updated_at"
-_BEGIN = """
-INSERT INTO journal (item_key, order_id, idempotency_key, status, attempts, updated_at)
-VALUES (?, ?, ?, 'in_flight', 0, ?)
+# Journals of version 1 kept no fingerprint and no key age: their keys count as expired, so
+# an unknown item is reconciled rather than resent blindly.
+_MIGRATE_V1 = """
+ALTER TABLE journal ADD COLUMN fingerprint TEXT;
+ALTER TABLE journal ADD COLUMN captured_amount INTEGER;
+ALTER TABLE journal ADD COLUMN reference TEXT;
+ALTER TABLE journal ADD COLUMN key_sent_at TEXT;
+ALTER TABLE journal ADD COLUMN uncertain INTEGER NOT NULL DEFAULT 0;
+UPDATE journal SET uncertain = 1 WHERE status IN ('in_flight', 'failed');
+"""
+_INDEXES = """
+CREATE INDEX IF NOT EXISTS journal_by_key ON journal (idempotency_key);
+CREATE INDEX IF NOT EXISTS journal_by_order ON journal (order_id);
+"""
+_UPSERT = f"""
+INSERT INTO journal ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (item_key) DO UPDATE SET
-    idempotency_key = CASE status WHEN 'refused' THEN excluded.idempotency_key
-                      ELSE idempotency_key END,
-    status = 'in_flight',
-    updated_at = excluded.updated_at
-WHERE order_id = excluded.order_id
+    order_id = excluded.order_id, idempotency_key = excluded.idempotency_key,
+    status = excluded.status, capture_id = excluded.capture_id, error = excluded.error,
+    attempts = excluded.attempts, updated_at = excluded.updated_at,
+    fingerprint = excluded.fingerprint, captured_amount = excluded.captured_amount,
+    reference = excluded.reference, key_sent_at = excluded.key_sent_at,
+    uncertain = excluded.uncertain
 """
-_FINISH = """
-UPDATE journal SET status = ?, capture_id = ?, error = ?, attempts = attempts + ?, updated_at = ?
-WHERE item_key = ?
-"""
-# Another process (a report, the CLI) may hold the write lock briefly.
+_SELECT_ONE = f"SELECT {_COLUMNS} FROM journal WHERE item_key = ?"
+_KEY_OWNER = "SELECT item_key FROM journal WHERE idempotency_key = ? LIMIT 1"
+# Another process (a report) may hold the write lock briefly.
 _BUSY_TIMEOUT_S = 30.0
 
 _T = TypeVar("_T")
-_Op = Callable[[sqlite3.Connection, str], object]
+_Op = Callable[[sqlite3.Connection, datetime], object]
 # (None, future) asks the writer thread to stop; the future resolves once the file is closed.
 _Work = tuple[_Op | None, "asyncio.Future[Any]"]
 # The queue carries the calls made in one event-loop turn together (see SQLiteJournal._call).
@@ -266,8 +540,13 @@ _Queue = queue.SimpleQueue[list[_Work]]
 _Outcome = tuple["asyncio.Future[Any]", object, BaseException | None]
 
 
+def _iso(when: datetime | None) -> str | None:
+    return None if when is None else when.isoformat(timespec="microseconds")
+
+
 def _row_to_entry(row: tuple[Any, ...]) -> JournalEntry:
-    item_key, order_id, key, status, capture_id, error, attempts, updated_at = row
+    (item_key, order_id, key, status, capture_id, error, attempts, updated_at) = row[:8]
+    fingerprint, amount, reference, sent_at, uncertain = row[8:]
     return JournalEntry(
         item_key=item_key,
         order_id=order_id,
@@ -277,7 +556,35 @@ def _row_to_entry(row: tuple[Any, ...]) -> JournalEntry:
         error=error,
         attempts=attempts,
         updated_at=datetime.fromisoformat(updated_at),
+        fingerprint=fingerprint,
+        captured_amount=amount,
+        reference=reference,
+        key_sent_at=None if sent_at is None else datetime.fromisoformat(sent_at),
+        uncertain=bool(uncertain),
     )
+
+
+def _entry_to_row(e: JournalEntry) -> tuple[object, ...]:
+    return (
+        e.item_key,
+        e.order_id,
+        e.idempotency_key,
+        e.status.value,
+        e.capture_id,
+        e.error,
+        e.attempts,
+        _iso(e.updated_at),
+        e.fingerprint,
+        e.captured_amount,
+        e.reference,
+        _iso(e.key_sent_at),
+        int(e.uncertain),
+    )
+
+
+def _read_one(conn: sqlite3.Connection, item_key: str) -> JournalEntry | None:
+    row = conn.execute(_SELECT_ONE, (item_key,)).fetchone()
+    return None if row is None else _row_to_entry(row)
 
 
 def _settle(outcomes: list[_Outcome]) -> None:
@@ -300,14 +607,70 @@ def _resolve(outcomes: list[_Outcome]) -> None:
             loop.call_soon_threadsafe(_settle, group)
 
 
+class _OwnerLock:
+    """An exclusive, non-blocking OS lock on ``PATH.lock``, released by the OS if we die.
+
+    Taken per open file, so two journal objects in one process exclude each other too (a
+    reentrant, per-process lock library would let them share the file). The holder's pid is
+    written into the file for the message the next taker sees.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path + ".lock"
+        self._file: IO[str] | None = None
+
+    def acquire(self, journal: str) -> None:
+        file = open(self.path, "a+")  # noqa: SIM115 - held open while the journal is open
+        try:
+            _lock_file(file)
+        except OSError:
+            file.seek(0)
+            holder = file.read().strip() or "unknown"
+            file.close()
+            raise JournalInUseError(
+                f"journal {journal} is in use by another run (process {holder}); wait for it"
+                " to finish, or give this run another journal"
+            ) from None
+        file.seek(0)
+        file.truncate()
+        file.write(str(os.getpid()))
+        file.flush()
+        self._file = file
+
+    def release(self) -> None:
+        file, self._file = self._file, None
+        if file is not None:
+            file.close()  # closing drops the lock
+
+
+if sys.platform == "win32":  # pragma: no cover - CI runs on Linux
+    import msvcrt
+
+    def _lock_file(file: IO[str]) -> None:
+        file.seek(0)
+        msvcrt.locking(file.fileno(), msvcrt.LK_NBLCK, 1)
+
+else:
+    import fcntl
+
+    def _lock_file(file: IO[str]) -> None:
+        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
 class SQLiteJournal:
     """Journal in an SQLite file, written by one thread that commits queued writes together.
 
-    Every call returns only once its write is committed. With ``durability="normal"`` (WAL,
-    ``synchronous=NORMAL``) a committed write survives the process being killed (``kill -9``,
-    OOM killer) but not a power loss or OS crash, which may undo the last commits (the file
-    stays consistent). ``durability="full"`` (``synchronous=FULL``) fsyncs every commit and
-    survives those too.
+    Every call returns only once its write is committed. With the default
+    ``durability="full"`` (WAL, ``synchronous=FULL``) every commit is fsynced: a claim
+    survives a power loss or OS crash as well as ``kill -9``, so a rerun never hands out a new
+    key for an item that may have been sent. ``durability="normal"`` (``synchronous=NORMAL``)
+    is faster but a power loss may undo the last commits.
+
+    While open it holds ``PATH.lock`` exclusively: a second journal on the same file raises
+    :class:`JournalInUseError`. A file that is not a klarna-om journal raises
+    :class:`NotAJournalError`. ``key_max_age`` (default 23 hours, under Klarna's 24) is how old
+    an unknown item's key may be before it is reconciled instead of resent; ``clock`` returns
+    the current UTC time (tests drive it).
 
     A dedicated thread owns the connection: calls queue their work and await a future; the
     thread takes everything queued, applies it in ONE transaction, commits, then resolves the
@@ -319,12 +682,22 @@ class SQLiteJournal:
     """Transactions committed by the writer thread so far (for tests and metrics)."""
 
     def __init__(
-        self, path: str | os.PathLike[str], *, durability: Literal["normal", "full"] = "normal"
+        self,
+        path: str | os.PathLike[str],
+        *,
+        durability: Literal["normal", "full"] = "full",
+        key_max_age: timedelta = DEFAULT_KEY_MAX_AGE,
+        clock: Callable[[], datetime] = _utc_now,
     ) -> None:
         if durability not in ("normal", "full"):
             raise ValueError(f"durability must be 'normal' or 'full', not {durability!r}")
+        if key_max_age <= timedelta(0):
+            raise ValueError(f"key_max_age must be positive, not {key_max_age!r}")
         self._path = os.fspath(path)
         self._durability = durability
+        self._key_max_age = key_max_age
+        self._clock = clock
+        self._lock = _OwnerLock(self._path)
         self._work: _Queue | None = None
         # Calls made since the last flush; sent to the writer thread as one group.
         self._unsent: list[_Work] = []
@@ -335,9 +708,15 @@ class SQLiteJournal:
         return f"SQLiteJournal({self._path!r}, durability={self._durability!r})"
 
     async def open(self) -> Self:
-        """Start the writer thread, open the file and create the schema if it is new."""
+        """Take the file's lock, start the writer thread, create or check the schema.
+
+        Raises :class:`JournalInUseError`, :class:`NotAJournalError`, or ``sqlite3.Error`` /
+        ``OSError`` for a file that cannot be opened.
+        """
         if self._work is not None:
             raise RuntimeError(f"{self!r} is already open")
+        if self._path != ":memory:":
+            self._lock.acquire(self._path)
         loop = asyncio.get_running_loop()
         work: _Queue = queue.SimpleQueue()
         ready: asyncio.Future[None] = loop.create_future()
@@ -350,6 +729,7 @@ class SQLiteJournal:
         except BaseException:
             # Stops the thread if it got as far as serving (e.g. open() was cancelled).
             work.put([(None, loop.create_future())])
+            self._lock.release()
             raise
         self._work, self._thread = work, thread
         return self
@@ -361,7 +741,7 @@ class SQLiteJournal:
         await self.close()
 
     async def close(self) -> None:
-        """Complete the queued writes, close the file and stop the writer thread."""
+        """Complete the queued writes, close the file, stop the thread, release the lock."""
         work, thread = self._work, self._thread
         if work is None or thread is None:
             return
@@ -369,30 +749,26 @@ class SQLiteJournal:
         self._work = self._thread = None
         closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         work.put([(None, closed)])
-        await closed
-        # The thread has closed the file and is returning, so this join does not wait.
-        thread.join()
+        try:
+            await closed
+            # The thread has closed the file and is returning, so this join does not wait.
+            thread.join()
+        finally:
+            self._lock.release()
 
-    async def load(self) -> dict[str, JournalEntry]:
-        """Return every entry, keyed by ``item_key``."""
+    async def claim(self, item: ItemRecord, new_key: str) -> Claim:
+        """Decide what to do with ``item``; durably record a ``SEND`` as in flight."""
+        max_age = self._key_max_age
 
-        def op(conn: sqlite3.Connection, now: str) -> dict[str, JournalEntry]:
-            rows = conn.execute(f"SELECT {_COLUMNS} FROM journal")
-            return {row[0]: _row_to_entry(row) for row in rows}
+        def op(conn: sqlite3.Connection, now: datetime) -> Claim:
+            old = _read_one(conn, item.item_key)
+            owner = conn.execute(_KEY_OWNER, (new_key,)).fetchone()
+            claim = _decide(old, item, new_key, owner and owner[0], now, max_age)
+            if claim.action is ClaimAction.SEND:
+                conn.execute(_UPSERT, _entry_to_row(claim.entry))
+            return claim
 
         return await self._call(op)
-
-    async def begin(self, item_key: str, order_id: str, idempotency_key: str) -> None:
-        """Durably record an item as in flight; an existing item keeps its key unless refused."""
-
-        def op(conn: sqlite3.Connection, now: str) -> None:
-            if conn.execute(_BEGIN, (item_key, order_id, idempotency_key, now)).rowcount == 0:
-                (existing,) = conn.execute(
-                    "SELECT order_id FROM journal WHERE item_key = ?", (item_key,)
-                ).fetchone()
-                raise _order_mismatch(item_key, existing, order_id)
-
-        await self._call(op)
 
     async def finish(
         self,
@@ -402,30 +778,50 @@ class SQLiteJournal:
         capture_id: str | None = None,
         error: str | None = None,
         attempts: int = 0,
-    ) -> None:
-        """Durably record the outcome of a begun item and add ``attempts`` to its total."""
-        _check_attempts(attempts)
-        params = (JournalStatus(status).value, capture_id, _one_line(error), attempts)
+        reconciled: bool = False,
+    ) -> JournalStatus:
+        """Durably record an outcome; returns the status recorded (see :meth:`Journal.finish`)."""
+        if attempts < 0:
+            raise ValueError(f"attempts must be >= 0, not {attempts}")
 
-        def op(conn: sqlite3.Connection, now: str) -> None:
-            if conn.execute(_FINISH, (*params, now, item_key)).rowcount == 0:
+        def op(conn: sqlite3.Connection, now: datetime) -> JournalStatus:
+            old = _read_one(conn, item_key)
+            if old is None:
                 raise _not_begun(item_key)
-
-        await self._call(op)
-
-    async def entries(self) -> list[JournalEntry]:
-        """Return every entry, ordered by ``item_key``."""
-
-        def op(conn: sqlite3.Connection, now: str) -> list[JournalEntry]:
-            rows = conn.execute(f"SELECT {_COLUMNS} FROM journal ORDER BY item_key")
-            return [_row_to_entry(row) for row in rows]
+            new = _finished(old, status, capture_id, error, attempts, reconciled, now)
+            conn.execute(_UPSERT, _entry_to_row(new))
+            return new.status
 
         return await self._call(op)
 
-    async def summary(self) -> dict[JournalStatus, int]:
-        """Return how many items are in each status (zero included)."""
+    async def entries(
+        self, *, statuses: Iterable[JournalStatus] | None = None, order_id: str | None = None
+    ) -> list[JournalEntry]:
+        """The entries (optionally only these statuses, or this order's), by ``item_key``."""
+        where, params = [], []
+        if statuses is not None:
+            wanted = [JournalStatus(s).value for s in statuses]
+            where.append(f"status IN ({', '.join('?' * len(wanted))})")
+            params.extend(wanted)
+        if order_id is not None:
+            where.append("order_id = ?")
+            params.append(order_id)
+        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        sql = f"SELECT {_COLUMNS} FROM journal{clause} ORDER BY item_key"
 
-        def op(conn: sqlite3.Connection, now: str) -> dict[JournalStatus, int]:
+        def op(conn: sqlite3.Connection, now: datetime) -> list[JournalEntry]:
+            return [_row_to_entry(row) for row in conn.execute(sql, params)]
+
+        return await self._call(op)
+
+    def key_expired(self, entry: JournalEntry) -> bool:
+        """True when Klarna may have forgotten ``entry``'s key (older than ``key_max_age``)."""
+        return _expired(entry, self._clock(), self._key_max_age)
+
+    async def summary(self) -> dict[JournalStatus, int]:
+        """How many items are in each status (zero included)."""
+
+        def op(conn: sqlite3.Connection, now: datetime) -> dict[JournalStatus, int]:
             counts = dict.fromkeys(JournalStatus, 0)
             rows = conn.execute("SELECT status, count(*) FROM journal GROUP BY status")
             counts.update((JournalStatus(status), n) for status, n in rows)
@@ -433,7 +829,7 @@ class SQLiteJournal:
 
         return await self._call(op)
 
-    async def _call(self, op: Callable[[sqlite3.Connection, str], _T]) -> _T:
+    async def _call(self, op: Callable[[sqlite3.Connection, datetime], _T]) -> _T:
         work = self._work
         if work is None:
             raise _not_open(type(self).__name__)
@@ -472,19 +868,51 @@ class SQLiteJournal:
         # isolation_level=None: transactions are exactly the BEGIN/COMMIT issued here.
         conn = sqlite3.connect(self._path, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
         try:
+            conn.execute("BEGIN IMMEDIATE")
+            self._check_schema(conn)
+            conn.execute("COMMIT")
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute(f"PRAGMA synchronous = {self._durability.upper()}")
-            (version,) = conn.execute("PRAGMA user_version").fetchone()
-            if version > _SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"{self._path}: journal schema version {version} is newer than this "
-                    f"version of klarna-om-async supports ({_SCHEMA_VERSION})"
-                )
-            conn.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            if isinstance(exc, sqlite3.OperationalError):
+                raise
+            raise NotAJournalError(f"{self._path} is not a klarna-om journal: {exc}") from None
         except BaseException:
             conn.close()
             raise
         return conn
+
+    def _check_schema(self, conn: sqlite3.Connection) -> None:
+        (app_id,) = conn.execute("PRAGMA application_id").fetchone()
+        (version,) = conn.execute("PRAGMA user_version").fetchone()
+        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        if app_id == _APPLICATION_ID:
+            if version > _SCHEMA_VERSION:
+                raise NotAJournalError(
+                    f"{self._path}: journal schema version {version} is newer than this "
+                    f"version of klarna-om-async supports ({_SCHEMA_VERSION}); upgrade it"
+                )
+            return
+        if not tables and app_id == 0:
+            conn.execute(_CREATE)
+        elif app_id == 0 and version == 1 and tables == ["journal"] and self._v1(conn):
+            for statement in _MIGRATE_V1.strip().split(";\n"):
+                conn.execute(statement)
+        else:
+            what = ", ".join(tables[:3]) or f"application id {app_id}"
+            raise NotAJournalError(
+                f"{self._path} is not a klarna-om journal (it holds {what}); choose another"
+                " journal path"
+            )
+        for statement in _INDEXES.strip().split(";\n"):
+            conn.execute(statement.rstrip(";"))
+        conn.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
+        conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+
+    @staticmethod
+    def _v1(conn: sqlite3.Connection) -> bool:
+        return [r[1] for r in conn.execute("PRAGMA table_info(journal)")] == _V1_COLUMNS
 
     def _serve(self, conn: sqlite3.Connection, work: _Queue) -> list[asyncio.Future[Any]]:
         while True:
@@ -502,7 +930,7 @@ class SQLiteJournal:
     def _apply(
         self, conn: sqlite3.Connection, calls: list[tuple[_Op, asyncio.Future[Any]]]
     ) -> list[_Outcome]:
-        now = datetime.now(UTC).isoformat(timespec="microseconds")
+        now = self._clock()
         outcomes: list[_Outcome] = []
         try:
             conn.execute("BEGIN IMMEDIATE")

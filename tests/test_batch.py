@@ -104,7 +104,7 @@ async def test_a_rerun_with_the_journal_skips_captured_and_finishes_failed_with_
 
     async with SQLiteJournal(tmp_path / "journal.sqlite") as journal:
         second = await collect(om.capture_many(items, journal=journal))
-        entries = await journal.load()
+        entries = {e.item_key: e for e in await journal.entries()}
 
     assert second[stuck].status is CaptureStatus.CAPTURED
     assert second[stuck].idempotency_key == first[stuck].idempotency_key
@@ -302,7 +302,7 @@ async def test_stopping_early_starts_nothing_new_and_keeps_started_items_in_the_
     async for _first in batch:
         break
     await batch.aclose()  # type: ignore[attr-defined]
-    entries = await journal.load()
+    entries = {e.item_key: e for e in await journal.entries()}
     started = len(entries)
     assert started <= 1 + 4 + 4  # finished + in flight + queued outcomes
     workers = [t for t in asyncio.all_tasks() if "_Run.work" in t.get_coro().__qualname__]

@@ -1,0 +1,231 @@
+"""Reconciliation: settle an item whose outcome is unknown by reading Klarna's order.
+
+When a capture's answer was lost, resending it with the same idempotency key is the exact way
+to learn its outcome, but only while Klarna remembers the key (24 hours). After that, or when
+asked, the order itself is read (``GET /ordermanagement/v1/orders/{order_id}``) and its
+captures are compared with what the journal says the item asked for:
+
+- one capture with the item's ``reference`` and amount, booked after the key was first sent
+  (less ``clock_skew``) and not already recorded for another item: **captured**;
+- no capture that could be the item's: **not captured**; the item may be sent with a new key;
+- anything else (no reference and a capture of the same amount, several candidates, a capture
+  with the reference but another amount): **needs review**. It is never sent again; the
+  evidence is reported, and a person decides.
+
+A per-capture ``reference`` makes this exact: Klarna stores it on the capture, so the item's
+capture is found by name, not guessed from amounts and times.
+https://docs.klarna.com/api/ordermanagement/#operation/getOrder
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import Collection, Iterable
+from datetime import datetime, timedelta
+
+import attrs
+
+from .errors import KlarnaError, NoSuchOrderError
+from .journal import Journal, JournalEntry, JournalStatus
+from .models import Capture, Order
+from .orders import OrdersService
+
+__all__ = (
+    "DEFAULT_CLOCK_SKEW",
+    "Reconciliation",
+    "Verdict",
+    "judge",
+    "reconcile",
+    "reconcile_entry",
+)
+
+#: How far Klarna's clock (``captured_at``) may lag ours (``key_sent_at``).
+DEFAULT_CLOCK_SKEW = timedelta(minutes=5)
+
+
+class Verdict(enum.StrEnum):
+    """What Klarna's order says about an item whose outcome was unknown."""
+
+    #: Booked: the journal records the capture id.
+    CAPTURED = "captured"
+    #: Never booked (the key has expired): the next run sends it with a new key.
+    NOT_CAPTURED = "not_captured"
+    #: Ambiguous (the key has expired): never sent again until a person settles it.
+    NEEDS_REVIEW = "needs_review"
+    #: Not found, but Klarna still knows the key: the next run resends the same key, which
+    #: settles it exactly (a new key could double-capture if the first send lands late).
+    RESEND = "resend"
+
+
+@attrs.frozen(kw_only=True)
+class Reconciliation:
+    """The verdict on one journal item, with the evidence it rests on."""
+
+    item_key: str
+    order_id: str
+    #: The key the unknown send used.
+    idempotency_key: str
+    #: ``None`` when the order could not be read: the item stays unknown (see ``error``).
+    verdict: Verdict | None
+    #: The item's capture, when the verdict is ``captured``.
+    capture_id: str | None = None
+    #: What the order shows, in one line.
+    evidence: str
+    error: KlarnaError | None = None
+
+
+def _ids(captures: Iterable[Capture]) -> str:
+    return ", ".join(f"{c.capture_id} ({c.captured_amount}, {c.reference!r})" for c in captures)
+
+
+def judge(
+    entry: JournalEntry,
+    order: Order,
+    *,
+    claimed: Collection[str] = (),
+    clock_skew: timedelta = DEFAULT_CLOCK_SKEW,
+) -> tuple[Verdict, str | None, str]:
+    """Decide ``entry`` from ``order``: (verdict, capture id if captured, evidence).
+
+    A pure function. ``claimed`` holds capture ids the journal already gives to other items.
+    """
+    since: datetime | None = None if entry.key_sent_at is None else entry.key_sent_at - clock_skew
+    pool = [
+        c
+        for c in order.captures or ()
+        if c.capture_id not in claimed
+        and (since is None or c.captured_at is None or c.captured_at >= since)
+    ]
+    after = "" if since is None else f" since {since.isoformat(timespec='seconds')}"
+    amount = entry.captured_amount
+    if entry.reference:
+        named = [c for c in pool if c.reference == entry.reference]
+        exact = [c for c in named if amount is None or c.captured_amount == amount]
+        if len(exact) == 1 and len(named) == 1:
+            capture = exact[0]
+            return (
+                Verdict.CAPTURED,
+                capture.capture_id,
+                f"capture {capture.capture_id} of {capture.captured_amount} with reference"
+                f" {entry.reference!r}",
+            )
+        if named:
+            return (
+                Verdict.NEEDS_REVIEW,
+                None,
+                f"captures with reference {entry.reference!r}{after} do not match one capture"
+                f" of {amount}: {_ids(named)}",
+            )
+        return (
+            Verdict.NOT_CAPTURED,
+            None,
+            f"no capture with reference {entry.reference!r}{after} (order captured"
+            f" {order.captured_amount}, remaining {order.remaining_authorized_amount})",
+        )
+    same = [c for c in pool if amount is None or c.captured_amount == amount]
+    if not same:
+        what = "any amount" if amount is None else str(amount)
+        return (
+            Verdict.NOT_CAPTURED,
+            None,
+            f"no capture of {what}{after} (order captured {order.captured_amount},"
+            f" remaining {order.remaining_authorized_amount})",
+        )
+    return (
+        Verdict.NEEDS_REVIEW,
+        None,
+        f"the item has no reference, and {len(same)} capture(s){after} could be it: {_ids(same)}",
+    )
+
+
+_STATUS: dict[Verdict, JournalStatus] = {
+    Verdict.CAPTURED: JournalStatus.CAPTURED,
+    Verdict.NOT_CAPTURED: JournalStatus.REFUSED,
+    Verdict.NEEDS_REVIEW: JournalStatus.NEEDS_REVIEW,
+}
+
+
+async def reconcile_entry(
+    orders: OrdersService,
+    journal: Journal,
+    entry: JournalEntry,
+    *,
+    clock_skew: timedelta = DEFAULT_CLOCK_SKEW,
+) -> Reconciliation:
+    """Read ``entry``'s order, judge it, and record the verdict in ``journal``.
+
+    ``not captured`` is recorded as ``refused`` (nothing booked: the next claim gets a new
+    key). When the order cannot be read, nothing is recorded and ``verdict`` is ``None``.
+    While the item's key is still within the journal's ``key_max_age`` only a capture found
+    is recorded; otherwise the verdict is ``resend`` and the item stays as it is.
+    """
+    try:
+        order = await orders.get(entry.order_id)
+    except NoSuchOrderError as error:
+        verdict, capture_id = Verdict.NOT_CAPTURED, None
+        evidence = f"Klarna has no order {entry.order_id} for these credentials ({error})"
+    except KlarnaError as error:
+        return Reconciliation(
+            item_key=entry.item_key,
+            order_id=entry.order_id,
+            idempotency_key=entry.idempotency_key,
+            verdict=None,
+            evidence=f"could not read the order: {error}",
+            error=error,
+        )
+    else:
+        others = await journal.entries(order_id=entry.order_id)
+        claimed = {
+            e.capture_id
+            for e in others
+            if e.capture_id is not None and e.item_key != entry.item_key
+        }
+        verdict, capture_id, evidence = judge(entry, order, claimed=claimed, clock_skew=clock_skew)
+    if verdict is not Verdict.CAPTURED and not journal.key_expired(entry):
+        return Reconciliation(
+            item_key=entry.item_key,
+            order_id=entry.order_id,
+            idempotency_key=entry.idempotency_key,
+            verdict=Verdict.RESEND,
+            evidence=f"{evidence}; the key is still valid, so a rerun resends it",
+        )
+    await journal.finish(
+        entry.item_key,
+        _STATUS[verdict],
+        capture_id=capture_id,
+        error=None if verdict is Verdict.CAPTURED else f"reconciled: {evidence}",
+        reconciled=True,
+    )
+    return Reconciliation(
+        item_key=entry.item_key,
+        order_id=entry.order_id,
+        idempotency_key=entry.idempotency_key,
+        verdict=verdict,
+        capture_id=capture_id,
+        evidence=evidence,
+    )
+
+
+async def reconcile(
+    orders: OrdersService,
+    journal: Journal,
+    *,
+    concurrency: int = 8,
+    clock_skew: timedelta = DEFAULT_CLOCK_SKEW,
+) -> list[Reconciliation]:
+    """Reconcile every item of ``journal`` whose outcome is unknown (in flight or failed).
+
+    Reads each item's order (at most ``concurrency`` at once) and records the verdicts; see
+    :func:`reconcile_entry`. Items that need review are left alone. Use ``om.reconcile``.
+    """
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be at least 1, got {concurrency!r}")
+    unknown = await journal.entries(statuses=(JournalStatus.IN_FLIGHT, JournalStatus.FAILED))
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(entry: JournalEntry) -> Reconciliation:
+        async with gate:
+            return await reconcile_entry(orders, journal, entry, clock_skew=clock_skew)
+
+    return list(await asyncio.gather(*(one(entry) for entry in unknown)))
