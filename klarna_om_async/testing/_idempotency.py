@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+from collections.abc import Callable
 
 import attrs
 from aiohttp import web
@@ -31,8 +31,9 @@ class _Stored:
 class IdempotencyStore:
     """Answers per key for ``ttl`` seconds, and the keys whose first request is still running."""
 
-    def __init__(self, ttl: float) -> None:
+    def __init__(self, ttl: float, clock: Callable[[], float]) -> None:
         self._ttl = ttl
+        self._clock = clock
         self._answers: dict[str, _Stored] = {}
         self._running: set[str] = set()
 
@@ -41,7 +42,7 @@ class IdempotencyStore:
         stored = self._answers.get(key)
         if stored is None:
             return None
-        if time.monotonic() - stored.stored_at >= self._ttl:
+        if self._clock() - stored.stored_at >= self._ttl:
             del self._answers[key]
             return None
         return stored.replay()
@@ -66,5 +67,5 @@ class IdempotencyStore:
             status=response.status,
             headers=tuple(response.headers.items()),
             body=body,
-            stored_at=time.monotonic(),
+            stored_at=self._clock(),
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import time
 import uuid
 
 import attrs
@@ -12,6 +13,7 @@ __all__ = (
     "CaptureBody",
     "CaptureRefused",
     "FakeCapture",
+    "FakeClock",
     "FakeOrder",
     "JSONObject",
     "Ledger",
@@ -28,9 +30,30 @@ _AUTHORIZATION_DAYS = 28
 JSONObject = dict[str, object]
 
 
-def iso_now(offset: datetime.timedelta = datetime.timedelta(0)) -> str:
-    """The current UTC time (plus ``offset``) the way Klarna writes it: ISO 8601 with ``Z``."""
-    now = datetime.datetime.now(datetime.UTC) + offset
+class FakeClock:
+    """The fake's time: the real clock moved forward by ``advance`` (tests drive it)."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def advance(self, seconds: float) -> None:
+        """Move the fake's time forward by ``seconds``."""
+        if not seconds >= 0:
+            raise ValueError(f"the fake's clock only moves forward, not by {seconds!r}")
+        self.offset += seconds
+
+    def monotonic(self) -> float:
+        """``time.monotonic()`` moved forward."""
+        return time.monotonic() + self.offset
+
+    def now(self) -> datetime.datetime:
+        """The current UTC time, moved forward."""
+        return datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=self.offset)
+
+
+def iso_now(clock: FakeClock, offset: datetime.timedelta = datetime.timedelta(0)) -> str:
+    """The fake's current UTC time (plus ``offset``) as Klarna writes it: ISO 8601 with ``Z``."""
+    now = clock.now() + offset
     return now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
@@ -105,7 +128,8 @@ class CaptureBody:
 class Ledger:
     """Every order and capture the fake knows, indexed so each request costs O(1)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
         self.orders: dict[str, FakeOrder] = {}
         self.booked: list[FakeCapture] = []
         self._captures: dict[tuple[str, str], FakeCapture] = {}
@@ -135,8 +159,8 @@ class Ledger:
             purchase_currency=currency,
             merchant_reference1=reference,
             klarna_reference=_klarna_reference(),
-            created_at=iso_now(),
-            expires_at=iso_now(datetime.timedelta(days=_AUTHORIZATION_DAYS)),
+            created_at=iso_now(self.clock),
+            expires_at=iso_now(self.clock, datetime.timedelta(days=_AUTHORIZATION_DAYS)),
         )
         return order_id
 
@@ -165,7 +189,7 @@ class Ledger:
             capture_id=str(uuid.uuid4()),
             klarna_reference=f"{order.klarna_reference}-{len(order.captures) + 1}",
             captured_amount=request.captured_amount,
-            captured_at=iso_now(),
+            captured_at=iso_now(self.clock),
             description=request.description,
             reference=request.reference,
             order_lines=request.order_lines,

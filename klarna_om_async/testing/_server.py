@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import random
 import re
 import time
@@ -26,7 +27,7 @@ from ._faults import (
 )
 from ._handlers import IDEMPOTENCY_HEADER, OrderManagementApi
 from ._idempotency import IdempotencyStore
-from ._ledger import FakeCapture, FakeOrder, Ledger, check_status
+from ._ledger import FakeCapture, FakeClock, FakeOrder, Ledger, check_status
 from ._recording import RecordedRequest
 from ._responses import error_response, fault_response
 
@@ -82,9 +83,10 @@ class FakeKlarna:
         self._username = username
         self._password = password
         self._auth_header = basic_auth_header(username, password)
-        self._ledger = Ledger()
+        self._clock = FakeClock()
+        self._ledger = Ledger(self._clock)
         self._faults = FaultQueue(random.Random(seed))
-        self._idempotency = IdempotencyStore(idempotency_ttl)
+        self._idempotency = IdempotencyStore(idempotency_ttl, self._clock.monotonic)
         self._record_requests = record_requests
         self._requests: list[RecordedRequest] = []
         self._received = 0
@@ -169,6 +171,17 @@ class FakeKlarna:
         traceback: TracebackType | None,
     ) -> None:
         await self.close()
+
+    # -- time --------------------------------------------------------------------------------
+
+    def advance_clock(self, seconds: float) -> None:
+        """Move the fake's time forward: idempotency keys age (``idempotency_ttl``, 24 hours
+        by default) and later captures and orders carry later timestamps. No real wait."""
+        self._clock.advance(seconds)
+
+    def now(self) -> datetime.datetime:
+        """The fake's current UTC time; pass it as a journal's ``clock`` to share the time."""
+        return self._clock.now()
 
     # -- orders and captures -----------------------------------------------------------------
 

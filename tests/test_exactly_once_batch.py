@@ -1,0 +1,283 @@
+"""Exactly-once at the edges of a run: reruns, edits, expired keys, reconciliation.
+
+Every test counts what FakeKlarna actually booked.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from klarna_om_async import (
+    BatchItem,
+    CaptureOutcome,
+    CaptureRequest,
+    CaptureStatus,
+    ItemConflictError,
+    JournalStatus,
+    KlarnaOM,
+    NeedsReviewError,
+    RetryPolicy,
+    SQLiteJournal,
+    ValidationError,
+    Verdict,
+)
+from klarna_om_async.testing import (
+    DropAfterProcessing,
+    DropConnection,
+    FakeKlarna,
+    InstantSleep,
+    NonJsonError,
+    RateLimited,
+)
+
+DAY = 24 * 3600.0
+
+
+async def run(
+    om: KlarnaOM, items: Iterable[BatchItem | tuple[str, CaptureRequest]], journal: SQLiteJournal
+) -> list[CaptureOutcome]:
+    return [o async for o in om.capture_many(items, journal=journal, concurrency=4)]
+
+
+def booked(fake: FakeKlarna) -> Counter[str]:
+    return Counter(c.order_id for c in fake.booked_captures)
+
+
+@pytest.fixture
+async def journal(tmp_path: Path, fake: FakeKlarna) -> AsyncIterator[SQLiteJournal]:
+    """A journal on disk that shares the fake's (driven) clock."""
+    async with SQLiteJournal(tmp_path / "j.sqlite", clock=fake.now) as opened:
+        yield opened
+
+
+@pytest.fixture
+async def wrong_password(fake: FakeKlarna) -> AsyncIterator[KlarnaOM]:
+    policy = RetryPolicy(max_attempts=4, jitter=lambda d: d, sleep=InstantSleep())
+    async with KlarnaOM(fake.username, "wrong", base_url=fake.base_url, retry=policy) as client:
+        yield client
+
+
+@pytest.mark.parametrize("refusal", ["401", "429", "proxy-403"])
+async def test_a_refusal_in_a_rerun_keeps_the_key_that_may_have_booked(
+    om: KlarnaOM,
+    wrong_password: KlarnaOM,
+    fake: FakeKlarna,
+    journal: SQLiteJournal,
+    refusal: str,
+) -> None:
+    orders = [fake.add_order(amount=10000) for _ in range(3)]
+    items = [(o, CaptureRequest(captured_amount=4000)) for o in orders]
+    # Run 1: every capture is booked and its answer lost.
+    fake.inject(DropAfterProcessing(), method="POST", times=None)
+    first = await run(om, items, journal)
+    assert {o.status for o in first} == {CaptureStatus.FAILED}
+    fake.clear_faults()
+    # Run 2: every attempt is refused, for a reason that says nothing about run 1.
+    client = om
+    if refusal == "401":
+        client = wrong_password
+    elif refusal == "429":
+        fake.inject(RateLimited(retry_after="1"), method="POST", times=None)
+    else:
+        fake.inject(NonJsonError(403, "<html>Forbidden</html>"), method="POST", times=None)
+    second = await run(client, items, journal)
+    assert {o.status for o in second} == {CaptureStatus.FAILED}
+    assert all(o.error is not None for o in second)
+    entries = {e.order_id: e for e in await journal.entries()}
+    assert {e.status for e in entries.values()} == {JournalStatus.FAILED}
+    fake.clear_faults()
+    # Run 3: the original keys are resent, so Klarna replays run 1's captures.
+    third = await run(om, items, journal)
+    assert {o.status for o in third} == {CaptureStatus.CAPTURED}
+    keys = {o.order_id: o.idempotency_key for o in first}
+    assert {o.order_id: o.idempotency_key for o in third} == keys
+    assert booked(fake) == dict.fromkeys(orders, 1)
+    assert {o.capture_id for o in third} == {c.capture_id for c in fake.booked_captures}
+
+
+async def test_an_edited_amount_is_refused_naming_both_amounts_and_never_sent(
+    om: KlarnaOM, fake: FakeKlarna, journal: SQLiteJournal
+) -> None:
+    order_id = fake.add_order(amount=10000)
+    fake.inject(DropAfterProcessing(), method="POST", times=None)
+    [first] = await run(om, [(order_id, CaptureRequest(captured_amount=1000))], journal)
+    assert first.status is CaptureStatus.FAILED
+    fake.clear_faults()
+    sent_before = len(fake.requests)
+
+    [second] = await run(om, [(order_id, CaptureRequest(captured_amount=7000))], journal)
+
+    assert second.status is CaptureStatus.REFUSED
+    assert isinstance(second.error, ItemConflictError)
+    assert "7000 now, 1000 in the journal" in str(second.error)
+    assert second.idempotency_key == first.idempotency_key
+    assert len(fake.requests) == sent_before  # nothing was sent
+    assert [c.captured_amount for c in fake.booked_captures] == [1000]
+
+
+async def test_a_reused_file_with_a_new_line_for_a_captured_item_is_refused(
+    om: KlarnaOM, fake: FakeKlarna, journal: SQLiteJournal
+) -> None:
+    order_id = fake.add_order(amount=10000)
+    [first] = await run(om, [(order_id, CaptureRequest(captured_amount=4000))], journal)
+    assert first.status is CaptureStatus.CAPTURED
+    fake.advance_clock(DAY)  # "the next day", same file name, a new line for the order
+    [second] = await run(om, [(order_id, CaptureRequest(captured_amount=3000))], journal)
+    assert second.status is CaptureStatus.REFUSED  # not "skipped": the 3000 was never captured
+    assert "already captured" in str(second.error)
+    assert [c.captured_amount for c in fake.booked_captures] == [4000]
+
+
+async def test_two_items_with_one_explicit_key_are_not_both_reported_captured(
+    om: KlarnaOM, fake: FakeKlarna, journal: SQLiteJournal
+) -> None:
+    a, b = fake.add_order(amount=100), fake.add_order(amount=100)
+    items = [
+        BatchItem(order_id=o, request=CaptureRequest(captured_amount=100), idempotency_key="K")
+        for o in (a, b)
+    ]
+    outcomes = [o async for o in om.capture_many(items, journal=journal, concurrency=1)]
+    assert [o.status for o in outcomes] == [CaptureStatus.CAPTURED, CaptureStatus.REFUSED]
+    assert isinstance(outcomes[1].error, ValidationError)
+    assert "idempotency_key" in str(outcomes[1].error)
+    assert booked(fake) == {a: 1}
+    # A later run that gives the key to another item is refused by the journal as well.
+    [later] = await run(om, [items[1]], journal)
+    assert later.status is CaptureStatus.REFUSED
+    assert isinstance(later.error, ItemConflictError)
+    assert booked(fake) == {a: 1}
+
+
+# --- keys older than Klarna's 24 hours: reconciliation -----------------------------------
+
+
+async def test_an_expired_key_whose_capture_was_booked_is_reconciled_as_captured(
+    om: KlarnaOM, fake: FakeKlarna, journal: SQLiteJournal
+) -> None:
+    order_id = fake.add_order(amount=10000)
+    items = [(order_id, CaptureRequest(captured_amount=4000, reference="box-1"))]
+    fake.inject(DropAfterProcessing(), method="POST", times=None)
+    [first] = await run(om, items, journal)
+    assert first.status is CaptureStatus.FAILED
+    fake.clear_faults()
+    fake.advance_clock(DAY + 3600)  # Klarna has forgotten the key
+
+    posts_before = sum(r.method == "POST" for r in fake.requests)
+    [second] = await run(om, items, journal)
+
+    assert second.status is CaptureStatus.CAPTURED
+    assert second.capture_id == fake.captures(order_id)[0].capture_id
+    assert sum(r.method == "POST" for r in fake.requests) == posts_before  # read, not resent
+    assert booked(fake) == {order_id: 1}
+    [entry] = await journal.entries()
+    assert (entry.status, entry.capture_id) == (JournalStatus.CAPTURED, second.capture_id)
+
+
+async def test_an_expired_key_never_booked_is_sent_with_a_new_key(
+    om: KlarnaOM, fake: FakeKlarna, journal: SQLiteJournal
+) -> None:
+    order_id = fake.add_order(amount=10000)
+    items = [(order_id, CaptureRequest(captured_amount=4000, reference="box-1"))]
+    fake.inject(DropConnection(), method="POST", times=None)  # never processed
+    [first] = await run(om, items, journal)
+    assert first.status is CaptureStatus.FAILED
+    fake.clear_faults()
+    fake.advance_clock(DAY + 3600)
+
+    [second] = await run(om, items, journal)
+
+    assert second.status is CaptureStatus.CAPTURED
+    assert second.idempotency_key != first.idempotency_key
+    assert booked(fake) == {order_id: 1}
+
+
+async def test_an_expired_key_without_a_reference_needs_review_and_is_never_sent(
+    om: KlarnaOM, fake: FakeKlarna, journal: SQLiteJournal
+) -> None:
+    order_id = fake.add_order(amount=10000)
+    items = [(order_id, CaptureRequest(captured_amount=4000))]
+    fake.inject(DropAfterProcessing(), method="POST", times=None)
+    await run(om, items, journal)
+    fake.clear_faults()
+    fake.advance_clock(DAY + 3600)
+    posts_before = sum(r.method == "POST" for r in fake.requests)
+
+    [second] = await run(om, items, journal)
+    [third] = await run(om, items, journal)
+
+    for outcome in (second, third):
+        assert outcome.status is CaptureStatus.NEEDS_REVIEW
+        assert isinstance(outcome.error, NeedsReviewError)
+        assert outcome.error.outcome_unknown
+        assert fake.captures(order_id)[0].capture_id in str(outcome.error)
+    assert sum(r.method == "POST" for r in fake.requests) == posts_before
+    assert booked(fake) == {order_id: 1}
+
+
+async def test_om_reconcile_gives_each_unknown_item_its_verdict(
+    om: KlarnaOM, fake: FakeKlarna, journal: SQLiteJournal
+) -> None:
+    booked_ref, never, no_ref, fresh = (fake.add_order(amount=10000) for _ in range(4))
+    # Three items whose keys will expire, then one whose key is still valid.
+    fake.inject(DropAfterProcessing(), method="POST", path=booked_ref, times=None)
+    fake.inject(DropConnection(), method="POST", path=never, times=None)
+    fake.inject(DropAfterProcessing(), method="POST", path=no_ref, times=None)
+    await run(
+        om,
+        [
+            (booked_ref, CaptureRequest(captured_amount=100, reference="r1")),
+            (never, CaptureRequest(captured_amount=100, reference="r2")),
+            (no_ref, CaptureRequest(captured_amount=100)),
+        ],
+        journal,
+    )
+    fake.advance_clock(DAY)
+    fake.inject(DropConnection(), method="POST", path=fresh, times=None)
+    await run(om, [(fresh, CaptureRequest(captured_amount=100, reference="r4"))], journal)
+    fake.clear_faults()
+
+    results = {r.order_id: r for r in await om.reconcile(journal)}
+
+    assert results[booked_ref].verdict is Verdict.CAPTURED
+    assert results[booked_ref].capture_id == fake.captures(booked_ref)[0].capture_id
+    assert results[never].verdict is Verdict.NOT_CAPTURED
+    assert results[no_ref].verdict is Verdict.NEEDS_REVIEW
+    assert results[fresh].verdict is Verdict.RESEND  # the key still settles it exactly
+    status = {e.order_id: e.status for e in await journal.entries()}
+    assert status == {
+        booked_ref: JournalStatus.CAPTURED,
+        never: JournalStatus.REFUSED,
+        no_ref: JournalStatus.NEEDS_REVIEW,
+        fresh: JournalStatus.FAILED,
+    }
+    assert booked(fake) == {booked_ref: 1, no_ref: 1}
+
+
+async def test_a_reconciled_capture_is_not_given_to_a_second_item(
+    om: KlarnaOM, fake: FakeKlarna, journal: SQLiteJournal
+) -> None:
+    # Two lost captures of one order with the same amount but their own references: each
+    # item is matched to its own capture, never both to one.
+    order_id = fake.add_order(amount=10000)
+    items = [
+        (order_id, CaptureRequest(captured_amount=500, reference="a")),
+        (order_id, CaptureRequest(captured_amount=500, reference="b")),
+    ]
+    fake.inject(DropAfterProcessing(), method="POST", times=None)
+    await run(om, items, journal)
+    fake.clear_faults()
+    fake.advance_clock(DAY + 1)
+    outcomes = await run(om, items, journal)
+    assert {o.status for o in outcomes} == {CaptureStatus.CAPTURED}
+    assert {o.capture_id for o in outcomes} == {c.capture_id for c in fake.captures(order_id)}
+    assert booked(fake) == {order_id: 2}
+
+
+def test_key_max_age_must_be_positive(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="key_max_age"):
+        SQLiteJournal(tmp_path / "j.sqlite", key_max_age=timedelta(0))
