@@ -13,11 +13,13 @@ import os
 import re
 import select
 import signal
+import sqlite3
 import subprocess
 import sys
 import sysconfig
 import threading
 from collections.abc import Callable, Coroutine, Iterator, Mapping
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -33,16 +35,20 @@ from klarna_om_async import (
     CaptureStatus,
     KlarnaOM,
     Region,
+    RetryPolicy,
     SQLiteJournal,
 )
 from klarna_om_async.cli import _fakeserver, _options, main
 from klarna_om_async.cli._batchfile import BadLineError
 from klarna_om_async.cli._demo import DemoCheck, _plan
 from klarna_om_async.cli._render import BatchView
+from klarna_om_async.journal import ItemRecord
 from klarna_om_async.testing import (
     Delay,
     DropAfterProcessing,
+    DropConnection,
     FakeKlarna,
+    InstantSleep,
     RateLimited,
     ServerFailure,
 )
@@ -584,13 +590,17 @@ def test_batch_refuses_a_journal_that_holds_the_item_for_another_order(
 
     async def begin_elsewhere() -> None:
         async with SQLiteJournal(journal) as opened:
-            await opened.begin("X:ref", "another-order", "k")
+            item = ItemRecord(
+                item_key="X:ref", order_id="another-order", captured_amount=1000, fingerprint="f"
+            )
+            await opened.claim(item, "k")
 
     asyncio.run(begin_elsewhere())
     path = write(tmp_path, "X.csv", "order_id,captured_amount,reference\nX,1000,ref\n")
     result = cli(["batch", path, "--journal", str(journal)], served)
-    assert result.exit_code == 2
-    assert "another-order" in result.stderr
+    assert result.exit_code == 1  # refused, with the reason, and nothing sent
+    assert "journaled for order 'another-order', not 'X'" in result.stdout
+    assert served.requests_for("X") == 0
 
 
 # -- demo ------------------------------------------------------------------------------------
@@ -917,6 +927,117 @@ def test_kill_9_mid_batch_then_a_rerun_books_every_order_exactly_once(
     assert all(len(set(served.posts(order))) == 1 for order in stuck)
     assert all(len(served.posts(order)) == 2 for order in stuck)
     assert journal_summary(journal) == {"captured": 30}
+
+
+def test_two_batch_runs_on_one_journal_cannot_both_send(served: ServedFake, tmp_path: Path) -> None:
+    orders = [served.add_order(10_000) for _ in range(6)]
+    # The first run's first capture is booked but not answered: it holds the journal.
+    served.do(lambda: served.fake.inject(Delay(30, after_processing=True), method="POST", times=1))
+    path = write(
+        tmp_path, "o.csv", "order_id,captured_amount\n" + "".join(f"{o},4000\n" for o in orders)
+    )
+    first = subprocess.Popen(
+        [*klarna_om_command(), "batch", path, "--concurrency", "1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=subprocess_env(served.fake.base_url),
+    )
+    try:
+        served.run(asyncio.wait_for(served.fake.wait_for_requests(1), timeout=25))
+        second = cli(["batch", path], served)
+    finally:
+        first.kill()
+        first.communicate(timeout=20)
+    assert second.exit_code == 2, second.output
+    [line] = second.stderr.splitlines()
+    assert "is in use by another run" in line
+    assert served.do(lambda: len(served.fake.requests)) == 1  # the second run sent nothing
+
+    rerun = cli(["batch", path, "--json"], served)  # the killed run's lock is gone
+    assert rerun.exit_code == 0, rerun.output
+    assert all(served.booked(order) == 1 for order in orders)
+
+
+def test_a_rerun_of_an_edited_line_is_refused_naming_both_amounts(
+    served: ServedFake, tmp_path: Path
+) -> None:
+    order_id = served.add_order(10_000)
+    served.do(lambda: served.fake.inject(DropAfterProcessing(), method="POST", times=None))
+    path = write(tmp_path, "o.csv", f"order_id,captured_amount\n{order_id},1000\n")
+    first = cli(["batch", path, "--max-attempts", "2", "--json"], served)
+    assert first.exit_code == 1
+    assert outcomes_by_order(first.stdout)[order_id]["status"] == "failed"
+    served.do(served.fake.clear_faults)
+
+    Path(path).write_text(f"order_id,captured_amount\n{order_id},7000\n")
+    edited = cli(["batch", path], served)
+
+    assert edited.exit_code == 1
+    assert "7000 now, 1000 in the journal" in edited.stdout
+    assert "klarna-om reconcile" in edited.stdout
+    amounts = served.do(lambda: [c.captured_amount for c in served.fake.captures(order_id)])
+    assert amounts == [1000]
+
+
+def test_reconcile_settles_expired_keys_then_the_rerun_finishes_exactly_once(
+    served: ServedFake, tmp_path: Path
+) -> None:
+    booked_ref, never, no_ref = (served.add_order(10_000) for _ in range(3))
+    path = write(
+        tmp_path,
+        "o.csv",
+        f"order_id,captured_amount,reference\n{booked_ref},100,r1\n{never},100,r2\n{no_ref},100,\n",
+    )
+    journal = f"{path}.journal.sqlite"
+    served.do(lambda: served.fake.inject(DropConnection(), method="POST", path=never, times=None))
+    served.do(lambda: served.fake.inject(DropAfterProcessing(), method="POST", times=None))
+
+    async def first_run_a_day_ago() -> None:
+        a_day_ago = datetime.now(UTC) - timedelta(hours=25)
+        policy = RetryPolicy(max_attempts=2, sleep=InstantSleep())
+        async with (
+            SQLiteJournal(journal, clock=lambda: a_day_ago) as opened,
+            KlarnaOM(USERNAME, PASSWORD, base_url=served.fake.base_url, retry=policy) as om,
+        ):
+            items = [
+                (booked_ref, CaptureRequest(captured_amount=100, reference="r1")),
+                (never, CaptureRequest(captured_amount=100, reference="r2")),
+                (no_ref, CaptureRequest(captured_amount=100)),
+            ]
+            outcomes = [o async for o in om.capture_many(items, journal=opened)]
+            assert {o.status for o in outcomes} == {CaptureStatus.FAILED}
+
+    asyncio.run(first_run_a_day_ago())
+    served.do(served.fake.clear_faults)
+
+    result = cli(["reconcile", journal, "--json"], served)
+
+    assert result.exit_code == 1, result.output  # one item needs review
+    verdicts = {
+        o["order_id"]: o["verdict"] for o in json_lines(result.stdout) if o["type"] != "summary"
+    }
+    assert verdicts == {booked_ref: "captured", never: "not_captured", no_ref: "needs_review"}
+    rerun = cli(["batch", path, "--json"], served)
+    assert rerun.exit_code == 1
+    statuses = {o: v["status"] for o, v in outcomes_by_order(rerun.stdout).items()}
+    assert statuses == {booked_ref: "skipped", never: "captured", no_ref: "needs_review"}
+    assert [served.booked(o) for o in (booked_ref, never, no_ref)] == [1, 1, 1]
+
+
+def test_reconcile_refuses_a_missing_or_foreign_journal(served: ServedFake, tmp_path: Path) -> None:
+    missing = cli(["reconcile", str(tmp_path / "nope.sqlite")], served)
+    assert missing.exit_code == 2
+    assert "no journal at" in missing.stderr
+    theirs = tmp_path / "theirs.sqlite"
+    with sqlite3.connect(theirs) as conn:
+        conn.execute("CREATE TABLE journal (id INTEGER PRIMARY KEY)")
+    conn.close()
+    batch_file = write(tmp_path, "x.csv", "order_id,captured_amount\n")
+    for command in (["reconcile", str(theirs)], ["batch", batch_file, "--journal", str(theirs)]):
+        result = cli(command, served)
+        assert result.exit_code == 2, result.output
+        [line] = result.stderr.splitlines()
+        assert "is not a klarna-om journal" in line
 
 
 # -- in-process pieces of fake-server, logging, and the connection ---------------------------

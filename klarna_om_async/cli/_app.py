@@ -11,6 +11,7 @@ from ._batchcmd import batch
 from ._commands import SINGLE_COMMANDS
 from ._demo import demo
 from ._fakeserver import fake_server
+from ._reconcilecmd import reconcile
 
 __all__ = ("main",)
 
@@ -53,5 +54,5 @@ def _configure_logging(verbose: bool) -> None:
         logger.propagate = False
 
 
-for _command in (*SINGLE_COMMANDS, batch, fake_server, demo):
+for _command in (*SINGLE_COMMANDS, batch, reconcile, fake_server, demo):
     main.add_command(_command)

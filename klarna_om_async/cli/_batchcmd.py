@@ -7,13 +7,14 @@ import contextlib
 import sqlite3
 import sys
 from collections.abc import AsyncIterator
+from typing import Literal
 
 import attrs
 import click
 from rich.console import Console
 
 from ..batch import CaptureStatus
-from ..journal import SQLiteJournal
+from ..journal import JournalError, SQLiteJournal
 from ._batchfile import (
     CSV_COLUMNS,
     BatchFileError,
@@ -75,6 +76,7 @@ class _Settings:
     path: str
     fmt: BatchFormat
     journal: str | None
+    durability: Literal["full", "normal"]
     concurrency: int
     rate: float | None
     json_output: bool
@@ -99,6 +101,15 @@ class _Settings:
     help="Keep no journal: a rerun may capture again items whose answer was lost.",
 )
 @click.option(
+    "--journal-durability",
+    "durability",
+    type=click.Choice(["full", "normal"]),
+    default="full",
+    show_default=True,
+    help="full: fsync each journal write, so a power loss never loses a key that was sent; "
+    "normal: faster, survives a crash of this process but not of the machine.",
+)
+@click.option(
     "--concurrency",
     type=click.IntRange(min=1),
     default=32,
@@ -118,6 +129,7 @@ def batch(
     fmt: str | None,
     journal: str | None,
     no_journal: bool,
+    durability: Literal["full", "normal"],
     concurrency: int,
     rate: float | None,
     json_output: bool,
@@ -129,6 +141,7 @@ def batch(
             path=file,
             fmt=detect_format(file, fmt),
             journal=None if no_journal else (journal or file + ".journal.sqlite"),
+            durability=durability,
             concurrency=concurrency,
             rate=rate,
             json_output=json_output,
@@ -178,8 +191,6 @@ async def _run(settings: _Settings, connection: Connection) -> bool:
         completed = True
     except BatchFileError as error:
         raise InputError(str(error)) from None
-    except ValueError as error:  # the journal holds an item key for another order
-        raise InputError(f"journal {settings.journal}: {error}") from None
     except asyncio.CancelledError:
         interrupted = True
         raise
@@ -205,9 +216,11 @@ async def _journal(settings: _Settings) -> AsyncIterator[SQLiteJournal | None]:
     if settings.journal is None:
         yield None
         return
-    journal = SQLiteJournal(settings.journal)
+    journal = SQLiteJournal(settings.journal, durability=settings.durability)
     try:
         await journal.open()
+    except JournalError as error:  # in use by another run, or not a journal
+        raise InputError(str(error)) from None
     except (sqlite3.Error, OSError) as error:
         raise InputError(f"cannot open the journal {settings.journal}: {error}") from None
     try:
@@ -222,6 +235,12 @@ def _finish(view: BatchView, settings: _Settings, *, interrupted: bool) -> None:
         notes.append(
             "Some outcomes are unknown (failed): rerun the same command to finish them "
             "exactly once with their original idempotency keys."
+        )
+    if view.tally.counts[CaptureStatus.NEEDS_REVIEW]:
+        notes.append(
+            "Some items need review: their keys expired and Klarna's order does not show "
+            "whether they were captured. They are never sent again; check each order in the "
+            "Klarna merchant portal (the evidence is listed above)."
         )
     if interrupted:
         notes.append("Interrupted: the summary covers the items finished so far.")

@@ -153,7 +153,10 @@ _STATUS_STYLE = {
     CaptureStatus.REFUSED: "yellow",
     CaptureStatus.FAILED: "red",
     CaptureStatus.SKIPPED: "dim",
+    CaptureStatus.NEEDS_REVIEW: "magenta",
 }
+# Outcomes that leave an item not captured: listed after the summary, and exit status 1.
+_NOT_DONE = frozenset({CaptureStatus.REFUSED, CaptureStatus.FAILED, CaptureStatus.NEEDS_REVIEW})
 
 
 class BatchView:
@@ -217,8 +220,7 @@ class BatchView:
         self.tally.add(outcome)
         if self._lines:
             echo_json(outcome_json(outcome))
-        not_done = outcome.status in (CaptureStatus.REFUSED, CaptureStatus.FAILED)
-        if not_done and len(self._problems) < _PROBLEMS_SHOWN:
+        if outcome.status in _NOT_DONE and len(self._problems) < _PROBLEMS_SHOWN:
             self._problems.append(outcome)
         if self._progress is not None and self._task is not None:
             self._progress.update(
@@ -261,9 +263,7 @@ class BatchView:
         return table
 
     def _print_problems(self) -> None:
-        not_done = (
-            self.tally.counts[CaptureStatus.REFUSED] + self.tally.counts[CaptureStatus.FAILED]
-        )
+        not_done = sum(self.tally.counts[status] for status in _NOT_DONE)
         shown = len(self._problems)
         more = f" (first {shown} of {not_done}; --json lists all)" if not_done > shown else ""
         self._console.print(f"Not captured{more}:", markup=False, soft_wrap=True)

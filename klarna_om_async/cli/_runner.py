@@ -64,7 +64,8 @@ class Tally:
     @property
     def all_done(self) -> bool:
         """True when every item was captured or skipped (exit code 0)."""
-        return not (self.counts[CaptureStatus.REFUSED] or self.counts[CaptureStatus.FAILED])
+        done = self.counts[CaptureStatus.CAPTURED] + self.counts[CaptureStatus.SKIPPED]
+        return done == self.items
 
     def as_dict(self) -> dict[str, int | float]:
         """The totals as plain JSON values."""

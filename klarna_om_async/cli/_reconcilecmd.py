@@ -1,0 +1,126 @@
+"""``klarna-om reconcile JOURNAL``: settle every unknown item of a batch journal from Klarna."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import sqlite3
+import sys
+
+import click
+
+from ..journal import JournalError, SQLiteJournal
+from ..reconcile import Reconciliation, Verdict
+from ._options import (
+    EXIT_OK,
+    EXIT_SOME_NOT_CAPTURED,
+    Connection,
+    InputError,
+    connection_options,
+    json_option,
+)
+from ._render import echo_json
+
+__all__ = ("reconcile",)
+
+_SAYS = {
+    Verdict.CAPTURED: "captured",
+    Verdict.NOT_CAPTURED: "not captured: the next batch run sends it with a new key",
+    Verdict.NEEDS_REVIEW: "needs review: never sent again",
+    Verdict.RESEND: "not found yet: its key is still valid, the next batch run resends it",
+    None: "still unknown",
+}
+
+
+@click.command()
+@click.argument("journal", type=click.Path(dir_okay=False))
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1, max=64),
+    default=8,
+    show_default=True,
+    help="Orders read at once.",
+)
+@connection_options
+@json_option
+def reconcile(journal: str, concurrency: int, json_output: bool) -> None:
+    """Settle every item of JOURNAL whose outcome is unknown, by reading its order.
+
+    \b
+    For each item in flight or failed, the order is read from Klarna and its captures are
+    compared with what the item asked for:
+      captured       a capture with the item's reference and amount, booked after the
+                     item's key was first sent: recorded, a rerun skips it
+      not captured   no capture can be the item's: a rerun sends it with a new key
+      needs review   ambiguous (no reference, several candidates): never sent again;
+                     check the order in the Klarna merchant portal
+      resend         not found, but Klarna still knows the key (under 23 h old): a rerun
+                     resends the same key, which settles it exactly
+    A reference per capture (the batch file's `reference` column) makes this exact.
+
+    \b
+    Exit status: 0 nothing left to review; 1 some items need review or could not be
+    read; 2 usage errors or a journal that cannot be used; 130 interrupted.
+    """
+    if not os.path.exists(journal):
+        raise InputError(f"no journal at {journal}")
+    connection = Connection.from_context()
+    connection.check()
+    try:
+        results = asyncio.run(_run(journal, connection, concurrency))
+    except KeyboardInterrupt:
+        click.echo("Interrupted: items not yet reconciled are left as they were.", err=True)
+        sys.exit(130)
+    for result in results:
+        _show(result, json_output)
+    counts = collections.Counter(r.verdict for r in results)
+    if json_output:
+        echo_json(
+            {
+                "type": "summary",
+                "journal": journal,
+                "items": len(results),
+                **{str(v.value if v else "unknown"): counts[v] for v in _SAYS},
+            }
+        )
+    else:
+        told = ", ".join(f"{counts[v]} {v.value if v else 'unknown'}" for v in _SAYS if counts[v])
+        click.echo(f"Reconciled {len(results)} unknown item(s) of {journal}: {told or 'none'}.")
+    troubled = counts[Verdict.NEEDS_REVIEW] + counts[None]
+    sys.exit(EXIT_SOME_NOT_CAPTURED if troubled else EXIT_OK)
+
+
+async def _run(path: str, connection: Connection, concurrency: int) -> list[Reconciliation]:
+    try:
+        journal = await SQLiteJournal(path).open()
+    except JournalError as error:
+        raise InputError(str(error)) from None
+    except (sqlite3.Error, OSError) as error:
+        raise InputError(f"cannot open the journal {path}: {error}") from None
+    try:
+        async with connection.client() as om:
+            return await om.reconcile(journal, concurrency=concurrency)
+    finally:
+        await journal.close()
+
+
+def _show(result: Reconciliation, json_output: bool) -> None:
+    if json_output:
+        echo_json(
+            {
+                "type": "reconciliation",
+                "item_key": result.item_key,
+                "order_id": result.order_id,
+                "idempotency_key": result.idempotency_key,
+                "verdict": result.verdict.value if result.verdict else None,
+                "capture_id": result.capture_id,
+                "evidence": result.evidence,
+            }
+        )
+        return
+    capture = f" (capture {result.capture_id})" if result.capture_id else ""
+    click.echo(
+        f"{result.item_key} (order {result.order_id}): {_SAYS[result.verdict]}{capture}; "
+        f"{result.evidence}"
+    )
