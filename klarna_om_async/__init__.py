@@ -6,6 +6,7 @@
         created = await om.captures.create(order_id, CaptureRequest(captured_amount=6000))
 """
 
+from ._keys import new_idempotency_key
 from ._version import __version__
 from .batch import BatchItem, BatchProgress, CaptureOutcome, CaptureStatus
 from .client import KlarnaOM
@@ -33,6 +34,9 @@ from .errors import (
     ValidationError,
 )
 from .journal import (
+    Claim,
+    ClaimAction,
+    ItemRecord,
     Journal,
     JournalEntry,
     JournalError,
@@ -40,7 +44,6 @@ from .journal import (
     JournalStatus,
     MemoryJournal,
     NotAJournalError,
-    SQLiteJournal,
     deterministic_key,
 )
 from .middleware import Handler, Middleware, Request, Response
@@ -59,6 +62,7 @@ from .models import (
     ShippingMethod,
 )
 from .reconcile import Reconciliation, Verdict
+from .sqlite_journal import SQLiteJournal
 
 __all__ = (
     "Address",
@@ -72,10 +76,13 @@ __all__ = (
     "CaptureOutcome",
     "CaptureRequest",
     "CaptureStatus",
+    "Claim",
+    "ClaimAction",
     "ConflictError",
     "FraudStatus",
     "Handler",
     "ItemConflictError",
+    "ItemRecord",
     "Journal",
     "JournalEntry",
     "JournalError",
@@ -116,4 +123,5 @@ __all__ = (
     "Verdict",
     "__version__",
     "deterministic_key",
+    "new_idempotency_key",
 )

@@ -26,9 +26,9 @@ from klarna_om_async.journal import (
     JournalStatus,
     MemoryJournal,
     NotAJournalError,
-    SQLiteJournal,
     deterministic_key,
 )
+from klarna_om_async.sqlite_journal import SQLiteJournal
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 60
@@ -391,7 +391,7 @@ async def test_a_new_journal_on_the_same_file_sees_earlier_runs(tmp_path: Path) 
 
 CRASH_SCRIPT = """
 import asyncio, sys
-from klarna_om_async.journal import ItemRecord, SQLiteJournal
+from klarna_om_async import ItemRecord, SQLiteJournal
 
 async def main() -> None:
     journal = await SQLiteJournal(sys.argv[1]).open()

@@ -14,7 +14,8 @@ import click
 from rich.console import Console
 
 from ..batch import CaptureStatus
-from ..journal import JournalError, SQLiteJournal
+from ..journal import JournalError
+from ..sqlite_journal import SQLiteJournal
 from ._batchfile import (
     CSV_COLUMNS,
     BatchFileError,

@@ -22,8 +22,8 @@ from rich.console import Console
 from ..batch import BatchItem, CaptureOutcome, CaptureStatus
 from ..client import KlarnaOM
 from ..config import RetryPolicy
-from ..journal import SQLiteJournal
 from ..models import CaptureRequest
+from ..sqlite_journal import SQLiteJournal
 from ..testing import DropAfterProcessing, FakeKlarna, Fault, RateLimited, ServerFailure
 from ._options import EXIT_OK, EXIT_SOME_NOT_CAPTURED, json_option
 from ._render import BatchView

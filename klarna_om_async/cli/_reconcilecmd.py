@@ -10,8 +10,9 @@ import sys
 
 import click
 
-from ..journal import JournalError, SQLiteJournal
+from ..journal import JournalError
 from ..reconcile import Reconciliation, Verdict
+from ..sqlite_journal import SQLiteJournal
 from ._options import (
     EXIT_OK,
     EXIT_SOME_NOT_CAPTURED,

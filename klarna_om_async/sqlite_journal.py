@@ -1,0 +1,520 @@
+"""``SQLiteJournal``: the durable journal, one SQLite file written by one thread.
+
+The decisions it applies (which key an item is sent with, what a rerun does) are in
+:mod:`klarna_om_async.journal`; this module keeps them durable, fast and single-owner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import queue
+import sqlite3
+import sys
+import threading
+from collections.abc import Callable, Iterable
+from datetime import datetime, timedelta
+from typing import IO, Any, Literal, Self, TypeVar
+
+from .journal import (
+    DEFAULT_KEY_MAX_AGE,
+    Claim,
+    ClaimAction,
+    ItemRecord,
+    JournalEntry,
+    JournalInUseError,
+    JournalStatus,
+    NotAJournalError,
+    _decide,
+    _expired,
+    _finished,
+    _not_begun,
+    _not_open,
+    _utc_now,
+)
+
+__all__ = ("SQLiteJournal",)
+
+
+_SCHEMA_VERSION = 2
+# "KOMJ": marks the file as ours, so another program's database is never written to.
+_APPLICATION_ID = 0x4B4F4D4A
+_COLUMNS = (
+    "item_key, order_id, idempotency_key, status, capture_id, error, attempts, updated_at,"
+    " fingerprint, captured_amount, reference, key_sent_at, uncertain"
+)
+_V1_COLUMNS = [
+    "item_key",
+    "order_id",
+    "idempotency_key",
+    "status",
+    "capture_id",
+    "error",
+    "attempts",
+    "updated_at",
+]
+_CREATE = """
+CREATE TABLE journal (
+    item_key        TEXT PRIMARY KEY,
+    order_id        TEXT NOT NULL,
+    idempotency_key TEXT NOT NULL,
+    status          TEXT NOT NULL,
+    capture_id      TEXT,
+    error           TEXT,
+    attempts        INTEGER NOT NULL,
+    updated_at      TEXT NOT NULL,
+    fingerprint     TEXT,
+    captured_amount INTEGER,
+    reference       TEXT,
+    key_sent_at     TEXT,
+    uncertain       INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+"""
+# Journals of version 1 kept no fingerprint and no key age: their keys count as expired, so
+# an unknown item is reconciled rather than resent blindly.
+_MIGRATE_V1 = """
+ALTER TABLE journal ADD COLUMN fingerprint TEXT;
+ALTER TABLE journal ADD COLUMN captured_amount INTEGER;
+ALTER TABLE journal ADD COLUMN reference TEXT;
+ALTER TABLE journal ADD COLUMN key_sent_at TEXT;
+ALTER TABLE journal ADD COLUMN uncertain INTEGER NOT NULL DEFAULT 0;
+UPDATE journal SET uncertain = 1 WHERE status IN ('in_flight', 'failed');
+"""
+_INDEXES = """
+CREATE INDEX IF NOT EXISTS journal_by_key ON journal (idempotency_key);
+CREATE INDEX IF NOT EXISTS journal_by_order ON journal (order_id);
+"""
+_UPSERT = f"""
+INSERT INTO journal ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (item_key) DO UPDATE SET
+    order_id = excluded.order_id, idempotency_key = excluded.idempotency_key,
+    status = excluded.status, capture_id = excluded.capture_id, error = excluded.error,
+    attempts = excluded.attempts, updated_at = excluded.updated_at,
+    fingerprint = excluded.fingerprint, captured_amount = excluded.captured_amount,
+    reference = excluded.reference, key_sent_at = excluded.key_sent_at,
+    uncertain = excluded.uncertain
+"""
+_SELECT_ONE = f"SELECT {_COLUMNS} FROM journal WHERE item_key = ?"
+_KEY_OWNER = "SELECT item_key FROM journal WHERE idempotency_key = ? LIMIT 1"
+# Another process (a report) may hold the write lock briefly.
+_BUSY_TIMEOUT_S = 30.0
+
+_T = TypeVar("_T")
+_Op = Callable[[sqlite3.Connection, datetime], object]
+# (None, future) asks the writer thread to stop; the future resolves once the file is closed.
+_Work = tuple[_Op | None, "asyncio.Future[Any]"]
+# The queue carries the calls made in one event-loop turn together (see SQLiteJournal._call).
+_Queue = queue.SimpleQueue[list[_Work]]
+_Outcome = tuple["asyncio.Future[Any]", object, BaseException | None]
+
+
+def _iso(when: datetime | None) -> str | None:
+    return None if when is None else when.isoformat(timespec="microseconds")
+
+
+def _row_to_entry(row: tuple[Any, ...]) -> JournalEntry:
+    (item_key, order_id, key, status, capture_id, error, attempts, updated_at) = row[:8]
+    fingerprint, amount, reference, sent_at, uncertain = row[8:]
+    return JournalEntry(
+        item_key=item_key,
+        order_id=order_id,
+        idempotency_key=key,
+        status=JournalStatus(status),
+        capture_id=capture_id,
+        error=error,
+        attempts=attempts,
+        updated_at=datetime.fromisoformat(updated_at),
+        fingerprint=fingerprint,
+        captured_amount=amount,
+        reference=reference,
+        key_sent_at=None if sent_at is None else datetime.fromisoformat(sent_at),
+        uncertain=bool(uncertain),
+    )
+
+
+def _entry_to_row(e: JournalEntry) -> tuple[object, ...]:
+    return (
+        e.item_key,
+        e.order_id,
+        e.idempotency_key,
+        e.status.value,
+        e.capture_id,
+        e.error,
+        e.attempts,
+        _iso(e.updated_at),
+        e.fingerprint,
+        e.captured_amount,
+        e.reference,
+        _iso(e.key_sent_at),
+        int(e.uncertain),
+    )
+
+
+def _read_one(conn: sqlite3.Connection, item_key: str) -> JournalEntry | None:
+    row = conn.execute(_SELECT_ONE, (item_key,)).fetchone()
+    return None if row is None else _row_to_entry(row)
+
+
+def _settle(outcomes: list[_Outcome]) -> None:
+    for future, result, exc in outcomes:
+        if future.done():  # the caller was cancelled; its write stands anyway
+            continue
+        if exc is None:
+            future.set_result(result)
+        else:
+            future.set_exception(exc)
+
+
+def _resolve(outcomes: list[_Outcome]) -> None:
+    # One wake-up per event loop per group, not one per call.
+    by_loop: dict[asyncio.AbstractEventLoop, list[_Outcome]] = {}
+    for outcome in outcomes:
+        by_loop.setdefault(outcome[0].get_loop(), []).append(outcome)
+    for loop, group in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
+            loop.call_soon_threadsafe(_settle, group)
+
+
+class _OwnerLock:
+    """An exclusive, non-blocking OS lock on ``PATH.lock``, released by the OS if we die.
+
+    Taken per open file, so two journal objects in one process exclude each other too (a
+    reentrant, per-process lock library would let them share the file). The holder's pid is
+    written into the file for the message the next taker sees.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path + ".lock"
+        self._file: IO[str] | None = None
+
+    def acquire(self, journal: str) -> None:
+        file = open(self.path, "a+")  # noqa: SIM115 - held open while the journal is open
+        try:
+            _lock_file(file)
+        except OSError:
+            file.seek(0)
+            holder = file.read().strip() or "unknown"
+            file.close()
+            raise JournalInUseError(
+                f"journal {journal} is in use by another run (process {holder}); wait for it"
+                " to finish, or give this run another journal"
+            ) from None
+        file.seek(0)
+        file.truncate()
+        file.write(str(os.getpid()))
+        file.flush()
+        self._file = file
+
+    def release(self) -> None:
+        file, self._file = self._file, None
+        if file is not None:
+            file.close()  # closing drops the lock
+
+
+if sys.platform == "win32":  # pragma: no cover - CI runs on Linux
+    import msvcrt
+
+    def _lock_file(file: IO[str]) -> None:
+        file.seek(0)
+        msvcrt.locking(file.fileno(), msvcrt.LK_NBLCK, 1)
+
+else:
+    import fcntl
+
+    def _lock_file(file: IO[str]) -> None:
+        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+class SQLiteJournal:
+    """Journal in an SQLite file, written by one thread that commits queued writes together.
+
+    Every call returns only once its write is committed. With the default
+    ``durability="full"`` (WAL, ``synchronous=FULL``) every commit is fsynced: a claim
+    survives a power loss or OS crash as well as ``kill -9``, so a rerun never hands out a new
+    key for an item that may have been sent. ``durability="normal"`` (``synchronous=NORMAL``)
+    is faster but a power loss may undo the last commits.
+
+    While open it holds ``PATH.lock`` exclusively: a second journal on the same file raises
+    :class:`JournalInUseError`. A file that is not a klarna-om journal raises
+    :class:`NotAJournalError`. ``key_max_age`` (default 23 hours, under Klarna's 24) is how old
+    an unknown item's key may be before it is reconciled instead of resent; ``clock`` returns
+    the current UTC time (tests drive it).
+
+    A dedicated thread owns the connection: calls queue their work and await a future; the
+    thread takes everything queued, applies it in ONE transaction, commits, then resolves the
+    futures. The event loop never waits for the disk, and thousands of concurrent calls cost
+    few commits (see :attr:`commits`). Cancelling a call does not withdraw its write.
+    """
+
+    commits: int
+    """Transactions committed by the writer thread so far (for tests and metrics)."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        durability: Literal["normal", "full"] = "full",
+        key_max_age: timedelta = DEFAULT_KEY_MAX_AGE,
+        clock: Callable[[], datetime] = _utc_now,
+    ) -> None:
+        if durability not in ("normal", "full"):
+            raise ValueError(f"durability must be 'normal' or 'full', not {durability!r}")
+        if key_max_age <= timedelta(0):
+            raise ValueError(f"key_max_age must be positive, not {key_max_age!r}")
+        self._path = os.fspath(path)
+        self._durability = durability
+        self._key_max_age = key_max_age
+        self._clock = clock
+        self._lock = _OwnerLock(self._path)
+        self._work: _Queue | None = None
+        # Calls made since the last flush; sent to the writer thread as one group.
+        self._unsent: list[_Work] = []
+        self._thread: threading.Thread | None = None
+        self.commits = 0
+
+    def __repr__(self) -> str:
+        return f"SQLiteJournal({self._path!r}, durability={self._durability!r})"
+
+    async def open(self) -> Self:
+        """Take the file's lock, start the writer thread, create or check the schema.
+
+        Raises :class:`JournalInUseError`, :class:`NotAJournalError`, or ``sqlite3.Error`` /
+        ``OSError`` for a file that cannot be opened.
+        """
+        if self._work is not None:
+            raise RuntimeError(f"{self!r} is already open")
+        if self._path != ":memory:":
+            self._lock.acquire(self._path)
+        loop = asyncio.get_running_loop()
+        work: _Queue = queue.SimpleQueue()
+        ready: asyncio.Future[None] = loop.create_future()
+        thread = threading.Thread(
+            target=self._run, args=(work, ready), name="klarna-om-journal", daemon=True
+        )
+        thread.start()
+        try:
+            await ready
+        except BaseException:
+            # Stops the thread if it got as far as serving (e.g. open() was cancelled).
+            work.put([(None, loop.create_future())])
+            self._lock.release()
+            raise
+        self._work, self._thread = work, thread
+        return self
+
+    async def __aenter__(self) -> Self:
+        return await self.open()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Complete the queued writes, close the file, stop the thread, release the lock."""
+        work, thread = self._work, self._thread
+        if work is None or thread is None:
+            return
+        self._send_unsent()  # calls made in this loop turn are written before the file closes
+        self._work = self._thread = None
+        closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        work.put([(None, closed)])
+        try:
+            await closed
+            # The thread has closed the file and is returning, so this join does not wait.
+            thread.join()
+        finally:
+            self._lock.release()
+
+    async def claim(self, item: ItemRecord, new_key: str) -> Claim:
+        """Decide what to do with ``item``; durably record a ``SEND`` as in flight."""
+        max_age = self._key_max_age
+
+        def op(conn: sqlite3.Connection, now: datetime) -> Claim:
+            old = _read_one(conn, item.item_key)
+            owner = conn.execute(_KEY_OWNER, (new_key,)).fetchone()
+            claim = _decide(old, item, new_key, owner and owner[0], now, max_age)
+            if claim.action is ClaimAction.SEND:
+                conn.execute(_UPSERT, _entry_to_row(claim.entry))
+            return claim
+
+        return await self._call(op)
+
+    async def finish(
+        self,
+        item_key: str,
+        status: JournalStatus,
+        *,
+        capture_id: str | None = None,
+        error: str | None = None,
+        attempts: int = 0,
+        reconciled: bool = False,
+    ) -> JournalStatus:
+        """Durably record an outcome; returns the status recorded (see :meth:`Journal.finish`)."""
+        if attempts < 0:
+            raise ValueError(f"attempts must be >= 0, not {attempts}")
+
+        def op(conn: sqlite3.Connection, now: datetime) -> JournalStatus:
+            old = _read_one(conn, item_key)
+            if old is None:
+                raise _not_begun(item_key)
+            new = _finished(old, status, capture_id, error, attempts, reconciled, now)
+            conn.execute(_UPSERT, _entry_to_row(new))
+            return new.status
+
+        return await self._call(op)
+
+    async def entries(
+        self, *, statuses: Iterable[JournalStatus] | None = None, order_id: str | None = None
+    ) -> list[JournalEntry]:
+        """The entries (optionally only these statuses, or this order's), by ``item_key``."""
+        where, params = [], []
+        if statuses is not None:
+            wanted = [JournalStatus(s).value for s in statuses]
+            where.append(f"status IN ({', '.join('?' * len(wanted))})")
+            params.extend(wanted)
+        if order_id is not None:
+            where.append("order_id = ?")
+            params.append(order_id)
+        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        sql = f"SELECT {_COLUMNS} FROM journal{clause} ORDER BY item_key"
+
+        def op(conn: sqlite3.Connection, now: datetime) -> list[JournalEntry]:
+            return [_row_to_entry(row) for row in conn.execute(sql, params)]
+
+        return await self._call(op)
+
+    def key_expired(self, entry: JournalEntry) -> bool:
+        """True when Klarna may have forgotten ``entry``'s key (older than ``key_max_age``)."""
+        return _expired(entry, self._clock(), self._key_max_age)
+
+    async def summary(self) -> dict[JournalStatus, int]:
+        """How many items are in each status (zero included)."""
+
+        def op(conn: sqlite3.Connection, now: datetime) -> dict[JournalStatus, int]:
+            counts = dict.fromkeys(JournalStatus, 0)
+            rows = conn.execute("SELECT status, count(*) FROM journal GROUP BY status")
+            counts.update((JournalStatus(status), n) for status, n in rows)
+            return counts
+
+        return await self._call(op)
+
+    async def _call(self, op: Callable[[sqlite3.Connection, datetime], _T]) -> _T:
+        work = self._work
+        if work is None:
+            raise _not_open(type(self).__name__)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[_T] = loop.create_future()
+        # A batch's workers call in bursts (every answer read in one loop turn ends an item
+        # and begins the next). Sending each call on its own woke the writer thread and
+        # committed once per call; sending a turn's calls together commits them as one.
+        self._unsent.append((op, future))
+        if len(self._unsent) == 1:
+            loop.call_soon(self._send_unsent)
+        return await future
+
+    def _send_unsent(self) -> None:
+        unsent, self._unsent = self._unsent, []
+        # Empty when close() sent them first; _call refuses new calls once closed.
+        if unsent and self._work is not None:
+            self._work.put(unsent)
+
+    # --- everything below runs on the writer thread ---
+
+    def _run(self, work: _Queue, ready: asyncio.Future[None]) -> None:
+        try:
+            conn = self._connect()
+        except BaseException as exc:
+            _resolve([(ready, None, exc)])
+            return
+        _resolve([(ready, None, None)])
+        try:
+            stops = self._serve(conn, work)
+        finally:
+            conn.close()
+        _resolve([(future, None, None) for future in stops])
+
+    def _connect(self) -> sqlite3.Connection:
+        # isolation_level=None: transactions are exactly the BEGIN/COMMIT issued here.
+        conn = sqlite3.connect(self._path, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            self._check_schema(conn)
+            conn.execute("COMMIT")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute(f"PRAGMA synchronous = {self._durability.upper()}")
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            if isinstance(exc, sqlite3.OperationalError):
+                raise
+            raise NotAJournalError(f"{self._path} is not a klarna-om journal: {exc}") from None
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _check_schema(self, conn: sqlite3.Connection) -> None:
+        (app_id,) = conn.execute("PRAGMA application_id").fetchone()
+        (version,) = conn.execute("PRAGMA user_version").fetchone()
+        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        if app_id == _APPLICATION_ID:
+            if version > _SCHEMA_VERSION:
+                raise NotAJournalError(
+                    f"{self._path}: journal schema version {version} is newer than this "
+                    f"version of klarna-om-async supports ({_SCHEMA_VERSION}); upgrade it"
+                )
+            return
+        if not tables and app_id == 0:
+            conn.execute(_CREATE)
+        elif app_id == 0 and version == 1 and tables == ["journal"] and self._v1(conn):
+            for statement in _MIGRATE_V1.strip().split(";\n"):
+                conn.execute(statement)
+        else:
+            what = ", ".join(tables[:3]) or f"application id {app_id}"
+            raise NotAJournalError(
+                f"{self._path} is not a klarna-om journal (it holds {what}); choose another"
+                " journal path"
+            )
+        for statement in _INDEXES.strip().split(";\n"):
+            conn.execute(statement.rstrip(";"))
+        conn.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
+        conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+
+    @staticmethod
+    def _v1(conn: sqlite3.Connection) -> bool:
+        return [r[1] for r in conn.execute("PRAGMA table_info(journal)")] == _V1_COLUMNS
+
+    def _serve(self, conn: sqlite3.Connection, work: _Queue) -> list[asyncio.Future[Any]]:
+        while True:
+            batch = work.get()
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    batch.extend(work.get_nowait())
+            calls = [(op, future) for op, future in batch if op is not None]
+            if calls:
+                _resolve(self._apply(conn, calls))
+            stops = [future for op, future in batch if op is None]
+            if stops:
+                return stops
+
+    def _apply(
+        self, conn: sqlite3.Connection, calls: list[tuple[_Op, asyncio.Future[Any]]]
+    ) -> list[_Outcome]:
+        now = self._clock()
+        outcomes: list[_Outcome] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for op, future in calls:
+                try:
+                    outcomes.append((future, op(conn, now), None))
+                except Exception as exc:
+                    if not conn.in_transaction:
+                        raise  # SQLite rolled back the whole transaction (disk full, I/O error)
+                    # A failed statement undoes only itself; the others in the group stand.
+                    outcomes.append((future, None, exc))
+            conn.execute("COMMIT")
+        except Exception as exc:
+            with contextlib.suppress(sqlite3.Error):
+                conn.rollback()
+            return [(future, None, exc) for _, future in calls]
+        self.commits += 1
+        return outcomes
