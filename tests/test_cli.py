@@ -33,6 +33,7 @@ from klarna_om_async import (
     CaptureOutcome,
     CaptureRequest,
     CaptureStatus,
+    JournalStatus,
     KlarnaOM,
     Region,
     RetryPolicy,
@@ -170,7 +171,13 @@ def test_capture_json_uses_the_given_idempotency_key(served: ServedFake) -> None
     args = ["capture", order_id, "--amount", "10000", "--description", "all", "--json"]
     result = cli([*args, "--idempotency-key", "key-1"], served)
     assert result.exit_code == 0, result.output
-    [printed] = json_lines(result.stdout)
+    request, printed = json_lines(result.stdout)
+    assert request == {
+        "type": "request",
+        "command": "capture",
+        "order_id": order_id,
+        "idempotency_key": "key-1",
+    }
     assert printed["order_id"] == order_id
     assert printed["idempotency_key"] == "key-1"
     assert printed["attempts"] == 1
@@ -179,12 +186,13 @@ def test_capture_json_uses_the_given_idempotency_key(served: ServedFake) -> None
     assert booked.description == "all"
 
 
-def test_capture_refused_prints_one_line_and_exits_1(served: ServedFake) -> None:
+def test_capture_refused_prints_its_key_then_one_line_and_exits_1(served: ServedFake) -> None:
     order_id = served.add_order(1000)
     result = cli(["capture", order_id, "--amount", "5000"], served)
     assert result.exit_code == 1
     assert result.stdout == ""
-    [line] = result.stderr.splitlines()
+    key_line, line = result.stderr.splitlines()
+    assert key_line == f"idempotency key: {served.posts(order_id)[0]}"
     assert "403 CAPTURE_NOT_ALLOWED" in line
     assert "correlation_id=" in line
 
@@ -259,7 +267,8 @@ def test_ship_adds_tracking_details(served: ServedFake) -> None:
     assert result.exit_code == 0, result.output
     assert "DHL Home T-1" in result.stdout
     as_json = cli([*args, "--method", "PickUpPoint", "--json"], served)
-    [printed] = json_lines(as_json.stdout)
+    request, printed = json_lines(as_json.stdout)
+    assert (request["type"], request["command"]) == ("request", "ship")
     assert printed["shipping_info"][0]["shipping_method"] == "PickUpPoint"
     [booked] = served.do(lambda: served.fake.captures(order_id))
     assert [s["shipping_method"] for s in booked.shipping_info] == ["Home", "PickUpPoint"]
@@ -279,9 +288,9 @@ def test_send_out_triggers_the_customer_communication(served: ServedFake) -> Non
     capture_id = capture(served, order_id, 10_000)
     assert "Triggered send-out" in cli(["send-out", order_id, capture_id], served).stdout
     result = cli(["send-out", order_id, capture_id, "--json"], served)
-    assert json_lines(result.stdout) == [
-        {"order_id": order_id, "capture_id": capture_id, "send_out": "triggered"}
-    ]
+    request, printed = json_lines(result.stdout)
+    assert (request["type"], request["command"]) == ("request", "send-out")
+    assert printed == {"order_id": order_id, "capture_id": capture_id, "send_out": "triggered"}
     assert served.do(lambda: served.fake.captures(order_id)[0].send_outs) == 2
 
 
@@ -314,7 +323,7 @@ def test_order_unknown_exits_1(served: ServedFake) -> None:
 def capture(served: ServedFake, order_id: str, amount: int) -> str:
     result = cli(["capture", order_id, "--amount", str(amount), "--json"], served)
     assert result.exit_code == 0, result.output
-    capture_id: str = json_lines(result.stdout)[0]["capture_id"]
+    capture_id: str = json_lines(result.stdout)[-1]["capture_id"]  # after the request line
     return capture_id
 
 
@@ -1095,7 +1104,7 @@ def test_verbose_logs_each_retry_with_its_key(served: ServedFake) -> None:
     args = ["capture", order_id, "--amount", "1000", "--idempotency-key", "k-429"]
     quiet = cli(args, served)
     assert quiet.exit_code == 0
-    assert quiet.stderr == ""
+    assert quiet.stderr == "idempotency key: k-429\n"
     served.do(lambda: served.fake.inject(RateLimited("0")))
     loud = cli(["-v", *args], served)
     assert loud.exit_code == 0
@@ -1108,3 +1117,27 @@ def test_the_connection_never_shows_the_password() -> None:
         username="u", password=PASSWORD, region=Region.EU, playground=False, base_url=None
     )
     assert PASSWORD not in repr(connection)
+
+
+def test_reconcile_settles_an_item_by_hand(served: ServedFake, tmp_path: Path) -> None:
+    journal = str(tmp_path / "j.sqlite")
+
+    async def two_items_in_doubt() -> None:
+        async with SQLiteJournal(journal) as opened:
+            for key in ("a", "b"):
+                item = ItemRecord(item_key=key, order_id=key, captured_amount=1, fingerprint=key)
+                await opened.claim(item, f"key-{key}")
+                await opened.finish(key, JournalStatus.NEEDS_REVIEW, reconciled=True)
+
+    asyncio.run(two_items_in_doubt())
+    result = cli(["reconcile", journal, "--captured", "a", "cap-a", "--not-captured", "b"], served)
+    assert result.exit_code == 0, result.output
+    assert "Settled a: captured as cap-a." in result.stdout
+    assert journal_summary(journal) == {"captured": 1, "refused": 1}
+    assert served.do(lambda: len(served.fake.requests)) == 0  # nothing read or sent
+    again = cli(["reconcile", journal, "--not-captured", "a"], served)
+    assert again.exit_code == 2
+    assert "already settled (captured)" in again.stderr
+    unknown = cli(["reconcile", journal, "--not-captured", "zzz"], served)
+    assert unknown.exit_code == 2
+    assert "has no item 'zzz'" in unknown.stderr

@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from ..journal import JournalError
+from ..journal import JournalError, JournalStatus
 from ..reconcile import Reconciliation, Verdict
 from ..sqlite_journal import SQLiteJournal
 from ._options import (
@@ -43,9 +43,31 @@ _SAYS = {
     show_default=True,
     help="Orders read at once.",
 )
+@click.option(
+    "--captured",
+    "mark_captured",
+    nargs=2,
+    multiple=True,
+    metavar="ITEM_KEY CAPTURE_ID",
+    help="Settle an item by hand: it was captured as CAPTURE_ID (repeatable).",
+)
+@click.option(
+    "--not-captured",
+    "mark_not_captured",
+    multiple=True,
+    metavar="ITEM_KEY",
+    help="Settle an item by hand: it was never captured; a rerun sends it with a new key "
+    "(repeatable).",
+)
 @connection_options
 @json_option
-def reconcile(journal: str, concurrency: int, json_output: bool) -> None:
+def reconcile(
+    journal: str,
+    concurrency: int,
+    mark_captured: tuple[tuple[str, str], ...],
+    mark_not_captured: tuple[str, ...],
+    json_output: bool,
+) -> None:
     """Settle every item of JOURNAL whose outcome is unknown, by reading its order.
 
     \b
@@ -61,11 +83,26 @@ def reconcile(journal: str, concurrency: int, json_output: bool) -> None:
     A reference per capture (the batch file's `reference` column) makes this exact.
 
     \b
+    After checking an item that needs review in the Klarna merchant portal, settle it:
+      klarna-om reconcile JOURNAL --captured ITEM_KEY CAPTURE_ID
+      klarna-om reconcile JOURNAL --not-captured ITEM_KEY
+    (ITEM_KEY is ORDER_ID, or ORDER_ID:REFERENCE; the batch output shows it.) Nothing is
+    read from Klarna then.
+
+    \b
     Exit status: 0 nothing left to review; 1 some items need review or could not be
     read; 2 usage errors or a journal that cannot be used; 130 interrupted.
     """
     if not os.path.exists(journal):
         raise InputError(f"no journal at {journal}")
+    if mark_captured or mark_not_captured:
+        marks: list[tuple[str, str | None]] = [(key, cid) for key, cid in mark_captured]
+        marks += [(key, None) for key in mark_not_captured]
+        asyncio.run(_settle(journal, marks))
+        for key, capture_id in marks:
+            told = f"captured as {capture_id}" if capture_id else "not captured"
+            click.echo(f"Settled {key}: {told}.")
+        sys.exit(EXIT_OK)
     connection = Connection.from_context()
     connection.check()
     try:
@@ -92,13 +129,40 @@ def reconcile(journal: str, concurrency: int, json_output: bool) -> None:
     sys.exit(EXIT_SOME_NOT_CAPTURED if troubled else EXIT_OK)
 
 
-async def _run(path: str, connection: Connection, concurrency: int) -> list[Reconciliation]:
+async def _open(path: str) -> SQLiteJournal:
     try:
-        journal = await SQLiteJournal(path).open()
+        return await SQLiteJournal(path).open()
     except JournalError as error:
         raise InputError(str(error)) from None
     except (sqlite3.Error, OSError) as error:
         raise InputError(f"cannot open the journal {path}: {error}") from None
+
+
+async def _settle(path: str, marks: list[tuple[str, str | None]]) -> None:
+    journal = await _open(path)
+    try:
+        known = {e.item_key: e for e in await journal.entries()}
+        for key, _ in marks:
+            entry = known.get(key)
+            if entry is None:
+                raise InputError(f"{path} has no item {key!r}")
+            if entry.status in (JournalStatus.CAPTURED, JournalStatus.REFUSED):
+                raise InputError(f"item {key!r} is already settled ({entry.status.value})")
+        for key, capture_id in marks:
+            status = JournalStatus.CAPTURED if capture_id else JournalStatus.REFUSED
+            await journal.finish(
+                key,
+                status,
+                capture_id=capture_id,
+                error=None if capture_id else "settled by hand: not captured",
+                reconciled=True,
+            )
+    finally:
+        await journal.close()
+
+
+async def _run(path: str, connection: Connection, concurrency: int) -> list[Reconciliation]:
+    journal = await _open(path)
     try:
         async with connection.client() as om:
             return await om.reconcile(journal, concurrency=concurrency)
