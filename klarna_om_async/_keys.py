@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import os
 
-__all__ = ("random_key",)
+__all__ = ("new_idempotency_key", "random_key")
+
+
+def new_idempotency_key() -> str:
+    """A fresh ``Klarna-Idempotency-Key`` (a random UUID4 string) for one money-moving call.
+
+    Make it and store it (with the order and amount) before calling, then pass it as
+    ``idempotency_key=``: if the call ends with its outcome unknown (a crash, a timeout, a
+    cancellation, ``err.outcome_unknown``), calling again with the same key and the same
+    request within 24 hours finishes it exactly once. Use a new key for any other request.
+    """
+    return random_key()
 
 
 def random_key() -> str:

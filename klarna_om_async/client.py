@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from types import TracebackType
 from typing import Self
@@ -41,6 +42,8 @@ class KlarnaOM:
     ``timeout`` bounds each HTTP attempt; ``retry`` bounds the whole call. ``middlewares``
     run once per attempt, inside the retry loop and throttle, outside error decoding and
     auth, so they see every attempt with its idempotency key but never the credentials.
+    ``clock`` (monotonic seconds) times deadlines and 429 pauses; tests pass a fake one with
+    the policy's ``sleep``.
     """
 
     def __init__(
@@ -56,6 +59,7 @@ class KlarnaOM:
         session: aiohttp.ClientSession | None = None,
         middlewares: Iterable[Middleware] = (),
         max_connections: int = 100,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         credentials = Credentials(username, password)
         url = base_url if base_url is not None else base_url_for(region, playground=playground)
@@ -72,8 +76,13 @@ class KlarnaOM:
         #: The middleware chain, outermost first; the transport follows the last one.
         self.chain: tuple[Middleware, ...] = (
             IdempotencyMiddleware(),
-            RetryMiddleware(self.retry_policy),
-            ThrottleMiddleware(sleep=self.retry_policy.sleep),
+            RetryMiddleware(self.retry_policy, clock=clock),
+            ThrottleMiddleware(
+                sleep=self.retry_policy.sleep,
+                clock=clock,
+                max_pause=self.retry_policy.retry_after_cap,
+                base_url=self.base_url,
+            ),
             *middlewares,
             ErrorMiddleware(),
             AuthMiddleware(credentials),

@@ -4,9 +4,12 @@ A middleware is any ``async (request, call_next) -> Response`` callable (or a pl
 returns ``call_next(...)``'s awaitable, as the two that only dress the request do: one
 coroutine fewer per call). The client lines them up, outermost first::
 
-    IdempotencyMiddleware   stamps Klarna-Idempotency-Key once per logical call
-    RetryMiddleware         backoff with full jitter; the same key on every attempt
-    ThrottleMiddleware      waits for a batch's rate limit and any pause a 429 imposed
+    IdempotencyMiddleware   stamps Klarna-Idempotency-Key once per logical call; refuses a
+                            key this client already sent with a different request
+    RetryMiddleware         backoff with full jitter; the same key on every attempt; stamps
+                            the call's deadline; notes the key on a cancelled call
+    ThrottleMiddleware      waits for a batch's rate limit and any (capped) pause a 429
+                            imposed, unless that would pass the call's deadline
     *your middlewares*      see every attempt (with its key, without credentials)
     ErrorMiddleware         non-2xx -> typed KlarnaAPIError
     AuthMiddleware          Authorization: Basic ...
@@ -21,6 +24,7 @@ from __future__ import annotations
 import logging
 import time
 import types
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Protocol
 
@@ -70,12 +74,21 @@ class Request:
     headers: Mapping[str, str] = attrs.field(factory=dict)
     #: The caller's key for this call, or the one the idempotency middleware chose.
     idempotency_key: str | None = None
+    #: When the whole call must be over, on the retry middleware's clock (``time.monotonic``
+    #: seconds by default); stamped by ``RetryMiddleware`` as call start + policy deadline.
+    #: ``None`` before that, or when the chain has no retry middleware: no limit.
+    deadline: float | None = None
 
     def with_header(self, name: str, value: str) -> Request:
         """A copy of this request with one more header."""
         # Positional construction: attrs.evolve would re-read the fields on every call.
         return Request(
-            self.method, self.path, self.body, {**self.headers, name: value}, self.idempotency_key
+            self.method,
+            self.path,
+            self.body,
+            {**self.headers, name: value},
+            self.idempotency_key,
+            self.deadline,
         )
 
 
@@ -133,18 +146,49 @@ def _link(middleware: Middleware, call_next: Handler) -> Handler:
     return link
 
 
+#: How many keys an ``IdempotencyMiddleware`` remembers (least recently used go first).
+#: Reusing a key for another request is a mistake made close to the first use: two
+#: concurrent calls handed one key, or a retry after an unknown outcome with an edited body.
+#: 4096 keys hold every call in flight at any sane concurrency (the connection pool defaults
+#: to 100, a batch to 32) plus the last ~20 s at Klarna's production limit of 200 requests/s,
+#: in well under 1 MiB (a key string, an int and a link each). Older reuse is not caught here:
+#: over Klarna's 24 hours the caller's records (e.g. a batch journal) are the authority.
+REMEMBERED_KEYS = 4096
+
+
 class IdempotencyMiddleware:
     """Gives every POST/PATCH one ``Klarna-Idempotency-Key`` for the whole logical call.
 
     The caller's key wins; otherwise a fresh UUID4 is made here, outside the retry loop, so
     every retry of the call carries the same key and Klarna executes it at most once.
+
+    Klarna answers a reused key with the first request's stored answer and ignores the new
+    body, so this middleware remembers the last ``remember`` keys it stamped, each with a
+    digest of its request (method, path, body), and refuses a key already sent with a
+    different request: ``ValidationError("idempotency_key", ...)``, before anything is sent.
+    The same key with the same request passes (that is how a call whose outcome is unknown is
+    retried). Keys it made itself are remembered too: they are handed back to the caller (on
+    results and errors), who may reuse them.
     """
 
-    def __init__(self, new_key: Callable[[], str] = random_key) -> None:
+    def __init__(
+        self, new_key: Callable[[], str] = random_key, *, remember: int = REMEMBERED_KEYS
+    ) -> None:
+        if remember < 1:
+            raise ValueError(f"remember must be at least 1, got {remember!r}")
         self._new_key = new_key
+        self._remember = remember
+        # key -> hash((method, path, body)). A 64-bit hash, salted per process (fine: the
+        # memory never leaves it); equal requests always match, and a different request
+        # slips through only on a 1-in-2**64 collision.
+        self._sent: OrderedDict[str, int] = OrderedDict()
 
     def __call__(self, request: Request, call_next: Handler) -> Awaitable[Response]:
-        """Stamp the key on keyed methods, then pass the request on."""
+        """Stamp the key on keyed methods, then pass the request on.
+
+        Raises ``ValidationError`` (nothing sent) for a malformed key, or for a key this
+        client already sent with a different method, path or body.
+        """
         method = request.method
         if method not in _KEYED_METHODS:
             return call_next(request)
@@ -153,8 +197,25 @@ class IdempotencyMiddleware:
             key = self._new_key()
         elif not isinstance(key, str) or not key.strip() or len(key) > 255:
             raise ValidationError("idempotency_key", "must be a non-empty string of <= 255 chars")
+        path, body = request.path, request.body
+        digest = hash((method, path, body))
+        sent = self._sent
+        earlier = sent.get(key)
+        if earlier is None:
+            sent[key] = digest
+            if len(sent) > self._remember:
+                sent.popitem(last=False)
+        elif earlier == digest:
+            sent.move_to_end(key)
+        else:
+            raise ValidationError(
+                "idempotency_key",
+                f"{key!r} was already used for a different request; Klarna would replay that"
+                f" request's answer and ignore this {method} {path}. Use a new key"
+                f" (klarna_om_async.new_idempotency_key()) for a different request",
+            )
         headers = {**request.headers, IDEMPOTENCY_HEADER: key}
-        return call_next(Request(method, request.path, request.body, headers, key))
+        return call_next(Request(method, path, body, headers, key, request.deadline))
 
 
 def _is_retryable(error: KlarnaError) -> bool:
@@ -163,12 +224,33 @@ def _is_retryable(error: KlarnaError) -> bool:
     return isinstance(error, KlarnaAPIError) and error.retryable
 
 
+def _note_key(exc: BaseException, key: str | None) -> None:
+    """Tell the key of a keyed call that ended without a KlarnaError (cancelled, a bug, ...)."""
+    if key is None:
+        return
+    note = (
+        f"{IDEMPOTENCY_HEADER}: {key} - the call may have taken effect; retry it with"
+        f" idempotency_key={key!r} within 24 hours to finish it exactly once"
+    )
+    if note not in getattr(exc, "__notes__", ()):
+        exc.add_note(note)
+
+
 class RetryMiddleware:
     """Retries connection errors, timeouts, 409, 429 and 5xx as the policy says.
 
     The schedule is backoff's exponential generator with full jitter; a ``Retry-After``
-    header takes precedence (capped) and is not jittered. Discarded answers need no
-    release: the transport has read and released every response before it reaches here.
+    header takes precedence (capped at ``retry_after_cap``) and is not jittered. No attempt
+    starts later than ``policy.deadline`` seconds after the call began; the attempts carry
+    that moment as ``Request.deadline`` (on ``clock``) so the throttle can keep it too.
+    Discarded answers need no release: the transport has read and released every response
+    before it reaches here.
+
+    A keyed call ended by anything but a ``KlarnaError`` (cancellation, e.g. by
+    ``asyncio.timeout``; a bug in a middleware) gets the key added as a note
+    (``exc.add_note``), since its outcome is unknown. ``asyncio.timeout`` raises
+    ``TimeoutError`` from the cancellation, so there the note is on ``err.__cause__``.
+    KlarnaErrors carry the key as ``err.idempotency_key`` instead.
     """
 
     def __init__(self, policy: RetryPolicy, *, clock: Callable[[], float] = time.monotonic):
@@ -176,14 +258,35 @@ class RetryMiddleware:
         self._clock = clock
 
     async def __call__(self, request: Request, call_next: Handler) -> Response:
-        """Send ``request`` until it succeeds, fails for good, or the policy runs out."""
+        """Send ``request`` until it succeeds, fails for good, or the policy runs out.
+
+        Raises the last attempt's ``KlarnaError`` when giving up (``attempts`` set, and
+        ``earlier_attempt_unknown`` when an earlier attempt may have taken effect).
+        """
         started = self._clock()
+        request = Request(
+            request.method,
+            request.path,
+            request.body,
+            request.headers,
+            request.idempotency_key,
+            started + self.policy.deadline,
+        )
         try:
             # Most calls succeed at once: no schedule is made until an attempt fails.
             return await call_next(request)
         except KlarnaError as error:
             first = error
-        return await self._retry(request, call_next, started, first)
+        except BaseException as exc:
+            _note_key(exc, request.idempotency_key)
+            raise
+        try:
+            return await self._retry(request, call_next, started, first)
+        except KlarnaError:
+            raise
+        except BaseException as exc:
+            _note_key(exc, request.idempotency_key)
+            raise
 
     async def _retry(
         self, request: Request, call_next: Handler, started: float, error: KlarnaError

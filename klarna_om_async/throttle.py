@@ -2,6 +2,8 @@
 
 Klarna counts requests per merchant, so when one request is told to slow down, every request
 of the client waits out the same window instead of each one discovering the limit on its own.
+The pause is capped (``RetryPolicy.retry_after_cap``), and a call never waits past its own
+deadline for it: it fails with ``RateLimitError`` instead, having sent nothing.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ _limiter: ContextVar[AsyncLimiter | None] = ContextVar("klarna_om_rate_limiter",
 
 #: Pause after a 429 that did not say how long to wait.
 DEFAULT_RATE_LIMIT_PAUSE = 1.0
+#: The longest pause a 429 imposes unless told otherwise: ``RetryPolicy``'s default cap.
+DEFAULT_MAX_PAUSE = 30.0
 
 
 @contextlib.contextmanager
@@ -44,32 +48,76 @@ def rate_limited(requests_per_second: float | None) -> Iterator[None]:
 
 
 class ThrottleMiddleware:
-    """Waits for the batch's rate limiter and for any pause a 429 imposed on the client."""
+    """Waits for the batch's rate limiter and for any pause a 429 imposed on the client.
+
+    A 429 pauses every call of the client for its ``Retry-After`` seconds (1 s if it gave
+    none), capped at ``max_pause`` seconds (the client passes ``retry_after_cap``), so one
+    ``Retry-After: 3600`` cannot stall the client for an hour. ``clock`` must be the retry
+    middleware's: a request's ``deadline`` is a time on it. When waiting out the pause would
+    pass the request's deadline, nothing is sent and ``RateLimitError`` is raised at once
+    (``retry_after`` = the pause left; not an unknown outcome by itself), which the retry
+    loop gives up with. ``base_url`` only completes the URL such an error reports.
+    """
 
     def __init__(
         self,
         *,
         sleep: Callable[[float], Awaitable[None]],
         clock: Callable[[], float] = time.monotonic,
+        max_pause: float = DEFAULT_MAX_PAUSE,
+        base_url: str = "",
     ) -> None:
+        if not max_pause >= 0:
+            raise ValueError(f"max_pause must be >= 0, got {max_pause!r}")
         self._sleep = sleep
         self._clock = clock
+        self._max_pause = max_pause
+        self._base_url = base_url
         self._resume_at = 0.0
 
     async def __call__(self, request: Request, call_next: Handler) -> Response:
-        """Send ``request`` once the limiter and any 429 pause allow it."""
+        """Send ``request`` once the limiter and any 429 pause allow it.
+
+        Raises ``RateLimitError`` without sending when the pause outlasts the call's deadline.
+        """
         limiter = _limiter.get()
         if limiter is not None:
             await limiter.acquire()
         if self._resume_at:  # 0.0 unless a 429 paused the client and nobody has waited since
-            wait = self._resume_at - self._clock()
+            now = self._clock()
+            wait = self._resume_at - now
             if wait > 0:
+                # getattr: middlewares are also driven by hand with stand-in requests.
+                deadline: float | None = getattr(request, "deadline", None)
+                if deadline is not None and now + wait > deadline:
+                    raise self._refusal(request, wait, deadline - now)
                 await self._sleep(wait)
             else:
                 self._resume_at = 0.0  # the pause is over: later calls skip the clock
         try:
             return await call_next(request)
         except RateLimitError as error:
-            pause = error.retry_after if error.retry_after is not None else DEFAULT_RATE_LIMIT_PAUSE
+            pause = error.retry_after
+            if pause is None or not pause >= 0:  # `not >=` also catches nan
+                pause = DEFAULT_RATE_LIMIT_PAUSE
+            pause = min(pause, self._max_pause)
             self._resume_at = max(self._resume_at, self._clock() + pause)
             raise
+
+    def _refusal(self, request: Request, wait: float, left: float) -> RateLimitError:
+        """The error for a call the pause would keep past its deadline; nothing was sent."""
+        error = RateLimitError(
+            status=429,
+            error_messages=(
+                f"not sent: this client is paused for {wait:.1f}s more after a 429 from"
+                f" Klarna, and the call's deadline is {max(left, 0.0):.1f}s away",
+            ),
+            retry_after=wait,
+        )
+        error.bind(
+            method=request.method,
+            url=self._base_url + request.path,
+            idempotency_key=request.idempotency_key,
+            attempts=1,
+        )
+        return error

@@ -119,7 +119,7 @@ def test_connection_errors_on_posts_have_unknown_outcomes() -> None:
 def test_retry_after_in_seconds_and_as_an_http_date() -> None:
     assert parse_retry_after("2") == 2.0
     assert parse_retry_after(" 0.5 ") == 0.5
-    assert parse_retry_after("-3") == 0.0
+    assert parse_retry_after("-3") is None  # negative: no usable wait, as if absent
     assert parse_retry_after(None) is None
     assert parse_retry_after("soon") is None
     date = email.utils.formatdate(1_000_030, usegmt=True)

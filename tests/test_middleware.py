@@ -30,6 +30,7 @@ from klarna_om_async.middleware import (
     compose,
 )
 from klarna_om_async.testing import InstantSleep
+from klarna_om_async.throttle import ThrottleMiddleware
 
 
 def ok(request: Request, status: int = 200) -> Response:
@@ -212,3 +213,125 @@ def test_fresh_keys_are_distinct_version_4_uuids() -> None:
     for key in keys:
         parsed = uuid.UUID(key)
         assert (parsed.version, parsed.variant, str(parsed)) == (4, uuid.RFC_4122, key)
+
+
+async def test_retry_stamps_the_calls_deadline_on_every_attempt() -> None:
+    script = Script(api_error(503), 200)
+    retry = RetryMiddleware(policy(InstantSleep(), deadline=45), clock=lambda: 100.0)
+    await retry(Request("POST", "/c", b"{}", {"A": "b"}, "k"), script)
+    assert [r.deadline for r in script.seen] == [145.0, 145.0]
+    first = script.seen[0]
+    assert (first.method, first.path, first.body, first.headers, first.idempotency_key) == (
+        "POST",
+        "/c",
+        b"{}",
+        {"A": "b"},
+        "k",
+    )
+    assert first.with_header("X", "y").deadline == 145.0
+
+
+async def test_the_idempotency_middleware_keeps_the_deadline() -> None:
+    script = Script(200)
+    await IdempotencyMiddleware()(Request("POST", "/a", deadline=7.0), script)
+    assert script.seen[0].deadline == 7.0
+
+
+async def test_a_429_pause_is_capped_and_waited_out_within_the_deadline() -> None:
+    now = [100.0]
+    sleeps = InstantSleep()
+    throttle = ThrottleMiddleware(sleep=sleeps, clock=lambda: now[0], max_pause=5)
+    with pytest.raises(RateLimitError):
+        await throttle(Request("GET", "/o"), Script(api_error(429, "3600")))
+    now[0] += 1.0
+    await throttle(Request("GET", "/o", deadline=105.0), Script(200))  # just in time
+    assert sleeps.waits == [4.0]
+
+
+@pytest.mark.parametrize("retry_after", [None, float("nan"), float("inf"), -1.0])
+async def test_a_429_without_a_usable_wait_pauses_the_default_second(
+    retry_after: float | None,
+) -> None:
+    sleeps = InstantSleep()
+    throttle = ThrottleMiddleware(sleep=sleeps, clock=lambda: 10.0, max_pause=30)
+    with pytest.raises(RateLimitError):
+        await throttle(
+            Request("GET", "/o"), Script(RateLimitError(status=429, retry_after=retry_after))
+        )
+    await throttle(Request("GET", "/o"), Script(200))
+    assert sleeps.waits == [30.0 if retry_after == float("inf") else 1.0]
+
+
+async def test_a_pause_past_the_deadline_is_a_rate_limit_error_with_nothing_sent() -> None:
+    sleeps = InstantSleep()
+    throttle = ThrottleMiddleware(
+        sleep=sleeps, clock=lambda: 0.0, max_pause=30, base_url="https://k"
+    )
+    with pytest.raises(RateLimitError):
+        await throttle(Request("GET", "/o"), Script(api_error(429, "20")))
+    script = Script(200)
+    with pytest.raises(RateLimitError) as caught:
+        await throttle(Request("POST", "/c", idempotency_key="k", deadline=19.0), script)
+    assert script.seen == []
+    assert sleeps.waits == []
+    error = caught.value
+    assert (error.method, error.url, error.idempotency_key, error.retry_after) == (
+        "POST",
+        "https://k/c",
+        "k",
+        20.0,
+    )
+    assert not error.outcome_unknown
+    with pytest.raises(ValueError, match="max_pause"):
+        ThrottleMiddleware(sleep=sleeps, max_pause=-1)
+
+
+async def test_a_key_reused_for_another_request_is_refused_before_sending() -> None:
+    script = Script(200, 200, 200)
+    middleware = IdempotencyMiddleware()
+    await middleware(Request("POST", "/a", b"1", idempotency_key="k"), script)
+    for other in (
+        Request("POST", "/a", b"2", idempotency_key="k"),
+        Request("POST", "/b", b"1", idempotency_key="k"),
+        Request("PATCH", "/a", b"1", idempotency_key="k"),
+    ):
+        with pytest.raises(ValidationError, match="already used for a different request"):
+            await middleware(other, script)
+    await middleware(Request("POST", "/a", b"1", idempotency_key="k"), script)
+    await middleware(Request("GET", "/a", idempotency_key="k"), script)  # GETs carry no key
+    assert [r.body for r in script.seen] == [b"1", b"1", None]
+
+
+async def test_keys_the_middleware_made_are_remembered_too() -> None:
+    script = Script(200)
+    middleware = IdempotencyMiddleware(new_key=lambda: "made")
+    await middleware(Request("POST", "/a", b"1"), script)
+    with pytest.raises(ValidationError):
+        await middleware(Request("POST", "/a", b"2", idempotency_key="made"), script)
+
+
+async def test_the_key_memory_forgets_the_least_recently_used_key() -> None:
+    script = Script(*[200] * 5)
+    middleware = IdempotencyMiddleware(remember=2)
+    await middleware(Request("POST", "/a", b"1", idempotency_key="k1"), script)
+    await middleware(Request("POST", "/a", b"1", idempotency_key="k2"), script)
+    await middleware(Request("POST", "/a", b"1", idempotency_key="k1"), script)  # k1 is fresh
+    await middleware(Request("POST", "/a", b"1", idempotency_key="k3"), script)  # k2 forgotten
+    with pytest.raises(ValidationError):
+        await middleware(Request("POST", "/a", b"2", idempotency_key="k1"), script)
+    await middleware(Request("POST", "/a", b"2", idempotency_key="k2"), script)
+    assert len(script.seen) == 5
+    with pytest.raises(ValueError, match="remember"):
+        IdempotencyMiddleware(remember=0)
+
+
+async def test_an_exception_on_a_retry_tells_the_key_once() -> None:
+    boom = RuntimeError("boom")
+    script = Script(api_error(503), boom)
+    retry = RetryMiddleware(policy(InstantSleep()))
+    # Two retry layers (e.g. a client inside a user's own chain) still note the key once.
+    handler = compose([retry, retry], script)
+    with pytest.raises(RuntimeError) as caught:
+        await handler(Request("POST", "/c", idempotency_key="k-1"))
+    [note] = caught.value.__notes__
+    assert "idempotency_key='k-1'" in note
