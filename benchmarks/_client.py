@@ -24,7 +24,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 
@@ -215,6 +215,7 @@ VARIANTS = (
     "create",
     "many",
     "many_journal",
+    "many_journal_normal",
     "raw_create_get",
     "create_get",
     "httpx_create",
@@ -236,26 +237,31 @@ class Run:
 
 
 class JournaledRun(Run):
-    """capture_many with a fresh journal per batch (``renew``): a batch reads its whole
-    journal before it starts, so slices sharing one would each read all earlier slices."""
+    """capture_many with a fresh journal per batch (``renew``), so every slice starts from
+    the same empty file and paired slices stay comparable."""
 
-    def __init__(self, om: KlarnaOM, concurrency: int, folder: Path) -> None:
+    def __init__(
+        self, om: KlarnaOM, concurrency: int, folder: Path, durability: Literal["full", "normal"]
+    ) -> None:
         super().__init__(lambda indices: run_batch(om, indices, concurrency, self.journal))
         self.folder = folder
+        self.durability = durability
         self.journal: SQLiteJournal | None = None
 
     async def renew(self) -> None:
         """Close the current journal and open an empty one."""
         if self.journal is not None:
             await self.journal.close()
-        self.journal = SQLiteJournal(self.folder / f"journal-{time.monotonic_ns()}.sqlite")
+        self.journal = SQLiteJournal(
+            self.folder / f"journal-{time.monotonic_ns()}.sqlite", durability=self.durability
+        )
         await self.journal.open()
 
 
 @asynccontextmanager
 async def runner(variant: str, url: str, concurrency: int) -> AsyncIterator[Run]:
     """A ``Run`` that sends captures through ``variant``'s stack."""
-    if variant in ("many", "many_journal"):
+    if variant in ("many", "many_journal", "many_journal_normal"):
         with tempfile.TemporaryDirectory(prefix="klarna-om-bench-") as tmp:
             async with KlarnaOM(
                 USERNAME, PASSWORD, base_url=url, max_connections=concurrency
@@ -263,7 +269,8 @@ async def runner(variant: str, url: str, concurrency: int) -> AsyncIterator[Run]
                 if variant == "many":
                     yield Run(lambda indices: run_batch(om, indices, concurrency, None))
                     return
-                run = JournaledRun(om, concurrency, Path(tmp))
+                durability = "normal" if variant == "many_journal_normal" else "full"
+                run = JournaledRun(om, concurrency, Path(tmp), durability)
                 await run.renew()
                 try:
                     yield run

@@ -42,7 +42,11 @@ VARIANTS: dict[str, tuple[str, str]] = {
     "raw_create_notimeout": ("raw aiohttp without any timeout", "raw_create"),
     "create": ("`om.captures.create`", "raw_create"),
     "many": ("`om.capture_many`, no journal", "raw_create"),
-    "many_journal": ("`om.capture_many`, SQLite journal", "raw_create"),
+    "many_journal": ("`om.capture_many`, SQLite journal (fsync, the default)", "raw_create"),
+    "many_journal_normal": (
+        '`om.capture_many`, SQLite journal, `durability="normal"`',
+        "raw_create",
+    ),
     "httpx_create": ("httpx `AsyncClient`: POST capture", "raw_create"),
     "raw_create_get": ("raw aiohttp: POST + GET, `json.loads`", "raw_create_get"),
     "create_get": ("`create` + `get` (cattrs `Capture`)", "raw_create_get"),
