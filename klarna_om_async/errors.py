@@ -95,20 +95,35 @@ class ValidationError(KlarnaError, ValueError):
 
 
 class KlarnaConnectionError(KlarnaError):
-    """Klarna could not be reached, or the connection broke, and retries ran out."""
+    """Klarna could not be reached, or the connection broke, and retries ran out.
 
-    def __init__(self, message: str) -> None:
+    ``request_sent`` is False when no connection was ever made (DNS failure, connection
+    refused, TLS handshake or proxy failure): then nothing reached Klarna, and the error is
+    not an unknown outcome unless an earlier attempt of the call was.
+    """
+
+    def __init__(self, message: str, *, request_sent: bool = True) -> None:
         super().__init__(message)
         self.message = message
+        #: False when the request never left this machine (no connection could be made).
+        self.request_sent = request_sent
 
     @property
     def outcome_unknown(self) -> bool:
         """A POST or PATCH whose answer was lost may have been processed."""
-        return self.earlier_attempt_unknown or self.method in _MUTATING_METHODS
+        if self.earlier_attempt_unknown:
+            return True
+        return self.request_sent and self.method in _MUTATING_METHODS
 
     def __str__(self) -> str:
-        where = f" ({self.method} {self.url}, {self.attempts} attempts)" if self.method else ""
+        where = ""
+        if self.method:
+            where = f" ({self.method} {self.url}, {_attempts(self.attempts)})"
         return f"{self.message}{where}.{self._retry_hint()}"
+
+
+def _attempts(n: int) -> str:
+    return "1 attempt" if n == 1 else f"{n} attempts"
 
 
 class KlarnaTimeoutError(KlarnaConnectionError, TimeoutError):

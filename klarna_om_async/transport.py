@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 import aiohttp
 
@@ -78,6 +79,13 @@ class _Deadlines:
             deadline.task.cancel()
 
 
+def _reason(error: OSError) -> str:
+    """A human reason for a failed connect: "Connection refused", not the call's repr."""
+    if isinstance(error.errno, int) and error.errno > 0:
+        return os.strerror(error.errno)
+    return error.strerror or str(error) or type(error).__name__
+
+
 class AiohttpTransport:
     """Sends one HTTP attempt with its own timeout and returns the fully read response.
 
@@ -122,8 +130,18 @@ class AiohttpTransport:
         except TimeoutError as exc:  # before ClientError: ServerTimeoutError is both
             error = KlarnaTimeoutError(f"No answer from Klarna within {self._deadlines.seconds}s")
             cause = exc
+        except aiohttp.ClientConnectorError as exc:
+            # No connection was made (DNS, refused, TLS handshake, proxy): nothing was sent.
+            reason = _reason(exc.os_error)
+            error = KlarnaConnectionError(
+                f"Could not connect to {exc.host}:{exc.port} ({reason}); nothing was sent",
+                request_sent=False,
+            )
+            cause = exc
         except aiohttp.ClientError as exc:
-            error = KlarnaConnectionError(f"Connection to Klarna failed: {exc!r}")
+            error = KlarnaConnectionError(
+                f"Connection to Klarna failed: {type(exc).__name__}: {exc}"
+            )
             cause = exc
         error.bind(
             method=request.method, url=url, idempotency_key=request.idempotency_key, attempts=1

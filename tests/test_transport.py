@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
 
-from klarna_om_async import KlarnaTimeoutError, Request
-from klarna_om_async.testing import Delay, FakeKlarna
+from klarna_om_async import (
+    CaptureRequest,
+    CaptureStatus,
+    KlarnaConnectionError,
+    KlarnaOM,
+    KlarnaTimeoutError,
+    Request,
+    RetryPolicy,
+)
+from klarna_om_async.testing import Delay, DropConnection, FakeKlarna, InstantSleep
 from klarna_om_async.transport import AiohttpTransport
 
 
@@ -139,3 +148,41 @@ async def test_aiohttps_own_timeouts_are_timeouts_too(fake: FakeKlarna) -> None:
         with pytest.raises(KlarnaTimeoutError) as caught:
             await transport(order_get(fake, "x"))
     assert isinstance(caught.value.__cause__, aiohttp.ConnectionTimeoutError)
+
+
+def closed_port() -> int:
+    """A loopback port nobody listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_a_connection_never_opened_is_not_an_unknown_outcome(sleeps: InstantSleep) -> None:
+    port = closed_port()
+    policy = RetryPolicy(max_attempts=3, jitter=lambda d: d, sleep=sleeps)
+    async with KlarnaOM("u", "p", base_url=f"http://127.0.0.1:{port}", retry=policy) as om:
+        with pytest.raises(KlarnaConnectionError) as caught:
+            await om.captures.create("o1", CaptureRequest(captured_amount=100))
+        outcomes = [o async for o in om.capture_many([("o2", CaptureRequest(captured_amount=100))])]
+    error = caught.value
+    assert not error.request_sent
+    assert not error.outcome_unknown  # nothing reached Klarna
+    assert error.attempts == 3  # still retried: the host may come back
+    text = str(error)
+    assert f"Could not connect to 127.0.0.1:{port} (Connection refused); nothing was sent" in text
+    assert "ConnectionKey" not in text
+    assert "outcome is unknown" not in text
+    assert outcomes[0].status is CaptureStatus.REFUSED  # nothing captured, a rerun may resend
+
+
+async def test_a_connection_that_breaks_after_sending_is_still_unknown(
+    om: KlarnaOM, fake: FakeKlarna
+) -> None:
+    order_id = fake.add_order(amount=100)
+    fake.inject(DropConnection(), method="POST", times=None)
+    with pytest.raises(KlarnaConnectionError) as caught:
+        await om.captures.create(order_id, CaptureRequest(captured_amount=100))
+    assert caught.value.request_sent
+    assert caught.value.outcome_unknown
+    assert "ServerDisconnectedError" in str(caught.value)
+    assert "4 attempts" in str(caught.value)
