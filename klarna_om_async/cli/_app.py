@@ -27,13 +27,16 @@ def main(verbose: bool) -> None:
     KLARNA_PLAYGROUND (1/true), or from --username, --password, --region and --playground;
     --base-url (KLARNA_BASE_URL) sends to any server, e.g. a running `klarna-om fake-server`.
     Amounts are integer minor units (1050 = 10.50). --json prints JSON, one object per line.
+    capture, ship and send-out print their idempotency key before sending: if they are
+    interrupted, rerun them with --idempotency-key KEY to finish exactly once.
 
     \b
     Exit status:
       0    success; in a batch, every item captured or skipped
       1    a Klarna error; in a batch, some items refused or failed
       2    usage or input errors
-      130  interrupted
+      130  interrupted (Ctrl-C, SIGINT)
+      143  terminated (SIGTERM)
     """
     _configure_logging(verbose)
 

@@ -25,13 +25,14 @@ from ._batchfile import (
     open_batch,
 )
 from ._options import (
-    EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_SOME_NOT_CAPTURED,
     Connection,
     InputError,
+    Interrupted,
     connection_options,
     json_option,
+    run_interruptible,
 )
 from ._render import BatchView
 from ._runner import run_batch
@@ -62,13 +63,15 @@ reported as refused with its line number, and the other lines go on.
 
 The journal (default: FILE.journal.sqlite, unless --no-journal) records each
 item's idempotency key before it is sent. Rerun the same command after a crash,
-Ctrl-C or failures: captured items are skipped, and items whose outcome was
+Ctrl-C, SIGTERM or failures: captured items are skipped, and items whose outcome was
 unknown are resent with their original keys, so nothing is captured twice.
 An order captured in several parts needs a distinct reference per line.
 
 \b
 Exit status: 0 all captured or skipped; 1 some refused or failed (see the
-summary, or --json); 2 usage or input errors; 130 interrupted.
+summary, or --json); 2 usage or input errors; 130 interrupted (Ctrl-C);
+143 terminated (SIGTERM). Either signal stops the batch as Ctrl-C does: no new
+items, then the summary.
 """
 
 
@@ -152,15 +155,15 @@ def batch(
     connection = Connection.from_context()
     connection.check()  # missing credentials: fail before touching the journal
     try:
-        all_done = asyncio.run(_run(settings, connection))
-    except KeyboardInterrupt:
+        all_done = run_interruptible(lambda: _run(settings, connection))
+    except Interrupted as interrupted:  # SIGINT or SIGTERM; the summary is printed
         where = f"the journal {settings.journal}" if settings.journal else "no journal"
         click.echo(
             "Interrupted: no new items were started. Items already started are recorded in "
             f"{where}; rerun the same command to finish them with their original keys.",
             err=True,
         )
-        sys.exit(EXIT_INTERRUPTED)
+        sys.exit(interrupted.exit_code)
     sys.exit(EXIT_OK if all_done else EXIT_SOME_NOT_CAPTURED)
 
 
@@ -192,7 +195,9 @@ async def _run(settings: _Settings, connection: Connection) -> bool:
         completed = True
     except BatchFileError as error:
         raise InputError(str(error)) from None
-    except asyncio.CancelledError:
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        # Cancelled by SIGINT or SIGTERM. KeyboardInterrupt only where asyncio handles
+        # Ctrl-C itself (Windows): a second Ctrl-C there lands inside this cleanup.
         interrupted = True
         raise
     finally:

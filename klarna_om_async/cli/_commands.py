@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import click
 from rich.console import Console
 
+from .._keys import new_idempotency_key
+from ..errors import ValidationError
 from ..models import (
     Capture,
     CaptureCreated,
@@ -13,10 +18,12 @@ from ..models import (
     ShippingInfo,
     ShippingMethod,
 )
-from ._options import Connection, connection_options, json_option, run_single
+from ._options import Connection, InputError, connection_options, json_option, run_single
 from ._render import echo_json, show_capture, show_captures, show_order, to_plain
 
 __all__ = ("SINGLE_COMMANDS",)
+
+_T = TypeVar("_T")
 
 
 def _console() -> Console:
@@ -27,9 +34,33 @@ def _console() -> Console:
 _idempotency_option = click.option(
     "--idempotency-key",
     metavar="KEY",
-    help="Klarna-Idempotency-Key to send (default: a new UUID4). Resend with the key an "
-    "error reported to finish an unknown outcome exactly once.",
+    help="Klarna-Idempotency-Key to send (default: a new UUID4); printed before it is sent. "
+    "Rerun with the key an error or an interruption reported to finish an unknown outcome "
+    "exactly once.",
 )
+
+
+def _valid(build: Callable[[], _T]) -> _T:
+    """A request model built from the options; a ValidationError exits 2 before anything."""
+    try:
+        return build()
+    except ValidationError as error:
+        raise InputError(str(error)) from None
+
+
+def _announce_key(given: str | None, json_output: bool, **request: str) -> str:
+    """The idempotency key a money-moving call will send (``given``, or a new one), said
+    before it is sent: on stderr, or with ``json_output`` as a request object on stdout.
+
+    Whatever happens next (a crash, Ctrl-C, SIGTERM, a lost answer), rerunning the command
+    with ``--idempotency-key`` and this key finishes the call exactly once.
+    """
+    key = new_idempotency_key() if given is None else given
+    if json_output:
+        echo_json({"type": "request", **request, "idempotency_key": key})
+    else:
+        click.echo(f"idempotency key: {key}", err=True)
+    return key
 
 
 @click.command()
@@ -56,15 +87,17 @@ def capture(
 ) -> None:
     """Capture all or part of ORDER_ID and print the new capture's id."""
     connection = Connection.from_context()
+    connection.check()
+    request = _valid(
+        lambda: CaptureRequest(captured_amount=amount, reference=reference, description=description)
+    )
+    key = _announce_key(idempotency_key, json_output, command="capture", order_id=order_id)
 
     async def call() -> CaptureCreated:
-        request = CaptureRequest(
-            captured_amount=amount, reference=reference, description=description
-        )
         async with connection.client() as om:
-            return await om.captures.create(order_id, request, idempotency_key=idempotency_key)
+            return await om.captures.create(order_id, request, idempotency_key=key)
 
-    created = run_single(call)
+    created = run_single(call, json_output=json_output, idempotency_key=key)
     if json_output:
         # Spelled out: the converter omits fields at their default, such as attempts=1.
         echo_json(
@@ -97,7 +130,7 @@ def get(order_id: str, capture_id: str, json_output: bool) -> None:
         async with connection.client() as om:
             return await om.captures.get(order_id, capture_id)
 
-    found = run_single(call)
+    found = run_single(call, json_output=json_output)
     if json_output:
         echo_json(to_plain(found))
     else:
@@ -116,7 +149,7 @@ def list_captures(order_id: str, json_output: bool) -> None:
         async with connection.client() as om:
             return await om.captures.list(order_id)
 
-    captures = run_single(call)
+    captures = run_single(call, json_output=json_output)
     if json_output:
         echo_json(to_plain(captures))
     else:
@@ -151,21 +184,24 @@ def ship(
 ) -> None:
     """Add tracking details to capture CAPTURE_ID of ORDER_ID."""
     connection = Connection.from_context()
-
-    async def call() -> ShippingInfo:
-        info = ShippingInfo(
+    connection.check()
+    info = _valid(
+        lambda: ShippingInfo(
             shipping_company=company,
             shipping_method=method,
             tracking_number=tracking_number,
             tracking_uri=tracking_uri,
         )
-        async with connection.client() as om:
-            await om.captures.add_shipping_info(
-                order_id, capture_id, [info], idempotency_key=idempotency_key
-            )
-        return info
+    )
+    key = _announce_key(
+        idempotency_key, json_output, command="ship", order_id=order_id, capture_id=capture_id
+    )
 
-    info = run_single(call)
+    async def call() -> None:
+        async with connection.client() as om:
+            await om.captures.add_shipping_info(order_id, capture_id, [info], idempotency_key=key)
+
+    run_single(call, json_output=json_output, idempotency_key=key)
     if json_output:
         echo_json(
             {"order_id": order_id, "capture_id": capture_id, "shipping_info": [to_plain(info)]}
@@ -188,14 +224,16 @@ def send_out(
 ) -> None:
     """Send the customer the communication (e.g. invoice) of CAPTURE_ID again."""
     connection = Connection.from_context()
+    connection.check()
+    key = _announce_key(
+        idempotency_key, json_output, command="send-out", order_id=order_id, capture_id=capture_id
+    )
 
     async def call() -> None:
         async with connection.client() as om:
-            await om.captures.trigger_send_out(
-                order_id, capture_id, idempotency_key=idempotency_key
-            )
+            await om.captures.trigger_send_out(order_id, capture_id, idempotency_key=key)
 
-    run_single(call)
+    run_single(call, json_output=json_output, idempotency_key=key)
     if json_output:
         echo_json({"order_id": order_id, "capture_id": capture_id, "send_out": "triggered"})
     else:
@@ -214,7 +252,7 @@ def order(order_id: str, json_output: bool) -> None:
         async with connection.client() as om:
             return await om.orders.get(order_id)
 
-    found = run_single(call)
+    found = run_single(call, json_output=json_output)
     if json_output:
         echo_json(to_plain(found))
     else:

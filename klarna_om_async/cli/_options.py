@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
+import contextlib
+import signal
+import sys
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 import attrs
@@ -12,23 +15,29 @@ import click
 from ..client import KlarnaOM
 from ..config import Region, RetryPolicy
 from ..errors import KlarnaError, ValidationError
+from ._render import echo_json
 
 __all__ = (
     "EXIT_INPUT",
     "EXIT_INTERRUPTED",
     "EXIT_OK",
     "EXIT_SOME_NOT_CAPTURED",
+    "EXIT_TERMINATED",
     "Connection",
     "InputError",
+    "Interrupted",
     "connection_options",
     "json_option",
+    "run_interruptible",
     "run_single",
 )
 
 EXIT_OK = 0
 EXIT_SOME_NOT_CAPTURED = 1
 EXIT_INPUT = 2
-EXIT_INTERRUPTED = 130
+# After a signal, 128 + its number, as a shell reports a process the signal killed.
+EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C)
+EXIT_TERMINATED = 143  # SIGTERM
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 _T = TypeVar("_T")
@@ -39,6 +48,19 @@ class InputError(click.ClickException):
     """A usage or input problem found before anything was sent; exits with 2."""
 
     exit_code = EXIT_INPUT
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM stopped a command: its coroutine was cancelled and has cleaned up."""
+
+    def __init__(self, signum: signal.Signals) -> None:
+        super().__init__(f"interrupted by {signum.name}")
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        """130 after SIGINT (Ctrl-C), 143 after SIGTERM."""
+        return EXIT_TERMINATED if self.signum == signal.SIGTERM else EXIT_INTERRUPTED
 
 
 @attrs.frozen(repr=False)
@@ -177,13 +199,107 @@ def json_option(command: _F) -> _F:
     )(command)
 
 
-def run_single(make: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
-    """Run one API call's coroutine; a Klarna error becomes one line on stderr and exit 1."""
+def run_interruptible(make: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
+    """``asyncio.run(make())``, where SIGINT or SIGTERM cancel the task: ``Interrupted``.
+
+    The first signal cancels the task, so its ``finally`` blocks run (a batch stops its
+    workers, closes its journal and prints its summary). Later signals change nothing, from
+    then until the process exits: no ``KeyboardInterrupt`` lands in that cleanup or in the
+    exit, so the summary and the exit status are the first signal's. Where the loop cannot
+    take signals (Windows, or not the main thread), Ctrl-C still ends in ``Interrupted``
+    through asyncio's own handling, and SIGTERM keeps its default action.
+    """
+    received: list[signal.Signals] = []
+
+    async def main() -> _T:
+        task = asyncio.current_task()
+
+        def stop(signum: signal.Signals) -> None:
+            if not received and task is not None:
+                task.cancel()
+            received.append(signum)
+
+        with _signals_call(stop, ignore_after=received):
+            return await make()
+
     try:
-        return asyncio.run(make())
+        return asyncio.run(main())
+    except asyncio.CancelledError:
+        if not received:
+            raise
+        raise Interrupted(received[0]) from None
+    except KeyboardInterrupt:  # asyncio's SIGINT handling, where ours is not installed
+        raise Interrupted(signal.SIGINT) from None
+
+
+@contextlib.contextmanager
+def _signals_call(
+    stop: Callable[[signal.Signals], None], *, ignore_after: list[signal.Signals]
+) -> Iterator[None]:
+    """Within the running loop, SIGINT and SIGTERM call ``stop(signum)``. On the way out,
+    the previous handlers come back, unless ``ignore_after`` holds a signal: then both
+    signals are ignored, as the command is about to exit with that signal's status."""
+    loop = asyncio.get_running_loop()
+    installed: list[tuple[signal.Signals, Any]] = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        previous = signal.getsignal(signum)
+        try:
+            loop.add_signal_handler(signum, stop, signum)
+        except (NotImplementedError, RuntimeError):  # Windows; a thread other than main
+            break
+        installed.append((signum, previous))
+    try:
+        yield
+    finally:
+        for signum, previous in installed:
+            loop.remove_signal_handler(signum)
+            if ignore_after:
+                signal.signal(signum, signal.SIG_IGN)
+            elif previous is not None:  # e.g. asyncio.run's SIGINT handler, which it resets
+                signal.signal(signum, previous)
+
+
+def run_single(
+    make: Callable[[], Coroutine[Any, Any, _T]],
+    *,
+    json_output: bool = False,
+    idempotency_key: str | None = None,
+) -> _T:
+    """Run one API call's coroutine; a Klarna error becomes one line on stderr and exit 1.
+
+    SIGINT or SIGTERM cancel the call and exit 130 or 143 after one line on stderr (and,
+    with ``json_output``, an error object on stdout). For a call that moves money, given
+    its ``idempotency_key``, the line says the outcome is unknown and how to finish it.
+    """
+    try:
+        return run_interruptible(make)
+    except Interrupted as interrupted:
+        _report_interrupted(interrupted, json_output, idempotency_key)
+        sys.exit(interrupted.exit_code)
     except ValidationError as error:
         raise InputError(str(error)) from None
     except KlarnaError as error:
         # str() already says status, code, correlation id and, when the outcome is unknown,
         # the idempotency key that finishes it safely.
         raise click.ClickException(str(error)) from None
+
+
+def _report_interrupted(
+    interrupted: Interrupted, json_output: bool, idempotency_key: str | None
+) -> None:
+    # The request may have reached Klarna and been booked: only the key can tell.
+    outcome_unknown = idempotency_key is not None
+    if json_output:
+        error: dict[str, object] = {
+            "type": "error",
+            "error": "interrupted",
+            "signal": interrupted.signum.name,
+            "outcome_unknown": outcome_unknown,
+        }
+        if outcome_unknown:
+            error["idempotency_key"] = idempotency_key
+        echo_json(error)
+    if outcome_unknown:
+        click.echo(f"outcome unknown: rerun with --idempotency-key {idempotency_key}", err=True)
+    else:
+        click.echo(f"interrupted by {interrupted.signum.name}", err=True)
