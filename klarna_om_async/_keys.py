@@ -3,8 +3,30 @@
 from __future__ import annotations
 
 import os
+import re
 
-__all__ = ("new_idempotency_key", "random_key")
+from .errors import ValidationError
+
+__all__ = ("check_idempotency_key", "new_idempotency_key", "random_key")
+
+# Printable ASCII, no space at either end: anything else breaks the header (a newline is
+# refused by aiohttp) or is trimmed by HTTP, and would then name another key.
+_KEY = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]{0,253}[\x21-\x7e])?").fullmatch
+
+
+def check_idempotency_key(key: object) -> str:
+    """Return ``key`` if it can be a ``Klarna-Idempotency-Key``, else raise ``ValidationError``.
+
+    A key is 1 to 255 printable ASCII characters with no space at either end; a UUID (see
+    :func:`new_idempotency_key`) is what Klarna documents.
+    """
+    if isinstance(key, str) and _KEY(key):
+        return key
+    raise ValidationError(
+        "idempotency_key",
+        "must be 1 to 255 printable ASCII characters with no space at either end"
+        f" (a UUID is best), got {key!r}",
+    )
 
 
 def new_idempotency_key() -> str:

@@ -19,7 +19,7 @@ import attrs
 import orjson
 
 from ._convert import to_json
-from ._keys import random_key
+from ._keys import check_idempotency_key, random_key
 from .captures import CapturesService
 from .errors import ItemConflictError, KlarnaError, NeedsReviewError, ValidationError
 from .journal import Claim, ClaimAction, ItemRecord, Journal, JournalStatus
@@ -55,14 +55,20 @@ class CaptureStatus(enum.StrEnum):
     NEEDS_REVIEW = "needs_review"
 
 
+def _optional_key(_item: object, _attribute: object, key: str | None) -> None:
+    if key is not None:
+        check_idempotency_key(key)
+
+
 @attrs.frozen(kw_only=True)
 class BatchItem:
     """One capture to make: an order and what to capture of it."""
 
     order_id: str
     request: CaptureRequest
-    #: Fix the key yourself (e.g. ``deterministic_key(...)``) when you keep no journal.
-    idempotency_key: str | None = None
+    #: Fix the key yourself (e.g. ``deterministic_key(...)``) when you keep no journal;
+    #: 1 to 255 printable ASCII characters (``ValidationError`` otherwise).
+    idempotency_key: str | None = attrs.field(default=None, validator=_optional_key)
     #: The item's identity in the journal; an order captured in several parts needs a
     #: distinct ``reference`` per part (the default key is ``order_id:reference``).
     item_key: str = attrs.field()

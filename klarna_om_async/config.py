@@ -10,6 +10,8 @@ from collections.abc import Awaitable, Callable
 import attrs
 import backoff
 
+from .errors import ValidationError
+
 __all__ = ("Credentials", "Region", "RetryPolicy", "base_url_for")
 
 
@@ -44,8 +46,23 @@ class Credentials:
     password: str = attrs.field(eq=False)
 
     def __attrs_post_init__(self) -> None:
-        if not self.username or not self.password:
-            raise ValueError("Klarna API username and password must both be non-empty")
+        """Refuse what Basic auth cannot carry, or what is surely a copy-paste slip.
+
+        Raises ``ValidationError`` (a ``ValueError``) naming the field, never showing the
+        password: empty values, control characters (a trailing newline read from a file),
+        and a ``:`` in the username.
+        """
+        for field, value in (("username", self.username), ("password", self.password)):
+            if not isinstance(value, str) or not value:
+                raise ValidationError(
+                    field, "must be non-empty (the Klarna API username and password)"
+                )
+            if any(ord(char) < 0x20 or ord(char) == 0x7F for char in value):
+                raise ValidationError(
+                    field, "contains a control character (a stray newline or tab?)"
+                )
+        if ":" in self.username:
+            raise ValidationError("username", "cannot contain ':' (HTTP Basic auth)")
 
     def __repr__(self) -> str:
         return f"Credentials(username={self.username!r}, password='***')"

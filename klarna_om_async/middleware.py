@@ -31,7 +31,7 @@ from typing import Protocol
 import attrs
 import backoff
 
-from ._keys import random_key
+from ._keys import check_idempotency_key, random_key
 from .config import Credentials, RetryPolicy
 from .errors import (
     KlarnaAPIError,
@@ -195,8 +195,8 @@ class IdempotencyMiddleware:
         key = request.idempotency_key
         if key is None:
             key = self._new_key()
-        elif not isinstance(key, str) or not key.strip() or len(key) > 255:
-            raise ValidationError("idempotency_key", "must be a non-empty string of <= 255 chars")
+        else:
+            check_idempotency_key(key)
         path, body = request.path, request.body
         digest = hash((method, path, body))
         sent = self._sent

@@ -1141,3 +1141,31 @@ def test_reconcile_settles_an_item_by_hand(served: ServedFake, tmp_path: Path) -
     unknown = cli(["reconcile", journal, "--not-captured", "zzz"], served)
     assert unknown.exit_code == 2
     assert "has no item 'zzz'" in unknown.stderr
+
+
+def test_a_batch_line_with_a_bad_key_is_refused_and_never_journaled(
+    served: ServedFake, tmp_path: Path
+) -> None:
+    good, bad = served.add_order(100), served.add_order(100)
+    path = write(
+        tmp_path,
+        "b.jsonl",
+        f'{{"order_id": "{good}", "captured_amount": 100}}\n'
+        f'{{"order_id": "{bad}", "captured_amount": 100, "idempotency_key": "K\\n"}}\n',
+    )
+    result = cli(["batch", path, "--json"], served)
+    assert result.exit_code == 1, result.output
+    [refused] = [o for o in json_lines(result.stdout) if o.get("status") == "refused"]
+    assert refused["line"] == 2
+    assert "idempotency_key" in refused["error"]
+    assert journal_summary(f"{path}.journal.sqlite") == {"captured": 1}
+    assert (served.booked(good), served.requests_for(bad)) == (1, 0)
+
+
+def test_capture_with_a_bad_key_is_one_line_and_exit_2(served: ServedFake) -> None:
+    order_id = served.add_order(100)
+    result = cli(["capture", order_id, "--amount", "100", "--idempotency-key", "INV-1\n"], served)
+    assert result.exit_code == 2
+    [line] = result.stderr.strip().splitlines()
+    assert "idempotency_key" in line
+    assert served.requests_for(order_id) == 0

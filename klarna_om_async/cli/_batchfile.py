@@ -219,14 +219,14 @@ def _csv_row(line: int, values: Mapping[str, str | None], *, extra: object) -> R
             description=_cell(values, "description"),
             shipping_info=_shipping_info(values),
         )
+        key = _cell(values, "idempotency_key")
+        return BatchItem(order_id=order_id, request=request, idempotency_key=key)
     except BadLineError as error:
         return BadLine(line, order_id, error)
     except ValidationError as error:
         # A CSV user knows the column, not the model path behind it.
         field = error.field.removeprefix("shipping_info[0].")
         return BadLine(line, order_id, BadLineError(line, field, error.reason))
-    key = _cell(values, "idempotency_key")
-    return BatchItem(order_id=order_id, request=request, idempotency_key=key)
 
 
 def _amount(line: int, raw: str | None) -> int:
@@ -283,9 +283,11 @@ def _jsonl_row(line: int, raw: bytes) -> Row:
         body = {name: value for name, value in data.items() if name not in _JSON_EXTRA_KEYS}
         _check_known_fields(line, body)
         request = _structure(line, body)
+        return BatchItem(order_id=order_id, request=request, idempotency_key=key or None)
     except BadLineError as error:
         return BadLine(line, order_id, error)
-    return BatchItem(order_id=order_id, request=request, idempotency_key=key or None)
+    except ValidationError as error:
+        return BadLine(line, order_id, BadLineError(line, error.field, error.reason))
 
 
 def _optional_str(line: int, data: Mapping[str, object], name: str) -> str | None:

@@ -8,7 +8,7 @@ from typing import TypeVar
 import click
 from rich.console import Console
 
-from .._keys import new_idempotency_key
+from .._keys import check_idempotency_key, new_idempotency_key
 from ..errors import ValidationError
 from ..models import (
     Capture,
@@ -55,7 +55,10 @@ def _announce_key(given: str | None, json_output: bool, **request: str) -> str:
     Whatever happens next (a crash, Ctrl-C, SIGTERM, a lost answer), rerunning the command
     with ``--idempotency-key`` and this key finishes the call exactly once.
     """
-    key = new_idempotency_key() if given is None else given
+    try:
+        key = new_idempotency_key() if given is None else check_idempotency_key(given)
+    except ValidationError as error:
+        raise InputError(str(error)) from None
     if json_output:
         echo_json({"type": "request", **request, "idempotency_key": key})
     else:
