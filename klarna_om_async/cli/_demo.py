@@ -8,7 +8,6 @@ reports as unknown (failed) may be booked or not: a rerun with its key finishes 
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import os
 import random
@@ -25,7 +24,13 @@ from ..config import RetryPolicy
 from ..models import CaptureRequest
 from ..sqlite_journal import SQLiteJournal
 from ..testing import DropAfterProcessing, FakeKlarna, Fault, RateLimited, ServerFailure
-from ._options import EXIT_OK, EXIT_SOME_NOT_CAPTURED, json_option
+from ._options import (
+    EXIT_OK,
+    EXIT_SOME_NOT_CAPTURED,
+    Interrupted,
+    json_option,
+    run_interruptible,
+)
 from ._render import BatchView
 from ._runner import run_batch
 
@@ -229,7 +234,13 @@ def demo(orders: int, concurrency: int, seed: int, fault_rate: float, json_outpu
             f"about {fault_rate:.0%} of capture attempts hit a fault.",
             markup=False,
         )
-    passed = asyncio.run(_demo(console, orders, concurrency, seed, fault_rate, json_output))
+    try:
+        passed = run_interruptible(
+            lambda: _demo(console, orders, concurrency, seed, fault_rate, json_output)
+        )
+    except Interrupted as interrupted:
+        click.echo(f"Demo interrupted by {interrupted.signum.name}.", err=True)
+        sys.exit(interrupted.exit_code)
     sys.exit(EXIT_OK if passed else EXIT_SOME_NOT_CAPTURED)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import os
 import sqlite3
@@ -18,8 +17,10 @@ from ._options import (
     EXIT_SOME_NOT_CAPTURED,
     Connection,
     InputError,
+    Interrupted,
     connection_options,
     json_option,
+    run_interruptible,
 )
 from ._render import echo_json
 
@@ -91,14 +92,15 @@ def reconcile(
 
     \b
     Exit status: 0 nothing left to review; 1 some items need review or could not be
-    read; 2 usage errors or a journal that cannot be used; 130 interrupted.
+    read; 2 usage errors or a journal that cannot be used; 130 interrupted (Ctrl-C);
+    143 terminated (SIGTERM).
     """
     if not os.path.exists(journal):
         raise InputError(f"no journal at {journal}")
     if mark_captured or mark_not_captured:
         marks: list[tuple[str, str | None]] = [(key, cid) for key, cid in mark_captured]
         marks += [(key, None) for key in mark_not_captured]
-        asyncio.run(_settle(journal, marks))
+        run_interruptible(lambda: _settle(journal, marks))
         for key, capture_id in marks:
             told = f"captured as {capture_id}" if capture_id else "not captured"
             click.echo(f"Settled {key}: {told}.")
@@ -106,10 +108,10 @@ def reconcile(
     connection = Connection.from_context()
     connection.check()
     try:
-        results = asyncio.run(_run(journal, connection, concurrency))
-    except KeyboardInterrupt:
+        results = run_interruptible(lambda: _run(journal, connection, concurrency))
+    except Interrupted as interrupted:
         click.echo("Interrupted: items not yet reconciled are left as they were.", err=True)
-        sys.exit(130)
+        sys.exit(interrupted.exit_code)
     for result in results:
         _show(result, json_output)
     counts = collections.Counter(r.verdict for r in results)
