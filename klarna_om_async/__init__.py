@@ -8,7 +8,7 @@
 
 from ._keys import new_idempotency_key
 from ._version import __version__
-from .batch import BatchItem, BatchProgress, CaptureOutcome, CaptureStatus
+from .batch import BatchAbortedError, BatchItem, BatchProgress, CaptureOutcome, CaptureStatus
 from .client import KlarnaOM
 from .config import Region, RetryPolicy
 from .errors import (
@@ -68,6 +68,7 @@ __all__ = (
     "Address",
     "AuthenticationError",
     "BadRequestError",
+    "BatchAbortedError",
     "BatchItem",
     "BatchProgress",
     "Capture",

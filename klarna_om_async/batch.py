@@ -21,7 +21,15 @@ import orjson
 from ._convert import to_json
 from ._keys import check_idempotency_key, random_key
 from .captures import CapturesService
-from .errors import ItemConflictError, KlarnaError, NeedsReviewError, ValidationError
+from .config import MAX_CONCURRENCY, check_count
+from .errors import (
+    AuthenticationError,
+    ItemConflictError,
+    KlarnaConnectionError,
+    KlarnaError,
+    NeedsReviewError,
+    ValidationError,
+)
 from .journal import Claim, ClaimAction, ItemRecord, Journal, JournalStatus
 from .models import CaptureCreated, CaptureRequest
 from .orders import OrdersService
@@ -29,6 +37,7 @@ from .reconcile import Verdict, reconcile_entry
 from .throttle import rate_limited
 
 __all__ = (
+    "BatchAbortedError",
     "BatchItem",
     "BatchProgress",
     "CaptureOutcome",
@@ -53,6 +62,43 @@ class CaptureStatus(enum.StrEnum):
     SKIPPED = "skipped"
     #: Reconciliation could not decide whether it was captured: never sent; a person decides.
     NEEDS_REVIEW = "needs_review"
+
+
+#: Items in a row that could not connect (nothing sent) before a batch stops.
+UNREACHABLE_ITEMS = 3
+
+
+class BatchAbortedError(KlarnaError):
+    """A batch stopped early on a failure that would hit every item; rerun once it is fixed.
+
+    Raised by ``capture_many`` after it has yielded the outcome of every item it started.
+    ``cause`` is the error that stopped it: an ``AuthenticationError`` (401: every item would
+    be refused), or the ``KlarnaConnectionError`` of the last of ``UNREACHABLE_ITEMS`` items in
+    a row that could not connect (nothing sent). The source was then read to its end without
+    sending anything: ``not_sent`` lists those items' ``item_key``s. They were never claimed
+    in the journal, so a rerun sends them as new items, each exactly once.
+    """
+
+    def __init__(self, cause: KlarnaError, not_sent: tuple[str, ...]) -> None:
+        #: The failure that stopped the batch.
+        self.cause = cause
+        #: ``item_key`` of every item the batch did not send, in source order.
+        self.not_sent = not_sent
+        super().__init__(f"stopped: {self.reason}; {len(not_sent)} items not sent; {self.advice}")
+
+    @property
+    def reason(self) -> str:
+        """Why the batch stopped, in a few words."""
+        if isinstance(self.cause, AuthenticationError):
+            return "Klarna refused the credentials (401)"
+        return f"{UNREACHABLE_ITEMS} items in a row could not connect: {self.cause}"
+
+    @property
+    def advice(self) -> str:
+        """What to do before the rerun."""
+        if isinstance(self.cause, AuthenticationError):
+            return "fix the credentials and rerun"
+        return "check the base URL, proxy and network, then rerun"
 
 
 def _optional_key(_item: object, _attribute: object, key: str | None) -> None:
@@ -162,7 +208,14 @@ class _Run:
         self.outcomes = outcomes
         self.seen: set[str] = set()
         self.seen_keys: set[str] = set()
+        # Names this run's claims: items of an order another run left unknown are held back.
+        self.run_id = random_key()
+        # One order's reconciliations run in turn, so none takes a capture another was given.
+        self.reconciling: dict[str, asyncio.Lock] = {}
         self.error: BaseException | None = None
+        #: Set when the batch must stop early (see ``BatchAbortedError``).
+        self.abort: KlarnaError | None = None
+        self._unreachable = 0
         if isinstance(items, AsyncIterable):
             self._aiter: AsyncIterator[BatchItem | tuple[str, CaptureRequest]] | None = aiter(items)
             self._lock = asyncio.Lock()  # an async generator must not be advanced concurrently
@@ -171,7 +224,7 @@ class _Run:
             self._aiter = None
 
     async def _next_item(self) -> BatchItem | None:
-        if self.error is not None:
+        if self.error is not None or self.abort is not None:
             return None
         if self._aiter is None:
             raw = next(self._iter, None)
@@ -184,11 +237,40 @@ class _Run:
         """Take items until the source runs dry; put one outcome per item, then a None."""
         try:
             while (item := await self._next_item()) is not None:
-                await self.outcomes.put(await self._capture(item))
+                outcome = await self._capture(item)
+                self._watch(outcome)
+                await self.outcomes.put(outcome)
         except Exception as error:  # a broken source or journal: stop taking new items
             if self.error is None:
                 self.error = error
         await self.outcomes.put(None)
+
+    def _watch(self, outcome: CaptureOutcome) -> None:
+        """Stop taking items after a failure that every item would meet."""
+        error = outcome.error
+        if isinstance(error, AuthenticationError):
+            self.abort = self.abort or error
+        elif isinstance(error, KlarnaConnectionError) and not error.request_sent:
+            self._unreachable += 1
+            if self._unreachable >= UNREACHABLE_ITEMS:
+                self.abort = self.abort or error
+        elif outcome.attempts:
+            self._unreachable = 0  # Klarna answered (or may have): the host is reachable
+
+    async def not_sent(self) -> tuple[str, ...]:
+        """Read the rest of the source without sending: the ``item_key``s left."""
+        keys: list[str] = []
+        while True:
+            if self._aiter is None:
+                raw = next(self._iter, None)
+            else:
+                raw = await anext(self._aiter, None)
+            if raw is None:
+                return tuple(keys)
+            try:
+                keys.append(_as_item(raw).item_key)
+            except (TypeError, ValueError):
+                keys.append(repr(raw)[:80])
 
     def _duplicate(self, item: BatchItem) -> CaptureOutcome | None:
         """Refuse an item whose key or idempotency key an earlier item of this batch has."""
@@ -233,13 +315,17 @@ class _Run:
             )
         except (TypeError, AttributeError, ValueError) as error:  # not a CaptureRequest
             return _outcome(item, CaptureStatus.REFUSED, "", error=error)
-        claim = await journal.claim(record, item.idempotency_key or random_key())
+        claim = await journal.claim(
+            record, item.idempotency_key or random_key(), run_id=self.run_id
+        )
         if claim.action is ClaimAction.RECONCILE:
             outcome = await self._reconcile(item, claim, journal)
             if outcome is not None:
                 return outcome
             # Proven never booked: the item takes a new key and is sent.
-            claim = await journal.claim(record, item.idempotency_key or random_key())
+            claim = await journal.claim(
+                record, item.idempotency_key or random_key(), run_id=self.run_id
+            )
         return await self._act(item, claim, journal)
 
     async def _act(self, item: BatchItem, claim: Claim, journal: Journal) -> CaptureOutcome:
@@ -283,7 +369,8 @@ class _Run:
             )
             error.idempotency_key = key
             return _outcome(item, CaptureStatus.FAILED, key, error=error)
-        result = await reconcile_entry(self.orders, journal, entry)
+        async with self.reconciling.setdefault(item.order_id, asyncio.Lock()):
+            result = await reconcile_entry(self.orders, journal, entry)
         match result.verdict:
             case Verdict.CAPTURED:
                 return _outcome(item, CaptureStatus.CAPTURED, key, capture_id=result.capture_id)
@@ -354,9 +441,22 @@ async def capture_many(
     the order through ``orders`` (see :mod:`klarna_om_async.reconcile`). If the consumer
     stops early, no new item is started; items already started keep their journal record (in
     flight, with their key) so the next run finishes them exactly once.
+
+    A batch that cannot work stops early: after a 401 (``AuthenticationError``), or after
+    ``UNREACHABLE_ITEMS`` items in a row could not connect (nothing sent), no new item is
+    started; the items already started end and are yielded, the rest of the source is read
+    without sending (never claimed in the journal), and ``BatchAbortedError`` is raised naming
+    them (not raised when no item was left). ``concurrency``: 1..10,000; ``rate_limit``: None
+    or finite, 0 < rate_limit <= 10,000 requests per second (``ValidationError`` otherwise,
+    before anything starts).
+
+    Yields ``CaptureOutcome`` values (amounts stay ``int`` minor units on each item's
+    ``CaptureRequest``); a single item's Klarna error is on its outcome, never raised.
+    Raises ``ValidationError`` (bad ``concurrency``/``rate_limit``), ``BatchAbortedError``
+    (stopped early, see above), and what the item source or the journal raise.
+    https://docs.klarna.com/api/ordermanagement/#operation/captureOrder
     """
-    if concurrency < 1:
-        raise ValueError(f"concurrency must be at least 1, got {concurrency!r}")
+    check_count("concurrency", concurrency, high=MAX_CONCURRENCY)
     outcomes: asyncio.Queue[CaptureOutcome | None] = asyncio.Queue(maxsize=concurrency)
     run = _Run(captures, orders, items, journal, outcomes)
     with rate_limited(rate_limit):
@@ -379,3 +479,7 @@ async def capture_many(
         await asyncio.gather(*workers, return_exceptions=True)
     if run.error is not None:
         raise run.error
+    if run.abort is not None:
+        not_sent = await run.not_sent()
+        if not_sent:  # every item has its outcome otherwise: nothing to stop
+            raise BatchAbortedError(run.abort, not_sent)

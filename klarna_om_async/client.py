@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import urllib.request
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from types import TracebackType
 from typing import Self
@@ -12,7 +13,17 @@ import yarl
 
 from .batch import BatchProgress, CaptureOutcome, ItemSource, capture_many
 from .captures import CapturesService
-from .config import Credentials, Region, RetryPolicy, base_url_for
+from .config import (
+    MAX_CONCURRENCY,
+    MAX_RATE_LIMIT,
+    Credentials,
+    Region,
+    RetryPolicy,
+    base_url_for,
+    check_count,
+    check_seconds,
+)
+from .errors import ValidationError
 from .journal import Journal
 from .middleware import (
     AuthMiddleware,
@@ -28,18 +39,54 @@ from .middleware import (
 from .orders import OrdersService
 from .reconcile import Reconciliation, reconcile
 from .throttle import ThrottleMiddleware
-from .transport import AiohttpTransport
+from .transport import AiohttpTransport, _Slots
 
 __all__ = ("KlarnaOM",)
+
+
+def _env_proxy(url: yarl.URL) -> str | None:
+    """The proxy the standard variables (``HTTPS_PROXY``, ``NO_PROXY``...) name for ``url``."""
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if not proxy or (url.host is not None and urllib.request.proxy_bypass(url.host)):
+        return None
+    return proxy
 
 
 class KlarnaOM:
     """Async client for Klarna Order Management captures; use it as ``async with``.
 
+    The calls live on two attributes and two methods:
+
+    - ``om.captures`` (``CapturesService``): ``create`` (full or partial capture),
+      ``get``, ``list``, ``add_shipping_info``, ``trigger_send_out``;
+    - ``om.orders`` (``OrdersService``): ``get`` (amounts, status, what is left to capture);
+    - ``om.capture_many(items, ...)``: capture many orders concurrently, optionally with a
+      journal that makes reruns exactly-once;
+    - ``om.reconcile(journal)``: settle a journal's unknown outcomes by reading the orders.
+
+    Amounts are ``int`` minor units (6000 = 60.00); times are seconds. Every failure of a
+    call raises a ``KlarnaError`` subclass (``ValidationError`` before sending,
+    ``KlarnaAPIError`` subclasses for Klarna's refusals, ``KlarnaConnectionError``/
+    ``KlarnaTimeoutError`` after the retries) carrying ``idempotency_key`` and
+    ``outcome_unknown``. The constructor raises ``ValueError`` for a bad ``base_url`` or
+    ``timeout``/``max_connections`` out of range, or a lent session with ``auth=``.
+    https://docs.klarna.com/api/ordermanagement/
+
     One instance owns one ``aiohttp.ClientSession`` (or borrows yours via ``session=``) and
     should live as long as your application: create it once, share it between requests.
     ``base_url`` overrides ``region``/``playground`` (e.g. to point at ``FakeKlarna``).
-    ``timeout`` bounds each HTTP attempt; ``retry`` bounds the whole call. ``middlewares``
+    ``timeout`` (seconds, finite, 0 < timeout <= 3600) bounds each HTTP attempt from the
+    moment it has a connection slot: waiting for the pool does not count. ``retry`` bounds
+    the whole call. ``max_connections`` (1..10,000) caps the attempts in flight;
+    ``capture_many(concurrency=N)`` raises it to N. The session this client makes honours
+    the standard proxy variables (``HTTPS_PROXY``, ``HTTP_PROXY``, ``NO_PROXY``:
+    read once, when the session is made; ``.netrc`` is not read). A borrowed ``session=`` is
+    used for its connector and proxy settings only (``ClientSession(trust_env=True)`` or
+    ``proxy=...``): its ``raise_for_status``, ``base_url``, default ``Authorization``
+    header, middlewares, ``auto_decompress`` and timeouts never change what this client
+    sees (its cookie jar and ``response_class`` are used as given; a session with
+    ``auth=`` is refused with ``ValueError``); its connector's limit caps the concurrency,
+    and ``capture_many`` refuses more. ``middlewares``
     run once per attempt, inside the retry loop and throttle, outside error decoding and
     auth, so they see every attempt with its idempotency key but never the credentials.
     ``clock`` (monotonic seconds) times deadlines and 429 pauses; tests pass a fake one with
@@ -66,8 +113,13 @@ class KlarnaOM:
         parsed = yarl.URL(url)
         if parsed.scheme not in ("http", "https") or not parsed.host:
             raise ValueError(f"base_url must be an absolute http(s) URL, got {url!r}")
-        if timeout <= 0:
-            raise ValueError(f"timeout must be positive, got {timeout!r}")
+        check_seconds("timeout", timeout, high=3600.0)
+        check_count("max_connections", max_connections)
+        if session is not None and session.auth is not None:
+            # aiohttp refuses a request with both its session's auth= and our header.
+            raise ValueError(
+                "session: lend a session without auth=; KlarnaOM sends its own credentials"
+            )
         #: The API root every path is appended to.
         self.base_url = url.rstrip("/")
         #: Who we authenticate as (the password is not kept in any public attribute).
@@ -92,6 +144,7 @@ class KlarnaOM:
         self._session = session
         self._owns_session = session is None
         self._handler: Handler | None = None
+        self._transport: AiohttpTransport | None = None
         self._closed = False
         #: Capture calls: create (full or partial), get, list, shipping info, send-out.
         self.captures = CapturesService(self._send)
@@ -115,8 +168,32 @@ class KlarnaOM:
         Stop early with ``await outcomes.aclose()`` (or by leaving ``async with
         contextlib.aclosing(...)``): no new item starts, and items in flight are cancelled and
         stay in the journal as in flight, so the next run finishes them with their keys.
-        See ``klarna_om_async.batch.capture_many``.
+        ``concurrency``: 1..10,000; above ``max_connections`` it raises this client's
+        connection limit to match (with a borrowed session whose connector allows fewer,
+        ``ValidationError``). ``rate_limit``: None or finite, 0 < rate_limit <= 10,000.
+        A batch that cannot work stops early with ``BatchAbortedError`` (see
+        ``klarna_om_async.batch.capture_many``).
+
+        Yields one ``CaptureOutcome`` per item (``status``: captured, refused, failed,
+        skipped or needs_review; ``capture_id``, ``idempotency_key``, ``attempts``,
+        ``error``). A single item's Klarna error never raises: it is on its outcome.
+        Raises ``ValidationError`` for a bad ``concurrency`` or ``rate_limit`` (at the call)
+        or a bad item, and ``BatchAbortedError`` when the batch stops early.
+        https://docs.klarna.com/api/ordermanagement/#operation/captureOrder
         """
+        check_count("concurrency", concurrency, high=MAX_CONCURRENCY)
+        if rate_limit is not None:
+            check_seconds("rate_limit", rate_limit, high=MAX_RATE_LIMIT, unit="requests per second")
+        transport = self._ready_transport()
+        slots = transport.slots
+        if slots is not None and concurrency > slots.size:
+            if not self._owns_session:
+                raise ValidationError(
+                    "concurrency",
+                    f"{concurrency} is more than the borrowed session's connector allows"
+                    f" ({slots.size}); lower it or lend a session with a larger limit",
+                )
+            slots.grow(concurrency)
         return capture_many(
             self.captures,
             items,
@@ -135,6 +212,12 @@ class KlarnaOM:
         (never sent again; read ``evidence``), ``resend`` (the key is still valid: the next
         run resends it, which settles it exactly), or ``verdict=None`` when the order could not
         be read. See ``klarna_om_async.reconcile``.
+
+        Each order is read once (``om.orders.get``), ``concurrency`` (>= 1) at a time; an
+        order that cannot be read gives its items ``verdict=None`` with the error, it does
+        not raise. Raises ``ValueError`` for a bad ``concurrency`` and whatever the journal
+        raises (e.g. ``sqlite3.Error``) when it cannot be read or written.
+        https://docs.klarna.com/api/ordermanagement/#operation/getOrder
         """
         return await reconcile(self.orders, journal, concurrency=concurrency)
 
@@ -157,23 +240,40 @@ class KlarnaOM:
         """Close the HTTP session if this client created it; safe to call twice."""
         if self._closed:
             return
-        self._closed, self._handler = True, None
+        self._closed, self._handler, self._transport = True, None, None
         if self._session is not None and self._owns_session:
             await self._session.close()
 
     def _ready(self) -> Handler:
         # The session is made here, inside a running loop, as aiohttp requires.
         if self._handler is None:
+            self._handler = compose(self.chain, self._ready_transport())
+        return self._handler
+
+    def _ready_transport(self) -> AiohttpTransport:
+        if self._transport is None:
             if self._closed:
                 raise RuntimeError("this KlarnaOM is closed; create a new one")
             if self._session is None:
+                # The pool is unbounded: the transport's slots bound it, outside the
+                # per-attempt timeout, and can grow for a batch that asks for more.
                 self._session = aiohttp.ClientSession(
-                    connector=aiohttp.TCPConnector(limit=self._max_connections),
+                    connector=aiohttp.TCPConnector(limit=0),
                     timeout=aiohttp.ClientTimeout(total=None),
+                    # The proxy variables, as trust_env=True would read them, but once:
+                    # trust_env also reads ~/.netrc on every request, in a thread, and its
+                    # credentials for the host would clash with ours.
+                    proxy=_env_proxy(yarl.URL(self.base_url)),
                 )
-            transport = AiohttpTransport(self._session, self.base_url, self._timeout)
-            self._handler = compose(self.chain, transport)
-        return self._handler
+                size = self._max_connections
+            else:
+                connector = self._session.connector
+                limits = (connector.limit, connector.limit_per_host) if connector else (0, 0)
+                size = min((n for n in limits if n > 0), default=0)
+            self._transport = AiohttpTransport(
+                self._session, self.base_url, self._timeout, _Slots(size) if size else None
+            )
+        return self._transport
 
     def _send(self, request: Request) -> Awaitable[Response]:
         # Not a coroutine itself: the caller awaits the chain directly, one frame fewer.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import enum
+import math
 from collections.abc import Awaitable, Callable
 
 import attrs
@@ -12,7 +13,66 @@ import backoff
 
 from .errors import ValidationError
 
-__all__ = ("Credentials", "Region", "RetryPolicy", "base_url_for")
+__all__ = (
+    "MAX_CONCURRENCY",
+    "MAX_RATE_LIMIT",
+    "MAX_SECONDS",
+    "Credentials",
+    "Region",
+    "RetryPolicy",
+    "base_url_for",
+    "check_count",
+    "check_seconds",
+)
+
+#: Upper bound of ``concurrency`` and ``max_connections``: far above what Klarna's rate
+#: limits let through, low enough that a typo cannot start a billion tasks.
+MAX_CONCURRENCY = 10_000
+#: Upper bound of ``rate_limit`` (requests per second); Klarna allows 200/s in production.
+MAX_RATE_LIMIT = 10_000.0
+#: Upper bound of every duration option (timeouts, delays, deadlines): one day.
+MAX_SECONDS = 86_400.0
+
+
+def check_count(name: str, value: object, *, low: int = 1, high: int = MAX_CONCURRENCY) -> int:
+    """``value`` if it is an int in ``low..high``, else ``ValidationError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValidationError(name, f"must be a whole number from {low} to {high}, got {value!r}")
+    return value
+
+
+def check_seconds(
+    name: str,
+    value: object,
+    *,
+    positive: bool = True,
+    high: float = MAX_SECONDS,
+    unit: str = "seconds",
+) -> float:
+    """``value`` if it is a finite number in range, else ``ValidationError`` naming ``name``.
+
+    In range: ``0 < value <= high`` (``0 <= value`` when not ``positive``). nan, infinities
+    and booleans are refused.
+    """
+    number = value if isinstance(value, int | float) and not isinstance(value, bool) else None
+    low_ok = number is not None and (number > 0 if positive else number >= 0)
+    if number is None or not math.isfinite(number) or not low_ok or number > high:
+        bound = "greater than 0" if positive else "at least 0"
+        raise ValidationError(
+            name, f"must be a finite number {bound} and at most {high:g} {unit}, got {value!r}"
+        )
+    return float(number)
+
+
+def _seconds(*, positive: bool) -> Callable[[object, attrs.Attribute[float], float], None]:
+    def check(_instance: object, attribute: attrs.Attribute[float], value: float) -> None:
+        check_seconds(attribute.name, value, positive=positive)
+
+    return check
+
+
+def _attempts(_instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    check_count(attribute.name, value, high=100)
 
 
 class Region(enum.StrEnum):
@@ -84,16 +144,22 @@ class RetryPolicy:
     attempt starts after ``deadline`` seconds from the first, so a call lasts at most about
     ``deadline`` plus one attempt's timeout.
 
+    Every number is checked when the policy is made (``ValidationError``, a ``ValueError``,
+    naming the field): finite, and within the bounds given on each field.
+
     The defaults (5 attempts, 0.5 s doubling to 8 s, 60 s deadline) ride out a short Klarna
     or network hiccup while keeping a web request's worst case near a minute. Batch jobs may
     want more patience; interactive paths may want ``RetryPolicy(max_attempts=2)``.
     """
 
-    max_attempts: int = attrs.field(default=5, validator=attrs.validators.ge(1))
-    initial_delay: float = attrs.field(default=0.5, validator=attrs.validators.ge(0))
-    max_delay: float = attrs.field(default=8.0, validator=attrs.validators.ge(0))
-    deadline: float = attrs.field(default=60.0, validator=attrs.validators.gt(0))
-    retry_after_cap: float = attrs.field(default=30.0, validator=attrs.validators.ge(0))
+    #: 1 to 100.
+    max_attempts: int = attrs.field(default=5, validator=_attempts)
+    #: Seconds, 0 to 86400 (one day), finite; likewise ``max_delay`` and ``retry_after_cap``.
+    initial_delay: float = attrs.field(default=0.5, validator=_seconds(positive=False))
+    max_delay: float = attrs.field(default=8.0, validator=_seconds(positive=False))
+    #: Seconds, greater than 0 and at most 86400.
+    deadline: float = attrs.field(default=60.0, validator=_seconds(positive=True))
+    retry_after_cap: float = attrs.field(default=30.0, validator=_seconds(positive=False))
     #: Turns the exponential delay into the actual wait; ``lambda d: d`` makes tests exact.
     jitter: Callable[[float], float] = attrs.field(default=backoff.full_jitter, eq=False)
     #: How to wait; tests inject a recorder so the suite never really sleeps.

@@ -15,6 +15,7 @@ from contextvars import ContextVar
 
 from aiolimiter import AsyncLimiter
 
+from .config import MAX_RATE_LIMIT, check_seconds
 from .errors import RateLimitError
 from .middleware import Handler, Request, Response
 
@@ -32,9 +33,15 @@ DEFAULT_MAX_PAUSE = 30.0
 
 @contextlib.contextmanager
 def rate_limited(requests_per_second: float | None) -> Iterator[None]:
-    """Within this block (and tasks started in it), send at most this many attempts a second."""
-    if requests_per_second is not None and requests_per_second <= 0:
-        raise ValueError(f"rate_limit must be positive, got {requests_per_second!r}")
+    """Within this block (and tasks started in it), send at most this many attempts a second.
+
+    ``requests_per_second``: None (no limit) or a finite number greater than 0 and at most
+    ``MAX_RATE_LIMIT`` (10,000); anything else raises ``ValidationError`` (a ``ValueError``).
+    """
+    if requests_per_second is not None:
+        check_seconds(
+            "rate_limit", requests_per_second, high=MAX_RATE_LIMIT, unit="requests per second"
+        )
     limiter = None
     if requests_per_second is not None:
         # A bucket of one, refilled every 1/rate seconds: no window of one second ever holds

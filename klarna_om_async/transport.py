@@ -79,6 +79,33 @@ class _Deadlines:
             deadline.task.cancel()
 
 
+class _Slots:
+    """Bounds the attempts holding a connection; waiting here is not part of any attempt.
+
+    aiohttp's connector makes a request wait for a free pooled connection inside the
+    request, where any timeout around it counts the wait. Attempts queue here instead, before
+    their clock starts, so a long queue never times out an attempt that never reached Klarna.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._semaphore = asyncio.Semaphore(size)
+
+    def grow(self, size: int) -> None:
+        """Allow ``size`` attempts at once if that is more than now."""
+        for _ in range(size - self.size):
+            self._semaphore.release()  # an unbounded Semaphore: each release adds a slot
+        self.size = max(self.size, size)
+
+    async def acquire(self) -> None:
+        """Wait for a free slot."""
+        await self._semaphore.acquire()
+
+    def release(self) -> None:
+        """Give the slot back."""
+        self._semaphore.release()
+
+
 def _reason(error: OSError) -> str:
     """A human reason for a failed connect: "Connection refused", not the call's repr."""
     if isinstance(error.errno, int) and error.errno > 0:
@@ -91,16 +118,39 @@ class AiohttpTransport:
 
     The per-attempt timeout covers connecting, sending and reading the whole answer; it is
     kept here rather than by the session, so a session's own ``total`` timeout never spans
-    the retry loop and its sleeps.
+    the retry loop and its sleeps. It starts once the attempt has a connection slot
+    (``slots``, at most the connector's limit): queueing for the pool is not the attempt.
+
+    A borrowed session's settings never change what the client sees: every request passes
+    ``raise_for_status=False``, no session middlewares, ``auto_decompress=True``, an absolute
+    URL (a session ``base_url`` is ignored), its own timeout, and our ``Authorization``
+    header (over a default one). The session's proxy settings and connector are used.
     """
 
-    def __init__(self, session: aiohttp.ClientSession, base_url: str, timeout: float) -> None:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        base_url: str,
+        timeout: float,
+        slots: _Slots | None = None,
+    ) -> None:
         self._session = session
         self._base_url = base_url
         self._deadlines = _Deadlines(timeout)
+        self.slots = slots
 
     async def __call__(self, request: Request) -> Response:
         """Send ``request``; raise KlarnaTimeoutError / KlarnaConnectionError on failure."""
+        slots = self.slots
+        if slots is not None:
+            await slots.acquire()
+        try:
+            return await self._attempt(request)
+        finally:
+            if slots is not None:
+                slots.release()
+
+    async def _attempt(self, request: Request) -> Response:
         url = self._base_url + request.path
         deadline = self._deadlines.start()
         timed_out = False
@@ -114,6 +164,9 @@ class AiohttpTransport:
                     timeout=_NO_AIOHTTP_TIMEOUT,
                     # A redirected POST could be replayed elsewhere; surface 3xx as an error.
                     allow_redirects=False,
+                    raise_for_status=False,
+                    auto_decompress=True,
+                    middlewares=(),
                 ) as answer:
                     return Response(
                         answer.status, answer.headers, await answer.read(), request, url

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import attrs
 
-from ..batch import BatchItem, CaptureOutcome, CaptureStatus
+from ..batch import BatchAbortedError, BatchItem, CaptureOutcome, CaptureStatus
 from ..client import KlarnaOM
 from ..journal import Journal
 from ._batchfile import BadLine, Row
@@ -124,6 +124,9 @@ async def run_batch(
         async for outcome in outcomes:
             report_bad()
             report(outcome)
+    except BatchAbortedError:
+        report_bad()  # read while the rest of the file was counted as not sent
+        raise
     finally:
         # On Ctrl-C (cancellation) the generator's cleanup must cancel its workers now,
         # while the journal is still open, not whenever the generator is collected.
