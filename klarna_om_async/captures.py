@@ -21,7 +21,15 @@ __all__ = ("CapturesService",)
 
 
 class CapturesService:
-    """``om.captures``: the capture-and-track calls of Klarna Order Management."""
+    """``om.captures``: the capture-and-track calls of Klarna Order Management.
+
+    Methods: ``create`` (full or partial capture), ``get``, ``list``, ``add_shipping_info``
+    and ``trigger_send_out``. Amounts are ``int`` minor units (6000 = 60.00). Ids are
+    non-empty strings, URL-quoted into the path. Every call raises a ``KlarnaError``
+    subclass on failure (see each method's "Raises"), and each error carries ``method``,
+    ``url``, ``idempotency_key``, ``attempts`` and ``outcome_unknown``.
+    https://docs.klarna.com/api/ordermanagement/
+    """
 
     def __init__(self, send: Handler) -> None:
         self._send = send
@@ -32,8 +40,15 @@ class CapturesService:
         """Capture all of an order's amount or part of it; returns the new capture's id.
 
         Full and partial captures are the same call: send the order amount, or the amount of
-        what was shipped (``captured_amount`` in minor units).
+        what was shipped (``request.captured_amount``: ``int`` minor units, 6000 = 60.00; at
+        most the order's ``remaining_authorized_amount``). ``order_id``: Klarna's order id.
+        ``POST /ordermanagement/v1/orders/{order_id}/captures``.
         https://docs.klarna.com/api/ordermanagement/#operation/captureOrder
+
+        Returns ``CaptureCreated``: ``capture_id`` (str, from the 201's ``Capture-Id`` header
+        or its ``Location``), ``location`` (the capture's URL), ``idempotency_key`` (the key
+        sent) and ``attempts`` (HTTP attempts the call took, >= 1). Klarna's 201 has no body;
+        read the capture itself with ``get(order_id, capture_id)``.
 
         ``idempotency_key``: pass one made beforehand (``new_idempotency_key()``) and stored,
         so a call whose outcome is unknown (an error with ``outcome_unknown``, a cancellation
@@ -48,7 +63,16 @@ class CapturesService:
         (e.g. ``CaptureNotAllowedError``); ``KlarnaConnectionError``/``KlarnaTimeoutError``
         when retries ran out; ``KlarnaResponseError`` (outcome unknown: booked, but the id is
         unreadable) when the 201 has neither a ``Capture-Id`` nor a ``Location`` ending in
-        ``/captures/{capture_id}``.
+        ``/captures/{capture_id}``. In detail:
+
+        - ``CaptureNotAllowedError`` (403 ``CAPTURE_NOT_ALLOWED``): over-capture, or the
+          order is cancelled or expired; ``NoSuchOrderError`` (404); ``AuthenticationError``
+          (401); ``BadRequestError`` (400) / ``UnprocessableEntityError`` (422): a body
+          Klarna rejects. Not retried; nothing was captured.
+        - ``ServerError`` (5xx), ``RateLimitError`` (429), ``ConflictError`` (409),
+          ``KlarnaConnectionError``, ``KlarnaTimeoutError``: retried with the same key, raised
+          when the retry policy gives up; check ``err.outcome_unknown``.
+        - ``TypeError`` when ``request`` is not a ``CaptureRequest``.
         """
         if not isinstance(request, CaptureRequest):
             raise TypeError(f"request must be a CaptureRequest, got {type(request).__name__}")
@@ -57,17 +81,30 @@ class CapturesService:
         return _capture_created(await self._send(request_value))
 
     async def get(self, order_id: str, capture_id: str) -> Capture:
-        """One capture's details.
+        """One capture's details: a ``Capture`` (amounts in ``int`` minor units).
 
+        ``GET …/orders/{order_id}/captures/{capture_id}``; read-only, retried on connection
+        errors, timeouts, 409/429/5xx.
         https://docs.klarna.com/api/ordermanagement/#operation/getCapture
+
+        Raises ``NoSuchCaptureError``/``NoSuchOrderError`` (404), ``AuthenticationError``
+        (401), ``ValidationError`` (a bad id, nothing sent), ``ServerError``/
+        ``KlarnaConnectionError``/``KlarnaTimeoutError`` after the retries, and
+        ``KlarnaResponseError`` when the 200's body is not a capture.
         """
         response = await self._send(_routes.get(_routes.capture_path(order_id, capture_id)))
         return _routes.read(response, Capture)
 
     async def list(self, order_id: str) -> list[Capture]:
-        """All captures of an order.
+        """All captures of an order: ``list[Capture]``, as Klarna lists them.
 
+        ``GET …/orders/{order_id}/captures``; amounts in ``int`` minor units.
         https://docs.klarna.com/api/ordermanagement/#operation/getCaptures
+
+        Raises ``NoSuchOrderError`` (404), ``AuthenticationError`` (401), ``ValidationError``
+        (a bad id, nothing sent), ``ServerError``/``KlarnaConnectionError``/
+        ``KlarnaTimeoutError`` after the retries, and ``KlarnaResponseError`` when the 200's
+        body is not a list of captures.
         """
         response = await self._send(_routes.get(_routes.captures_path(order_id)))
         return _routes.read(response, list[Capture])
@@ -80,9 +117,17 @@ class CapturesService:
         *,
         idempotency_key: str | None = None,
     ) -> None:
-        """Add tracking details (1 to 500 shipments) to a capture.
+        """Add tracking details (1 to 500 shipments) to a capture; returns ``None`` (204).
 
+        ``shipping_info``: ``ShippingInfo`` values (company, method, tracking number and
+        URI). ``POST …/captures/{capture_id}/shipping-info`` with an idempotency key (yours
+        or a fresh one), retried with the same key.
         https://docs.klarna.com/api/ordermanagement/#operation/appendShippingInfo
+
+        Raises ``ValidationError`` (no entries, more than 500, or a bad field; nothing sent),
+        ``NoSuchCaptureError``/``NoSuchOrderError`` (404), ``AuthenticationError`` (401),
+        ``BadRequestError`` (400), ``ServerError``/``KlarnaConnectionError``/
+        ``KlarnaTimeoutError`` after the retries (check ``err.outcome_unknown``).
         """
         body = to_json({"shipping_info": validate_shipping_info_request(shipping_info)})
         path = f"{_routes.capture_path(order_id, capture_id)}/shipping-info"
@@ -91,21 +136,31 @@ class CapturesService:
     async def trigger_send_out(
         self, order_id: str, capture_id: str, *, idempotency_key: str | None = None
     ) -> None:
-        """Send the customer the capture's communication (e.g. invoice) again.
+        """Send the customer the capture's communication (e.g. invoice) again; ``None`` (204).
 
+        ``POST …/captures/{capture_id}/trigger-send-out`` with an idempotency key (yours or a
+        fresh one), retried with the same key.
         https://docs.klarna.com/api/ordermanagement/#operation/triggerSendOut
+
+        Raises ``NoSuchCaptureError``/``NoSuchOrderError`` (404), ``AuthenticationError``
+        (401), ``NotAllowedError`` (403), ``ValidationError`` (a bad id or key, nothing
+        sent), ``ServerError``/``KlarnaConnectionError``/``KlarnaTimeoutError`` after the
+        retries (check ``err.outcome_unknown``).
         """
         path = f"{_routes.capture_path(order_id, capture_id)}/trigger-send-out"
         await self._send(_routes.post(path, idempotency_key=idempotency_key))
 
 
-def _capture_id_in(location: str) -> str:
-    """The id in a ``.../captures/{capture_id}`` URL (query and fragment ignored), else ``""``."""
+def _capture_id_in(location: str, captures_path: str) -> str:
+    """The id in a ``.../orders/{order_id}/captures/{capture_id}`` URL of THIS order (query
+    and fragment ignored), else ``""``: a Location naming another order's capture is no
+    answer to this request."""
     try:
         parts = yarl.URL(location).parts  # decoded segments: "a%2Fb" stays one segment
     except ValueError:
         return ""
-    if len(parts) >= 2 and parts[-2] == "captures" and parts[-1].strip():
+    expected = yarl.URL(captures_path).parts[-3:]  # ("orders", order_id, "captures")
+    if len(parts) >= 4 and parts[-4:-1] == expected and parts[-1].strip():
         return parts[-1]
     return ""
 
@@ -120,7 +175,7 @@ def _capture_created(response: Response) -> CaptureCreated:
     location = response.headers.get("Location")
     capture_id = (response.headers.get("Capture-Id") or "").strip()
     if not capture_id and location:
-        capture_id = _capture_id_in(location)
+        capture_id = _capture_id_in(location, response.request.path)
     key = response.request.idempotency_key
     if not capture_id or key is None:
         raise _routes.unreadable(

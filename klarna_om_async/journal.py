@@ -15,7 +15,7 @@ calls ``finish``. The journal decides from everything it holds, never from what 
   an uncertain item whose key is older than ``key_max_age`` is not resent but reconciled
   (see :mod:`klarna_om_async.reconcile`).
 - One owner per journal file: :class:`~klarna_om_async.sqlite_journal.SQLiteJournal` holds
-  an exclusive lock on ``PATH.lock`` while open, so two runs can never send from the same
+  an exclusive OS lock on its file while open, so two runs can never send from the same
   journal.
 
 This module holds the decisions (shared by every journal) and :class:`MemoryJournal`; the
@@ -82,6 +82,8 @@ class JournalStatus(enum.StrEnum):
 
 
 _UNKNOWN = frozenset({JournalStatus.IN_FLIGHT, JournalStatus.FAILED})
+#: Outcomes not settled: unknown, or waiting for a person.
+_UNSETTLED = frozenset({*_UNKNOWN, JournalStatus.NEEDS_REVIEW})
 
 
 @attrs.frozen(kw_only=True)
@@ -120,6 +122,8 @@ class JournalEntry:
     key_sent_at: datetime | None = None
     #: True while a send under ``idempotency_key`` may have booked money unseen.
     uncertain: bool = False
+    #: The run (``capture_many`` call) that last claimed it.
+    run_id: str | None = None
 
 
 class ClaimAction(enum.StrEnum):
@@ -163,10 +167,12 @@ class NotAJournalError(JournalError):
 class Journal(Protocol):
     """What the batch needs from a journal; ``SQLiteJournal`` is the durable one."""
 
-    async def claim(self, item: ItemRecord, new_key: str) -> Claim:
+    async def claim(self, item: ItemRecord, new_key: str, *, run_id: str | None = None) -> Claim:
         """Decide what to do with ``item`` and durably record a ``SEND`` as in flight.
 
         ``new_key`` is used only when the item gets a new key (new, or refused before).
+        ``run_id`` names the run claiming (one per ``capture_many`` call): given, a new item
+        is refused while another run left an item of the same order unknown.
         """
         ...
 
@@ -243,13 +249,19 @@ def _decide(
     old: JournalEntry | None,
     item: ItemRecord,
     new_key: str,
+    *,
     key_owner: str | None,
+    sibling: JournalEntry | None,
     now: datetime,
     key_max_age: timedelta,
+    run_id: str | None,
 ) -> Claim:
     """The claim for ``item``; a ``SEND`` claim's entry is what must be written.
 
-    ``key_owner`` is the item that already holds ``new_key`` in the journal, if any.
+    ``key_owner`` is the item that ever held ``new_key`` in the journal, if any. ``sibling``
+    is another item of the same order, claimed by another run, whose outcome is unknown (or
+    needs review), if any: a new item next to it may be the same capture under a changed
+    reference.
     """
     if old is not None and old.status in (JournalStatus.CAPTURED, JournalStatus.NEEDS_REVIEW):
         conflict = _conflict(old, item)
@@ -264,21 +276,31 @@ def _decide(
         if _expired(old, now, key_max_age):
             return Claim(ClaimAction.RECONCILE, old)
         # Its key may have booked money: resend the same key, and remember the doubt.
-        return Claim(
-            ClaimAction.SEND,
-            attrs.evolve(old, status=JournalStatus.IN_FLIGHT, uncertain=True, updated_at=now),
+        resend = attrs.evolve(
+            old, status=JournalStatus.IN_FLIGHT, uncertain=True, updated_at=now, run_id=run_id
         )
+        return Claim(ClaimAction.SEND, resend)
     if old is not None and old.order_id != item.order_id:
         return Claim(ClaimAction.CONFLICT, old, f"item {item.item_key!r}: {_changed(old, item)}")
+    if old is None and sibling is not None:
+        return Claim(
+            ClaimAction.CONFLICT,
+            _new_entry(item, new_key, now, run_id),
+            f"item {item.item_key!r} is new, but order {item.order_id} has a capture of"
+            f" {sibling.captured_amount} whose outcome is {sibling.status.value} under item"
+            f" {sibling.item_key!r} (key {sibling.idempotency_key}); if this line replaces it"
+            " (a changed reference), settle that one first (klarna-om reconcile); if it is a"
+            " further capture, rerun once that one is settled",
+        )
     # New, or refused: nothing was booked, so the item may take a new key (and new content).
     if key_owner is not None and key_owner != item.item_key:
         return Claim(
             ClaimAction.CONFLICT,
-            old or _new_entry(item, new_key, now),
+            old or _new_entry(item, new_key, now, run_id),
             f"item {item.item_key!r}: idempotency key {new_key} already belongs to item"
             f" {key_owner!r} in this journal; give each capture its own key",
         )
-    entry = _new_entry(item, new_key, now)
+    entry = _new_entry(item, new_key, now, run_id)
     if old is not None:
         entry = attrs.evolve(entry, attempts=old.attempts)
     return Claim(ClaimAction.SEND, entry)
@@ -289,7 +311,7 @@ def _expired(entry: JournalEntry, now: datetime, key_max_age: timedelta) -> bool
     return sent is None or now - sent >= key_max_age
 
 
-def _new_entry(item: ItemRecord, key: str, now: datetime) -> JournalEntry:
+def _new_entry(item: ItemRecord, key: str, now: datetime, run_id: str | None) -> JournalEntry:
     return JournalEntry(
         item_key=item.item_key,
         order_id=item.order_id,
@@ -304,6 +326,7 @@ def _new_entry(item: ItemRecord, key: str, now: datetime) -> JournalEntry:
         reference=item.reference,
         key_sent_at=now,
         uncertain=False,
+        run_id=run_id,
     )
 
 
@@ -387,7 +410,8 @@ class MemoryJournal:
         clock: Callable[[], datetime] = _utc_now,
     ) -> None:
         self._entries: dict[str, JournalEntry] = {}
-        self._owners: dict[str, str] = {}  # idempotency key -> item key
+        self._owners: dict[str, str] = {}  # every idempotency key handed out -> item key
+        self._by_order: dict[str, set[str]] = {}  # order id -> item keys
         self._key_max_age = key_max_age
         self._clock = clock
         self._open = True
@@ -407,16 +431,34 @@ class MemoryJournal:
         if not self._open:
             raise _not_open(type(self).__name__)
 
-    async def claim(self, item: ItemRecord, new_key: str) -> Claim:
+    async def claim(self, item: ItemRecord, new_key: str, *, run_id: str | None = None) -> Claim:
         """Decide what to do with ``item``; record a ``SEND`` as in flight."""
         self._check_open()
         old = self._entries.get(item.item_key)
+        sibling = None
+        if old is None and run_id is not None:
+            sibling = next(
+                (
+                    entry
+                    for key in self._by_order.get(item.order_id, ())
+                    if (entry := self._entries[key]).status in _UNSETTLED and entry.run_id != run_id
+                ),
+                None,
+            )
         claim = _decide(
-            old, item, new_key, self._owners.get(new_key), self._clock(), self._key_max_age
+            old,
+            item,
+            new_key,
+            key_owner=self._owners.get(new_key),
+            sibling=sibling,
+            now=self._clock(),
+            key_max_age=self._key_max_age,
+            run_id=run_id,
         )
         if claim.action is ClaimAction.SEND:
             self._entries[item.item_key] = claim.entry
             self._owners[claim.entry.idempotency_key] = item.item_key
+            self._by_order.setdefault(item.order_id, set()).add(item.item_key)
         return claim
 
     async def finish(

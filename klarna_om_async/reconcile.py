@@ -155,33 +155,42 @@ async def reconcile_entry(
 ) -> Reconciliation:
     """Read ``entry``'s order, judge it, and record the verdict in ``journal``.
 
+    Reconcile one order's items one at a time (``reconcile`` does): each must see the
+    captures the previous ones were given.
+
     ``not captured`` is recorded as ``refused`` (nothing booked: the next claim gets a new
     key). When the order cannot be read, nothing is recorded and ``verdict`` is ``None``.
     While the item's key is still within the journal's ``key_max_age`` only a capture found
     is recorded; otherwise the verdict is ``resend`` and the item stays as it is.
+
+    Raises only what the journal raises: a ``KlarnaError`` from reading the order is on the
+    returned ``Reconciliation`` (``error``, ``verdict=None``).
+    https://docs.klarna.com/api/ordermanagement/#operation/getOrder
     """
     try:
         order = await orders.get(entry.order_id)
-    except NoSuchOrderError as error:
-        verdict, capture_id = Verdict.NOT_CAPTURED, None
-        evidence = f"Klarna has no order {entry.order_id} for these credentials ({error})"
     except KlarnaError as error:
+        # Even a 404 proves nothing: these may be another account's, region's or
+        # environment's credentials, under which the order (and its capture) is invisible.
+        why = (
+            "Klarna shows no such order to these credentials (another account, region or"
+            " playground?)"
+            if isinstance(error, NoSuchOrderError)
+            else "could not read the order"
+        )
         return Reconciliation(
             item_key=entry.item_key,
             order_id=entry.order_id,
             idempotency_key=entry.idempotency_key,
             verdict=None,
-            evidence=f"could not read the order: {error}",
+            evidence=f"{why}: {error}",
             error=error,
         )
-    else:
-        others = await journal.entries(order_id=entry.order_id)
-        claimed = {
-            e.capture_id
-            for e in others
-            if e.capture_id is not None and e.item_key != entry.item_key
-        }
-        verdict, capture_id, evidence = judge(entry, order, claimed=claimed, clock_skew=clock_skew)
+    others = await journal.entries(order_id=entry.order_id)
+    claimed = {
+        e.capture_id for e in others if e.capture_id is not None and e.item_key != entry.item_key
+    }
+    verdict, capture_id, evidence = judge(entry, order, claimed=claimed, clock_skew=clock_skew)
     if verdict is not Verdict.CAPTURED and not journal.key_expired(entry):
         return Reconciliation(
             item_key=entry.item_key,
@@ -218,14 +227,27 @@ async def reconcile(
 
     Reads each item's order (at most ``concurrency`` at once) and records the verdicts; see
     :func:`reconcile_entry`. Items that need review are left alone. Use ``om.reconcile``.
+
+    Returns one ``Reconciliation`` per unknown item. Raises ``ValueError`` when
+    ``concurrency`` < 1, and what the journal raises; an order that cannot be read is
+    reported on its items' ``Reconciliation`` (``verdict=None``), not raised.
+    https://docs.klarna.com/api/ordermanagement/#operation/getOrder
     """
     if concurrency < 1:
         raise ValueError(f"concurrency must be at least 1, got {concurrency!r}")
     unknown = await journal.entries(statuses=(JournalStatus.IN_FLIGHT, JournalStatus.FAILED))
+    by_order: dict[str, list[JournalEntry]] = {}
+    for entry in unknown:
+        by_order.setdefault(entry.order_id, []).append(entry)
     gate = asyncio.Semaphore(concurrency)
 
-    async def one(entry: JournalEntry) -> Reconciliation:
+    async def one_order(entries: list[JournalEntry]) -> list[Reconciliation]:
+        # One order's items in turn: each must see the captures the previous ones claimed.
         async with gate:
-            return await reconcile_entry(orders, journal, entry, clock_skew=clock_skew)
+            return [
+                await reconcile_entry(orders, journal, entry, clock_skew=clock_skew)
+                for entry in entries
+            ]
 
-    return list(await asyncio.gather(*(one(entry) for entry in unknown)))
+    per_order = await asyncio.gather(*(one_order(entries) for entries in by_order.values()))
+    return [result for results in per_order for result in results]

@@ -15,7 +15,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
-from typing import IO, Any, Literal, Self, TypeVar
+from typing import Any, Literal, Self, TypeVar
 
 from .journal import (
     DEFAULT_KEY_MAX_AGE,
@@ -42,7 +42,7 @@ _SCHEMA_VERSION = 2
 _APPLICATION_ID = 0x4B4F4D4A
 _COLUMNS = (
     "item_key, order_id, idempotency_key, status, capture_id, error, attempts, updated_at,"
-    " fingerprint, captured_amount, reference, key_sent_at, uncertain"
+    " fingerprint, captured_amount, reference, key_sent_at, uncertain, run_id"
 )
 _V1_COLUMNS = [
     "item_key",
@@ -68,7 +68,16 @@ CREATE TABLE journal (
     captured_amount INTEGER,
     reference       TEXT,
     key_sent_at     TEXT,
-    uncertain       INTEGER NOT NULL DEFAULT 0
+    uncertain       INTEGER NOT NULL DEFAULT 0,
+    run_id          TEXT
+) WITHOUT ROWID;
+"""
+# Every key ever handed out, and to which item: Klarna replays a key's first answer for 24
+# hours, so a key retired by a refused item must not be given to another.
+_CREATE_KEYS = """
+CREATE TABLE IF NOT EXISTS keys (
+    idempotency_key TEXT PRIMARY KEY,
+    item_key        TEXT NOT NULL
 ) WITHOUT ROWID;
 """
 # Journals of version 1 kept no fingerprint and no key age: their keys count as expired, so
@@ -79,24 +88,32 @@ ALTER TABLE journal ADD COLUMN captured_amount INTEGER;
 ALTER TABLE journal ADD COLUMN reference TEXT;
 ALTER TABLE journal ADD COLUMN key_sent_at TEXT;
 ALTER TABLE journal ADD COLUMN uncertain INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE journal ADD COLUMN run_id TEXT;
 UPDATE journal SET uncertain = 1 WHERE status IN ('in_flight', 'failed');
 """
 _INDEXES = """
-CREATE INDEX IF NOT EXISTS journal_by_key ON journal (idempotency_key);
 CREATE INDEX IF NOT EXISTS journal_by_order ON journal (order_id);
+INSERT OR IGNORE INTO keys SELECT idempotency_key, item_key FROM journal;
 """
 _UPSERT = f"""
-INSERT INTO journal ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+INSERT INTO journal ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (item_key) DO UPDATE SET
     order_id = excluded.order_id, idempotency_key = excluded.idempotency_key,
     status = excluded.status, capture_id = excluded.capture_id, error = excluded.error,
     attempts = excluded.attempts, updated_at = excluded.updated_at,
     fingerprint = excluded.fingerprint, captured_amount = excluded.captured_amount,
     reference = excluded.reference, key_sent_at = excluded.key_sent_at,
-    uncertain = excluded.uncertain
+    uncertain = excluded.uncertain, run_id = excluded.run_id
 """
 _SELECT_ONE = f"SELECT {_COLUMNS} FROM journal WHERE item_key = ?"
-_KEY_OWNER = "SELECT item_key FROM journal WHERE idempotency_key = ? LIMIT 1"
+_KEY_OWNER = "SELECT item_key FROM keys WHERE idempotency_key = ?"
+_ADD_KEY = "INSERT OR IGNORE INTO keys VALUES (?, ?)"
+_SIBLING = f"""
+SELECT {_COLUMNS} FROM journal
+WHERE order_id = ? AND item_key != ? AND status IN ('in_flight', 'failed', 'needs_review')
+    AND (run_id IS NULL OR run_id != ?)
+LIMIT 1
+"""
 # Another process (a report) may hold the write lock briefly.
 _BUSY_TIMEOUT_S = 30.0
 
@@ -115,7 +132,7 @@ def _iso(when: datetime | None) -> str | None:
 
 def _row_to_entry(row: tuple[Any, ...]) -> JournalEntry:
     (item_key, order_id, key, status, capture_id, error, attempts, updated_at) = row[:8]
-    fingerprint, amount, reference, sent_at, uncertain = row[8:]
+    fingerprint, amount, reference, sent_at, uncertain, run_id = row[8:]
     return JournalEntry(
         item_key=item_key,
         order_id=order_id,
@@ -130,6 +147,7 @@ def _row_to_entry(row: tuple[Any, ...]) -> JournalEntry:
         reference=reference,
         key_sent_at=None if sent_at is None else datetime.fromisoformat(sent_at),
         uncertain=bool(uncertain),
+        run_id=run_id,
     )
 
 
@@ -148,6 +166,7 @@ def _entry_to_row(e: JournalEntry) -> tuple[object, ...]:
         e.reference,
         _iso(e.key_sent_at),
         int(e.uncertain),
+        e.run_id,
     )
 
 
@@ -176,54 +195,71 @@ def _resolve(outcomes: list[_Outcome]) -> None:
             loop.call_soon_threadsafe(_settle, group)
 
 
-class _OwnerLock:
-    """An exclusive, non-blocking OS lock on ``PATH.lock``, released by the OS if we die.
+# Journal files this process holds, by (device, inode): a second journal object on any name
+# of a held file is refused before it opens the file, because closing any descriptor of a
+# file drops every POSIX lock the process holds on it, SQLite's own included.
+_HELD: set[tuple[int, int]] = set()
+# flock(2) and SQLite's fcntl(2) locks are independent on Linux; elsewhere (BSD, macOS) they
+# may interact, so the lock goes on a file beside the journal instead.
+_LOCK_THE_FILE_ITSELF = sys.platform == "linux"
 
-    Taken per open file, so two journal objects in one process exclude each other too (a
-    reentrant, per-process lock library would let them share the file). The holder's pid is
-    written into the file for the message the next taker sees.
+
+def _in_use(journal: str) -> JournalInUseError:
+    return JournalInUseError(
+        f"journal {journal} is in use by another run (a klarna-om batch or reconcile, or a"
+        " program with an SQLiteJournal open); wait for it to finish, or use another journal"
+    )
+
+
+class _OwnerLock:
+    """An exclusive, non-blocking lock on the journal file, dropped by the OS if we die.
+
+    On Linux it is flock(2) on the database file itself, so every name of the file (a hard
+    link, a symlink) shares it. Elsewhere it is ``realpath(PATH) + ".lock"``, which a hard
+    link escapes. Within one process, a registry by inode refuses a second journal object.
     """
 
     def __init__(self, path: str) -> None:
-        self.path = path + ".lock"
-        self._file: IO[str] | None = None
+        self._path = path
+        self._fd: int | None = None
+        self._id: tuple[int, int] | None = None
 
-    def acquire(self, journal: str) -> None:
-        file = open(self.path, "a+")  # noqa: SIM115 - held open while the journal is open
+    def acquire(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            st = os.stat(self._path)
+            if (st.st_dev, st.st_ino) in _HELD:
+                raise _in_use(self._path)
+        target = self._path if _LOCK_THE_FILE_ITSELF else os.path.realpath(self._path) + ".lock"
+        fd = os.open(target, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            _lock_file(file)
+            _lock_fd(fd)
         except OSError:
-            file.seek(0)
-            holder = file.read().strip() or "unknown"
-            file.close()
-            raise JournalInUseError(
-                f"journal {journal} is in use by another run (process {holder}); wait for it"
-                " to finish, or give this run another journal"
-            ) from None
-        file.seek(0)
-        file.truncate()
-        file.write(str(os.getpid()))
-        file.flush()
-        self._file = file
+            os.close(fd)  # this process holds no lock on the file (see _HELD)
+            raise _in_use(self._path) from None
+        st = os.stat(self._path) if _LOCK_THE_FILE_ITSELF else os.fstat(fd)
+        self._fd, self._id = fd, (st.st_dev, st.st_ino)
+        _HELD.add(self._id)
 
     def release(self) -> None:
-        file, self._file = self._file, None
-        if file is not None:
-            file.close()  # closing drops the lock
+        fd, self._fd = self._fd, None
+        if self._id is not None:
+            _HELD.discard(self._id)
+            self._id = None
+        if fd is not None:
+            os.close(fd)  # drops the lock; the journal's own connection is closed already
 
 
 if sys.platform == "win32":  # pragma: no cover - CI runs on Linux
     import msvcrt
 
-    def _lock_file(file: IO[str]) -> None:
-        file.seek(0)
-        msvcrt.locking(file.fileno(), msvcrt.LK_NBLCK, 1)
+    def _lock_fd(fd: int) -> None:
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
 
 else:
     import fcntl
 
-    def _lock_file(file: IO[str]) -> None:
-        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    def _lock_fd(fd: int) -> None:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 class SQLiteJournal:
@@ -235,7 +271,7 @@ class SQLiteJournal:
     key for an item that may have been sent. ``durability="normal"`` (``synchronous=NORMAL``)
     is faster but a power loss may undo the last commits.
 
-    While open it holds ``PATH.lock`` exclusively: a second journal on the same file raises
+    While open it holds an exclusive OS lock on the file: a second journal on it raises
     :class:`JournalInUseError`. A file that is not a klarna-om journal raises
     :class:`NotAJournalError`. ``key_max_age`` (default 23 hours, under Klarna's 24) is how old
     an unknown item's key may be before it is reconciled instead of resent; ``clock`` returns
@@ -260,6 +296,8 @@ class SQLiteJournal:
     ) -> None:
         if durability not in ("normal", "full"):
             raise ValueError(f"durability must be 'normal' or 'full', not {durability!r}")
+        if os.fspath(path) in ("", ":memory:"):
+            raise ValueError("an SQLiteJournal needs a file; MemoryJournal keeps one in memory")
         if key_max_age <= timedelta(0):
             raise ValueError(f"key_max_age must be positive, not {key_max_age!r}")
         self._path = os.fspath(path)
@@ -284,8 +322,7 @@ class SQLiteJournal:
         """
         if self._work is not None:
             raise RuntimeError(f"{self!r} is already open")
-        if self._path != ":memory:":
-            self._lock.acquire(self._path)
+        self._lock.acquire()
         loop = asyncio.get_running_loop()
         work: _Queue = queue.SimpleQueue()
         ready: asyncio.Future[None] = loop.create_future()
@@ -325,16 +362,32 @@ class SQLiteJournal:
         finally:
             self._lock.release()
 
-    async def claim(self, item: ItemRecord, new_key: str) -> Claim:
+    async def claim(self, item: ItemRecord, new_key: str, *, run_id: str | None = None) -> Claim:
         """Decide what to do with ``item``; durably record a ``SEND`` as in flight."""
         max_age = self._key_max_age
 
         def op(conn: sqlite3.Connection, now: datetime) -> Claim:
             old = _read_one(conn, item.item_key)
             owner = conn.execute(_KEY_OWNER, (new_key,)).fetchone()
-            claim = _decide(old, item, new_key, owner and owner[0], now, max_age)
+            sibling = None
+            if old is None and run_id is not None:
+                params = (item.order_id, item.item_key, run_id)
+                row = conn.execute(_SIBLING, params).fetchone()
+                sibling = None if row is None else _row_to_entry(row)
+            claim = _decide(
+                old,
+                item,
+                new_key,
+                key_owner=owner and owner[0],
+                sibling=sibling,
+                now=now,
+                key_max_age=max_age,
+                run_id=run_id,
+            )
             if claim.action is ClaimAction.SEND:
-                conn.execute(_UPSERT, _entry_to_row(claim.entry))
+                entry = claim.entry
+                conn.execute(_UPSERT, _entry_to_row(entry))
+                conn.execute(_ADD_KEY, (entry.idempotency_key, entry.item_key))
             return claim
 
         return await self._call(op)
@@ -455,7 +508,8 @@ class SQLiteJournal:
     def _check_schema(self, conn: sqlite3.Connection) -> None:
         (app_id,) = conn.execute("PRAGMA application_id").fetchone()
         (version,) = conn.execute("PRAGMA user_version").fetchone()
-        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        # Every schema object (tables, views, indexes, triggers): any of them makes it someone's.
+        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master")]
         if app_id == _APPLICATION_ID:
             if version > _SCHEMA_VERSION:
                 raise NotAJournalError(
@@ -465,9 +519,11 @@ class SQLiteJournal:
             return
         if not tables and app_id == 0:
             conn.execute(_CREATE)
+            conn.execute(_CREATE_KEYS)
         elif app_id == 0 and version == 1 and tables == ["journal"] and self._v1(conn):
             for statement in _MIGRATE_V1.strip().split(";\n"):
                 conn.execute(statement)
+            conn.execute(_CREATE_KEYS)
         else:
             what = ", ".join(tables[:3]) or f"application id {app_id}"
             raise NotAJournalError(

@@ -281,3 +281,87 @@ async def test_a_reconciled_capture_is_not_given_to_a_second_item(
 def test_key_max_age_must_be_positive(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="key_max_age"):
         SQLiteJournal(tmp_path / "j.sqlite", key_max_age=timedelta(0))
+
+
+# --- found by a hostile review -----------------------------------------------------------
+
+
+async def test_reconciling_with_another_accounts_credentials_leaves_the_item_unknown(
+    om: KlarnaOM, fake: FakeKlarna, journal: SQLiteJournal, sleeps: InstantSleep
+) -> None:
+    # Another account (or region) sees no such order: a 404 proves nothing was booked there.
+    order_id = fake.add_order(amount=10000)
+    items = [(order_id, CaptureRequest(captured_amount=3000, reference="r"))]
+    fake.inject(DropAfterProcessing(), method="POST", times=None)
+    await run(om, items, journal)
+    fake.clear_faults()
+    fake.advance_clock(DAY + 3600)
+    policy = RetryPolicy(max_attempts=2, jitter=lambda d: d, sleep=sleeps)
+    async with (
+        FakeKlarna() as elsewhere,
+        KlarnaOM(
+            elsewhere.username, elsewhere.password, base_url=elsewhere.base_url, retry=policy
+        ) as other,
+    ):
+        assert [r.verdict for r in await other.reconcile(journal)] == [None]
+        [wrong] = await run(other, items, journal)
+        assert wrong.status is CaptureStatus.FAILED
+        assert not [r for r in elsewhere.requests if r.method == "POST"]
+    [entry] = await journal.entries()
+    assert (entry.status, entry.uncertain) == (JournalStatus.FAILED, True)
+    [right] = await run(om, items, journal)
+    assert right.status is CaptureStatus.CAPTURED
+    assert booked(fake) == {order_id: 1}
+
+
+@pytest.mark.parametrize(("before", "after"), [("box-1", "box-1b"), (None, "box-1")])
+async def test_a_changed_reference_after_a_lost_answer_is_held_back(
+    om: KlarnaOM, fake: FakeKlarna, journal: SQLiteJournal, before: str | None, after: str
+) -> None:
+    order_id = fake.add_order(amount=10000)
+    fake.inject(DropAfterProcessing(), method="POST", times=None)
+    [first] = await run(
+        om, [(order_id, CaptureRequest(captured_amount=3000, reference=before))], journal
+    )
+    assert first.status is CaptureStatus.FAILED
+    fake.clear_faults()
+    posts = sum(r.method == "POST" for r in fake.requests)
+
+    [edited] = await run(
+        om, [(order_id, CaptureRequest(captured_amount=3000, reference=after))], journal
+    )
+
+    assert edited.status is CaptureStatus.REFUSED
+    assert isinstance(edited.error, ItemConflictError)
+    assert "outcome is failed" in str(edited.error)
+    assert first.idempotency_key in str(edited.error)
+    assert sum(r.method == "POST" for r in fake.requests) == posts
+    assert booked(fake) == {order_id: 1}
+
+
+async def test_items_sharing_a_reference_are_reconciled_one_at_a_time(
+    om: KlarnaOM, fake: FakeKlarna, journal: SQLiteJournal
+) -> None:
+    # Two items (own item keys) with one reference and amount: only `a` was booked. Each must
+    # not be given the same capture.
+    order_id = fake.add_order(amount=10000)
+    items = [
+        BatchItem(
+            order_id=order_id,
+            request=CaptureRequest(captured_amount=500, reference="r"),
+            item_key=name,
+        )
+        for name in ("a", "b")
+    ]
+    fake.inject(DropAfterProcessing(), method="POST", times=4)  # a's four attempts
+    fake.inject(DropConnection(), method="POST", times=4)  # b's: never processed
+    first = [o async for o in om.capture_many(items, journal=journal, concurrency=1)]
+    assert [o.status for o in first] == [CaptureStatus.FAILED] * 2
+    assert booked(fake) == {order_id: 1}
+    fake.advance_clock(DAY + 3600)
+
+    second = {o.item_key: o for o in await run(om, items, journal)}
+
+    assert {o.status for o in second.values()} == {CaptureStatus.CAPTURED}
+    assert second["a"].capture_id != second["b"].capture_id
+    assert booked(fake) == {order_id: 2}

@@ -186,6 +186,8 @@ CAPTURES = "{origin}/ordermanagement/v1/orders/o1/captures"
         {"Location": CAPTURES + "/#latest"},
         {"Location": CAPTURES},
         {"Location": "/foo/bar"},
+        {"Location": "/ordermanagement/v1/orders/OTHER/captures/cap-9"},  # another order's
+        {"Location": "https://elsewhere.example/captures/abc"},
         {"Location": "http://[::1"},
         {"Capture-Id": " ", "Location": CAPTURES + "/"},
         {"Capture-Id": "", "Location": "/foo/bar"},

@@ -321,15 +321,83 @@ async def test_an_unknown_item_whose_key_aged_past_key_max_age_is_reconciled(
         assert (claim.action, claim.entry.idempotency_key) == (ClaimAction.RECONCILE, "key-1")
 
 
+async def test_a_retired_key_is_never_given_to_another_item(journal: Journal) -> None:
+    # Klarna replays a key's first answer for 24 h: a refused item's old key stays its own.
+    await begin(journal, "a", "order-a", "K")
+    await journal.finish("a", JournalStatus.REFUSED, error="CAPTURE_NOT_ALLOWED")
+    assert (await begin(journal, "a", "order-a", "K2")).entry.idempotency_key == "K2"
+    claim = await begin(journal, "b", "order-b", "K")
+    assert claim.action is ClaimAction.CONFLICT
+    assert claim.reason is not None
+    assert "already belongs to item 'a'" in claim.reason
+
+
+async def test_a_new_item_next_to_another_runs_unknown_item_is_held_back(journal: Journal) -> None:
+    await journal.claim(record("o:box-1", "o"), "k1", run_id="run-1")
+    await journal.finish("o:box-1", JournalStatus.FAILED)
+    # The same run may add parts; another run may not while box-1 is unknown.
+    assert (await journal.claim(record("o:box-2", "o"), "k2", run_id="run-1")).action == "send"
+    claim = await journal.claim(record("o:box-1b", "o"), "k3", run_id="run-2")
+    assert claim.action is ClaimAction.CONFLICT
+    assert claim.reason is not None
+    assert "is new, but order o has a capture of 100 whose outcome is" in claim.reason
+    await journal.finish("o:box-1", JournalStatus.CAPTURED, capture_id="c")
+    await journal.finish("o:box-2", JournalStatus.CAPTURED, capture_id="c2")
+    assert (await journal.claim(record("o:box-3", "o"), "k4", run_id="run-3")).action == "send"
+
+
 # --- SQLiteJournal only ---
+
+
+def test_an_sqlite_journal_needs_a_file() -> None:
+    with pytest.raises(ValueError, match="MemoryJournal"):
+        SQLiteJournal(":memory:")
+
+
+async def test_every_name_of_a_journal_file_shares_its_lock(tmp_path: Path) -> None:
+    path, link = tmp_path / "j.sqlite", tmp_path / "hard-link.sqlite"
+    async with SQLiteJournal(path):
+        os.link(path, link)
+        with pytest.raises(JournalInUseError):
+            await SQLiteJournal(link).open()  # this process: refused by inode
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        HOLD_SCRIPT,
+        str(path),
+        cwd=REPO_ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    try:
+        assert await asyncio.wait_for(proc.stdout.readline(), TIMEOUT_S) == b"ready\n"
+        with pytest.raises(JournalInUseError):
+            await SQLiteJournal(link).open()  # another process: refused by the OS lock
+    finally:
+        proc.kill()
+        await proc.communicate()
+    async with SQLiteJournal(link):  # the dead holder's lock is gone
+        pass
+
+
+HOLD_SCRIPT = """
+import asyncio, sys
+from klarna_om_async import SQLiteJournal
+
+async def main() -> None:
+    async with SQLiteJournal(sys.argv[1]):
+        print("ready", flush=True)
+        await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
 
 
 async def test_two_journals_on_one_file_exclude_each_other(tmp_path: Path) -> None:
     path = tmp_path / "j.sqlite"
     async with SQLiteJournal(path):
-        with pytest.raises(
-            JournalInUseError, match=f"in use by another run \\(process {os.getpid()}"
-        ):
+        with pytest.raises(JournalInUseError, match="is in use by another run"):
             await SQLiteJournal(path).open()
     async with SQLiteJournal(path) as j:  # released on close
         await begin(j, "item", "order", "key")
@@ -341,6 +409,7 @@ async def test_two_journals_on_one_file_exclude_each_other(tmp_path: Path) -> No
         "CREATE TABLE journal (id INTEGER PRIMARY KEY, note TEXT)",
         "CREATE TABLE invoices (id INTEGER PRIMARY KEY)",
         "PRAGMA application_id = 42",
+        "CREATE VIEW answers AS SELECT 42",
     ],
 )
 async def test_another_programs_database_is_refused_untouched(tmp_path: Path, ddl: str) -> None:

@@ -9,7 +9,9 @@ import sys
 
 import click
 
-from ..journal import JournalError, JournalStatus
+from ..client import KlarnaOM
+from ..errors import NotFoundError
+from ..journal import JournalEntry, JournalError, JournalStatus
 from ..reconcile import Reconciliation, Verdict
 from ..sqlite_journal import SQLiteJournal
 from ._options import (
@@ -100,7 +102,12 @@ def reconcile(
     if mark_captured or mark_not_captured:
         marks: list[tuple[str, str | None]] = [(key, cid) for key, cid in mark_captured]
         marks += [(key, None) for key in mark_not_captured]
-        run_interruptible(lambda: _settle(journal, marks))
+        twice = sorted({key for key, _ in marks if [k for k, _ in marks].count(key) > 1})
+        if twice:
+            raise InputError(f"item(s) {', '.join(map(repr, twice))} marked more than once")
+        connection = Connection.from_context()
+        connection.check()
+        run_interruptible(lambda: _settle(journal, marks, connection))
         for key, capture_id in marks:
             told = f"captured as {capture_id}" if capture_id else "not captured"
             click.echo(f"Settled {key}: {told}.")
@@ -140,7 +147,8 @@ async def _open(path: str) -> SQLiteJournal:
         raise InputError(f"cannot open the journal {path}: {error}") from None
 
 
-async def _settle(path: str, marks: list[tuple[str, str | None]]) -> None:
+async def _settle(path: str, marks: list[tuple[str, str | None]], connection: Connection) -> None:
+    """Settle reviewed items by hand; a capture id given is checked against Klarna first."""
     journal = await _open(path)
     try:
         known = {e.item_key: e for e in await journal.entries()}
@@ -148,8 +156,17 @@ async def _settle(path: str, marks: list[tuple[str, str | None]]) -> None:
             entry = known.get(key)
             if entry is None:
                 raise InputError(f"{path} has no item {key!r}")
-            if entry.status in (JournalStatus.CAPTURED, JournalStatus.REFUSED):
-                raise InputError(f"item {key!r} is already settled ({entry.status.value})")
+            if entry.status is not JournalStatus.NEEDS_REVIEW:
+                # An unknown item is settled exactly by its key (a rerun) or by reading the
+                # order (reconcile without marks); a hand-made verdict could double-capture.
+                raise InputError(
+                    f"item {key!r} is {entry.status.value}, not needs_review; only an item that"
+                    " needs review is settled by hand (rerun the batch, or reconcile)"
+                )
+        async with connection.client() as om:
+            for key, capture_id in marks:
+                if capture_id is not None:
+                    await _check_capture(om, known[key], capture_id)
         for key, capture_id in marks:
             status = JournalStatus.CAPTURED if capture_id else JournalStatus.REFUSED
             await journal.finish(
@@ -161,6 +178,20 @@ async def _settle(path: str, marks: list[tuple[str, str | None]]) -> None:
             )
     finally:
         await journal.close()
+
+
+async def _check_capture(om: KlarnaOM, entry: JournalEntry, capture_id: str) -> None:
+    """Refuse a capture id that is not a capture of the item's order and amount."""
+    try:
+        capture = await om.captures.get(entry.order_id, capture_id)
+    except NotFoundError:
+        raise InputError(f"order {entry.order_id} has no capture {capture_id!r}") from None
+    amount = entry.captured_amount
+    if amount is not None and capture.captured_amount != amount:
+        raise InputError(
+            f"capture {capture_id} is of {capture.captured_amount}, but item"
+            f" {entry.item_key!r} asked for {amount}"
+        )
 
 
 async def _run(path: str, connection: Connection, concurrency: int) -> list[Reconciliation]:
