@@ -22,15 +22,34 @@ _JSON_HEADERS = {**_GET_HEADERS, "Content-Type": "application/json"}
 
 # Ids made only of URL-unreserved characters (as Klarna's are) need no quoting.
 _PLAIN_ID = re.compile(r"[A-Za-z0-9_.~-]+").fullmatch
+# Segments every URL normaliser collapses (RFC 3986 5.2.4), also when percent-encoded:
+# ``.../captures/../shipping-info`` would reach another endpoint.
+_DOT_SEGMENTS = frozenset({".", ".."})
+
+
+def normalize_id(field: str, value: object) -> str:
+    """The id every input path sends: surrounding whitespace trimmed, never empty.
+
+    The one normalisation for order and capture ids, shared by the endpoint coroutines,
+    the batch files and the CLI, so ``" ORDER "`` is ``ORDER`` everywhere.
+    """
+    if not isinstance(value, str) or not value.strip():
+        raise ValidationError(field, f"must be a non-empty string, got {value!r}")
+    value = value.strip()
+    if value in _DOT_SEGMENTS:
+        raise ValidationError(
+            field, f"{value!r} is not an id: URL normalisation would drop it from the path"
+        )
+    return value
 
 
 def quote_id(field: str, value: str) -> str:
     """Validate an order or capture id and quote it as one path segment."""
-    if value.__class__ is str and _PLAIN_ID(value):
+    if value.__class__ is str and _PLAIN_ID(value) and value not in _DOT_SEGMENTS:
         return value
-    if not isinstance(value, str) or not value.strip():
-        raise ValidationError(field, f"must be a non-empty string, got {value!r}")
-    return quote(value, safe="")
+    # Percent signs are quoted too, so "%2e" goes out as "%252e" and no dot segment
+    # can reappear after the server decodes the path.
+    return quote(normalize_id(field, value), safe="")
 
 
 def order_path(order_id: str) -> str:

@@ -300,16 +300,18 @@ def decode_error(status: int, headers: Mapping[str, str], body: bytes) -> Klarna
     """Turn a non-2xx answer into the matching typed exception; a pure function, no I/O.
 
     Klarna's error body is ``{"error_code", "error_messages", "correlation_id"}``; a proxy or
-    load balancer may send HTML or nothing, which still yields the class for the status.
+    load balancer may send HTML, its own JSON (``{"message": ...}``, ``{"error": {...}}``) or
+    nothing, which still yields the class for the status. ``error_code`` and
+    ``error_messages`` hold only what Klarna's own fields said; readable text found anywhere
+    else in the body goes to ``body``, trimmed to one line, so ``str(err)`` shows it.
     """
     error_code: str | None = None
     messages: tuple[str, ...] = ()
     correlation_id = headers.get("Klarna-Correlation-Id")
-    text = ""
     try:
         payload = orjson.loads(body) if body else None
     except orjson.JSONDecodeError:
-        payload = None
+        payload = _NOT_JSON
     if isinstance(payload, dict):
         code = payload.get("error_code")
         error_code = code if isinstance(code, str) else None
@@ -318,8 +320,14 @@ def decode_error(status: int, headers: Mapping[str, str], body: bytes) -> Klarna
             messages = tuple(str(m) for m in raw_messages)
         if isinstance(payload.get("correlation_id"), str):
             correlation_id = payload["correlation_id"]
+    if messages and any(m.strip() for m in messages):
+        text = ""
+    elif payload is _NOT_JSON:
+        text = _one_line(body[:1000].decode("utf-8", errors="replace"))
     else:
-        text = body[:1000].decode("utf-8", errors="replace").strip()
+        text = "; ".join(_readable(payload))
+        if not text and error_code is None and payload is not None:
+            text = _one_line(body[:1000].decode("utf-8", errors="replace"))
     return _error_class(status, error_code)(
         status=status,
         error_code=error_code,
@@ -328,6 +336,51 @@ def decode_error(status: int, headers: Mapping[str, str], body: bytes) -> Klarna
         retry_after=parse_retry_after(headers.get("Retry-After")),
         body=text,
     )
+
+
+_NOT_JSON = object()
+# Where error bodies keep their text: Klarna's fields (singular too), then the shapes
+# gateways and proxies use (``message``, ``error.message``, OAuth, RFC 7807, Apigee).
+_TEXT_KEYS = (
+    "error_messages",
+    "error_message",
+    "message",
+    "messages",
+    "error",
+    "errors",
+    "error_description",
+    "detail",
+    "title",
+    "fault",
+    "faultstring",
+    "description",
+    "reason",
+)
+
+
+def _readable(value: object, depth: int = 0) -> list[str]:
+    """The human-readable strings in a decoded error body, in order, without repeats."""
+    found: list[str] = []
+    if depth > 4:
+        return found
+    if isinstance(value, str):
+        found.append(_one_line(value))
+    elif isinstance(value, list):
+        for item in value[:20]:
+            found.extend(_readable(item, depth + 1))
+    elif isinstance(value, dict):
+        for key in _TEXT_KEYS:
+            if key in value:
+                found.extend(_readable(value[key], depth + 1))
+    unique: list[str] = []
+    for text in found:
+        if text and text not in unique:
+            unique.append(text)
+    return unique
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 class ItemConflictError(KlarnaError, ValueError):

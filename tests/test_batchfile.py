@@ -128,9 +128,10 @@ def test_csv_blank_lines_are_skipped_and_line_numbers_stay_true(tmp_path: Path) 
         "line 4: captured_amount: must be a whole number of minor units (e.g. 1050 for 10.50), "
         "got 'x'"
     )
-    assert isinstance(rows[1], BatchItem)
-    assert rows[1].request.description == "two\nlines"
-    assert bad(rows[2]).startswith("line 8: captured_amount")
+    # A field cannot span lines: both halves of the broken record are accounted for.
+    assert bad(rows[1]).startswith("line 6: a quoted field is not closed on this line")
+    assert bad(rows[2]).startswith("line 7: ")
+    assert bad(rows[3]).startswith("line 8: captured_amount")
 
 
 @pytest.mark.parametrize(
@@ -176,15 +177,16 @@ def test_csv_header_problems_stop_before_any_row(
         read(tmp_path, "a.csv", text)
 
 
-def test_an_unreadable_csv_record_stops_the_file_with_its_line(tmp_path: Path) -> None:
-    # csv refuses fields over its size limit; after that it cannot know where rows start.
-    text = "order_id,captured_amount,description\no1,1,ok\no2,1," + "x" * 200_000 + "\n"
-    path = tmp_path / "a.csv"
-    path.write_text(text)
-    with open_batch(str(path), BatchFormat.CSV) as rows:
-        assert isinstance(next(rows), BatchItem)
-        with pytest.raises(BatchFileError, match="line 3: field larger than field limit"):
-            next(rows)
+def test_an_unreadable_csv_record_is_refused_with_its_line_and_reading_goes_on(
+    tmp_path: Path,
+) -> None:
+    # csv refuses fields over its size limit; each line is parsed alone, so the next is safe.
+    text = "order_id,captured_amount,description\no1,1,ok\no2,1," + "x" * 200_000 + "\no3,1,\n"
+    rows = read(tmp_path, "a.csv", text)
+    assert isinstance(rows[0], BatchItem)
+    assert "line 3: not valid CSV: field larger than field limit" in bad(rows[1])
+    assert rows[1].order_id == "o2"
+    assert isinstance(rows[2], BatchItem)
 
 
 # -- JSON Lines --------------------------------------------------------------------------------
@@ -228,7 +230,7 @@ def test_jsonl_lines_use_klarnas_capture_shape(tmp_path: Path) -> None:
     ("line", "message"),
     [
         ('{"order_id": "o1", "captured_amount": 10', "line 1: not valid JSON at column"),
-        (b'{"order_id": "\xff"}', "line 1: not valid JSON"),
+        (b'{"order_id": "\xff"}', "line 1: byte 0xff at column 15 is not valid utf-8"),
         ("[1, 2]", "line 1: expected a JSON object, got an array"),
         ("12", "line 1: expected a JSON object, got a number"),
         ("null", "line 1: expected a JSON object, got null"),

@@ -9,22 +9,29 @@ CSV (``.csv``): a header row, then one capture per row. Columns:
 - ``shipping_company``, ``shipping_method``, ``tracking_number``, ``tracking_uri`` --
   optional; any of them adds one ``shipping_info`` entry to the capture.
 
-Empty cells count as absent. Unknown columns are refused before anything is sent.
+Empty cells count as absent. Unknown and duplicate columns are refused before anything is
+sent. Columns are separated by commas; a header separated by semicolons or tabs (Excel in
+many locales) is recognised, or pass the ``delimiter``.
 
 JSON Lines (``.jsonl`` / ``.ndjson``): one JSON object per line with ``order_id``, an optional
 ``idempotency_key``, and the capture in Klarna's JSON shape: ``captured_amount``,
 ``reference``, ``description``, ``order_lines``, ``shipping_info``, ``shipping_delay``.
 
-Blank lines are skipped in both formats. A line that cannot become a capture (a missing or
-malformed value) is not sent: it yields a :class:`BadLine` naming its line number and field,
-and reading goes on with the next line.
+Both formats are read one physical line at a time in the given ``encoding`` (default
+UTF-8; a byte order mark is accepted), so every line is accounted for: blank lines are
+skipped, and a line that cannot become a capture (a missing, malformed or duplicate value, a
+field with a line break or a quote left open, bytes that are not in the encoding) is not sent:
+it yields a :class:`BadLine` naming its line number and field, and reading goes on with the
+next line. Order ids are trimmed of surrounding spaces, as everywhere in the package.
 """
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import csv
 import enum
+import json
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -35,6 +42,7 @@ import cattrs
 import orjson
 
 from .._convert import converter
+from .._routes import normalize_id
 from ..batch import BatchItem
 from ..errors import ValidationError
 from ..models import CaptureRequest, OrderLine, ShippingInfo
@@ -72,6 +80,9 @@ CSV_COLUMNS = (
 _EXTENSIONS = {".csv": BatchFormat.CSV, ".jsonl": BatchFormat.JSONL, ".ndjson": BatchFormat.JSONL}
 _MINOR_UNITS = re.compile(r"[0-9]+")
 _JSON_EXTRA_KEYS = frozenset({"order_id", "idempotency_key"})
+#: Column separators recognised from the header when none is given.
+_DELIMITERS = (",", ";", "\t", "|")
+_BOM = "\ufeff"
 
 
 class BatchFileError(Exception):
@@ -126,19 +137,28 @@ def count_lines(path: str) -> int:
 
 
 @contextlib.contextmanager
-def open_batch(path: str, fmt: BatchFormat) -> Iterator[Iterator[Row]]:
+def open_batch(
+    path: str, fmt: BatchFormat, *, encoding: str = "utf-8", delimiter: str | None = None
+) -> Iterator[Iterator[Row]]:
     """Open ``path`` and give an iterator of its rows, read one line at a time.
 
-    Problems with the whole file (cannot be opened, CSV header without the required columns
-    or with unknown ones) raise :class:`BatchFileError` here, before any row is read.
+    ``encoding`` must keep ASCII bytes as they are (utf-8, cp1252, latin-1, ...); a UTF-8
+    byte order mark is skipped. ``delimiter`` separates CSV columns; by default it is
+    recognised from the header (``,``, ``;``, tab or ``|``).
+
+    Problems with the whole file (cannot be opened, an unusable encoding, a CSV header that
+    cannot be read or lacks the required columns, has unknown or duplicate ones) raise
+    :class:`BatchFileError` here, before any row is read.
     """
-    if fmt is BatchFormat.CSV:
-        # utf-8-sig: spreadsheets often save a byte order mark; newline="" is csv's rule.
-        with _opened(path, lambda: open(path, encoding="utf-8-sig", newline="")) as text:
-            yield _csv_rows(path, text)
-    else:
-        with _opened(path, lambda: open(path, "rb")) as binary:
-            yield _jsonl_rows(binary)
+    _check_encoding(encoding)
+    if delimiter is not None and len(delimiter) != 1:
+        raise BatchFileError(f"the delimiter must be one character, got {delimiter!r}")
+    with _opened(path, lambda: open(path, "rb")) as binary:
+        lines = _text_lines(binary, encoding)
+        if fmt is BatchFormat.CSV:
+            yield _csv_rows(path, lines, delimiter)
+        else:
+            yield _jsonl_rows(lines)
 
 
 _F = TypeVar("_F", IO[str], IO[bytes])
@@ -151,28 +171,104 @@ def _opened(path: str, opener: Callable[[], _F]) -> _F:
         raise BatchFileError(f"{path}: {error.strerror or error}") from error
 
 
+def _check_encoding(encoding: str) -> None:
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise BatchFileError(f"unknown encoding {encoding!r}") from None
+    # Lines are split on the newline byte, which needs an ASCII-compatible encoding.
+    try:
+        compatible = 'a,;"{}\n'.encode(encoding) == b'a,;"{}\n'
+    except (UnicodeError, LookupError):  # pragma: no cover - codecs that cannot encode
+        compatible = False
+    if not compatible:
+        raise BatchFileError(
+            f"encoding {encoding!r} is not supported: use one that keeps ASCII as is "
+            "(utf-8, cp1252, latin-1, ...); save UTF-16 files as UTF-8"
+        )
+
+
+class _Undecodable(ValueError):
+    """A line whose bytes are not in the file's encoding."""
+
+
+# One physical line: its number, and its text without the line ending (or why not).
+_Line: TypeAlias = tuple[int, "str | _Undecodable"]
+
+
+def _text_lines(file: IO[bytes], encoding: str) -> Iterator[_Line]:
+    for number, raw in enumerate(file, start=1):
+        raw = raw.removesuffix(b"\n").removesuffix(b"\r")
+        try:
+            text = raw.decode(encoding)
+        except UnicodeDecodeError as error:
+            yield (
+                number,
+                _Undecodable(
+                    f"byte 0x{raw[error.start]:02x} at column {error.start + 1} is not valid "
+                    f"{encoding}; if the file was saved in another encoding, pass --encoding "
+                    "(e.g. --encoding cp1252)"
+                ),
+            )
+            continue
+        yield number, text.removeprefix(_BOM) if number == 1 else text
+
+
 # --- CSV -------------------------------------------------------------------------------------
 
 
-def _csv_rows(path: str, file: IO[str]) -> Iterator[Row]:
-    reader = csv.DictReader(file)
+def _csv_rows(path: str, lines: Iterator[_Line], delimiter: str | None) -> Iterator[Row]:
+    first = next(lines, None)
+    if first is None or (isinstance(first[1], str) and not first[1].strip()):
+        _check_header(path, None, ",")
+    assert first is not None
+    text = first[1]
+    if isinstance(text, _Undecodable):
+        raise BatchFileError(f"{path}: line 1: cannot read the header: {text}")
+    delimiter = delimiter or _guess_delimiter(text)
     try:
-        header = reader.fieldnames
-    except (csv.Error, UnicodeDecodeError) as error:
-        raise BatchFileError(f"{path}: line 1: cannot read the header: {error}") from error
-    _check_header(path, header)
-    return _csv_records(path, reader)
+        header = [name.strip() for name in _csv_fields(text, delimiter)]
+    except ValueError as error:
+        raise BatchFileError(f"{path}: line 1: cannot read the header: {error}") from None
+    _check_header(path, header, delimiter)
+    return _csv_records(lines, header, delimiter)
 
 
-def _check_header(path: str, header: Sequence[str] | None) -> None:
+def _guess_delimiter(header: str) -> str:
+    for delimiter in _DELIMITERS:
+        if "order_id" in (name.strip() for name in header.split(delimiter)):
+            return delimiter
+    return ","
+
+
+def _csv_fields(text: str, delimiter: str) -> list[str]:
+    """The fields of one physical line; a quote left open or a line break is refused."""
+    try:
+        [fields] = csv.reader([text], delimiter=delimiter, strict=True)
+    except csv.Error as error:
+        if str(error) == "unexpected end of data":
+            raise ValueError(
+                "a quoted field is not closed on this line (a field cannot span lines)"
+            ) from None
+        raise ValueError(f"not valid CSV: {error}") from None
+    return fields
+
+
+def _check_header(path: str, header: Sequence[str] | None, delimiter: str) -> None:
     if not header:
         raise BatchFileError(f"{path}: empty file; expected a header line with {_columns()}")
     unknown = [name for name in header if name not in CSV_COLUMNS]
     if unknown:
         raise BatchFileError(
             f"{path}: line 1: unknown column(s) {', '.join(map(repr, unknown))}; "
-            f"expected {_columns()}"
+            f"expected {_columns()}{_delimiter_hint(unknown, delimiter)}"
         )
+    for index, name in enumerate(header):
+        if name in header[:index]:
+            raise BatchFileError(
+                f"{path}: line 1: column {name!r} appears more than once (columns "
+                f"{header.index(name) + 1} and {index + 1}); each column may appear only once"
+            )
     missing = [name for name in CSV_COLUMNS[:2] if name not in header]
     if missing:
         raise BatchFileError(
@@ -185,20 +281,51 @@ def _columns() -> str:
     return f"order_id,captured_amount (required) and optionally {','.join(CSV_COLUMNS[2:])}"
 
 
-def _csv_records(path: str, reader: csv.DictReader[str]) -> Iterator[Row]:
-    while True:
+def _delimiter_hint(unknown: Sequence[str], delimiter: str) -> str:
+    for other in _DELIMITERS:
+        if other != delimiter and any(other in name for name in unknown):
+            return f"; the columns seem separated by {other!r}: pass --delimiter {other!r}"
+    return ""
+
+
+def _csv_records(lines: Iterator[_Line], header: list[str], delimiter: str) -> Iterator[Row]:
+    for line, text in lines:
+        if isinstance(text, _Undecodable):
+            yield BadLine(line, None, BadLineError(line, None, str(text)))
+            continue
+        if not text.strip():
+            continue  # a blank line
         try:
-            record = next(reader)
-        except StopIteration:
-            return
-        except (csv.Error, UnicodeDecodeError) as error:
-            # The reader cannot find where the next record starts, so the rest is unsafe.
-            # (DictReader.line_num only moves on success; its inner reader's is current.)
-            raise BatchFileError(f"{path}: line {reader.reader.line_num}: {error}") from error
-        values = {key: value for key, value in record.items() if key is not None}
-        if not any(value and value.strip() for value in values.values()) and None not in record:
-            continue  # a blank line, or one of only commas
-        yield _csv_row(reader.line_num, values, extra=record.get(None))
+            fields = _csv_fields(text, delimiter)
+        except ValueError as error:
+            yield BadLine(line, _first_field(text, delimiter), BadLineError(line, None, str(error)))
+            continue
+        if not any(value.strip() for value in fields):
+            continue  # a line of only separators
+        values: dict[str, str | None] = dict(zip(header, fields, strict=False))
+        broken = next((name for name, value in values.items() if _has_break(value)), None)
+        if broken is not None:
+            reason = "contains a line break; a field cannot span lines"
+            order_id = _clean_order_id(values.get("order_id"))
+            yield BadLine(line, order_id, BadLineError(line, broken, reason))
+            continue
+        yield _csv_row(line, values, extra=fields[len(header) :] or None)
+
+
+def _has_break(value: str | None) -> bool:
+    return value is not None and ("\n" in value or "\r" in value)
+
+
+def _first_field(text: str, delimiter: str) -> str | None:
+    # For the report only: the order a broken line most likely names.
+    return _clean_order_id(text.split(delimiter, 1)[0].strip('" '))
+
+
+def _clean_order_id(value: object) -> str | None:
+    try:
+        return normalize_id("order_id", value)
+    except ValidationError:
+        return None
 
 
 def _cell(values: Mapping[str, str | None], column: str) -> str | None:
@@ -207,12 +334,14 @@ def _cell(values: Mapping[str, str | None], column: str) -> str | None:
 
 
 def _csv_row(line: int, values: Mapping[str, str | None], *, extra: object) -> Row:
-    order_id = (_cell(values, "order_id") or "").strip() or None
+    raw_id = (_cell(values, "order_id") or "").strip() or None
+    order_id = _clean_order_id(raw_id)
     try:
         if extra is not None:
             raise BadLineError(line, None, "more values than the header has columns")
-        if order_id is None:
+        if raw_id is None:
             raise BadLineError(line, "order_id", "is required")
+        order_id = normalize_id("order_id", raw_id)
         request = CaptureRequest(
             captured_amount=_amount(line, _cell(values, "captured_amount")),
             reference=_cell(values, "reference"),
@@ -258,13 +387,15 @@ _NESTED_FIELDS = {
 }
 
 
-def _jsonl_rows(file: IO[bytes]) -> Iterator[Row]:
-    for line, raw in enumerate(file, start=1):
-        if raw.strip():
-            yield _jsonl_row(line, raw)
+def _jsonl_rows(lines: Iterator[_Line]) -> Iterator[Row]:
+    for line, text in lines:
+        if isinstance(text, _Undecodable):
+            yield BadLine(line, None, BadLineError(line, None, str(text)))
+        elif text.strip():
+            yield _jsonl_row(line, text)
 
 
-def _jsonl_row(line: int, raw: bytes) -> Row:
+def _jsonl_row(line: int, raw: str) -> Row:
     order_id: str | None = None
     try:
         try:
@@ -275,19 +406,59 @@ def _jsonl_row(line: int, raw: bytes) -> Row:
             raise BadLineError(line, None, reason) from None
         if not isinstance(data, dict):
             raise BadLineError(line, None, f"expected a JSON object, got {_json_type(data)}")
+        _refuse_duplicate_keys(line, raw)
         order_id = _optional_str(line, data, "order_id")
         if order_id is None or not order_id.strip():
             order_id = None
             raise BadLineError(line, "order_id", "is required (a non-empty string)")
+        order_id = _clean_order_id(order_id)
+        _refuse_line_breaks(line, "", data)
         key = _optional_str(line, data, "idempotency_key")
         body = {name: value for name, value in data.items() if name not in _JSON_EXTRA_KEYS}
         _check_known_fields(line, body)
         request = _structure(line, body)
-        return BatchItem(order_id=order_id, request=request, idempotency_key=key or None)
+        item_id = normalize_id("order_id", data["order_id"])
+        return BatchItem(order_id=item_id, request=request, idempotency_key=key or None)
     except BadLineError as error:
         return BadLine(line, order_id, error)
     except ValidationError as error:
         return BadLine(line, order_id, BadLineError(line, error.field, error.reason))
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_pairs(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    result: dict[str, object] = {}
+    for name, value in pairs:
+        if name in result:
+            raise _DuplicateKey(name)
+        result[name] = value
+    return result
+
+
+def _refuse_duplicate_keys(line: int, raw: str) -> None:
+    # orjson keeps the last of two equal keys without a word; a second "captured_amount"
+    # in an object is a mistake that would silently change what is captured.
+    try:
+        json.loads(raw, object_pairs_hook=_unique_pairs)
+    except _DuplicateKey as error:
+        raise BadLineError(
+            line, str(error), "appears more than once in an object; give each field once"
+        ) from None
+
+
+def _refuse_line_breaks(line: int, where: str, value: object) -> None:
+    if isinstance(value, str):
+        if "\n" in value or "\r" in value:
+            raise BadLineError(line, where or None, "contains a line break")
+    elif isinstance(value, dict):
+        for name, item in value.items():
+            _refuse_line_breaks(line, f"{where}.{name}" if where else name, item)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _refuse_line_breaks(line, f"{where}[{index}]", item)
 
 
 def _optional_str(line: int, data: Mapping[str, object], name: str) -> str | None:

@@ -197,7 +197,8 @@ class Ledger:
             idempotency_key=idempotency_key,
         )
         order.captured_amount += request.captured_amount
-        order.status = "CAPTURED" if order.remaining_authorized_amount == 0 else "PART_CAPTURED"
+        if order.captured_amount:  # a capture of 0 books a capture but moves no money
+            order.status = "CAPTURED" if order.remaining_authorized_amount == 0 else "PART_CAPTURED"
         order.captures.append(capture)
         self._captures[order.order_id, capture.capture_id] = capture
         self.booked.append(capture)

@@ -123,10 +123,10 @@ def _check_order_lines(lines: list[JSONObject]) -> None:
 
 def _captured_amount(data: JSONObject) -> int:
     amount = data.get("captured_amount")
-    # 0 passes the request schema but every capture Klarna returns has captured_amount >= 1.
-    if _is_int(amount) and 1 <= amount <= MAX_AMOUNT:
+    # Klarna's CaptureObject allows 0..200000000 (minimum: 0), as the client's model does.
+    if _is_int(amount) and 0 <= amount <= MAX_AMOUNT:
         return amount
-    raise BadValue(f"Bad value: captured_amount (an integer from 1 to {MAX_AMOUNT})")
+    raise BadValue(f"Bad value: captured_amount (an integer from 0 to {MAX_AMOUNT})")
 
 
 def parse_capture(body: bytes) -> CaptureBody:
