@@ -105,6 +105,34 @@ class FraudStatus(enum.StrEnum):
 # built per request (and per response line), so a chain of checks per field adds up.
 
 
+def _a(noun: str) -> str:
+    """``noun`` with its indefinite article: "an OrderLine", "a ShippingInfo"."""
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
+
+
+# Names a person reads, not Python's: "got nothing", never "got NoneType".
+_KIND_NAMES = {
+    type(None): "nothing (None)",
+    bool: "a boolean",
+    str: "a string",
+    int: "a whole number",
+    float: "a decimal number",
+    list: "a list",
+    tuple: "a list",
+    dict: "a mapping",
+}
+
+
+def _kind(value: object) -> str:
+    """What ``value`` is, for a message: "a decimal number (12.5)", "nothing (None)"."""
+    name = _KIND_NAMES.get(type(value))
+    if name is None:
+        return _a(type(value).__name__)
+    if isinstance(value, bool | int | float):
+        return f"{name} ({value!r})"
+    return name
+
+
 def _text(max_len: int | None = None, *, required: bool = False) -> _Validator:
     """A string of at most ``max_len`` characters; ``None`` only if not ``required``."""
     limit = max_len if max_len is not None else sys.maxsize
@@ -117,7 +145,7 @@ def _text(max_len: int | None = None, *, required: bool = False) -> _Validator:
                 raise ValidationError(attribute.name, "is required")
             return
         if not isinstance(value, str):
-            raise ValidationError(attribute.name, f"must be a str, got {type(value).__name__}")
+            raise ValidationError(attribute.name, f"must be a string, got {_kind(value)}")
         if len(value) > limit:
             raise ValidationError(
                 attribute.name, f"must be at most {max_len} characters, got {len(value)}"
@@ -140,7 +168,9 @@ def _int_range(lo: int | None, hi: int | None, *, required: bool = False) -> _Va
                 raise ValidationError(attribute.name, "is required")
             return
         if type(value) is not int:
-            raise ValidationError(attribute.name, f"must be an int, got {type(value).__name__}")
+            raise ValidationError(
+                attribute.name, f"must be a whole number (int), got {_kind(value)}"
+            )
         if value < low:
             raise ValidationError(attribute.name, f"must be at least {lo}, got {value}")
         raise ValidationError(attribute.name, f"must be at most {hi}, got {value}")
@@ -160,13 +190,13 @@ def _check_items(
     """Check a request list: its size, its items' class, and that an enum field is known."""
     name, members = known
     if not isinstance(items, tuple):
-        raise ValidationError(field, f"must be a sequence of {kind.__name__}")
+        raise ValidationError(field, f"must be a list of {_a(kind.__name__)}, got {_kind(items)}")
     if not min_items <= len(items) <= max_items:
         raise ValidationError(field, f"must hold {min_items}..{max_items} items, got {len(items)}")
     for index, item in enumerate(items):
         if not isinstance(item, kind):
             raise ValidationError(
-                f"{field}[{index}]", f"must be a {kind.__name__}, got {type(item).__name__}"
+                f"{field}[{index}]", f"must be {_a(kind.__name__)}, got {_kind(item)}"
             )
         value = getattr(item, name)
         # Responses may carry values Klarna added later; a request may only send known ones.
@@ -312,7 +342,26 @@ class Address:
 
 @attrs.define(frozen=True, kw_only=True)
 class CaptureRequest:
-    """Body of a capture: the amount to capture (all of the order or part of it) and details."""
+    """Body of a capture: the amount to capture (all of the order or part of it) and details.
+
+    Fields (Klarna's ``CaptureObject``; checked when the value is built, ``ValidationError``
+    naming the field otherwise):
+
+    - ``captured_amount``: ``int`` minor units (6000 = 60.00), 0..200,000,000; at most the
+      order's ``remaining_authorized_amount`` or Klarna refuses with
+      ``CaptureNotAllowedError``. Required.
+    - ``description``: text shown to the customer, at most 255 characters.
+    - ``reference``: your reference for the capture, at most 255 characters; it appears in
+      Klarna's settlement files.
+    - ``order_lines``: what was shipped, up to 1000 ``OrderLine`` values (amounts in minor
+      units).
+    - ``shipping_info``: tracking details, up to 500 ``ShippingInfo`` values.
+    - ``shipping_delay``: ``int`` >= 0, the delay before the order is shipped. Klarna's
+      specification gives no unit for it; values above 0 must first be enabled for your
+      merchant account by Klarna. Not returned when the order is read.
+
+    https://docs.klarna.com/api/ordermanagement/#operation/captureOrder
+    """
 
     captured_amount: int = attrs.field(validator=_int_range(0, _MAX_AMOUNT, required=True))
     description: str | None = attrs.field(default=None, validator=_text(255))

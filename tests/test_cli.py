@@ -213,9 +213,9 @@ def test_an_unknown_outcome_names_the_key_to_retry_with(served: ServedFake) -> N
     args = ["capture", order_id, "--amount", "1000", "--idempotency-key", "k-503"]
     # Two attempts: one retry, whose backoff is at most 0.5 s.
     result = cli([*args, "--max-attempts", "2"], served)
-    assert result.exit_code == 1
+    assert result.exit_code == 3  # outcome unknown, not a refusal
     assert "503" in result.stderr
-    assert "idempotency_key='k-503'" in result.stderr
+    assert "--idempotency-key k-503" in result.stderr
     assert served.posts(order_id) == ["k-503", "k-503"]
 
 
@@ -236,7 +236,8 @@ def test_get_of_an_unknown_capture_exits_1(served: ServedFake) -> None:
     result = cli(["get", order_id, "nope", "--json"], served)
     assert result.exit_code == 1
     assert "404 NO_SUCH_CAPTURE" in result.stderr
-    assert result.stdout == ""
+    [error] = json_lines(result.stdout)
+    assert (error["type"], error["error_code"]) == ("error", "NO_SUCH_CAPTURE")
 
 
 def test_list_shows_every_capture(served: ServedFake) -> None:
@@ -249,8 +250,7 @@ def test_list_shows_every_capture(served: ServedFake) -> None:
     assert "3000" in human.stdout
     assert "2000" in human.stdout
     as_json = cli(["list", order_id, "--json"], served)
-    [printed] = json_lines(as_json.stdout)
-    assert [c["capture_id"] for c in printed] == [first, second]
+    assert [c["capture_id"] for c in json_lines(as_json.stdout)] == [first, second]
 
 
 def test_list_of_an_unknown_order_exits_1(served: ServedFake) -> None:
@@ -1119,28 +1119,50 @@ def test_the_connection_never_shows_the_password() -> None:
     assert PASSWORD not in repr(connection)
 
 
-def test_reconcile_settles_an_item_by_hand(served: ServedFake, tmp_path: Path) -> None:
+def test_reconcile_settles_an_item_that_needs_review_by_hand(
+    served: ServedFake, tmp_path: Path
+) -> None:
+    a, b, c = served.add_order(1000), served.add_order(1000), served.add_order(1000)
+    booked = served.do(lambda: served.fake.booked_captures)  # live list
     journal = str(tmp_path / "j.sqlite")
 
-    async def two_items_in_doubt() -> None:
+    async def items_in_doubt() -> None:
+        policy = RetryPolicy(max_attempts=1)
+        async with KlarnaOM(USERNAME, PASSWORD, base_url=served.fake.base_url, retry=policy) as om:
+            await om.captures.create(a, CaptureRequest(captured_amount=100))
         async with SQLiteJournal(journal) as opened:
-            for key in ("a", "b"):
-                item = ItemRecord(item_key=key, order_id=key, captured_amount=1, fingerprint=key)
-                await opened.claim(item, f"key-{key}")
-                await opened.finish(key, JournalStatus.NEEDS_REVIEW, reconciled=True)
+            for order in (a, b, c):
+                item = ItemRecord(
+                    item_key=order, order_id=order, captured_amount=100, fingerprint="f"
+                )
+                await opened.claim(item, f"key-{order}")
+                status = JournalStatus.FAILED if order == c else JournalStatus.NEEDS_REVIEW
+                await opened.finish(order, status, reconciled=True)
 
-    asyncio.run(two_items_in_doubt())
-    result = cli(["reconcile", journal, "--captured", "a", "cap-a", "--not-captured", "b"], served)
+    asyncio.run(items_in_doubt())
+    [capture] = booked
+    bogus = cli(["reconcile", journal, "--captured", b, "NO-SUCH-CAPTURE"], served)
+    assert bogus.exit_code == 2
+    assert "has no capture 'NO-SUCH-CAPTURE'" in bogus.stderr
+    other_order = cli(["reconcile", journal, "--captured", b, capture.capture_id], served)
+    assert other_order.exit_code == 2
+    twice = cli(["reconcile", journal, "--captured", a, "x", "--not-captured", a], served)
+    assert twice.exit_code == 2
+    assert "marked more than once" in twice.stderr
+    unknown_item = cli(["reconcile", journal, "--not-captured", c], served)
+    assert unknown_item.exit_code == 2  # only needs_review: its key may still settle it
+    assert "is failed, not needs_review" in unknown_item.stderr
+    assert journal_summary(journal) == {"needs_review": 2, "failed": 1}
+
+    args = ["reconcile", journal, "--captured", a, capture.capture_id, "--not-captured", b]
+    result = cli(args, served)
     assert result.exit_code == 0, result.output
-    assert "Settled a: captured as cap-a." in result.stdout
-    assert journal_summary(journal) == {"captured": 1, "refused": 1}
-    assert served.do(lambda: len(served.fake.requests)) == 0  # nothing read or sent
-    again = cli(["reconcile", journal, "--not-captured", "a"], served)
-    assert again.exit_code == 2
-    assert "already settled (captured)" in again.stderr
-    unknown = cli(["reconcile", journal, "--not-captured", "zzz"], served)
-    assert unknown.exit_code == 2
-    assert "has no item 'zzz'" in unknown.stderr
+    assert f"Settled {a}: captured as {capture.capture_id}." in result.stdout
+    assert journal_summary(journal) == {"captured": 1, "refused": 1, "failed": 1}
+    assert served.do(lambda: [r.method for r in served.fake.requests].count("POST")) == 1
+    missing = cli(["reconcile", journal, "--not-captured", "zzz"], served)
+    assert missing.exit_code == 2
+    assert "has no item 'zzz'" in missing.stderr
 
 
 def test_a_batch_line_with_a_bad_key_is_refused_and_never_journaled(

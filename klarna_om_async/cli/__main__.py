@@ -1,5 +1,5 @@
 """``python -m klarna_om_async.cli``: the same as the ``klarna-om`` console script."""
 
-from ._app import main
+from . import main
 
 main(prog_name="klarna-om")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import click
 
@@ -11,21 +12,60 @@ from ._batchcmd import batch
 from ._commands import SINGLE_COMMANDS
 from ._demo import demo
 from ._fakeserver import fake_server
+from ._options import connection_options
 from ._reconcilecmd import reconcile
+from ._render import echo_json
 
 __all__ = ("main",)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Group(click.Group):
+    """The ``klarna-om`` group: with ``--json``, a usage or input error is a JSON object too."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        # The command's own arguments: its name is not among them, and "--json" is no name.
+        wants_json = "--json" in ctx.args
+        try:
+            return super().invoke(ctx)
+        except click.ClickException as error:
+            if wants_json:
+                echo_json(
+                    {
+                        "type": "error",
+                        "error": "usage" if isinstance(error, click.UsageError) else "input",
+                        "message": error.format_message(),
+                        "outcome_unknown": False,
+                        "idempotency_key": None,
+                        "correlation_id": None,
+                        "status": None,
+                        "error_code": None,
+                        "exit_code": error.exit_code,
+                    }
+                )
+            raise
+
+
+@click.group(
+    cls=_Group,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.version_option(__version__, prog_name="klarna-om")
-@click.option("-v", "--verbose", is_flag=True, help="Log every retry (with its key) to stderr.")
+@click.option(
+    "-v",
+    "--verbose",
+    is_flag=True,
+    help="Log every retry (with its key) to stderr; also accepted after the command name.",
+)
+@connection_options
 def main(verbose: bool) -> None:
     """Capture Klarna orders: one at a time, or thousands from a file, exactly once.
 
     Try `klarna-om demo` first: it needs no credentials. Other commands read credentials
     from KLARNA_USERNAME, KLARNA_PASSWORD, KLARNA_REGION (eu, na, oc) and
     KLARNA_PLAYGROUND (1/true), or from --username, --password, --region and --playground;
-    --base-url (KLARNA_BASE_URL) sends to any server, e.g. a running `klarna-om fake-server`.
+    --base-url (KLARNA_BASE_URL) sends to any server, e.g. a running `klarna-om fake-server`;
+    --proxy URL sends through an HTTP proxy. These connection flags and -v go before or after
+    the command name.
     Amounts are integer minor units (1050 = 10.50). --json prints JSON, one object per line.
     capture, ship and send-out print their idempotency key before sending: if they are
     interrupted, rerun them with --idempotency-key KEY to finish exactly once.
@@ -33,12 +73,20 @@ def main(verbose: bool) -> None:
     \b
     Exit status:
       0    success; in a batch, every item captured or skipped
-      1    a Klarna error; in a batch, some items refused or failed
-      2    usage or input errors
+      1    Klarna refused (nothing happened); in a batch, some items refused or failed
+      2    usage or input errors (nothing was sent)
+      3    outcome unknown: the call may have taken effect; rerun it with
+           --idempotency-key KEY (the key it printed) to finish it exactly once
       130  interrupted (Ctrl-C, SIGINT)
       143  terminated (SIGTERM)
     """
     _configure_logging(verbose)
+
+
+def _verbose_after_command(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    if value:
+        _configure_logging(True)
+    return value
 
 
 class _EchoHandler(logging.Handler):
@@ -51,6 +99,7 @@ class _EchoHandler(logging.Handler):
 def _configure_logging(verbose: bool) -> None:
     logger = logging.getLogger("klarna_om_async")
     # Retries are routine in a batch: without -v only errors reach the terminal.
+    # The group's -v is applied first; a command's -v, parsed after it, can only raise it.
     logger.setLevel(logging.INFO if verbose else logging.ERROR)
     if not any(isinstance(handler, _EchoHandler) for handler in logger.handlers):
         logger.addHandler(_EchoHandler())
@@ -58,4 +107,14 @@ def _configure_logging(verbose: bool) -> None:
 
 
 for _command in (*SINGLE_COMMANDS, batch, reconcile, fake_server, demo):
+    if not any("--verbose" in param.opts for param in _command.params):
+        _command.params.append(
+            click.Option(
+                ["-v", "--verbose"],
+                is_flag=True,
+                expose_value=False,
+                callback=_verbose_after_command,
+                help="Log every retry (with its key) to stderr; same as `klarna-om -v`.",
+            )
+        )
     main.add_command(_command)

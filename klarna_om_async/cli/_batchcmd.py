@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import sqlite3
 import sys
 from collections.abc import AsyncIterator
@@ -13,7 +14,7 @@ import attrs
 import click
 from rich.console import Console
 
-from ..batch import CaptureStatus
+from ..batch import BatchAbortedError, CaptureStatus
 from ..journal import JournalError
 from ..sqlite_journal import SQLiteJournal
 from ._batchfile import (
@@ -34,7 +35,7 @@ from ._options import (
     json_option,
     run_interruptible,
 )
-from ._render import BatchView
+from ._render import BatchView, resume_note
 from ._runner import run_batch
 
 __all__ = ("batch",)
@@ -75,6 +76,13 @@ items, then the summary.
 """
 
 
+def _finite(value: float | None) -> float | None:
+    # FloatRange lets nan through: every comparison with nan is False.
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a number of requests per second")
+    return value
+
+
 @attrs.frozen
 class _Settings:
     path: str
@@ -84,6 +92,8 @@ class _Settings:
     concurrency: int
     rate: float | None
     json_output: bool
+    encoding: str = "utf-8"
+    delimiter: str | None = None
 
 
 @click.command(help=_HELP)
@@ -93,6 +103,18 @@ class _Settings:
     "fmt",
     type=click.Choice([fmt.value for fmt in BatchFormat]),
     help="File format; by default from the extension (.csv, .jsonl, .ndjson).",
+)
+@click.option(
+    "--encoding",
+    default="utf-8",
+    show_default=True,
+    help="Text encoding of FILE, e.g. cp1252 or latin-1 for files from older Excel "
+    "(a UTF-8 byte order mark is accepted).",
+)
+@click.option(
+    "--delimiter",
+    help="CSV column separator, e.g. ';' [default: recognised from the header: "
+    "',', ';', tab or '|'].",
 )
 @click.option(
     "--journal",
@@ -115,22 +137,25 @@ class _Settings:
 )
 @click.option(
     "--concurrency",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=1, max=10_000),
     default=32,
     show_default=True,
-    help="Captures in flight at once.",
+    help="Captures in flight at once (1 to 10000).",
 )
 @click.option(
     "--rate",
-    type=click.FloatRange(min=0, min_open=True),
+    type=click.FloatRange(min=0, min_open=True, max=10_000),
+    callback=lambda _ctx, _param, value: _finite(value),
     help="At most this many requests per second (Klarna allows 200/s in production, "
-    "50/s in the playground) [default: no limit].",
+    "50/s in the playground; at most 10000) [default: no limit].",
 )
 @connection_options
 @json_option
 def batch(
     file: str,
     fmt: str | None,
+    encoding: str,
+    delimiter: str | None,
     journal: str | None,
     no_journal: bool,
     durability: Literal["full", "normal"],
@@ -149,6 +174,8 @@ def batch(
             concurrency=concurrency,
             rate=rate,
             json_output=json_output,
+            encoding=encoding,
+            delimiter={"\\t": "\t", "tab": "\t"}.get(delimiter or "", delimiter),
         )
     except BatchFileError as error:
         raise InputError(str(error)) from None
@@ -177,21 +204,27 @@ async def _run(settings: _Settings, connection: Connection) -> bool:
         total=_total(settings) if show_progress else None,
     )
     interrupted = completed = False
+    stopped: BatchAbortedError | None = None
     try:
-        with open_batch(settings.path, settings.fmt) as rows:
+        with open_batch(
+            settings.path, settings.fmt, encoding=settings.encoding, delimiter=settings.delimiter
+        ) as rows:
             async with (
                 connection.client(deadline=_BATCH_DEADLINE) as om,
                 _journal(settings) as journal,
             ):
                 with view:
-                    await run_batch(
-                        om,
-                        rows,
-                        report=view.report,
-                        concurrency=settings.concurrency,
-                        rate_limit=settings.rate,
-                        journal=journal,
-                    )
+                    try:
+                        await run_batch(
+                            om,
+                            rows,
+                            report=view.report,
+                            concurrency=settings.concurrency,
+                            rate_limit=settings.rate,
+                            journal=journal,
+                        )
+                    except BatchAbortedError as error:  # it cannot work: said once, below
+                        stopped = error
         completed = True
     except BatchFileError as error:
         raise InputError(str(error)) from None
@@ -204,7 +237,10 @@ async def _run(settings: _Settings, connection: Connection) -> bool:
         # No summary when the file or the journal could not be opened: nothing ran. A file
         # without rows did run, and its summary shows 0 items.
         if completed or view.tally.items or interrupted:
-            _finish(view, settings, interrupted=interrupted)
+            _finish(view, settings, interrupted=interrupted, stopped=stopped)
+    if stopped is not None:
+        click.echo(str(stopped), err=True)
+        return False
     return view.tally.all_done
 
 
@@ -230,13 +266,26 @@ async def _journal(settings: _Settings) -> AsyncIterator[SQLiteJournal | None]:
     except (sqlite3.Error, OSError) as error:
         raise InputError(f"cannot open the journal {settings.journal}: {error}") from None
     try:
+        if note := resume_note(settings.journal, await journal.summary()):
+            click.echo(note, err=True)
         yield journal
     finally:
         await journal.close()
 
 
-def _finish(view: BatchView, settings: _Settings, *, interrupted: bool) -> None:
+def _finish(
+    view: BatchView,
+    settings: _Settings,
+    *,
+    interrupted: bool,
+    stopped: BatchAbortedError | None = None,
+) -> None:
     notes = [f"Journal: {settings.journal}"] if settings.journal else []
+    if stopped is not None:
+        notes.append(
+            f"Stopped early: {len(stopped.not_sent)} items were not sent (not claimed in the"
+            " journal); the rerun sends them."
+        )
     if view.tally.counts[CaptureStatus.FAILED]:
         notes.append(
             "Some outcomes are unknown (failed): rerun the same command to finish them "
@@ -250,4 +299,7 @@ def _finish(view: BatchView, settings: _Settings, *, interrupted: bool) -> None:
         )
     if interrupted:
         notes.append("Interrupted: the summary covers the items finished so far.")
-    view.finish(notes=notes, extra={"journal": settings.journal, "interrupted": interrupted})
+    extra: dict[str, object] = {"journal": settings.journal, "interrupted": interrupted}
+    if stopped is not None:
+        extra.update(stopped=str(stopped), not_sent=len(stopped.not_sent))
+    view.finish(notes=notes, extra=extra)

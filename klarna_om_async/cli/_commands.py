@@ -145,7 +145,7 @@ def get(order_id: str, capture_id: str, json_output: bool) -> None:
 @connection_options
 @json_option
 def list_captures(order_id: str, json_output: bool) -> None:
-    """List the captures of ORDER_ID."""
+    """List the captures of ORDER_ID (--json: one capture object per line)."""
     connection = Connection.from_context()
 
     async def call() -> list[Capture]:
@@ -154,7 +154,8 @@ def list_captures(order_id: str, json_output: bool) -> None:
 
     captures = run_single(call, json_output=json_output)
     if json_output:
-        echo_json(to_plain(captures))
+        for found in captures:  # one object per line, as every --json output
+            echo_json(to_plain(found))
     else:
         show_captures(_console(), order_id, captures)
 

@@ -6,16 +6,19 @@ import asyncio
 import contextlib
 import signal
 import sys
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
+import aiohttp
 import attrs
 import click
+import yarl
+from click.core import ParameterSource
 
 from ..client import KlarnaOM
 from ..config import Region, RetryPolicy
 from ..errors import KlarnaError, ValidationError
-from ._render import echo_json
+from ._render import cli_error_text, echo_json, error_json
 
 __all__ = (
     "EXIT_INPUT",
@@ -23,6 +26,7 @@ __all__ = (
     "EXIT_OK",
     "EXIT_SOME_NOT_CAPTURED",
     "EXIT_TERMINATED",
+    "EXIT_UNKNOWN_OUTCOME",
     "Connection",
     "InputError",
     "Interrupted",
@@ -35,6 +39,9 @@ __all__ = (
 EXIT_OK = 0
 EXIT_SOME_NOT_CAPTURED = 1
 EXIT_INPUT = 2
+# Distinct from 1 ("Klarna said no, nothing happened"): a script must not treat a call that
+# may have been booked like a refusal. It reruns with the same --idempotency-key instead.
+EXIT_UNKNOWN_OUTCOME = 3
 # After a signal, 128 + its number, as a shell reports a process the signal killed.
 EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C)
 EXIT_TERMINATED = 143  # SIGTERM
@@ -42,6 +49,7 @@ EXIT_TERMINATED = 143  # SIGTERM
 _F = TypeVar("_F", bound=Callable[..., Any])
 _T = TypeVar("_T")
 _META_KEY = "klarna_om.connection"
+_EXPLICIT_KEY = "klarna_om.connection.explicit"
 
 
 class InputError(click.ClickException):
@@ -73,6 +81,7 @@ class Connection:
     playground: bool
     base_url: str | None
     max_attempts: int = 5
+    proxy: str | None = None
 
     def __repr__(self) -> str:
         return f"Connection(username={self.username!r}, base_url={self.base_url!r})"
@@ -88,6 +97,7 @@ class Connection:
             playground=bool(given.get("playground")),
             base_url=given.get("base_url"),
             max_attempts=given.get("max_attempts") or 5,
+            proxy=given.get("proxy") or None,
         )
 
     def check(self) -> tuple[str, str]:
@@ -99,37 +109,90 @@ class Connection:
             )
         return self.username, self.password
 
-    def client(self, *, deadline: float | None = None) -> KlarnaOM:
-        """A ``KlarnaOM`` for this connection; ``InputError`` if credentials are missing.
+    @contextlib.asynccontextmanager
+    async def client(self, *, deadline: float | None = None) -> AsyncIterator[KlarnaOM]:
+        """A ``KlarnaOM`` for this connection, open for the ``async with`` block;
+        ``InputError`` if credentials are missing or the base URL or proxy is unusable.
 
         ``deadline`` bounds each call's retries in seconds (default: ``RetryPolicy``'s).
+        With ``--proxy``, the client borrows a session that sends through that proxy.
         """
         username, password = self.check()
         retry = RetryPolicy(max_attempts=self.max_attempts)
         if deadline is not None:
             retry = attrs.evolve(retry, deadline=deadline)
+        _check_base_url(self.base_url)
+        session = None if self.proxy is None else _proxy_session(self.proxy)
         try:
-            return KlarnaOM(
-                username,
-                password,
-                region=self.region,
-                playground=self.playground,
-                base_url=self.base_url,
-                retry=retry,
-            )
-        except ValueError as error:  # e.g. a base URL that is not http(s)
-            raise InputError(str(error)) from None
+            try:
+                om = KlarnaOM(
+                    username,
+                    password,
+                    region=self.region,
+                    playground=self.playground,
+                    base_url=self.base_url,
+                    retry=retry,
+                    session=session,
+                )
+            except ValueError as error:  # e.g. a base URL that is not http(s)
+                raise InputError(str(error)) from None
+            async with om:
+                yield om
+        finally:
+            if session is not None:
+                await session.close()
+
+
+# Where KlarnaOM puts the API's paths: a base URL that already ends so would double them.
+_API_PREFIX = "/ordermanagement/"
+
+
+def _check_base_url(base_url: str | None) -> None:
+    """Refuse a base URL that includes the API path, which every request would repeat."""
+    if base_url is None:
+        return
+    parsed = yarl.URL(base_url)
+    at = parsed.path.find(_API_PREFIX.rstrip("/"))
+    if parsed.host and at >= 0:
+        root = str(parsed.with_path(parsed.path[:at] or "/")).rstrip("/")
+        raise InputError(
+            f"--base-url {base_url} includes the API path {parsed.path[at:]!r}, which "
+            f"klarna-om adds to every request (it would send .../ordermanagement/v1/"
+            f"ordermanagement/v1/...): give the server's root, e.g. --base-url {root}"
+        )
+
+
+def _proxy_session(proxy: str) -> aiohttp.ClientSession:
+    """A session that sends every request through ``proxy``; lent to ``KlarnaOM``."""
+    parsed = yarl.URL(proxy)
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise InputError(f"--proxy must be an http(s) URL such as http://proxy:3128, got {proxy!r}")
+    # As KlarnaOM's own session: no total timeout (each attempt has its own), and no pool
+    # limit below the concurrency a batch asks for (its --concurrency bounds the requests).
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0),
+        timeout=aiohttp.ClientTimeout(total=None),
+        proxy=proxy,
+    )
 
 
 def _remember(ctx: click.Context, param: click.Parameter, value: object) -> object:
     # Collected in ctx.meta so commands need not repeat five parameters in their signatures.
-    ctx.meta.setdefault(_META_KEY, {})[param.name] = value
+    # ctx.meta is shared by the group and its command, which both take these options: a
+    # default (or the environment) on one never overrides a flag given to the other.
+    given = ctx.meta.setdefault(_META_KEY, {})
+    explicit = ctx.meta.setdefault(_EXPLICIT_KEY, set())
+    if ctx.get_parameter_source(param.name or "") is ParameterSource.COMMANDLINE:
+        given[param.name] = value
+        explicit.add(param.name)
+    elif param.name not in explicit:
+        given[param.name] = value
     return value
 
 
 def connection_options(command: _F) -> _F:
-    """Add ``--username --password --region --playground --base-url`` (with env vars) and
-    ``--max-attempts``."""
+    """Add ``--username --password --region --playground --base-url`` (with env vars),
+    ``--proxy`` and ``--max-attempts``; they go before or after the command name."""
     options = (
         click.option(
             "--username",
@@ -172,6 +235,14 @@ def connection_options(command: _F) -> _F:
             expose_value=False,
             help="Send to this server instead (e.g. a running `klarna-om fake-server`); "
             "overrides --region/--playground [env: KLARNA_BASE_URL].",
+        ),
+        click.option(
+            "--proxy",
+            metavar="URL",
+            callback=_remember,
+            expose_value=False,
+            help="Send every request through this HTTP proxy, e.g. http://proxy:3128 "
+            "(without it, HTTPS_PROXY/HTTP_PROXY/NO_PROXY apply).",
         ),
         click.option(
             "--max-attempts",
@@ -265,7 +336,8 @@ def run_single(
     json_output: bool = False,
     idempotency_key: str | None = None,
 ) -> _T:
-    """Run one API call's coroutine; a Klarna error becomes one line on stderr and exit 1.
+    """Run one API call's coroutine; a Klarna error becomes one line on stderr (and, with
+    ``json_output``, an error object on stdout), then exit 3 if the outcome is unknown, else 1.
 
     SIGINT or SIGTERM cancel the call and exit 130 or 143 after one line on stderr (and,
     with ``json_output``, an error object on stdout). For a call that moves money, given
@@ -277,11 +349,15 @@ def run_single(
         _report_interrupted(interrupted, json_output, idempotency_key)
         sys.exit(interrupted.exit_code)
     except ValidationError as error:
+        if json_output:
+            echo_json(error_json(error, exit_code=EXIT_INPUT))
         raise InputError(str(error)) from None
     except KlarnaError as error:
-        # str() already says status, code, correlation id and, when the outcome is unknown,
-        # the idempotency key that finishes it safely.
-        raise click.ClickException(str(error)) from None
+        exit_code = EXIT_UNKNOWN_OUTCOME if error.outcome_unknown else EXIT_SOME_NOT_CAPTURED
+        if json_output:
+            echo_json(error_json(error, exit_code=exit_code))
+        click.echo(f"Error: {cli_error_text(error)}", err=True)
+        sys.exit(exit_code)
 
 
 def _report_interrupted(

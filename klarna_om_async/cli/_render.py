@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Self
@@ -9,6 +11,7 @@ from typing import Self
 import click
 import orjson
 from rich.console import Console
+from rich.logging import RichHandler
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -23,20 +26,27 @@ from rich.text import Text
 
 from .._convert import converter
 from ..batch import CaptureOutcome, CaptureStatus
+from ..errors import KlarnaError, ValidationError
+from ..journal import JournalStatus
 from ..models import Capture, Order
 from ._batchfile import BadLineError
 from ._runner import Tally
 
 __all__ = (
     "BatchView",
+    "cli_error_text",
     "echo_json",
+    "error_json",
     "outcome_json",
+    "resume_note",
     "show_capture",
     "show_captures",
     "show_order",
     "to_plain",
 )
 
+#: The library's logger, which -v turns up.
+_LOGGER = "klarna_om_async"
 #: How many refused or failed items the human summary lists; --json lists them all.
 _PROBLEMS_SHOWN = 20
 
@@ -62,11 +72,45 @@ def outcome_json(outcome: CaptureOutcome) -> dict[str, object]:
         "capture_id": outcome.capture_id,
         "idempotency_key": outcome.idempotency_key or None,
         "attempts": outcome.attempts,
-        "error": None if error is None else str(error),
+        "error": None if error is None else _problem_text(error),
     }
     if isinstance(error, BadLineError):
         result["line"] = error.line
     return result
+
+
+_PYTHON_HINT = re.compile(r" The outcome is unknown\b.*\Z", re.DOTALL)
+
+
+def cli_error_text(error: KlarnaError, *, rerun: str | None = None) -> str:
+    """``str(error)`` in the terms of the command line: an unknown outcome's hint names
+    ``--idempotency-key KEY`` (or ``rerun``, what to do instead), not Python syntax."""
+    text = _PYTHON_HINT.sub("", str(error)).rstrip()
+    if not error.outcome_unknown:
+        return text
+    key = error.idempotency_key
+    if rerun is None and key:
+        rerun = (
+            f"rerun the same command with --idempotency-key {key} (within 24 hours) "
+            "to finish it exactly once"
+        )
+    return f"{text} The outcome is unknown: it may have taken effect; {rerun or 'check it'}."
+
+
+def error_json(error: KlarnaError, *, exit_code: int) -> dict[str, object]:
+    """The ``{"type": "error", ...}`` object ``--json`` prints on stdout for ``error``."""
+    return {
+        "type": "error",
+        "error": type(error).__name__,
+        "message": cli_error_text(error),
+        "outcome_unknown": error.outcome_unknown,
+        "idempotency_key": error.idempotency_key,
+        "correlation_id": getattr(error, "correlation_id", None),
+        "status": getattr(error, "status", None),
+        "error_code": getattr(error, "error_code", None),
+        "attempts": error.attempts,
+        "exit_code": exit_code,
+    }
 
 
 # --- single commands -------------------------------------------------------------------------
@@ -74,8 +118,9 @@ def outcome_json(outcome: CaptureOutcome) -> dict[str, object]:
 
 def _fields(console: Console, title: str, rows: Sequence[tuple[str, object]]) -> None:
     table = Table(title=title, show_header=False, title_justify="left")
-    table.add_column("field", style="bold")
-    table.add_column("value")
+    table.add_column("field", style="bold", no_wrap=True)
+    # fold, never "…": an id cut short is useless for the next command.
+    table.add_column("value", overflow="fold")
     for name, value in rows:
         if value is not None:
             table.add_row(name, Text(str(value)))
@@ -85,7 +130,11 @@ def _fields(console: Console, title: str, rows: Sequence[tuple[str, object]]) ->
 def show_capture(console: Console, capture: Capture) -> None:
     """One capture as a field/value table."""
     shipments = [
-        " ".join(str(part) for part in (s.shipping_company, s.shipping_method, s.tracking_number))
+        " ".join(
+            str(part)
+            for part in (s.shipping_company, s.shipping_method, s.tracking_number, s.tracking_uri)
+            if part is not None
+        )
         for s in capture.shipping_info or ()
     ]
     _fields(
@@ -111,18 +160,28 @@ def show_captures(console: Console, order_id: str, captures: Sequence[Capture]) 
         console.print(f"Order {order_id} has no captures.")
         return
     table = Table(title=f"Captures of order {order_id}", title_justify="left")
-    for column in ("capture_id", "captured_amount", "captured_at", "reference", "shipments"):
-        table.add_column(column, justify="right" if column == "captured_amount" else "left")
+    # The capture id is what the next command needs: never cut, never wrapped; the other
+    # columns give way on a narrow terminal.
+    id_width = max(len(capture.capture_id or "") for capture in captures)
+    table.add_column("capture_id", no_wrap=True, min_width=max(id_width, len("capture_id")))
+    table.add_column("amount", justify="right", no_wrap=True)
+    for column in ("captured_at", "reference", "shipments"):
+        table.add_column(column, overflow="fold")
     for capture in captures:
         # Text: values from Klarna or a file are never read as rich markup.
+        captured_at = capture.captured_at
         table.add_row(
             Text(capture.capture_id or ""),
             str(capture.captured_amount),
-            str(capture.captured_at or ""),
+            _utc(captured_at.isoformat(timespec="seconds")) if captured_at else "",
             Text(capture.reference or ""),
             str(len(capture.shipping_info or ())),
         )
     console.print(table)
+
+
+def _utc(stamp: str) -> str:
+    return stamp.removesuffix("+00:00") + "Z" if stamp.endswith("+00:00") else stamp
 
 
 def show_order(console: Console, order: Order) -> None:
@@ -159,6 +218,36 @@ _STATUS_STYLE = {
 _NOT_DONE = frozenset({CaptureStatus.REFUSED, CaptureStatus.FAILED, CaptureStatus.NEEDS_REVIEW})
 
 
+def _lines(n: int) -> str:
+    return f"{n:,} line" if n == 1 else f"{n:,} lines"
+
+
+def resume_note(journal: str, counts: Mapping[JournalStatus, int]) -> str | None:
+    """What a rerun will do with what ``journal`` already holds; None for a new journal."""
+    if not any(counts.values()):
+        return None
+    resend = counts.get(JournalStatus.IN_FLIGHT, 0) + counts.get(JournalStatus.FAILED, 0)
+    parts = [
+        f"{_lines(counts.get(JournalStatus.CAPTURED, 0))} already captured (skipped)",
+        f"{resend:,} to resend with their keys",
+    ]
+    if refused := counts.get(JournalStatus.REFUSED, 0):
+        parts.append(f"{refused:,} refused before, to try again with new keys")
+    if review := counts.get(JournalStatus.NEEDS_REVIEW, 0):
+        parts.append(f"{review:,} needing review (not sent)")
+    return f"Resuming from the journal {journal}: {', '.join(parts)}."
+
+
+def _problem_text(error: BaseException | None) -> str:
+    if isinstance(error, ValidationError) and error.field == "item_key":
+        # The journal's "item key" is order_id:reference; a person knows the two columns.
+        return f"order_id and reference {error.reason}"
+    if isinstance(error, KlarnaError):
+        # A rerun of the batch resends the item with its journaled key by itself.
+        return cli_error_text(error, rerun="rerun the same batch command to finish it")
+    return str(error)
+
+
 class BatchView:
     """What a batch shows while it runs and when it ends, in JSON or for people.
 
@@ -187,6 +276,7 @@ class BatchView:
         self._list_problems = list_problems
         self._progress: Progress | None = None
         self._task: TaskID | None = None
+        self._saved_logging: tuple[list[logging.Handler], bool] | None = None
         if not json_output and console.is_terminal:
             self._progress = Progress(
                 SpinnerColumn(),
@@ -203,7 +293,29 @@ class BatchView:
     def __enter__(self) -> Self:
         if self._progress is not None:
             self._progress.start()
+            self._log_above_the_bar()
         return self
+
+    def _log_above_the_bar(self) -> None:
+        # A line written to the terminal behind rich's back breaks the live bar; a handler
+        # on the bar's own console prints each log line above it instead.
+        logger = logging.getLogger(_LOGGER)
+        self._saved_logging = (list(logger.handlers), logger.propagate)
+        for handler in self._saved_logging[0]:
+            logger.removeHandler(handler)
+        logger.addHandler(RichHandler(console=self._console, show_path=False, markup=False))
+        logger.propagate = False
+
+    def _restore_logging(self) -> None:
+        if self._saved_logging is None:
+            return
+        logger = logging.getLogger(_LOGGER)
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        handlers, logger.propagate = self._saved_logging
+        for handler in handlers:
+            logger.addHandler(handler)
+        self._saved_logging = None
 
     def __exit__(
         self,
@@ -214,6 +326,7 @@ class BatchView:
         self.tally.stop()
         if self._progress is not None:
             self._progress.stop()
+            self._restore_logging()
 
     def report(self, outcome: CaptureOutcome) -> None:
         """Count one outcome and show it."""
@@ -274,5 +387,5 @@ class BatchView:
             line.append(outcome.order_id or "(no order id)", style="bold")
             line.append(" ")
             line.append(outcome.status.value, style=_STATUS_STYLE[outcome.status])
-            line.append(f": {outcome.error}")
+            line.append(f": {_problem_text(outcome.error)}")
             self._console.print(line, soft_wrap=True)
