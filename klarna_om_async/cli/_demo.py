@@ -3,7 +3,12 @@
 The check is the library's promise made visible: despite responses lost after Klarna booked
 the capture, 503s and 429s, every order is booked at most once, every capture the client
 reports as captured is booked, and none it reports as refused is. An outcome the client
-reports as unknown (failed) may be booked or not: a rerun with its key finishes it.
+reports as unknown (failed) may be booked or not: a rerun with its key finishes it (or, for an
+over-capture, has it refused again).
+
+Which attempts hit a fault is decided from ``--seed`` per order and attempt before the batch
+starts, not drawn as requests arrive, so the same seed repeats the same outcome counts
+however the concurrent requests interleave.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import os
 import random
 import sys
 import tempfile
+from collections.abc import Iterable
 
 import attrs
 import click
@@ -34,7 +40,7 @@ from ._options import (
 from ._render import BatchView
 from ._runner import run_batch
 
-__all__ = ("DemoCheck", "demo", "inject_demo_faults")
+__all__ = ("DemoCheck", "demo", "inject_demo_faults", "inject_planned_faults", "plan_faults")
 
 #: Share of the fault rate per fault kind: lost answers, 503s, 429s.
 _FAULT_MIX = ((DropAfterProcessing(), 0.3), (ServerFailure(503), 0.4), (RateLimited("0"), 0.3))
@@ -63,6 +69,48 @@ def inject_demo_faults(fake: FakeKlarna, rate: float) -> None:
         escaped -= rate * share
 
 
+def plan_faults(
+    order_ids: Iterable[str], rate: float, seed: int, max_attempts: int
+) -> dict[str, list[Fault]]:
+    """Decide from ``seed`` which capture attempts of each order hit which fault.
+
+    Each attempt of an order faults with chance ``rate`` (split over lost answers, 503s and
+    429s as in ``_FAULT_MIX``) until one is let through or ``max_attempts`` faulted. The draws
+    are made per order in the given order, so they do not depend on when requests arrive.
+    """
+    rng = random.Random(f"klarna-om-demo-faults-{seed}")
+    planned: dict[str, list[Fault]] = {}
+    for order_id in order_ids:
+        faults: list[Fault] = []
+        while len(faults) < max_attempts:
+            draw = rng.random()
+            if draw >= rate:
+                break
+            faults.append(_pick_fault(draw / rate))
+        if faults:
+            planned[order_id] = faults
+    return planned
+
+
+def _pick_fault(point: float) -> Fault:
+    """The fault of ``_FAULT_MIX`` that ``point`` (in [0, 1)) falls on."""
+    for fault, share in _FAULT_MIX:
+        if point < share:
+            return fault
+        point -= share
+    return _FAULT_MIX[-1][0]
+
+
+def inject_planned_faults(fake: FakeKlarna, planned: dict[str, list[Fault]]) -> None:
+    """Queue each order's planned faults for its capture POSTs, one attempt each, in order."""
+    for order_id, faults in planned.items():
+        # Each POST takes the first fault still queued for its own order: the sequence plays
+        # out the same way whatever the other orders do meanwhile.
+        path = f"/orders/{order_id}/captures"
+        for fault in faults:
+            fake.inject(fault, times=1, method="POST", path=path)
+
+
 @attrs.frozen
 class _Plan:
     items: list[BatchItem]
@@ -89,8 +137,9 @@ class DemoCheck:
     """What the demo verifies once the batch is over.
 
     A failed outcome is unknown: its capture may or may not have been booked, and a rerun
-    with its key would finish it exactly once. So it fails the check neither way; only a
-    double booking or a reported outcome the fake's ledger contradicts does.
+    with its key would finish it exactly once (an over-capture's rerun can only be refused).
+    So it fails the check neither way; only a double booking or a reported outcome the fake's
+    ledger contradicts does.
     """
 
     problems: tuple[str, ...]
@@ -103,6 +152,8 @@ class DemoCheck:
     not_captured: int
     #: Over-captures the client reports as refused.
     over_refused: int
+    #: Over-captures whose outcome is unknown (failed): a rerun can only have them refused.
+    over_unknown: int = 0
 
     @property
     def passed(self) -> bool:
@@ -163,6 +214,7 @@ class DemoCheck:
             over_refused=sum(
                 o.order_id in plan.over_captures for o in by_status[CaptureStatus.REFUSED]
             ),
+            over_unknown=sum(o.order_id in plan.over_captures for o in unknown),
         )
 
     def describe(self, orders: int, over_captures: int) -> str:
@@ -174,10 +226,16 @@ class DemoCheck:
             f"all {self.captured} captured item(s) booked; "
             f"{self.over_refused} of {over_captures} over-captures refused."
         )
-        if self.unknown:
+        fitting = self.unknown - self.over_unknown
+        if fitting:
             text += (
-                f" {self.unknown} outcome(s) unknown (failed), {self.unknown_booked} of them "
+                f" {fitting} outcome(s) unknown (failed), {self.unknown_booked} of them "
                 "booked once: a rerun with their original keys would finish them exactly once."
+            )
+        if self.over_unknown:
+            text += (
+                f" {self.over_unknown} over-capture(s) ended unknown (failed), none booked: "
+                "a rerun can only have them refused."
             )
         return text
 
@@ -266,7 +324,9 @@ async def _demo(
     # The fake does no per-request logging, so it and the client share one event loop.
     async with FakeKlarna(seed=seed) as fake:
         plan = _plan(fake, orders, seed)
-        inject_demo_faults(fake, fault_rate)
+        order_ids = (item.order_id for item in plan.items)
+        planned = plan_faults(order_ids, fault_rate, seed, _DEMO_RETRY.max_attempts)
+        inject_planned_faults(fake, planned)
         with tempfile.TemporaryDirectory(prefix="klarna-om-demo-") as tmp:
             async with (
                 KlarnaOM(
@@ -304,18 +364,18 @@ def _show(
     over_captures: int,
     orders: int,
 ) -> None:
-    injected = (
-        ", ".join(f"{count} x {_FAULT_NAMES[kind][1]}" for kind, count in faults.most_common())
-        or "none"
-    )
+    # Most frequent first, ties in a fixed order: the same seed prints the same line.
+    ordered = sorted(faults.items(), key=lambda kv: (-kv[1], _FAULT_NAMES[kv[0]][0]))
+    injected = ", ".join(f"{count} x {_FAULT_NAMES[kind][1]}" for kind, count in ordered) or "none"
     view.finish(
         extra={
             "double_booking_check": "passed" if check.passed else "failed",
             "problems": list(check.problems),
             "booked": check.booked,
             "unknown_booked": check.unknown_booked,
+            "over_captures_unknown": check.over_unknown,
             "over_captures": over_captures,
-            "faults": {_FAULT_NAMES[kind][0]: count for kind, count in faults.items()},
+            "faults": {_FAULT_NAMES[kind][0]: count for kind, count in ordered},
             "replayed": replayed,
         },
         notes=[
