@@ -119,6 +119,9 @@ class BatchItem:
     #: distinct ``reference`` per part (the default key is ``order_id:reference``).
     item_key: str = attrs.field()
 
+    #: Where the item came from (e.g. its line in a batch file), handed back on its outcome.
+    line: int | None = None
+
     @item_key.default
     def _default_item_key(self) -> str:
         reference = self.request.reference
@@ -139,6 +142,8 @@ class CaptureOutcome:
     error: Exception | None = None
     #: HTTP attempts made in this run.
     attempts: int = 0
+    #: The item's ``line`` (e.g. in a batch file), if it had one.
+    line: int | None = None
 
 
 @attrs.frozen
@@ -419,6 +424,7 @@ def _outcome(
         capture_id=capture_id,
         error=error,
         attempts=attempts,
+        line=item.line,
     )
 
 

@@ -21,6 +21,7 @@ from test_cli import (
     capture,
     cli,
     json_lines,
+    outcomes_by_order,
     served,
     subprocess_env,
     write,
@@ -321,3 +322,17 @@ def test_a_duplicate_batch_line_is_named_by_its_columns_not_item_key(
     as_json = cli(["batch", path2, "--no-journal", "--json"], served)
     [refused] = [o for o in json_lines(as_json.stdout) if o.get("status") == "refused"]
     assert refused["error"].startswith("order_id and reference")
+
+
+def test_a_klarna_refusal_is_reported_with_its_line_number(
+    served: ServedFake, tmp_path: Path
+) -> None:
+    good, over = served.add_order(1000), served.add_order(1000)
+    path = write(tmp_path, "o.csv", f"order_id,captured_amount\n{good},1000\n\n{over},5000\n")
+    as_json = cli(["batch", path, "--json", "--no-journal"], served)
+    assert as_json.exit_code == 1
+    refused = outcomes_by_order(as_json.stdout)[over]
+    assert (refused["status"], refused["line"]) == ("refused", 4)
+    assert outcomes_by_order(as_json.stdout)[good]["line"] == 2
+    shown = cli(["batch", path, "--no-journal"], served)
+    assert f"- line 4: {over} refused" in shown.stdout

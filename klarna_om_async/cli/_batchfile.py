@@ -349,7 +349,7 @@ def _csv_row(line: int, values: Mapping[str, str | None], *, extra: object) -> R
             shipping_info=_shipping_info(values),
         )
         key = _cell(values, "idempotency_key")
-        return BatchItem(order_id=order_id, request=request, idempotency_key=key)
+        return BatchItem(order_id=order_id, request=request, idempotency_key=key, line=line)
     except BadLineError as error:
         return BadLine(line, order_id, error)
     except ValidationError as error:
@@ -418,7 +418,7 @@ def _jsonl_row(line: int, raw: str) -> Row:
         _check_known_fields(line, body)
         request = _structure(line, body)
         item_id = normalize_id("order_id", data["order_id"])
-        return BatchItem(order_id=item_id, request=request, idempotency_key=key or None)
+        return BatchItem(order_id=item_id, request=request, idempotency_key=key or None, line=line)
     except BadLineError as error:
         return BadLine(line, order_id, error)
     except ValidationError as error:

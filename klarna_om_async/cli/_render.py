@@ -74,8 +74,9 @@ def outcome_json(outcome: CaptureOutcome) -> dict[str, object]:
         "attempts": outcome.attempts,
         "error": None if error is None else _problem_text(error),
     }
-    if isinstance(error, BadLineError):
-        result["line"] = error.line
+    line = error.line if isinstance(error, BadLineError) else outcome.line
+    if line is not None:
+        result["line"] = line
     return result
 
 
@@ -384,6 +385,8 @@ class BatchView:
             # Plain wrapped lines, not a table: the whole error (its correlation id and any
             # idempotency key to retry with) must survive a narrow terminal.
             line = Text("- ")
+            if outcome.line is not None:
+                line.append(f"line {outcome.line}: ")
             line.append(outcome.order_id or "(no order id)", style="bold")
             line.append(" ")
             line.append(outcome.status.value, style=_STATUS_STYLE[outcome.status])
