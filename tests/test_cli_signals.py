@@ -17,60 +17,31 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any
 
 import orjson
 import pytest
 from click.testing import CliRunner, Result
+from test_cli import PASSWORD, USERNAME
+from test_cli import ServedFake as _ServedFake
 
 from klarna_om_async.cli import main
 from klarna_om_async.cli._options import Interrupted, run_interruptible
 from klarna_om_async.cli._render import BatchView
-from klarna_om_async.testing import Delay, FakeKlarna
+from klarna_om_async.testing import Delay
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
-T = TypeVar("T")
-
-USERNAME = "merchant-9"
-PASSWORD = "pw-signals-S3cret"
 KEY_LINE = "idempotency key: "
 
 
-class ServedFake:
-    """A FakeKlarna serving from its own event loop in a background thread."""
-
-    def __init__(self) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="fake-klarna")
-        self._thread.start()
-        self.fake = self.run(self._start())
-
-    @staticmethod
-    async def _start() -> FakeKlarna:
-        fake = FakeKlarna(username=USERNAME, password=PASSWORD, seed=5)
-        await fake.start()
-        return fake
-
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run ``coro`` on the fake's loop and wait (at most 30 s) for its result."""
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=30)
-
-    def do(self, fn: Callable[[], T]) -> T:
-        """Call ``fn`` on the fake's loop, so it never races a request being served."""
-
-        async def call() -> T:
-            return fn()
-
-        return self.run(call())
+class ServedFake(_ServedFake):
+    """test_cli's threaded FakeKlarna, with what these tests ask of it."""
 
     def wait_for_requests(self, count: int) -> None:
         self.run(asyncio.wait_for(self.fake.wait_for_requests(count), timeout=25))
-
-    def add_order(self, amount: int = 10_000) -> str:
-        return self.do(lambda: self.fake.add_order(amount=amount))
 
     def keys_sent(self, path_end: str) -> list[str | None]:
         """Idempotency keys of the POSTs received whose path ends with ``path_end``."""
@@ -84,12 +55,6 @@ class ServedFake:
 
     def capture_ids(self, order_id: str) -> list[str]:
         return self.do(lambda: [c.capture_id for c in self.fake.captures(order_id)])
-
-    def close(self) -> None:
-        self.run(self.fake.close())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
 
 
 @pytest.fixture
