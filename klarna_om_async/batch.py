@@ -91,7 +91,8 @@ class BatchAbortedError(KlarnaError):
         """Why the batch stopped, in a few words."""
         if isinstance(self.cause, AuthenticationError):
             return "Klarna refused the credentials (401)"
-        return f"{UNREACHABLE_ITEMS} items in a row could not connect: {self.cause}"
+        cause = str(self.cause).rstrip(".")
+        return f"{UNREACHABLE_ITEMS} items in a row could not connect: {cause}"
 
     @property
     def advice(self) -> str:
@@ -99,6 +100,11 @@ class BatchAbortedError(KlarnaError):
         if isinstance(self.cause, AuthenticationError):
             return "fix the credentials and rerun"
         return "check the base URL, proxy and network, then rerun"
+
+
+def _trimmed(value: str) -> str:
+    # Only strings are trimmed; anything else is left for the endpoint to refuse by name.
+    return value.strip() if isinstance(value, str) else value
 
 
 def _optional_key(_item: object, _attribute: object, key: str | None) -> None:
@@ -110,7 +116,8 @@ def _optional_key(_item: object, _attribute: object, key: str | None) -> None:
 class BatchItem:
     """One capture to make: an order and what to capture of it."""
 
-    order_id: str
+    #: Surrounding whitespace is trimmed, as on every input path: " X" is the item "X".
+    order_id: str = attrs.field(converter=_trimmed)
     request: CaptureRequest
     #: Fix the key yourself (e.g. ``deterministic_key(...)``) when you keep no journal;
     #: 1 to 255 printable ASCII characters (``ValidationError`` otherwise).
@@ -120,11 +127,14 @@ class BatchItem:
     item_key: str = attrs.field()
 
     #: Where the item came from (e.g. its line in a batch file), handed back on its outcome.
-    line: int | None = None
+    line: int | None = attrs.field(default=None, eq=False)
 
     @item_key.default
     def _default_item_key(self) -> str:
+        # A blank reference is none, and " box" is "box": one capture, one item, whatever
+        # the spaces a spreadsheet left.
         reference = self.request.reference
+        reference = reference.strip() if isinstance(reference, str) else None
         return f"{self.order_id}:{reference}" if reference else self.order_id
 
 
@@ -143,7 +153,7 @@ class CaptureOutcome:
     #: HTTP attempts made in this run.
     attempts: int = 0
     #: The item's ``line`` (e.g. in a batch file), if it had one.
-    line: int | None = None
+    line: int | None = attrs.field(default=None, eq=False)
 
 
 @attrs.frozen
@@ -255,7 +265,7 @@ class _Run:
         error = outcome.error
         if isinstance(error, AuthenticationError):
             self.abort = self.abort or error
-        elif isinstance(error, KlarnaConnectionError) and not error.request_sent:
+        elif isinstance(error, KlarnaConnectionError) and not error.outcome_unknown:
             self._unreachable += 1
             if self._unreachable >= UNREACHABLE_ITEMS:
                 self.abort = self.abort or error

@@ -119,7 +119,14 @@ class KlarnaConnectionError(KlarnaError):
         where = ""
         if self.method:
             where = f" ({self.method} {self.url}, {_attempts(self.attempts)})"
-        return f"{self.message}{where}.{self._retry_hint()}"
+        sent = ""
+        if not self.request_sent:
+            sent = (
+                "; this attempt sent nothing, but an earlier one may have been booked"
+                if self.earlier_attempt_unknown
+                else "; nothing was sent"
+            )
+        return f"{self.message}{sent}{where}.{self._retry_hint()}"
 
 
 def _attempts(n: int) -> str:

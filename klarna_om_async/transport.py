@@ -187,7 +187,7 @@ class AiohttpTransport:
             # No connection was made (DNS, refused, TLS handshake, proxy): nothing was sent.
             reason = _reason(exc.os_error)
             error = KlarnaConnectionError(
-                f"Could not connect to {exc.host}:{exc.port} ({reason}); nothing was sent",
+                f"Could not connect to {exc.host}:{exc.port} ({reason})",
                 request_sent=False,
             )
             cause = exc

@@ -1191,3 +1191,89 @@ def test_capture_with_a_bad_key_is_one_line_and_exit_2(served: ServedFake) -> No
     [line] = result.stderr.strip().splitlines()
     assert "idempotency_key" in line
     assert served.requests_for(order_id) == 0
+
+
+def test_a_blank_reference_cell_is_no_reference_across_reruns(
+    served: ServedFake, tmp_path: Path
+) -> None:
+    order_id = served.add_order(10_000)
+    path = write(tmp_path, "o.csv", f"order_id,captured_amount,reference\n{order_id},5000, \n")
+    assert cli(["batch", path], served).exit_code == 0
+    Path(path).write_text(f"order_id,captured_amount,reference\n{order_id},5000,\n")
+    rerun = cli(["batch", path, "--json"], served)
+    assert rerun.exit_code == 0, rerun.output
+    assert outcomes_by_order(rerun.stdout)[order_id]["status"] == "skipped"
+    assert served.booked(order_id) == 1
+
+
+def test_a_json_line_nested_too_deep_is_one_refused_line(
+    served: ServedFake, tmp_path: Path
+) -> None:
+    good = served.add_order(100)
+    deep = '{"order_id": "x", "captured_amount": 1, "description": ' + "[" * 1000 + "]" * 1000
+    path = write(
+        tmp_path,
+        "d.jsonl",
+        f"{deep}}}\n" + f'{{"order_id": "{good}", "captured_amount": 100}}\n',
+    )
+    result = cli(["batch", path, "--json"], served)
+    assert result.exit_code == 1, result.output
+    lines = json_lines(result.stdout)
+    [refused] = [o for o in lines if o.get("line") == 1]
+    assert "nested too deeply" in refused["error"]
+    assert served.booked(good) == 1
+
+
+def test_reconcile_captured_refuses_a_capture_of_another_item_or_reference(
+    served: ServedFake, tmp_path: Path
+) -> None:
+    order_id = served.add_order(10_000)
+    journal = str(tmp_path / "j.sqlite")
+
+    async def setup() -> str:
+        policy = RetryPolicy(max_attempts=1)
+        async with KlarnaOM(USERNAME, PASSWORD, base_url=served.fake.base_url, retry=policy) as om:
+            made = await om.captures.create(
+                order_id, CaptureRequest(captured_amount=5000, reference="rb")
+            )
+        async with SQLiteJournal(journal) as opened:
+            for key, ref in ((f"{order_id}:rb", "rb"), (order_id, None), (f"{order_id}:ra", "ra")):
+                item = ItemRecord(
+                    item_key=key,
+                    order_id=order_id,
+                    captured_amount=5000,
+                    reference=ref,
+                    fingerprint=key,
+                )
+                await opened.claim(item, f"key-{key}")
+            await opened.finish(
+                f"{order_id}:rb", JournalStatus.CAPTURED, capture_id=made.capture_id
+            )
+            for key in (order_id, f"{order_id}:ra"):
+                await opened.finish(key, JournalStatus.NEEDS_REVIEW, reconciled=True)
+        return made.capture_id
+
+    taken = asyncio.run(setup())
+    theirs = cli(["reconcile", journal, "--captured", order_id, taken], served)
+    assert theirs.exit_code == 2
+    assert f"is already item '{order_id}:rb'" in theirs.stderr
+    assert journal_summary(journal) == {"captured": 1, "needs_review": 2}
+
+
+def test_reconcile_captured_with_klarna_unreachable_is_one_line(tmp_path: Path) -> None:
+    journal = str(tmp_path / "j.sqlite")
+
+    async def setup() -> None:
+        async with SQLiteJournal(journal) as opened:
+            item = ItemRecord(item_key="o", order_id="o", captured_amount=1, fingerprint="f")
+            await opened.claim(item, "k")
+            await opened.finish("o", JournalStatus.NEEDS_REVIEW, reconciled=True)
+
+    asyncio.run(setup())
+    env = {"KLARNA_USERNAME": USERNAME, "KLARNA_PASSWORD": PASSWORD}
+    args = ["reconcile", journal, "--captured", "o", "c", "--max-attempts", "1"]
+    result = CliRunner().invoke(main, [*args, "--base-url", "http://127.0.0.1:9"], env=env)
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output
+    assert "nothing was settled" in result.stderr
+    assert journal_summary(journal) == {"needs_review": 1}

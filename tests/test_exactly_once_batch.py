@@ -19,6 +19,7 @@ from klarna_om_async import (
     CaptureStatus,
     ItemConflictError,
     JournalStatus,
+    KlarnaConnectionError,
     KlarnaOM,
     NeedsReviewError,
     RetryPolicy,
@@ -365,3 +366,56 @@ async def test_items_sharing_a_reference_are_reconciled_one_at_a_time(
     assert {o.status for o in second.values()} == {CaptureStatus.CAPTURED}
     assert second["a"].capture_id != second["b"].capture_id
     assert booked(fake) == {order_id: 2}
+
+
+# --- found by a second hostile review ------------------------------------------------------
+
+
+async def test_an_order_id_with_spaces_is_the_same_item(
+    om: KlarnaOM, fake: FakeKlarna, journal: SQLiteJournal
+) -> None:
+    order_id, other = fake.add_order(amount=10000), fake.add_order(amount=10000)
+    one_batch = [
+        (f" {order_id}", CaptureRequest(captured_amount=5000)),
+        (order_id, CaptureRequest(captured_amount=5000)),
+    ]
+    outcomes = [o async for o in om.capture_many(one_batch, journal=journal, concurrency=1)]
+    assert [o.status for o in outcomes] == [CaptureStatus.CAPTURED, CaptureStatus.REFUSED]
+    # Across runs: a lost answer under " X", then "X" in the rerun, resends the same key.
+    fake.inject(DropAfterProcessing(), method="POST", times=None)
+    [first] = await run(om, [(f"{other} ", CaptureRequest(captured_amount=5000))], journal)
+    assert first.status is CaptureStatus.FAILED
+    fake.clear_faults()
+    [second] = await run(om, [(other, CaptureRequest(captured_amount=5000))], journal)
+    assert (second.status, second.idempotency_key) == (
+        CaptureStatus.CAPTURED,
+        first.idempotency_key,
+    )
+    assert booked(fake) == {order_id: 1, other: 1}
+
+
+@pytest.mark.parametrize(("a", "b"), [(" ", None), (" box", "box"), ("box ", "box")])
+async def test_references_that_differ_only_in_spaces_are_one_item(
+    om: KlarnaOM, fake: FakeKlarna, a: str, b: str | None
+) -> None:
+    order_id = fake.add_order(amount=10000)
+    items = [
+        (order_id, CaptureRequest(captured_amount=2500, reference=a)),
+        (order_id, CaptureRequest(captured_amount=2500, reference=b)),
+    ]
+    outcomes = [o async for o in om.capture_many(items, concurrency=1)]
+    assert [o.status for o in outcomes] == [CaptureStatus.CAPTURED, CaptureStatus.REFUSED]
+    assert booked(fake) == {order_id: 1}
+
+
+def test_a_connect_failure_after_an_unknown_attempt_does_not_say_nothing_was_sent() -> None:
+    error = KlarnaConnectionError(
+        "Could not connect to h:1 (Connection refused)", request_sent=False
+    )
+    error.bind(method="POST", url="http://h:1/x", idempotency_key="K", attempts=3)
+    assert "nothing was sent" in str(error)
+    assert not error.outcome_unknown
+    error.earlier_attempt_unknown = True
+    assert "nothing was sent" not in str(error)
+    assert "an earlier one may have been booked" in str(error)
+    assert error.outcome_unknown

@@ -329,8 +329,9 @@ def _clean_order_id(value: object) -> str | None:
 
 
 def _cell(values: Mapping[str, str | None], column: str) -> str | None:
+    # A cell of spaces is empty: "O,5000, " and "O,5000," are one capture, not two.
     value = values.get(column)
-    return value if value else None
+    return (value.strip() or None) if value else None
 
 
 def _csv_row(line: int, values: Mapping[str, str | None], *, extra: object) -> Row:
@@ -447,6 +448,8 @@ def _refuse_duplicate_keys(line: int, raw: str) -> None:
         raise BadLineError(
             line, str(error), "appears more than once in an object; give each field once"
         ) from None
+    except RecursionError:
+        raise BadLineError(line, None, "is nested too deeply to be a capture") from None
 
 
 def _refuse_line_breaks(line: int, where: str, value: object) -> None:

@@ -10,7 +10,7 @@ import sys
 import click
 
 from ..client import KlarnaOM
-from ..errors import NotFoundError
+from ..errors import KlarnaError, NotFoundError
 from ..journal import JournalEntry, JournalError, JournalStatus
 from ..reconcile import Reconciliation, Verdict
 from ..sqlite_journal import SQLiteJournal
@@ -107,7 +107,13 @@ def reconcile(
             raise InputError(f"item(s) {', '.join(map(repr, twice))} marked more than once")
         connection = Connection.from_context()
         connection.check()
-        run_interruptible(lambda: _settle(journal, marks, connection))
+        try:
+            run_interruptible(lambda: _settle(journal, marks, connection))
+        except Interrupted as interrupted:
+            click.echo("Interrupted: nothing was settled.", err=True)
+            sys.exit(interrupted.exit_code)
+        except KlarnaError as error:  # the capture could not be checked: nothing settled
+            raise click.ClickException(f"nothing was settled: {error}") from None
         for key, capture_id in marks:
             told = f"captured as {capture_id}" if capture_id else "not captured"
             click.echo(f"Settled {key}: {told}.")
@@ -163,9 +169,14 @@ async def _settle(path: str, marks: list[tuple[str, str | None]], connection: Co
                     f"item {key!r} is {entry.status.value}, not needs_review; only an item that"
                     " needs review is settled by hand (rerun the batch, or reconcile)"
                 )
+        taken = {e.capture_id: e.item_key for e in known.values() if e.capture_id}
         async with connection.client() as om:
             for key, capture_id in marks:
                 if capture_id is not None:
+                    if capture_id in taken:
+                        raise InputError(
+                            f"capture {capture_id} is already item {taken[capture_id]!r}'s"
+                        )
                     await _check_capture(om, known[key], capture_id)
         for key, capture_id in marks:
             status = JournalStatus.CAPTURED if capture_id else JournalStatus.REFUSED
@@ -191,6 +202,11 @@ async def _check_capture(om: KlarnaOM, entry: JournalEntry, capture_id: str) -> 
         raise InputError(
             f"capture {capture_id} is of {capture.captured_amount}, but item"
             f" {entry.item_key!r} asked for {amount}"
+        )
+    if entry.reference and capture.reference != entry.reference:
+        raise InputError(
+            f"capture {capture_id} has reference {capture.reference!r}, but item"
+            f" {entry.item_key!r} asked for {entry.reference!r}"
         )
 
 
