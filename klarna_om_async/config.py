@@ -144,6 +144,10 @@ class RetryPolicy:
     attempt starts after ``deadline`` seconds from the first, so a call lasts at most about
     ``deadline`` plus one attempt's timeout.
 
+    A 429 is not a failed attempt: the merchant is busy, and the call waits its turn. 429s do
+    not use up ``max_attempts``; only ``deadline`` bounds them (``no_retries()`` still
+    surfaces the first one).
+
     Every number is checked when the policy is made (``ValidationError``, a ``ValueError``,
     naming the field): finite, and within the bounds given on each field.
 
@@ -152,7 +156,7 @@ class RetryPolicy:
     want more patience; interactive paths may want ``RetryPolicy(max_attempts=2)``.
     """
 
-    #: 1 to 100.
+    #: 1 to 100 attempts that fail other than with a 429.
     max_attempts: int = attrs.field(default=5, validator=_attempts)
     #: Seconds, 0 to 86400 (one day), finite; likewise ``max_delay`` and ``retry_after_cap``.
     initial_delay: float = attrs.field(default=0.5, validator=_seconds(positive=False))

@@ -37,6 +37,7 @@ from .errors import (
     KlarnaAPIError,
     KlarnaConnectionError,
     KlarnaError,
+    RateLimitError,
     ValidationError,
     decode_error,
 )
@@ -296,17 +297,24 @@ class RetryMiddleware:
         delays = backoff.expo(factor=policy.initial_delay, max_value=policy.max_delay)
         next(delays)  # backoff's generators yield a priming 0 first
         attempt = 1
+        # A 429 says the merchant is busy, not that the call failed: it does not use up
+        # max_attempts (only the deadline bounds waiting for the merchant's turn).
+        failures = 0
         unknown = False
         while True:
             error.attempts = attempt
-            wait = self._wait_before_retry(error, attempt, started, delays)
+            busy = isinstance(error, RateLimitError)
+            failures += not busy
+            wait = self._wait_before_retry(error, failures, started, delays)
             if wait is None:
                 # Attempt 1 may have been booked and its answer lost; a later 429 (or even a
                 # 401) says nothing about that, so the call's outcome stays unknown.
                 error.earlier_attempt_unknown = unknown
                 raise error
             unknown = unknown or error.outcome_unknown
-            logger.warning(
+            # A 429 storm is routine in a batch: one line each only with -v (INFO).
+            logger.log(
+                logging.INFO if busy else logging.WARNING,
                 "Klarna %s %s failed (attempt %d: %s); retrying in %.2fs with key %s",
                 request.method,
                 request.path,
@@ -325,11 +333,16 @@ class RetryMiddleware:
             return attrs.evolve(response, attempts=attempt)
 
     def _wait_before_retry(
-        self, error: KlarnaError, attempt: int, started: float, delays: Iterator[float]
+        self, error: KlarnaError, failures: int, started: float, delays: Iterator[float]
     ) -> float | None:
-        """Seconds to wait before the next attempt, or None to give up with ``error``."""
+        """Seconds to wait before the next attempt, or None to give up with ``error``.
+
+        ``failures`` counts the attempts that failed other than with a 429.
+        """
         policy = self.policy
-        if not _is_retryable(error) or attempt >= policy.max_attempts:
+        if not _is_retryable(error) or failures >= policy.max_attempts:
+            return None
+        if policy.max_attempts == 1:  # RetryPolicy.no_retries(): a 429 surfaces at once too
             return None
         retry_after = error.retry_after if isinstance(error, KlarnaAPIError) else None
         if retry_after is not None:

@@ -1,4 +1,6 @@
-"""Pacing of attempts: a per-batch rate limit, and a client-wide pause after a 429.
+"""Pacing of attempts: a client-wide and a per-batch rate, and a client-wide pause after a 429.
+
+Rates are kept on a fixed grid of send times (GCRA's virtual scheduling, :class:`Pace`).
 
 Klarna counts requests per merchant, so when one request is told to slow down, every request
 of the client waits out the same window instead of each one discovering the limit on its own.
@@ -9,21 +11,45 @@ deadline for it: it fails with ``RateLimitError`` instead, having sent nothing.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextvars import ContextVar
-
-from aiolimiter import AsyncLimiter
 
 from .config import MAX_RATE_LIMIT, check_seconds
 from .errors import RateLimitError
 from .middleware import Handler, Request, Response
 
-__all__ = ("ThrottleMiddleware", "rate_limited")
+__all__ = ("Pace", "ThrottleMiddleware", "rate_limited")
+
+
+class Pace:
+    """Send times on a fixed grid ``1 / per_second`` apart (GCRA's virtual scheduling).
+
+    Each request takes the next free slot when it asks, so a task that wakes late never
+    pushes later slots back, and an idle spell banks no burst: no interval of the grid's
+    length ever holds two sends. (``aiolimiter``'s bucket of one, used before, scheduled from
+    each wake-up and drifted to 86-89% of the rate under load.)
+
+    ``per_second``: finite, above 0, at most ``MAX_RATE_LIMIT`` (``ValidationError``).
+    """
+
+    def __init__(self, per_second: float) -> None:
+        check_seconds("rate_limit", per_second, high=MAX_RATE_LIMIT, unit="requests per second")
+        #: Seconds between two sends.
+        self.interval = 1.0 / per_second
+        self._next = -math.inf
+
+    def delay(self, now: float) -> float:
+        """Take the next free slot; the seconds from ``now`` until it (0 if it is now)."""
+        slot = self._next if self._next > now else now
+        self._next = slot + self.interval
+        return slot - now
+
 
 # Set by a batch for the tasks it starts, so concurrent batches and single calls sharing one
-# client each keep their own limit.
-_limiter: ContextVar[AsyncLimiter | None] = ContextVar("klarna_om_rate_limiter", default=None)
+# client each keep their own limit (on top of the client's own pace, if it has one).
+_batch_pace: ContextVar[Pace | None] = ContextVar("klarna_om_batch_pace", default=None)
 
 #: Pause after a 429 that did not say how long to wait.
 DEFAULT_RATE_LIMIT_PAUSE = 1.0
@@ -38,20 +64,12 @@ def rate_limited(requests_per_second: float | None) -> Iterator[None]:
     ``requests_per_second``: None (no limit) or a finite number greater than 0 and at most
     ``MAX_RATE_LIMIT`` (10,000); anything else raises ``ValidationError`` (a ``ValueError``).
     """
-    if requests_per_second is not None:
-        check_seconds(
-            "rate_limit", requests_per_second, high=MAX_RATE_LIMIT, unit="requests per second"
-        )
-    limiter = None
-    if requests_per_second is not None:
-        # A bucket of one, refilled every 1/rate seconds: no window of one second ever holds
-        # more than the rate (a bucket of `rate` per second would allow twice that at start).
-        limiter = AsyncLimiter(1, time_period=1 / requests_per_second)
-    token = _limiter.set(limiter)
+    pace = None if requests_per_second is None else Pace(requests_per_second)
+    token = _batch_pace.set(pace)
     try:
         yield
     finally:
-        _limiter.reset(token)
+        _batch_pace.reset(token)
 
 
 class ThrottleMiddleware:
@@ -73,9 +91,11 @@ class ThrottleMiddleware:
         clock: Callable[[], float] = time.monotonic,
         max_pause: float = DEFAULT_MAX_PAUSE,
         base_url: str = "",
+        pace: Pace | None = None,
     ) -> None:
         if not max_pause >= 0:
             raise ValueError(f"max_pause must be >= 0, got {max_pause!r}")
+        self._pace = pace
         self._sleep = sleep
         self._clock = clock
         self._max_pause = max_pause
@@ -87,9 +107,16 @@ class ThrottleMiddleware:
 
         Raises ``RateLimitError`` without sending when the pause outlasts the call's deadline.
         """
-        limiter = _limiter.get()
-        if limiter is not None:
-            await limiter.acquire()
+        batch_pace = _batch_pace.get()
+        if batch_pace is not None:
+            wait = batch_pace.delay(self._clock())
+            if wait > 0:
+                await self._sleep(wait)
+        pace = self._pace  # the client's: shared by every batch and single call
+        if pace is not None:
+            wait = pace.delay(self._clock())
+            if wait > 0:
+                await self._sleep(wait)
         if self._resume_at:  # 0.0 unless a 429 paused the client and nobody has waited since
             now = self._clock()
             wait = self._resume_at - now

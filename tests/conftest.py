@@ -23,9 +23,10 @@ def sleeps() -> InstantSleep:
 
 @pytest.fixture
 async def om(fake: FakeKlarna, sleeps: InstantSleep) -> AsyncIterator[KlarnaOM]:
-    """A client of ``fake`` with 4 attempts, un-jittered backoff and instant sleeps."""
+    """A client of ``fake`` with 4 attempts, un-jittered backoff, instant sleeps, and a clock
+    that moves by the waits (so deadlines end retry loops as they would in real time)."""
     policy = RetryPolicy(max_attempts=4, jitter=lambda d: d, sleep=sleeps)
     async with KlarnaOM(
-        fake.username, fake.password, base_url=fake.base_url, retry=policy
+        fake.username, fake.password, base_url=fake.base_url, retry=policy, clock=sleeps.clock
     ) as client:
         yield client

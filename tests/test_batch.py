@@ -20,6 +20,7 @@ from klarna_om_async import (
     JournalStatus,
     KlarnaOM,
     MemoryJournal,
+    RetryPolicy,
     ServerError,
     SQLiteJournal,
     ValidationError,
@@ -190,9 +191,12 @@ async def test_concurrency_never_exceeds_the_limit(om: KlarnaOM, fake: FakeKlarn
     assert 1 < fake.max_in_flight <= 6
 
 
-async def test_the_rate_limit_holds_over_a_run(om: KlarnaOM, fake: FakeKlarna) -> None:
+async def test_the_rate_limit_holds_over_a_run(fake: FakeKlarna) -> None:
     rate = 20
-    outcomes = await collect(om.capture_many(full(fake, [5] * 30), concurrency=16, rate_limit=rate))
+    # Real sleeps: what is checked is when the server received each request.
+    async with KlarnaOM(fake.username, fake.password, base_url=fake.base_url) as om:
+        items = full(fake, [5] * 30)
+        outcomes = await collect(om.capture_many(items, concurrency=16, rate_limit=rate))
     assert len(outcomes) == 30
     times = sorted(r.received_at for r in fake.requests)
     # In any one-second window the fake saw at most `rate` requests (+1 for edge rounding).
@@ -201,12 +205,13 @@ async def test_the_rate_limit_holds_over_a_run(om: KlarnaOM, fake: FakeKlarna) -
     assert times[-1] - times[0] >= 1.0
 
 
-async def test_a_429_pauses_the_whole_batch(
-    om: KlarnaOM, fake: FakeKlarna, sleeps: InstantSleep
-) -> None:
+async def test_a_429_pauses_the_whole_batch(fake: FakeKlarna, sleeps: InstantSleep) -> None:
     fake.inject(Delay(0.05), method="POST", times=3)
     fake.inject(RateLimited(retry_after="1"), method="POST")
-    outcomes = await collect(om.capture_many(full(fake, [5] * 12), concurrency=4))
+    # The real clock: the instant sleeps leave it "paused" for every request that follows.
+    policy = RetryPolicy(max_attempts=4, jitter=lambda d: d, sleep=sleeps)
+    async with KlarnaOM(fake.username, fake.password, base_url=fake.base_url, retry=policy) as om:
+        outcomes = await collect(om.capture_many(full(fake, [5] * 12), concurrency=4))
     assert {o.status for o in outcomes.values()} == {CaptureStatus.CAPTURED}
     # The rate-limited request waits Retry-After; the others, sent after it, wait out the
     # same pause instead of each running into the limit (the injected sleep is instant, so

@@ -337,7 +337,8 @@ async def test_429_after_a_lost_answer_keeps_the_outcome_unknown(
     with pytest.raises(RateLimitError) as caught:
         await om.captures.create(order_id, request)
     assert caught.value.outcome_unknown
-    assert caught.value.attempts == om.retry_policy.max_attempts
+    # 429s do not use up max_attempts: the call waited its turn until the deadline.
+    assert caught.value.attempts > om.retry_policy.max_attempts
     key = caught.value.idempotency_key
     assert key is not None
     assert repr(key) in str(caught.value)

@@ -167,8 +167,15 @@ class JournalMachine(RuleBasedStateMachine):
         return self.loop.run_until_complete(coro)
 
     def _client(self, password: str) -> KlarnaOM:
-        policy = RetryPolicy(max_attempts=3, jitter=lambda d: d, sleep=InstantSleep())
-        return KlarnaOM(self.fake.username, password, base_url=self.fake.base_url, retry=policy)
+        sleeps = InstantSleep()
+        policy = RetryPolicy(max_attempts=3, jitter=lambda d: d, sleep=sleeps)
+        return KlarnaOM(
+            self.fake.username,
+            password,
+            base_url=self.fake.base_url,
+            retry=policy,
+            clock=sleeps.clock,  # 429s end at the deadline, which instant waits reach at once
+        )
 
     async def _start(self) -> None:
         await self.fake.start()

@@ -184,12 +184,29 @@ async def test_error_middleware_passes_2xx_and_raises_typed_errors_with_context(
     assert caught.value.idempotency_key == "k7"
 
 
-async def test_rate_limit_error_survives_retries_exhausted() -> None:
+async def test_a_429_storm_waits_until_the_deadline_not_max_attempts() -> None:
     sleeps = InstantSleep()
-    script = Script(*[api_error(429, "1")] * 2)
+    script = Script(*[api_error(429, "1")] * 12)
+    retry = RetryMiddleware(policy(sleeps, max_attempts=2, deadline=10), clock=sleeps.clock)
     with pytest.raises(RateLimitError) as caught:
-        await RetryMiddleware(policy(sleeps, max_attempts=2))(Request("GET", "/o"), script)
-    assert caught.value.attempts == 2
+        await retry(Request("GET", "/o"), script)
+    assert 5 < caught.value.attempts < 12  # more than max_attempts; the deadline stopped it
+    assert sum(sleeps.waits) <= 10
+
+
+async def test_429s_between_failures_do_not_use_up_attempts() -> None:
+    sleeps = InstantSleep()
+    script = Script(api_error(503), *[api_error(429, "1")] * 5, api_error(503), 200)
+    retry = RetryMiddleware(policy(sleeps, max_attempts=3), clock=sleeps.clock)
+    response = await retry(Request("GET", "/o"), script)
+    assert (response.status, response.attempts) == (200, 8)
+
+
+async def test_no_retries_surfaces_the_first_429() -> None:
+    script = Script(api_error(429, "1"))
+    with pytest.raises(RateLimitError) as caught:
+        await RetryMiddleware(RetryPolicy.no_retries())(Request("GET", "/o"), script)
+    assert caught.value.attempts == 1
 
 
 async def test_auth_adds_basic_credentials_and_hides_them() -> None:
