@@ -28,6 +28,7 @@ from .errors import (
     KlarnaConnectionError,
     KlarnaError,
     NeedsReviewError,
+    RateLimitError,
     ValidationError,
 )
 from .journal import Claim, ClaimAction, ItemRecord, Journal, JournalStatus
@@ -37,6 +38,7 @@ from .reconcile import Verdict, reconcile_entry
 from .throttle import rate_limited
 
 __all__ = (
+    "DEFAULT_CONCURRENCY",
     "BatchAbortedError",
     "BatchItem",
     "BatchProgress",
@@ -56,7 +58,8 @@ class CaptureStatus(enum.StrEnum):
     #: Refused before or by Klarna (validation, a duplicate in this batch, an item changed
     #: since it was journaled, or a 4xx): nothing was captured under this item's key.
     REFUSED = "refused"
-    #: The outcome is unknown: rerun with the same key (the journal does).
+    #: The outcome is unknown, or Klarna stayed busy (429) until the deadline: rerun with the
+    #: same key (the journal does).
     FAILED = "failed"
     #: Not attempted: already captured in an earlier run (says the journal).
     SKIPPED = "skipped"
@@ -188,6 +191,12 @@ def _as_item(raw: BatchItem | tuple[str, CaptureRequest]) -> BatchItem:
     return BatchItem(order_id=order_id, request=request)
 
 
+#: Captures in flight by default: enough to reach Klarna's 200 requests/s at 150-400 ms per
+#: capture (R x latency, with room), while the client's pace (or the batch's ``rate_limit``)
+#: keeps the rate. More in flight costs only memory and sockets.
+DEFAULT_CONCURRENCY = 128
+
+
 def request_fingerprint(order_id: str, request: CaptureRequest) -> str:
     """A digest of what decides the money a capture moves: order, amount, reference, lines."""
     lines = request.order_lines
@@ -200,8 +209,11 @@ def request_fingerprint(order_id: str, request: CaptureRequest) -> str:
 def _status_of(error: Exception) -> CaptureStatus:
     if isinstance(error, ValidationError | TypeError):
         return CaptureStatus.REFUSED  # nothing was sent
+    if isinstance(error, RateLimitError):
+        # Busy until the deadline: nothing was refused; a rerun sends it (with the same key).
+        return CaptureStatus.FAILED
     if isinstance(error, KlarnaError) and not error.outcome_unknown:
-        return CaptureStatus.REFUSED  # Klarna said no, or 429 until the end: nothing booked
+        return CaptureStatus.REFUSED  # Klarna said no: nothing booked
     # Unknown, even for a 4xx: an earlier attempt whose answer was lost may have been booked.
     return CaptureStatus.FAILED
 
@@ -442,7 +454,7 @@ async def capture_many(
     captures: CapturesService,
     items: ItemSource,
     *,
-    concurrency: int = 32,
+    concurrency: int = DEFAULT_CONCURRENCY,
     rate_limit: float | None = None,
     journal: Journal | None = None,
     on_progress: Callable[[BatchProgress], None] | None = None,

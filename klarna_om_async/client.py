@@ -11,7 +11,7 @@ from typing import Self
 import aiohttp
 import yarl
 
-from .batch import BatchProgress, CaptureOutcome, ItemSource, capture_many
+from .batch import DEFAULT_CONCURRENCY, BatchProgress, CaptureOutcome, ItemSource, capture_many
 from .captures import CapturesService
 from .config import (
     MAX_CONCURRENCY,
@@ -160,7 +160,7 @@ class KlarnaOM:
         self,
         items: ItemSource,
         *,
-        concurrency: int = 32,
+        concurrency: int | None = None,
         rate_limit: float | None = None,
         journal: Journal | None = None,
         on_progress: Callable[[BatchProgress], None] | None = None,
@@ -173,9 +173,11 @@ class KlarnaOM:
         Stop early with ``await outcomes.aclose()`` (or by leaving ``async with
         contextlib.aclosing(...)``): no new item starts, and items in flight are cancelled and
         stay in the journal as in flight, so the next run finishes them with their keys.
-        ``concurrency``: 1..10,000; above ``max_connections`` it raises this client's
-        connection limit to match (with a borrowed session whose connector allows fewer,
-        ``ValidationError``). ``rate_limit``: None or finite, 0 < rate_limit <= 10,000.
+        ``concurrency``: 1..10,000 (default ``DEFAULT_CONCURRENCY``, 128, enough to reach
+        Klarna's 200/s at its latency; with a borrowed session, at most its connector's
+        limit); above ``max_connections`` it raises this client's connection limit to match
+        (with a borrowed session whose connector allows fewer, ``ValidationError``).
+        ``rate_limit``: None or finite, 0 < rate_limit <= 10,000.
         A batch that cannot work stops early with ``BatchAbortedError`` (see
         ``klarna_om_async.batch.capture_many``).
 
@@ -186,11 +188,15 @@ class KlarnaOM:
         or a bad item, and ``BatchAbortedError`` when the batch stops early.
         https://docs.klarna.com/api/ordermanagement/#operation/captureOrder
         """
+        transport = self._ready_transport()
+        slots = transport.slots
+        if concurrency is None:
+            concurrency = DEFAULT_CONCURRENCY
+            if slots is not None and not self._owns_session:
+                concurrency = min(concurrency, slots.size)  # what the lent session allows
         check_count("concurrency", concurrency, high=MAX_CONCURRENCY)
         if rate_limit is not None:
             check_seconds("rate_limit", rate_limit, high=MAX_RATE_LIMIT, unit="requests per second")
-        transport = self._ready_transport()
-        slots = transport.slots
         if slots is not None and concurrency > slots.size:
             if not self._owns_session:
                 raise ValidationError(

@@ -38,6 +38,7 @@ __all__ = (
     "ValidationError",
     "decode_error",
     "parse_retry_after",
+    "reset_after",
 )
 
 _MUTATING_METHODS = frozenset({"POST", "PATCH", "PUT", "DELETE"})
@@ -296,6 +297,29 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
+def _first(*values: float | None) -> float | None:
+    return next((v for v in values if v is not None), None)
+
+
+def reset_after(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
+    """Seconds until the rate-limit window resets (``X-Ratelimit-Reset``), or None.
+
+    Seconds from now, or a Unix time (a number above 10**9); negative or non-finite values
+    are absent, like ``Retry-After``'s.
+    """
+    value = headers.get("X-Ratelimit-Reset")
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    if seconds > 1e9:  # a Unix time
+        seconds -= time.time() if now is None else now
+        seconds = max(seconds, 0.0)
+    return seconds if 0.0 <= seconds < float("inf") else None
+
+
 def _error_class(status: int, error_code: str | None) -> type[KlarnaAPIError]:
     cls = _BY_STATUS.get(status, ServerError if status >= 500 else KlarnaAPIError)
     specific = _BY_CODE.get(error_code or "")
@@ -340,7 +364,10 @@ def decode_error(status: int, headers: Mapping[str, str], body: bytes) -> Klarna
         error_code=error_code,
         error_messages=messages,
         correlation_id=correlation_id,
-        retry_after=parse_retry_after(headers.get("Retry-After")),
+        # A 429 without Retry-After may still say when its window resets.
+        retry_after=parse_retry_after(headers.get("Retry-After"))
+        if status != 429
+        else _first(parse_retry_after(headers.get("Retry-After")), reset_after(headers)),
         body=text,
     )
 

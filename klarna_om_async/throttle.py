@@ -13,11 +13,11 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextvars import ContextVar
 
 from .config import MAX_RATE_LIMIT, check_seconds
-from .errors import RateLimitError
+from .errors import RateLimitError, reset_after
 from .middleware import Handler, Request, Response
 
 __all__ = ("Pace", "ThrottleMiddleware", "rate_limited")
@@ -50,6 +50,20 @@ class Pace:
 # Set by a batch for the tasks it starts, so concurrent batches and single calls sharing one
 # client each keep their own limit (on top of the client's own pace, if it has one).
 _batch_pace: ContextVar[Pace | None] = ContextVar("klarna_om_batch_pace", default=None)
+
+_LIMIT = "X-Ratelimit-Limit"
+_REMAINING = "X-Ratelimit-Remaining"
+#: Share of a limit Klarna states that the client paces at.
+LEARNED_SHARE = 0.95
+
+
+def _number(value: str | None) -> float | None:
+    try:
+        number = float(value) if value else None
+    except ValueError:
+        return None
+    return number if number is not None and math.isfinite(number) else None
+
 
 #: Pause after a 429 that did not say how long to wait.
 DEFAULT_RATE_LIMIT_PAUSE = 1.0
@@ -96,6 +110,7 @@ class ThrottleMiddleware:
         if not max_pause >= 0:
             raise ValueError(f"max_pause must be >= 0, got {max_pause!r}")
         self._pace = pace
+        self._learned: Pace | None = None
         self._sleep = sleep
         self._clock = clock
         self._max_pause = max_pause
@@ -103,20 +118,14 @@ class ThrottleMiddleware:
         self._resume_at = 0.0
 
     async def __call__(self, request: Request, call_next: Handler) -> Response:
-        """Send ``request`` once the limiter and any 429 pause allow it.
+        """Send ``request`` once any 429 pause is over and the paces give it a slot.
+
+        A limit Klarna states (``X-Ratelimit-Limit``) paces later requests when the client
+        has no ``rate_limit`` of its own; ``X-Ratelimit-Remaining: 0`` pauses the client until
+        ``X-Ratelimit-Reset``.
 
         Raises ``RateLimitError`` without sending when the pause outlasts the call's deadline.
         """
-        batch_pace = _batch_pace.get()
-        if batch_pace is not None:
-            wait = batch_pace.delay(self._clock())
-            if wait > 0:
-                await self._sleep(wait)
-        pace = self._pace  # the client's: shared by every batch and single call
-        if pace is not None:
-            wait = pace.delay(self._clock())
-            if wait > 0:
-                await self._sleep(wait)
         if self._resume_at:  # 0.0 unless a 429 paused the client and nobody has waited since
             now = self._clock()
             wait = self._resume_at - now
@@ -128,8 +137,19 @@ class ThrottleMiddleware:
                 await self._sleep(wait)
             else:
                 self._resume_at = 0.0  # the pause is over: later calls skip the clock
+        # The paces come after the pause, so requests released together leave one by one.
+        batch_pace = _batch_pace.get()
+        if batch_pace is not None:
+            wait = batch_pace.delay(self._clock())
+            if wait > 0:
+                await self._sleep(wait)
+        pace = self._pace or self._learned  # the client's: every batch and single call
+        if pace is not None:
+            wait = pace.delay(self._clock())
+            if wait > 0:
+                await self._sleep(wait)
         try:
-            return await call_next(request)
+            response = await call_next(request)
         except RateLimitError as error:
             pause = error.retry_after
             if pause is None or not pause >= 0:  # `not >=` also catches nan
@@ -137,6 +157,24 @@ class ThrottleMiddleware:
             pause = min(pause, self._max_pause)
             self._resume_at = max(self._resume_at, self._clock() + pause)
             raise
+        if _LIMIT in response.headers:
+            self._learn(response.headers)
+        return response
+
+    def _learn(self, headers: Mapping[str, str]) -> None:
+        """Pace at Klarna's stated limit, and pause when its window is used up."""
+        limit = _number(headers.get(_LIMIT))
+        if limit is not None and limit >= 1 and self._pace is None:
+            # Per second, as Klarna counts; a little under it, for the skew between our clock
+            # and Klarna's windows.
+            rate = min(limit * LEARNED_SHARE, MAX_RATE_LIMIT)
+            if self._learned is None or self._learned.interval != 1.0 / rate:
+                self._learned = Pace(rate)
+        remaining = _number(headers.get(_REMAINING))
+        reset = reset_after(headers)
+        if remaining is not None and remaining <= 0 and reset is not None:
+            pause = min(reset, self._max_pause)
+            self._resume_at = max(self._resume_at, self._clock() + pause)
 
     def _refusal(self, request: Request, wait: float, left: float) -> RateLimitError:
         """The error for a call the pause would keep past its deadline; nothing was sent."""

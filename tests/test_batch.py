@@ -20,6 +20,8 @@ from klarna_om_async import (
     JournalStatus,
     KlarnaOM,
     MemoryJournal,
+    Request,
+    Response,
     RetryPolicy,
     ServerError,
     SQLiteJournal,
@@ -227,18 +229,21 @@ async def test_throttle_pause_follows_retry_after_on_its_clock() -> None:
     throttle = ThrottleMiddleware(sleep=sleeps, clock=lambda: now[0])
     calls = 0
 
-    async def limited(request: object) -> object:
+    request = Request("POST", "/captures")
+    ok = Response(201, {}, b"", request, "")
+
+    async def limited(request: Request) -> Response:
         nonlocal calls
         calls += 1
         if calls == 1:
             error = RateLimitError(status=429, retry_after=2.5)
             raise error
-        return "ok"
+        return ok
 
     with pytest.raises(RateLimitError):
-        await throttle(None, limited)  # type: ignore[arg-type]
+        await throttle(request, limited)
     now[0] += 1.0
-    assert await throttle(None, limited) == "ok"  # type: ignore[arg-type]
+    assert await throttle(request, limited) is ok
     assert sleeps.waits == [1.5]
 
 

@@ -419,3 +419,22 @@ def test_a_connect_failure_after_an_unknown_attempt_does_not_say_nothing_was_sen
     assert "nothing was sent" not in str(error)
     assert "an earlier one may have been booked" in str(error)
     assert error.outcome_unknown
+
+
+async def test_a_busy_merchant_never_refuses_an_item(
+    om: KlarnaOM, fake: FakeKlarna, journal: SQLiteJournal, sleeps: InstantSleep
+) -> None:
+    # 429s outlast max_attempts (4) and the deadline: the item is not refused, and the rerun
+    # sends it once.
+    orders = [fake.add_order(amount=100) for _ in range(3)]
+    items = [(o, CaptureRequest(captured_amount=100)) for o in orders]
+    fake.inject(RateLimited(retry_after="1"), method="POST", path=orders[0], times=None)
+    fake.inject(RateLimited(retry_after="1"), method="POST", times=6)
+    first = {o.order_id: o for o in await run(om, items, journal)}
+    assert first[orders[0]].status is CaptureStatus.FAILED
+    assert first[orders[0]].attempts > om.retry_policy.max_attempts
+    assert {first[o].status for o in orders[1:]} == {CaptureStatus.CAPTURED}
+    fake.clear_faults()
+    [again] = await run(om, items[:1], journal)
+    assert again.status is CaptureStatus.CAPTURED
+    assert booked(fake) == dict.fromkeys(orders, 1)

@@ -657,3 +657,25 @@ def test_deterministic_key_differs_for_different_ids(a: str, b: str) -> None:
 def test_deterministic_key_depends_on_namespace(business_id: str, namespace: uuid.UUID) -> None:
     if namespace != KLARNA_OM_NAMESPACE:
         assert deterministic_key(business_id, namespace=namespace) != deterministic_key(business_id)
+
+
+async def test_finish_decides_from_the_row_as_it_is_now(tmp_path: Path) -> None:
+    # A row changed since its claim (here by hand) is what finish() decides from: a
+    # captured row stays captured, whatever this run reports.
+    path = tmp_path / "j.sqlite"
+    async with SQLiteJournal(path) as j:
+        await begin(j, "item", "order", "key")
+        with sqlite3.connect(path) as other:
+            other.execute(
+                "UPDATE journal SET status = 'captured', capture_id = 'cap-1', attempts = 2"
+                " WHERE item_key = 'item'"
+            )
+        other.close()
+        assert await j.finish("item", JournalStatus.REFUSED, attempts=1) is JournalStatus.CAPTURED
+        entry = (await load(j))["item"]
+        assert (entry.status, entry.capture_id, entry.attempts) == ("captured", "cap-1", 3)
+        # A claim whose finish comes after a reopen finds its row.
+        await begin(j, "next", "order", "key-next")
+        await reopen(j)
+        assert await j.finish("next", JournalStatus.CAPTURED, capture_id="c") == "captured"
+        assert (await load(j))["next"].capture_id == "c"

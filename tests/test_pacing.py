@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import AsyncIterator
 
 import pytest
+from aiohttp import web
 from hypothesis import given
 from hypothesis import strategies as st
 
 from klarna_om_async import CaptureRequest, KlarnaOM, Request, Response, RetryPolicy
-from klarna_om_async.errors import ValidationError
+from klarna_om_async.errors import ValidationError, reset_after
 from klarna_om_async.testing import FakeKlarna
 from klarna_om_async.throttle import Pace, ThrottleMiddleware, rate_limited
 
@@ -98,3 +100,69 @@ async def test_a_batch_rate_and_the_client_rate_both_hold() -> None:
         for _ in range(4):
             await throttle(Request("GET", "/o"), call_next)
     assert sent == pytest.approx([0.0, 0.1, 0.2, 0.3])
+
+
+# --- limits Klarna states in X-Ratelimit-* headers -----------------------------------------
+
+
+@pytest.fixture
+async def stated_limit() -> AsyncIterator[tuple[str, list[dict[str, str]]]]:
+    """A server that books every capture and states a limit of 10/s; the test edits the
+    headers of the next answers (a list, consumed first in first out)."""
+    plan: list[dict[str, str]] = []
+
+    async def capture(request: web.Request) -> web.Response:
+        headers = {"Capture-Id": "cap", "X-Ratelimit-Limit": "10", "X-Ratelimit-Remaining": "5"}
+        headers.update(plan.pop(0) if plan else {})
+        status = int(headers.pop("status", "201"))
+        return web.Response(status=status, headers=headers)
+
+    app = web.Application()
+    app.router.add_post("/ordermanagement/v1/orders/{order}/captures", capture)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        yield f"http://127.0.0.1:{port}", plan
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_stated_limit_paces_the_client_and_a_spent_window_pauses_it(
+    stated_limit: tuple[str, list[dict[str, str]]],
+) -> None:
+    url, plan = stated_limit
+    time = FakeTime()
+    policy = RetryPolicy(sleep=time.sleep)
+    async with KlarnaOM("u", "p", base_url=url, retry=policy, clock=time.clock) as om:
+        for _ in range(3):
+            await om.captures.create("o", CaptureRequest(captured_amount=1))
+        # The first answer said 10/s: from then on, slots 1/9.5 s apart (the first free).
+        assert time.waits == pytest.approx([1 / 9.5])
+        plan.append({"X-Ratelimit-Remaining": "0", "X-Ratelimit-Reset": "0.75"})
+        await om.captures.create("o", CaptureRequest(captured_amount=1))
+        await om.captures.create("o", CaptureRequest(captured_amount=1))
+    # The window was used up: the client waited for its reset before the next request.
+    assert time.waits == pytest.approx([1 / 9.5, 1 / 9.5, 0.75])
+
+
+async def test_a_429_without_retry_after_pauses_until_the_window_resets(
+    stated_limit: tuple[str, list[dict[str, str]]],
+) -> None:
+    url, plan = stated_limit
+    time = FakeTime()
+    plan.append({"status": "429", "X-Ratelimit-Remaining": "0", "X-Ratelimit-Reset": "0.4"})
+    policy = RetryPolicy(sleep=time.sleep, jitter=lambda d: d)
+    async with KlarnaOM("u", "p", base_url=url, retry=policy, clock=time.clock) as om:
+        created = await om.captures.create("o", CaptureRequest(captured_amount=1))
+    assert created.attempts == 2
+    assert 0.4 in time.waits  # the retry waited for the reset, not a guessed backoff
+
+
+def test_a_reset_is_seconds_or_a_unix_time() -> None:
+    assert reset_after({"X-Ratelimit-Reset": "1.5"}) == 1.5
+    assert reset_after({"X-Ratelimit-Reset": "2000000002"}, now=2_000_000_000) == 2.0
+    for bad in ("-1", "inf", "nan", "soon", ""):
+        assert reset_after({"X-Ratelimit-Reset": bad}) is None

@@ -14,7 +14,7 @@ import attrs
 import click
 from rich.console import Console
 
-from ..batch import BatchAbortedError, CaptureStatus
+from ..batch import DEFAULT_CONCURRENCY, BatchAbortedError, CaptureStatus
 from ..journal import JournalError
 from ..sqlite_journal import SQLiteJournal
 from ._batchfile import (
@@ -138,7 +138,7 @@ class _Settings:
 @click.option(
     "--concurrency",
     type=click.IntRange(min=1, max=10_000),
-    default=32,
+    default=DEFAULT_CONCURRENCY,
     show_default=True,
     help="Captures in flight at once (1 to 10000).",
 )
