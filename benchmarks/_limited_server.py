@@ -33,15 +33,11 @@ import argparse
 import asyncio
 import json
 import math
-import os
 import random
-import signal
-import socket
-import stat
-import sys
 import time
 from typing import Any
 
+from _serving import serve
 from aiohttp import web
 
 _CAPTURES = "/captures"
@@ -216,34 +212,6 @@ def make_handler(args: argparse.Namespace, base_url: str) -> web.Server:
     return web.Server(handle, access_log=None)
 
 
-async def serve(args: argparse.Namespace) -> None:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    sock = socket.create_server(("127.0.0.1", args.port), backlog=4096)
-    bound = sock.getsockname()[1]
-    handler = make_handler(args, f"http://127.0.0.1:{bound}")
-    server = await loop.create_server(handler, sock=sock)
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    # Stdin at EOF means the benchmark that started us is gone: never outlive it.
-    watch: asyncio.Future[bytes] | None = None
-    if stat.S_ISFIFO(os.fstat(sys.stdin.fileno()).st_mode):
-        reader = asyncio.StreamReader()
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-        watch = asyncio.ensure_future(reader.read())
-        watch.add_done_callback(lambda _: stop.set())
-    print(f"PORT {bound}", flush=True)
-    try:
-        await asyncio.wait_for(stop.wait(), timeout=args.lifetime)
-    except TimeoutError:
-        pass
-    finally:
-        if watch is not None:
-            watch.cancel()
-        server.close()
-        await handler.shutdown(0.1)
-
-
 def _latency(text: str) -> tuple[float, float]:
     low, _, high = text.partition(",")
     bounds = (float(low), float(high or low))
@@ -275,7 +243,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main() -> None:
-    asyncio.run(serve(parse_args()))
+    args = parse_args()
+    asyncio.run(serve(lambda url: make_handler(args, url), args.port, args.lifetime, backlog=4096))
 
 
 if __name__ == "__main__":

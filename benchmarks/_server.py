@@ -17,13 +17,9 @@ import argparse
 import asyncio
 import itertools
 import json
-import os
-import signal
-import socket
-import stat
-import sys
 from pathlib import Path
 
+from _serving import serve
 from aiohttp import web
 
 SAMPLE = Path(__file__).resolve().parent.parent / "tests" / "samples" / "capture.json"
@@ -63,40 +59,12 @@ def make_handler(base_url: str) -> web.Server:
     return web.Server(handle, access_log=None)
 
 
-async def serve(port: int, lifetime: float) -> None:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    sock = socket.create_server(("127.0.0.1", port), backlog=1024)
-    bound = sock.getsockname()[1]
-    handler = make_handler(f"http://127.0.0.1:{bound}")
-    server = await loop.create_server(handler, sock=sock)
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    # Stdin at EOF means the benchmark that started us is gone: never outlive it.
-    watch: asyncio.Future[bytes] | None = None
-    if stat.S_ISFIFO(os.fstat(sys.stdin.fileno()).st_mode):
-        reader = asyncio.StreamReader()
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-        watch = asyncio.ensure_future(reader.read())
-        watch.add_done_callback(lambda _: stop.set())
-    print(f"PORT {bound}", flush=True)
-    try:
-        await asyncio.wait_for(stop.wait(), timeout=lifetime)
-    except TimeoutError:
-        pass
-    finally:
-        if watch is not None:
-            watch.cancel()
-        server.close()
-        await handler.shutdown(0.1)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--lifetime", type=float, default=3600.0, help="exit after this (s)")
     args = parser.parse_args()
-    asyncio.run(serve(args.port, args.lifetime))
+    asyncio.run(serve(make_handler, args.port, args.lifetime))
 
 
 if __name__ == "__main__":
