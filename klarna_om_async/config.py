@@ -146,7 +146,7 @@ class RetryPolicy:
 
     A 429 is not a failed attempt: the merchant is busy, and the call waits its turn. 429s do
     not use up ``max_attempts``; only ``deadline`` bounds them (``no_retries()`` still
-    surfaces the first one).
+    surfaces the first one), and two 429 retries are at least ``initial_delay`` apart.
 
     Every number is checked when the policy is made (``ValidationError``, a ``ValueError``,
     naming the field): finite, and within the bounds given on each field.

@@ -349,6 +349,10 @@ class RetryMiddleware:
             wait = min(retry_after, policy.retry_after_cap)
         else:
             wait = policy.jitter(next(delays))
+        if isinstance(error, RateLimitError):
+            # 429s are bounded by the deadline only: never hammer a busy merchant faster than
+            # one retry per initial_delay, whatever Retry-After said ("0").
+            wait = max(wait, policy.initial_delay)
         if self._clock() - started + wait > policy.deadline:
             return None
         return wait

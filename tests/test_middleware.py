@@ -202,6 +202,15 @@ async def test_429s_between_failures_do_not_use_up_attempts() -> None:
     assert (response.status, response.attempts) == (200, 8)
 
 
+async def test_a_429_saying_retry_after_0_is_not_retried_in_a_tight_loop() -> None:
+    sleeps = InstantSleep()
+    script = Script(*[api_error(429, "0")] * 5, 200)
+    retry = RetryMiddleware(policy(sleeps, initial_delay=0.5), clock=sleeps.clock)
+    response = await retry(Request("GET", "/o"), script)
+    assert response.status == 200
+    assert sleeps.waits == [0.5] * 5
+
+
 async def test_no_retries_surfaces_the_first_429() -> None:
     script = Script(api_error(429, "1"))
     with pytest.raises(RateLimitError) as caught:

@@ -154,7 +154,7 @@ async def test_a_429_without_retry_after_pauses_until_the_window_resets(
     url, plan = stated_limit
     time = FakeTime()
     plan.append({"status": "429", "X-Ratelimit-Remaining": "0", "X-Ratelimit-Reset": "0.4"})
-    policy = RetryPolicy(sleep=time.sleep, jitter=lambda d: d)
+    policy = RetryPolicy(sleep=time.sleep, jitter=lambda d: d, initial_delay=0.1)
     async with KlarnaOM("u", "p", base_url=url, retry=policy, clock=time.clock) as om:
         created = await om.captures.create("o", CaptureRequest(captured_amount=1))
     assert created.attempts == 2
