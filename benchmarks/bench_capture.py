@@ -164,24 +164,25 @@ def pin(pid: int, cpus: set[int] | None) -> None:
 
 
 @contextmanager
-def server(cpus: set[int] | None) -> Iterator[str]:
-    """The loopback server in its own process; killed on the way out, whatever happens."""
-    process = subprocess.Popen(
-        [sys.executable, str(SERVER)],
-        stdin=subprocess.PIPE,  # closed by us (or by our death): the server then exits
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+def serving(command: Sequence[str], cpus: set[int] | None) -> Iterator[str]:
+    """A server (``_serving.serve``) in its own process: its base URL while it runs."""
+    # Its stdin is closed by us (or by our death): the server then exits by itself.
+    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         pin(process.pid, cpus)
         assert process.stdout is not None
         line = process.stdout.readline()
         if not line.startswith("PORT "):
-            raise RuntimeError(f"benchmark server did not start: {line!r}")
+            raise RuntimeError(f"{command[1]} did not start: {line!r}")
         yield f"http://127.0.0.1:{int(line.split()[1])}"
     finally:
-        process.kill()
-        process.wait(timeout=10)
+        assert process.stdin is not None
+        process.stdin.close()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
 
 
 def run_client(
@@ -444,7 +445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else "client and server share the CPUs (not pinned)"
     )
     runs: list[dict[str, Any]] = []
-    with server(server_cpus) as url:
+    with serving([sys.executable, str(SERVER)], server_cpus) as url:
         runs += main_table(url, args)
         runs += paired_table(url, args)
         if not args.no_scaling:

@@ -41,7 +41,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from bench_capture import cpu_split, log, machine, pin
+from bench_capture import cpu_split, log, machine, pin, serving
 
 HERE = Path(__file__).resolve().parent
 SERVER = HERE / "_limited_server.py"
@@ -181,22 +181,8 @@ def server(
     """A fresh limited server in its own process; it stops when we close its stdin."""
     command = [sys.executable, str(SERVER), "--rate", str(rate), "--latency", args.latency]
     command += ["--seed", str(args.seed), "--lifetime", str(lifetime), *SERVERS[name][1]]
-    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        pin(process.pid, cpus)
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        if not line.startswith("PORT "):
-            raise RuntimeError(f"limited server did not start: {line!r}")
-        yield f"http://127.0.0.1:{int(line.split()[1])}"
-    finally:
-        assert process.stdin is not None
-        process.stdin.close()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+    with serving(command, cpus) as url:
+        yield url
 
 
 def server_stats(url: str) -> dict[str, Any]:

@@ -250,14 +250,16 @@ class _Run:
             self._iter = iter(items)
             self._aiter = None
 
+    async def _next_raw(self) -> BatchItem | tuple[str, CaptureRequest] | None:
+        if self._aiter is None:
+            return next(self._iter, None)
+        async with self._lock:
+            return await anext(self._aiter, None)
+
     async def _next_item(self) -> BatchItem | None:
         if self.error is not None or self.abort is not None:
             return None
-        if self._aiter is None:
-            raw = next(self._iter, None)
-        else:
-            async with self._lock:
-                raw = await anext(self._aiter, None)
+        raw = await self._next_raw()
         return None if raw is None else _as_item(raw)
 
     async def work(self) -> None:
@@ -287,17 +289,12 @@ class _Run:
     async def not_sent(self) -> tuple[str, ...]:
         """Read the rest of the source without sending: the ``item_key``s left."""
         keys: list[str] = []
-        while True:
-            if self._aiter is None:
-                raw = next(self._iter, None)
-            else:
-                raw = await anext(self._aiter, None)
-            if raw is None:
-                return tuple(keys)
+        while (raw := await self._next_raw()) is not None:
             try:
                 keys.append(_as_item(raw).item_key)
             except (TypeError, ValueError):
                 keys.append(repr(raw)[:80])
+        return tuple(keys)
 
     def _duplicate(self, item: BatchItem) -> CaptureOutcome | None:
         """Refuse an item whose key or idempotency key an earlier item of this batch has."""

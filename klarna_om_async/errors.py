@@ -297,10 +297,6 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
-def _first(*values: float | None) -> float | None:
-    return next((v for v in values if v is not None), None)
-
-
 def reset_after(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
     """Seconds until the rate-limit window resets (``X-Ratelimit-Reset``), or None.
 
@@ -351,6 +347,9 @@ def decode_error(status: int, headers: Mapping[str, str], body: bytes) -> Klarna
             messages = tuple(str(m) for m in raw_messages)
         if isinstance(payload.get("correlation_id"), str):
             correlation_id = payload["correlation_id"]
+    retry_after = parse_retry_after(headers.get("Retry-After"))
+    if retry_after is None and status == 429:
+        retry_after = reset_after(headers)  # a 429 may still say when its window resets
     if messages and any(m.strip() for m in messages):
         text = ""
     elif payload is _NOT_JSON:
@@ -364,10 +363,7 @@ def decode_error(status: int, headers: Mapping[str, str], body: bytes) -> Klarna
         error_code=error_code,
         error_messages=messages,
         correlation_id=correlation_id,
-        # A 429 without Retry-After may still say when its window resets.
-        retry_after=parse_retry_after(headers.get("Retry-After"))
-        if status != 429
-        else _first(parse_retry_after(headers.get("Retry-After")), reset_after(headers)),
+        retry_after=retry_after,
         body=text,
     )
 

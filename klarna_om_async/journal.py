@@ -347,8 +347,7 @@ def _finished(
     if old.status is JournalStatus.CAPTURED or (
         old.status is JournalStatus.NEEDS_REVIEW and not reconciled
     ):
-        # never reopened
-        return _outcome_of(old, old.status, old.capture_id, old.error, total, old.uncertain, now)
+        return attrs.evolve(old, attempts=total, updated_at=now)  # never reopened
     uncertain = old.uncertain
     if status is JournalStatus.REFUSED and uncertain and not reconciled:
         status = JournalStatus.FAILED  # a refusal now says nothing of the earlier send
@@ -356,35 +355,14 @@ def _finished(
         uncertain = True
     elif status is not JournalStatus.NEEDS_REVIEW:
         uncertain = False  # captured, or proven not booked
-    error = None if error is None else " ".join(error.splitlines())
-    return _outcome_of(old, status, capture_id, error, total, uncertain, now)
-
-
-def _outcome_of(
-    old: JournalEntry,
-    status: JournalStatus,
-    capture_id: str | None,
-    error: str | None,
-    attempts: int,
-    uncertain: bool,
-    updated_at: datetime,
-) -> JournalEntry:
-    """``attrs.evolve(old, ...)`` of the fields an outcome sets, at half its cost."""
-    return JournalEntry(
-        item_key=old.item_key,
-        order_id=old.order_id,
-        idempotency_key=old.idempotency_key,
+    return attrs.evolve(
+        old,
         status=status,
         capture_id=capture_id,
-        error=error,
-        attempts=attempts,
-        updated_at=updated_at,
-        fingerprint=old.fingerprint,
-        captured_amount=old.captured_amount,
-        reference=old.reference,
-        key_sent_at=old.key_sent_at,
+        error=None if error is None else " ".join(error.splitlines()),
+        attempts=total,
         uncertain=uncertain,
-        run_id=old.run_id,
+        updated_at=now,
     )
 
 

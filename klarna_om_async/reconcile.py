@@ -146,6 +146,25 @@ _STATUS: dict[Verdict, JournalStatus] = {
 }
 
 
+def _result(
+    entry: JournalEntry,
+    verdict: Verdict | None,
+    evidence: str,
+    *,
+    capture_id: str | None = None,
+    error: KlarnaError | None = None,
+) -> Reconciliation:
+    return Reconciliation(
+        item_key=entry.item_key,
+        order_id=entry.order_id,
+        idempotency_key=entry.idempotency_key,
+        verdict=verdict,
+        capture_id=capture_id,
+        evidence=evidence,
+        error=error,
+    )
+
+
 async def reconcile_entry(
     orders: OrdersService,
     journal: Journal,
@@ -178,27 +197,15 @@ async def reconcile_entry(
             if isinstance(error, NoSuchOrderError)
             else "could not read the order"
         )
-        return Reconciliation(
-            item_key=entry.item_key,
-            order_id=entry.order_id,
-            idempotency_key=entry.idempotency_key,
-            verdict=None,
-            evidence=f"{why}: {error}",
-            error=error,
-        )
+        return _result(entry, None, f"{why}: {error}", error=error)
     others = await journal.entries(order_id=entry.order_id)
     claimed = {
         e.capture_id for e in others if e.capture_id is not None and e.item_key != entry.item_key
     }
     verdict, capture_id, evidence = judge(entry, order, claimed=claimed, clock_skew=clock_skew)
     if verdict is not Verdict.CAPTURED and not journal.key_expired(entry):
-        return Reconciliation(
-            item_key=entry.item_key,
-            order_id=entry.order_id,
-            idempotency_key=entry.idempotency_key,
-            verdict=Verdict.RESEND,
-            evidence=f"{evidence}; the key is still valid, so a rerun resends it",
-        )
+        evidence = f"{evidence}; the key is still valid, so a rerun resends it"
+        return _result(entry, Verdict.RESEND, evidence)
     await journal.finish(
         entry.item_key,
         _STATUS[verdict],
@@ -206,14 +213,7 @@ async def reconcile_entry(
         error=None if verdict is Verdict.CAPTURED else f"reconciled: {evidence}",
         reconciled=True,
     )
-    return Reconciliation(
-        item_key=entry.item_key,
-        order_id=entry.order_id,
-        idempotency_key=entry.idempotency_key,
-        verdict=verdict,
-        capture_id=capture_id,
-        evidence=evidence,
-    )
+    return _result(entry, verdict, evidence, capture_id=capture_id)
 
 
 async def reconcile(

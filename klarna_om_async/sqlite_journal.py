@@ -314,6 +314,11 @@ class SQLiteJournal:
     def __repr__(self) -> str:
         return f"SQLiteJournal({self._path!r}, durability={self._durability!r})"
 
+    @property
+    def path(self) -> str:
+        """The journal file."""
+        return self._path
+
     async def open(self) -> Self:
         """Take the file's lock, start the writer thread, create or check the schema.
 
@@ -403,8 +408,6 @@ class SQLiteJournal:
         reconciled: bool = False,
     ) -> JournalStatus:
         """Durably record an outcome; returns the status recorded (see :meth:`Journal.finish`)."""
-        if attempts < 0:
-            raise ValueError(f"attempts must be >= 0, not {attempts}")
 
         def op(conn: sqlite3.Connection, now: datetime) -> JournalStatus:
             old = _read_one(conn, item_key)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import sqlite3
 import sys
 from collections.abc import AsyncIterator
 from typing import Literal
@@ -15,7 +14,6 @@ import click
 from rich.console import Console
 
 from ..batch import DEFAULT_CONCURRENCY, BatchAbortedError, CaptureStatus
-from ..journal import JournalError
 from ..sqlite_journal import SQLiteJournal
 from ._batchfile import (
     CSV_COLUMNS,
@@ -33,6 +31,7 @@ from ._options import (
     Interrupted,
     connection_options,
     json_option,
+    open_journal,
     run_interruptible,
 )
 from ._render import BatchView, resume_note
@@ -258,13 +257,7 @@ async def _journal(settings: _Settings) -> AsyncIterator[SQLiteJournal | None]:
     if settings.journal is None:
         yield None
         return
-    journal = SQLiteJournal(settings.journal, durability=settings.durability)
-    try:
-        await journal.open()
-    except JournalError as error:  # in use by another run, or not a journal
-        raise InputError(str(error)) from None
-    except (sqlite3.Error, OSError) as error:
-        raise InputError(f"cannot open the journal {settings.journal}: {error}") from None
+    journal = await open_journal(SQLiteJournal(settings.journal, durability=settings.durability))
     try:
         if note := resume_note(settings.journal, await journal.summary()):
             click.echo(note, err=True)

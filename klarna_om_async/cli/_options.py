@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import sqlite3
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
@@ -18,6 +19,8 @@ from click.core import ParameterSource
 from ..client import KlarnaOM
 from ..config import Region, RetryPolicy
 from ..errors import KlarnaError, ValidationError
+from ..journal import JournalError
+from ..sqlite_journal import SQLiteJournal
 from ._render import cli_error_text, echo_json, error_json
 
 __all__ = (
@@ -32,6 +35,7 @@ __all__ = (
     "Interrupted",
     "connection_options",
     "json_option",
+    "open_journal",
     "run_interruptible",
     "run_single",
 )
@@ -379,3 +383,13 @@ def _report_interrupted(
         click.echo(f"outcome unknown: rerun with --idempotency-key {idempotency_key}", err=True)
     else:
         click.echo(f"interrupted by {interrupted.signum.name}", err=True)
+
+
+async def open_journal(journal: SQLiteJournal) -> SQLiteJournal:
+    """``await journal.open()``; a journal that cannot be used is an ``InputError`` (exit 2)."""
+    try:
+        return await journal.open()
+    except JournalError as error:  # in use by another run, or not a journal
+        raise InputError(str(error)) from None
+    except (sqlite3.Error, OSError) as error:
+        raise InputError(f"cannot open the journal {journal.path}: {error}") from None

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import collections
 import os
-import sqlite3
 import sys
 
 import click
 
 from ..client import KlarnaOM
 from ..errors import KlarnaError, NotFoundError
-from ..journal import JournalEntry, JournalError, JournalStatus
+from ..journal import JournalEntry, JournalStatus
 from ..reconcile import Reconciliation, Verdict
 from ..sqlite_journal import SQLiteJournal
 from ._options import (
@@ -22,6 +21,7 @@ from ._options import (
     Interrupted,
     connection_options,
     json_option,
+    open_journal,
     run_interruptible,
 )
 from ._render import echo_json
@@ -144,18 +144,9 @@ def reconcile(
     sys.exit(EXIT_SOME_NOT_CAPTURED if troubled else EXIT_OK)
 
 
-async def _open(path: str) -> SQLiteJournal:
-    try:
-        return await SQLiteJournal(path).open()
-    except JournalError as error:
-        raise InputError(str(error)) from None
-    except (sqlite3.Error, OSError) as error:
-        raise InputError(f"cannot open the journal {path}: {error}") from None
-
-
 async def _settle(path: str, marks: list[tuple[str, str | None]], connection: Connection) -> None:
     """Settle reviewed items by hand; a capture id given is checked against Klarna first."""
-    journal = await _open(path)
+    journal = await open_journal(SQLiteJournal(path))
     try:
         known = {e.item_key: e for e in await journal.entries()}
         for key, _ in marks:
@@ -211,7 +202,7 @@ async def _check_capture(om: KlarnaOM, entry: JournalEntry, capture_id: str) -> 
 
 
 async def _run(path: str, connection: Connection, concurrency: int) -> list[Reconciliation]:
-    journal = await _open(path)
+    journal = await open_journal(SQLiteJournal(path))
     try:
         async with connection.client() as om:
             return await om.reconcile(journal, concurrency=concurrency)
