@@ -15,12 +15,12 @@ from .batch import DEFAULT_CONCURRENCY, BatchProgress, CaptureOutcome, ItemSourc
 from .captures import CapturesService
 from .config import (
     MAX_CONCURRENCY,
-    MAX_RATE_LIMIT,
     Credentials,
     Region,
     RetryPolicy,
     base_url_for,
     check_count,
+    check_rate_limit,
     check_seconds,
 )
 from .errors import ValidationError
@@ -196,7 +196,7 @@ class KlarnaOM:
                 concurrency = min(concurrency, slots.size)  # what the lent session allows
         check_count("concurrency", concurrency, high=MAX_CONCURRENCY)
         if rate_limit is not None:
-            check_seconds("rate_limit", rate_limit, high=MAX_RATE_LIMIT, unit="requests per second")
+            check_rate_limit(rate_limit)
         if slots is not None and concurrency > slots.size:
             if not self._owns_session:
                 raise ValidationError(

@@ -17,6 +17,8 @@ __all__ = (
     "MAX_CONCURRENCY",
     "MAX_RATE_LIMIT",
     "MAX_SECONDS",
+    "MIN_BUSY_WAIT",
+    "MIN_RATE_LIMIT",
     "Credentials",
     "Region",
     "RetryPolicy",
@@ -30,6 +32,10 @@ __all__ = (
 MAX_CONCURRENCY = 10_000
 #: Upper bound of ``rate_limit`` (requests per second); Klarna allows 200/s in production.
 MAX_RATE_LIMIT = 10_000.0
+#: The slowest pace: one request per 100 s (slower is a typo, and would stall a batch).
+MIN_RATE_LIMIT = 0.01
+#: The shortest wait between two retries of a call that met a 429: never a tight loop.
+MIN_BUSY_WAIT = 0.1
 #: Upper bound of every duration option (timeouts, delays, deadlines): one day.
 MAX_SECONDS = 86_400.0
 
@@ -62,6 +68,17 @@ def check_seconds(
             name, f"must be a finite number {bound} and at most {high:g} {unit}, got {value!r}"
         )
     return float(number)
+
+
+def check_rate_limit(value: object) -> float:
+    """A rate in requests per second: ``MIN_RATE_LIMIT`` to ``MAX_RATE_LIMIT``, else
+    ``ValidationError`` naming ``rate_limit``."""
+    rate = check_seconds("rate_limit", value, high=MAX_RATE_LIMIT, unit="requests per second")
+    if rate < MIN_RATE_LIMIT:
+        raise ValidationError(
+            "rate_limit", f"must be at least {MIN_RATE_LIMIT} requests per second, got {value!r}"
+        )
+    return rate
 
 
 def _seconds(*, positive: bool) -> Callable[[object, attrs.Attribute[float], float], None]:

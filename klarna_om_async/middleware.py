@@ -32,7 +32,7 @@ import attrs
 import backoff
 
 from ._keys import check_idempotency_key, random_key
-from .config import Credentials, RetryPolicy
+from .config import MIN_BUSY_WAIT, Credentials, RetryPolicy
 from .errors import (
     KlarnaAPIError,
     KlarnaConnectionError,
@@ -351,8 +351,9 @@ class RetryMiddleware:
             wait = policy.jitter(next(delays))
         if isinstance(error, RateLimitError):
             # 429s are bounded by the deadline only: never hammer a busy merchant faster than
-            # one retry per initial_delay, whatever Retry-After said ("0").
-            wait = max(wait, policy.initial_delay)
+            # one retry per initial_delay (and never in a tight loop), whatever Retry-After
+            # said ("0").
+            wait = max(wait, policy.initial_delay, MIN_BUSY_WAIT)
         if self._clock() - started + wait > policy.deadline:
             return None
         return wait

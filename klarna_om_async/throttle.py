@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextvars import ContextVar
 
-from .config import MAX_RATE_LIMIT, check_seconds
+from .config import MAX_RATE_LIMIT, check_rate_limit
 from .errors import RateLimitError, reset_after
 from .middleware import Handler, Request, Response
 
@@ -31,11 +31,11 @@ class Pace:
     length ever holds two sends. (``aiolimiter``'s bucket of one, used before, scheduled from
     each wake-up and drifted to 86-89% of the rate under load.)
 
-    ``per_second``: finite, above 0, at most ``MAX_RATE_LIMIT`` (``ValidationError``).
+    ``per_second``: finite, ``MIN_RATE_LIMIT`` to ``MAX_RATE_LIMIT`` (``ValidationError``).
     """
 
     def __init__(self, per_second: float) -> None:
-        check_seconds("rate_limit", per_second, high=MAX_RATE_LIMIT, unit="requests per second")
+        check_rate_limit(per_second)
         #: Seconds between two sends.
         self.interval = 1.0 / per_second
         self._next = -math.inf
@@ -124,30 +124,29 @@ class ThrottleMiddleware:
         has no ``rate_limit`` of its own; ``X-Ratelimit-Remaining: 0`` pauses the client until
         ``X-Ratelimit-Reset``.
 
-        Raises ``RateLimitError`` without sending when the pause outlasts the call's deadline.
+        Raises ``RateLimitError`` without sending when the pause or a pace slot lies past the
+        call's deadline.
         """
         if self._resume_at:  # 0.0 unless a 429 paused the client and nobody has waited since
             now = self._clock()
             wait = self._resume_at - now
             if wait > 0:
-                # getattr: middlewares are also driven by hand with stand-in requests.
-                deadline: float | None = getattr(request, "deadline", None)
-                if deadline is not None and now + wait > deadline:
-                    raise self._refusal(request, wait, deadline - now)
-                await self._sleep(wait)
+                await self._wait(request, now, wait, "paused after a 429 from Klarna")
             else:
                 self._resume_at = 0.0  # the pause is over: later calls skip the clock
         # The paces come after the pause, so requests released together leave one by one.
         batch_pace = _batch_pace.get()
         if batch_pace is not None:
-            wait = batch_pace.delay(self._clock())
+            now = self._clock()
+            wait = batch_pace.delay(now)
             if wait > 0:
-                await self._sleep(wait)
+                await self._wait(request, now, wait, "waiting for the batch's rate_limit")
         pace = self._pace or self._learned  # the client's: every batch and single call
         if pace is not None:
-            wait = pace.delay(self._clock())
+            now = self._clock()
+            wait = pace.delay(now)
             if wait > 0:
-                await self._sleep(wait)
+                await self._wait(request, now, wait, "waiting for the client's rate limit")
         try:
             response = await call_next(request)
         except RateLimitError as error:
@@ -157,8 +156,9 @@ class ThrottleMiddleware:
             pause = min(pause, self._max_pause)
             self._resume_at = max(self._resume_at, self._clock() + pause)
             raise
-        if _LIMIT in response.headers:
-            self._learn(response.headers)
+        headers = response.headers
+        if _LIMIT in headers or _REMAINING in headers:
+            self._learn(headers)
         return response
 
     def _learn(self, headers: Mapping[str, str]) -> None:
@@ -176,13 +176,21 @@ class ThrottleMiddleware:
             pause = min(reset, self._max_pause)
             self._resume_at = max(self._resume_at, self._clock() + pause)
 
-    def _refusal(self, request: Request, wait: float, left: float) -> RateLimitError:
-        """The error for a call the pause would keep past its deadline; nothing was sent."""
+    async def _wait(self, request: Request, now: float, wait: float, why: str) -> None:
+        """Sleep ``wait`` seconds, unless that passes the call's deadline: then refuse it."""
+        # getattr: middlewares are also driven by hand with stand-in requests.
+        deadline: float | None = getattr(request, "deadline", None)
+        if deadline is not None and now + wait > deadline:
+            raise self._refusal(request, wait, deadline - now, why)
+        await self._sleep(wait)
+
+    def _refusal(self, request: Request, wait: float, left: float, why: str) -> RateLimitError:
+        """The error for a call a wait would keep past its deadline; nothing was sent."""
         error = RateLimitError(
             status=429,
             error_messages=(
-                f"not sent: this client is paused for {wait:.1f}s more after a 429 from"
-                f" Klarna, and the call's deadline is {max(left, 0.0):.1f}s away",
+                f"not sent: this client is {why} for {wait:.1f}s more, and the call's"
+                f" deadline is {max(left, 0.0):.1f}s away",
             ),
             retry_after=wait,
         )

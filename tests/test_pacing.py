@@ -11,8 +11,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from klarna_om_async import CaptureRequest, KlarnaOM, Request, Response, RetryPolicy
-from klarna_om_async.errors import ValidationError, reset_after
-from klarna_om_async.testing import FakeKlarna
+from klarna_om_async.errors import RateLimitError, ValidationError, reset_after
+from klarna_om_async.middleware import RetryMiddleware
+from klarna_om_async.testing import FakeKlarna, InstantSleep
 from klarna_om_async.throttle import Pace, ThrottleMiddleware, rate_limited
 
 
@@ -114,6 +115,7 @@ async def stated_limit() -> AsyncIterator[tuple[str, list[dict[str, str]]]]:
     async def capture(request: web.Request) -> web.Response:
         headers = {"Capture-Id": "cap", "X-Ratelimit-Limit": "10", "X-Ratelimit-Remaining": "5"}
         headers.update(plan.pop(0) if plan else {})
+        headers = {name: value for name, value in headers.items() if value}  # "": no header
         status = int(headers.pop("status", "201"))
         return web.Response(status=status, headers=headers)
 
@@ -166,3 +168,58 @@ def test_a_reset_is_seconds_or_a_unix_time() -> None:
     assert reset_after({"X-Ratelimit-Reset": "2000000002"}, now=2_000_000_000) == 2.0
     for bad in ("-1", "inf", "nan", "soon", ""):
         assert reset_after({"X-Ratelimit-Reset": bad}) is None
+
+
+# --- found by a hostile review of the pacing ----------------------------------------------
+
+
+async def test_a_pace_slot_past_the_calls_deadline_is_refused_unsent() -> None:
+    time = FakeTime()
+    throttle = ThrottleMiddleware(sleep=time.sleep, clock=time.clock, pace=Pace(1))
+    sent: list[float] = []
+
+    async def call_next(request: Request) -> Response:
+        sent.append(time.now)
+        return Response(200, {}, b"", request, "")
+
+    due = Request("POST", "/o", deadline=1.5)
+    await throttle(due, call_next)
+    await throttle(due, call_next)  # its slot, 1 s away, is within the deadline
+    with pytest.raises(RateLimitError, match="rate limit"):
+        await throttle(due, call_next)  # its slot, at 2 s, is past it: not sent
+    assert sent == [0.0, 1.0]
+
+
+def test_the_slowest_pace_is_one_request_per_100_seconds() -> None:
+    with pytest.raises(ValidationError, match=r"at least 0\.01"):
+        Pace(0.001)
+    assert Pace(0.01).interval == pytest.approx(100)
+
+
+async def test_429s_are_never_retried_in_a_tight_loop() -> None:
+    sleeps = InstantSleep()
+    script = [RateLimitError(status=429, retry_after=0.0)] * 3
+    policy = RetryPolicy(initial_delay=0, sleep=sleeps, jitter=lambda d: d)
+
+    async def call_next(request: Request) -> Response:
+        if script:
+            raise script.pop()
+        return Response(200, {}, b"", request, "")
+
+    retry = RetryMiddleware(policy, clock=sleeps.clock)
+    assert (await retry(Request("GET", "/o"), call_next)).attempts == 4
+    assert sleeps.waits == [0.1, 0.1, 0.1]
+
+
+async def test_a_spent_window_pauses_even_without_a_stated_limit(
+    stated_limit: tuple[str, list[dict[str, str]]],
+) -> None:
+    url, plan = stated_limit
+    time = FakeTime()
+    plan.append({"X-Ratelimit-Limit": "", "X-Ratelimit-Remaining": "0", "X-Ratelimit-Reset": "2"})
+    async with KlarnaOM(
+        "u", "p", base_url=url, retry=RetryPolicy(sleep=time.sleep), clock=time.clock
+    ) as om:
+        await om.captures.create("o", CaptureRequest(captured_amount=1))
+        await om.captures.create("o", CaptureRequest(captured_amount=1))
+    assert time.waits == pytest.approx([2.0])

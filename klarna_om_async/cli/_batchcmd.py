@@ -143,7 +143,7 @@ class _Settings:
 )
 @click.option(
     "--rate",
-    type=click.FloatRange(min=0, min_open=True, max=10_000),
+    type=click.FloatRange(min=0.01, max=10_000),
     callback=lambda _ctx, _param, value: _finite(value),
     help="At most this many requests per second (Klarna allows 200/s in production, "
     "50/s in the playground; at most 10000) [default: no limit].",
