@@ -10,6 +10,7 @@ against the order instead of resent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import hashlib
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterable
@@ -20,6 +21,7 @@ import orjson
 
 from ._convert import to_json
 from ._keys import check_idempotency_key, random_key
+from ._seen import SeenSet
 from .captures import CapturesService
 from .config import MAX_CONCURRENCY, check_count
 from .errors import (
@@ -39,6 +41,7 @@ from .throttle import rate_limited
 
 __all__ = (
     "DEFAULT_CONCURRENCY",
+    "NOT_SENT_LISTED",
     "BatchAbortedError",
     "BatchItem",
     "BatchProgress",
@@ -71,6 +74,10 @@ class CaptureStatus(enum.StrEnum):
 UNREACHABLE_ITEMS = 3
 
 
+#: How many of the items a stopped batch did not send ``BatchAbortedError.not_sent`` names.
+NOT_SENT_LISTED = 1000
+
+
 class BatchAbortedError(KlarnaError):
     """A batch stopped early on a failure that would hit every item; rerun once it is fixed.
 
@@ -78,16 +85,25 @@ class BatchAbortedError(KlarnaError):
     ``cause`` is the error that stopped it: an ``AuthenticationError`` (401: every item would
     be refused), or the ``KlarnaConnectionError`` of the last of ``UNREACHABLE_ITEMS`` items in
     a row that could not connect (nothing sent). The source was then read to its end without
-    sending anything: ``not_sent`` lists those items' ``item_key``s. They were never claimed
-    in the journal, so a rerun sends them as new items, each exactly once.
+    sending anything: ``not_sent_count`` counts those items and ``not_sent`` names the first
+    ``NOT_SENT_LISTED`` of them (by ``item_key``; a batch of a million items must not hold a
+    million names). They were never claimed in the journal, so a rerun of the same source
+    sends them as new items, each exactly once, and skips the items already captured.
     """
 
-    def __init__(self, cause: KlarnaError, not_sent: tuple[str, ...]) -> None:
+    def __init__(
+        self, cause: KlarnaError, not_sent: tuple[str, ...], not_sent_count: int | None = None
+    ) -> None:
         #: The failure that stopped the batch.
         self.cause = cause
-        #: ``item_key`` of every item the batch did not send, in source order.
+        #: ``item_key`` of the first ``NOT_SENT_LISTED`` items the batch did not send, in
+        #: source order.
         self.not_sent = not_sent
-        super().__init__(f"stopped: {self.reason}; {len(not_sent)} items not sent; {self.advice}")
+        #: How many items the batch did not send.
+        self.not_sent_count = len(not_sent) if not_sent_count is None else not_sent_count
+        super().__init__(
+            f"stopped: {self.reason}; {self.not_sent_count} items not sent; {self.advice}"
+        )
 
     @property
     def reason(self) -> str:
@@ -218,6 +234,12 @@ def _status_of(error: Exception) -> CaptureStatus:
     return CaptureStatus.FAILED
 
 
+@attrs.define
+class _OrderLock:
+    lock: asyncio.Lock = attrs.Factory(asyncio.Lock)
+    users: int = 0
+
+
 class _Run:
     """The shared state of one ``capture_many`` call, used by its worker tasks."""
 
@@ -233,12 +255,14 @@ class _Run:
         self.orders = orders
         self.journal = journal
         self.outcomes = outcomes
-        self.seen: set[str] = set()
-        self.seen_keys: set[str] = set()
+        # Compact sets: a batch of a million items must not hold a million strings.
+        self.seen = SeenSet()
+        self.seen_keys = SeenSet()
         # Names this run's claims: items of an order another run left unknown are held back.
         self.run_id = random_key()
         # One order's reconciliations run in turn, so none takes a capture another was given.
-        self.reconciling: dict[str, asyncio.Lock] = {}
+        # An order's lock lives only while someone holds or awaits it.
+        self.reconciling: dict[str, _OrderLock] = {}
         self.error: BaseException | None = None
         #: Set when the batch must stop early (see ``BatchAbortedError``).
         self.abort: KlarnaError | None = None
@@ -286,20 +310,23 @@ class _Run:
         elif outcome.attempts:
             self._unreachable = 0  # Klarna answered (or may have): the host is reachable
 
-    async def not_sent(self) -> tuple[str, ...]:
-        """Read the rest of the source without sending: the ``item_key``s left."""
+    async def not_sent(self) -> tuple[tuple[str, ...], int]:
+        """Read the rest of the source without sending: the first ``item_key``s and the count."""
         keys: list[str] = []
+        count = 0
         while (raw := await self._next_raw()) is not None:
-            try:
-                keys.append(_as_item(raw).item_key)
-            except (TypeError, ValueError):
-                keys.append(repr(raw)[:80])
-        return tuple(keys)
+            count += 1
+            if len(keys) < NOT_SENT_LISTED:
+                try:
+                    keys.append(_as_item(raw).item_key)
+                except (TypeError, ValueError):
+                    keys.append(repr(raw)[:80])
+        return tuple(keys), count
 
     def _duplicate(self, item: BatchItem) -> CaptureOutcome | None:
         """Refuse an item whose key or idempotency key an earlier item of this batch has."""
         key_name = item.item_key
-        if key_name in self.seen:
+        if not self.seen.add(key_name):
             # Refused, not skipped: the caller meant two captures or made a typo, and a batch
             # that "succeeds" would hide the part never captured.
             field, why = (
@@ -307,7 +334,7 @@ class _Run:
                 f"{key_name!r} appears twice in this batch; give each part of a split"
                 " capture its own reference",
             )
-        elif item.idempotency_key is not None and item.idempotency_key in self.seen_keys:
+        elif item.idempotency_key is not None and not self.seen_keys.add(item.idempotency_key):
             # Klarna would replay the first item's answer for the second: one capture, two
             # "captured" reports.
             field, why = (
@@ -316,9 +343,6 @@ class _Run:
                 " needs its own key",
             )
         else:
-            self.seen.add(key_name)
-            if item.idempotency_key is not None:
-                self.seen_keys.add(item.idempotency_key)
             return None
         return _outcome(item, CaptureStatus.REFUSED, "", error=ValidationError(field, why))
 
@@ -393,7 +417,7 @@ class _Run:
             )
             error.idempotency_key = key
             return _outcome(item, CaptureStatus.FAILED, key, error=error)
-        async with self.reconciling.setdefault(item.order_id, asyncio.Lock()):
+        async with self._reconciling(item.order_id):
             result = await reconcile_entry(self.orders, journal, entry)
         match result.verdict:
             case Verdict.CAPTURED:
@@ -407,6 +431,19 @@ class _Run:
                 return None
             case _:  # the order could not be read: still unknown
                 return _outcome(item, CaptureStatus.FAILED, key, error=result.error)
+
+    @contextlib.asynccontextmanager
+    async def _reconciling(self, order_id: str) -> AsyncIterator[None]:
+        """Hold ``order_id``'s reconciliation lock; forget it once nobody holds or awaits it."""
+        held = self.reconciling.setdefault(order_id, _OrderLock())
+        held.users += 1
+        try:
+            async with held.lock:
+                yield
+        finally:
+            held.users -= 1
+            if not held.users:
+                del self.reconciling[order_id]
 
     async def _send(self, item: BatchItem, key: str) -> CaptureOutcome:
         try:
@@ -505,6 +542,6 @@ async def capture_many(
     if run.error is not None:
         raise run.error
     if run.abort is not None:
-        not_sent = await run.not_sent()
-        if not_sent:  # every item has its outcome otherwise: nothing to stop
-            raise BatchAbortedError(run.abort, not_sent)
+        not_sent, count = await run.not_sent()
+        if count:  # every item has its outcome otherwise: nothing to stop
+            raise BatchAbortedError(run.abort, not_sent, count)

@@ -276,7 +276,7 @@ def _finish(
     notes = [f"Journal: {settings.journal}"] if settings.journal else []
     if stopped is not None:
         notes.append(
-            f"Stopped early: {len(stopped.not_sent)} items were not sent (not claimed in the"
+            f"Stopped early: {stopped.not_sent_count} items were not sent (not claimed in the"
             " journal); the rerun sends them."
         )
     if view.tally.counts[CaptureStatus.FAILED]:
@@ -294,5 +294,5 @@ def _finish(
         notes.append("Interrupted: the summary covers the items finished so far.")
     extra: dict[str, object] = {"journal": settings.journal, "interrupted": interrupted}
     if stopped is not None:
-        extra.update(stopped=str(stopped), not_sent=len(stopped.not_sent))
+        extra.update(stopped=str(stopped), not_sent=stopped.not_sent_count)
     view.finish(notes=notes, extra=extra)
