@@ -6,6 +6,8 @@ import re
 from typing import TypeVar
 from urllib.parse import quote
 
+import yarl
+
 from ._convert import from_json
 from ._version import __version__
 from .errors import KlarnaResponseError, ValidationError
@@ -65,6 +67,52 @@ def captures_path(order_id: str) -> str:
 def capture_path(order_id: str, capture_id: str) -> str:
     """``/ordermanagement/v1/orders/{order_id}/captures/{capture_id}``."""
     return f"{order_path(order_id)}/captures/{quote_id('capture_id', capture_id)}"
+
+
+def refunds_path(order_id: str) -> str:
+    """``/ordermanagement/v1/orders/{order_id}/refunds``."""
+    return _ORDERS + quote_id("order_id", order_id) + "/refunds"
+
+
+def refund_path(order_id: str, refund_id: str) -> str:
+    """``/ordermanagement/v1/orders/{order_id}/refunds/{refund_id}``."""
+    return f"{order_path(order_id)}/refunds/{quote_id('refund_id', refund_id)}"
+
+
+def _id_in_location(location: str, collection_path: str) -> str:
+    """The id in a Location URL naming an item of ``collection_path`` (e.g. this order's
+    ``.../orders/{order_id}/captures/{capture_id}``; query and fragment ignored), else ``""``:
+    a Location naming another order's item is no answer to this request."""
+    try:
+        parts = yarl.URL(location).parts  # decoded segments: "a%2Fb" stays one segment
+    except ValueError:
+        return ""
+    expected = yarl.URL(collection_path).parts[-3:]  # ("orders", order_id, "captures")
+    if len(parts) >= 4 and parts[-4:-1] == expected and parts[-1].strip():
+        return parts[-1]
+    return ""
+
+
+def created(response: Response, id_header: str, noun: str) -> tuple[str, str, str]:
+    """``(id, location, idempotency_key)`` of what a 201 created, read from its headers.
+
+    A non-blank ``id_header`` (``Capture-Id``, ``Refund-Id``) wins; otherwise ``Location``
+    must name an item of the collection the request posted to. Anything else raises
+    ``KlarnaResponseError``: Klarna booked the ``noun``, but which one is unknown, so its
+    ``outcome_unknown`` is true.
+    """
+    location = response.headers.get("Location")
+    created_id = (response.headers.get(id_header) or "").strip()
+    if not created_id and location:
+        created_id = _id_in_location(location, response.request.path)
+    key = response.request.idempotency_key
+    if not created_id or key is None:
+        raise unreadable(
+            response,
+            f"Klarna booked the {noun} but sent no {id_header} and no Location naming a"
+            f" {noun} (Location: {location!r})",
+        )
+    return created_id, location or f"{response.url}/{created_id}", key
 
 
 def get(path: str) -> Request:

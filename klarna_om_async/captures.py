@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import yarl
-
 from . import _routes
 from ._convert import to_json
 from .middleware import Handler, Response
@@ -151,41 +149,9 @@ class CapturesService:
         await self._send(_routes.post(path, idempotency_key=idempotency_key))
 
 
-def _capture_id_in(location: str, captures_path: str) -> str:
-    """The id in a ``.../orders/{order_id}/captures/{capture_id}`` URL of THIS order (query
-    and fragment ignored), else ``""``: a Location naming another order's capture is no
-    answer to this request."""
-    try:
-        parts = yarl.URL(location).parts  # decoded segments: "a%2Fb" stays one segment
-    except ValueError:
-        return ""
-    expected = yarl.URL(captures_path).parts[-3:]  # ("orders", order_id, "captures")
-    if len(parts) >= 4 and parts[-4:-1] == expected and parts[-1].strip():
-        return parts[-1]
-    return ""
-
-
 def _capture_created(response: Response) -> CaptureCreated:
-    """Read the new capture's id from the 201's headers (its body is empty).
-
-    A non-blank ``Capture-Id`` header wins; otherwise ``Location`` must name a capture
-    (``.../captures/{capture_id}``). Anything else raises ``KlarnaResponseError``: the
-    capture was booked, but which one is unknown, so its ``outcome_unknown`` is true.
-    """
-    location = response.headers.get("Location")
-    capture_id = (response.headers.get("Capture-Id") or "").strip()
-    if not capture_id and location:
-        capture_id = _capture_id_in(location, response.request.path)
-    key = response.request.idempotency_key
-    if not capture_id or key is None:
-        raise _routes.unreadable(
-            response,
-            "Klarna booked the capture but sent no Capture-Id and no Location naming a"
-            f" capture (Location: {location!r})",
-        )
+    """Read the new capture's id from the 201's headers (its body is empty)."""
+    capture_id, location, key = _routes.created(response, "Capture-Id", "capture")
     return CaptureCreated(
-        capture_id=capture_id,
-        location=location or f"{response.url}/{capture_id}",
-        idempotency_key=key,
-        attempts=response.attempts,
+        capture_id=capture_id, location=location, idempotency_key=key, attempts=response.attempts
     )

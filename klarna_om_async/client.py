@@ -38,6 +38,7 @@ from .middleware import (
 )
 from .orders import OrdersService
 from .reconcile import Reconciliation, reconcile
+from .refunds import RefundsService
 from .throttle import Pace, ThrottleMiddleware
 from .transport import AiohttpTransport, _Slots
 
@@ -91,7 +92,11 @@ class KlarnaOM:
     auth, so they see every attempt with its idempotency key but never the credentials.
     ``rate_limit`` (requests per second, finite, at most 10,000; None: no pace) paces every
     attempt of this client, batches and single calls alike, on one drift-free grid: Klarna
-    counts requests per merchant (200/s in production, 50/s in the playground).
+    counts requests per merchant (200/s in production, 50/s in the playground). Without it
+    the client paces at 95% of a limit Klarna states (``X-Ratelimit-Limit``), or, when Klarna
+    states none, at a rate learned from its 429s: 90% of what got through in the second
+    before, climbing back towards it and settling just under it
+    (``klarna_om_async.throttle.AdaptiveRate``). ``om.rate_limited_count`` counts the 429s.
     ``clock`` (monotonic seconds) times deadlines, pacing and 429 pauses; tests pass a fake
     one with the policy's ``sleep``.
     """
@@ -129,17 +134,18 @@ class KlarnaOM:
         #: Who we authenticate as (the password is not kept in any public attribute).
         self.username = credentials.username
         self.retry_policy = retry if retry is not None else RetryPolicy()
+        self._throttle = ThrottleMiddleware(
+            sleep=self.retry_policy.sleep,
+            clock=clock,
+            max_pause=self.retry_policy.retry_after_cap,
+            base_url=self.base_url,
+            pace=None if rate_limit is None else Pace(rate_limit),
+        )
         #: The middleware chain, outermost first; the transport follows the last one.
         self.chain: tuple[Middleware, ...] = (
             IdempotencyMiddleware(),
             RetryMiddleware(self.retry_policy, clock=clock),
-            ThrottleMiddleware(
-                sleep=self.retry_policy.sleep,
-                clock=clock,
-                max_pause=self.retry_policy.retry_after_cap,
-                base_url=self.base_url,
-                pace=None if rate_limit is None else Pace(rate_limit),
-            ),
+            self._throttle,
             *middlewares,
             ErrorMiddleware(),
             AuthMiddleware(credentials),
@@ -153,8 +159,19 @@ class KlarnaOM:
         self._closed = False
         #: Capture calls: create (full or partial), get, list, shipping info, send-out.
         self.captures = CapturesService(self._send)
+        #: Refund calls: create (full or partial refund), get.
+        self.refunds = RefundsService(self._send)
         #: Order calls: read the order and what is left to capture.
         self.orders = OrdersService(self._send)
+
+    @property
+    def rate_limited_count(self) -> int:
+        """How many 429 (Too Many Requests) answers this client has received from Klarna.
+
+        Each one was retried, or ended its call when the deadline allowed no more waiting;
+        calls refused before sending (their pause lay past their deadline) are not counted.
+        """
+        return self._throttle.rate_limited_count
 
     def capture_many(
         self,
@@ -282,7 +299,12 @@ class KlarnaOM:
                 limits = (connector.limit, connector.limit_per_host) if connector else (0, 0)
                 size = min((n for n in limits if n > 0), default=0)
             self._transport = AiohttpTransport(
-                self._session, self.base_url, self._timeout, _Slots(size) if size else None
+                self._session,
+                self.base_url,
+                self._timeout,
+                _Slots(size) if size else None,
+                # A 429 may pause the client while an attempt queues for a connection.
+                before_send=self._throttle.recheck,
             )
         return self._transport
 

@@ -29,9 +29,11 @@ __all__ = (
     "NeedsReviewError",
     "NoSuchCaptureError",
     "NoSuchOrderError",
+    "NoSuchRefundError",
     "NotAllowedError",
     "NotFoundError",
     "RateLimitError",
+    "RefundNotAllowedError",
     "RequestTooLargeError",
     "ServerError",
     "UnprocessableEntityError",
@@ -218,8 +220,12 @@ class CaptureNotAllowedError(NotAllowedError):
     """403 CAPTURE_NOT_ALLOWED: order cancelled or expired, or amount above what is left."""
 
 
+class RefundNotAllowedError(NotAllowedError):
+    """403 REFUND_NOT_ALLOWED: amount above what was captured and not yet refunded."""
+
+
 class NotFoundError(KlarnaAPIError):
-    """404: the order or capture does not exist (check the id and the region)."""
+    """404: the order, capture or refund does not exist (check the id and the region)."""
 
 
 class NoSuchOrderError(NotFoundError):
@@ -228,6 +234,15 @@ class NoSuchOrderError(NotFoundError):
 
 class NoSuchCaptureError(NotFoundError):
     """404 NO_SUCH_CAPTURE: the order has no capture with this id."""
+
+
+class NoSuchRefundError(NotFoundError):
+    """404 on reading a refund: the order has no refund with this id.
+
+    Klarna documents no ``NO_SUCH_REFUND`` code (its example is ``NOT_FOUND``), so every 404
+    of a refund read other than ``NO_SUCH_ORDER`` is this error; ``error_code`` keeps
+    Klarna's own code.
+    """
 
 
 class ConflictError(KlarnaAPIError):
@@ -270,6 +285,7 @@ _BY_CODE: Mapping[str, type[KlarnaAPIError]] = {
     "CAPTURE_NOT_ALLOWED": CaptureNotAllowedError,
     "NO_SUCH_ORDER": NoSuchOrderError,
     "NO_SUCH_CAPTURE": NoSuchCaptureError,
+    "REFUND_NOT_ALLOWED": RefundNotAllowedError,
 }
 
 

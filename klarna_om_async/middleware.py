@@ -8,12 +8,16 @@ coroutine fewer per call). The client lines them up, outermost first::
                             key this client already sent with a different request
     RetryMiddleware         backoff with full jitter; the same key on every attempt; stamps
                             the call's deadline; notes the key on a cancelled call
-    ThrottleMiddleware      waits for a batch's rate limit and any (capped) pause a 429
-                            imposed, unless that would pass the call's deadline
+    ThrottleMiddleware      waits for a batch's rate limit, the client's pace (its
+                            rate_limit, else Klarna's stated limit, else one learned from
+                            429s) and any (capped) pause a 429 imposed, unless that would
+                            pass the call's deadline; counts the 429s
     *your middlewares*      see every attempt (with its key, without credentials)
     ErrorMiddleware         non-2xx -> typed KlarnaAPIError
     AuthMiddleware          Authorization: Basic ...
-    AiohttpTransport        the only code that touches aiohttp
+    AiohttpTransport        the only code that touches aiohttp; once an attempt has its
+                            connection, it asks the throttle again whether a 429 paused
+                            the client meanwhile
 
 Each one is small, holds its configuration from ``__init__``, and can be tested without a
 network by calling it with a fake ``call_next``.

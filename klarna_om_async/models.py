@@ -1,4 +1,4 @@
-"""Typed models of Klarna Order Management captures: what we send and what Klarna answers.
+"""Typed models of Klarna Order Management (captures, refunds, orders): requests and answers.
 
 Leaf models (``OrderLine``, ``ShippingInfo``, ``Address``) appear in requests and responses, so
 they check only what both satisfy: types, ranges, lengths and required fields. Enum-typed leaf
@@ -31,6 +31,8 @@ __all__ = (
     "OrderLineType",
     "OrderStatus",
     "Refund",
+    "RefundCreated",
+    "RefundRequest",
     "ShippingInfo",
     "ShippingMethod",
     "validate_shipping_info_request",
@@ -379,6 +381,35 @@ class CaptureRequest:
     shipping_delay: int | None = attrs.field(default=None, validator=_int_range(0, None))
 
 
+@attrs.define(frozen=True, kw_only=True)
+class RefundRequest:
+    """Body of a refund: the amount to give back to the customer, and details.
+
+    Fields (Klarna's ``RefundObject``; checked when the value is built, ``ValidationError``
+    naming the field otherwise):
+
+    - ``refunded_amount``: ``int`` minor units (6000 = 60.00), 0..200,000,000; at most what
+      was captured and not yet refunded (the order's ``captured_amount`` minus its
+      ``refunded_amount``) or Klarna refuses with ``RefundNotAllowedError``. Required.
+    - ``description``: text shown to the customer, at most 255 characters.
+    - ``reference``: your reference for the refund, at most 255 characters; it appears in
+      Klarna's settlement files.
+    - ``order_lines``: what is refunded, up to 1000 ``OrderLine`` values (amounts in minor
+      units); optional, shown to the customer.
+
+    https://docs.klarna.com/api/ordermanagement/#operation/refundOrder
+    """
+
+    refunded_amount: int = attrs.field(validator=_int_range(0, _MAX_AMOUNT, required=True))
+    description: str | None = attrs.field(default=None, validator=_text(255))
+    reference: str | None = attrs.field(default=None, validator=_text(255))
+    order_lines: tuple[OrderLine, ...] | None = attrs.field(
+        default=None,
+        converter=_order_lines,
+        validator=_items(OrderLine, _MAX_ORDER_LINES, ("type", OrderLineType)),
+    )
+
+
 def validate_shipping_info_request(
     shipping_info: Iterable[ShippingInfo],
 ) -> tuple[ShippingInfo, ...]:
@@ -467,6 +498,18 @@ class CaptureCreated:
     capture_id: str
     location: str
     #: The key the capture was made with; resending with it can never capture twice.
+    idempotency_key: str
+    #: How many HTTP attempts the call took (more than 1 when retries were needed).
+    attempts: int = 1
+
+
+@attrs.define(frozen=True, kw_only=True)
+class RefundCreated:
+    """Result of creating a refund, read from the 201's headers (its body is empty)."""
+
+    refund_id: str
+    location: str
+    #: The key the refund was made with; resending with it can never refund twice.
     idempotency_key: str
     #: How many HTTP attempts the call took (more than 1 when retries were needed).
     attempts: int = 1

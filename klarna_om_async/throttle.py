@@ -6,21 +6,30 @@ Klarna counts requests per merchant, so when one request is told to slow down, e
 of the client waits out the same window instead of each one discovering the limit on its own.
 The pause is capped (``RetryPolicy.retry_after_cap``), and a call never waits past its own
 deadline for it: it fails with ``RateLimitError`` instead, having sent nothing.
+
+The client's pace is, in this order of precedence: the user's ``rate_limit``; a limit Klarna
+states (``X-Ratelimit-Limit``, paced at ``LEARNED_SHARE`` of it); a pace learned from 429s
+(:class:`AdaptiveRate`) when Klarna states none; else no pace.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
+import weakref
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextvars import ContextVar
 
 from .config import MAX_RATE_LIMIT, check_rate_limit
-from .errors import RateLimitError, reset_after
+from .errors import KlarnaAPIError, RateLimitError, reset_after
 from .middleware import Handler, Request, Response
 
-__all__ = ("Pace", "ThrottleMiddleware", "rate_limited")
+__all__ = ("AdaptiveRate", "Pace", "ThrottleMiddleware", "rate_limited")
+
+logger = logging.getLogger("klarna_om_async")
 
 
 class Pace:
@@ -36,7 +45,7 @@ class Pace:
 
     def __init__(self, per_second: float) -> None:
         check_rate_limit(per_second)
-        #: Seconds between two sends.
+        #: Seconds between two sends; changing it moves only the slots handed out later.
         self.interval = 1.0 / per_second
         self._next = -math.inf
 
@@ -45,6 +54,11 @@ class Pace:
         slot = self._next if self._next > now else now
         self._next = slot + self.interval
         return slot - now
+
+    def restart(self, now: float) -> None:
+        """Hand out the next slot at ``now`` again: slots taken beyond it are void, and their
+        holders must take new ones (after the interval was made longer)."""
+        self._next = min(self._next, now)
 
 
 # Set by a batch for the tasks it starts, so concurrent batches and single calls sharing one
@@ -65,10 +79,141 @@ def _number(value: str | None) -> float | None:
     return number if number is not None and math.isfinite(number) else None
 
 
-#: Pause after a 429 that did not say how long to wait.
+#: Pause after a 429 that did not say how long to wait (unless a learned pace already
+#: exists: see ``AdaptiveRate``).
 DEFAULT_RATE_LIMIT_PAUSE = 1.0
 #: The longest pause a 429 imposes unless told otherwise: ``RetryPolicy``'s default cap.
 DEFAULT_MAX_PAUSE = 30.0
+
+#: ``AdaptiveRate``: after a 429 the pace drops to this share of the rate Klarna let through.
+ADAPTIVE_DECREASE = 0.9
+#: ``AdaptiveRate``: seconds the pace takes to climb back to the rate Klarna let through.
+ADAPTIVE_RECOVERY = 4.0
+#: ``AdaptiveRate``: the estimate is dropped (no pace) once the pace has climbed to this
+#: multiple of it without another 429.
+ADAPTIVE_FORGET = 2.0
+#: ``AdaptiveRate``: seconds over which answers are counted (Klarna counts per second).
+ADAPTIVE_WINDOW = 1.0
+#: ``AdaptiveRate``: the lowest estimate, in requests per second.
+MIN_ADAPTIVE_RATE = 1.0
+
+
+class AdaptiveRate:
+    """A client pace learned from 429s, for when Klarna states no limit (no headers).
+
+    The estimate ``W`` (``ceiling``) is the rate Klarna lets through. At the first 429 it is
+    the answers other than 429 the client got in the last ``ADAPTIVE_WINDOW`` (1 s, the span
+    Klarna counts over); answers to requests already in flight keep coming after the 429, so
+    ``W`` rises to the highest such count until one window after the pause. At a later 429
+    it is the learned rate the client was at, or what it measurably got through if that was
+    less (a client that sent below its pace), the measure being trusted only after two
+    windows without a pause. ``W`` is at least ``MIN_ADAPTIVE_RATE``.
+
+    - Decrease: on a 429 the pace drops to ``ADAPTIVE_DECREASE * W``: 0.9, because ``W`` is
+      measured, not guessed, so 10% under it leaves room for clock skew and the merchant's
+      other clients at little cost (TCP's halving would idle half the quota for seconds).
+      One decrease per event: a 429 to a request that came to the throttle before the last
+      decrease belongs to it (with 128 requests in flight or waiting for their slots, one
+      overshoot comes back as a burst of 429s).
+    - Increase: ``t`` seconds later (counted from the end of the 429's pause) the rate is
+      ``W * (1 + (1 - ADAPTIVE_DECREASE) * (t / ADAPTIVE_RECOVERY - 1) ** 3)``: CUBIC's
+      curve (RFC 9438, which AWS's SDKs also use to pace their "adaptive" retry mode), scaled
+      to ``W``. It climbs fast, flattens just below ``W`` (99% after 2 s, ``W`` after
+      ``ADAPTIVE_RECOVERY`` = 4 s), then probes above it ever faster (+1% after about 5.5 s,
+      +10% after 8 s), so the pace settles just under the limit and meets the next 429
+      seconds later, not every second; yet a limit that was raised is found within seconds.
+      A straight line would either crawl back for long under ``W`` or overshoot again soon.
+    - Forget: once the curve reaches ``ADAPTIVE_FORGET * W`` (about 12.6 s without a 429),
+      the client has not been sending that fast or the limit has gone: the estimate is
+      dropped (no pace) and the next 429 starts over.
+
+    A 429 teaches nothing when the client had nothing else in flight and no answer in the
+    last window (a lone call): one request is no rate, and the pause suffices. Nor does one
+    saying ``Retry-After: 0``: the server asks for no slowdown (``ThrottleMiddleware``).
+
+    Everything is computed from the times passed in (the client's ``clock``): deterministic.
+    """
+
+    def __init__(self) -> None:
+        #: ``W``: the rate Klarna lets through, as last estimated (0: no estimate).
+        self.ceiling = 0.0
+        #: How many times a 429 lowered the pace.
+        self.decreases = 0
+        #: The grid the learned rate is kept on; None while there is no estimate.
+        self.pace: Pace | None = None
+        self._answers: deque[float] = deque()  # when each recent non-429 answer came
+        self._decided_at = -math.inf  # when a 429 last lowered the pace
+        self._since = -math.inf  # when the climb started (the end of that 429's pause)
+        self._paused_until = -math.inf  # the end of the last pause a 429 imposed
+        self._refine_until = -math.inf  # answers raise a first estimate until then
+
+    def answered(self, now: float) -> None:
+        """Note an answer other than 429: Klarna counted that request and let it through."""
+        answers = self._answers
+        answers.append(now)
+        cutoff = now - ADAPTIVE_WINDOW
+        while answers[0] <= cutoff:
+            answers.popleft()
+        if now < self._refine_until and len(answers) > self.ceiling:
+            self.ceiling = float(len(answers))  # answers to requests in flight at the 429
+
+    def limited(self, asked_at: float, now: float, resume_at: float, in_flight: int) -> bool:
+        """Lower the pace after a 429 (``resume_at``: when the pause it imposed ends).
+
+        ``asked_at``: when the refused request came to the throttle; ``in_flight``: the
+        client's other requests awaiting answers. False (nothing learned) when the request
+        came before the last decrease (the same event) or was a lone call.
+        """
+        if resume_at > now:
+            self._paused_until = max(self._paused_until, resume_at)
+        if asked_at <= self._decided_at:
+            return False
+        answers = self._answers
+        cutoff = now - ADAPTIVE_WINDOW
+        while answers and answers[0] <= cutoff:
+            answers.popleft()
+        measured = float(len(answers))
+        current = self.rate_at(now)
+        if current is None:
+            if not answers and not in_flight:
+                return False
+            ceiling = measured
+        elif now - 2 * ADAPTIVE_WINDOW >= self._paused_until:
+            ceiling = min(current, measured)
+        else:  # a pause ended lately: the answers of the last window tell too little
+            ceiling = current
+        self.ceiling = max(ceiling, MIN_ADAPTIVE_RATE)
+        self._decided_at = now
+        self._since = max(now, resume_at)
+        self._refine_until = self._since + ADAPTIVE_WINDOW if current is None else -math.inf
+        self.decreases += 1
+        if self.pace is None:
+            self.pace = Pace(min(ADAPTIVE_DECREASE * self.ceiling, MAX_RATE_LIMIT))
+        else:
+            # With 128 requests asleep on the grid, the slots they hold reach seconds ahead
+            # at the old rate: they take new ones when they wake (ThrottleMiddleware).
+            self.pace.restart(now)
+        return True
+
+    def rate_at(self, now: float) -> float | None:
+        """Requests per second the learned pace allows at ``now``; None without one."""
+        if self.pace is None:
+            return None
+        climbed = max(now - self._since, 0.0) / ADAPTIVE_RECOVERY - 1.0
+        rate = self.ceiling * (1.0 + (1.0 - ADAPTIVE_DECREASE) * climbed**3)
+        return None if rate > ADAPTIVE_FORGET * self.ceiling else min(rate, MAX_RATE_LIMIT)
+
+    def pace_at(self, now: float) -> Pace | None:
+        """The pace with its interval moved along the curve to ``now``; None without one."""
+        pace = self.pace
+        if pace is None:
+            return None
+        rate = self.rate_at(now)
+        if rate is None:
+            self.pace, self.ceiling = None, 0.0
+            return None
+        pace.interval = 1.0 / rate
+        return pace
 
 
 @contextlib.contextmanager
@@ -96,6 +241,14 @@ class ThrottleMiddleware:
     pass the request's deadline, nothing is sent and ``RateLimitError`` is raised at once
     (``retry_after`` = the pause left; not an unknown outcome by itself), which the retry
     loop gives up with. ``base_url`` only completes the URL such an error reports.
+
+    Without ``pace`` (the user's ``rate_limit``) and without a limit stated in
+    ``X-Ratelimit-Limit``, a 429 gives the client a pace learned from the rate Klarna let
+    through (``AdaptiveRate``): the requests the pause held back then leave on that grid, one
+    by one. While such a pace exists, a 429 without ``Retry-After`` lowers it instead of
+    pausing the client: the lower pace is the slowdown. The transport calls :meth:`recheck`
+    once an attempt has its connection, so an attempt that waited for one while a 429 paused
+    the client still waits the pause out (or is refused, unsent) before it is sent.
     """
 
     def __init__(
@@ -110,19 +263,37 @@ class ThrottleMiddleware:
         if not max_pause >= 0:
             raise ValueError(f"max_pause must be >= 0, got {max_pause!r}")
         self._pace = pace
-        self._learned: Pace | None = None
+        self._stated: Pace | None = None
+        #: The pace learned from 429s (used only without ``pace`` and a stated limit).
+        self.adaptive = AdaptiveRate()
+        #: How many answers with status 429 this client received from Klarna (a call refused
+        #: here, unsent, is not one).
+        self.rate_limited_count = 0
         self._sleep = sleep
         self._clock = clock
         self._max_pause = max_pause
         self._base_url = base_url
         self._resume_at = 0.0
+        self._in_flight = 0  # attempts sent and not answered yet (counted while learning)
+        # This middleware's own refusals, raised by `recheck` inside the transport: they come
+        # back through `call_next` but are no answer from Klarna.
+        self._unsent: weakref.WeakSet[RateLimitError] = weakref.WeakSet()
+
+    @property
+    def rate(self) -> float | None:
+        """Attempts per second the client's pace allows now (the user's ``rate_limit``, else
+        95% of a limit Klarna stated, else the one learned from 429s); None: no pace."""
+        pace = self._pace or self._stated
+        if pace is not None:
+            return 1.0 / pace.interval
+        return self.adaptive.rate_at(self._clock())
 
     async def __call__(self, request: Request, call_next: Handler) -> Response:
         """Send ``request`` once any 429 pause is over and the paces give it a slot.
 
         A limit Klarna states (``X-Ratelimit-Limit``) paces later requests when the client
         has no ``rate_limit`` of its own; ``X-Ratelimit-Remaining: 0`` pauses the client until
-        ``X-Ratelimit-Reset``.
+        ``X-Ratelimit-Reset``. Without either, 429s teach the client a pace (``AdaptiveRate``).
 
         Raises ``RateLimitError`` without sending when the pause or a pace slot lies past the
         call's deadline.
@@ -134,32 +305,103 @@ class ThrottleMiddleware:
                 await self._wait(request, now, wait, "paused after a 429 from Klarna")
             else:
                 self._resume_at = 0.0  # the pause is over: later calls skip the clock
+        learning = self._pace is None and self._stated is None
+        asked_at = self._clock() if learning else 0.0
         # The paces come after the pause, so requests released together leave one by one.
+        if self._pace or self._stated or self.adaptive.pace or _batch_pace.get() is not None:
+            await self._take_slots(request)
+        if learning:
+            self._in_flight += 1
+        try:
+            response = await call_next(request)
+        except RateLimitError as error:
+            if error not in self._unsent:  # else refused by `recheck`: Klarna saw nothing
+                self._rate_limited(error, asked_at)
+            raise
+        except KlarnaAPIError:
+            if learning:
+                self.adaptive.answered(self._clock())  # refused, but let through
+            raise
+        finally:
+            if learning:
+                self._in_flight -= 1
+        if learning:
+            self.adaptive.answered(self._clock())
+        headers = response.headers
+        if _LIMIT in headers or _REMAINING in headers:
+            self._learn(headers)
+        return response
+
+    def _rate_limited(self, error: RateLimitError, asked_at: float) -> None:
+        """Pause the client after a 429 and, without a stated limit, lower its learned pace."""
+        self.rate_limited_count += 1
+        now = self._clock()
+        learning = self._pace is None and self._stated is None
+        pause = error.retry_after
+        if pause is None or not pause >= 0:  # `not >=` also catches nan
+            # A learned pace is slowed down instead: no pause on top of it.
+            pause = 0.0 if learning and self.adaptive.pace else DEFAULT_RATE_LIMIT_PAUSE
+        if pause > 0:
+            self._resume_at = max(self._resume_at, now + min(pause, self._max_pause))
+        others = self._in_flight - 1  # this one is still counted
+        # "Retry-After: 0" asks for no slowdown (fault injection says it, too): no signal.
+        if (
+            learning
+            and error.retry_after != 0.0
+            and self.adaptive.limited(asked_at, now, self._resume_at, others)
+        ):
+            logger.info(
+                "Klarna answered 429: pacing this client at %.1f requests/s (it let %d"
+                " through in the last second)",
+                ADAPTIVE_DECREASE * self.adaptive.ceiling,
+                self.adaptive.ceiling,
+            )
+
+    async def _take_slots(self, request: Request) -> None:
+        """Wait for a slot of the batch's pace, then of the client's."""
         batch_pace = _batch_pace.get()
         if batch_pace is not None:
             now = self._clock()
             wait = batch_pace.delay(now)
             if wait > 0:
                 await self._wait(request, now, wait, "waiting for the batch's rate_limit")
-        pace = self._pace or self._learned  # the client's: every batch and single call
-        if pace is not None:
+        adaptive = self.adaptive
+        while True:
             now = self._clock()
+            pace = self._pace or self._stated or adaptive.pace_at(now)  # every call's
+            if pace is None:
+                return
             wait = pace.delay(now)
-            if wait > 0:
-                await self._wait(request, now, wait, "waiting for the client's rate limit")
+            if wait <= 0:
+                return
+            decreases = adaptive.decreases
+            await self._wait(request, now, wait, "waiting for the client's rate limit")
+            if adaptive.decreases == decreases or pace is not adaptive.pace:
+                return
+            # A 429 lowered the learned pace while this request waited for a slot given at
+            # the old rate: that slot is void, take one on the slower grid.
+
+    def recheck(self, request: Request) -> Awaitable[None] | None:
+        """For the transport, once the attempt has its connection: wait out a 429 pause.
+
+        None (nothing to wait for) unless a 429 paused the client since ``request`` passed
+        this middleware (e.g. while it queued for a connection). Then an awaitable that
+        sleeps until the pause is over and takes fresh pace slots, so the held-back requests
+        leave one by one; or that raises ``RateLimitError`` (nothing sent) when the pause
+        lies past the call's deadline.
+        """
+        if not self._resume_at or self._resume_at <= self._clock():
+            return None
+        return self._after_pause(request)
+
+    async def _after_pause(self, request: Request) -> None:
+        now = self._clock()
         try:
-            response = await call_next(request)
-        except RateLimitError as error:
-            pause = error.retry_after
-            if pause is None or not pause >= 0:  # `not >=` also catches nan
-                pause = DEFAULT_RATE_LIMIT_PAUSE
-            pause = min(pause, self._max_pause)
-            self._resume_at = max(self._resume_at, self._clock() + pause)
+            await self._wait(request, now, self._resume_at - now, "paused after a 429 from Klarna")
+            await self._take_slots(request)
+        except RateLimitError as refusal:
+            self._unsent.add(refusal)
             raise
-        headers = response.headers
-        if _LIMIT in headers or _REMAINING in headers:
-            self._learn(headers)
-        return response
 
     def _learn(self, headers: Mapping[str, str]) -> None:
         """Pace at Klarna's stated limit, and pause when its window is used up."""
@@ -168,8 +410,8 @@ class ThrottleMiddleware:
             # Per second, as Klarna counts; a little under it, for the skew between our clock
             # and Klarna's windows.
             rate = min(limit * LEARNED_SHARE, MAX_RATE_LIMIT)
-            if self._learned is None or self._learned.interval != 1.0 / rate:
-                self._learned = Pace(rate)
+            if self._stated is None or self._stated.interval != 1.0 / rate:
+                self._stated = Pace(rate)
         remaining = _number(headers.get(_REMAINING))
         reset = reset_after(headers)
         if remaining is not None and remaining <= 0 and reset is not None:

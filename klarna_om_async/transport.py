@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 
 from .errors import KlarnaConnectionError, KlarnaTimeoutError
 from .middleware import Request, Response
 
-__all__ = ("AiohttpTransport",)
+__all__ = ("AiohttpTransport", "BeforeSend")
+
+#: Called with each attempt once it has its connection slot, right before it is sent: None to
+#: send at once, or an awaitable to wait for first (it may raise to refuse the attempt).
+BeforeSend = Callable[[Request], Awaitable[None] | None]
 
 # Passed on every request so a session's own timeouts (a borrowed session's default `total`
 # among them) never span our retries; the attempt's deadline is kept by `_Deadlines`.
@@ -120,6 +125,9 @@ class AiohttpTransport:
     kept here rather than by the session, so a session's own ``total`` timeout never spans
     the retry loop and its sleeps. It starts once the attempt has a connection slot
     (``slots``, at most the connector's limit): queueing for the pool is not the attempt.
+    ``before_send`` runs between the two (the client passes ``ThrottleMiddleware.recheck``):
+    an attempt that queued for a connection while a 429 paused the client waits the pause
+    out there, or is refused unsent, and that wait is not part of the attempt either.
 
     A borrowed session's settings never change what the client sees: every request passes
     ``raise_for_status=False``, no session middlewares, ``auto_decompress=True``, an absolute
@@ -133,18 +141,27 @@ class AiohttpTransport:
         base_url: str,
         timeout: float,
         slots: _Slots | None = None,
+        before_send: BeforeSend | None = None,
     ) -> None:
         self._session = session
         self._base_url = base_url
         self._deadlines = _Deadlines(timeout)
         self.slots = slots
+        self._before_send = before_send
 
     async def __call__(self, request: Request) -> Response:
-        """Send ``request``; raise KlarnaTimeoutError / KlarnaConnectionError on failure."""
+        """Send ``request``; raise KlarnaTimeoutError / KlarnaConnectionError on failure.
+
+        Whatever ``before_send`` raises is raised as is, with nothing sent.
+        """
         slots = self.slots
         if slots is not None:
             await slots.acquire()
         try:
+            if self._before_send is not None:
+                waiting = self._before_send(request)
+                if waiting is not None:
+                    await waiting
             return await self._attempt(request)
         finally:
             if slots is not None:

@@ -8,7 +8,14 @@ import aiohttp
 import pytest
 from multidict import CIMultiDict
 
-from klarna_om_async import CaptureRequest, KlarnaOM, OrderLine, ShippingInfo, ShippingMethod
+from klarna_om_async import (
+    CaptureRequest,
+    KlarnaOM,
+    OrderLine,
+    RefundRequest,
+    ShippingInfo,
+    ShippingMethod,
+)
 from klarna_om_async.testing import FakeKlarna, RecordedRequest
 
 SPEC = Path(__file__).resolve().parents[2] / "shared" / "reference" / "klarna-om-openapi.yml"
@@ -74,14 +81,53 @@ async def test_every_request_the_client_sends_matches_the_spec(fake: FakeKlarna)
             [ShippingInfo(shipping_company="UPS", shipping_method=ShippingMethod.PICK_UP_POINT)],
         )
         await om.captures.trigger_send_out(order_id, created.capture_id)
+        refund = await om.refunds.create(
+            order_id,
+            RefundRequest(
+                refunded_amount=600,
+                reference="RMA-1",
+                description="One kilo came back",
+                order_lines=[
+                    OrderLine(
+                        type="physical",
+                        name="Tomatoes",
+                        quantity=1,
+                        quantity_unit="kg",
+                        unit_price=600,
+                        tax_rate=2500,
+                        total_amount=600,
+                        total_tax_amount=120,
+                    )
+                ],
+            ),
+        )
+        await om.refunds.create(order_id, RefundRequest(refunded_amount=100))
+        await om.refunds.get(order_id, refund.refund_id)
         await om.orders.get(order_id)
 
-    assert len(fake.requests) == 7
+    assert len(fake.requests) == 10
+    assert [r.status for r in fake.requests] == [201, 201, 200, 200, 204, 204, 201, 201, 200, 200]
+    order_path = f"/ordermanagement/v1/orders/{order_id}"
+    assert [(r.method, r.path.removeprefix(order_path)) for r in fake.requests[6:9]] == [
+        ("POST", "/refunds"),
+        ("POST", "/refunds"),
+        ("GET", f"/refunds/{refund.refund_id}"),
+    ]
     for recorded in fake.requests:
         spec.validate_request(SpecRequest(recorded))
 
 
-async def test_the_contract_check_rejects_a_request_off_the_spec(fake: FakeKlarna) -> None:
+@pytest.mark.parametrize(
+    ("endpoint", "body"),
+    [
+        ("captures", b'{"captured_amount": "100"}'),
+        ("refunds", b'{"refunded_amount": 200000001}'),
+        ("refunds", b'{"refunded_amount": 1, "reference": "' + b"x" * 256 + b'"}'),
+    ],
+)
+async def test_the_contract_check_rejects_a_request_off_the_spec(
+    fake: FakeKlarna, endpoint: str, body: bytes
+) -> None:
     openapi_core = pytest.importorskip("openapi_core")
     from openapi_core.validation.request.exceptions import RequestValidationError
 
@@ -92,8 +138,8 @@ async def test_the_contract_check_rejects_a_request_off_the_spec(fake: FakeKlarn
     async with (
         aiohttp.ClientSession() as session,
         session.post(
-            f"{fake.base_url}/ordermanagement/v1/orders/{order_id}/captures",
-            data=b'{"captured_amount": "100"}',
+            f"{fake.base_url}/ordermanagement/v1/orders/{order_id}/{endpoint}",
+            data=body,
             headers={"Authorization": fake.auth_header, "Content-Type": "application/json"},
         ) as answer,
     ):

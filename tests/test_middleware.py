@@ -30,7 +30,7 @@ from klarna_om_async.middleware import (
     compose,
 )
 from klarna_om_async.testing import InstantSleep
-from klarna_om_async.throttle import ThrottleMiddleware
+from klarna_om_async.throttle import ADAPTIVE_DECREASE, MIN_ADAPTIVE_RATE, ThrottleMiddleware
 
 
 def ok(request: Request, status: int = 200) -> Response:
@@ -361,3 +361,57 @@ async def test_an_exception_on_a_retry_tells_the_key_once() -> None:
         await handler(Request("POST", "/c", idempotency_key="k-1"))
     [note] = caught.value.__notes__
     assert "idempotency_key='k-1'" in note
+
+
+async def test_the_throttle_counts_the_429s_klarna_sent_not_its_own_refusals() -> None:
+    sleeps = InstantSleep()
+    throttle = ThrottleMiddleware(sleep=sleeps, clock=lambda: 0.0, max_pause=30)
+    with pytest.raises(RateLimitError):
+        await throttle(Request("GET", "/o"), Script(api_error(429, "20")))
+    with pytest.raises(RateLimitError, match="not sent"):
+        await throttle(Request("GET", "/o", deadline=5.0), Script(200))
+    assert throttle.rate_limited_count == 1
+    assert throttle.rate is None  # a lone call taught no pace
+
+
+async def test_a_learned_pace_is_lowered_by_a_later_429_instead_of_a_pause() -> None:
+    now = [0.0]
+    sleeps = InstantSleep()
+    throttle = ThrottleMiddleware(sleep=sleeps, clock=lambda: now[0])
+    for i in range(10):
+        now[0] = 0.05 + i / 10
+        await throttle(Request("GET", "/o"), Script(200))
+    now[0] = 1.0
+    with pytest.raises(RateLimitError):  # no Retry-After: the first one pauses 1 s
+        await throttle(Request("GET", "/o"), Script(RateLimitError(status=429)))
+    assert throttle.rate == pytest.approx(9.0)  # 90% of the 10 let through in that second
+    now[0] = 4.0
+    await throttle(Request("GET", "/o"), Script(200))  # paced, past the pause: no wait
+    now[0] = 5.0
+    climbed = throttle.rate
+    assert climbed is not None
+    assert 9.0 < climbed < 10.0  # climbing back towards the 10/s let through
+    with pytest.raises(RateLimitError):
+        await throttle(Request("GET", "/o"), Script(RateLimitError(status=429)))
+    # Lowered to 90% of what the client got through in the last second, since that was
+    # less than its pace allowed (none here: the floor, 1/s) ...
+    assert throttle.rate == pytest.approx(ADAPTIVE_DECREASE * MIN_ADAPTIVE_RATE)
+    # ... and no pause: the next call goes at once.
+    await throttle(Request("GET", "/o"), Script(200))
+    assert sleeps.waits == []
+
+
+async def test_a_429_saying_retry_after_0_teaches_no_pace() -> None:
+    now = [0.0]
+    throttle = ThrottleMiddleware(sleep=InstantSleep(), clock=lambda: now[0])
+    for i in range(10):
+        now[0] = 0.05 + i / 10
+        await throttle(Request("GET", "/o"), Script(200))
+    now[0] = 1.0
+    with pytest.raises(RateLimitError):
+        await throttle(Request("GET", "/o"), Script(api_error(429, "0")))
+    assert throttle.rate_limited_count == 1
+    assert throttle.rate is None  # the server asked for no slowdown
+    with pytest.raises(RateLimitError):
+        await throttle(Request("GET", "/o"), Script(api_error(429)))
+    assert throttle.rate == pytest.approx(9.0)  # one saying nothing is a rate signal

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
+import textwrap
 from collections.abc import AsyncIterator
 
 import pytest
@@ -41,6 +44,17 @@ def test_slots_lie_on_a_fixed_grid_taken_when_asked() -> None:
     # After an idle spell no burst was banked: one slot now, the next a full interval on.
     assert pace.delay(5.0) == 0.0
     assert pace.delay(5.0) == pytest.approx(0.1)
+
+
+def test_a_restarted_grid_voids_the_slots_handed_out_beyond_now() -> None:
+    pace = Pace(10)
+    assert [pace.delay(0.0) for _ in range(3)] == pytest.approx([0.0, 0.1, 0.2])
+    pace.interval = 0.5  # slower now; the slots at 0.1 and 0.2 were given at the old rate
+    pace.restart(0.05)
+    assert pace.delay(0.05) == 0.0  # the next slot is now, then every 0.5 s
+    assert pace.delay(0.05) == pytest.approx(0.5)
+    pace.restart(10.0)  # never moves the grid forward
+    assert pace.delay(1.0) == pytest.approx(0.05)
 
 
 @given(
@@ -223,3 +237,43 @@ async def test_a_spent_window_pauses_even_without_a_stated_limit(
         await om.captures.create("o", CaptureRequest(captured_amount=1))
         await om.captures.create("o", CaptureRequest(captured_amount=1))
     assert time.waits == pytest.approx([2.0])
+
+
+def test_a_429_storm_prints_nothing_when_logging_is_not_configured() -> None:
+    # Python's last-resort handler prints WARNING and above to stderr when nothing is
+    # configured: a retried 429 must stay below that (INFO, shown by ``klarna-om -v``).
+    script = textwrap.dedent(
+        """
+        import asyncio, logging, sys
+        from klarna_om_async import CaptureRequest, KlarnaOM, RetryPolicy
+        from klarna_om_async.testing import FakeKlarna, InstantSleep, RateLimited
+
+        async def main() -> None:
+            async with FakeKlarna() as fake:
+                orders = fake.add_orders(8, amount=100)
+                fake.inject(RateLimited(retry_after=None), method="POST", times=30)
+                sleeps = InstantSleep()
+                policy = RetryPolicy(sleep=sleeps, deadline=3600)
+                async with KlarnaOM(
+                    fake.username, fake.password, base_url=fake.base_url, retry=policy,
+                    clock=sleeps.clock,
+                ) as om:
+                    items = [(o, CaptureRequest(captured_amount=100)) for o in orders]
+                    outcomes = [o async for o in om.capture_many(items, concurrency=8)]
+                    print(len(outcomes), om.rate_limited_count)
+
+        if sys.argv[1] == "warning":
+            logging.basicConfig()  # WARNING, the default level
+        asyncio.run(main())
+        """
+    )
+    for configured in ("none", "warning"):
+        done = subprocess.run(
+            [sys.executable, "-W", "error", "-c", script, configured],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert (done.returncode, done.stderr) == (0, "")
+        assert done.stdout.split() == ["8", "30"]

@@ -8,16 +8,21 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from klarna_om_async import (
+    CaptureCreated,
     CaptureRequest,
     CaptureStatus,
     KlarnaConnectionError,
     KlarnaOM,
     KlarnaTimeoutError,
+    RateLimitError,
     Request,
+    Response,
     RetryPolicy,
 )
+from klarna_om_async.middleware import Handler
 from klarna_om_async.testing import Delay, DropConnection, FakeKlarna, InstantSleep
 from klarna_om_async.transport import AiohttpTransport
 
@@ -186,3 +191,128 @@ async def test_a_connection_that_breaks_after_sending_is_still_unknown(
     assert caught.value.outcome_unknown
     assert "ServerDisconnectedError" in str(caught.value)
     assert "4 attempts" in str(caught.value)
+
+
+# --- a 429 that pauses the client while an attempt queues for a connection ------------------
+
+
+class FakeTime:
+    """A clock that moves only when someone sleeps on it."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.waits: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.waits.append(seconds)
+        self.now += seconds
+
+
+class HeldServer:
+    """Captures; the first request is held until the test releases it, then answered 429
+    ``Retry-After: 2``; every request's order id and virtual arrival time is recorded."""
+
+    def __init__(self, time: FakeTime) -> None:
+        self.time = time
+        self.arrivals: list[tuple[str, float]] = []
+        self.first_arrived = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def capture(self, request: web.Request) -> web.Response:
+        self.arrivals.append((request.match_info["order"], self.time.now))
+        if len(self.arrivals) == 1:
+            self.first_arrived.set()
+            await self.release.wait()
+            return web.json_response(
+                {"error_code": "TOO_MANY_REQUESTS"}, status=429, headers={"Retry-After": "2"}
+            )
+        return web.Response(status=201, headers={"Capture-Id": "cap"})
+
+
+@pytest.fixture
+async def held() -> AsyncIterator[tuple[str, HeldServer]]:
+    server = HeldServer(FakeTime())
+    app = web.Application()
+    app.router.add_post("/ordermanagement/v1/orders/{order}/captures", server.capture)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}", server
+    finally:
+        server.release.set()
+        await runner.cleanup()
+
+
+def one_connection_client(
+    url: str, time: FakeTime, *, deadline: float
+) -> tuple[KlarnaOM, asyncio.Event]:
+    """A client with one connection and no retries, and an event set once the capture of
+    order "b" has passed the throttle (user middlewares come right after it)."""
+    passed = asyncio.Event()
+
+    async def note_b(request: Request, call_next: Handler) -> Response:
+        if "/orders/b/" in request.path:
+            passed.set()
+        return await call_next(request)
+
+    policy = RetryPolicy(max_attempts=1, sleep=time.sleep, deadline=deadline)
+    om = KlarnaOM(
+        "u",
+        "p",
+        base_url=url,
+        retry=policy,
+        clock=time.clock,
+        max_connections=1,
+        middlewares=[note_b],
+    )
+    return om, passed
+
+
+async def queue_behind_a_429(
+    om: KlarnaOM, passed: asyncio.Event, server: HeldServer
+) -> asyncio.Future[CaptureCreated]:
+    """Send "a" (held by the server), then "b", which passes the throttle unpaused and
+    queues for the only connection; then let the server answer "a" with a 429."""
+    first = asyncio.ensure_future(om.captures.create("a", CaptureRequest(captured_amount=1)))
+    await server.first_arrived.wait()
+    second = asyncio.ensure_future(om.captures.create("b", CaptureRequest(captured_amount=1)))
+    await passed.wait()  # "b" is now waiting for the connection "a" holds
+    server.release.set()
+    with pytest.raises(RateLimitError):
+        await first  # no retries: the 429 ends "a", and pauses the client for 2 s
+    return second
+
+
+async def test_an_attempt_that_queued_for_a_connection_waits_out_a_429_pause(
+    held: tuple[str, HeldServer],
+) -> None:
+    url, server = held
+    om, passed = one_connection_client(url, server.time, deadline=60)
+    async with om:
+        second = await queue_behind_a_429(om, passed, server)
+        assert (await second).capture_id == "cap"
+    # "b" got the connection at once, but was sent only when the pause was over.
+    assert server.arrivals == [("a", 0.0), ("b", 2.0)]
+    assert server.time.waits == [2.0]
+    assert om.rate_limited_count == 1
+
+
+async def test_an_attempt_that_queued_past_its_deadline_is_refused_unsent(
+    held: tuple[str, HeldServer],
+) -> None:
+    url, server = held
+    om, passed = one_connection_client(url, server.time, deadline=1)
+    async with om:
+        second = await queue_behind_a_429(om, passed, server)
+        with pytest.raises(RateLimitError, match="not sent") as caught:
+            await second
+    assert server.arrivals == [("a", 0.0)]  # "b" never reached the server
+    assert server.time.waits == []
+    assert not caught.value.outcome_unknown
+    assert caught.value.idempotency_key is not None
+    assert om.rate_limited_count == 1  # the refusal is no 429 from Klarna

@@ -67,8 +67,8 @@ def main(verbose: bool) -> None:
     --proxy URL sends through an HTTP proxy. These connection flags and -v go before or after
     the command name.
     Amounts are integer minor units (1050 = 10.50). --json prints JSON, one object per line.
-    capture, ship and send-out print their idempotency key before sending: if they are
-    interrupted, rerun them with --idempotency-key KEY to finish exactly once.
+    capture, refund, ship and send-out print their idempotency key before sending: if they
+    are interrupted, rerun them with --idempotency-key KEY to finish exactly once.
 
     \b
     Exit status:

@@ -1,4 +1,4 @@
-"""The single-call commands: capture, get, list, ship, send-out, order."""
+"""The single-call commands: capture, get, list, ship, send-out, order, refund, refund-get."""
 
 from __future__ import annotations
 
@@ -15,11 +15,14 @@ from ..models import (
     CaptureCreated,
     CaptureRequest,
     Order,
+    Refund,
+    RefundCreated,
+    RefundRequest,
     ShippingInfo,
     ShippingMethod,
 )
 from ._options import Connection, InputError, connection_options, json_option, run_single
-from ._render import echo_json, show_capture, show_captures, show_order, to_plain
+from ._render import _fields, echo_json, show_capture, show_captures, show_order, to_plain
 
 __all__ = ("SINGLE_COMMANDS",)
 
@@ -263,5 +266,95 @@ def order(order_id: str, json_output: bool) -> None:
         show_order(_console(), found)
 
 
+@click.command()
+@click.argument("order_id")
+@click.option(
+    "--amount",
+    type=int,
+    required=True,
+    help="Amount to refund in minor units (1050 = 10.50): at most what was captured and "
+    "not yet refunded.",
+)
+@click.option("--reference", help="Your reference for the refund (settlement files show it).")
+@click.option("--description", help="Description of the refund, shown to the customer.")
+@_idempotency_option
+@connection_options
+@json_option
+def refund(
+    order_id: str,
+    amount: int,
+    reference: str | None,
+    description: str | None,
+    idempotency_key: str | None,
+    json_output: bool,
+) -> None:
+    """Refund all or part of what ORDER_ID captured and print the new refund's id."""
+    connection = Connection.from_context()
+    connection.check()
+    request = _valid(
+        lambda: RefundRequest(refunded_amount=amount, reference=reference, description=description)
+    )
+    key = _announce_key(idempotency_key, json_output, command="refund", order_id=order_id)
+
+    async def call() -> RefundCreated:
+        async with connection.client() as om:
+            return await om.refunds.create(order_id, request, idempotency_key=key)
+
+    created = run_single(call, json_output=json_output, idempotency_key=key)
+    if json_output:
+        # Spelled out: the converter omits fields at their default, such as attempts=1.
+        echo_json(
+            {
+                "order_id": order_id,
+                "refund_id": created.refund_id,
+                "location": created.location,
+                "idempotency_key": created.idempotency_key,
+                "attempts": created.attempts,
+            }
+        )
+        return
+    attempts = "1 attempt" if created.attempts == 1 else f"{created.attempts} attempts"
+    click.echo(
+        f"Refunded {amount} on order {order_id}: refund_id {created.refund_id} "
+        f"(idempotency key {created.idempotency_key}, {attempts})"
+    )
+
+
+def _show_refund(console: Console, found: Refund) -> None:
+    """One refund as a field/value table."""
+    _fields(
+        console,
+        f"Refund {found.refund_id}",
+        [
+            ("refund_id", found.refund_id),
+            ("refunded_amount", found.refunded_amount),
+            ("refunded_at", found.refunded_at),
+            ("reference", found.reference),
+            ("description", found.description),
+            ("order_lines", len(found.order_lines or ())),
+        ],
+    )
+
+
+@click.command(name="refund-get")
+@click.argument("order_id")
+@click.argument("refund_id")
+@connection_options
+@json_option
+def refund_get(order_id: str, refund_id: str, json_output: bool) -> None:
+    """Show one refund of ORDER_ID."""
+    connection = Connection.from_context()
+
+    async def call() -> Refund:
+        async with connection.client() as om:
+            return await om.refunds.get(order_id, refund_id)
+
+    found = run_single(call, json_output=json_output)
+    if json_output:
+        echo_json(to_plain(found))
+    else:
+        _show_refund(_console(), found)
+
+
 #: Registered on the ``klarna-om`` group by ``_app``.
-SINGLE_COMMANDS = (capture, get, list_captures, ship, send_out, order)
+SINGLE_COMMANDS = (capture, get, list_captures, ship, send_out, order, refund, refund_get)

@@ -1,7 +1,8 @@
-"""A fake Klarna Order Management server, to test code that captures Klarna orders.
+"""A fake Klarna Order Management server, to test code that captures and refunds Klarna orders.
 
-``FakeKlarna`` serves the capture endpoints over real HTTP with Klarna's rules (over-capture
-and cancelled/expired orders are refused with 403 ``CAPTURE_NOT_ALLOWED``), Basic auth,
+``FakeKlarna`` serves the capture and refund endpoints over real HTTP with Klarna's rules
+(over-capture and cancelled/expired orders are refused with 403 ``CAPTURE_NOT_ALLOWED``,
+refunds beyond what was captured and not yet refunded with 403 ``REFUND_NOT_ALLOWED``), Basic auth,
 idempotency keys (the first completed answer for a key is replayed, marked with the header
 ``Klarna-Idempotent-Replayed: true``), fault injection, and a record of every request::
 
@@ -29,7 +30,7 @@ from ._faults import (
     ServerFailure,
 )
 from ._idempotency import REPLAYED_HEADER
-from ._ledger import FakeCapture, FakeOrder
+from ._ledger import FakeCapture, FakeOrder, FakeRefund
 from ._recording import RecordedRequest
 from ._server import FakeKlarna
 from ._sleep import InstantSleep
@@ -42,6 +43,7 @@ __all__ = (
     "FakeCapture",
     "FakeKlarna",
     "FakeOrder",
+    "FakeRefund",
     "Fault",
     "InstantSleep",
     "NonJsonError",

@@ -27,8 +27,8 @@ class DropConnection:
 
 @attrs.frozen
 class DropAfterProcessing:
-    """Process the request (book the capture, store the idempotent answer), then close the
-    connection without answering: the client cannot know the capture happened."""
+    """Process the request (book the capture or refund, store the idempotent answer), then
+    close the connection without answering: the client cannot know the booking happened."""
 
 
 def _non_negative(_: object, attribute: attrs.Attribute[float], value: float) -> None:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from ._ledger import CaptureRefused, FakeCapture, FakeOrder, Ledger
+from ._ledger import CaptureRefused, FakeCapture, FakeOrder, Ledger, RefundRefused
 from ._responses import error_response, json_response
-from ._shapes import capture_json, order_json
-from ._validation import BadValue, parse_capture, parse_shipping_info
+from ._shapes import capture_json, order_json, refund_json
+from ._validation import BadValue, parse_capture, parse_refund, parse_shipping_info
 
 __all__ = ("IDEMPOTENCY_HEADER", "ORDERS_PATH", "OrderManagementApi")
 
@@ -15,6 +15,7 @@ ORDERS_PATH = "/ordermanagement/v1/orders"
 IDEMPOTENCY_HEADER = "Klarna-Idempotency-Key"
 _ORDER = ORDERS_PATH + "/{order_id}"
 _CAPTURE = _ORDER + "/captures/{capture_id}"
+_REFUND = _ORDER + "/refunds/{refund_id}"
 
 
 def _no_such_order(order_id: str) -> web.Response:
@@ -39,6 +40,8 @@ class OrderManagementApi:
         router.add_get(_CAPTURE, self.get_capture)
         router.add_post(_CAPTURE + "/shipping-info", self.add_shipping_info)
         router.add_post(_CAPTURE + "/trigger-send-out", self.trigger_send_out)
+        router.add_post(_ORDER + "/refunds", self.create_refund)
+        router.add_get(_REFUND, self.get_refund)
 
     def _order(self, request: web.Request) -> FakeOrder | None:
         return self._ledger.orders.get(request.match_info["order_id"])
@@ -117,3 +120,39 @@ class OrderManagementApi:
             return found
         found.send_outs += 1
         return web.Response(status=204)
+
+    async def create_refund(self, request: web.Request) -> web.Response:
+        """``POST /orders/{order_id}/refunds``: 201, no body, ``Refund-Id`` and ``Location``."""
+        try:
+            body = parse_refund(await request.read())
+        except BadValue as error:
+            return _bad_value(error)
+        order = self._order(request)
+        if order is None:
+            return _no_such_order(request.match_info["order_id"])
+        key = request.headers.get(IDEMPOTENCY_HEADER)
+        try:
+            refund = self._ledger.refund(order, body, key)
+        except RefundRefused as refusal:
+            return error_response(403, "REFUND_NOT_ALLOWED", str(refusal))
+        location = f"{request.scheme}://{request.host}{request.rel_url.raw_path}/{refund.refund_id}"
+        return web.Response(
+            status=201, headers={"Refund-Id": refund.refund_id, "Location": location}
+        )
+
+    async def get_refund(self, request: web.Request) -> web.Response:
+        """``GET /orders/{order_id}/refunds/{refund_id}``: one refund.
+
+        Klarna documents no ``NO_SUCH_REFUND`` code; an unknown refund is 404 ``NOT_FOUND``.
+        """
+        order_id = request.match_info["order_id"]
+        order = self._ledger.orders.get(order_id)
+        if order is None:
+            return _no_such_order(order_id)
+        refund_id = request.match_info["refund_id"]
+        refund = self._ledger.find_refund(order, refund_id)
+        if refund is None:
+            return error_response(
+                404, "NOT_FOUND", f"Refund {refund_id} cannot be found on order {order_id}"
+            )
+        return json_response(refund_json(refund))

@@ -1,4 +1,4 @@
-"""The fake's bookkeeping: orders, the captures booked on them, and the capture rules."""
+"""The fake's bookkeeping: orders, the captures and refunds booked on them, and their rules."""
 
 from __future__ import annotations
 
@@ -15,8 +15,11 @@ __all__ = (
     "FakeCapture",
     "FakeClock",
     "FakeOrder",
+    "FakeRefund",
     "JSONObject",
     "Ledger",
+    "RefundBody",
+    "RefundRefused",
     "check_status",
     "iso_now",
 )
@@ -79,6 +82,23 @@ class FakeCapture:
     idempotency_key: str | None
     #: How many ``POST .../trigger-send-out`` calls were accepted for this capture.
     send_outs: int = 0
+    #: The part of this capture given back by refunds (allocated oldest capture first).
+    refunded_amount: int = 0
+
+
+@attrs.define(eq=False)
+class FakeRefund:
+    """A refund the fake booked, as Klarna would store it."""
+
+    order_id: str
+    refund_id: str
+    refunded_amount: int
+    refunded_at: str
+    description: str | None
+    reference: str | None
+    order_lines: list[JSONObject]
+    #: The ``Klarna-Idempotency-Key`` of the request that booked it.
+    idempotency_key: str | None
 
 
 @attrs.define(eq=False)
@@ -96,6 +116,9 @@ class FakeOrder:
     captured_amount: int = 0
     #: Captures in booking order.
     captures: list[FakeCapture] = attrs.field(factory=list)
+    refunded_amount: int = 0
+    #: Refunds in booking order.
+    refunds: list[FakeRefund] = attrs.field(factory=list)
 
     @property
     def original_order_amount(self) -> int:
@@ -109,9 +132,18 @@ class FakeOrder:
             return 0
         return self.order_amount - self.captured_amount
 
+    @property
+    def refundable_amount(self) -> int:
+        """What can still be refunded: captured and not yet refunded."""
+        return self.captured_amount - self.refunded_amount
+
 
 class CaptureRefused(Exception):
     """Klarna's ``CAPTURE_NOT_ALLOWED``: the order cannot take this capture."""
+
+
+class RefundRefused(Exception):
+    """Klarna's ``REFUND_NOT_ALLOWED``: the order cannot take this refund."""
 
 
 @attrs.frozen
@@ -125,14 +157,26 @@ class CaptureBody:
     shipping_info: list[JSONObject] = attrs.field(factory=list)
 
 
+@attrs.frozen
+class RefundBody:
+    """A validated refund body."""
+
+    refunded_amount: int
+    description: str | None = None
+    reference: str | None = None
+    order_lines: list[JSONObject] = attrs.field(factory=list)
+
+
 class Ledger:
-    """Every order and capture the fake knows, indexed so each request costs O(1)."""
+    """Every order, capture and refund the fake knows, indexed so each request costs O(1)."""
 
     def __init__(self, clock: FakeClock) -> None:
         self.clock = clock
         self.orders: dict[str, FakeOrder] = {}
         self.booked: list[FakeCapture] = []
+        self.booked_refunds: list[FakeRefund] = []
         self._captures: dict[tuple[str, str], FakeCapture] = {}
+        self._refunds: dict[tuple[str, str], FakeRefund] = {}
 
     def add_order(
         self,
@@ -207,6 +251,51 @@ class Ledger:
     def capture(self, order: FakeOrder, capture_id: str) -> FakeCapture | None:
         """The capture with this id on this order, if any."""
         return self._captures.get((order.order_id, capture_id))
+
+    def refund(
+        self, order: FakeOrder, request: RefundBody, idempotency_key: str | None
+    ) -> FakeRefund:
+        """Apply Klarna's refund rules and book the refund, or raise ``RefundRefused``.
+
+        At most what was captured and not yet refunded can be refunded, whatever the order's
+        status; nothing on an order with nothing captured. The refund is spread over the
+        order's captures, oldest first (their ``refunded_amount``). The order is ``CLOSED``
+        once everything captured is refunded and nothing is left to capture.
+        """
+        if order.captured_amount == 0:
+            raise RefundRefused(f"Order {order.order_id} has no captures. Refund not possible.")
+        refundable = order.refundable_amount
+        if request.refunded_amount > refundable:
+            raise RefundRefused(
+                f"Refunded amount {request.refunded_amount} is higher than the captured"
+                f" amount not yet refunded {refundable} of order {order.order_id}."
+            )
+        refund = FakeRefund(
+            order_id=order.order_id,
+            refund_id=str(uuid.uuid4()),
+            refunded_amount=request.refunded_amount,
+            refunded_at=iso_now(self.clock),
+            description=request.description,
+            reference=request.reference,
+            order_lines=request.order_lines,
+            idempotency_key=idempotency_key,
+        )
+        left = request.refunded_amount
+        for capture in order.captures:
+            share = min(left, capture.captured_amount - capture.refunded_amount)
+            capture.refunded_amount += share
+            left -= share
+        order.refunded_amount += request.refunded_amount
+        if order.refundable_amount == 0 and order.remaining_authorized_amount == 0:
+            order.status = "CLOSED"
+        order.refunds.append(refund)
+        self._refunds[order.order_id, refund.refund_id] = refund
+        self.booked_refunds.append(refund)
+        return refund
+
+    def find_refund(self, order: FakeOrder, refund_id: str) -> FakeRefund | None:
+        """The refund with this id on this order, if any."""
+        return self._refunds.get((order.order_id, refund_id))
 
 
 def check_status(status: str) -> None:

@@ -27,7 +27,7 @@ from ._faults import (
 )
 from ._handlers import IDEMPOTENCY_HEADER, OrderManagementApi
 from ._idempotency import IdempotencyStore
-from ._ledger import FakeCapture, FakeClock, FakeOrder, Ledger, check_status
+from ._ledger import FakeCapture, FakeClock, FakeOrder, FakeRefund, Ledger, check_status
 from ._recording import RecordedRequest
 from ._responses import error_response, fault_response
 
@@ -66,8 +66,8 @@ async def _sleep(seconds: float) -> None:
 class FakeKlarna:
     """A fake Klarna Order Management server for tests, demos and benchmarks.
 
-    It serves the capture endpoints over real HTTP with Klarna's rules, Basic auth and
-    idempotency, records every request, and injects faults on demand. ``seed`` makes
+    It serves the capture and refund endpoints over real HTTP with Klarna's rules, Basic auth
+    and idempotency, records every request, and injects faults on demand. ``seed`` makes
     probabilistic faults (``inject(..., probability=p)``) fall on the same requests every run.
     """
 
@@ -204,7 +204,8 @@ class FakeKlarna:
         return [self.add_order(amount=amount, currency=currency) for _ in range(n)]
 
     def order(self, order_id: str) -> FakeOrder:
-        """The fake's live view of an order (amounts, status, captures); ``KeyError`` if none."""
+        """The fake's live view of an order (amounts, status, captures, refunds); ``KeyError``
+        if none."""
         return self._ledger.order(order_id)
 
     def set_order_status(self, order_id: str, status: str) -> None:
@@ -220,6 +221,15 @@ class FakeKlarna:
     def booked_captures(self) -> Sequence[FakeCapture]:
         """Every capture booked on any order, in booking order (live)."""
         return self._ledger.booked
+
+    def refunds(self, order_id: str) -> list[FakeRefund]:
+        """The refunds booked on one order, in booking order; ``KeyError`` if no such order."""
+        return list(self._ledger.order(order_id).refunds)
+
+    @property
+    def booked_refunds(self) -> Sequence[FakeRefund]:
+        """Every refund booked on any order, in booking order (live)."""
+        return self._ledger.booked_refunds
 
     # -- observation -------------------------------------------------------------------------
 

@@ -1,10 +1,10 @@
-"""Klarna's JSON shapes for orders and captures, built as plain dicts from the fake's ledger."""
+"""Klarna's JSON shapes for orders, captures and refunds, as plain dicts from the fake's ledger."""
 
 from __future__ import annotations
 
-from ._ledger import FakeCapture, FakeOrder, JSONObject
+from ._ledger import FakeCapture, FakeOrder, FakeRefund, JSONObject
 
-__all__ = ("capture_json", "order_json")
+__all__ = ("capture_json", "order_json", "refund_json")
 
 # The addresses of Klarna's own capture sample (docs.klarna.com, "Capture and track orders").
 _ADDRESS: JSONObject = {
@@ -31,7 +31,7 @@ def capture_json(capture: FakeCapture) -> JSONObject:
         "captured_amount": capture.captured_amount,
         "captured_at": capture.captured_at,
         "order_lines": capture.order_lines,
-        "refunded_amount": 0,
+        "refunded_amount": capture.refunded_amount,
         "billing_address": _ADDRESS,
         "shipping_address": _ADDRESS,
         "shipping_info": capture.shipping_info,
@@ -41,6 +41,22 @@ def capture_json(capture: FakeCapture) -> JSONObject:
         body["description"] = capture.description
     if capture.reference is not None:
         body["reference"] = capture.reference
+    return body
+
+
+def refund_json(refund: FakeRefund) -> JSONObject:
+    """A refund as ``GET .../refunds/{refund_id}`` returns it."""
+    body: JSONObject = {
+        "refund_id": refund.refund_id,
+        "refunded_amount": refund.refunded_amount,
+        "refunded_at": refund.refunded_at,
+        "order_lines": refund.order_lines,
+    }
+    # As for captures: the spec's strings are not nullable, so absent values are left out.
+    if refund.description is not None:
+        body["description"] = refund.description
+    if refund.reference is not None:
+        body["reference"] = refund.reference
     return body
 
 
@@ -67,7 +83,7 @@ def order_json(order: FakeOrder) -> JSONObject:
         "order_amount": order.order_amount,
         "original_order_amount": order.original_order_amount,
         "captured_amount": order.captured_amount,
-        "refunded_amount": 0,
+        "refunded_amount": order.refunded_amount,
         "remaining_authorized_amount": order.remaining_authorized_amount,
         "purchase_currency": order.purchase_currency,
         "locale": _LOCALES.get(order.purchase_currency, "en-US"),
@@ -78,7 +94,7 @@ def order_json(order: FakeOrder) -> JSONObject:
         "billing_address": _ADDRESS,
         "shipping_address": _ADDRESS,
         "captures": [capture_json(capture) for capture in order.captures],
-        "refunds": [],
+        "refunds": [refund_json(refund) for refund in order.refunds],
     }
     if order.merchant_reference1 is not None:
         body["merchant_reference1"] = order.merchant_reference1

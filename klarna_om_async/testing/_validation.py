@@ -10,9 +10,9 @@ from typing import TypeGuard
 
 import orjson
 
-from ._ledger import CaptureBody, JSONObject
+from ._ledger import CaptureBody, JSONObject, RefundBody
 
-__all__ = ("BadValue", "parse_capture", "parse_shipping_info")
+__all__ = ("BadValue", "parse_capture", "parse_refund", "parse_shipping_info")
 
 MAX_AMOUNT = 200_000_000
 _MAX_ORDER_LINES = 1000
@@ -148,6 +148,25 @@ def parse_capture(body: bytes) -> CaptureBody:
         reference=reference,
         order_lines=order_lines,
         shipping_info=shipping_info,
+    )
+
+
+def parse_refund(body: bytes) -> RefundBody:
+    """Validate a ``POST .../refunds`` body (Klarna's RefundObject)."""
+    data = _object(body)
+    amount = data.get("refunded_amount")
+    # Klarna's RefundObject allows 0..200000000 (minimum: 0), as the client's model does.
+    if not (_is_int(amount) and 0 <= amount <= MAX_AMOUNT):
+        raise BadValue(f"Bad value: refunded_amount (an integer from 0 to {MAX_AMOUNT})")
+    description = _optional_string(data, "description", 255, "")
+    reference = _optional_string(data, "reference", 255, "")
+    order_lines = _object_list(data, "order_lines", 0, _MAX_ORDER_LINES)
+    _check_order_lines(order_lines)
+    return RefundBody(
+        refunded_amount=amount,
+        description=description,
+        reference=reference,
+        order_lines=order_lines,
     )
 
 

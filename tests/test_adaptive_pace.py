@@ -1,0 +1,343 @@
+"""A pace learned from 429s when Klarna states no limit: down on a 429, back up, settled.
+
+The batches here run over real HTTP on loopback against a small rate-limited server, in
+virtual time: every sleep parks its task until the clock reaches its wake-up, and the clock
+moves (to the earliest wake-up) only when no request is on the wire, one sleeper at a time.
+So a request reaches the server at exactly the virtual time it was sent, and a run is the
+same on every machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
+
+import pytest
+from aiohttp import web
+
+from klarna_om_async import (
+    CaptureRequest,
+    CaptureStatus,
+    Handler,
+    KlarnaOM,
+    Request,
+    Response,
+)
+from klarna_om_async.config import RetryPolicy
+from klarna_om_async.throttle import (
+    ADAPTIVE_DECREASE,
+    ADAPTIVE_FORGET,
+    ADAPTIVE_RECOVERY,
+    AdaptiveRate,
+    ThrottleMiddleware,
+)
+
+T = TypeVar("T")
+
+
+class SimulatedTime:
+    """Virtual time for many tasks whose requests go over real sockets.
+
+    ``sleep`` parks the task; ``run`` wakes the earliest sleeper (moving the clock to its
+    wake-up) whenever no request is between ``middleware`` and its answer and the tasks that
+    can run have run. A task asleep inside ``middleware`` (the transport's pause re-check) is
+    not on the wire.
+    """
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.waits: list[float] = []
+        self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._order = itertools.count()
+        self._on_wire: set[asyncio.Task[Any]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def clock(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.waits.append(seconds)
+        task = asyncio.current_task()
+        assert task is not None
+        wake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._sleepers, (self.now + max(seconds, 0.0), next(self._order), wake))
+        sending = task in self._on_wire
+        if sending:
+            self._leave(task)
+        try:
+            await wake
+        finally:
+            if sending:
+                self._enter(task)
+
+    async def middleware(self, request: Request, call_next: Handler) -> Response:
+        """Marks the attempt as on the wire until it is answered."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._enter(task)
+        try:
+            return await call_next(request)
+        finally:
+            self._leave(task)
+
+    def _enter(self, task: asyncio.Task[Any]) -> None:
+        self._on_wire.add(task)
+        self._idle.clear()
+
+    def _leave(self, task: asyncio.Task[Any]) -> None:
+        self._on_wire.discard(task)
+        if not self._on_wire:
+            self._idle.set()
+
+    async def run(self, main: Coroutine[Any, Any, T]) -> T:
+        work = asyncio.ensure_future(main)
+        while not work.done():
+            # The safety net only turns a hang (a bug) into a failure; it times nothing.
+            await asyncio.wait_for(self._idle.wait(), 30)
+            for _ in range(50):  # let every task that can run reach a sleep or the wire
+                await asyncio.sleep(0)
+            if work.done() or not self._idle.is_set():
+                continue
+            assert self._sleepers, "every task waits, and none on the clock"
+            when, _, wake = heapq.heappop(self._sleepers)
+            self.now = max(self.now, when)
+            wake.set_result(None)
+        return work.result()
+
+
+class LimitedServer:
+    """Books captures, at most ``limit`` a virtual second (fixed windows on the clock's
+    seconds, every request counted), 429 beyond; no ``Retry-After`` and no ``X-Ratelimit-*``
+    unless ``stated`` (then ``X-Ratelimit-Limit`` on every answer)."""
+
+    def __init__(self, time: SimulatedTime, limit: int, *, stated: bool = False) -> None:
+        self.time = time
+        self.limit = limit
+        self.stated = stated
+        #: (virtual arrival time, status, the client's pace then in requests per second)
+        self.arrivals: list[tuple[float, int, float | None]] = []
+        self.client_rate: Callable[[], float | None] = lambda: None
+        self._window = -1
+        self._used = 0
+
+    async def capture(self, request: web.Request) -> web.Response:
+        now = self.time.now
+        window = math.floor(now + 1e-9)  # a grid slot may land a hair under a whole second
+        if window != self._window:
+            self._window, self._used = window, 0
+        self._used += 1
+        status = 201 if self._used <= self.limit else 429
+        self.arrivals.append((now, status, self.client_rate()))
+        headers = {"X-Ratelimit-Limit": str(self.limit)} if self.stated else {}
+        if status == 201:
+            headers["Capture-Id"] = f"cap-{len(self.arrivals)}"
+            return web.Response(status=201, headers=headers)
+        return web.json_response(
+            {"error_code": "TOO_MANY_REQUESTS", "error_messages": ["slow down"]},
+            status=429,
+            headers=headers,
+        )
+
+    def after(self, start: float) -> list[tuple[float, int, float | None]]:
+        return [a for a in self.arrivals if a[0] >= start]
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Callable[[LimitedServer], Awaitable[str]]]:
+    runners: list[web.AppRunner] = []
+
+    async def start(server: LimitedServer) -> str:
+        app = web.Application()
+        app.router.add_post("/ordermanagement/v1/orders/{order}/captures", server.capture)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        return f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+def client(url: str, time: SimulatedTime, rate_limit: float | None = None) -> KlarnaOM:
+    policy = RetryPolicy(sleep=time.sleep, jitter=lambda d: d, deadline=600)
+    return KlarnaOM(
+        "u",
+        "p",
+        base_url=url,
+        retry=policy,
+        clock=time.clock,
+        rate_limit=rate_limit,
+        middlewares=[time.middleware],
+    )
+
+
+def throttle_of(om: KlarnaOM) -> ThrottleMiddleware:
+    return next(m for m in om.chain if isinstance(m, ThrottleMiddleware))
+
+
+async def capture_all(om: KlarnaOM, n: int, concurrency: int) -> list[CaptureStatus]:
+    items = [(f"o{i}", CaptureRequest(captured_amount=100)) for i in range(n)]
+    return [o.status async for o in om.capture_many(items, concurrency=concurrency)]
+
+
+def gaps(times: list[float]) -> list[float]:
+    return [b - a for a, b in itertools.pairwise(times)]
+
+
+def busiest_second(times: list[float]) -> int:
+    return max(sum(1 for t in times[i:] if t < start + 1 - 1e-9) for i, start in enumerate(times))
+
+
+# --- the algorithm on its own ---------------------------------------------------------------
+
+
+def test_a_429_drops_the_pace_under_what_got_through_and_it_climbs_back_on_a_curve() -> None:
+    rate = AdaptiveRate()
+    for i in range(20):
+        rate.answered(0.01 + i / 20)  # 20 answers in the second before the 429
+    assert rate.limited(asked_at=0.99, now=1.0, resume_at=2.0, in_flight=5)
+    assert rate.ceiling == 20
+    assert rate.rate_at(1.5) == pytest.approx(ADAPTIVE_DECREASE * 20)  # paused: flat
+    assert rate.rate_at(2.0) == pytest.approx(18.0)  # the climb starts after the pause
+    assert rate.rate_at(2.0 + ADAPTIVE_RECOVERY / 2) == pytest.approx(20 * (1 - 0.1 / 8))
+    assert rate.rate_at(2.0 + ADAPTIVE_RECOVERY) == pytest.approx(20.0)
+    assert rate.rate_at(2.0 + 1.5 * ADAPTIVE_RECOVERY) == pytest.approx(20 * (1 + 0.1 / 8))
+    # Well past the estimate without a 429: forgotten, the client is unpaced again.
+    forget_at = 2.0 + ADAPTIVE_RECOVERY * (1 + ((ADAPTIVE_FORGET - 1) / 0.1) ** (1 / 3))
+    assert rate.rate_at(forget_at - 0.01) is not None
+    assert rate.rate_at(forget_at + 0.01) is None
+    assert rate.pace_at(forget_at + 0.01) is None
+    assert rate.pace is None
+
+
+def test_one_overshoot_lowers_the_pace_once() -> None:
+    rate = AdaptiveRate()
+    for i in range(10):
+        rate.answered(0.05 + i / 10)
+    assert rate.limited(asked_at=0.95, now=1.0, resume_at=1.0, in_flight=3)
+    # The burst of 429s to requests sent before the decrease is the same event.
+    assert not rate.limited(asked_at=0.97, now=1.02, resume_at=1.0, in_flight=2)
+    assert rate.ceiling == 10
+    # Answers to requests that were in flight raise the estimate, for one window more.
+    for i in range(5):
+        rate.answered(1.05 + i / 100)
+    assert rate.ceiling == 14  # 9 of the first second still within the last second, + 5
+    # A 429 to a request sent after the decrease is a new event.
+    assert rate.limited(asked_at=1.5, now=1.6, resume_at=1.6, in_flight=1)
+
+
+def test_a_lone_request_teaches_no_pace() -> None:
+    rate = AdaptiveRate()
+    assert not rate.limited(asked_at=0.0, now=0.2, resume_at=1.2, in_flight=0)
+    assert rate.rate_at(0.5) is None
+    # With others in flight and nothing answered yet, the estimate starts at its floor and
+    # the answers that come in during the pause raise it.
+    assert rate.limited(asked_at=0.0, now=0.2, resume_at=1.2, in_flight=7)
+    assert rate.ceiling == 1
+    for i in range(7):
+        rate.answered(0.3 + i / 100)
+    assert rate.rate_at(1.2) == pytest.approx(ADAPTIVE_DECREASE * 7)
+
+
+# --- a batch against a limit nobody states --------------------------------------------------
+
+
+async def test_without_rate_headers_the_pace_drops_after_a_429_then_climbs_and_settles(
+    serve: Callable[[LimitedServer], Awaitable[str]],
+) -> None:
+    time = SimulatedTime()
+    server = LimitedServer(time, limit=20)
+    url = await serve(server)
+    async with client(url, time) as om:
+        throttle = throttle_of(om)
+        server.client_rate = lambda: throttle.rate
+        statuses = await time.run(capture_all(om, 300, concurrency=32))
+    assert statuses == [CaptureStatus.CAPTURED] * 300
+
+    # Second 0, before anything is known: everyone at once (the server answers in no
+    # virtual time, so workers that got a 201 send their next item at once too). 20 booked.
+    first = [a for a in server.arrivals if a[0] < 1]
+    assert {a[0] for a in first} == {0.0}
+    assert sum(a[1] == 201 for a in first) == 20
+    # The 429s paused the client for 1 s and taught it 90% of the 20 it let through: the
+    # held-back requests then left on that grid, one by one, not in a burst.
+    resumed = server.after(1.0)
+    assert resumed[0][0] == 1.0
+    assert resumed[0][2] == pytest.approx(18.0)
+    assert gaps([a[0] for a in resumed[:5]]) == pytest.approx([1 / 18] * 4, rel=0.01)
+    assert min(gaps([a[0] for a in resumed])) >= 1 / (ADAPTIVE_FORGET * 20)
+    # From there the pace climbs back to 20/s, and past it, until a 429 lowers it again.
+    rates = [a[2] for a in resumed]
+    assert all(r is not None for r in rates)
+    peak = max(i for i, r in enumerate(rates) if r is not None and r > 20.5)
+    assert any(r is not None and r < 18.5 for r in rates[peak:])
+    # It settles just under the limit: each later overshoot costs one 429, not a burst (the
+    # requests asleep on slots given at the old rate take new ones on the slower grid), and
+    # the batch books 90%+ of what the limit allows.
+    later_429s = [a[0] for a in resumed if a[1] == 429]
+    assert 1 <= len(later_429s) <= 3
+    assert all(b - a > 1 for a, b in itertools.pairwise(later_429s))
+    booked = [a[0] for a in resumed if a[1] == 201]
+    assert (len(booked) - 1) / (booked[-1] - booked[0]) >= 0.9 * 20
+    assert om.rate_limited_count == len(first) - 20 + len(later_429s)
+
+
+async def test_a_stated_limit_wins_over_the_learned_pace(
+    serve: Callable[[LimitedServer], Awaitable[str]],
+) -> None:
+    time = SimulatedTime()
+    server = LimitedServer(time, limit=20, stated=True)
+    url = await serve(server)
+    async with client(url, time) as om:
+        throttle = throttle_of(om)
+        server.client_rate = lambda: throttle.rate
+        statuses = await time.run(capture_all(om, 100, concurrency=32))
+    assert statuses == [CaptureStatus.CAPTURED] * 100
+    resumed = server.after(1.0)
+    # Paced at 95% of the stated 20/s from the first answer on, whatever the 429s said.
+    assert {round(a[2] or 0, 9) for a in resumed} == {19.0}
+    assert gaps([a[0] for a in resumed]) == pytest.approx([1 / 19] * (len(resumed) - 1))
+    assert [a for a in resumed if a[1] == 429] == []
+
+
+async def test_the_users_rate_limit_wins_over_both(
+    serve: Callable[[LimitedServer], Awaitable[str]],
+) -> None:
+    time = SimulatedTime()
+    server = LimitedServer(time, limit=20, stated=True)
+    url = await serve(server)
+    async with client(url, time, rate_limit=25) as om:
+        throttle = throttle_of(om)
+        server.client_rate = lambda: throttle.rate
+        statuses = await time.run(capture_all(om, 100, concurrency=32))
+    assert statuses == [CaptureStatus.CAPTURED] * 100
+    # 25/s is too fast for this server, and it says so, but the user's pace is the pace.
+    assert om.rate_limited_count > 0
+    assert {a[2] for a in server.arrivals} == {25.0}
+    assert min(gaps([a[0] for a in server.arrivals])) >= 1 / 25 - 1e-9
+    assert throttle.adaptive.pace is None
+
+
+async def test_the_users_rate_limit_wins_over_the_learned_pace(
+    serve: Callable[[LimitedServer], Awaitable[str]],
+) -> None:
+    time = SimulatedTime()
+    server = LimitedServer(time, limit=20)
+    url = await serve(server)
+    async with client(url, time, rate_limit=25) as om:
+        throttle = throttle_of(om)
+        server.client_rate = lambda: throttle.rate
+        statuses = await time.run(capture_all(om, 100, concurrency=32))
+    assert statuses == [CaptureStatus.CAPTURED] * 100
+    assert om.rate_limited_count > 0
+    assert {a[2] for a in server.arrivals} == {25.0}
+    assert min(gaps([a[0] for a in server.arrivals])) >= 1 / 25 - 1e-9
+    assert throttle.adaptive.pace is None
