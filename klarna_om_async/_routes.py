@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import re
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 from urllib.parse import quote
 
 import yarl
 
 from ._convert import from_json
 from ._version import __version__
-from .errors import KlarnaResponseError, ValidationError
+from .errors import IdempotencyKeyReusedError, KlarnaResponseError, ValidationError
 from .middleware import Request, Response
 
 T = TypeVar("T")
@@ -79,33 +79,53 @@ def refund_path(order_id: str, refund_id: str) -> str:
     return f"{order_path(order_id)}/refunds/{quote_id('refund_id', refund_id)}"
 
 
-def _id_in_location(location: str, collection_path: str) -> str:
-    """The id in a Location URL naming an item of ``collection_path`` (e.g. this order's
-    ``.../orders/{order_id}/captures/{capture_id}``; query and fragment ignored), else ``""``:
-    a Location naming another order's item is no answer to this request."""
+#: What a 201 creates, by the collection its ``Location`` names.
+_CREATED_NOUNS = {"captures": "capture", "refunds": "refund"}
+
+
+def _named_in_location(location: str) -> tuple[str, str, str] | None:
+    """``(order_id, collection, item_id)`` of a Location ending in
+    ``/orders/{order_id}/captures|refunds/{item_id}`` (query and fragment ignored), else None.
+    """
     try:
         parts = yarl.URL(location).parts  # decoded segments: "a%2Fb" stays one segment
     except ValueError:
-        return ""
-    expected = yarl.URL(collection_path).parts[-3:]  # ("orders", order_id, "captures")
-    if len(parts) >= 4 and parts[-4:-1] == expected and parts[-1].strip():
-        return parts[-1]
-    return ""
+        return None
+    if len(parts) < 4 or parts[-4] != "orders" or parts[-2] not in _CREATED_NOUNS:
+        return None
+    order_id, collection, item_id = parts[-3:]
+    if not order_id.strip() or not item_id.strip():
+        return None
+    return order_id, collection, item_id
 
 
 def created(response: Response, id_header: str, noun: str) -> tuple[str, str, str]:
     """``(id, location, idempotency_key)`` of what a 201 created, read from its headers.
 
-    A non-blank ``id_header`` (``Capture-Id``, ``Refund-Id``) wins; otherwise ``Location``
-    must name an item of the collection the request posted to. Anything else raises
-    ``KlarnaResponseError``: Klarna booked the ``noun``, but which one is unknown, so its
-    ``outcome_unknown`` is true.
+    A ``Location`` naming an item of another order or another collection than the one the
+    request posted to is Klarna replaying the answer of an earlier request made with the
+    same key: ``IdempotencyKeyReusedError`` (nothing happened for this request). Otherwise
+    a non-blank ``id_header`` (``Capture-Id``, ``Refund-Id``) wins, then the id in the
+    ``Location``. Anything else raises ``KlarnaResponseError``: Klarna booked the ``noun``,
+    but which one is unknown, so its ``outcome_unknown`` is true.
     """
     location = response.headers.get("Location")
+    named = _named_in_location(location) if location else None
+    if named is not None and location is not None:
+        _check_same_collection(response, named, location)
     created_id = (response.headers.get(id_header) or "").strip()
-    if not created_id and location:
-        created_id = _id_in_location(location, response.request.path)
+    if not created_id and named is not None:
+        created_id = named[2]
     key = response.request.idempotency_key
+    if not created_id and response.status == 204:
+        # Only the calls that create nothing (shipping info, send-out) answer 204: a key
+        # sent before with one of them gets its 204 replayed for this create.
+        _raise_reused(
+            response,
+            "its answer, 204 No Content, is that of a call that creates nothing (shipping"
+            f" info, send-out), not a new {noun}",
+            location or "",
+        )
     if not created_id or key is None:
         raise unreadable(
             response,
@@ -113,6 +133,41 @@ def created(response: Response, id_header: str, noun: str) -> tuple[str, str, st
             f" {noun} (Location: {location!r})",
         )
     return created_id, location or f"{response.url}/{created_id}", key
+
+
+def _check_same_collection(response: Response, named: tuple[str, str, str], location: str) -> None:
+    """Raise ``IdempotencyKeyReusedError`` when ``named`` (from the 201's ``location``) is not
+    an item of the collection the request posted to.
+
+    Order ids compare without regard to case (Klarna's are UUIDs): a false alarm here would
+    report a booked capture or refund as not booked, and invite a second one.
+    """
+    order_id, collection, item_id = named
+    request = response.request
+    own_order, own_collection = yarl.URL(request.path).parts[-2:]
+    if order_id.casefold() == own_order.casefold() and collection == own_collection:
+        return
+    _raise_reused(
+        response,
+        f"its Location names {_CREATED_NOUNS[collection]} {item_id} of order {order_id}, not a"
+        f" new {_CREATED_NOUNS.get(own_collection, own_collection)} of order {own_order}",
+        location,
+    )
+
+
+def _raise_reused(response: Response, what: str, location: str) -> NoReturn:
+    request = response.request
+    key = request.idempotency_key
+    error = IdempotencyKeyReusedError(
+        f"Klarna answered with the result of an earlier request made with idempotency key"
+        f" {key!r}: {what}, so Klarna did nothing for this call",
+        status=response.status,
+        location=location,
+    )
+    error.bind(
+        method=request.method, url=response.url, idempotency_key=key, attempts=response.attempts
+    )
+    raise error
 
 
 def get(path: str) -> Request:

@@ -61,12 +61,19 @@ class CapturesService:
         (e.g. ``CaptureNotAllowedError``); ``KlarnaConnectionError``/``KlarnaTimeoutError``
         when retries ran out; ``KlarnaResponseError`` (outcome unknown: booked, but the id is
         unreadable) when the 201 has neither a ``Capture-Id`` nor a ``Location`` ending in
-        ``/captures/{capture_id}``. In detail:
+        ``/captures/{capture_id}``; ``IdempotencyKeyReusedError`` when Klarna replayed the
+        answer of an earlier request made with this key. In detail:
 
         - ``CaptureNotAllowedError`` (403 ``CAPTURE_NOT_ALLOWED``): over-capture, or the
           order is cancelled or expired; ``NoSuchOrderError`` (404); ``AuthenticationError``
           (401); ``BadRequestError`` (400) / ``UnprocessableEntityError`` (422): a body
           Klarna rejects. Not retried; nothing was captured.
+        - ``IdempotencyKeyReusedError``: the key was sent before with another request (for
+          another order, or for a refund), and the 201 is that request's answer: its
+          ``Location`` names another order's item or not a capture. Not retried; nothing was
+          captured for this call; send it again with a new key. A key reused for another
+          amount on the same order cannot be told from the 201: read the capture back with
+          ``get`` to compare amounts.
         - ``ServerError`` (5xx), ``RateLimitError`` (429), ``ConflictError`` (409),
           ``KlarnaConnectionError``, ``KlarnaTimeoutError``: retried with the same key, raised
           when the retry policy gives up; check ``err.outcome_unknown``.

@@ -20,6 +20,7 @@ __all__ = (
     "BadRequestError",
     "CaptureNotAllowedError",
     "ConflictError",
+    "IdempotencyKeyReusedError",
     "ItemConflictError",
     "KlarnaAPIError",
     "KlarnaConnectionError",
@@ -156,6 +157,39 @@ class KlarnaResponseError(KlarnaError):
 
     def __str__(self) -> str:
         return f"{self.message} ({self.status} on {self.method} {self.url}).{self._retry_hint()}"
+
+
+class IdempotencyKeyReusedError(KlarnaError):
+    """Klarna answered with the result of an earlier request made with the same idempotency
+    key, so it did nothing for this call.
+
+    Klarna replays by key alone ("input values of the operation are disregarded ..., only
+    the key matters"): a key sent before with another request (another order, or a capture's
+    key sent with a refund) gets that request's 201 back. The client tells by the answer's
+    ``Location``, which names the earlier request's capture or refund (``location``), not an
+    item of the collection this call posted to. Nothing was booked for this call, whatever
+    its earlier attempts met (each was answered from the same record), so ``outcome_unknown``
+    is False: a key belongs to one request; send this one again with a new key.
+    """
+
+    def __init__(self, message: str, *, status: int, location: str) -> None:
+        super().__init__(message)
+        self.message = message
+        #: The HTTP status of the replayed answer (201, or 204 for a shipping-info key).
+        self.status = status
+        #: The ``Location`` Klarna answered with: what the earlier request created.
+        self.location = location
+
+    @property
+    def outcome_unknown(self) -> bool:
+        """Never: Klarna replayed another request's answer and did nothing for this one."""
+        return False
+
+    def __str__(self) -> str:
+        return (
+            f"{self.message} ({self.status} on {self.method} {self.url}). A key belongs to"
+            " one request: send this one again with a new key."
+        )
 
 
 class KlarnaAPIError(KlarnaError):

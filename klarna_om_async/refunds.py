@@ -53,13 +53,20 @@ class RefundsService:
         (e.g. ``RefundNotAllowedError``); ``KlarnaConnectionError``/``KlarnaTimeoutError``
         when retries ran out; ``KlarnaResponseError`` (outcome unknown: booked, but the id is
         unreadable) when the 201 has neither a ``Refund-Id`` nor a ``Location`` ending in
-        ``/refunds/{refund_id}``. In detail:
+        ``/refunds/{refund_id}``; ``IdempotencyKeyReusedError`` when Klarna replayed the
+        answer of an earlier request made with this key. In detail:
 
         - ``RefundNotAllowedError`` (403 ``REFUND_NOT_ALLOWED``): the amount is above what
           was captured and not yet refunded (or nothing was captured); ``NoSuchOrderError``
           (404); ``AuthenticationError`` (401); ``BadRequestError`` (400) /
           ``UnprocessableEntityError`` (422): a body Klarna rejects. Not retried; nothing
           was refunded.
+        - ``IdempotencyKeyReusedError``: the key was sent before with another request (for
+          another order, or for a capture), and the 201 is that request's answer: its
+          ``Location`` names another order's item or not a refund. Not retried; nothing was
+          refunded for this call; send it again with a new key. A key reused for another
+          amount on the same order cannot be told from the 201: read the refund back with
+          ``get`` to compare amounts.
         - ``ServerError`` (5xx), ``RateLimitError`` (429), ``ConflictError`` (409),
           ``KlarnaConnectionError``, ``KlarnaTimeoutError``: retried with the same key, raised
           when the retry policy gives up; check ``err.outcome_unknown``.

@@ -1277,3 +1277,34 @@ def test_reconcile_captured_with_klarna_unreachable_is_one_line(tmp_path: Path) 
     assert "Traceback" not in result.output
     assert "nothing was settled" in result.stderr
     assert journal_summary(journal) == {"needs_review": 1}
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["ship", "o-1", " ", "--company", "DHL", "--tracking-number", "1"],
+        ["send-out", "..", "c-1"],
+        ["get", "o-1", "."],
+        ["list", " "],
+        ["order", ".."],
+        ["refund-get", "o-1", " "],
+    ],
+)
+def test_a_blank_or_dot_id_is_one_json_error_before_any_key(
+    served: ServedFake, args: list[str]
+) -> None:
+    result = cli([*args, "--json"], served)
+    assert result.exit_code == 2
+    [error] = json_lines(result.stdout)  # no request announced, and one error object
+    assert (error["type"], error["exit_code"]) == ("error", 2)
+    assert "idempotency key" not in result.stderr
+    assert served.do(lambda: len(served.fake.requests)) == 0
+
+
+def test_capture_json_echoes_the_trimmed_order_id(served: ServedFake) -> None:
+    order_id = served.add_order(1000)
+    result = cli(["capture", f" {order_id} ", "--amount", "1000", "--json"], served)
+    assert result.exit_code == 0, result.output
+    request, printed = json_lines(result.stdout)
+    assert request["order_id"] == printed["order_id"] == order_id
+    assert (printed["captured_amount"], printed["amount_verified"]) == (1000, True)

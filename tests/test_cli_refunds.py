@@ -84,6 +84,8 @@ def test_refund_json_prints_the_request_then_the_result_with_the_given_key(
         "location": f"{served.fake.base_url}{ORDERS}/{order_id}/refunds/{booked.refund_id}",
         "idempotency_key": "rk-1",
         "attempts": 1,
+        "refunded_amount": 10000,  # read back from Klarna: what it booked
+        "amount_verified": True,
     }
     assert booked.idempotency_key == "rk-1"
     assert served.do(lambda: served.fake.order(order_id).status) == "CLOSED"
@@ -223,3 +225,59 @@ def test_help_lists_the_refund_commands() -> None:
     refund_help = cli(["refund", "--help"]).stdout
     for word in ("--amount", "minor units", "--idempotency-key", "--reference", "--json"):
         assert word in refund_help
+
+
+@pytest.mark.parametrize("command", ["refund", "capture"])
+@pytest.mark.parametrize("order_id", [" ", "", ".", ".."])
+def test_a_blank_or_dot_order_id_is_one_json_error_before_any_key(
+    served: ServedFake, command: str, order_id: str
+) -> None:
+    sent = served.do(lambda: len(served.fake.requests))
+    result = cli([command, order_id, "--amount", "1", "--json"], served)
+    assert result.exit_code == 2
+    [error] = json_lines(result.stdout)  # no request announced, one error object
+    assert (error["type"], error["outcome_unknown"], error["exit_code"]) == ("error", False, 2)
+    assert "order_id" in error["message"]
+    assert KEY_LINE not in result.stderr
+    assert served.do(lambda: len(served.fake.requests)) == sent
+
+
+def test_refund_json_echoes_the_trimmed_order_id(served: ServedFake) -> None:
+    order_id = captured(served)
+    result = cli(["refund", f"  {order_id}\t", "--amount", "100", "--json"], served)
+    assert result.exit_code == 0, result.output
+    request, printed = json_lines(result.stdout)
+    assert request["order_id"] == printed["order_id"] == order_id
+    assert [r.refunded_amount for r in refunds(served, order_id)] == [100]
+
+
+@pytest.mark.parametrize("command", ["refund", "capture"])
+@pytest.mark.parametrize("amount", ["1_000", " 100", "100 ", "\u0661\u0660\u0660"])
+def test_an_amount_is_an_optional_sign_and_ascii_digits_only(
+    served: ServedFake, command: str, amount: str
+) -> None:
+    order_id = captured(served)
+    sent = served.requests_for(order_id)
+    result = cli([command, order_id, "--amount", amount], served)
+    assert result.exit_code == 2
+    assert "not a valid integer" in result.stderr
+    assert KEY_LINE not in result.output
+    assert served.requests_for(order_id) == sent
+
+
+def test_the_order_view_lists_its_refunds(served: ServedFake) -> None:
+    order_id = captured(served)
+    args = ["refund", order_id, "--amount", "2500", "--reference", "RMA-7", "--json"]
+    refund_id = json_lines(cli(args, served).stdout)[-1]["refund_id"]
+    human = cli(["order", order_id], served, env={"COLUMNS": "200"})
+    assert human.exit_code == 0, human.output
+    assert f"Refunds of order {order_id}" in human.stdout
+    [row] = [line for line in human.stdout.splitlines() if refund_id in line]
+    assert "2500" in row
+    assert "RMA-7" in row
+
+
+def test_the_top_level_help_covers_refunds() -> None:
+    text = " ".join(cli(["--help"]).stdout.split())
+    assert "Capture and refund Klarna orders" in text
+    assert "Capture Klarna orders:" not in text

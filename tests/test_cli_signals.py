@@ -245,7 +245,7 @@ def test_a_signal_during_a_money_moving_command_prints_an_error_object_naming_th
     command = start([*args, "--json"], served.fake.base_url)
     with command:
         try:
-            served.wait_for_requests(2)
+            served.wait_for_requests(3)  # the capture above sent 2: its POST and read-back
             request = orjson.loads(read_line(command.stdout))
             stdout, stderr = stop(command, signum)
         finally:
@@ -577,9 +577,10 @@ def test_sigterm_in_this_process_cancels_the_call_and_reports_it(
         "order": ["order", order_id],
     }[command_name]
     served.do(lambda: served.fake.inject(Delay(30, after_processing=True)))
-    # SIGTERM once the request has arrived (and is answered only in 30 s).
+    # SIGTERM once the request has arrived (and is answered only in 30 s); the capture
+    # above sent 2: its POST and its read-back.
     sender = threading.Thread(
-        target=lambda: (served.wait_for_requests(2), os.kill(os.getpid(), signal.SIGTERM))
+        target=lambda: (served.wait_for_requests(3), os.kill(os.getpid(), signal.SIGTERM))
     )
     sender.start()
     try:

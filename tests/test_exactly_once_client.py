@@ -186,7 +186,7 @@ CAPTURES = "{origin}/ordermanagement/v1/orders/o1/captures"
         {"Location": CAPTURES + "/#latest"},
         {"Location": CAPTURES},
         {"Location": "/foo/bar"},
-        {"Location": "/ordermanagement/v1/orders/OTHER/captures/cap-9"},  # another order's
+        # Another order's capture: a reused key, not an unknown outcome (test_key_reuse.py).
         {"Location": "https://elsewhere.example/captures/abc"},
         {"Location": "http://[::1"},
         {"Capture-Id": " ", "Location": CAPTURES + "/"},

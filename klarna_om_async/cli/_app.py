@@ -58,7 +58,8 @@ class _Group(click.Group):
 )
 @connection_options
 def main(verbose: bool) -> None:
-    """Capture Klarna orders: one at a time, or thousands from a file, exactly once.
+    """Capture and refund Klarna orders exactly once: one at a time, or captures by the
+    thousand from a file.
 
     Try `klarna-om demo` first: it needs no credentials. Other commands read credentials
     from KLARNA_USERNAME, KLARNA_PASSWORD, KLARNA_REGION (eu, na, oc) and
@@ -68,12 +69,14 @@ def main(verbose: bool) -> None:
     the command name.
     Amounts are integer minor units (1050 = 10.50). --json prints JSON, one object per line.
     capture, refund, ship and send-out print their idempotency key before sending: if they
-    are interrupted, rerun them with --idempotency-key KEY to finish exactly once.
+    are interrupted, rerun them with --idempotency-key KEY to finish exactly once; never
+    give a key to another call.
 
     \b
     Exit status:
       0    success; in a batch, every item captured or skipped
-      1    Klarna refused (nothing happened); in a batch, some items refused or failed
+      1    Klarna refused, or replayed an earlier request's answer for a reused key
+           (nothing happened); in a batch, some items refused or failed
       2    usage or input errors (nothing was sent)
       3    outcome unknown: the call may have taken effect; rerun it with
            --idempotency-key KEY (the key it printed) to finish it exactly once

@@ -2,27 +2,47 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TypeVar
+import re
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, TypeVar
 
+import attrs
 import click
+import yarl
 from rich.console import Console
 
 from .._keys import check_idempotency_key, new_idempotency_key
-from ..errors import ValidationError
+from .._routes import normalize_id
+from ..client import KlarnaOM
+from ..errors import IdempotencyKeyReusedError, KlarnaError, ValidationError
 from ..models import (
     Capture,
-    CaptureCreated,
     CaptureRequest,
     Order,
     Refund,
-    RefundCreated,
     RefundRequest,
     ShippingInfo,
     ShippingMethod,
 )
-from ._options import Connection, InputError, connection_options, json_option, run_single
-from ._render import _fields, echo_json, show_capture, show_captures, show_order, to_plain
+from ._options import (
+    EXIT_SOME_NOT_CAPTURED,
+    Connection,
+    InputError,
+    connection_options,
+    json_option,
+    run_single,
+)
+from ._render import (
+    cli_error_text,
+    echo_json,
+    error_json,
+    show_capture,
+    show_captures,
+    show_order,
+    show_refund,
+    to_plain,
+)
 
 __all__ = ("SINGLE_COMMANDS",)
 
@@ -39,7 +59,8 @@ _idempotency_option = click.option(
     metavar="KEY",
     help="Klarna-Idempotency-Key to send (default: a new UUID4); printed before it is sent. "
     "Rerun with the key an error or an interruption reported to finish an unknown outcome "
-    "exactly once.",
+    "exactly once. Never give a key to another call: Klarna would answer it with the first "
+    "call's result and do nothing.",
 )
 
 
@@ -49,6 +70,12 @@ def _valid(build: Callable[[], _T]) -> _T:
         return build()
     except ValidationError as error:
         raise InputError(str(error)) from None
+
+
+def _id(field: str, value: str) -> str:
+    """An order, capture or refund id as every call sends it (trimmed); a blank one (or a
+    dot segment) exits 2 before a key is said or anything is sent."""
+    return _valid(lambda: normalize_id(field, value))
 
 
 def _announce_key(given: str | None, json_output: bool, **request: str) -> str:
@@ -69,58 +96,222 @@ def _announce_key(given: str | None, json_output: bool, **request: str) -> str:
     return key
 
 
-@click.command()
-@click.argument("order_id")
-@click.option(
-    "--amount",
-    type=int,
-    required=True,
-    help="Amount to capture in minor units (1050 = 10.50): the order amount for a full "
-    "capture, less for a partial one.",
+_AMOUNT = re.compile(r"[+-]?[0-9]+").fullmatch
+
+
+class _Amount(click.types.IntParamType):
+    """An amount in minor units: an optional sign and ASCII digits, nothing else.
+
+    ``int()`` would also take ``1_000``, `` 100`` and other scripts' digits; a typo in an
+    amount must stop the command, not move money. A negative amount passes here, so the
+    request model refuses it in its own words.
+    """
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        if not (isinstance(value, str) and _AMOUNT(value) and len(value) <= 100):
+            self.fail(
+                f"{value!r} is not a valid integer: an amount is digits only, in minor units"
+                " (1050 = 10.50)",
+                param,
+                ctx,
+            )
+        return int(value)
+
+
+_R = TypeVar("_R", CaptureRequest, RefundRequest)
+
+
+@attrs.frozen
+class _Created:
+    """What a capture or refund call created, and the amount Klarna holds for it."""
+
+    created_id: str
+    location: str
+    attempts: int
+    #: The amount read back from Klarna; None when it could not be read (``unread``).
+    booked: int | None
+    unread: KlarnaError | None = None
+
+
+@attrs.frozen
+class _Money(Generic[_R]):
+    """What tells `klarna-om capture` and `klarna-om refund` apart; they share the rest."""
+
+    noun: str  # "capture": the command, and ``{noun}_id`` in the output
+    past: str  # "captured": the output's verb, and ``{past}_amount``
+    show: str  # the command that shows one, e.g. "refund-get"
+    help: str
+    amount_help: str
+    reference_help: str
+    description_help: str
+    build: Callable[[int, str | None, str | None], _R]
+    create: Callable[[KlarnaOM, str, _R, str], Awaitable[tuple[str, str, int]]]
+    read: Callable[[KlarnaOM, str, str], Awaitable[int | None]]
+
+
+async def _create_capture(
+    om: KlarnaOM, order_id: str, request: CaptureRequest, key: str
+) -> tuple[str, str, int]:
+    created = await om.captures.create(order_id, request, idempotency_key=key)
+    return created.capture_id, created.location, created.attempts
+
+
+async def _captured_amount(om: KlarnaOM, order_id: str, capture_id: str) -> int | None:
+    return (await om.captures.get(order_id, capture_id)).captured_amount
+
+
+async def _create_refund(
+    om: KlarnaOM, order_id: str, request: RefundRequest, key: str
+) -> tuple[str, str, int]:
+    created = await om.refunds.create(order_id, request, idempotency_key=key)
+    return created.refund_id, created.location, created.attempts
+
+
+async def _refunded_amount(om: KlarnaOM, order_id: str, refund_id: str) -> int | None:
+    return (await om.refunds.get(order_id, refund_id)).refunded_amount
+
+
+_CAPTURE = _Money(
+    noun="capture",
+    past="captured",
+    show="get",
+    help="Capture all or part of ORDER_ID and print the new capture's id and amount, read "
+    "back from Klarna.",
+    amount_help="Amount to capture in minor units (1050 = 10.50): the order amount for a "
+    "full capture, less for a partial one.",
+    reference_help="Your reference for the capture (settlement files show it).",
+    description_help="Description of the capture.",
+    build=lambda amount, reference, description: CaptureRequest(
+        captured_amount=amount, reference=reference, description=description
+    ),
+    create=_create_capture,
+    read=_captured_amount,
 )
-@click.option("--reference", help="Your reference for the capture (settlement files show it).")
-@click.option("--description", help="Description of the capture.")
-@_idempotency_option
-@connection_options
-@json_option
-def capture(
-    order_id: str,
-    amount: int,
-    reference: str | None,
-    description: str | None,
-    idempotency_key: str | None,
-    json_output: bool,
+_REFUND = _Money(
+    noun="refund",
+    past="refunded",
+    show="refund-get",
+    help="Refund all or part of what ORDER_ID captured and print the new refund's id and "
+    "amount, read back from Klarna.",
+    amount_help="Amount to refund in minor units (1050 = 10.50): at most what was captured "
+    "and not yet refunded.",
+    reference_help="Your reference for the refund (settlement files show it).",
+    description_help="Description of the refund, shown to the customer.",
+    build=lambda amount, reference, description: RefundRequest(
+        refunded_amount=amount, reference=reference, description=description
+    ),
+    create=_create_refund,
+    read=_refunded_amount,
+)
+
+
+def _money_command(kind: _Money[Any]) -> click.Command:
+    """`klarna-om capture` or `klarna-om refund`: create it, then read it back.
+
+    Klarna replays by key alone, so a key reused with another amount gets the earlier
+    request's 201: only the amount read back tells. A mismatch exits 1 (nothing more was
+    moved). When the read itself fails, the creation still stands: the command reports it
+    and exits 0, saying the amount is not verified (exit 3 would invite a rerun that only
+    replays the same answer; exit 1 would say nothing was booked, and invite a second one).
+    """
+
+    @click.command(name=kind.noun, help=kind.help)
+    @click.argument("order_id")
+    @click.option("--amount", type=_Amount(), required=True, help=kind.amount_help)
+    @click.option("--reference", help=kind.reference_help)
+    @click.option("--description", help=kind.description_help)
+    @_idempotency_option
+    @connection_options
+    @json_option
+    def command(
+        order_id: str,
+        amount: int,
+        reference: str | None,
+        description: str | None,
+        idempotency_key: str | None,
+        json_output: bool,
+    ) -> None:
+        connection = Connection.from_context()
+        connection.check()
+        order_id = _id("order_id", order_id)
+        request = _valid(lambda: kind.build(amount, reference, description))
+        key = _announce_key(idempotency_key, json_output, command=kind.noun, order_id=order_id)
+
+        async def call() -> _Created:
+            async with connection.client() as om:
+                created_id, location, attempts = await kind.create(om, order_id, request, key)
+                try:
+                    booked = await kind.read(om, order_id, created_id)
+                except KlarnaError as error:
+                    return _Created(created_id, location, attempts, None, error)
+                return _Created(created_id, location, attempts, booked)
+
+        created = run_single(call, json_output=json_output, idempotency_key=key)
+        if created.booked is not None and created.booked != amount:
+            _replayed(kind, order_id, amount, key, created, json_output)
+        _report_created(kind, order_id, amount, key, created, json_output)
+
+    return command
+
+
+def _replayed(
+    kind: _Money[Any], order_id: str, amount: int, key: str, created: _Created, json_output: bool
 ) -> None:
-    """Capture all or part of ORDER_ID and print the new capture's id."""
-    connection = Connection.from_context()
-    connection.check()
-    request = _valid(
-        lambda: CaptureRequest(captured_amount=amount, reference=reference, description=description)
+    """Klarna answered with an earlier request's result: say so, then exit 1."""
+    error = IdempotencyKeyReusedError(
+        f"Klarna replayed an earlier request made with idempotency key {key!r}: {kind.noun}"
+        f" {created.created_id} of {created.booked} on order {order_id}, not the {amount}"
+        f" asked, so nothing more was {kind.past}",
+        status=201,
+        location=created.location,
     )
-    key = _announce_key(idempotency_key, json_output, command="capture", order_id=order_id)
+    location = yarl.URL(created.location)
+    posted_to = str(location.with_query(None).with_fragment(None).parent)
+    error.bind(method="POST", url=posted_to, idempotency_key=key, attempts=created.attempts)
+    if json_output:
+        booked = {f"{kind.noun}_id": created.created_id, f"{kind.past}_amount": created.booked}
+        echo_json({**error_json(error, exit_code=EXIT_SOME_NOT_CAPTURED), **booked})
+    click.echo(f"Error: {cli_error_text(error)}", err=True)
+    sys.exit(EXIT_SOME_NOT_CAPTURED)
 
-    async def call() -> CaptureCreated:
-        async with connection.client() as om:
-            return await om.captures.create(order_id, request, idempotency_key=key)
 
-    created = run_single(call, json_output=json_output, idempotency_key=key)
+def _report_created(
+    kind: _Money[Any], order_id: str, amount: int, key: str, created: _Created, json_output: bool
+) -> None:
+    if created.unread is not None or created.booked is None:
+        why = cli_error_text(created.unread) if created.unread else "Klarna sent no amount"
+        click.echo(
+            f"Warning: {kind.noun} {created.created_id} was created, but reading it back to"
+            f" check its amount failed ({why}); check it with: klarna-om {kind.show}"
+            f" {order_id} {created.created_id}",
+            err=True,
+        )
     if json_output:
         # Spelled out: the converter omits fields at their default, such as attempts=1.
         echo_json(
             {
                 "order_id": order_id,
-                "capture_id": created.capture_id,
+                f"{kind.noun}_id": created.created_id,
                 "location": created.location,
-                "idempotency_key": created.idempotency_key,
+                "idempotency_key": key,
                 "attempts": created.attempts,
+                f"{kind.past}_amount": created.booked,
+                "amount_verified": created.booked is not None,
             }
         )
         return
     attempts = "1 attempt" if created.attempts == 1 else f"{created.attempts} attempts"
+    what = amount if created.booked is not None else "(amount not verified)"
     click.echo(
-        f"Captured {amount} on order {order_id}: capture_id {created.capture_id} "
-        f"(idempotency key {created.idempotency_key}, {attempts})"
+        f"{kind.past.capitalize()} {what} on order {order_id}: {kind.noun}_id"
+        f" {created.created_id} (idempotency key {key}, {attempts})"
     )
+
+
+capture = _money_command(_CAPTURE)
+refund = _money_command(_REFUND)
 
 
 @click.command()
@@ -131,6 +322,7 @@ def capture(
 def get(order_id: str, capture_id: str, json_output: bool) -> None:
     """Show one capture of ORDER_ID."""
     connection = Connection.from_context()
+    order_id, capture_id = _id("order_id", order_id), _id("capture_id", capture_id)
 
     async def call() -> Capture:
         async with connection.client() as om:
@@ -150,6 +342,7 @@ def get(order_id: str, capture_id: str, json_output: bool) -> None:
 def list_captures(order_id: str, json_output: bool) -> None:
     """List the captures of ORDER_ID (--json: one capture object per line)."""
     connection = Connection.from_context()
+    order_id = _id("order_id", order_id)
 
     async def call() -> list[Capture]:
         async with connection.client() as om:
@@ -192,6 +385,7 @@ def ship(
     """Add tracking details to capture CAPTURE_ID of ORDER_ID."""
     connection = Connection.from_context()
     connection.check()
+    order_id, capture_id = _id("order_id", order_id), _id("capture_id", capture_id)
     info = _valid(
         lambda: ShippingInfo(
             shipping_company=company,
@@ -232,6 +426,7 @@ def send_out(
     """Send the customer the communication (e.g. invoice) of CAPTURE_ID again."""
     connection = Connection.from_context()
     connection.check()
+    order_id, capture_id = _id("order_id", order_id), _id("capture_id", capture_id)
     key = _announce_key(
         idempotency_key, json_output, command="send-out", order_id=order_id, capture_id=capture_id
     )
@@ -252,8 +447,9 @@ def send_out(
 @connection_options
 @json_option
 def order(order_id: str, json_output: bool) -> None:
-    """Show ORDER_ID: status, amounts (what is left to capture) and captures."""
+    """Show ORDER_ID: status, amounts (what is left to capture), captures and refunds."""
     connection = Connection.from_context()
+    order_id = _id("order_id", order_id)
 
     async def call() -> Order:
         async with connection.client() as om:
@@ -266,76 +462,6 @@ def order(order_id: str, json_output: bool) -> None:
         show_order(_console(), found)
 
 
-@click.command()
-@click.argument("order_id")
-@click.option(
-    "--amount",
-    type=int,
-    required=True,
-    help="Amount to refund in minor units (1050 = 10.50): at most what was captured and "
-    "not yet refunded.",
-)
-@click.option("--reference", help="Your reference for the refund (settlement files show it).")
-@click.option("--description", help="Description of the refund, shown to the customer.")
-@_idempotency_option
-@connection_options
-@json_option
-def refund(
-    order_id: str,
-    amount: int,
-    reference: str | None,
-    description: str | None,
-    idempotency_key: str | None,
-    json_output: bool,
-) -> None:
-    """Refund all or part of what ORDER_ID captured and print the new refund's id."""
-    connection = Connection.from_context()
-    connection.check()
-    request = _valid(
-        lambda: RefundRequest(refunded_amount=amount, reference=reference, description=description)
-    )
-    key = _announce_key(idempotency_key, json_output, command="refund", order_id=order_id)
-
-    async def call() -> RefundCreated:
-        async with connection.client() as om:
-            return await om.refunds.create(order_id, request, idempotency_key=key)
-
-    created = run_single(call, json_output=json_output, idempotency_key=key)
-    if json_output:
-        # Spelled out: the converter omits fields at their default, such as attempts=1.
-        echo_json(
-            {
-                "order_id": order_id,
-                "refund_id": created.refund_id,
-                "location": created.location,
-                "idempotency_key": created.idempotency_key,
-                "attempts": created.attempts,
-            }
-        )
-        return
-    attempts = "1 attempt" if created.attempts == 1 else f"{created.attempts} attempts"
-    click.echo(
-        f"Refunded {amount} on order {order_id}: refund_id {created.refund_id} "
-        f"(idempotency key {created.idempotency_key}, {attempts})"
-    )
-
-
-def _show_refund(console: Console, found: Refund) -> None:
-    """One refund as a field/value table."""
-    _fields(
-        console,
-        f"Refund {found.refund_id}",
-        [
-            ("refund_id", found.refund_id),
-            ("refunded_amount", found.refunded_amount),
-            ("refunded_at", found.refunded_at),
-            ("reference", found.reference),
-            ("description", found.description),
-            ("order_lines", len(found.order_lines or ())),
-        ],
-    )
-
-
 @click.command(name="refund-get")
 @click.argument("order_id")
 @click.argument("refund_id")
@@ -344,6 +470,7 @@ def _show_refund(console: Console, found: Refund) -> None:
 def refund_get(order_id: str, refund_id: str, json_output: bool) -> None:
     """Show one refund of ORDER_ID."""
     connection = Connection.from_context()
+    order_id, refund_id = _id("order_id", order_id), _id("refund_id", refund_id)
 
     async def call() -> Refund:
         async with connection.client() as om:
@@ -353,7 +480,7 @@ def refund_get(order_id: str, refund_id: str, json_output: bool) -> None:
     if json_output:
         echo_json(to_plain(found))
     else:
-        _show_refund(_console(), found)
+        show_refund(_console(), found)
 
 
 #: Registered on the ``klarna-om`` group by ``_app``.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from types import TracebackType
 from typing import Self
 
@@ -26,9 +27,9 @@ from rich.text import Text
 
 from .._convert import converter
 from ..batch import CaptureOutcome, CaptureStatus
-from ..errors import KlarnaError, ValidationError
+from ..errors import IdempotencyKeyReusedError, KlarnaError, ValidationError
 from ..journal import JournalStatus
-from ..models import Capture, Order
+from ..models import Capture, Order, Refund
 from ._batchfile import BadLineError
 from ._runner import Tally
 
@@ -42,6 +43,8 @@ __all__ = (
     "show_capture",
     "show_captures",
     "show_order",
+    "show_refund",
+    "show_refunds",
     "to_plain",
 )
 
@@ -99,7 +102,9 @@ def cli_error_text(error: KlarnaError, *, rerun: str | None = None) -> str:
 
 
 def error_json(error: KlarnaError, *, exit_code: int) -> dict[str, object]:
-    """The ``{"type": "error", ...}`` object ``--json`` prints on stdout for ``error``."""
+    """The ``{"type": "error", ...}`` object ``--json`` prints on stdout for ``error``; for
+    a reused key, with the ``location`` of what the earlier request created."""
+    extra = {"location": error.location} if isinstance(error, IdempotencyKeyReusedError) else {}
     return {
         "type": "error",
         "error": type(error).__name__,
@@ -110,6 +115,7 @@ def error_json(error: KlarnaError, *, exit_code: int) -> dict[str, object]:
         "status": getattr(error, "status", None),
         "error_code": getattr(error, "error_code", None),
         "attempts": error.attempts,
+        **extra,
         "exit_code": exit_code,
     }
 
@@ -170,11 +176,10 @@ def show_captures(console: Console, order_id: str, captures: Sequence[Capture]) 
         table.add_column(column, overflow="fold")
     for capture in captures:
         # Text: values from Klarna or a file are never read as rich markup.
-        captured_at = capture.captured_at
         table.add_row(
             Text(capture.capture_id or ""),
             str(capture.captured_amount),
-            _utc(captured_at.isoformat(timespec="seconds")) if captured_at else "",
+            _when(capture.captured_at),
             Text(capture.reference or ""),
             str(len(capture.shipping_info or ())),
         )
@@ -185,8 +190,46 @@ def _utc(stamp: str) -> str:
     return stamp.removesuffix("+00:00") + "Z" if stamp.endswith("+00:00") else stamp
 
 
+def _when(moment: datetime | None) -> str:
+    return _utc(moment.isoformat(timespec="seconds")) if moment else ""
+
+
+def show_refund(console: Console, refund: Refund) -> None:
+    """One refund as a field/value table."""
+    _fields(
+        console,
+        f"Refund {refund.refund_id}",
+        [
+            ("refund_id", refund.refund_id),
+            ("refunded_amount", refund.refunded_amount),
+            ("refunded_at", refund.refunded_at),
+            ("reference", refund.reference),
+            ("description", refund.description),
+            ("order_lines", len(refund.order_lines or ())),
+        ],
+    )
+
+
+def show_refunds(console: Console, order_id: str, refunds: Sequence[Refund]) -> None:
+    """An order's refunds as one table (ids never cut, like the captures')."""
+    table = Table(title=f"Refunds of order {order_id}", title_justify="left")
+    id_width = max(len(refund.refund_id or "") for refund in refunds)
+    table.add_column("refund_id", no_wrap=True, min_width=max(id_width, len("refund_id")))
+    table.add_column("amount", justify="right", no_wrap=True)
+    for column in ("refunded_at", "reference"):
+        table.add_column(column, overflow="fold")
+    for refund in refunds:
+        table.add_row(
+            Text(refund.refund_id or ""),
+            str(refund.refunded_amount),
+            _when(refund.refunded_at),
+            Text(refund.reference or ""),
+        )
+    console.print(table)
+
+
 def show_order(console: Console, order: Order) -> None:
-    """An order's status and amounts, then its captures."""
+    """An order's status and amounts, then its captures and its refunds."""
     _fields(
         console,
         f"Order {order.order_id}",
@@ -204,6 +247,8 @@ def show_order(console: Console, order: Order) -> None:
     )
     if order.captures:
         show_captures(console, order.order_id or "", order.captures)
+    if order.refunds:
+        show_refunds(console, order.order_id or "", order.refunds)
 
 
 # --- batches ---------------------------------------------------------------------------------
