@@ -54,12 +54,13 @@ def _env_proxy(url: yarl.URL) -> str | None:
 
 
 class KlarnaOM:
-    """Async client for Klarna Order Management captures; use it as ``async with``.
+    """Async client for Klarna Order Management; use it as ``async with``.
 
-    The calls live on two attributes and two methods:
+    The calls live on three attributes and two methods:
 
     - ``om.captures`` (``CapturesService``): ``create`` (full or partial capture),
       ``get``, ``list``, ``add_shipping_info``, ``trigger_send_out``;
+    - ``om.refunds`` (``RefundsService``): ``create`` (full or partial refund), ``get``;
     - ``om.orders`` (``OrdersService``): ``get`` (amounts, status, what is left to capture);
     - ``om.capture_many(items, ...)``: capture many orders concurrently, optionally with a
       journal that makes reruns exactly-once;

@@ -17,12 +17,13 @@ import attrs
 import pytest
 
 import klarna_om_async
-from klarna_om_async import KlarnaOM
+from klarna_om_async import CaptureRequest, KlarnaOM
 from klarna_om_async.batch import capture_many as batch_capture_many
 from klarna_om_async.captures import CapturesService
 from klarna_om_async.models import CaptureCreated
 from klarna_om_async.orders import OrdersService
 from klarna_om_async.reconcile import reconcile, reconcile_entry
+from klarna_om_async.refunds import RefundsService
 from klarna_om_async.testing import FakeKlarna
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
@@ -65,6 +66,23 @@ async def test_the_happy_path_runs_against_the_fake(
     assert capture.shipping_info == [{"shipping_company": "DHL", "tracking_number": "1234567890"}]
 
 
+async def test_the_refund_example_runs_against_the_fake(
+    fake: FakeKlarna, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class PointedAtFake(KlarnaOM):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(fake.username, fake.password, base_url=fake.base_url)
+
+    monkeypatch.setattr(klarna_om_async, "KlarnaOM", PointedAtFake)
+    order_id = fake.add_order(amount=6000)
+    namespace: dict[str, object] = {"order_id": order_id}
+    async with PointedAtFake() as om:
+        await om.captures.create(order_id, CaptureRequest(captured_amount=6000))
+    await run(block("from klarna_om_async import KlarnaOM, RefundRequest"), namespace)
+    assert [r.refunded_amount for r in fake.refunds(order_id)] == [2500]
+    assert namespace["order"].refunded_amount == 2500  # type: ignore[attr-defined]
+
+
 FAKE_KLARNA_EXAMPLE = "import asyncio\n\nfrom klarna_om_async import CaptureRequest, KlarnaOM\n"
 
 
@@ -102,7 +120,9 @@ DOCUMENTED = [
     KlarnaOM,
     CapturesService,
     OrdersService,
+    RefundsService,
     *public_methods(KlarnaOM),
+    *public_methods(RefundsService),
     *public_methods(CapturesService),
     *public_methods(OrdersService),
     batch_capture_many,
@@ -127,7 +147,7 @@ def test_the_endpoints_are_all_documented() -> None:
 
 def test_help_on_the_client_shows_where_the_calls_live() -> None:
     text = pydoc.render_doc(KlarnaOM, renderer=pydoc.plaintext)
-    for name in ("om.captures", "om.orders", "om.capture_many", "om.reconcile"):
+    for name in ("om.captures", "om.refunds", "om.orders", "om.capture_many", "om.reconcile"):
         assert name in text
     for call in ("create", "add_shipping_info", "trigger_send_out"):
         assert call in text
