@@ -1,0 +1,244 @@
+"""The SQLite journal applies the calls of one event-loop turn together (one transaction):
+every call must still get what it would get alone, in call order.
+
+MemoryJournal, which applies each call on its own, is the oracle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import tempfile
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from klarna_om_async.journal import ItemRecord, Journal, JournalStatus, MemoryJournal
+from klarna_om_async.sqlite_journal import SQLiteJournal
+
+NOW = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+# Two items per order: a new item's only possible sibling is the other one, so which
+# sibling a conflict names does not depend on the journal.
+ORDER_OF = {"a1": "A", "a2": "A", "b1": "B", "b2": "B"}
+
+Call = Callable[[Journal], Awaitable[object]]
+
+
+def record(item_key: str, order_id: str | None = None, amount: int = 100) -> ItemRecord:
+    order_id = order_id or ORDER_OF[item_key]
+    return ItemRecord(
+        item_key=item_key,
+        order_id=order_id,
+        captured_amount=amount,
+        reference=None,
+        fingerprint=f"{order_id}/{amount}",
+    )
+
+
+def claim(item: ItemRecord, key: str, run_id: str | None = "run-1") -> Call:
+    return lambda j: j.claim(item, key, run_id=run_id)
+
+
+def finish(item_key: str, status: JournalStatus, **kwargs: Any) -> Call:
+    return lambda j: j.finish(item_key, status, **kwargs)
+
+
+async def outcomes(j: Journal, calls: list[Call]) -> list[object]:
+    """Every call made in one loop turn; exceptions by type (their texts may name objects)."""
+    results = await asyncio.gather(*(call(j) for call in calls), return_exceptions=True)
+    return [type(r) if isinstance(r, BaseException) else r for r in results]
+
+
+async def both(path: Path, turns: list[list[Call]]) -> None:
+    """The turns against SQLite (each turn one group) and MemoryJournal: the same answers."""
+    memory = MemoryJournal(clock=lambda: NOW)
+    async with SQLiteJournal(path, clock=lambda: NOW) as j:
+        for calls in turns:
+            commits = j.commits
+            got = await outcomes(j, calls)
+            assert j.commits == commits + 1  # the turn was one group
+            assert got == [(await outcomes(memory, [call]))[0] for call in calls]
+        assert await j.entries() == await memory.entries()
+
+
+def poison(path: Path, action: str) -> None:
+    """Make inserting the item 'poison' fail: ABORT fails the statement, ROLLBACK all."""
+    with sqlite3.connect(path) as other:
+        other.execute(
+            "CREATE TRIGGER poison BEFORE INSERT ON journal WHEN NEW.item_key = 'poison'"
+            f" BEGIN SELECT RAISE({action}, 'poisoned'); END"
+        )
+    other.close()
+
+
+async def test_claim_finish_claim_of_one_item_in_one_turn(tmp_path: Path) -> None:
+    a1 = record("a1")
+    calls = [
+        claim(a1, "k1"),
+        finish("a1", JournalStatus.REFUSED, attempts=1),
+        claim(a1, "k2"),  # refused without doubt: a new key
+        finish("a1", JournalStatus.FAILED, attempts=1),
+        claim(a1, "k3"),  # failed: the same key k2, resent
+    ]
+    await both(tmp_path / "j.sqlite", [calls])
+
+
+async def test_a_duplicate_item_in_one_turn(tmp_path: Path) -> None:
+    b1 = record("b1")
+    calls = [
+        claim(b1, "k1"),
+        claim(b1, "k2"),
+        finish("b1", JournalStatus.CAPTURED),
+        claim(b1, "k3"),
+    ]
+    await both(tmp_path / "j.sqlite", [calls, [claim(b1, "k4"), claim(record("b2"), "k4")]])
+
+
+async def test_calls_that_see_each_others_writes_in_one_turn(tmp_path: Path) -> None:
+    turns = [
+        # run-1 leaves a1 unknown; in the same turn run-2 claims a2, its sibling, then b1 and b2
+        # take one key, then a2 is claimed by run-1 (no sibling of its own run).
+        [
+            claim(record("a1"), "k1"),
+            finish("a1", JournalStatus.FAILED),
+            claim(record("a2"), "k2", run_id="run-2"),
+            claim(record("b1"), "k3"),
+            claim(record("b2"), "k3"),
+            claim(record("a2"), "k4"),
+        ],
+        # a key of an item read in this turn; an item journaled for another order
+        [
+            claim(record("b2"), "k1"),
+            finish("a1", JournalStatus.CAPTURED),
+            claim(record("a1", "B"), "k5"),
+        ],
+    ]
+    await both(tmp_path / "j.sqlite", turns)
+
+
+async def test_one_key_claimed_for_two_items_in_one_turn(tmp_path: Path) -> None:
+    turns = [
+        [claim(record("a1"), "k1"), claim(record("b1"), "k1", run_id=None)],
+        [claim(record("a2"), "k2", run_id=None), claim(record("b2"), "k2")],
+    ]
+    await both(tmp_path / "j.sqlite", turns)
+
+
+async def test_a_key_missing_from_the_keys_table_is_taken_back_first(tmp_path: Path) -> None:
+    # A row whose key the keys table lacks (edited by hand): resending it records the key,
+    # so a new item asking for that key in the same turn is refused.
+    path = tmp_path / "j.sqlite"
+    async with SQLiteJournal(path) as j:
+        await j.claim(record("a1"), "k1")
+        await j.finish("a1", JournalStatus.FAILED)
+        with sqlite3.connect(path) as other:
+            other.execute("DELETE FROM keys")
+        other.close()
+        resent, other_item = await asyncio.gather(
+            j.claim(record("a1"), "k9"), j.claim(record("b1"), "k1")
+        )
+        assert (resent.action, resent.entry.idempotency_key) == ("send", "k1")
+        assert other_item.action == "conflict"
+
+
+async def test_decisions_that_fail_fail_alone(tmp_path: Path) -> None:
+    calls = [
+        claim(record("a1"), "k1"),
+        finish("ghost", JournalStatus.CAPTURED),  # never claimed: LookupError
+        finish("a1", JournalStatus.CAPTURED, attempts=-1),  # ValueError
+        finish("a1", JournalStatus.CAPTURED, attempts=1),
+        claim(record("b1"), "k2"),
+    ]
+    await both(tmp_path / "j.sqlite", [calls])
+
+
+async def test_a_failed_statement_fails_its_own_call_only(tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite"
+    async with SQLiteJournal(path) as j:
+        poison(path, "ABORT")
+        unbindable = ItemRecord(
+            item_key="odd",
+            order_id="O",
+            captured_amount=100,
+            reference=["not", "text"],  # type: ignore[arg-type]
+            fingerprint="f",
+        )
+        calls = [
+            claim(record("a1"), "k1"),
+            claim(record("poison", "P"), "k2"),
+            claim(record("b1"), "k3"),
+            claim(unbindable, "k4"),
+            finish("a1", JournalStatus.CAPTURED, capture_id="c1"),
+        ]
+        commits = j.commits
+        got = await asyncio.gather(*(call(j) for call in calls), return_exceptions=True)
+        assert j.commits == commits + 1
+        assert isinstance(got[1], sqlite3.IntegrityError)
+        assert isinstance(got[3], sqlite3.Error)
+        assert got[4] is JournalStatus.CAPTURED
+        entries = {e.item_key: e for e in await j.entries()}
+        assert {k: e.status for k, e in entries.items()} == {
+            "a1": JournalStatus.CAPTURED,
+            "b1": JournalStatus.IN_FLIGHT,
+        }
+        # The keys of the failed claims were not taken: other items may have them.
+        assert (await j.claim(record("b2"), "k2")).action == "send"
+
+
+items = st.sampled_from(sorted(ORDER_OF))
+calls = st.one_of(
+    st.builds(
+        claim,
+        st.builds(record, items, amount=st.sampled_from([100, 100, 200])),
+        st.sampled_from(["k1", "k2", "k3", "k4", "k5"]),
+        st.sampled_from([None, "run-1", "run-2"]),
+    ),
+    st.builds(
+        finish,
+        items,
+        st.sampled_from(list(JournalStatus)),
+        capture_id=st.sampled_from([None, "c1"]),
+        error=st.sampled_from([None, "refused\nby Klarna"]),
+        attempts=st.integers(-1, 2),
+        reconciled=st.booleans(),
+    ),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(calls, min_size=1, max_size=8), min_size=1, max_size=4))
+def test_any_turns_decide_as_one_call_after_another(turns: list[list[Call]]) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        asyncio.run(both(Path(folder) / "j.sqlite", turns))
+
+
+@pytest.mark.parametrize("size", [1, 2, 300, 600])
+async def test_large_turns(tmp_path: Path, size: int) -> None:
+    # More values than one statement takes (_IN_MAX), and odd sizes.
+    batch = [record(f"item-{i}", f"order-{i % 7}") for i in range(size)]
+    turns = [
+        [claim(item, f"key-{i}", run_id=None) for i, item in enumerate(batch)],
+        [finish(item.item_key, JournalStatus.CAPTURED) for item in batch]
+        + [claim(item, f"key-{i}") for i, item in enumerate(batch)],
+    ]
+    await both(tmp_path / "j.sqlite", turns)
+
+
+async def test_a_rolled_back_transaction_fails_the_whole_group(tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite"
+    async with SQLiteJournal(path) as j:
+        poison(path, "ROLLBACK")
+        # The poisoned claim is applied alone (after another kind of call), yet takes all down.
+        got = await asyncio.gather(
+            j.claim(record("a1"), "k1"),
+            j.summary(),
+            j.claim(record("poison", "P"), "k2"),
+            return_exceptions=True,
+        )
+        assert [type(r) for r in got] == [sqlite3.IntegrityError] * 3
+        assert await j.entries() == []
