@@ -538,6 +538,18 @@ def test_batch_human_output_says_how_to_finish_failed_items(
     assert f"Journal: {path}.journal.sqlite" in result.stdout
 
 
+def test_batch_summary_counts_the_429s(served: ServedFake, tmp_path: Path) -> None:
+    order_id = served.add_order(1000)
+    served.do(lambda: served.fake.inject(RateLimited(retry_after="0"), times=2))
+    path = write(tmp_path, "o.csv", f"order_id,captured_amount\n{order_id},1000\n")
+    result = cli(["batch", path, "--no-journal", "--json"], served)
+    assert result.exit_code == 0, result.output
+    summary = json_lines(result.stdout)[-1]
+    assert (summary["rate_limited"], summary["attempts"], summary["captured"]) == (2, 3, 1)
+    human = cli(["batch", path, "--no-journal"], served)  # already captured: refused, no 429
+    assert "429s (rate limited)" in human.stdout
+
+
 @pytest.mark.parametrize(
     ("name", "text", "extra", "message"),
     [

@@ -224,6 +224,8 @@ async def _run(settings: _Settings, connection: Connection) -> bool:
                         )
                     except BatchAbortedError as error:  # it cannot work: said once, below
                         stopped = error
+                    finally:
+                        view.tally.rate_limited = om.rate_limited_count
         completed = True
     except BatchFileError as error:
         raise InputError(str(error)) from None

@@ -417,6 +417,7 @@ class BatchView:
         table.add_row("total", str(tally.items), end_section=True)
         table.add_row("HTTP attempts", str(tally.attempts))
         table.add_row("retries", str(tally.retries))
+        table.add_row("429s (rate limited)", str(tally.rate_limited))
         table.add_row("time", f"{tally.elapsed:.2f} s")
         table.add_row("throughput", f"{tally.per_second:.0f} items/s")
         return table

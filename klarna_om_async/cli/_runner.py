@@ -25,6 +25,8 @@ class Tally:
     attempts: int = 0
     #: Items that made at least one attempt.
     sent: int = 0
+    #: 429 answers Klarna gave the run's client (``KlarnaOM.rate_limited_count``).
+    rate_limited: int = 0
     started: float = attrs.field(factory=time.monotonic)
     #: Set when the run ends, so the summary's rate stops moving.
     finished: float | None = None
@@ -74,6 +76,7 @@ class Tally:
             "items": self.items,
             "attempts": self.attempts,
             "retries": self.retries,
+            "rate_limited": self.rate_limited,
             "seconds": round(self.elapsed, 3),
             "items_per_second": round(self.per_second, 1),
         }
