@@ -38,21 +38,31 @@ class SeenSet:
     def __len__(self) -> int:
         return self._count
 
+    def __contains__(self, value: str) -> bool:
+        digest = (_hash(value) & _MASK) or 1
+        return self._slots[self._index(digest)] == digest
+
     def add(self, value: str) -> bool:
         """Remember ``value``; False if it (or a string with its hash) was already here."""
         digest = (_hash(value) & _MASK) or 1
         slots = self._slots
-        mask = len(slots) - 1
-        index = digest & mask
-        while held := slots[index]:
-            if held == digest:
-                return False
-            index = (index + 1) & mask  # linear probing: the table stays under 2/3 full
+        index = self._index(digest)
+        if slots[index]:
+            return False
         slots[index] = digest
         self._count += 1
         if 3 * self._count > 2 * len(slots):
             self._grow()
         return True
+
+    def _index(self, digest: int) -> int:
+        """The slot holding ``digest``, or the empty slot where it belongs."""
+        slots = self._slots
+        mask = len(slots) - 1
+        index = digest & mask
+        while (held := slots[index]) and held != digest:
+            index = (index + 1) & mask  # linear probing: the table stays under 2/3 full
+        return index
 
     def _grow(self) -> None:
         old = self._slots

@@ -326,7 +326,7 @@ class _Run:
     def _duplicate(self, item: BatchItem) -> CaptureOutcome | None:
         """Refuse an item whose key or idempotency key an earlier item of this batch has."""
         key_name = item.item_key
-        if not self.seen.add(key_name):
+        if key_name in self.seen:
             # Refused, not skipped: the caller meant two captures or made a typo, and a batch
             # that "succeeds" would hide the part never captured.
             field, why = (
@@ -336,13 +336,15 @@ class _Run:
             )
         elif item.idempotency_key is not None and not self.seen_keys.add(item.idempotency_key):
             # Klarna would replay the first item's answer for the second: one capture, two
-            # "captured" reports.
+            # "captured" reports. This item_key stays unmarked: a later item of it with a key
+            # of its own is taken.
             field, why = (
                 "idempotency_key",
                 f"{item.idempotency_key!r} is given to two items of this batch; each capture"
                 " needs its own key",
             )
         else:
+            self.seen.add(key_name)
             return None
         return _outcome(item, CaptureStatus.REFUSED, "", error=ValidationError(field, why))
 
