@@ -47,7 +47,13 @@ class Pace:
         check_rate_limit(per_second)
         #: Seconds between two sends; changing it moves only the slots handed out later.
         self.interval = 1.0 / per_second
+        #: Bumped by :meth:`restart`: a holder of a slot taken before must take a new one.
+        self.generation = 0
         self._next = -math.inf
+
+    def peek(self, now: float) -> float:
+        """The seconds from ``now`` until the next free slot, without taking it."""
+        return self._next - now if self._next > now else 0.0
 
     def delay(self, now: float) -> float:
         """Take the next free slot; the seconds from ``now`` until it (0 if it is now)."""
@@ -56,9 +62,11 @@ class Pace:
         return slot - now
 
     def restart(self, now: float) -> None:
-        """Hand out the next slot at ``now`` again: slots taken beyond it are void, and their
-        holders must take new ones (after the interval was made longer)."""
-        self._next = min(self._next, now)
+        """Void the slots taken beyond ``now`` (after the interval changed; ``generation``
+        tells their holders to take new ones). The next slot is at most one interval after
+        ``now``, never sooner, so a send at ``now`` and the next are an interval apart."""
+        self._next = min(self._next, now + self.interval)
+        self.generation += 1
 
 
 # Set by a batch for the tasks it starts, so concurrent batches and single calls sharing one
@@ -96,6 +104,12 @@ ADAPTIVE_FORGET = 2.0
 ADAPTIVE_WINDOW = 1.0
 #: ``AdaptiveRate``: the lowest estimate, in requests per second.
 MIN_ADAPTIVE_RATE = 1.0
+#: ``AdaptiveRate``: the grid is laid anew (slots taken on it void) once the pace has climbed
+#: this much above the rate it was laid at, so requests asleep on far slots move up.
+ADAPTIVE_REGRID = 1.1
+#: ``ThrottleMiddleware``: a request asleep on the learned grid wakes at least this often to
+#: see whether the grid was laid anew (a 429, a climb) or forgotten.
+ADAPTIVE_STEP = 0.25
 
 
 class AdaptiveRate:
@@ -127,9 +141,10 @@ class AdaptiveRate:
       the client has not been sending that fast or the limit has gone: the estimate is
       dropped (no pace) and the next 429 starts over.
 
-    A 429 teaches nothing when the client had nothing else in flight and no answer in the
-    last window (a lone call): one request is no rate, and the pause suffices. Nor does one
-    saying ``Retry-After: 0``: the server asks for no slowdown (``ThrottleMiddleware``).
+    A 429 teaches nothing when no answer other than 429 came in the last window (a lone
+    call, or a second in which another client of the merchant used up the quota): zero is
+    no measured rate, and the pause suffices (``ThrottleMiddleware`` pauses 1 s then, even
+    with a learned pace, which it keeps). One decrease per ``ADAPTIVE_WINDOW`` at most.
 
     Everything is computed from the times passed in (the client's ``clock``): deterministic.
     """
@@ -146,6 +161,15 @@ class AdaptiveRate:
         self._since = -math.inf  # when the climb started (the end of that 429's pause)
         self._paused_until = -math.inf  # the end of the last pause a 429 imposed
         self._refine_until = -math.inf  # answers raise a first estimate until then
+        self._grid_rate = 0.0  # the rate the grid was last laid at (ADAPTIVE_REGRID)
+
+    def measured(self, now: float) -> int:
+        """The answers other than 429 in the last ``ADAPTIVE_WINDOW`` before ``now``."""
+        answers = self._answers
+        cutoff = now - ADAPTIVE_WINDOW
+        while answers and answers[0] <= cutoff:
+            answers.popleft()
+        return len(answers)
 
     def answered(self, now: float) -> None:
         """Note an answer other than 429: Klarna counted that request and let it through."""
@@ -157,41 +181,40 @@ class AdaptiveRate:
         if now < self._refine_until and len(answers) > self.ceiling:
             self.ceiling = float(len(answers))  # answers to requests in flight at the 429
 
-    def limited(self, asked_at: float, now: float, resume_at: float, in_flight: int) -> bool:
+    def limited(self, asked_at: float, now: float, resume_at: float) -> bool:
         """Lower the pace after a 429 (``resume_at``: when the pause it imposed ends).
 
-        ``asked_at``: when the refused request came to the throttle; ``in_flight``: the
-        client's other requests awaiting answers. False (nothing learned) when the request
-        came before the last decrease (the same event) or was a lone call.
+        ``asked_at``: when the refused request came to the throttle. False (nothing learned)
+        when the request came within ``ADAPTIVE_WINDOW`` after the last decrease (the same
+        overshoot: Klarna's window may still be full) or no other answer came in the last
+        window (nothing was measured).
         """
         if resume_at > now:
             self._paused_until = max(self._paused_until, resume_at)
-        if asked_at <= self._decided_at:
+        if asked_at <= self._decided_at + ADAPTIVE_WINDOW:
             return False
-        answers = self._answers
-        cutoff = now - ADAPTIVE_WINDOW
-        while answers and answers[0] <= cutoff:
-            answers.popleft()
-        measured = float(len(answers))
+        measured = float(self.measured(now))
+        if not measured:
+            return False
         current = self.rate_at(now)
         if current is None:
-            if not answers and not in_flight:
-                return False
             ceiling = measured
-        elif now - 2 * ADAPTIVE_WINDOW >= self._paused_until:
+        elif now - 2 * ADAPTIVE_WINDOW >= max(self._paused_until, self._decided_at):
             ceiling = min(current, measured)
-        else:  # a pause ended lately: the answers of the last window tell too little
+        else:  # a pause or a decrease came lately: the last window's answers tell too little
             ceiling = current
         self.ceiling = max(ceiling, MIN_ADAPTIVE_RATE)
         self._decided_at = now
         self._since = max(now, resume_at)
         self._refine_until = self._since + ADAPTIVE_WINDOW if current is None else -math.inf
         self.decreases += 1
+        self._grid_rate = min(ADAPTIVE_DECREASE * self.ceiling, MAX_RATE_LIMIT)
         if self.pace is None:
-            self.pace = Pace(min(ADAPTIVE_DECREASE * self.ceiling, MAX_RATE_LIMIT))
+            self.pace = Pace(self._grid_rate)
         else:
             # With 128 requests asleep on the grid, the slots they hold reach seconds ahead
             # at the old rate: they take new ones when they wake (ThrottleMiddleware).
+            self.pace.interval = 1.0 / self._grid_rate
             self.pace.restart(now)
         return True
 
@@ -213,6 +236,9 @@ class AdaptiveRate:
             self.pace, self.ceiling = None, 0.0
             return None
         pace.interval = 1.0 / rate
+        if rate >= ADAPTIVE_REGRID * self._grid_rate:
+            self._grid_rate = rate
+            pace.restart(now)  # the sleepers on far slots move up (ThrottleMiddleware)
         return pace
 
 
@@ -274,7 +300,6 @@ class ThrottleMiddleware:
         self._max_pause = max_pause
         self._base_url = base_url
         self._resume_at = 0.0
-        self._in_flight = 0  # attempts sent and not answered yet (counted while learning)
         # This middleware's own refusals, raised by `recheck` inside the transport: they come
         # back through `call_next` but are no answer from Klarna.
         self._unsent: weakref.WeakSet[RateLimitError] = weakref.WeakSet()
@@ -299,19 +324,12 @@ class ThrottleMiddleware:
         call's deadline.
         """
         if self._resume_at:  # 0.0 unless a 429 paused the client and nobody has waited since
-            now = self._clock()
-            wait = self._resume_at - now
-            if wait > 0:
-                await self._wait(request, now, wait, "paused after a 429 from Klarna")
-            else:
-                self._resume_at = 0.0  # the pause is over: later calls skip the clock
+            await self._wait_pause(request)
         learning = self._pace is None and self._stated is None
         asked_at = self._clock() if learning else 0.0
         # The paces come after the pause, so requests released together leave one by one.
         if self._pace or self._stated or self.adaptive.pace or _batch_pace.get() is not None:
             await self._take_slots(request)
-        if learning:
-            self._in_flight += 1
         try:
             response = await call_next(request)
         except RateLimitError as error:
@@ -322,9 +340,6 @@ class ThrottleMiddleware:
             if learning:
                 self.adaptive.answered(self._clock())  # refused, but let through
             raise
-        finally:
-            if learning:
-                self._in_flight -= 1
         if learning:
             self.adaptive.answered(self._clock())
         headers = response.headers
@@ -339,16 +354,17 @@ class ThrottleMiddleware:
         learning = self._pace is None and self._stated is None
         pause = error.retry_after
         if pause is None or not pause >= 0:  # `not >=` also catches nan
-            # A learned pace is slowed down instead: no pause on top of it.
-            pause = 0.0 if learning and self.adaptive.pace else DEFAULT_RATE_LIMIT_PAUSE
+            # A learned pace is slowed down instead: no pause on top of it (unless nothing
+            # got through in the last second: then there is nothing to lower it to).
+            slowed = learning and self.adaptive.pace and self.adaptive.measured(now)
+            pause = 0.0 if slowed else DEFAULT_RATE_LIMIT_PAUSE
         if pause > 0:
             self._resume_at = max(self._resume_at, now + min(pause, self._max_pause))
-        others = self._in_flight - 1  # this one is still counted
         # "Retry-After: 0" asks for no slowdown (fault injection says it, too): no signal.
         if (
             learning
             and error.retry_after != 0.0
-            and self.adaptive.limited(asked_at, now, self._resume_at, others)
+            and self.adaptive.limited(asked_at, now, self._resume_at)
         ):
             logger.info(
                 "Klarna answered 429: pacing this client at %.1f requests/s (it let %d"
@@ -357,29 +373,61 @@ class ThrottleMiddleware:
                 self.adaptive.ceiling,
             )
 
+    async def _wait_pause(self, request: Request) -> None:
+        """Wait until no 429 pause is on, however often it is extended meanwhile."""
+        while self._resume_at:
+            resume_at = self._resume_at
+            now = self._clock()
+            wait = resume_at - now
+            if wait <= 0:
+                self._resume_at = 0.0  # the pause is over: later calls skip the clock
+                return
+            await self._wait(request, now, wait, "paused after a 429 from Klarna")
+            if self._resume_at <= resume_at:
+                return  # not extended while this request slept
+
+    def _reserve(self, pace: Pace, request: Request, now: float, why: str) -> float:
+        """Take ``pace``'s next slot (the seconds until it), or refuse the request if it lies
+        past its deadline: a refused request takes no slot, so refusals never push the grid
+        further out."""
+        wait = pace.peek(now)
+        if wait > 0:
+            self._check_deadline(request, now, wait, why)
+        return pace.delay(now)
+
     async def _take_slots(self, request: Request) -> None:
         """Wait for a slot of the batch's pace, then of the client's."""
         batch_pace = _batch_pace.get()
         if batch_pace is not None:
             now = self._clock()
-            wait = batch_pace.delay(now)
+            wait = self._reserve(batch_pace, request, now, "waiting for the batch's rate_limit")
             if wait > 0:
-                await self._wait(request, now, wait, "waiting for the batch's rate_limit")
+                await self._sleep(wait)
         adaptive = self.adaptive
+        why = "waiting for the client's rate limit"
         while True:
             now = self._clock()
             pace = self._pace or self._stated or adaptive.pace_at(now)  # every call's
             if pace is None:
                 return
-            wait = pace.delay(now)
+            wait = self._reserve(pace, request, now, why)
             if wait <= 0:
                 return
-            decreases = adaptive.decreases
-            await self._wait(request, now, wait, "waiting for the client's rate limit")
-            if adaptive.decreases == decreases or pace is not adaptive.pace:
+            if pace is not adaptive.pace:  # a fixed pace: the slot holds
+                await self._sleep(wait)
                 return
-            # A 429 lowered the learned pace while this request waited for a slot given at
-            # the old rate: that slot is void, take one on the slower grid.
+            # The learned grid may be laid anew while this request sleeps (a 429 lowered the
+            # pace, or it climbed) or forgotten: its slot is then void. Wake in steps to see.
+            generation = pace.generation
+            left = wait  # counted down by the steps slept, whatever the clock does
+            while True:
+                step = min(left, ADAPTIVE_STEP)
+                await self._sleep(step)
+                left -= step
+                if adaptive.pace_at(self._clock()) is not pace or pace.generation != generation:
+                    break  # take a slot on the new grid (or none, if forgotten)
+                if left <= 0:
+                    return
 
     def recheck(self, request: Request) -> Awaitable[None] | None:
         """For the transport, once the attempt has its connection: wait out a 429 pause.
@@ -395,9 +443,8 @@ class ThrottleMiddleware:
         return self._after_pause(request)
 
     async def _after_pause(self, request: Request) -> None:
-        now = self._clock()
         try:
-            await self._wait(request, now, self._resume_at - now, "paused after a 429 from Klarna")
+            await self._wait_pause(request)
             await self._take_slots(request)
         except RateLimitError as refusal:
             self._unsent.add(refusal)
@@ -420,11 +467,15 @@ class ThrottleMiddleware:
 
     async def _wait(self, request: Request, now: float, wait: float, why: str) -> None:
         """Sleep ``wait`` seconds, unless that passes the call's deadline: then refuse it."""
+        self._check_deadline(request, now, wait, why)
+        await self._sleep(wait)
+
+    def _check_deadline(self, request: Request, now: float, wait: float, why: str) -> None:
+        """Refuse the request (``RateLimitError``) if waiting ``wait`` passes its deadline."""
         # getattr: middlewares are also driven by hand with stand-in requests.
         deadline: float | None = getattr(request, "deadline", None)
         if deadline is not None and now + wait > deadline:
             raise self._refusal(request, wait, deadline - now, why)
-        await self._sleep(wait)
 
     def _refusal(self, request: Request, wait: float, left: float, why: str) -> RateLimitError:
         """The error for a call a wait would keep past its deadline; nothing was sent."""

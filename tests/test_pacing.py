@@ -49,12 +49,17 @@ def test_slots_lie_on_a_fixed_grid_taken_when_asked() -> None:
 def test_a_restarted_grid_voids_the_slots_handed_out_beyond_now() -> None:
     pace = Pace(10)
     assert [pace.delay(0.0) for _ in range(3)] == pytest.approx([0.0, 0.1, 0.2])
-    pace.interval = 0.5  # slower now; the slots at 0.1 and 0.2 were given at the old rate
-    pace.restart(0.05)
-    assert pace.delay(0.05) == 0.0  # the next slot is now, then every 0.5 s
-    assert pace.delay(0.05) == pytest.approx(0.5)
+    pace.interval = 0.05  # faster now; the slots at 0.1 and 0.2 were given at the old rate
+    pace.restart(0.0)  # right after the send at 0.0: the next is one new interval later
+    assert pace.generation == 1  # their holders see it and take new slots
+    assert pace.delay(0.0) == pytest.approx(0.05)
+    assert pace.delay(0.0) == pytest.approx(0.1)
+    pace.interval = 0.5  # slower: the grid then hands out slots 0.5 s apart
+    pace.restart(0.07)  # void beyond 0.07, never sooner than the slots already taken
+    assert pace.delay(0.07) == pytest.approx(0.08)
+    assert pace.delay(0.07) == pytest.approx(0.58)
     pace.restart(10.0)  # never moves the grid forward
-    assert pace.delay(1.0) == pytest.approx(0.05)
+    assert pace.delay(1.0) == pytest.approx(0.15)
 
 
 @given(
