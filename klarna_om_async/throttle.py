@@ -432,13 +432,30 @@ class ThrottleMiddleware:
     def recheck(self, request: Request) -> Awaitable[None] | None:
         """For the transport, once the attempt has its connection: wait out a 429 pause.
 
+        Raises ``RateLimitError`` (nothing sent) at once when the call queued for the
+        connection until past its deadline: no attempt starts after it.
+
         None (nothing to wait for) unless a 429 paused the client since ``request`` passed
         this middleware (e.g. while it queued for a connection). Then an awaitable that
         sleeps until the pause is over and takes fresh pace slots, so the held-back requests
         leave one by one; or that raises ``RateLimitError`` (nothing sent) when the pause
         lies past the call's deadline.
         """
-        if not self._resume_at or self._resume_at <= self._clock():
+        now = self._clock()
+        deadline: float | None = getattr(request, "deadline", None)
+        if deadline is not None and now > deadline:
+            # It queued for a connection until past its deadline: no attempt starts later.
+            refusal = self._refusal(
+                request,
+                0.0,
+                deadline - now,
+                "",
+                message="not sent: the call waited for a"
+                f" free connection until {now - deadline:.1f}s past its deadline",
+            )
+            self._unsent.add(refusal)
+            raise refusal
+        if not self._resume_at or self._resume_at <= now:
             return None
         return self._after_pause(request)
 
@@ -477,12 +494,15 @@ class ThrottleMiddleware:
         if deadline is not None and now + wait > deadline:
             raise self._refusal(request, wait, deadline - now, why)
 
-    def _refusal(self, request: Request, wait: float, left: float, why: str) -> RateLimitError:
+    def _refusal(
+        self, request: Request, wait: float, left: float, why: str, *, message: str = ""
+    ) -> RateLimitError:
         """The error for a call a wait would keep past its deadline; nothing was sent."""
         error = RateLimitError(
             status=429,
             error_messages=(
-                f"not sent: this client is {why} for {wait:.1f}s more, and the call's"
+                message
+                or f"not sent: this client is {why} for {wait:.1f}s more, and the call's"
                 f" deadline is {max(left, 0.0):.1f}s away",
             ),
             retry_after=wait,

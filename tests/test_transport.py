@@ -316,3 +316,49 @@ async def test_an_attempt_that_queued_past_its_deadline_is_refused_unsent(
     assert not caught.value.outcome_unknown
     assert caught.value.idempotency_key is not None
     assert om.rate_limited_count == 1  # the refusal is no 429 from Klarna
+
+
+async def test_an_attempt_that_got_its_connection_after_its_deadline_is_not_sent() -> None:
+    # One connection, held by "a" until the clock has passed "b"'s deadline: "b" must not
+    # start an attempt then ("no attempt starts later than the deadline").
+    time = FakeTime()
+    arrivals: list[str] = []
+    first_arrived, release = asyncio.Event(), asyncio.Event()
+
+    async def capture(request: web.Request) -> web.Response:
+        arrivals.append(request.match_info["order"])
+        if len(arrivals) == 1:
+            first_arrived.set()
+            await release.wait()
+        return web.Response(status=201, headers={"Capture-Id": "cap"})
+
+    app = web.Application()
+    app.router.add_post("/ordermanagement/v1/orders/{order}/captures", capture)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        om, passed = one_connection_client(url, time, deadline=2)
+        async with om:
+            first = asyncio.ensure_future(
+                om.captures.create("a", CaptureRequest(captured_amount=1))
+            )
+            await first_arrived.wait()
+            second = asyncio.ensure_future(
+                om.captures.create("b", CaptureRequest(captured_amount=1))
+            )
+            await passed.wait()  # "b" waits for the connection "a" holds
+            time.now = 3.0  # past "b"'s deadline (0 + 2)
+            release.set()
+            assert (await first).capture_id == "cap"
+            with pytest.raises(RateLimitError, match="not sent: the call waited") as caught:
+                await second
+    finally:
+        release.set()
+        await runner.cleanup()
+    assert arrivals == ["a"]  # "b" never reached the server
+    assert not caught.value.outcome_unknown
+    assert caught.value.idempotency_key is not None
+    assert om.rate_limited_count == 0  # no 429 from Klarna, and no pause
