@@ -6,10 +6,8 @@ from __future__ import annotations
 import asyncio
 import re
 import uuid
-from collections.abc import AsyncIterator
 
 import pytest
-from aiohttp import web
 
 import klarna_om_async
 from klarna_om_async import (
@@ -147,32 +145,6 @@ async def test_a_pause_past_the_deadline_fails_at_once_and_sends_nothing(
 
 
 # -- 2. the 201's capture id ----------------------------------------------------------------
-
-
-@pytest.fixture
-async def answer_201() -> AsyncIterator[tuple[dict[str, str], KlarnaOM]]:
-    """A client of a tiny server answering every capture POST 201 with ``headers`` (which
-    the test fills in; ``{origin}`` in a value becomes the server's ``http://host:port``)."""
-    headers: dict[str, str] = {}
-
-    async def created(request: web.Request) -> web.Response:
-        origin = str(request.url.origin())
-        return web.Response(
-            status=201, headers={k: v.format(origin=origin) for k, v in headers.items()}
-        )
-
-    app = web.Application()
-    app.router.add_post("/ordermanagement/v1/orders/{order_id}/captures", created)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
-        async with KlarnaOM("u", "p", base_url=f"http://127.0.0.1:{port}") as om:
-            yield headers, om
-    finally:
-        await runner.cleanup()
 
 
 CAPTURES = "{origin}/ordermanagement/v1/orders/o1/captures"

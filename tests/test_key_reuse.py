@@ -8,11 +8,9 @@ loopback."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Literal
 
 import pytest
-from aiohttp import web
 from click.testing import Result
 from test_cli import ORDERS, ServedFake, capture, cli, json_lines
 from test_cli import served as served  # the fixture
@@ -179,32 +177,6 @@ async def test_a_batch_item_whose_key_was_used_is_refused(fake: FakeKlarna) -> N
     assert outcome.status == CaptureStatus.REFUSED  # nothing booked: a rerun needs a new key
     assert isinstance(outcome.error, IdempotencyKeyReusedError)
     assert fake.captures(second) == []
-
-
-@pytest.fixture
-async def answer_201() -> AsyncIterator[tuple[dict[str, str], KlarnaOM]]:
-    """A client of a tiny server answering every capture and refund POST 201 with
-    ``headers`` (filled in by the test; ``{origin}`` becomes ``http://host:port``)."""
-    headers: dict[str, str] = {}
-
-    async def created(request: web.Request) -> web.Response:
-        origin = str(request.url.origin())
-        return web.Response(
-            status=201, headers={k: v.format(origin=origin) for k, v in headers.items()}
-        )
-
-    app = web.Application()
-    app.router.add_post("/ordermanagement/v1/orders/{order_id}/{kind}", created)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
-        async with KlarnaOM("u", "p", base_url=f"http://127.0.0.1:{port}") as om:
-            yield headers, om
-    finally:
-        await runner.cleanup()
 
 
 async def post(om: KlarnaOM, kind: Kind, key: str) -> str:

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import attrs
 import orjson
 import pytest
-from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -462,32 +460,6 @@ async def test_a_refund_and_a_capture_never_share_a_key(om: KlarnaOM, fake: Fake
 
 
 # -- the 201's refund id ---------------------------------------------------------------------
-
-
-@pytest.fixture
-async def answer_201() -> AsyncIterator[tuple[dict[str, str], KlarnaOM]]:
-    """A client of a tiny server answering every refund POST 201 with ``headers`` (which the
-    test fills in; ``{origin}`` in a value becomes the server's ``http://host:port``)."""
-    headers: dict[str, str] = {}
-
-    async def created(request: web.Request) -> web.Response:
-        origin = str(request.url.origin())
-        return web.Response(
-            status=201, headers={k: v.format(origin=origin) for k, v in headers.items()}
-        )
-
-    app = web.Application()
-    app.router.add_post("/ordermanagement/v1/orders/{order_id}/refunds", created)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
-        async with KlarnaOM("u", "p", base_url=f"http://127.0.0.1:{port}") as om:
-            yield headers, om
-    finally:
-        await runner.cleanup()
 
 
 REFUNDS = "{origin}/ordermanagement/v1/orders/o1/refunds"

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 from aiohttp import web
+from conftest import served_app
 
 from klarna_om_async import (
     CaptureCreated,
@@ -237,15 +238,11 @@ async def held() -> AsyncIterator[tuple[str, HeldServer]]:
     server = HeldServer(FakeTime())
     app = web.Application()
     app.router.add_post("/ordermanagement/v1/orders/{order}/captures", server.capture)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}", server
-    finally:
-        server.release.set()
-        await runner.cleanup()
+    async with served_app(app) as url:
+        try:
+            yield url, server
+        finally:
+            server.release.set()
 
 
 def one_connection_client(
@@ -334,12 +331,7 @@ async def test_an_attempt_that_got_its_connection_after_its_deadline_is_not_sent
 
     app = web.Application()
     app.router.add_post("/ordermanagement/v1/orders/{order}/captures", capture)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    async with served_app(app) as url:
         om, passed = one_connection_client(url, time, deadline=2)
         async with om:
             first = asyncio.ensure_future(
@@ -355,9 +347,6 @@ async def test_an_attempt_that_got_its_connection_after_its_deadline_is_not_sent
             assert (await first).capture_id == "cap"
             with pytest.raises(RateLimitError, match="not sent: the call waited") as caught:
                 await second
-    finally:
-        release.set()
-        await runner.cleanup()
     assert arrivals == ["a"]  # "b" never reached the server
     assert not caught.value.outcome_unknown
     assert caught.value.idempotency_key is not None

@@ -26,6 +26,12 @@ def _bad_value(error: BadValue) -> web.Response:
     return error_response(400, "BAD_VALUE", str(error))
 
 
+def _created(request: web.Request, id_header: str, created_id: str) -> web.Response:
+    """Klarna's 201 for a new capture or refund: no body, its id and its ``Location``."""
+    location = f"{request.scheme}://{request.host}{request.rel_url.raw_path}/{created_id}"
+    return web.Response(status=201, headers={id_header: created_id, "Location": location})
+
+
 class OrderManagementApi:
     """Route handlers that read and change the ledger; no faults, auth or idempotency here."""
 
@@ -75,17 +81,11 @@ class OrderManagementApi:
         order = self._order(request)
         if order is None:
             return _no_such_order(request.match_info["order_id"])
-        key = request.headers.get(IDEMPOTENCY_HEADER)
         try:
-            capture = self._ledger.book(order, body, key)
+            capture = self._ledger.book(order, body, request.headers.get(IDEMPOTENCY_HEADER))
         except CaptureRefused as refusal:
             return error_response(403, "CAPTURE_NOT_ALLOWED", str(refusal))
-        location = (
-            f"{request.scheme}://{request.host}{request.rel_url.raw_path}/{capture.capture_id}"
-        )
-        return web.Response(
-            status=201, headers={"Capture-Id": capture.capture_id, "Location": location}
-        )
+        return _created(request, "Capture-Id", capture.capture_id)
 
     async def list_captures(self, request: web.Request) -> web.Response:
         """``GET /orders/{order_id}/captures``: every capture of the order."""
@@ -130,15 +130,11 @@ class OrderManagementApi:
         order = self._order(request)
         if order is None:
             return _no_such_order(request.match_info["order_id"])
-        key = request.headers.get(IDEMPOTENCY_HEADER)
         try:
-            refund = self._ledger.refund(order, body, key)
+            refund = self._ledger.refund(order, body, request.headers.get(IDEMPOTENCY_HEADER))
         except RefundRefused as refusal:
             return error_response(403, "REFUND_NOT_ALLOWED", str(refusal))
-        location = f"{request.scheme}://{request.host}{request.rel_url.raw_path}/{refund.refund_id}"
-        return web.Response(
-            status=201, headers={"Refund-Id": refund.refund_id, "Location": location}
-        )
+        return _created(request, "Refund-Id", refund.refund_id)
 
     async def get_refund(self, request: web.Request) -> web.Response:
         """``GET /orders/{order_id}/refunds/{refund_id}``: one refund.
