@@ -2,7 +2,8 @@
 
 Rules: optional fields left at None are omitted on output; unknown keys in Klarna's answers
 are ignored; ints and strs are taken as they are, never coerced (a float is not money);
-datetimes are ISO 8601 and always timezone-aware; tuples travel as JSON arrays.
+datetimes are ISO 8601 and always timezone-aware, dates ISO 8601 (``1981-09-06``); tuples travel
+as JSON arrays.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import enum
 import types
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any, TypeVar, Union, get_args, get_origin
 
 import attrs
@@ -26,7 +27,21 @@ from cattrs.fns import identity
 from cattrs.preconf.orjson import make_converter
 from cattrs.strategies import configure_union_passthrough
 
-from .models import Address, Capture, CaptureRequest, Order, OrderLine, Refund, ShippingInfo
+from .models import (
+    Address,
+    Capture,
+    CaptureRequest,
+    ExtendDueDateOptions,
+    ExtendDueDateRequest,
+    Order,
+    OrderLine,
+    Refund,
+    RefundRequest,
+    ShippingInfo,
+    UpdateAuthorizationRequest,
+    UpdateMerchantReferencesRequest,
+    UpdateShippingAddressRequest,
+)
 
 __all__ = ("converter", "from_json", "to_json")
 
@@ -62,6 +77,12 @@ def _structure_datetime(value: str, _: object) -> datetime:
     moment = datetime.fromisoformat(value)
     # Klarna always sends an offset or Z; should one be missing, its clocks are UTC.
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _structure_date(value: str, _: object) -> date:
+    if value.__class__ is not str:
+        raise TypeError(f"expected an ISO 8601 date string, got {type(value).__name__}")
+    return date.fromisoformat(value)
 
 
 def _union_args(kind: object) -> tuple[Any, ...]:
@@ -141,12 +162,14 @@ def _passthrough(value: T, _: object = None) -> T:
 
 
 def _optional_inner(kind: object) -> Any:
-    """``X`` of ``X | None`` when X is a model, a sequence or a datetime; else None."""
+    """``X`` of ``X | None`` when X is a model, a sequence, a datetime or a date; else None."""
     args = _union_args(kind)
     if len(args) != 2 or type(None) not in args:
         return None
     inner = args[0] if args[1] is type(None) else args[1]
-    return inner if attrs.has(inner) or is_sequence(inner) or inner is datetime else None
+    if attrs.has(inner) or is_sequence(inner) or inner in (datetime, date):
+        return inner
+    return None
 
 
 def _structure_optional(kind: object) -> Callable[[object, object], object]:
@@ -196,6 +219,8 @@ for _leaf in (OrderLine, ShippingInfo, Address):
 converter.register_structure_hook_factory(is_sequence, _arrays_only)
 converter.register_structure_hook(datetime, _structure_datetime)
 converter.register_unstructure_hook(datetime, datetime.isoformat)
+converter.register_structure_hook(date, _structure_date)
+converter.register_unstructure_hook(date, date.isoformat)
 # The model field's own converter maps a known value to the enum member and keeps an unknown
 # one as str; it must run for hand-built models anyway, so cattrs only passes the value on.
 converter.register_structure_hook_func(_is_enum_or_str, _passthrough)
@@ -208,7 +233,16 @@ converter.register_unstructure_hook_factory(
     lambda kind: _model_items(kind) is not None, _unstructure_model_items
 )
 
-_MODELS = (OrderLine, ShippingInfo, Address, CaptureRequest, Capture, Refund, Order)
+_REQUESTS = (
+    CaptureRequest,
+    RefundRequest,
+    UpdateAuthorizationRequest,
+    UpdateMerchantReferencesRequest,
+    UpdateShippingAddressRequest,
+    ExtendDueDateRequest,
+)
+_RESPONSES = (Capture, Refund, Order, ExtendDueDateOptions)
+_MODELS = (OrderLine, ShippingInfo, Address, *_REQUESTS, *_RESPONSES)
 # Built once at import, so the first capture of a batch pays no code generation.
 _UNSTRUCTURE: dict[object, Callable[[Any], Any]] = {
     cls: converter.get_unstructure_hook(cls) for cls in _MODELS

@@ -118,12 +118,12 @@ def created(response: Response, id_header: str, noun: str) -> tuple[str, str, st
         created_id = named[2]
     key = response.request.idempotency_key
     if not created_id and response.status == 204:
-        # Only the calls that create nothing (shipping info, send-out) answer 204: a key
-        # sent before with one of them gets its 204 replayed for this create.
+        # Only the calls that create nothing (shipping info, send-out, cancel, release, ...)
+        # answer 204: a key sent before with one of them gets its 204 replayed for this create.
         _raise_reused(
             response,
             "its answer, 204 No Content, is that of a call that creates nothing (shipping"
-            f" info, send-out), not a new {noun}",
+            f" info, send-out, cancel, release, an update), not a new {noun}",
             location or "",
         )
     if not created_id or key is None:
@@ -179,6 +179,12 @@ def post(path: str, body: bytes | None = None, *, idempotency_key: str | None = 
     """A POST request value; the idempotency middleware adds the key header."""
     headers = _JSON_HEADERS if body is not None else _GET_HEADERS
     return Request("POST", path, body, headers, idempotency_key)
+
+
+def patch(path: str, body: bytes, *, idempotency_key: str | None = None) -> Request:
+    """A PATCH request value (always with a JSON body); the idempotency middleware adds the
+    key header, as for a POST."""
+    return Request("PATCH", path, body, _JSON_HEADERS, idempotency_key)
 
 
 def unreadable(response: Response, message: str) -> KlarnaResponseError:

@@ -1,4 +1,5 @@
-"""Endpoint coroutines for an order's captures: create, read, list, ship, send out."""
+"""Endpoint coroutines for an order's captures: create, read, list, ship, send out, and
+extend the customer's due date."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from .models import (
     Capture,
     CaptureCreated,
     CaptureRequest,
+    ExtendDueDateOptions,
+    ExtendDueDateRequest,
     ShippingInfo,
     validate_shipping_info_request,
 )
@@ -21,11 +24,12 @@ __all__ = ("CapturesService",)
 class CapturesService:
     """``om.captures``: the capture-and-track calls of Klarna Order Management.
 
-    Methods: ``create`` (full or partial capture), ``get``, ``list``, ``add_shipping_info``
-    and ``trigger_send_out``. Amounts are ``int`` minor units (6000 = 60.00). Ids are
-    non-empty strings, URL-quoted into the path. Every call raises a ``KlarnaError``
-    subclass on failure (see each method's "Raises"), and each error carries ``method``,
-    ``url``, ``idempotency_key``, ``attempts`` and ``outcome_unknown``.
+    Methods: ``create`` (full or partial capture), ``get``, ``list``, ``add_shipping_info``,
+    ``trigger_send_out``, ``get_extend_due_date_options`` and ``extend_due_date``. Amounts
+    are ``int`` minor units (6000 = 60.00). Ids are non-empty strings, URL-quoted into the
+    path. Every call raises a ``KlarnaError`` subclass on failure (see each method's
+    "Raises"), and each error carries ``method``, ``url``, ``idempotency_key``, ``attempts``
+    and ``outcome_unknown``.
     https://docs.klarna.com/api/ordermanagement/
     """
 
@@ -154,6 +158,53 @@ class CapturesService:
         """
         path = f"{_routes.capture_path(order_id, capture_id)}/trigger-send-out"
         await self._send(_routes.post(path, idempotency_key=idempotency_key))
+
+    async def get_extend_due_date_options(
+        self, order_id: str, capture_id: str
+    ) -> ExtendDueDateOptions:
+        """The ways the customer's due date of a capture can be extended, and their fees.
+
+        Returns ``ExtendDueDateOptions``: ``currency`` (ISO 4217) and ``options``, a tuple of
+        ``ExtendDueDateOption`` (``number_of_days``, and ``amount``: the merchant's fee in
+        ``int`` minor units). ``GET …/captures/{capture_id}/extend-due-date-options``;
+        read-only, retried on connection errors, timeouts, 409/429/5xx.
+        https://docs.klarna.com/api/ordermanagement/#operation/getOptionsForExtendDueDate
+
+        Raises ``NoSuchCaptureError``/``NoSuchOrderError`` (404), ``AuthenticationError``
+        (401), ``ValidationError`` (a bad id, nothing sent), ``ServerError``/
+        ``KlarnaConnectionError``/``KlarnaTimeoutError`` after the retries, and
+        ``KlarnaResponseError`` when the 200's body is not a set of options.
+        """
+        path = f"{_routes.capture_path(order_id, capture_id)}/extend-due-date-options"
+        return _routes.read(await self._send(_routes.get(path)), ExtendDueDateOptions)
+
+    async def extend_due_date(
+        self,
+        order_id: str,
+        capture_id: str,
+        number_of_days: int,
+        *,
+        idempotency_key: str | None = None,
+    ) -> None:
+        """Give the customer more days to pay a capture; ``None`` (204).
+
+        ``number_of_days``: ``int`` >= 1, one of the choices of
+        ``get_extend_due_date_options`` (each has a fee, charged to the merchant).
+        ``PATCH …/captures/{capture_id}/extend-due-date`` with body
+        ``{"number_of_days": int}``, with an idempotency key (yours or a fresh one), retried
+        with the same key.
+        https://docs.klarna.com/api/ordermanagement/#operation/extendDueDate
+
+        Raises ``ValidationError`` before sending (``number_of_days`` not an ``int`` in
+        1..2,147,483,647, a bad id or key); ``NotAllowedError`` (403: no extension possible
+        for this capture, or not that many days), ``NoSuchCaptureError``/``NoSuchOrderError``
+        (404), ``BadRequestError`` (400), ``AuthenticationError`` (401), ``ServerError``/
+        ``RateLimitError``/``ConflictError``/``KlarnaConnectionError``/``KlarnaTimeoutError``
+        after the retries (check ``err.outcome_unknown``).
+        """
+        body = to_json(ExtendDueDateRequest(number_of_days=number_of_days))
+        path = f"{_routes.capture_path(order_id, capture_id)}/extend-due-date"
+        await self._send(_routes.patch(path, body, idempotency_key=idempotency_key))
 
 
 def _capture_created(response: Response) -> CaptureCreated:

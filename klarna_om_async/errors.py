@@ -18,6 +18,7 @@ import orjson
 __all__ = (
     "AuthenticationError",
     "BadRequestError",
+    "CancelNotAllowedError",
     "CaptureNotAllowedError",
     "ConflictError",
     "IdempotencyKeyReusedError",
@@ -175,7 +176,8 @@ class IdempotencyKeyReusedError(KlarnaError):
     def __init__(self, message: str, *, status: int, location: str) -> None:
         super().__init__(message)
         self.message = message
-        #: The HTTP status of the replayed answer (201, or 204 for a shipping-info key).
+        #: The HTTP status of the replayed answer (201, or 204 for the key of a call that
+        #: creates nothing, such as shipping info or a cancel).
         self.status = status
         #: The ``Location`` Klarna answered with: what the earlier request created.
         self.location = location
@@ -258,6 +260,10 @@ class RefundNotAllowedError(NotAllowedError):
     """403 REFUND_NOT_ALLOWED: amount above what was captured and not yet refunded."""
 
 
+class CancelNotAllowedError(NotAllowedError):
+    """403 CANCEL_NOT_ALLOWED: the order has captures, or is already closed or cancelled."""
+
+
 class NotFoundError(KlarnaAPIError):
     """404: the order, capture or refund does not exist (check the id and the region)."""
 
@@ -316,6 +322,7 @@ _BY_STATUS: Mapping[int, type[KlarnaAPIError]] = {
     429: RateLimitError,
 }
 _BY_CODE: Mapping[str, type[KlarnaAPIError]] = {
+    "CANCEL_NOT_ALLOWED": CancelNotAllowedError,
     "CAPTURE_NOT_ALLOWED": CaptureNotAllowedError,
     "NO_SUCH_ORDER": NoSuchOrderError,
     "NO_SUCH_CAPTURE": NoSuchCaptureError,

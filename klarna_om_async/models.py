@@ -13,7 +13,7 @@ import enum
 import math
 import sys
 from collections.abc import Callable, Iterable, Mapping
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any, TypeVar
 
 import attrs
@@ -25,7 +25,13 @@ __all__ = (
     "Capture",
     "CaptureCreated",
     "CaptureRequest",
+    "Customer",
+    "ExtendDueDateOption",
+    "ExtendDueDateOptions",
+    "ExtendDueDateRequest",
     "FraudStatus",
+    "InitialPaymentMethod",
+    "InitialPaymentMethodType",
     "Order",
     "OrderLine",
     "OrderLineType",
@@ -35,6 +41,10 @@ __all__ = (
     "RefundRequest",
     "ShippingInfo",
     "ShippingMethod",
+    "UpdateAuthorizationRequest",
+    "UpdateMerchantReferencesRequest",
+    "UpdateShippingAddressRequest",
+    "validate_address_request",
     "validate_shipping_info_request",
 )
 
@@ -42,6 +52,23 @@ __all__ = (
 _MAX_AMOUNT = 200_000_000
 _MAX_ORDER_LINES = 1000
 _MAX_SHIPPING_INFO = 500
+#: Klarna's ``number_of_days`` is an int32.
+_MAX_INT32 = 2**31 - 1
+#: The spec's ``maxLength`` of each field of an address sent to Klarna (``country`` has none).
+_ADDRESS_LIMITS = {
+    "given_name": 100,
+    "family_name": 100,
+    "title": 20,
+    "organization_name": 255,
+    "attention": 255,
+    "street_address": 100,
+    "street_address2": 100,
+    "postal_code": 10,
+    "city": 200,
+    "region": 200,
+    "email": 100,
+    "phone": 100,
+}
 
 _T = TypeVar("_T")
 _E = TypeVar("_E", bound=enum.StrEnum)
@@ -98,6 +125,29 @@ class FraudStatus(enum.StrEnum):
     ACCEPTED = "ACCEPTED"
     PENDING = "PENDING"
     REJECTED = "REJECTED"
+
+
+class InitialPaymentMethodType(enum.StrEnum):
+    """How the customer chose to pay when the order was placed."""
+
+    ACCOUNT = "ACCOUNT"
+    ALTERNATIVE_PAYMENT_METHOD = "ALTERNATIVE_PAYMENT_METHOD"
+    BANK_TRANSFER = "BANK_TRANSFER"
+    CARD = "CARD"
+    DEFERRED_INTEREST = "DEFERRED_INTEREST"
+    DIRECT_DEBIT = "DIRECT_DEBIT"
+    FIXED_AMOUNT_BY_CARD = "FIXED_AMOUNT_BY_CARD"
+    FIXED_AMOUNT = "FIXED_AMOUNT"
+    FIXED_SUM_CREDIT = "FIXED_SUM_CREDIT"
+    INVOICE_BUSINESS = "INVOICE_BUSINESS"
+    INVOICE = "INVOICE"
+    MOBILEPAY = "MOBILEPAY"
+    PAY_BY_CARD = "PAY_BY_CARD"
+    PAY_IN_X = "PAY_IN_X"
+    PAY_LATER_BY_CARD = "PAY_LATER_BY_CARD"
+    PAY_LATER_IN_PARTS = "PAY_LATER_IN_PARTS"
+    SWISH = "SWISH"
+    OTHER = "OTHER"
 
 
 # --- validators: each raises ValidationError naming the attribute --------------------------
@@ -275,6 +325,16 @@ def _fraud_status(value: str | None) -> FraudStatus | str | None:
     return _as_enum(FraudStatus, value)
 
 
+def _payment_method_type(value: str | None) -> InitialPaymentMethodType | str | None:
+    return _as_enum(InitialPaymentMethodType, value)
+
+
+def _due_date_options(
+    value: Iterable[ExtendDueDateOption] | None,
+) -> tuple[ExtendDueDateOption, ...] | None:
+    return _as_tuple(value)
+
+
 # --- shared leaf models ---------------------------------------------------------------------
 
 
@@ -321,9 +381,14 @@ class ShippingInfo:
 
 @attrs.define(frozen=True, kw_only=True)
 class Address:
-    """A billing or shipping address as Klarna returns it."""
+    """A billing or shipping address: as Klarna returns it, or a new shipping address to send.
 
-    # Only read from responses, so only types are checked: a long value must not break a read.
+    Sent with ``om.orders.update_shipping_address``, which checks Klarna's length limits
+    (``validate_address_request``) before sending.
+    """
+
+    # Read from responses too, so only types are checked here: a long value in an answer
+    # must not break the read.
     given_name: str | None = attrs.field(default=None, validator=_text())
     family_name: str | None = attrs.field(default=None, validator=_text())
     title: str | None = attrs.field(default=None, validator=_text())
@@ -410,10 +475,118 @@ class RefundRequest:
     )
 
 
+@attrs.define(frozen=True, kw_only=True)
+class UpdateAuthorizationRequest:
+    """Body of an update of the order's authorization: the new order amount, and its lines.
+
+    Fields (Klarna's ``Update authorization``; checked when the value is built,
+    ``ValidationError`` naming the field otherwise):
+
+    - ``order_amount``: the new total of the order, ``int`` minor units (6000 = 60.00),
+      0..200,000,000; not below what was already captured. Required.
+    - ``description``: what changed, at most 255 characters.
+    - ``order_lines``: the order's new set of lines, up to 1000 ``OrderLine`` values
+      (amounts in minor units); they replace the old ones. Left out (``None``), Klarna
+      removes the order's lines: send them again to keep them.
+
+    https://docs.klarna.com/api/ordermanagement/#operation/updateAuthorization
+    """
+
+    order_amount: int = attrs.field(validator=_int_range(0, _MAX_AMOUNT, required=True))
+    description: str | None = attrs.field(default=None, validator=_text(255))
+    order_lines: tuple[OrderLine, ...] | None = attrs.field(
+        default=None,
+        converter=_order_lines,
+        validator=_items(OrderLine, _MAX_ORDER_LINES, ("type", OrderLineType)),
+    )
+
+
+@attrs.define(frozen=True, kw_only=True)
+class UpdateMerchantReferencesRequest:
+    """Body of an update of the order's merchant references; a ``None`` one is left as is.
+
+    ``merchant_reference1`` (your order number, shown to the customer) and
+    ``merchant_reference2`` (your internal reference): at most 255 characters each; at least
+    one must be given, or ``ValidationError`` (field ``merchant_reference1``). A field left at
+    ``None`` is omitted from the body, so Klarna keeps its old value; ``""`` clears it.
+
+    https://docs.klarna.com/api/ordermanagement/#operation/updateMerchantReferences
+    """
+
+    merchant_reference1: str | None = attrs.field(default=None, validator=_text(255))
+    merchant_reference2: str | None = attrs.field(default=None, validator=_text(255))
+
+    def __attrs_post_init__(self) -> None:
+        if self.merchant_reference1 is None and self.merchant_reference2 is None:
+            raise ValidationError(
+                "merchant_reference1",
+                "nothing to update: give merchant_reference1, merchant_reference2 or both",
+            )
+
+
+def validate_address_request(address: Address, field: str = "shipping_address") -> Address:
+    """Check an address about to be sent against Klarna's limits; returns it unchanged.
+
+    ``Address`` checks only types, since Klarna's answers may hold longer values; a request
+    must keep the spec's lengths (``postal_code`` 10, ``title`` 20, names, street lines,
+    ``email`` and ``phone`` 100, ``city`` and ``region`` 200, ``organization_name`` and
+    ``attention`` 255 characters) and set at least one field. Raises ``ValidationError``
+    naming the field, e.g. ``shipping_address.postal_code``.
+    """
+    if not isinstance(address, Address):
+        raise ValidationError(field, f"must be an Address, got {_kind(address)}")
+    empty = True
+    for name, limit in _ADDRESS_LIMITS.items():
+        value = getattr(address, name)
+        if value is None:
+            continue
+        empty = False
+        if len(value) > limit:
+            raise ValidationError(
+                f"{field}.{name}", f"must be at most {limit} characters, got {len(value)}"
+            )
+    if empty and address.country is None:
+        raise ValidationError(field, "must set at least one field, got an empty Address")
+    return address
+
+
+def _address_request(_instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is None:
+        raise ValidationError(attribute.name, "is required")
+    validate_address_request(value, attribute.name)
+
+
+@attrs.define(frozen=True, kw_only=True)
+class UpdateShippingAddressRequest:
+    """Body of an update of the order's shipping address (Klarna's ``UpdateConsumer``).
+
+    ``shipping_address``: an ``Address`` within Klarna's limits (see
+    ``validate_address_request``). Required. Klarna no longer lets a billing address change.
+
+    https://docs.klarna.com/api/ordermanagement/#operation/updateConsumerDetails
+    """
+
+    shipping_address: Address = attrs.field(validator=_address_request)
+
+
+@attrs.define(frozen=True, kw_only=True)
+class ExtendDueDateRequest:
+    """Body of a due-date extension of a capture: ``number_of_days``.
+
+    ``number_of_days``: ``int`` 1..2,147,483,647 (Klarna's int32; an extension by 0 days or
+    fewer extends nothing). Pick one of ``get_extend_due_date_options``' choices.
+
+    https://docs.klarna.com/api/ordermanagement/#operation/extendDueDate
+    """
+
+    number_of_days: int = attrs.field(validator=_int_range(1, _MAX_INT32, required=True))
+
+
 def validate_shipping_info_request(
     shipping_info: Iterable[ShippingInfo],
 ) -> tuple[ShippingInfo, ...]:
-    """Check the body of add-shipping-info (1 to 500 items, known methods); returns a tuple."""
+    """Check the body of add-shipping-info, of a capture or of an order (1 to 500 items, known
+    methods); returns a tuple."""
     items = _as_tuple(shipping_info) or ()
     _check_items(
         "shipping_info",
@@ -482,13 +655,68 @@ class Order:
     merchant_reference1: str | None = None
     merchant_reference2: str | None = None
     klarna_reference: str | None = None
+    purchase_country: str | None = None
+    #: Your data about the order, set when the order was created.
+    merchant_data: str | None = None
     order_lines: tuple[OrderLine, ...] | None = attrs.field(default=None, converter=_order_lines)
     billing_address: Address | None = None
     shipping_address: Address | None = None
+    #: Tracking details added to the order itself (``om.orders.add_shipping_info``).
+    shipping_info: tuple[ShippingInfo, ...] | None = attrs.field(
+        default=None, converter=_shipping_infos
+    )
+    initial_payment_method: InitialPaymentMethod | None = None
+    customer: Customer | None = None
     created_at: datetime | None = None
+    #: Until when the order can be captured; ``om.orders.extend_authorization_time`` moves it.
     expires_at: datetime | None = None
     captures: tuple[Capture, ...] | None = attrs.field(default=None, converter=_captures)
     refunds: tuple[Refund, ...] | None = attrs.field(default=None, converter=_refunds)
+
+
+@attrs.define(frozen=True, kw_only=True)
+class Customer:
+    """The customer who placed the order, where Klarna has it (some markets and methods).
+
+    Personal data: both fields are left out of ``repr``, so logging an order never shows them.
+    """
+
+    date_of_birth: date | None = attrs.field(default=None, repr=False)
+    national_identification_number: str | None = attrs.field(default=None, repr=False)
+
+
+@attrs.define(frozen=True, kw_only=True)
+class InitialPaymentMethod:
+    """How the customer chose to pay when the order was placed."""
+
+    type: InitialPaymentMethodType | str | None = attrs.field(
+        default=None, converter=_payment_method_type, validator=_text()
+    )
+    #: Klarna's name for it, e.g. "Slice it (Fixed Payments)".
+    description: str | None = None
+    #: The number of installments, when the method has them.
+    number_of_installments: int | None = None
+
+
+@attrs.define(frozen=True, kw_only=True)
+class ExtendDueDateOption:
+    """One way to extend a capture's due date, and what it costs the merchant."""
+
+    #: Days the due date moves by; send it to ``om.captures.extend_due_date``.
+    number_of_days: int | None = None
+    #: The merchant's fee for this extension, in minor units of ``currency``.
+    amount: int | None = None
+
+
+@attrs.define(frozen=True, kw_only=True)
+class ExtendDueDateOptions:
+    """The due-date extensions a capture allows, and their fees, as Klarna returns them."""
+
+    #: ISO 4217 currency of the fees, e.g. "usd".
+    currency: str | None = None
+    options: tuple[ExtendDueDateOption, ...] | None = attrs.field(
+        default=None, converter=_due_date_options
+    )
 
 
 @attrs.define(frozen=True, kw_only=True)

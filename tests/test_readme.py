@@ -141,7 +141,15 @@ def test_every_public_call_names_its_errors_and_links_klarna_docs(documented: ob
 
 def test_the_endpoints_are_all_documented() -> None:
     names = {m.__name__ for m in public_methods(CapturesService)}
-    assert names == {"create", "get", "list", "add_shipping_info", "trigger_send_out"}
+    assert names == {
+        "create",
+        "get",
+        "list",
+        "add_shipping_info",
+        "trigger_send_out",
+        "extend_due_date",
+        "get_extend_due_date_options",
+    }
     assert {m.__name__ for m in public_methods(KlarnaOM)} >= {"capture_many", "reconcile"}
 
 

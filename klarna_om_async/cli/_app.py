@@ -12,6 +12,7 @@ from ._batchcmd import batch
 from ._commands import SINGLE_COMMANDS
 from ._demo import demo
 from ._fakeserver import fake_server
+from ._lifecycle import LIFECYCLE_COMMANDS
 from ._options import connection_options
 from ._reconcilecmd import reconcile
 from ._render import echo_json
@@ -70,13 +71,16 @@ def main(verbose: bool) -> None:
     Amounts are integer minor units (1050 = 10.50). --json prints JSON, one object per line.
     capture, refund, ship and send-out print their idempotency key before sending: if they
     are interrupted, rerun them with --idempotency-key KEY to finish exactly once; never
-    give a key to another call.
+    give a key to another call. The other commands that change an order print their key
+    too (release, extend, cancel, acknowledge, update-authorization, references,
+    ship-order, extend-due-date). cancel and release ask first; --yes skips the question,
+    and is required when stdin is not a terminal.
 
     \b
     Exit status:
       0    success; in a batch, every item captured or skipped
-      1    Klarna refused, or replayed an earlier request's answer for a reused key
-           (nothing happened); in a batch, some items refused or failed
+      1    Klarna refused, or replayed an earlier request's answer for a reused key, or
+           you answered no (nothing happened); in a batch, some items refused or failed
       2    usage or input errors (nothing was sent)
       3    outcome unknown: the call may have taken effect; rerun it with
            --idempotency-key KEY (the key it printed) to finish it exactly once
@@ -109,7 +113,7 @@ def _configure_logging(verbose: bool) -> None:
         logger.propagate = False
 
 
-for _command in (*SINGLE_COMMANDS, batch, reconcile, fake_server, demo):
+for _command in (*SINGLE_COMMANDS, *LIFECYCLE_COMMANDS, batch, reconcile, fake_server, demo):
     if not any("--verbose" in param.opts for param in _command.params):
         _command.params.append(
             click.Option(

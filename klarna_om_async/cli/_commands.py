@@ -47,6 +47,7 @@ from ._render import (
 __all__ = ("SINGLE_COMMANDS",)
 
 _T = TypeVar("_T")
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 
 def _console() -> Console:
@@ -356,19 +357,43 @@ def list_captures(order_id: str, json_output: bool) -> None:
         show_captures(_console(), order_id, captures)
 
 
+def _shipment_options(command: _F) -> _F:
+    """Add ``--company --tracking-number --method --tracking-uri``: one shipment."""
+    options = (
+        click.option("--company", required=True, help="Shipping company, e.g. 'DHL'."),
+        click.option("--tracking-number", required=True, help="The shipment's tracking number."),
+        click.option(
+            "--method",
+            type=click.Choice([method.value for method in ShippingMethod]),
+            default=ShippingMethod.HOME.value,
+            show_default=True,
+            help="Shipping method.",
+        ),
+        click.option("--tracking-uri", help="URL where the customer can track the shipment."),
+    )
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _shipment(
+    company: str, tracking_number: str, method: str, tracking_uri: str | None
+) -> ShippingInfo:
+    """The shipment the options describe; a bad field exits 2 before anything is sent."""
+    return _valid(
+        lambda: ShippingInfo(
+            shipping_company=company,
+            shipping_method=method,
+            tracking_number=tracking_number,
+            tracking_uri=tracking_uri,
+        )
+    )
+
+
 @click.command()
 @click.argument("order_id")
 @click.argument("capture_id")
-@click.option("--company", required=True, help="Shipping company, e.g. 'DHL'.")
-@click.option("--tracking-number", required=True, help="The shipment's tracking number.")
-@click.option(
-    "--method",
-    type=click.Choice([method.value for method in ShippingMethod]),
-    default=ShippingMethod.HOME.value,
-    show_default=True,
-    help="Shipping method.",
-)
-@click.option("--tracking-uri", help="URL where the customer can track the shipment.")
+@_shipment_options
 @_idempotency_option
 @connection_options
 @json_option
@@ -386,14 +411,7 @@ def ship(
     connection = Connection.from_context()
     connection.check()
     order_id, capture_id = _id("order_id", order_id), _id("capture_id", capture_id)
-    info = _valid(
-        lambda: ShippingInfo(
-            shipping_company=company,
-            shipping_method=method,
-            tracking_number=tracking_number,
-            tracking_uri=tracking_uri,
-        )
-    )
+    info = _shipment(company, tracking_number, method, tracking_uri)
     key = _announce_key(
         idempotency_key, json_output, command="ship", order_id=order_id, capture_id=capture_id
     )

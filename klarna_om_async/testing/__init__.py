@@ -1,8 +1,10 @@
 """A fake Klarna Order Management server, to test code that captures and refunds Klarna orders.
 
-``FakeKlarna`` serves the capture and refund endpoints over real HTTP with Klarna's rules
-(over-capture and cancelled/expired orders are refused with 403 ``CAPTURE_NOT_ALLOWED``,
-refunds beyond what was captured and not yet refunded with 403 ``REFUND_NOT_ALLOWED``), Basic auth,
+``FakeKlarna`` serves the Order Management endpoints over real HTTP with Klarna's rules
+(over-capture and cancelled/expired/released orders are refused with 403 ``CAPTURE_NOT_ALLOWED``,
+refunds beyond what was captured and not yet refunded with 403 ``REFUND_NOT_ALLOWED``, cancels
+after a capture with 403 ``CANCEL_NOT_ALLOWED``, other refused updates with 403 ``NOT_ALLOWED``;
+orders expire on the fake's clock, see ``FakeKlarna.advance_clock``), Basic auth,
 idempotency keys (the first completed answer for a key is replayed, marked with the header
 ``Klarna-Idempotent-Replayed: true``), fault injection, and a record of every request::
 

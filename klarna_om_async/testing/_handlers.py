@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from aiohttp import web
 
-from ._ledger import CaptureRefused, FakeCapture, FakeOrder, Ledger, RefundRefused
+from ._ledger import CaptureRefused, FakeCapture, FakeOrder, Ledger, NotAllowed, RefundRefused
 from ._responses import error_response, json_response
-from ._shapes import capture_json, order_json, refund_json
-from ._validation import BadValue, parse_capture, parse_refund, parse_shipping_info
+from ._shapes import capture_json, due_date_options_json, order_json, refund_json
+from ._validation import (
+    BadValue,
+    parse_capture,
+    parse_customer_details,
+    parse_extend_due_date,
+    parse_merchant_references,
+    parse_refund,
+    parse_shipping_info,
+    parse_update_authorization,
+)
 
 __all__ = ("IDEMPOTENCY_HEADER", "ORDERS_PATH", "OrderManagementApi")
 
@@ -24,6 +35,10 @@ def _no_such_order(order_id: str) -> web.Response:
 
 def _bad_value(error: BadValue) -> web.Response:
     return error_response(400, "BAD_VALUE", str(error))
+
+
+def _no_content() -> web.Response:
+    return web.Response(status=204)
 
 
 def _created(request: web.Request, id_header: str, created_id: str) -> web.Response:
@@ -48,13 +63,34 @@ class OrderManagementApi:
         router.add_post(_CAPTURE + "/trigger-send-out", self.trigger_send_out)
         router.add_post(_ORDER + "/refunds", self.create_refund)
         router.add_get(_REFUND, self.get_refund)
+        router.add_post(_ORDER + "/release-remaining-authorization", self.release)
+        router.add_post(_ORDER + "/extend-authorization-time", self.extend_authorization)
+        router.add_post(_ORDER + "/cancel", self.cancel)
+        router.add_post(_ORDER + "/acknowledge", self.acknowledge)
+        router.add_patch(_ORDER + "/authorization", self.update_authorization)
+        router.add_patch(_ORDER + "/merchant-references", self.update_merchant_references)
+        router.add_patch(_ORDER + "/customer-details", self.update_customer_details)
+        router.add_post(_ORDER + "/shipping-info", self.add_order_shipping_info)
+        router.add_patch(_CAPTURE + "/extend-due-date", self.extend_due_date)
+        router.add_get(_CAPTURE + "/extend-due-date-options", self.due_date_options)
 
     def _order(self, request: web.Request) -> FakeOrder | None:
-        return self._ledger.orders.get(request.match_info["order_id"])
+        return self._ledger.find(request.match_info["order_id"])
+
+    def _update(self, request: web.Request, apply: Callable[[FakeOrder], None]) -> web.Response:
+        """Apply a 204 operation to the request's order: 404, 403 from ``NotAllowed``, 204."""
+        order = self._order(request)
+        if order is None:
+            return _no_such_order(request.match_info["order_id"])
+        try:
+            apply(order)
+        except NotAllowed as refusal:
+            return error_response(403, refusal.error_code, str(refusal))
+        return _no_content()
 
     def _capture(self, request: web.Request) -> FakeCapture | web.Response:
         order_id = request.match_info["order_id"]
-        order = self._ledger.orders.get(order_id)
+        order = self._ledger.find(order_id)
         if order is None:
             return _no_such_order(order_id)
         capture_id = request.match_info["capture_id"]
@@ -111,7 +147,8 @@ class OrderManagementApi:
         if isinstance(found, web.Response):
             return found
         found.shipping_info.extend(items)
-        return web.Response(status=204)
+        self._ledger.orders[found.order_id].operations.append("appendShippingInfo")
+        return _no_content()
 
     async def trigger_send_out(self, request: web.Request) -> web.Response:
         """``POST .../captures/{capture_id}/trigger-send-out``: resend customer mails, 204."""
@@ -119,7 +156,8 @@ class OrderManagementApi:
         if isinstance(found, web.Response):
             return found
         found.send_outs += 1
-        return web.Response(status=204)
+        self._ledger.orders[found.order_id].operations.append("triggerSendOut")
+        return _no_content()
 
     async def create_refund(self, request: web.Request) -> web.Response:
         """``POST /orders/{order_id}/refunds``: 201, no body, ``Refund-Id`` and ``Location``."""
@@ -142,7 +180,7 @@ class OrderManagementApi:
         Klarna documents no ``NO_SUCH_REFUND`` code; an unknown refund is 404 ``NOT_FOUND``.
         """
         order_id = request.match_info["order_id"]
-        order = self._ledger.orders.get(order_id)
+        order = self._ledger.find(order_id)
         if order is None:
             return _no_such_order(order_id)
         refund_id = request.match_info["refund_id"]
@@ -152,3 +190,79 @@ class OrderManagementApi:
                 404, "NOT_FOUND", f"Refund {refund_id} cannot be found on order {order_id}"
             )
         return json_response(refund_json(refund))
+
+    async def release(self, request: web.Request) -> web.Response:
+        """``POST .../release-remaining-authorization``: 204; 403 ``NOT_ALLOWED``."""
+        return self._update(request, self._ledger.release)
+
+    async def extend_authorization(self, request: web.Request) -> web.Response:
+        """``POST .../extend-authorization-time``: 204; 403 ``NOT_ALLOWED``."""
+        return self._update(request, self._ledger.extend_authorization)
+
+    async def cancel(self, request: web.Request) -> web.Response:
+        """``POST .../cancel``: 204; 403 ``CANCEL_NOT_ALLOWED``."""
+        return self._update(request, self._ledger.cancel)
+
+    async def acknowledge(self, request: web.Request) -> web.Response:
+        """``POST .../acknowledge``: 204."""
+        return self._update(request, self._ledger.acknowledge)
+
+    async def update_authorization(self, request: web.Request) -> web.Response:
+        """``PATCH .../authorization``: 204; 400 ``BAD_VALUE``; 403 ``NOT_ALLOWED``."""
+        try:
+            body = parse_update_authorization(await request.read())
+        except BadValue as error:
+            return _bad_value(error)
+        return self._update(request, lambda order: self._ledger.update_authorization(order, body))
+
+    async def update_merchant_references(self, request: web.Request) -> web.Response:
+        """``PATCH .../merchant-references``: 204; 400 ``BAD_VALUE``; 403 ``NOT_ALLOWED``."""
+        try:
+            references = parse_merchant_references(await request.read())
+        except BadValue as error:
+            return _bad_value(error)
+        return self._update(
+            request, lambda order: self._ledger.update_merchant_references(order, references)
+        )
+
+    async def update_customer_details(self, request: web.Request) -> web.Response:
+        """``PATCH .../customer-details``: 204; 400 ``BAD_VALUE``; 403 ``NOT_ALLOWED``."""
+        try:
+            body = parse_customer_details(await request.read())
+        except BadValue as error:
+            return _bad_value(error)
+        return self._update(
+            request, lambda order: self._ledger.update_customer_details(order, body)
+        )
+
+    async def add_order_shipping_info(self, request: web.Request) -> web.Response:
+        """``POST .../shipping-info`` on the order: 204; 400 ``BAD_VALUE``."""
+        try:
+            items = parse_shipping_info(await request.read())
+        except BadValue as error:
+            return _bad_value(error)
+        return self._update(request, lambda order: self._ledger.add_shipping_info(order, items))
+
+    async def extend_due_date(self, request: web.Request) -> web.Response:
+        """``PATCH .../captures/{capture_id}/extend-due-date``: 204; 400; 403 ``NOT_ALLOWED``."""
+        try:
+            days = parse_extend_due_date(await request.read())
+        except BadValue as error:
+            return _bad_value(error)
+        found = self._capture(request)
+        if isinstance(found, web.Response):
+            return found
+        order = self._ledger.orders[found.order_id]
+        try:
+            self._ledger.extend_due_date(order, found, days)
+        except NotAllowed as refusal:
+            return error_response(403, refusal.error_code, str(refusal))
+        return _no_content()
+
+    async def due_date_options(self, request: web.Request) -> web.Response:
+        """``GET .../captures/{capture_id}/extend-due-date-options``: ExtendDueDateOptions."""
+        found = self._capture(request)
+        if isinstance(found, web.Response):
+            return found
+        order = self._ledger.orders[found.order_id]
+        return json_response(due_date_options_json(order, self._ledger.due_date_options(order)))

@@ -66,8 +66,9 @@ async def _sleep(seconds: float) -> None:
 class FakeKlarna:
     """A fake Klarna Order Management server for tests, demos and benchmarks.
 
-    It serves the capture and refund endpoints over real HTTP with Klarna's rules, Basic auth
-    and idempotency, records every request, and injects faults on demand. ``seed`` makes
+    It serves the Order Management endpoints (read, capture, refund, release, extend, cancel,
+    update, ...) over real HTTP with Klarna's rules, Basic auth and idempotency, records every
+    request, and injects faults on demand. ``seed`` makes
     probabilistic faults (``inject(..., probability=p)``) fall on the same requests every run.
     """
 
@@ -176,8 +177,10 @@ class FakeKlarna:
 
     def advance_clock(self, seconds: float) -> None:
         """Move the fake's time forward: idempotency keys age (``idempotency_ttl``, 24 hours
-        by default) and later captures and orders carry later timestamps. No real wait."""
+        by default), later captures and orders carry later timestamps, and orders whose
+        ``expires_at`` has passed turn ``EXPIRED`` (captures then refused). No real wait."""
         self._clock.advance(seconds)
+        self._ledger.expire_due()
 
     def now(self) -> datetime.datetime:
         """The fake's current UTC time; pass it as a journal's ``clock`` to share the time."""
@@ -193,10 +196,21 @@ class FakeKlarna:
         status: str = "AUTHORIZED",
         currency: str = "EUR",
         reference: str | None = None,
+        payment_method: str = "INVOICE",
     ) -> str:
-        """Create an order of ``amount`` minor units and return its id (a uuid4 by default)."""
+        """Create an order of ``amount`` minor units and return its id (a uuid4 by default).
+
+        It expires 28 days after now (see ``advance_clock``). ``payment_method`` is its
+        ``initial_payment_method.type``: with ``"INVOICE"`` (pay later) the amount can be
+        increased and capture due dates extended; e.g. ``"CARD"`` allows neither.
+        """
         return self._ledger.add_order(
-            order_id, amount=amount, status=status, currency=currency, reference=reference
+            order_id,
+            amount=amount,
+            status=status,
+            currency=currency,
+            reference=reference,
+            payment_method=payment_method,
         )
 
     def add_orders(self, n: int, *, amount: int, currency: str = "EUR") -> list[str]:
@@ -204,8 +218,8 @@ class FakeKlarna:
         return [self.add_order(amount=amount, currency=currency) for _ in range(n)]
 
     def order(self, order_id: str) -> FakeOrder:
-        """The fake's live view of an order (amounts, status, captures, refunds); ``KeyError``
-        if none."""
+        """The fake's live view of an order (amounts, status, captures, refunds, references,
+        addresses, ``operations``...); ``KeyError`` if none."""
         return self._ledger.order(order_id)
 
     def set_order_status(self, order_id: str, status: str) -> None:

@@ -2,23 +2,9 @@
 
 from __future__ import annotations
 
-from ._ledger import FakeCapture, FakeOrder, FakeRefund, JSONObject
+from ._ledger import PAYMENT_METHOD_DESCRIPTIONS, FakeCapture, FakeOrder, FakeRefund, JSONObject
 
-__all__ = ("capture_json", "order_json", "refund_json")
-
-# The addresses of Klarna's own capture sample (docs.klarna.com, "Capture and track orders").
-_ADDRESS: JSONObject = {
-    "given_name": "John",
-    "family_name": "Doe",
-    "title": "Mr",
-    "street_address": "123 Fake St",
-    "postal_code": "12345",
-    "city": "New York",
-    "region": "NY",
-    "country": "US",
-    "email": "john@doe.com",
-    "phone": "123456",
-}
+__all__ = ("capture_json", "due_date_options_json", "order_json", "refund_json")
 
 _LOCALES = {"EUR": "de-DE", "SEK": "sv-SE", "NOK": "nb-NO", "DKK": "da-DK", "GBP": "en-GB"}
 
@@ -32,8 +18,8 @@ def capture_json(capture: FakeCapture) -> JSONObject:
         "captured_at": capture.captured_at,
         "order_lines": capture.order_lines,
         "refunded_amount": capture.refunded_amount,
-        "billing_address": _ADDRESS,
-        "shipping_address": _ADDRESS,
+        "billing_address": capture.billing_address,
+        "shipping_address": capture.shipping_address,
         "shipping_info": capture.shipping_info,
     }
     # The spec's strings are not nullable, so absent values are left out rather than null.
@@ -87,15 +73,32 @@ def order_json(order: FakeOrder) -> JSONObject:
         "remaining_authorized_amount": order.remaining_authorized_amount,
         "purchase_currency": order.purchase_currency,
         "locale": _LOCALES.get(order.purchase_currency, "en-US"),
-        "order_lines": [_order_line(order.order_amount)],
+        "order_lines": (
+            [_order_line(order.order_amount)] if order.order_lines is None else order.order_lines
+        ),
         "klarna_reference": order.klarna_reference,
         "created_at": order.created_at,
         "expires_at": order.expires_at,
-        "billing_address": _ADDRESS,
-        "shipping_address": _ADDRESS,
+        "billing_address": order.billing_address,
+        "shipping_address": order.shipping_address,
+        "initial_payment_method": {
+            "type": order.payment_method,
+            "description": PAYMENT_METHOD_DESCRIPTIONS.get(order.payment_method, "Klarna"),
+        },
+        "shipping_info": order.shipping_info,
         "captures": [capture_json(capture) for capture in order.captures],
         "refunds": [refund_json(refund) for refund in order.refunds],
     }
     if order.merchant_reference1 is not None:
         body["merchant_reference1"] = order.merchant_reference1
+    if order.merchant_reference2 is not None:
+        body["merchant_reference2"] = order.merchant_reference2
     return body
+
+
+def due_date_options_json(order: FakeOrder, options: list[tuple[int, int]]) -> JSONObject:
+    """``GET .../extend-due-date-options``: Klarna's ExtendDueDateOptions."""
+    return {
+        "currency": order.purchase_currency,
+        "options": [{"number_of_days": days, "amount": fee} for days, fee in options],
+    }

@@ -10,9 +10,18 @@ from typing import TypeGuard
 
 import orjson
 
-from ._ledger import CaptureBody, JSONObject, RefundBody
+from ._ledger import AuthorizationBody, CaptureBody, CustomerDetailsBody, JSONObject, RefundBody
 
-__all__ = ("BadValue", "parse_capture", "parse_refund", "parse_shipping_info")
+__all__ = (
+    "BadValue",
+    "parse_capture",
+    "parse_customer_details",
+    "parse_extend_due_date",
+    "parse_merchant_references",
+    "parse_refund",
+    "parse_shipping_info",
+    "parse_update_authorization",
+)
 
 MAX_AMOUNT = 200_000_000
 _MAX_ORDER_LINES = 1000
@@ -52,6 +61,22 @@ _ORDER_LINE_LENGTHS = {
     "product_url": 1024,
     "type": 32,
 }
+# The spec's ``address`` schema: every field a string, these its maximum lengths.
+_ADDRESS_LENGTHS = {
+    "attention": 255,
+    "city": 200,
+    "email": 100,
+    "family_name": 100,
+    "given_name": 100,
+    "organization_name": 255,
+    "phone": 100,
+    "postal_code": 10,
+    "region": 200,
+    "street_address": 100,
+    "street_address2": 100,
+    "title": 20,
+}
+_MAX_INT32 = 2**31 - 1
 _ORDER_LINE_REQUIRED_INTS = ("quantity", "unit_price", "total_amount")
 _ORDER_LINE_OPTIONAL_INTS = ("tax_rate", "total_discount_amount", "total_tax_amount")
 
@@ -175,3 +200,66 @@ def parse_shipping_info(body: bytes) -> list[JSONObject]:
     items = _object_list(_object(body), "shipping_info", 1, _MAX_SHIPPING_INFO)
     _check_shipping_info(items)
     return items
+
+
+def parse_update_authorization(body: bytes) -> AuthorizationBody:
+    """Validate a ``PATCH .../authorization`` body (the spec's "Update authorization")."""
+    data = _object(body)
+    amount = data.get("order_amount")
+    if not (_is_int(amount) and 0 <= amount <= MAX_AMOUNT):
+        raise BadValue(f"Bad value: order_amount (an integer from 0 to {MAX_AMOUNT})")
+    description = _optional_string(data, "description", 255, "")
+    order_lines = None
+    if data.get("order_lines") is not None:
+        order_lines = _object_list(data, "order_lines", 0, _MAX_ORDER_LINES)
+        _check_order_lines(order_lines)
+    return AuthorizationBody(order_amount=amount, description=description, order_lines=order_lines)
+
+
+def parse_merchant_references(body: bytes) -> dict[str, str]:
+    """Validate a ``PATCH .../merchant-references`` body: the references sent (<= 255 chars)."""
+    data = _object(body)
+    references = {}
+    for field in ("merchant_reference1", "merchant_reference2"):
+        value = _optional_string(data, field, 255, "")
+        if value is not None:
+            references[field] = value
+    return references
+
+
+def _address(data: JSONObject, field: str) -> JSONObject | None:
+    value = data.get(field)
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise BadValue(f"Bad value: {field} (an object)")
+    address: JSONObject = {}
+    for name, max_length in _ADDRESS_LENGTHS.items():
+        text = _optional_string(value, name, max_length, f"{field}.")
+        if text is not None:
+            address[name] = text
+    country = value.get("country")
+    if country is not None:
+        if not (isinstance(country, str) and (country == "" or len(country) == 2)):
+            raise BadValue(f"Bad value: {field}.country (ISO 3166 alpha-2)")
+        address["country"] = country
+    return address
+
+
+def parse_customer_details(body: bytes) -> CustomerDetailsBody:
+    """Validate a ``PATCH .../customer-details`` body (the spec's UpdateConsumer).
+
+    Only the address fields the spec names are kept; others are ignored.
+    """
+    data = _object(body)
+    shipping = _address(data, "shipping_address")
+    billing_sent = data.get("billing_address") is not None
+    return CustomerDetailsBody(shipping_address=shipping, billing_address_sent=billing_sent)
+
+
+def parse_extend_due_date(body: bytes) -> int:
+    """Validate a ``PATCH .../extend-due-date`` body: ``number_of_days`` (required, int32)."""
+    days = _object(body).get("number_of_days")
+    if not (_is_int(days) and 0 <= days <= _MAX_INT32):
+        raise BadValue("Bad value: number_of_days (a required non-negative integer)")
+    return days
