@@ -1,0 +1,521 @@
+"""OpenTelemetry traces and metrics for every call (the optional ``[otel]`` extra).
+
+Nothing here runs unless you ask for it: the package never imports this module, so a client
+without it has no OpenTelemetry import and no extra work per call. Two ways in::
+
+    om = instrument(KlarnaOM(username, password))   # before `async with` or the first call
+    KlarnaOM(username, password, middlewares=[otel_middleware()])   # attempts only
+
+``instrument(om)`` gives every logical call an INTERNAL span named after its operation
+(``klarna.captures.create``) that wraps all its attempts, and every HTTP attempt a CLIENT span
+named after its method (``POST``) with the stable HTTP client semantic conventions
+(``http.request.method``, ``url.full``, ``server.address``, ``server.port``,
+``http.response.status_code``, ``error.type``, ``http.request.resend_count``). The attempt
+carries the W3C trace context (``traceparent``) of its span, injected through the globally
+configured propagator. ``otel_middleware()`` alone gives the attempt spans and their metrics.
+
+Metrics, through the metrics API: ``http.client.request.duration`` (histogram, seconds, per
+attempt), ``klarna.calls`` (counter by ``klarna.operation`` and ``klarna.outcome``; with
+``instrument`` only) and ``klarna.retries`` (counter by ``klarna.operation`` and the cause
+of the retry, ``error.type``: the status code or the exception class of the attempt before).
+
+With ``opentelemetry-instrumentation-aiohttp-client`` also enabled, this client's attempts
+are not traced twice: the attempt span suppresses HTTP instrumentations below it (the
+context key OpenTelemetry's instrumentations share), so that instrumentation records no span,
+no metric and no header for them, and keeps tracing your other sessions.
+
+No span attribute carries credentials: the attempt middleware sits outside the one that adds
+``Authorization``, and ``url.full`` has any user info and query values redacted.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import time
+import weakref
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Final
+from urllib.parse import unquote
+
+import yarl
+
+try:
+    from opentelemetry import context as otel_context
+    from opentelemetry import metrics, trace
+    from opentelemetry.metrics import Counter, Histogram, MeterProvider
+    from opentelemetry.propagate import inject
+    from opentelemetry.trace import Span, SpanKind, StatusCode, Tracer, TracerProvider
+    from opentelemetry.util.types import AttributeValue
+except ImportError as exc:  # pragma: no cover - tested in a subprocess without OpenTelemetry
+    raise ImportError(
+        "klarna_om_async.telemetry needs OpenTelemetry's API: pip install 'klarna-om-async[otel]'"
+    ) from exc
+
+from . import _routes
+from ._version import __version__
+from .errors import IdempotencyKeyReusedError, KlarnaAPIError, KlarnaError
+from .middleware import (
+    AuthMiddleware,
+    ErrorMiddleware,
+    Handler,
+    IdempotencyMiddleware,
+    Middleware,
+    Request,
+    Response,
+)
+
+if TYPE_CHECKING:
+    from .client import KlarnaOM
+
+__all__ = ("OtelMiddleware", "instrument", "operation_name", "otel_middleware")
+
+#: The instrumentation scope of every tracer and meter made here.
+SCOPE: Final = "klarna_om_async"
+# The semantic conventions version whose stable HTTP client names are used.
+_SCHEMA_URL = "https://opentelemetry.io/schemas/1.26.0"
+# The conventions' advice for http.client.request.duration (seconds).
+_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10)
+
+# Shared by every OpenTelemetry instrumentation (they import these from here too): a context
+# with the first set traces nothing; the second stops HTTP client instrumentations only.
+_SUPPRESS_ALL = otel_context._SUPPRESS_INSTRUMENTATION_KEY
+_SUPPRESS_HTTP = otel_context._SUPPRESS_HTTP_INSTRUMENTATION_KEY
+
+_ORDERS = "/ordermanagement/v1/orders/"
+_ID = "{id}"
+# (method, path below the order with any capture/refund id as {id}) -> operation name.
+_OPERATIONS: Final[Mapping[tuple[str, ...], str]] = {
+    ("GET",): "klarna.orders.get",
+    ("POST", "acknowledge"): "klarna.orders.acknowledge",
+    ("POST", "cancel"): "klarna.orders.cancel",
+    ("POST", "extend-authorization-time"): "klarna.orders.extend_authorization_time",
+    ("POST", "release-remaining-authorization"): "klarna.orders.release_remaining_authorization",
+    ("PATCH", "authorization"): "klarna.orders.update_authorization",
+    ("PATCH", "customer-details"): "klarna.orders.update_customer_details",
+    ("PATCH", "merchant-references"): "klarna.orders.update_merchant_references",
+    ("POST", "shipping-info"): "klarna.orders.add_shipping_info",
+    ("GET", "captures"): "klarna.captures.list",
+    ("POST", "captures"): "klarna.captures.create",
+    ("GET", "captures", _ID): "klarna.captures.get",
+    ("POST", "captures", _ID, "shipping-info"): "klarna.captures.add_shipping_info",
+    ("POST", "captures", _ID, "trigger-send-out"): "klarna.captures.trigger_send_out",
+    ("PATCH", "captures", _ID, "extend-due-date"): "klarna.captures.extend_due_date",
+    ("GET", "captures", _ID, "extend-due-date-options"): (
+        "klarna.captures.get_extend_due_date_options"
+    ),
+    ("POST", "refunds"): "klarna.refunds.create",
+    ("GET", "refunds", _ID): "klarna.refunds.get",
+}
+#: The name of a call to a path this module does not know.
+OTHER_OPERATION: Final = "klarna.request"
+# The calls that move money: operation -> (id header of the 201, noun, the booked outcome).
+_MONEY: Final = {
+    "klarna.captures.create": ("Capture-Id", "capture", "captured"),
+    "klarna.refunds.create": ("Refund-Id", "refund", "refunded"),
+}
+
+
+def operation_name(method: str, path: str) -> str:
+    """The operation a request is, e.g. ``klarna.captures.create`` for
+    ``POST /ordermanagement/v1/orders/{order_id}/captures``; ``klarna.request`` if unknown."""
+    return _parse(method, path)[0]
+
+
+def _parse(method: str, path: str) -> tuple[str, str | None]:
+    """``(operation name, order id)`` of a request path (ids come quoted: one segment each)."""
+    if not path.startswith(_ORDERS):
+        return OTHER_OPERATION, None
+    order, *rest = path[len(_ORDERS) :].split("/")
+    if len(rest) >= 2:
+        rest[1] = _ID
+    return _OPERATIONS.get((method, *rest), OTHER_OPERATION), unquote(order)
+
+
+def _error_type(exc: BaseException) -> str:
+    """``error.type``: the status code Klarna answered with, else the exception's class."""
+    if isinstance(exc, KlarnaAPIError):
+        return str(exc.status)
+    cls = type(exc)
+    if cls.__module__ == "builtins":
+        return cls.__qualname__
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _safe_url(url: str) -> str:
+    """``url`` with any user info and query values redacted, as the conventions ask."""
+    if "@" not in url and "?" not in url and "#" not in url:
+        return url  # every URL this client builds
+    parsed = yarl.URL(url).with_fragment(None)
+    if parsed.user is not None or parsed.password is not None:
+        parsed = parsed.with_user("REDACTED").with_password("REDACTED")
+    if parsed.query_string:
+        parsed = parsed.with_query([(name, "REDACTED") for name in parsed.query])
+    return str(parsed)
+
+
+def _safe_path(path: str) -> str:
+    """``path`` with its query values redacted and no fragment."""
+    if "?" not in path and "#" not in path:
+        return path  # every path this client builds: ids are quoted
+    path = path.partition("#")[0]
+    path, marked, query = path.partition("?")
+    if not marked:
+        return path
+    names = (pair.partition("=")[0] for pair in query.split("&"))
+    return path + "?" + "&".join(f"{name}=REDACTED" for name in names)
+
+
+class _Target:
+    """The attributes of the server a base URL names, worked out once per base URL."""
+
+    __slots__ = ("address", "base", "port")
+
+    def __init__(self, base: str) -> None:
+        self.base = _safe_url(base)
+        parsed = yarl.URL(base)
+        self.address = parsed.host or ""
+        self.port = parsed.port
+
+    def add_to(self, attributes: dict[str, AttributeValue], path: str) -> None:
+        attributes["url.full"] = self.base + _safe_path(path)
+        attributes["server.address"] = self.address
+        if self.port is not None:
+            attributes["server.port"] = self.port
+
+
+class _Targets:
+    """``_Target``s by base URL, for middlewares that learn it from each answer's URL."""
+
+    def __init__(self) -> None:
+        self._known: dict[str, _Target] = {}
+
+    def of(self, url: str, path: str) -> _Target:
+        base = url[: -len(path)] if path and url.endswith(path) else url
+        target = self._known.get(base)
+        if target is None:
+            if len(self._known) >= 64:  # a client has one base URL; never grow without bound
+                self._known.clear()
+            target = self._known[base] = _Target(base)
+        return target
+
+
+class _Call:
+    """What the attempts of one logical call share: how many there were and how the last ended.
+
+    The call span's middleware starts one per call (``owned``). Without it, the attempt
+    middleware starts one at the first attempt of each request value, which every attempt of
+    a call shares (the retry middleware sends the same value each time), held weakly.
+    """
+
+    __slots__ = ("attempts", "last_error", "owned", "request")
+
+    def __init__(self, *, owned: bool) -> None:
+        self.owned = owned
+        self.attempts = 0
+        self.last_error: str | None = None
+        self.request: weakref.ref[Request] | None = None
+
+    def sends(self, request: Request) -> bool:
+        """Whether ``request`` is the very value this call's attempts are sent with."""
+        return self.request is not None and self.request() is request
+
+
+_CALL: contextvars.ContextVar[_Call | None] = contextvars.ContextVar(
+    "klarna_om_async.telemetry.call", default=None
+)
+
+
+def _this_call(request: Request) -> _Call:
+    """The call this attempt belongs to: the call span's, else the one of this request value."""
+    call = _CALL.get()
+    if call is None or not (call.owned or call.sends(request)):
+        call = _Call(owned=False)
+        call.request = weakref.ref(request)
+        _CALL.set(call)
+    return call
+
+
+def _tracer(provider: TracerProvider | None) -> Tracer:
+    return trace.get_tracer(SCOPE, __version__, provider, schema_url=_SCHEMA_URL)
+
+
+def _meter(provider: MeterProvider | None) -> metrics.Meter:
+    return metrics.get_meter(SCOPE, __version__, provider, _SCHEMA_URL)
+
+
+class OtelMiddleware:
+    """One CLIENT span and one ``http.client.request.duration`` measurement per HTTP attempt.
+
+    Put it in ``KlarnaOM(..., middlewares=[...])`` (first, so your other middlewares' copies
+    of the request do not hide which attempt of a call this is), or let ``instrument(om)``
+    do it. ``base_url`` (the client's) puts ``url.full`` and ``server.*`` on the span from
+    its start, for samplers; without it they are read from the answer.
+    """
+
+    def __init__(
+        self,
+        tracer_provider: TracerProvider | None = None,
+        meter_provider: MeterProvider | None = None,
+        *,
+        base_url: str | None = None,
+    ) -> None:
+        self._tracer = _tracer(tracer_provider)
+        meter = _meter(meter_provider)
+        self._duration: Histogram = meter.create_histogram(
+            "http.client.request.duration",
+            unit="s",
+            description="Duration of HTTP client requests.",
+            explicit_bucket_boundaries_advisory=_DURATION_BUCKETS,
+        )
+        self._retries: Counter = meter.create_counter(
+            "klarna.retries",
+            unit="{retry}",
+            description="HTTP attempts that resent a call, by the cause (error.type) of the retry.",
+        )
+        self._target = None if base_url is None else _Target(base_url.rstrip("/"))
+        self._targets = _Targets()
+
+    def __repr__(self) -> str:
+        return "OtelMiddleware()"
+
+    async def __call__(self, request: Request, call_next: Handler) -> Response:
+        """Send ``request`` inside a CLIENT span, with its trace context in the headers."""
+        if otel_context.get_value(_SUPPRESS_ALL) or otel_context.get_value(_SUPPRESS_HTTP):
+            return await call_next(request)  # e.g. inside another OtelMiddleware's attempt
+        call = _this_call(request)
+        resend = call.attempts
+        call.attempts += 1
+        method, path = request.method, request.path
+        attributes: dict[str, AttributeValue] = {"http.request.method": method}
+        target = self._target
+        if target is not None:
+            target.add_to(attributes, path)
+        if resend:
+            attributes["http.request.resend_count"] = resend
+            self._retries.add(
+                1,
+                {
+                    "klarna.operation": operation_name(method, path),
+                    "error.type": call.last_error or "_OTHER",
+                },
+            )
+        span = self._tracer.start_span(method, kind=SpanKind.CLIENT, attributes=attributes)
+        context = trace.set_span_in_context(span)
+        headers = dict(request.headers)  # the request's own mapping is shared: never add to it
+        inject(headers, context=context)
+        sent = Request(
+            method, path, request.body, headers, request.idempotency_key, request.deadline
+        )
+        token = otel_context.attach(otel_context.set_value(_SUPPRESS_HTTP, True, context))
+        started = time.perf_counter()
+        try:
+            response = await call_next(sent)
+        except BaseException as exc:
+            elapsed = time.perf_counter() - started
+            otel_context.detach(token)
+            call.last_error = error_type = _error_type(exc)
+            url = exc.url if isinstance(exc, KlarnaError) else None
+            status = exc.status if isinstance(exc, KlarnaAPIError) else None
+            correlation_id = exc.correlation_id if isinstance(exc, KlarnaAPIError) else None
+            self._end(span, attributes, elapsed, path, url, status, error_type, correlation_id)
+            raise
+        elapsed = time.perf_counter() - started
+        otel_context.detach(token)
+        status = response.status
+        failed = str(status) if status >= 400 else None
+        correlation_id = response.headers.get("Klarna-Correlation-Id")
+        self._end(span, attributes, elapsed, path, response.url, status, failed, correlation_id)
+        return response
+
+    def _end(
+        self,
+        span: Span,
+        attributes: dict[str, AttributeValue],
+        elapsed: float,
+        path: str,
+        url: str | None,
+        status: int | None,
+        error_type: str | None,
+        correlation_id: str | None,
+    ) -> None:
+        """Finish the attempt's span and record its duration."""
+        ended: dict[str, AttributeValue] = {}
+        if "url.full" not in attributes and url is not None:
+            self._targets.of(url, path).add_to(ended, path)
+        if status is not None:
+            ended["http.response.status_code"] = status
+        if error_type is not None:
+            ended["error.type"] = error_type
+            span.set_status(StatusCode.ERROR)
+        if correlation_id:
+            ended["klarna.correlation_id"] = correlation_id
+        span.set_attributes(ended)
+        span.end()
+        measured: dict[str, AttributeValue] = {
+            name: value
+            for source in (attributes, ended)
+            for name, value in source.items()
+            if name in _DURATION_ATTRIBUTES
+        }
+        self._duration.record(elapsed, measured)
+
+
+# The attributes the conventions put on http.client.request.duration (low cardinality).
+_DURATION_ATTRIBUTES = frozenset(
+    {
+        "http.request.method",
+        "http.response.status_code",
+        "error.type",
+        "server.address",
+        "server.port",
+    }
+)
+
+
+def otel_middleware(
+    tracer_provider: TracerProvider | None = None,
+    meter_provider: MeterProvider | None = None,
+) -> OtelMiddleware:
+    """A middleware tracing every HTTP attempt: ``KlarnaOM(..., middlewares=[otel_middleware()])``.
+
+    Uses the global tracer and meter providers unless given others. For the span around each
+    logical call and the ``klarna.calls`` counter too, use ``instrument(om)`` instead.
+    """
+    return OtelMiddleware(tracer_provider, meter_provider)
+
+
+class _CallSpanMiddleware:
+    """One INTERNAL span per logical call, around all its attempts, and ``klarna.calls``.
+
+    Sits between the idempotency and retry middlewares: the key is known, the retries are
+    inside. ``klarna.outcome`` is ``captured``/``refunded`` (booked), ``refused`` (not booked:
+    Klarna refused it or it was never sent) or ``unknown`` (may have been booked) for the
+    calls that move money; ``ok``/``error`` for the others, and ``unknown`` for any POST or
+    PATCH whose effect is unknown (retry it with its ``klarna.idempotency_key``).
+    """
+
+    def __init__(self, tracer: Tracer, meter: metrics.Meter) -> None:
+        self._tracer = tracer
+        self._calls: Counter = meter.create_counter(
+            "klarna.calls",
+            unit="{call}",
+            description="Logical Klarna calls (all their attempts), by operation and outcome.",
+        )
+
+    def __repr__(self) -> str:
+        return "_CallSpanMiddleware()"
+
+    async def __call__(self, request: Request, call_next: Handler) -> Response:
+        """Run the whole call, retries included, inside its span."""
+        if otel_context.get_value(_SUPPRESS_ALL):
+            return await call_next(request)
+        operation, order_id = _parse(request.method, request.path)
+        attributes: dict[str, AttributeValue] = {"klarna.operation": operation}
+        if order_id is not None:
+            attributes["klarna.order_id"] = order_id
+        if request.idempotency_key is not None:
+            attributes["klarna.idempotency_key"] = request.idempotency_key
+        span = self._tracer.start_span(operation, kind=SpanKind.INTERNAL, attributes=attributes)
+        call = _Call(owned=True)
+        call_token = _CALL.set(call)
+        token = otel_context.attach(trace.set_span_in_context(span))
+        money = _MONEY.get(operation)
+        try:
+            response = await call_next(request)
+        except BaseException as exc:
+            otel_context.detach(token)
+            _CALL.reset(call_token)
+            if isinstance(exc, KlarnaError):
+                attempts = exc.attempts or call.attempts
+                unknown = exc.outcome_unknown
+            else:  # cancelled, or a bug: a keyed call that reached the wire may have happened
+                attempts = call.attempts
+                unknown = attempts > 0 and request.idempotency_key is not None
+            outcome = "unknown" if unknown else "refused" if money else "error"
+            ended: dict[str, AttributeValue] = {
+                "klarna.attempts": attempts,
+                "klarna.outcome": outcome,
+                "error.type": _error_type(exc),
+            }
+            if isinstance(exc, KlarnaAPIError) and exc.correlation_id:
+                ended["klarna.correlation_id"] = exc.correlation_id
+            span.set_attributes(ended)
+            span.record_exception(exc)
+            span.set_status(StatusCode.ERROR)
+            span.end()
+            self._calls.add(
+                1, {"klarna.operation": operation, "klarna.outcome": outcome, **_low(ended)}
+            )
+            raise
+        otel_context.detach(token)
+        _CALL.reset(call_token)
+        outcome, error_type = _booked(response, money) if money else ("ok", None)
+        ended = {"klarna.attempts": response.attempts, "klarna.outcome": outcome}
+        if error_type is not None:
+            ended["error.type"] = error_type
+            span.set_status(StatusCode.ERROR)
+        span.set_attributes(ended)
+        span.end()
+        self._calls.add(1, {"klarna.operation": operation, "klarna.outcome": outcome})
+        return response
+
+
+def _low(attributes: Mapping[str, AttributeValue]) -> dict[str, AttributeValue]:
+    """The low-cardinality attributes of a call fit for a metric: its ``error.type``."""
+    return {"error.type": attributes["error.type"]} if "error.type" in attributes else {}
+
+
+def _booked(response: Response, money: tuple[str, str, str]) -> tuple[str, str | None]:
+    """``(outcome, error.type)`` of a money call's 2xx answer, read as the endpoint reads it:
+    a replayed answer to another request booked nothing; an unreadable one booked something."""
+    id_header, noun, booked = money
+    try:
+        _routes.created(response, id_header, noun)
+    except IdempotencyKeyReusedError as error:
+        return "refused", _error_type(error)
+    except KlarnaError as error:
+        return "unknown", _error_type(error)
+    return booked, None
+
+
+def instrument(
+    om: KlarnaOM,
+    *,
+    tracer_provider: TracerProvider | None = None,
+    meter_provider: MeterProvider | None = None,
+) -> KlarnaOM:
+    """Trace and measure every call of ``om``; returns ``om``: ``instrument(KlarnaOM(...))``.
+
+    Adds a span per logical call (after the idempotency middleware, so its key is known,
+    and outside the retries) and, unless ``om`` already has one, an ``OtelMiddleware`` for
+    each attempt (innermost of the user middlewares, right before error decoding). Calling
+    it again does nothing. Raises ``RuntimeError`` once ``om`` has built its chain (at
+    ``async with`` or its first call) or is closed: the chain is fixed from then on.
+    """
+    if getattr(om, "_handler", None) is not None or getattr(om, "_closed", False):
+        raise RuntimeError(
+            "instrument(om) must run before `async with om` and before its first call: the"
+            " client's middleware chain is fixed from then on. Call it right after"
+            " KlarnaOM(...), or pass middlewares=[otel_middleware()] to the constructor"
+        )
+    chain: list[Middleware] = list(om.chain)
+    if any(isinstance(middleware, _CallSpanMiddleware) for middleware in chain):
+        return om
+    tracer = _tracer(tracer_provider)
+    meter = _meter(meter_provider)
+    if not any(isinstance(middleware, OtelMiddleware) for middleware in chain):
+        attempts = OtelMiddleware(tracer_provider, meter_provider, base_url=om.base_url)
+        chain.insert(_index_of(chain, ErrorMiddleware, AuthMiddleware), attempts)
+    keys = _index_of(chain, IdempotencyMiddleware)
+    chain.insert(keys + 1 if keys < len(chain) else 0, _CallSpanMiddleware(tracer, meter))
+    om.chain = tuple(chain)
+    return om
+
+
+def _index_of(chain: list[Middleware], *kinds: type) -> int:
+    """The index of the first middleware of the first of ``kinds`` in ``chain``, else its end."""
+    for kind in kinds:
+        for index, middleware in enumerate(chain):
+            if isinstance(middleware, kind):
+                return index
+    return len(chain)
