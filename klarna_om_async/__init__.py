@@ -8,7 +8,14 @@
 
 from ._keys import new_idempotency_key
 from ._version import __version__
-from .batch import BatchAbortedError, BatchItem, BatchProgress, CaptureOutcome, CaptureStatus
+from .batch import (
+    BatchAbortedError,
+    BatchItem,
+    BatchOutcome,
+    BatchProgress,
+    CaptureOutcome,
+    CaptureStatus,
+)
 from .client import KlarnaOM
 from .config import Region, RetryPolicy
 from .errors import (
@@ -76,6 +83,13 @@ from .models import (
     UpdateMerchantReferencesRequest,
     UpdateShippingAddressRequest,
 )
+from .operations import (
+    CancelOrder,
+    ExtendAuthorizationTime,
+    Operation,
+    OperationRequest,
+    ReleaseRemainingAuthorization,
+)
 from .reconcile import Reconciliation, Verdict
 from .sqlite_journal import SQLiteJournal
 
@@ -85,8 +99,10 @@ __all__ = (
     "BadRequestError",
     "BatchAbortedError",
     "BatchItem",
+    "BatchOutcome",
     "BatchProgress",
     "CancelNotAllowedError",
+    "CancelOrder",
     "Capture",
     "CaptureCreated",
     "CaptureNotAllowedError",
@@ -97,6 +113,7 @@ __all__ = (
     "ClaimAction",
     "ConflictError",
     "Customer",
+    "ExtendAuthorizationTime",
     "ExtendDueDateOption",
     "ExtendDueDateOptions",
     "ExtendDueDateRequest",
@@ -127,6 +144,8 @@ __all__ = (
     "NotAJournalError",
     "NotAllowedError",
     "NotFoundError",
+    "Operation",
+    "OperationRequest",
     "Order",
     "OrderLine",
     "OrderLineType",
@@ -138,6 +157,7 @@ __all__ = (
     "RefundNotAllowedError",
     "RefundRequest",
     "Region",
+    "ReleaseRemainingAuthorization",
     "Request",
     "RequestTooLargeError",
     "Response",

@@ -1,4 +1,9 @@
-"""Capture many orders concurrently: bounded workers, one outcome per item, optional journal.
+"""Run many operations concurrently: bounded workers, one outcome per item, optional journal.
+
+One engine for every money-moving operation: an item's ``request`` names what it does
+(capture, refund, release, extend, cancel; see :mod:`klarna_om_async.operations`), and the
+journal records the operation with the item. ``capture_many`` is this engine restricted to
+captures; ``run_many`` runs any mix.
 
 Exactly-once rests on the journal: it decides each item's idempotency key before the first
 attempt (and records it durably), keeps an item whose outcome is unknown on that same key so
@@ -34,7 +39,16 @@ from .errors import (
     ValidationError,
 )
 from .journal import Claim, ClaimAction, ItemRecord, Journal, JournalStatus
-from .models import CaptureCreated, CaptureRequest
+from .models import CaptureRequest, RefundRequest
+from .operations import (
+    Operation,
+    OperationRequest,
+    Services,
+    amount_of,
+    operation_of,
+    reference_of,
+    send,
+)
 from .orders import OrdersService
 from .reconcile import Verdict, reconcile_entry
 from .throttle import rate_limited
@@ -44,19 +58,22 @@ __all__ = (
     "NOT_SENT_LISTED",
     "BatchAbortedError",
     "BatchItem",
+    "BatchOutcome",
     "BatchProgress",
     "CaptureOutcome",
     "CaptureStatus",
     "ItemSource",
     "capture_many",
     "request_fingerprint",
+    "run_many",
 )
 
 
 class CaptureStatus(enum.StrEnum):
-    """How one batch item ended."""
+    """How one batch item ended, whatever its operation (the journal stores these values)."""
 
-    #: Klarna booked the capture (now, or in an earlier run whose answer was lost).
+    #: Klarna booked it (now, or in an earlier run whose answer was lost): for a refund,
+    #: refunded; a release, released; and so on (``Operation.done`` says the word).
     CAPTURED = "captured"
     #: Refused before or by Klarna (validation, a duplicate in this batch, an item changed
     #: since it was journaled, or a 4xx): nothing was captured under this item's key.
@@ -133,16 +150,24 @@ def _optional_key(_item: object, _attribute: object, key: str | None) -> None:
 
 @attrs.frozen(kw_only=True)
 class BatchItem:
-    """One capture to make: an order and what to capture of it."""
+    """One operation to run on an order; the ``request``'s type names the operation.
+
+    ``CaptureRequest`` captures, ``RefundRequest`` refunds, and the markers
+    ``ReleaseRemainingAuthorization()``, ``ExtendAuthorizationTime()`` and ``CancelOrder()``
+    release, extend and cancel (see :mod:`klarna_om_async.operations`).
+    """
 
     #: Surrounding whitespace is trimmed, as on every input path: " X" is the item "X".
     order_id: str = attrs.field(converter=_trimmed)
-    request: CaptureRequest
+    request: OperationRequest
     #: Fix the key yourself (e.g. ``deterministic_key(...)``) when you keep no journal;
     #: 1 to 255 printable ASCII characters (``ValidationError`` otherwise).
     idempotency_key: str | None = attrs.field(default=None, validator=_optional_key)
     #: The item's identity in the journal; an order captured in several parts needs a
-    #: distinct ``reference`` per part (the default key is ``order_id:reference``).
+    #: distinct ``reference`` per part. The default is ``order_id`` or ``order_id:reference``
+    #: for a capture (as always), ``operation:order_id[:reference]`` for the others (e.g.
+    #: ``refund:o1:RMA-7``), so a refund of an order captured in the same journal is its own
+    #: item.
     item_key: str = attrs.field()
 
     #: Where the item came from (e.g. its line in a batch file), handed back on its outcome.
@@ -152,20 +177,41 @@ class BatchItem:
     def _default_item_key(self) -> str:
         # A blank reference is none, and " box" is "box": one capture, one item, whatever
         # the spaces a spreadsheet left.
-        reference = self.request.reference
+        try:
+            operation: Operation | None = operation_of(self.request)
+        except TypeError:
+            operation = None  # refused when run; its key is made as a capture's always was
+        if operation is None or operation is Operation.CAPTURE:
+            # Anything else is refused when run, on its own outcome.
+            reference = getattr(self.request, "reference", None)
+            reference = reference.strip() if isinstance(reference, str) else None
+            return f"{self.order_id}:{reference}" if reference else self.order_id
+        reference = reference_of(self.request)
         reference = reference.strip() if isinstance(reference, str) else None
-        return f"{self.order_id}:{reference}" if reference else self.order_id
+        key = f"{operation.value}:{self.order_id}"
+        return f"{key}:{reference}" if reference else key
+
+    @property
+    def operation(self) -> Operation:
+        """What the item does, from its request's type (``TypeError`` for another type)."""
+        return operation_of(self.request)
 
 
 @attrs.frozen(kw_only=True)
 class CaptureOutcome:
-    """The result of one batch item; nothing about an item is ever silently dropped."""
+    """The result of one batch item, of any operation; nothing is ever silently dropped.
+
+    ``status`` ``captured`` means Klarna booked the item's operation, whichever it is (the
+    value stays "captured": journals and scripts rely on it; ``operation.done`` gives the
+    word, e.g. "refunded").
+    """
 
     order_id: str
     item_key: str
     status: CaptureStatus
-    #: The key the capture was (or would be) sent with: resend with it to retry safely.
+    #: The key the item was (or would be) sent with: resend with it to retry safely.
     idempotency_key: str
+    #: The capture made, for a capture item.
     capture_id: str | None = None
     #: Why the item was refused or failed (``error.outcome_unknown`` says if money may have moved).
     error: Exception | None = None
@@ -173,6 +219,19 @@ class CaptureOutcome:
     attempts: int = 0
     #: The item's ``line`` (e.g. in a batch file), if it had one.
     line: int | None = attrs.field(default=None, eq=False)
+    #: What the item did (capture for an item whose request is no operation).
+    operation: Operation = Operation.CAPTURE
+    #: The refund made, for a refund item.
+    refund_id: str | None = None
+
+    @property
+    def created_id(self) -> str | None:
+        """The id the item created: ``capture_id`` or ``refund_id`` (None for the others)."""
+        return self.refund_id if self.operation is Operation.REFUND else self.capture_id
+
+
+#: ``CaptureOutcome`` under the name that fits every operation.
+BatchOutcome: TypeAlias = CaptureOutcome
 
 
 @attrs.frozen
@@ -195,12 +254,12 @@ class BatchProgress:
 
 
 ItemSource: TypeAlias = (
-    Iterable[BatchItem | tuple[str, CaptureRequest]]
-    | AsyncIterable[BatchItem | tuple[str, CaptureRequest]]
+    Iterable[BatchItem | tuple[str, OperationRequest]]
+    | AsyncIterable[BatchItem | tuple[str, OperationRequest]]
 )
 
 
-def _as_item(raw: BatchItem | tuple[str, CaptureRequest]) -> BatchItem:
+def _as_item(raw: BatchItem | tuple[str, OperationRequest]) -> BatchItem:
     if isinstance(raw, BatchItem):
         return raw
     order_id, request = raw
@@ -213,10 +272,21 @@ def _as_item(raw: BatchItem | tuple[str, CaptureRequest]) -> BatchItem:
 DEFAULT_CONCURRENCY = 128
 
 
-def request_fingerprint(order_id: str, request: CaptureRequest) -> str:
-    """A digest of what decides the money a capture moves: order, amount, reference, lines."""
-    lines = request.order_lines
-    payload = orjson.dumps([order_id, request.captured_amount, request.reference])
+def request_fingerprint(order_id: str, request: OperationRequest) -> str:
+    """A digest of what decides the money an item moves: operation, order, amount,
+    reference, lines. A capture's digest is the one journals have always kept (it names no
+    operation), so journals written before operations were recorded keep matching."""
+    if isinstance(request, CaptureRequest):
+        lines = request.order_lines
+        payload = orjson.dumps([order_id, request.captured_amount, request.reference])
+    elif isinstance(request, RefundRequest):
+        lines = request.order_lines
+        payload = orjson.dumps(
+            [Operation.REFUND.value, order_id, request.refunded_amount, request.reference]
+        )
+    else:
+        lines = None
+        payload = orjson.dumps([operation_of(request).value, order_id])
     if lines:
         payload += to_json(lines)
     return hashlib.blake2b(payload, digest_size=16).hexdigest()
@@ -241,20 +311,26 @@ class _OrderLock:
 
 
 class _Run:
-    """The shared state of one ``capture_many`` call, used by its worker tasks."""
+    """The shared state of one ``capture_many``/``run_many`` call, used by its worker tasks."""
 
     def __init__(
         self,
-        captures: CapturesService,
-        orders: OrdersService | None,
+        services: Services,
         items: ItemSource,
         journal: Journal | None,
         outcomes: asyncio.Queue[CaptureOutcome | None],
+        *,
+        only: Operation | None = None,
+        in_order: bool = False,
     ) -> None:
-        self.captures = captures
-        self.orders = orders
+        self.services = services
+        self.orders = services.orders
         self.journal = journal
         self.outcomes = outcomes
+        #: The one operation this run accepts (``capture_many``), or None for any.
+        self.only = only
+        #: One order's items run one at a time, in source order (``run_many``).
+        self.in_order = in_order
         # Compact sets: a batch of a million items must not hold a million strings.
         self.seen = SeenSet()
         self.seen_keys = SeenSet()
@@ -263,18 +339,22 @@ class _Run:
         # One order's reconciliations run in turn, so none takes a capture another was given.
         # An order's lock lives only while someone holds or awaits it.
         self.reconciling: dict[str, _OrderLock] = {}
+        # With ``in_order``: the order's items in turn (a refund after its capture).
+        self.sending: dict[str, _OrderLock] = {}
         self.error: BaseException | None = None
         #: Set when the batch must stop early (see ``BatchAbortedError``).
         self.abort: KlarnaError | None = None
         self._unreachable = 0
         if isinstance(items, AsyncIterable):
-            self._aiter: AsyncIterator[BatchItem | tuple[str, CaptureRequest]] | None = aiter(items)
+            self._aiter: AsyncIterator[BatchItem | tuple[str, OperationRequest]] | None = aiter(
+                items
+            )
             self._lock = asyncio.Lock()  # an async generator must not be advanced concurrently
         else:
             self._iter = iter(items)
             self._aiter = None
 
-    async def _next_raw(self) -> BatchItem | tuple[str, CaptureRequest] | None:
+    async def _next_raw(self) -> BatchItem | tuple[str, OperationRequest] | None:
         if self._aiter is None:
             return next(self._iter, None)
         async with self._lock:
@@ -290,7 +370,13 @@ class _Run:
         """Take items until the source runs dry; put one outcome per item, then a None."""
         try:
             while (item := await self._next_item()) is not None:
-                outcome = await self._capture(item)
+                if self.in_order:
+                    # Taken in source order with no await before the lock is asked for, so
+                    # the (FIFO) lock hands an order's items out in source order.
+                    async with _locked(self.sending, item.order_id):
+                        outcome = await self._run_item(item)
+                else:
+                    outcome = await self._run_item(item)
                 self._watch(outcome)
                 await self.outcomes.put(outcome)
         except Exception as error:  # a broken source or journal: stop taking new items
@@ -319,7 +405,7 @@ class _Run:
             if len(keys) < NOT_SENT_LISTED:
                 try:
                     keys.append(_as_item(raw).item_key)
-                except (TypeError, ValueError):
+                except (TypeError, ValueError, AttributeError):
                     keys.append(repr(raw)[:80])
         return tuple(keys), count
 
@@ -332,7 +418,7 @@ class _Run:
             field, why = (
                 "item_key",
                 f"{key_name!r} appears twice in this batch; give each part of a split"
-                " capture its own reference",
+                f" {_operation_name(item)} its own reference",
             )
         elif item.idempotency_key is not None and not self.seen_keys.add(item.idempotency_key):
             # Klarna would replay the first item's answer for the second: one capture, two
@@ -340,16 +426,30 @@ class _Run:
             # of its own is taken.
             field, why = (
                 "idempotency_key",
-                f"{item.idempotency_key!r} is given to two items of this batch; each capture"
-                " needs its own key",
+                f"{item.idempotency_key!r} is given to two items of this batch; each"
+                f" {_operation_name(item)} needs its own key",
             )
         else:
             self.seen.add(key_name)
             return None
         return _outcome(item, CaptureStatus.REFUSED, "", error=ValidationError(field, why))
 
-    async def _capture(self, item: BatchItem) -> CaptureOutcome:
-        refused = self._duplicate(item)
+    def _unaccepted(self, item: BatchItem) -> CaptureOutcome | None:
+        """Refuse an item this run cannot run (not an operation, or not the run's one)."""
+        try:
+            operation = item.operation
+        except TypeError as error:
+            return _outcome(item, CaptureStatus.REFUSED, "", error=error)
+        if self.only is not None and operation is not self.only:
+            other = TypeError(
+                f"capture_many runs captures only; run a {operation.value} (a"
+                f" {type(item.request).__name__}) with om.run_many"
+            )
+            return _outcome(item, CaptureStatus.REFUSED, "", error=other)
+        return None
+
+    async def _run_item(self, item: BatchItem) -> CaptureOutcome:
+        refused = self._duplicate(item) or self._unaccepted(item)
         if refused is not None:
             return refused
         journal = self.journal
@@ -359,11 +459,12 @@ class _Run:
             record = ItemRecord(
                 item_key=item.item_key,
                 order_id=item.order_id,
-                captured_amount=item.request.captured_amount,
-                reference=item.request.reference,
+                captured_amount=amount_of(item.request),
+                reference=reference_of(item.request),
                 fingerprint=request_fingerprint(item.order_id, item.request),
+                operation=item.operation,
             )
-        except (TypeError, AttributeError, ValueError) as error:  # not a CaptureRequest
+        except (TypeError, AttributeError, ValueError) as error:  # a malformed request
             return _outcome(item, CaptureStatus.REFUSED, "", error=error)
         claim = await journal.claim(
             record, item.idempotency_key or random_key(), run_id=self.run_id
@@ -387,15 +488,25 @@ class _Run:
                 recorded = await journal.finish(
                     item.item_key,
                     JournalStatus(outcome.status.value),
-                    capture_id=outcome.capture_id,
+                    capture_id=outcome.created_id,
                     error=None if outcome.error is None else str(outcome.error),
                     attempts=outcome.attempts,
                 )
+                if (
+                    recorded is JournalStatus.FAILED
+                    and outcome.status is CaptureStatus.REFUSED
+                    and item.operation in _PROVEN_BY_ORDER
+                ):
+                    # Klarna refuses a release or cancel repeated after it took effect; the
+                    # order's state says whether the earlier, uncertain send did.
+                    done = await self._confirm(item, journal)
+                    if done is not None:
+                        return attrs.evolve(done, attempts=outcome.attempts)
                 # The journal knows more than this run: a refusal after an uncertain send
                 # proves nothing, so it stays failed (unknown).
                 return attrs.evolve(outcome, status=CaptureStatus(recorded.value))
             case ClaimAction.SKIP:
-                return _outcome(item, CaptureStatus.SKIPPED, key, capture_id=entry.capture_id)
+                return _outcome(item, CaptureStatus.SKIPPED, key, created_id=entry.capture_id)
             case ClaimAction.REVIEW:
                 evidence = entry.error or "needs review"
                 error = NeedsReviewError(evidence, order_id=item.order_id, idempotency_key=key)
@@ -405,6 +516,18 @@ class _Run:
                     claim.reason or "conflict", item_key=item.item_key, idempotency_key=key
                 )
                 return _outcome(item, CaptureStatus.REFUSED, key, error=conflict)
+
+    async def _confirm(self, item: BatchItem, journal: Journal) -> CaptureOutcome | None:
+        """The outcome of an uncertain release/cancel the order proves done; None otherwise."""
+        if self.orders is None:
+            return None
+        entries = await journal.entries(order_id=item.order_id)
+        [entry] = [e for e in entries if e.item_key == item.item_key]
+        async with _locked(self.reconciling, item.order_id):
+            result = await reconcile_entry(self.orders, journal, entry)
+        if result.verdict is not Verdict.CAPTURED:
+            return None
+        return _outcome(item, CaptureStatus.CAPTURED, entry.idempotency_key)
 
     async def _reconcile(
         self, item: BatchItem, claim: Claim, journal: Journal
@@ -419,11 +542,11 @@ class _Run:
             )
             error.idempotency_key = key
             return _outcome(item, CaptureStatus.FAILED, key, error=error)
-        async with self._reconciling(item.order_id):
+        async with _locked(self.reconciling, item.order_id):
             result = await reconcile_entry(self.orders, journal, entry)
         match result.verdict:
             case Verdict.CAPTURED:
-                return _outcome(item, CaptureStatus.CAPTURED, key, capture_id=result.capture_id)
+                return _outcome(item, CaptureStatus.CAPTURED, key, created_id=result.capture_id)
             case Verdict.NEEDS_REVIEW:
                 error = NeedsReviewError(
                     result.evidence, order_id=item.order_id, idempotency_key=key
@@ -434,35 +557,41 @@ class _Run:
             case _:  # the order could not be read: still unknown
                 return _outcome(item, CaptureStatus.FAILED, key, error=result.error)
 
-    @contextlib.asynccontextmanager
-    async def _reconciling(self, order_id: str) -> AsyncIterator[None]:
-        """Hold ``order_id``'s reconciliation lock; forget it once nobody holds or awaits it."""
-        held = self.reconciling.setdefault(order_id, _OrderLock())
-        held.users += 1
-        try:
-            async with held.lock:
-                yield
-        finally:
-            held.users -= 1
-            if not held.users:
-                del self.reconciling[order_id]
-
     async def _send(self, item: BatchItem, key: str) -> CaptureOutcome:
         try:
-            created: CaptureCreated = await self.captures.create(
-                item.order_id, item.request, idempotency_key=key
-            )
+            sent = await send(self.services, item.order_id, item.request, key)
         except Exception as error:
             return _outcome(
                 item, _status_of(error), key, error=error, attempts=getattr(error, "attempts", 0)
             )
         return _outcome(
-            item,
-            CaptureStatus.CAPTURED,
-            key,
-            capture_id=created.capture_id,
-            attempts=created.attempts,
+            item, CaptureStatus.CAPTURED, key, created_id=sent.created_id, attempts=sent.attempts
         )
+
+
+#: Operations whose effect the order's state proves (see ``reconcile.judge``).
+_PROVEN_BY_ORDER = frozenset({Operation.RELEASE, Operation.CANCEL})
+
+
+@contextlib.asynccontextmanager
+async def _locked(table: dict[str, _OrderLock], order_id: str) -> AsyncIterator[None]:
+    """Hold ``order_id``'s lock in ``table``; forget it once nobody holds or awaits it."""
+    held = table.setdefault(order_id, _OrderLock())
+    held.users += 1
+    try:
+        async with held.lock:
+            yield
+    finally:
+        held.users -= 1
+        if not held.users:
+            del table[order_id]
+
+
+def _operation_name(item: BatchItem) -> str:
+    try:
+        return item.operation.value
+    except TypeError:
+        return "capture"
 
 
 def _outcome(
@@ -470,23 +599,30 @@ def _outcome(
     status: CaptureStatus,
     key: str,
     *,
-    capture_id: str | None = None,
+    created_id: str | None = None,
     error: Exception | None = None,
     attempts: int = 0,
 ) -> CaptureOutcome:
+    try:
+        operation = item.operation
+    except TypeError:
+        operation = Operation.CAPTURE
+    refund = operation is Operation.REFUND
     return CaptureOutcome(
         order_id=item.order_id,
         item_key=item.item_key,
         status=status,
         idempotency_key=key or item.idempotency_key or "",
-        capture_id=capture_id,
+        capture_id=None if refund else created_id,
         error=error,
         attempts=attempts,
         line=item.line,
+        operation=operation,
+        refund_id=created_id if refund else None,
     )
 
 
-async def capture_many(
+def capture_many(
     captures: CapturesService,
     items: ItemSource,
     *,
@@ -514,15 +650,62 @@ async def capture_many(
     or finite, 0 < rate_limit <= 10,000 requests per second (``ValidationError`` otherwise,
     before anything starts).
 
+    Items whose request is not a ``CaptureRequest`` are refused (``TypeError`` on the
+    outcome, nothing sent): other operations run with :func:`run_many`.
+
     Yields ``CaptureOutcome`` values (amounts stay ``int`` minor units on each item's
     ``CaptureRequest``); a single item's Klarna error is on its outcome, never raised.
     Raises ``ValidationError`` (bad ``concurrency``/``rate_limit``), ``BatchAbortedError``
     (stopped early, see above), and what the item source or the journal raise.
     https://docs.klarna.com/api/ordermanagement/#operation/captureOrder
     """
+    services = Services(captures=captures, orders=orders)
+    return _engine(
+        services, items, journal, concurrency, rate_limit, on_progress, only=Operation.CAPTURE
+    )
+
+
+def run_many(
+    services: Services,
+    items: ItemSource,
+    *,
+    concurrency: int = DEFAULT_CONCURRENCY,
+    rate_limit: float | None = None,
+    journal: Journal | None = None,
+    on_progress: Callable[[BatchProgress], None] | None = None,
+) -> AsyncGenerator[CaptureOutcome, None]:
+    """Run every item, whatever its operation, as :func:`capture_many` runs captures.
+
+    Each item's ``request`` names its operation (see :class:`BatchItem`); the journal
+    records it with the item and applies the same exactly-once rules to every operation.
+    One order's items run one at a time, in source order (a refund after the capture it
+    gives back, a release after the last capture); different orders run concurrently.
+    ``services`` holds the services to send through (``om.captures``, ``om.refunds``,
+    ``om.orders``); ``orders`` also reads orders to reconcile.
+
+    Raises ``ValidationError`` (bad ``concurrency``/``rate_limit``), ``BatchAbortedError``
+    (stopped early), and what the item source or the journal raise; an item's own error
+    is on its outcome.
+    https://docs.klarna.com/api/ordermanagement/
+    """
+    return _engine(services, items, journal, concurrency, rate_limit, on_progress, in_order=True)
+
+
+async def _engine(
+    services: Services,
+    items: ItemSource,
+    journal: Journal | None,
+    concurrency: int,
+    rate_limit: float | None,
+    on_progress: Callable[[BatchProgress], None] | None,
+    *,
+    only: Operation | None = None,
+    in_order: bool = False,
+) -> AsyncGenerator[CaptureOutcome, None]:
+    """The one engine behind ``capture_many`` and ``run_many``."""
     check_count("concurrency", concurrency, high=MAX_CONCURRENCY)
     outcomes: asyncio.Queue[CaptureOutcome | None] = asyncio.Queue(maxsize=concurrency)
-    run = _Run(captures, orders, items, journal, outcomes)
+    run = _Run(services, items, journal, outcomes, only=only, in_order=in_order)
     with rate_limited(rate_limit):
         workers = [asyncio.create_task(run.work()) for _ in range(concurrency)]
     progress = BatchProgress()

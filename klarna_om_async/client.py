@@ -11,7 +11,14 @@ from typing import Self
 import aiohttp
 import yarl
 
-from .batch import DEFAULT_CONCURRENCY, BatchProgress, CaptureOutcome, ItemSource, capture_many
+from .batch import (
+    DEFAULT_CONCURRENCY,
+    BatchProgress,
+    CaptureOutcome,
+    ItemSource,
+    capture_many,
+    run_many,
+)
 from .captures import CapturesService
 from .config import (
     MAX_CONCURRENCY,
@@ -36,6 +43,7 @@ from .middleware import (
     RetryMiddleware,
     compose,
 )
+from .operations import Services
 from .orders import OrdersService
 from .reconcile import Reconciliation, reconcile
 from .refunds import RefundsService
@@ -64,6 +72,8 @@ class KlarnaOM:
     - ``om.orders`` (``OrdersService``): ``get`` (amounts, status, what is left to capture);
     - ``om.capture_many(items, ...)``: capture many orders concurrently, optionally with a
       journal that makes reruns exactly-once;
+    - ``om.run_many(items, ...)``: the same for any mix of captures, refunds, releases,
+      extensions and cancellations;
     - ``om.reconcile(journal)``: settle a journal's unknown outcomes by reading the orders.
 
     Amounts are ``int`` minor units (6000 = 60.00); times are seconds. Every failure of a
@@ -197,7 +207,8 @@ class KlarnaOM:
         (with a borrowed session whose connector allows fewer, ``ValidationError``).
         ``rate_limit``: None or finite, 0 < rate_limit <= 10,000.
         A batch that cannot work stops early with ``BatchAbortedError`` (see
-        ``klarna_om_async.batch.capture_many``).
+        ``klarna_om_async.batch.capture_many``). An item that is not a capture is refused
+        on its outcome (``TypeError``): other operations run with ``run_many``.
 
         Yields one ``CaptureOutcome`` per item (``status``: captured, refused, failed,
         skipped or needs_review; ``capture_id``, ``idempotency_key``, ``attempts``,
@@ -206,6 +217,59 @@ class KlarnaOM:
         or a bad item, and ``BatchAbortedError`` when the batch stops early.
         https://docs.klarna.com/api/ordermanagement/#operation/captureOrder
         """
+        concurrency = self._batch_concurrency(concurrency, rate_limit)
+        return capture_many(
+            self.captures,
+            items,
+            concurrency=concurrency,
+            rate_limit=rate_limit,
+            journal=journal,
+            on_progress=on_progress,
+            orders=self.orders,
+        )
+
+    def run_many(
+        self,
+        items: ItemSource,
+        *,
+        concurrency: int | None = None,
+        rate_limit: float | None = None,
+        journal: Journal | None = None,
+        on_progress: Callable[[BatchProgress], None] | None = None,
+    ) -> AsyncGenerator[CaptureOutcome, None]:
+        """Run many operations of any kind concurrently; ``async for`` the outcomes.
+
+        ``items``: ``BatchItem``s (or (order_id, request) pairs) whose ``request`` names the
+        operation: ``CaptureRequest``, ``RefundRequest``, ``ReleaseRemainingAuthorization()``,
+        ``ExtendAuthorizationTime()`` or ``CancelOrder()`` (``klarna_om_async.operations``).
+        Everything else is as ``capture_many``: concurrency, pacing, one ``CaptureOutcome``
+        per item (``operation``; ``capture_id`` or ``refund_id``; ``status`` ``captured``
+        means Klarna booked it, whatever the operation), and a ``journal`` that records each item's
+        operation and makes reruns exactly-once for every operation. One order's items run
+        one at a time, in the order given (a refund after its capture).
+
+        Why one ``run_many`` and not ``refund_many``, ``release_many``, ...: a nightly job
+        mixes operations on the same orders (capture the last part, then release the rest),
+        and one call with typed items keeps them in one journal, in order, under one rate
+        limit; a method per operation would multiply the API without adding a guarantee.
+        An item whose ``request`` is no operation is refused on its outcome (``TypeError``).
+        Raises ``ValidationError`` for a bad ``concurrency`` or ``rate_limit`` (at the call),
+        and ``BatchAbortedError`` when the batch stops early (a 401, or Klarna unreachable).
+        https://docs.klarna.com/api/ordermanagement/
+        """
+        concurrency = self._batch_concurrency(concurrency, rate_limit)
+        services = Services(captures=self.captures, refunds=self.refunds, orders=self.orders)
+        return run_many(
+            services,
+            items,
+            concurrency=concurrency,
+            rate_limit=rate_limit,
+            journal=journal,
+            on_progress=on_progress,
+        )
+
+    def _batch_concurrency(self, concurrency: int | None, rate_limit: float | None) -> int:
+        """Check a batch's settings and size the connection slots for it."""
         transport = self._ready_transport()
         slots = transport.slots
         if concurrency is None:
@@ -223,15 +287,7 @@ class KlarnaOM:
                     f" ({slots.size}); lower it or lend a session with a larger limit",
                 )
             slots.grow(concurrency)
-        return capture_many(
-            self.captures,
-            items,
-            concurrency=concurrency,
-            rate_limit=rate_limit,
-            journal=journal,
-            on_progress=on_progress,
-            orders=self.orders,
-        )
+        return concurrency
 
     async def reconcile(self, journal: Journal, *, concurrency: int = 8) -> list[Reconciliation]:
         """Settle every item of ``journal`` whose outcome is unknown by reading its order.

@@ -32,6 +32,8 @@ from typing import Protocol, Self
 
 import attrs
 
+from .operations import Operation
+
 __all__ = (
     "DEFAULT_KEY_MAX_AGE",
     "KLARNA_OM_NAMESPACE",
@@ -71,7 +73,8 @@ class JournalStatus(enum.StrEnum):
 
     #: Claimed for sending: the send is under way, or the run died during it (unknown).
     IN_FLIGHT = "in_flight"
-    #: Klarna booked it; ``capture_id`` says which capture.
+    #: Klarna booked it (for every operation: captured, refunded, released, ...);
+    #: ``capture_id`` holds the created id (the capture's or the refund's), if any.
     CAPTURED = "captured"
     #: Nothing was booked under any key this item had; the next run sends a new key.
     REFUSED = "refused"
@@ -90,14 +93,18 @@ _UNSETTLED = frozenset({*_UNKNOWN, JournalStatus.NEEDS_REVIEW})
 class ItemRecord:
     """What an item asks for, as the journal keeps it to recognise the item in a later run."""
 
-    #: The item's identity in the journal (by default ``order_id`` or ``order_id:reference``).
+    #: The item's identity in the journal (by default ``order_id`` or ``order_id:reference``
+    #: for a capture, ``operation:order_id[:reference]`` for the others).
     item_key: str
     order_id: str
-    #: Minor units.
-    captured_amount: int
+    #: The operation's amount in minor units (a refund's ``refunded_amount``); ``None`` for
+    #: the body-less operations (release, extend, cancel).
+    captured_amount: int | None
     reference: str | None = None
-    #: A digest of everything that decides the money moved (order, amount, lines, reference).
+    #: A digest of everything that decides the money moved (operation, order, amount,
+    #: lines, reference).
     fingerprint: str
+    operation: Operation = Operation.CAPTURE
 
 
 @attrs.frozen(kw_only=True)
@@ -108,6 +115,7 @@ class JournalEntry:
     order_id: str
     idempotency_key: str
     status: JournalStatus
+    #: The id the operation created: the capture's, or the refund's (None for 204s).
     capture_id: str | None
     #: Why it was refused, failed or needs review (one line).
     error: str | None
@@ -116,14 +124,17 @@ class JournalEntry:
     updated_at: datetime
     #: ``None`` only in journals written before fingerprints were kept.
     fingerprint: str | None = None
+    #: The operation's amount (a refund's ``refunded_amount``); None when body-less.
     captured_amount: int | None = None
     reference: str | None = None
     #: When the current key was first handed out for sending (``None``: not known).
     key_sent_at: datetime | None = None
     #: True while a send under ``idempotency_key`` may have booked money unseen.
     uncertain: bool = False
-    #: The run (``capture_many`` call) that last claimed it.
+    #: The run (``capture_many`` or ``run_many`` call) that last claimed it.
     run_id: str | None = None
+    #: What the item does; journals written before operations were kept hold captures.
+    operation: Operation = Operation.CAPTURE
 
 
 class ClaimAction(enum.StrEnum):
@@ -216,12 +227,14 @@ def _changed(old: JournalEntry, item: ItemRecord) -> str | None:
     """Why ``item`` is not the item journaled as ``old``, or None if it is the same."""
     if old.order_id != item.order_id:
         return f"it was journaled for order {old.order_id!r}, not {item.order_id!r}"
+    if old.operation != item.operation:
+        return f"it is a {item.operation.value} now, a {old.operation.value} in the journal"
     if old.fingerprint is None or old.fingerprint == item.fingerprint:
         return None
     if old.captured_amount != item.captured_amount:
-        return (
-            f"captured_amount is {item.captured_amount} now, {old.captured_amount} in the journal"
-        )
+        name = "refunded_amount" if item.operation is Operation.REFUND else "captured_amount"
+        return f"{name} is {item.captured_amount} now, {old.captured_amount} in the journal"
+
     if old.reference != item.reference:
         return f"reference is {item.reference!r} now, {old.reference!r} in the journal"
     return "its order lines differ from the journaled ones"
@@ -232,8 +245,10 @@ def _conflict(old: JournalEntry, item: ItemRecord) -> Claim | None:
     if why is None:
         return None
     if old.status is JournalStatus.CAPTURED:
+        done = old.operation.done
+        made = f" ({old.operation.value} {old.capture_id})" if old.capture_id else ""
         advice = (
-            f"it was already captured (capture {old.capture_id}); a further capture of the"
+            f"it was already {done}{made}; a further {old.operation.value} of the"
             " order needs its own reference"
         )
     else:
@@ -286,11 +301,11 @@ def _decide(
         return Claim(
             ClaimAction.CONFLICT,
             _new_entry(item, new_key, now, run_id),
-            f"item {item.item_key!r} is new, but order {item.order_id} has a capture of"
-            f" {sibling.captured_amount} whose outcome is {sibling.status.value} under item"
+            f"item {item.item_key!r} is new, but order {item.order_id} has a"
+            f" {_what(sibling)} whose outcome is {sibling.status.value} under item"
             f" {sibling.item_key!r} (key {sibling.idempotency_key}); if this line replaces it"
             " (a changed reference), settle that one first (klarna-om reconcile); if it is a"
-            " further capture, rerun once that one is settled",
+            f" further {item.operation.value}, rerun once that one is settled",
         )
     # New, or refused: nothing was booked, so the item may take a new key (and new content).
     if key_owner is not None and key_owner != item.item_key:
@@ -304,6 +319,11 @@ def _decide(
     if old is not None:
         entry = attrs.evolve(entry, attempts=old.attempts)
     return Claim(ClaimAction.SEND, entry)
+
+
+def _what(entry: JournalEntry) -> str:
+    amount = "" if entry.captured_amount is None else f" of {entry.captured_amount}"
+    return f"{entry.operation.value}{amount}"
 
 
 def _expired(entry: JournalEntry, now: datetime, key_max_age: timedelta) -> bool:
@@ -327,6 +347,7 @@ def _new_entry(item: ItemRecord, key: str, now: datetime, run_id: str | None) ->
         key_sent_at=now,
         uncertain=False,
         run_id=run_id,
+        operation=item.operation,
     )
 
 
@@ -498,6 +519,15 @@ class MemoryJournal:
         for entry in self._entries.values():
             counts[entry.status] += 1
         return counts
+
+    async def done_by_operation(self) -> dict[Operation, int]:
+        """How many items Klarna booked (status ``captured``), per operation (none: absent)."""
+        self._check_open()
+        counts: dict[Operation, int] = {}
+        for entry in self._entries.values():
+            if entry.status is JournalStatus.CAPTURED:
+                counts[entry.operation] = counts.get(entry.operation, 0) + 1
+        return {operation: counts[operation] for operation in Operation if operation in counts}
 
     async def close(self) -> None:
         """Refuse further calls until :meth:`open`; the entries are kept."""

@@ -14,6 +14,18 @@ captures are compared with what the journal says the item asked for:
 
 A per-capture ``reference`` makes this exact: Klarna stores it on the capture, so the item's
 capture is found by name, not guessed from amounts and times.
+
+The other operations (the journal records each item's):
+
+- a **refund** is judged against the order's refunds exactly as a capture is against its
+  captures (reference, ``refunded_amount``, ``refunded_at``);
+- a **release** is done when the order's ``remaining_authorized_amount`` is 0, a **cancel**
+  when its status is ``CANCELLED``; otherwise it was not done and may be sent with a new key;
+- an **extend** cannot be told from the order; repeating it is harmless (the same day gives
+  the same date), so it is judged not done and sent again.
+
+``Verdict.CAPTURED`` means "Klarna booked it" for every operation, ``NOT_CAPTURED`` "never
+booked" (the values stay as journals and scripts know them).
 https://docs.klarna.com/api/ordermanagement/#operation/getOrder
 """
 
@@ -28,7 +40,8 @@ import attrs
 
 from .errors import KlarnaError, NoSuchOrderError
 from .journal import Journal, JournalEntry, JournalStatus
-from .models import Capture, Order
+from .models import Order, OrderStatus
+from .operations import Operation
 from .orders import OrdersService
 
 __all__ = (
@@ -47,7 +60,7 @@ DEFAULT_CLOCK_SKEW = timedelta(minutes=5)
 class Verdict(enum.StrEnum):
     """What Klarna's order says about an item whose outcome was unknown."""
 
-    #: Booked: the journal records the capture id.
+    #: Booked (captured, refunded, released, ...): the journal records the created id.
     CAPTURED = "captured"
     #: Never booked (the key has expired): the next run sends it with a new key.
     NOT_CAPTURED = "not_captured"
@@ -68,15 +81,39 @@ class Reconciliation:
     idempotency_key: str
     #: ``None`` when the order could not be read: the item stays unknown (see ``error``).
     verdict: Verdict | None
-    #: The item's capture, when the verdict is ``captured``.
+    #: The id the item created (its capture's or refund's), when the verdict is ``captured``.
     capture_id: str | None = None
     #: What the order shows, in one line.
     evidence: str
     error: KlarnaError | None = None
+    #: The item's operation, as the journal records it.
+    operation: Operation = Operation.CAPTURE
 
 
-def _ids(captures: Iterable[Capture]) -> str:
-    return ", ".join(f"{c.capture_id} ({c.captured_amount}, {c.reference!r})" for c in captures)
+@attrs.frozen
+class _Booked:
+    """A capture or a refund of the order, as the judge compares it."""
+
+    id: str | None
+    amount: int | None
+    at: datetime | None
+    reference: str | None
+
+
+def _ids(booked: Iterable[_Booked]) -> str:
+    return ", ".join(f"{b.id} ({b.amount}, {b.reference!r})" for b in booked)
+
+
+def _booked(entry: JournalEntry, order: Order) -> list[_Booked]:
+    if entry.operation is Operation.REFUND:
+        return [
+            _Booked(r.refund_id, r.refunded_amount, r.refunded_at, r.reference)
+            for r in order.refunds or ()
+        ]
+    return [
+        _Booked(c.capture_id, c.captured_amount, c.captured_at, c.reference)
+        for c in order.captures or ()
+    ]
 
 
 def judge(
@@ -86,56 +123,80 @@ def judge(
     claimed: Collection[str] = (),
     clock_skew: timedelta = DEFAULT_CLOCK_SKEW,
 ) -> tuple[Verdict, str | None, str]:
-    """Decide ``entry`` from ``order``: (verdict, capture id if captured, evidence).
+    """Decide ``entry`` from ``order``: (verdict, created id if booked, evidence).
 
-    A pure function. ``claimed`` holds capture ids the journal already gives to other items.
+    A pure function. ``claimed`` holds the ids (captures or refunds, as ``entry``'s
+    operation makes) the journal already gives to other items.
     """
+    match entry.operation:
+        case Operation.RELEASE:
+            remaining = order.remaining_authorized_amount
+            if remaining == 0:
+                return Verdict.CAPTURED, None, "the order has nothing left authorized"
+            return Verdict.NOT_CAPTURED, None, f"the order still has {remaining} authorized"
+        case Operation.CANCEL:
+            if order.status == OrderStatus.CANCELLED:
+                return Verdict.CAPTURED, None, "the order is cancelled"
+            return Verdict.NOT_CAPTURED, None, f"the order is {order.status}, not cancelled"
+        case Operation.EXTEND:
+            return (
+                Verdict.NOT_CAPTURED,
+                None,
+                f"an extension cannot be seen on the order (expires_at {order.expires_at});"
+                " repeating it is harmless",
+            )
+        case _:
+            return _judge_booked(entry, order, claimed, clock_skew)
+
+
+def _judge_booked(
+    entry: JournalEntry, order: Order, claimed: Collection[str], clock_skew: timedelta
+) -> tuple[Verdict, str | None, str]:
+    noun = "refund" if entry.operation is Operation.REFUND else "capture"
     since: datetime | None = None if entry.key_sent_at is None else entry.key_sent_at - clock_skew
     pool = [
-        c
-        for c in order.captures or ()
-        if c.capture_id not in claimed
-        and (since is None or c.captured_at is None or c.captured_at >= since)
+        b
+        for b in _booked(entry, order)
+        if b.id not in claimed and (since is None or b.at is None or b.at >= since)
     ]
     after = "" if since is None else f" since {since.isoformat(timespec='seconds')}"
+    if entry.operation is Operation.REFUND:
+        totals = f"order refunded {order.refunded_amount}, captured {order.captured_amount}"
+    else:
+        totals = (
+            f"order captured {order.captured_amount}, remaining {order.remaining_authorized_amount}"
+        )
     amount = entry.captured_amount
     if entry.reference:
-        named = [c for c in pool if c.reference == entry.reference]
-        exact = [c for c in named if amount is None or c.captured_amount == amount]
+        named = [b for b in pool if b.reference == entry.reference]
+        exact = [b for b in named if amount is None or b.amount == amount]
         if len(exact) == 1 and len(named) == 1:
-            capture = exact[0]
+            found = exact[0]
             return (
                 Verdict.CAPTURED,
-                capture.capture_id,
-                f"capture {capture.capture_id} of {capture.captured_amount} with reference"
-                f" {entry.reference!r}",
+                found.id,
+                f"{noun} {found.id} of {found.amount} with reference {entry.reference!r}",
             )
         if named:
             return (
                 Verdict.NEEDS_REVIEW,
                 None,
-                f"captures with reference {entry.reference!r}{after} do not match one capture"
+                f"{noun}s with reference {entry.reference!r}{after} do not match one {noun}"
                 f" of {amount}: {_ids(named)}",
             )
         return (
             Verdict.NOT_CAPTURED,
             None,
-            f"no capture with reference {entry.reference!r}{after} (order captured"
-            f" {order.captured_amount}, remaining {order.remaining_authorized_amount})",
+            f"no {noun} with reference {entry.reference!r}{after} ({totals})",
         )
-    same = [c for c in pool if amount is None or c.captured_amount == amount]
+    same = [b for b in pool if amount is None or b.amount == amount]
     if not same:
         what = "any amount" if amount is None else str(amount)
-        return (
-            Verdict.NOT_CAPTURED,
-            None,
-            f"no capture of {what}{after} (order captured {order.captured_amount},"
-            f" remaining {order.remaining_authorized_amount})",
-        )
+        return Verdict.NOT_CAPTURED, None, f"no {noun} of {what}{after} ({totals})"
     return (
         Verdict.NEEDS_REVIEW,
         None,
-        f"the item has no reference, and {len(same)} capture(s){after} could be it: {_ids(same)}",
+        f"the item has no reference, and {len(same)} {noun}(s){after} could be it: {_ids(same)}",
     )
 
 
@@ -162,6 +223,7 @@ def _result(
         capture_id=capture_id,
         evidence=evidence,
         error=error,
+        operation=entry.operation,
     )
 
 
@@ -200,7 +262,11 @@ async def reconcile_entry(
         return _result(entry, None, f"{why}: {error}", error=error)
     others = await journal.entries(order_id=entry.order_id)
     claimed = {
-        e.capture_id for e in others if e.capture_id is not None and e.item_key != entry.item_key
+        e.capture_id
+        for e in others
+        if e.capture_id is not None
+        and e.item_key != entry.item_key
+        and e.operation is entry.operation
     }
     verdict, capture_id, evidence = judge(entry, order, claimed=claimed, clock_skew=clock_skew)
     if verdict is not Verdict.CAPTURED and not journal.key_expired(entry):

@@ -33,16 +33,17 @@ from .journal import (
     _not_open,
     _utc_now,
 )
+from .operations import Operation
 
 __all__ = ("SQLiteJournal",)
 
 
-_SCHEMA_VERSION = 2
+_SCHEMA_VERSION = 3
 # "KOMJ": marks the file as ours, so another program's database is never written to.
 _APPLICATION_ID = 0x4B4F4D4A
 _COLUMNS = (
     "item_key, order_id, idempotency_key, status, capture_id, error, attempts, updated_at,"
-    " fingerprint, captured_amount, reference, key_sent_at, uncertain, run_id"
+    " fingerprint, captured_amount, reference, key_sent_at, uncertain, run_id, operation"
 )
 _V1_COLUMNS = [
     "item_key",
@@ -69,7 +70,8 @@ CREATE TABLE journal (
     reference       TEXT,
     key_sent_at     TEXT,
     uncertain       INTEGER NOT NULL DEFAULT 0,
-    run_id          TEXT
+    run_id          TEXT,
+    operation       TEXT NOT NULL DEFAULT 'capture'
 ) WITHOUT ROWID;
 """
 # Every key ever handed out, and to which item: Klarna replays a key's first answer for 24
@@ -91,19 +93,25 @@ ALTER TABLE journal ADD COLUMN uncertain INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE journal ADD COLUMN run_id TEXT;
 UPDATE journal SET uncertain = 1 WHERE status IN ('in_flight', 'failed');
 """
+# Version 3 records each item's operation (capture, refund, release, extend, cancel); every
+# item of an older journal is a capture, and its amount and id columns keep their meaning.
+# ``captured_amount`` holds the operation's amount and ``capture_id`` the id it created.
+_MIGRATE_V2 = """
+ALTER TABLE journal ADD COLUMN operation TEXT NOT NULL DEFAULT 'capture'
+"""
 _INDEXES = """
 CREATE INDEX IF NOT EXISTS journal_by_order ON journal (order_id);
 INSERT OR IGNORE INTO keys SELECT idempotency_key, item_key FROM journal;
 """
 _UPSERT = f"""
-INSERT INTO journal ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+INSERT INTO journal ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (item_key) DO UPDATE SET
     order_id = excluded.order_id, idempotency_key = excluded.idempotency_key,
     status = excluded.status, capture_id = excluded.capture_id, error = excluded.error,
     attempts = excluded.attempts, updated_at = excluded.updated_at,
     fingerprint = excluded.fingerprint, captured_amount = excluded.captured_amount,
     reference = excluded.reference, key_sent_at = excluded.key_sent_at,
-    uncertain = excluded.uncertain, run_id = excluded.run_id
+    uncertain = excluded.uncertain, run_id = excluded.run_id, operation = excluded.operation
 """
 _SELECT_ONE = f"SELECT {_COLUMNS} FROM journal WHERE item_key = ?"
 _KEY_OWNER = "SELECT item_key FROM keys WHERE idempotency_key = ?"
@@ -132,7 +140,7 @@ def _iso(when: datetime | None) -> str | None:
 
 def _row_to_entry(row: tuple[Any, ...]) -> JournalEntry:
     (item_key, order_id, key, status, capture_id, error, attempts, updated_at) = row[:8]
-    fingerprint, amount, reference, sent_at, uncertain, run_id = row[8:]
+    fingerprint, amount, reference, sent_at, uncertain, run_id, operation = row[8:]
     return JournalEntry(
         item_key=item_key,
         order_id=order_id,
@@ -148,6 +156,7 @@ def _row_to_entry(row: tuple[Any, ...]) -> JournalEntry:
         key_sent_at=None if sent_at is None else datetime.fromisoformat(sent_at),
         uncertain=bool(uncertain),
         run_id=run_id,
+        operation=Operation(operation),
     )
 
 
@@ -167,6 +176,7 @@ def _entry_to_row(e: JournalEntry) -> tuple[object, ...]:
         _iso(e.key_sent_at),
         int(e.uncertain),
         e.run_id,
+        e.operation.value,
     )
 
 
@@ -454,6 +464,19 @@ class SQLiteJournal:
 
         return await self._call(op)
 
+    async def done_by_operation(self) -> dict[Operation, int]:
+        """How many items Klarna booked (status ``captured``), per operation (none: absent)."""
+
+        def op(conn: sqlite3.Connection, now: datetime) -> dict[Operation, int]:
+            rows = conn.execute(
+                "SELECT operation, count(*) FROM journal WHERE status = 'captured'"
+                " GROUP BY operation"
+            )
+            counts = {Operation(operation): n for operation, n in rows}
+            return {operation: counts[operation] for operation in Operation if operation in counts}
+
+        return await self._call(op)
+
     async def _call(self, op: Callable[[sqlite3.Connection, datetime], _T]) -> _T:
         work = self._work
         if work is None:
@@ -519,6 +542,9 @@ class SQLiteJournal:
                     f"{self._path}: journal schema version {version} is newer than this "
                     f"version of klarna-om-async supports ({_SCHEMA_VERSION}); upgrade it"
                 )
+            if version == 2:
+                conn.execute(_MIGRATE_V2)
+                conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
             return
         if not tables and app_id == 0:
             conn.execute(_CREATE)
@@ -526,6 +552,7 @@ class SQLiteJournal:
         elif app_id == 0 and version == 1 and tables == ["journal"] and self._v1(conn):
             for statement in _MIGRATE_V1.strip().split(";\n"):
                 conn.execute(statement)
+            conn.execute(_MIGRATE_V2)
             conn.execute(_CREATE_KEYS)
         else:
             what = ", ".join(tables[:3]) or f"application id {app_id}"

@@ -8,7 +8,9 @@ with captures booked and their answers still on the way, see one item's amount e
 Klarna forget every key (25 hours pass), are reconciled, or restart the "process" (a new
 client and the journal file reopened). After every step it checks what FakeKlarna really
 booked against the journal; at the end it settles everything with clean reruns and checks
-that every item was captured (or needs review) exactly once.
+that every item was captured (or needs review) exactly once. The same machine runs refunds
+(``RefundJournalMachine``: the orders fully captured first, the items refunds through
+``run_many``), with the same exactly-once rules.
 
 Everything runs on one event loop per machine instance; the fake, the clients, the journal
 and the loop are all closed in ``teardown``. ``KLARNA_OM_STATEFUL_EXAMPLES`` raises the
@@ -24,7 +26,7 @@ import os
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import AsyncGenerator, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 import attrs
@@ -43,15 +45,16 @@ from klarna_om_async import (
     JournalEntry,
     JournalStatus,
     KlarnaOM,
+    RefundRequest,
     RetryPolicy,
     SQLiteJournal,
     Verdict,
 )
+from klarna_om_async.operations import Operation
 from klarna_om_async.testing import (
     Delay,
     DropAfterProcessing,
     DropConnection,
-    FakeCapture,
     FakeKlarna,
     InstantSleep,
     NonJsonError,
@@ -94,27 +97,50 @@ class Item:
     order_id: str
     reference: str | None
     amount: int = AMOUNT
+    operation: Operation = Operation.CAPTURE
 
     @property
     def key(self) -> str:
-        return f"{self.order_id}:{self.reference}" if self.reference else self.order_id
+        return _item_key(self.order_id, self.reference, self.operation)
 
     def batch_item(self) -> BatchItem:
+        if self.operation is Operation.REFUND:
+            refund = RefundRequest(refunded_amount=self.amount, reference=self.reference)
+            return BatchItem(order_id=self.order_id, request=refund)
         request = CaptureRequest(captured_amount=self.amount, reference=self.reference)
         return BatchItem(order_id=self.order_id, request=request)
 
 
-def _post_item(request: RecordedRequest) -> tuple[str, str | None, int] | None:
-    """(order, reference, amount) of a capture POST, else None."""
+@attrs.frozen
+class Booked:
+    """A capture or refund FakeKlarna booked, as the checks compare it."""
+
+    order_id: str
+    id: str
+    reference: str | None
+    amount: int
+    idempotency_key: str | None
+
+
+#: The path segment of each operation's POST, and its amount field.
+SEGMENT = {Operation.CAPTURE: "captures", Operation.REFUND: "refunds"}
+AMOUNT_FIELD = {Operation.CAPTURE: "captured_amount", Operation.REFUND: "refunded_amount"}
+
+
+def _post_item(
+    request: RecordedRequest, operation: Operation
+) -> tuple[str, str | None, int] | None:
+    """(order, reference, amount) of a capture (refund) POST, else None."""
     parts = request.path.rstrip("/").split("/")
-    if request.method != "POST" or parts[-1] != "captures":
+    if request.method != "POST" or parts[-1] != SEGMENT[operation]:
         return None
     body = orjson.loads(request.body)
-    return parts[-2], body.get("reference"), body["captured_amount"]
+    return parts[-2], body.get("reference"), body[AMOUNT_FIELD[operation]]
 
 
-def _item_key(order_id: str, reference: str | None) -> str:
-    return f"{order_id}:{reference}" if reference else order_id
+def _item_key(order_id: str, reference: str | None, operation: Operation) -> str:
+    key = f"{order_id}:{reference}" if reference else order_id
+    return key if operation is Operation.CAPTURE else f"{operation.value}:{key}"
 
 
 def _checked(method: Callable[..., None]) -> Callable[..., None]:
@@ -146,6 +172,9 @@ fault_plan = st.sampled_from(
 
 
 class JournalMachine(RuleBasedStateMachine):
+    #: What the batch's items do.
+    operation = Operation.CAPTURE
+
     def __init__(self) -> None:
         super().__init__()
         self.broken = True
@@ -156,7 +185,7 @@ class JournalMachine(RuleBasedStateMachine):
         self.om: KlarnaOM | None = None
         self.wrong_password: KlarnaOM | None = None
         self.journal: SQLiteJournal | None = None
-        self.items = [Item(order_id, reference) for order_id, reference in ITEMS]
+        self.items = [Item(o, reference, operation=self.operation) for o, reference in ITEMS]
         self.log: list[str] = []  # what happened, for a failure's report
         self._await(self._start())
         self.broken = False
@@ -184,17 +213,17 @@ class JournalMachine(RuleBasedStateMachine):
         self.om = self._client(self.fake.password)
         self.wrong_password = self._client("wrong-password")
         self.journal = await SQLiteJournal(self.path, clock=self.fake.now).open()
+        if self.operation is Operation.REFUND:  # the money to refund
+            for order_id in ORDERS:
+                await self.om.captures.create(order_id, CaptureRequest(captured_amount=AUTHORIZED))
 
     async def _close(self) -> None:
-        for close in (
-            self.om and self.om.close,
-            self.wrong_password and self.wrong_password.close,
-            self.journal and self.journal.close,
-            self.fake.close,
-        ):
-            if close is not None:
-                with contextlib.suppress(Exception):
-                    await close()
+        closes: list[Callable[[], Coroutine[Any, Any, None]]] = [
+            thing.close for thing in (self.om, self.wrong_password, self.journal) if thing
+        ]
+        for close in (*closes, self.fake.close):
+            with contextlib.suppress(Exception):
+                await close()
 
     def teardown(self) -> None:
         try:
@@ -224,10 +253,24 @@ class JournalMachine(RuleBasedStateMachine):
     async def _entries(self) -> dict[str, JournalEntry]:
         return {e.item_key: e for e in await self._journal.entries()}
 
-    def _booked(self) -> Sequence[FakeCapture]:
-        return self.fake.booked_captures
+    def _booked(self) -> Sequence[Booked]:
+        if self.operation is Operation.REFUND:
+            return [
+                Booked(r.order_id, r.refund_id, r.reference, r.refunded_amount, r.idempotency_key)
+                for r in self.fake.booked_refunds
+            ]
+        return [
+            Booked(c.order_id, c.capture_id, c.reference, c.captured_amount, c.idempotency_key)
+            for c in self.fake.booked_captures
+        ]
 
-    def _booked_under(self, key: str) -> list[FakeCapture]:
+    def _many(self, client: KlarnaOM, concurrency: int) -> AsyncGenerator[CaptureOutcome, None]:
+        """The batch: ``capture_many`` for captures (it must stay as it is), else ``run_many``."""
+        items = [i.batch_item() for i in self.items]
+        many = client.capture_many if self.operation is Operation.CAPTURE else client.run_many
+        return many(items, journal=self._journal, concurrency=concurrency)
+
+    def _booked_under(self, key: str) -> list[Booked]:
         return [c for c in self._booked() if c.idempotency_key == key]
 
     # --- runs ---------------------------------------------------------------------------
@@ -237,11 +280,8 @@ class JournalMachine(RuleBasedStateMachine):
     ) -> tuple[list[CaptureOutcome], tuple[str, ...]]:
         """Run the current batch: its outcomes, and the items a stopped batch never sent."""
         outcomes: list[CaptureOutcome] = []
-        items = [i.batch_item() for i in self.items]
         try:
-            async for outcome in client.capture_many(
-                items, journal=self._journal, concurrency=concurrency
-            ):
+            async for outcome in self._many(client, concurrency):
                 outcomes.append(outcome)
         except BatchAbortedError as error:  # a batch that cannot work (a 401) stops early
             self.log.append(f"  stopped: {error}")
@@ -267,8 +307,9 @@ class JournalMachine(RuleBasedStateMachine):
         outcomes, not_sent = await self._run(client, concurrency)
         self.log.append("  -> " + ", ".join(f"{o.item_key}={o.status.value}" for o in outcomes))
         after = await self._entries()
-        posts = [p for r in self.fake.requests[first_request:] if (p := _post_item(r))]
-        posted = {_item_key(order_id, ref) for order_id, ref, _ in posts}
+        requests = self.fake.requests[first_request:]
+        posts = [p for r in requests if (p := _post_item(r, self.operation))]
+        posted = {_item_key(order_id, ref, self.operation) for order_id, ref, _ in posts}
         by_key = {o.item_key: o for o in outcomes}
         assert len(by_key) == len(outcomes), "one outcome per item"
         assert not set(by_key) & set(not_sent)
@@ -305,18 +346,18 @@ class JournalMachine(RuleBasedStateMachine):
             assert not isinstance(outcome.error, ItemConflictError), (item, outcome)
             assert outcome.idempotency_key == after[item.key].idempotency_key, (outcome, after)
             if outcome.status in (CaptureStatus.CAPTURED, CaptureStatus.SKIPPED):
-                [capture] = [c for c in self._booked() if c.capture_id == outcome.capture_id]
-                assert (capture.order_id, capture.reference, capture.captured_amount) == (
+                [capture] = [c for c in self._booked() if c.id == outcome.created_id]
+                assert (capture.order_id, capture.reference, capture.amount) == (
                     item.order_id,
                     item.reference,
                     item.amount,
                 ), (item, capture)
                 entry = after[item.key]
                 assert entry.status is JournalStatus.CAPTURED, entry
-                assert entry.capture_id == outcome.capture_id
+                assert entry.capture_id == outcome.created_id
             if old is not None and old.status is JournalStatus.CAPTURED:
                 assert outcome.status is CaptureStatus.SKIPPED, (item, outcome)
-                assert outcome.capture_id == old.capture_id
+                assert outcome.created_id == old.capture_id
                 assert item.key not in posted
             if old is not None and old.status is JournalStatus.NEEDS_REVIEW:
                 assert outcome.status is CaptureStatus.NEEDS_REVIEW, (item, outcome)
@@ -396,7 +437,7 @@ class JournalMachine(RuleBasedStateMachine):
         if reads_fail:
             self.fake.inject(ServerFailure(503), method="GET", times=None)
         for order_id, plan in zip(ORDERS, plans, strict=True):
-            path = f"/orders/{order_id}/captures"
+            path = f"/orders/{order_id}/{SEGMENT[self.operation]}"
 
             def inject(fault: Any, times: int | None = None, path: str = path) -> None:
                 self.fake.inject(fault, method="POST", path=path, times=times)
@@ -462,7 +503,7 @@ class JournalMachine(RuleBasedStateMachine):
             self.fake.inject(
                 Delay(KILL_DELAY, after_processing=True),
                 method="POST",
-                path=f"/orders/{order_id}/captures",
+                path=f"/orders/{order_id}/{SEGMENT[self.operation]}",
                 times=None,
             )
         try:
@@ -474,9 +515,8 @@ class JournalMachine(RuleBasedStateMachine):
         before = await self._entries()
         expired = {k for k, e in before.items() if self._journal.key_expired(e)}
         first_request = len(self.fake.requests)
-        outcomes = self._om.capture_many(
-            [i.batch_item() for i in self.items], journal=self._journal, concurrency=concurrency
-        )
+        outcomes = self._many(self._om, concurrency)
+        references = {i.key: i.reference for i in self.items}
         seen = 0
         finished = False
         following: asyncio.Future[CaptureOutcome] = asyncio.ensure_future(anext(outcomes))
@@ -485,9 +525,8 @@ class JournalMachine(RuleBasedStateMachine):
                 arrival = asyncio.ensure_future(
                     self.fake.wait_for_requests(len(self.fake.requests) + 1)
                 )
-                done, _ = await asyncio.wait(
-                    {following, arrival}, return_when=asyncio.FIRST_COMPLETED
-                )
+                waiting: set[asyncio.Future[Any]] = {following, arrival}
+                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
                 arrival.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await arrival
@@ -498,13 +537,11 @@ class JournalMachine(RuleBasedStateMachine):
                         finished = True
                         break
                     seen += 1
-                    if outcome.capture_id is not None:
-                        [capture] = [
-                            c for c in self._booked() if c.capture_id == outcome.capture_id
-                        ]
+                    if outcome.created_id is not None:
+                        [capture] = [c for c in self._booked() if c.id == outcome.created_id]
                         assert (capture.order_id, capture.reference) == (
                             outcome.order_id,
-                            outcome.item_key.partition(":")[2] or None,
+                            references[outcome.item_key],
                         ), (outcome, capture)
                     following = asyncio.ensure_future(anext(outcomes))
                 stuck = sum(isinstance(r.fault, Delay) for r in self.fake.requests[first_request:])
@@ -609,23 +646,24 @@ class JournalMachine(RuleBasedStateMachine):
             assert (entry.order_id, entry.reference, entry.captured_amount) == (
                 capture.order_id,
                 capture.reference,
-                capture.captured_amount,
+                capture.amount,
             ), (entry, capture)
-        by_id = {c.capture_id: c for c in booked}
+            assert entry.operation is self.operation, entry
+        by_id = {c.id: c for c in booked}
         captured = [e for e in entries.values() if e.status is JournalStatus.CAPTURED]
         assert len({e.capture_id for e in captured}) == len(captured)
         for entry in captured:
-            capture = by_id.get(entry.capture_id or "")
-            assert capture is not None, f"{entry} names a capture the fake never booked"
-            assert capture.order_id == entry.order_id
-            assert capture.idempotency_key == entry.idempotency_key, (entry, capture)
+            found = by_id.get(entry.capture_id or "")
+            assert found is not None, f"{entry} names a capture the fake never booked"
+            assert found.order_id == entry.order_id
+            assert found.idempotency_key == entry.idempotency_key, (entry, found)
         for entry in entries.values():
             if entry.status is JournalStatus.NEEDS_REVIEW:
                 assert entry.reference is None, entry
         # A key is only ever sent with one body: never an edited item under its old key.
         bodies: dict[str, set[tuple[str, str | None, int]]] = {}
         for request in self.fake.requests:
-            post = _post_item(request)
+            post = _post_item(request, self.operation)
             if post is not None and request.idempotency_key is not None:
                 bodies.setdefault(request.idempotency_key, set()).add(post)
         reused = {k: v for k, v in bodies.items() if len(v) > 1}
@@ -668,7 +706,7 @@ class JournalMachine(RuleBasedStateMachine):
             if entry is None or entry.status is JournalStatus.REFUSED:
                 assert not mine, (entry, mine)
             elif entry.status is JournalStatus.CAPTURED:
-                assert [c.capture_id for c in mine] == [entry.capture_id], (entry, mine)
+                assert [c.id for c in mine] == [entry.capture_id], (entry, mine)
         by_key = {e.idempotency_key: e for e in entries.values()}
         for capture in self._booked():
             entry = by_key[capture.idempotency_key or ""]
@@ -691,6 +729,22 @@ class JournalMachine(RuleBasedStateMachine):
 TestJournalStateMachine = JournalMachine.TestCase
 TestJournalStateMachine.settings = settings(
     max_examples=_EXAMPLES,
+    stateful_step_count=_STEPS,
+    deadline=None,
+    database=None,
+    print_blob=True,
+)
+
+
+class RefundJournalMachine(JournalMachine):
+    """The same runs, faults, kills, edits and expired keys, for a batch of refunds."""
+
+    operation = Operation.REFUND
+
+
+TestRefundJournalStateMachine = RefundJournalMachine.TestCase
+TestRefundJournalStateMachine.settings = settings(
+    max_examples=max(_EXAMPLES // 2, 1),
     stateful_step_count=_STEPS,
     deadline=None,
     database=None,

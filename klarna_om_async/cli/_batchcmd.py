@@ -1,4 +1,8 @@
-"""``klarna-om batch FILE``: capture every line of a CSV or JSON Lines file, resumably."""
+"""``klarna-om batch FILE``: run every line of a CSV or JSON Lines file, resumably.
+
+Each line captures (the default), refunds, releases the remaining authorization, extends
+the authorization time, or cancels, as its ``operation`` says.
+"""
 
 from __future__ import annotations
 
@@ -42,33 +46,45 @@ __all__ = ("batch",)
 # Seconds per item; a batch job can afford more patience than an interactive call.
 _BATCH_DEADLINE = 120.0
 
-_HELP = f"""Capture every line of FILE (CSV or JSON Lines), many at a time, exactly once.
+_HELP = f"""Run every line of FILE (CSV or JSON Lines), many at a time, exactly once.
+
+Each line's operation says what it does: capture (the default), refund,
+release (the remaining authorization), extend (the authorization time) or
+cancel. One order's lines run one at a time, in file order.
 
 \b
-CSV (.csv): a header line, then one capture per line. Columns:
+CSV (.csv): a header line, then one operation per line. Columns:
   order_id          required
-  captured_amount   required, integer minor units (1050 = 10.50)
+  operation         optional; empty: capture
+  captured_amount   a capture's amount, integer minor units (1050 = 10.50);
+                    a required column unless there is an operation column
+  refunded_amount   a refund's amount, integer minor units
   {", ".join(CSV_COLUMNS[2:5])}
-  {", ".join(CSV_COLUMNS[5:])}
+  {", ".join(CSV_COLUMNS[5:9])}
                     optional; any shipping column adds one shipping_info entry
+                    to a capture; release, extend and cancel take none of these
 
 \b
 JSON Lines (.jsonl, .ndjson): one object per line with order_id, an optional
-idempotency_key, and Klarna's capture fields: captured_amount, reference,
-description, order_lines, shipping_info, shipping_delay. Example:
+operation and idempotency_key, and Klarna's fields: for a capture
+captured_amount, reference, description, order_lines, shipping_info,
+shipping_delay; for a refund refunded_amount, reference, description,
+order_lines; nothing more for release, extend and cancel. Example:
   {{"order_id": "abc", "captured_amount": 6000, "reference": "INV-1"}}
+  {{"order_id": "abc", "operation": "refund", "refunded_amount": 2500}}
 
-Blank lines are skipped. A line that cannot become a capture is not sent: it is
-reported as refused with its line number, and the other lines go on.
+Blank lines are skipped. A line that cannot become an operation is not sent: it
+is reported as refused with its line number, and the other lines go on.
 
 The journal (default: FILE.journal.sqlite, unless --no-journal) records each
 item's idempotency key before it is sent. Rerun the same command after a crash,
-Ctrl-C, SIGTERM or failures: captured items are skipped, and items whose outcome was
-unknown are resent with their original keys, so nothing is captured twice.
-An order captured in several parts needs a distinct reference per line.
+Ctrl-C, SIGTERM or failures: items done are skipped, and items whose outcome was
+unknown are resent with their original keys, so nothing is captured or refunded
+twice. An order captured (or refunded) in several parts needs a distinct
+reference per line.
 
 \b
-Exit status: 0 all captured or skipped; 1 some refused or failed (see the
+Exit status: 0 all done or skipped; 1 some refused or failed (see the
 summary, or --json); 2 usage or input errors; 130 interrupted (Ctrl-C);
 143 terminated (SIGTERM). Either signal stops the batch as Ctrl-C does: no new
 items, then the summary.
@@ -139,7 +155,7 @@ class _Settings:
     type=click.IntRange(min=1, max=10_000),
     default=DEFAULT_CONCURRENCY,
     show_default=True,
-    help="Captures in flight at once (1 to 10000).",
+    help="Items in flight at once (1 to 10000).",
 )
 @click.option(
     "--rate",
@@ -261,7 +277,8 @@ async def _journal(settings: _Settings) -> AsyncIterator[SQLiteJournal | None]:
         return
     journal = await open_journal(SQLiteJournal(settings.journal, durability=settings.durability))
     try:
-        if note := resume_note(settings.journal, await journal.summary()):
+        summary, done = await journal.summary(), await journal.done_by_operation()
+        if note := resume_note(settings.journal, summary, done):
             click.echo(note, err=True)
         yield journal
     finally:
@@ -289,7 +306,7 @@ def _finish(
     if view.tally.counts[CaptureStatus.NEEDS_REVIEW]:
         notes.append(
             "Some items need review: their keys expired and Klarna's order does not show "
-            "whether they were captured. They are never sent again; check each order in the "
+            "whether they were booked. They are never sent again; check each order in the "
             "Klarna merchant portal (the evidence is listed above)."
         )
     if interrupted:

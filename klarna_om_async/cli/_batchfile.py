@@ -1,21 +1,32 @@
-"""Read a batch file lazily, one capture per line: CSV with a header, or JSON Lines.
+"""Read a batch file lazily, one operation per line: CSV with a header, or JSON Lines.
 
-CSV (``.csv``): a header row, then one capture per row. Columns:
+Each line names its ``operation``: ``capture`` (the default), ``refund``, ``release``
+(the remaining authorization), ``extend`` (the authorization time) or ``cancel``.
 
-- ``order_id`` (required) -- the Klarna order to capture;
-- ``captured_amount`` (required) -- integer minor units, e.g. ``1050`` for 10.50;
-- ``reference``, ``description`` -- optional, at most 255 characters;
+CSV (``.csv``): a header row, then one operation per row. Columns:
+
+- ``order_id`` (required) -- the Klarna order;
+- ``operation`` -- optional; an empty cell is ``capture``;
+- ``captured_amount`` -- integer minor units, e.g. ``1050`` for 10.50; required for a
+  capture (and as a column when there is no ``operation`` column);
+- ``refunded_amount`` -- integer minor units; required for a refund;
+- ``reference``, ``description`` -- optional (captures and refunds), at most 255 characters;
 - ``idempotency_key`` -- optional; fix the key yourself (a journal makes one otherwise);
 - ``shipping_company``, ``shipping_method``, ``tracking_number``, ``tracking_uri`` --
-  optional; any of them adds one ``shipping_info`` entry to the capture.
+  optional; any of them adds one ``shipping_info`` entry to a capture.
+
+A release, extend or cancel row takes no amount, reference, description or shipping; a
+value given for one is an error for that line.
 
 Empty cells count as absent. Unknown and duplicate columns are refused before anything is
 sent. Columns are separated by commas; a header separated by semicolons or tabs (Excel in
 many locales) is recognised, or pass the ``delimiter``.
 
 JSON Lines (``.jsonl`` / ``.ndjson``): one JSON object per line with ``order_id``, an optional
-``idempotency_key``, and the capture in Klarna's JSON shape: ``captured_amount``,
-``reference``, ``description``, ``order_lines``, ``shipping_info``, ``shipping_delay``.
+``operation`` and ``idempotency_key``, and the request in Klarna's JSON shape: for a capture
+``captured_amount``, ``reference``, ``description``, ``order_lines``, ``shipping_info``,
+``shipping_delay``; for a refund ``refunded_amount``, ``reference``, ``description``,
+``order_lines``; nothing more for release, extend and cancel.
 
 Both formats are read one physical line at a time in the given ``encoding`` (default
 UTF-8; a byte order mark is accepted), so every line is accounted for: blank lines are
@@ -45,7 +56,14 @@ from .._convert import converter
 from .._routes import normalize_id
 from ..batch import BatchItem
 from ..errors import ValidationError
-from ..models import CaptureRequest, OrderLine, ShippingInfo
+from ..models import CaptureRequest, OrderLine, RefundRequest, ShippingInfo
+from ..operations import (
+    CancelOrder,
+    ExtendAuthorizationTime,
+    Operation,
+    OperationRequest,
+    ReleaseRemainingAuthorization,
+)
 
 __all__ = (
     "CSV_COLUMNS",
@@ -68,7 +86,8 @@ class BatchFormat(enum.StrEnum):
 
 
 _SHIPPING_COLUMNS = ("shipping_company", "shipping_method", "tracking_number", "tracking_uri")
-#: Every column a CSV batch file may have; the first two are required.
+#: Every column a CSV batch file may have; the first two are required (``captured_amount``
+#: only without an ``operation`` column).
 CSV_COLUMNS = (
     "order_id",
     "captured_amount",
@@ -76,10 +95,19 @@ CSV_COLUMNS = (
     "description",
     "idempotency_key",
     *_SHIPPING_COLUMNS,
+    "operation",
+    "refunded_amount",
 )
+#: The body-less operations' requests.
+_MARKERS: dict[Operation, OperationRequest] = {
+    Operation.RELEASE: ReleaseRemainingAuthorization(),
+    Operation.EXTEND: ExtendAuthorizationTime(),
+    Operation.CANCEL: CancelOrder(),
+}
+_OPERATIONS = ", ".join(op.value for op in Operation)
 _EXTENSIONS = {".csv": BatchFormat.CSV, ".jsonl": BatchFormat.JSONL, ".ndjson": BatchFormat.JSONL}
 _MINOR_UNITS = re.compile(r"[0-9]+")
-_JSON_EXTRA_KEYS = frozenset({"order_id", "idempotency_key"})
+_JSON_EXTRA_KEYS = frozenset({"order_id", "idempotency_key", "operation"})
 #: Column separators recognised from the header when none is given.
 _DELIMITERS = (",", ";", "\t", "|")
 _BOM = "\ufeff"
@@ -269,7 +297,8 @@ def _check_header(path: str, header: Sequence[str] | None, delimiter: str) -> No
                 f"{path}: line 1: column {name!r} appears more than once (columns "
                 f"{header.index(name) + 1} and {index + 1}); each column may appear only once"
             )
-    missing = [name for name in CSV_COLUMNS[:2] if name not in header]
+    required = CSV_COLUMNS[:1] if "operation" in header else CSV_COLUMNS[:2]
+    missing = [name for name in required if name not in header]
     if missing:
         raise BatchFileError(
             f"{path}: line 1: missing required column(s) {', '.join(missing)}; "
@@ -278,7 +307,10 @@ def _check_header(path: str, header: Sequence[str] | None, delimiter: str) -> No
 
 
 def _columns() -> str:
-    return f"order_id,captured_amount (required) and optionally {','.join(CSV_COLUMNS[2:])}"
+    return (
+        "order_id,captured_amount (required; captured_amount not with an operation column)"
+        f" and optionally {','.join(CSV_COLUMNS[2:])}"
+    )
 
 
 def _delimiter_hint(unknown: Sequence[str], delimiter: str) -> str:
@@ -343,12 +375,7 @@ def _csv_row(line: int, values: Mapping[str, str | None], *, extra: object) -> R
         if raw_id is None:
             raise BadLineError(line, "order_id", "is required")
         order_id = normalize_id("order_id", raw_id)
-        request = CaptureRequest(
-            captured_amount=_amount(line, _cell(values, "captured_amount")),
-            reference=_cell(values, "reference"),
-            description=_cell(values, "description"),
-            shipping_info=_shipping_info(values),
-        )
+        request = _csv_request(line, values)
         key = _cell(values, "idempotency_key")
         return BatchItem(order_id=order_id, request=request, idempotency_key=key, line=line)
     except BadLineError as error:
@@ -359,14 +386,64 @@ def _csv_row(line: int, values: Mapping[str, str | None], *, extra: object) -> R
         return BadLine(line, order_id, BadLineError(line, field, error.reason))
 
 
-def _amount(line: int, raw: str | None) -> int:
+def _operation(line: int, raw: object) -> Operation:
+    """The line's operation: absent or empty is a capture; an unknown one is an error."""
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        return Operation.CAPTURE
+    if not isinstance(raw, str):
+        raise BadLineError(line, "operation", f"must be a string, got {_json_type(raw)}")
+    try:
+        return Operation(raw.strip().lower())
+    except ValueError:
+        raise BadLineError(
+            line, "operation", f"unknown operation {raw!r}; expected one of {_OPERATIONS}"
+        ) from None
+
+
+def _a(operation: Operation) -> str:
+    article = "an" if operation.value[0] in "aeiou" else "a"
+    return f"{article} {operation.value}"
+
+
+def _refuse_cells(
+    line: int, operation: Operation, values: Mapping[str, str | None], columns: Sequence[str]
+) -> None:
+    for column in columns:
+        if _cell(values, column) is not None:
+            what = "amount" if column.endswith("_amount") else column
+            raise BadLineError(line, column, f"{_a(operation)} takes no {what}; leave it empty")
+
+
+def _csv_request(line: int, values: Mapping[str, str | None]) -> OperationRequest:
+    operation = _operation(line, _cell(values, "operation"))
+    if operation is Operation.CAPTURE:
+        _refuse_cells(line, operation, values, ("refunded_amount",))
+        return CaptureRequest(
+            captured_amount=_amount(line, _cell(values, "captured_amount")),
+            reference=_cell(values, "reference"),
+            description=_cell(values, "description"),
+            shipping_info=_shipping_info(values),
+        )
+    if operation is Operation.REFUND:
+        _refuse_cells(line, operation, values, ("captured_amount", *_SHIPPING_COLUMNS))
+        return RefundRequest(
+            refunded_amount=_amount(line, _cell(values, "refunded_amount"), "refunded_amount"),
+            reference=_cell(values, "reference"),
+            description=_cell(values, "description"),
+        )
+    refused = ("captured_amount", "refunded_amount", "reference", "description")
+    _refuse_cells(line, operation, values, (*refused, *_SHIPPING_COLUMNS))
+    return _MARKERS[operation]
+
+
+def _amount(line: int, raw: str | None, column: str = "captured_amount") -> int:
     if raw is None:
-        raise BadLineError(line, "captured_amount", "is required")
+        raise BadLineError(line, column, "is required")
     text = raw.strip()
     if not _MINOR_UNITS.fullmatch(text):
         raise BadLineError(
             line,
-            "captured_amount",
+            column,
             f"must be a whole number of minor units (e.g. 1050 for 10.50), got {raw!r}",
         )
     return int(text)
@@ -381,7 +458,10 @@ def _shipping_info(values: Mapping[str, str | None]) -> list[ShippingInfo] | Non
 
 # --- JSON Lines ------------------------------------------------------------------------------
 
-_REQUEST_FIELDS = frozenset(field.name for field in attrs.fields(CaptureRequest))
+_REQUEST_FIELDS = {
+    Operation.CAPTURE: frozenset(field.name for field in attrs.fields(CaptureRequest)),
+    Operation.REFUND: frozenset(field.name for field in attrs.fields(RefundRequest)),
+}
 _NESTED_FIELDS = {
     "order_lines": frozenset(field.name for field in attrs.fields(OrderLine)),
     "shipping_info": frozenset(field.name for field in attrs.fields(ShippingInfo)),
@@ -414,10 +494,11 @@ def _jsonl_row(line: int, raw: str) -> Row:
             raise BadLineError(line, "order_id", "is required (a non-empty string)")
         order_id = _clean_order_id(order_id)
         _refuse_line_breaks(line, "", data)
+        operation = _operation(line, data.get("operation"))
         key = _optional_str(line, data, "idempotency_key")
         body = {name: value for name, value in data.items() if name not in _JSON_EXTRA_KEYS}
-        _check_known_fields(line, body)
-        request = _structure(line, body)
+        _check_known_fields(line, operation, body)
+        request = _marker_or_structure(line, operation, body)
         item_id = normalize_id("order_id", data["order_id"])
         return BatchItem(order_id=item_id, request=request, idempotency_key=key or None, line=line)
     except BadLineError as error:
@@ -478,10 +559,21 @@ def _json_type(value: object) -> str:
     return names.get(type(value), "a number")
 
 
-def _check_known_fields(line: int, body: Mapping[str, object]) -> None:
+def _check_known_fields(line: int, operation: Operation, body: Mapping[str, object]) -> None:
     # The package's converter ignores unknown keys (Klarna adds fields to its answers), but
     # in a file we write ourselves an unknown key is a typo that would silently drop a value.
-    _refuse_unknown(line, "", body, _REQUEST_FIELDS | _JSON_EXTRA_KEYS)
+    fields = _REQUEST_FIELDS.get(operation)
+    if fields is None:
+        for name in body:
+            what = "amount" if name.endswith("_amount") else name
+            raise BadLineError(
+                line,
+                name,
+                f"{_a(operation)} takes no {what}; give only order_id,"
+                " operation and idempotency_key",
+            )
+        return
+    _refuse_unknown(line, "", body, fields | _JSON_EXTRA_KEYS)
     for name, known in _NESTED_FIELDS.items():
         items = body.get(name)
         if isinstance(items, list):
@@ -500,9 +592,22 @@ def _refuse_unknown(
             )
 
 
-def _structure(line: int, body: dict[str, object]) -> CaptureRequest:
+def _marker_or_structure(
+    line: int, operation: Operation, body: dict[str, object]
+) -> OperationRequest:
+    if operation in _MARKERS:
+        return _MARKERS[operation]
+    if operation is Operation.REFUND:
+        return _structure(line, body, RefundRequest)
+    return _structure(line, body, CaptureRequest)
+
+
+_R = TypeVar("_R", CaptureRequest, RefundRequest)
+
+
+def _structure(line: int, body: dict[str, object], kind: type[_R]) -> _R:
     try:
-        request: CaptureRequest = converter.structure(body, CaptureRequest)
+        request: _R = converter.structure(body, kind)
     except ValidationError as error:  # pragma: no cover - only if cattrs stops wrapping it
         raise BadLineError(line, error.field, error.reason) from None
     except cattrs.BaseValidationError as error:

@@ -11,6 +11,7 @@ import click
 from ..client import KlarnaOM
 from ..errors import KlarnaError, NotFoundError
 from ..journal import JournalEntry, JournalStatus
+from ..operations import Operation
 from ..reconcile import Reconciliation, Verdict
 from ..sqlite_journal import SQLiteJournal
 from ._options import (
@@ -51,15 +52,16 @@ _SAYS = {
     "mark_captured",
     nargs=2,
     multiple=True,
-    metavar="ITEM_KEY CAPTURE_ID",
-    help="Settle an item by hand: it was captured as CAPTURE_ID (repeatable).",
+    metavar="ITEM_KEY ID",
+    help="Settle an item by hand: it was booked as ID, a capture id (or a refund id for a"
+    " refund item) (repeatable).",
 )
 @click.option(
     "--not-captured",
     "mark_not_captured",
     multiple=True,
     metavar="ITEM_KEY",
-    help="Settle an item by hand: it was never captured; a rerun sends it with a new key "
+    help="Settle an item by hand: it was never booked; a rerun sends it with a new key "
     "(repeatable).",
 )
 @connection_options
@@ -74,8 +76,8 @@ def reconcile(
     """Settle every item of JOURNAL whose outcome is unknown, by reading its order.
 
     \b
-    For each item in flight or failed, the order is read from Klarna and its captures are
-    compared with what the item asked for:
+    For each item in flight or failed, the order is read from Klarna and its captures (its
+    refunds, for a refund item) are compared with what the item asked for:
       captured       a capture with the item's reference and amount, booked after the
                      item's key was first sent: recorded, a rerun skips it
       not captured   no capture can be the item's: a rerun sends it with a new key
@@ -84,13 +86,15 @@ def reconcile(
       resend         not found, but Klarna still knows the key (under 23 h old): a rerun
                      resends the same key, which settles it exactly
     A reference per capture (the batch file's `reference` column) makes this exact.
+    A release is done when nothing remains authorized, a cancel when the order is
+    cancelled; an extend cannot be seen on the order and is sent again (harmless).
 
     \b
     After checking an item that needs review in the Klarna merchant portal, settle it:
-      klarna-om reconcile JOURNAL --captured ITEM_KEY CAPTURE_ID
+      klarna-om reconcile JOURNAL --captured ITEM_KEY CAPTURE_OR_REFUND_ID
       klarna-om reconcile JOURNAL --not-captured ITEM_KEY
-    (ITEM_KEY is ORDER_ID, or ORDER_ID:REFERENCE; the batch output shows it.) Nothing is
-    read from Klarna then.
+    (ITEM_KEY is ORDER_ID, or ORDER_ID:REFERENCE, or refund:ORDER_ID[:REFERENCE]; the
+    batch output shows it.) Only the given id is read from Klarna then.
 
     \b
     Exit status: 0 nothing left to review; 1 some items need review or could not be
@@ -160,15 +164,16 @@ async def _settle(path: str, marks: list[tuple[str, str | None]], connection: Co
                     f"item {key!r} is {entry.status.value}, not needs_review; only an item that"
                     " needs review is settled by hand (rerun the batch, or reconcile)"
                 )
-        taken = {e.capture_id: e.item_key for e in known.values() if e.capture_id}
+        taken = {(e.operation, e.capture_id): e.item_key for e in known.values() if e.capture_id}
         async with connection.client() as om:
             for key, capture_id in marks:
                 if capture_id is not None:
-                    if capture_id in taken:
-                        raise InputError(
-                            f"capture {capture_id} is already item {taken[capture_id]!r}'s"
-                        )
-                    await _check_capture(om, known[key], capture_id)
+                    entry = known[key]
+                    owner = taken.get((entry.operation, capture_id))
+                    if owner is not None:
+                        noun = _noun(entry.operation)
+                        raise InputError(f"{noun} {capture_id} is already item {owner!r}'s")
+                    await _check_created(om, entry, capture_id)
         for key, capture_id in marks:
             status = JournalStatus.CAPTURED if capture_id else JournalStatus.REFUSED
             await journal.finish(
@@ -182,21 +187,35 @@ async def _settle(path: str, marks: list[tuple[str, str | None]], connection: Co
         await journal.close()
 
 
-async def _check_capture(om: KlarnaOM, entry: JournalEntry, capture_id: str) -> None:
-    """Refuse a capture id that is not a capture of the item's order and amount."""
+def _noun(operation: Operation) -> str:
+    return "refund" if operation is Operation.REFUND else "capture"
+
+
+async def _check_created(om: KlarnaOM, entry: JournalEntry, created_id: str) -> None:
+    """Refuse an id that is not a capture (refund) of the item's order and amount."""
+    noun = _noun(entry.operation)
     try:
-        capture = await om.captures.get(entry.order_id, capture_id)
+        if entry.operation is Operation.REFUND:
+            refund = await om.refunds.get(entry.order_id, created_id)
+            amount, reference = refund.refunded_amount, refund.reference
+        elif entry.operation is Operation.CAPTURE:
+            capture = await om.captures.get(entry.order_id, created_id)
+            amount, reference = capture.captured_amount, capture.reference
+        else:
+            raise InputError(
+                f"item {entry.item_key!r} is a {entry.operation.value}, which creates no id;"
+                " use --not-captured, or rerun the batch"
+            )
     except NotFoundError:
-        raise InputError(f"order {entry.order_id} has no capture {capture_id!r}") from None
-    amount = entry.captured_amount
-    if amount is not None and capture.captured_amount != amount:
+        raise InputError(f"order {entry.order_id} has no {noun} {created_id!r}") from None
+    wanted = entry.captured_amount
+    if wanted is not None and amount != wanted:
         raise InputError(
-            f"capture {capture_id} is of {capture.captured_amount}, but item"
-            f" {entry.item_key!r} asked for {amount}"
+            f"{noun} {created_id} is of {amount}, but item {entry.item_key!r} asked for {wanted}"
         )
-    if entry.reference and capture.reference != entry.reference:
+    if entry.reference and reference != entry.reference:
         raise InputError(
-            f"capture {capture_id} has reference {capture.reference!r}, but item"
+            f"{noun} {created_id} has reference {reference!r}, but item"
             f" {entry.item_key!r} asked for {entry.reference!r}"
         )
 
@@ -217,6 +236,7 @@ def _show(result: Reconciliation, json_output: bool) -> None:
                 "type": "reconciliation",
                 "item_key": result.item_key,
                 "order_id": result.order_id,
+                "operation": result.operation.value,
                 "idempotency_key": result.idempotency_key,
                 "verdict": result.verdict.value if result.verdict else None,
                 "capture_id": result.capture_id,
@@ -224,8 +244,8 @@ def _show(result: Reconciliation, json_output: bool) -> None:
             }
         )
         return
-    capture = f" (capture {result.capture_id})" if result.capture_id else ""
-    click.echo(
-        f"{result.item_key} (order {result.order_id}): {_SAYS[result.verdict]}{capture}; "
-        f"{result.evidence}"
-    )
+    made = f" ({_noun(result.operation)} {result.capture_id})" if result.capture_id else ""
+    says = _SAYS[result.verdict]
+    if result.verdict is Verdict.CAPTURED:
+        says = result.operation.done
+    click.echo(f"{result.item_key} (order {result.order_id}): {says}{made}; {result.evidence}")

@@ -30,6 +30,7 @@ from ..batch import CaptureOutcome, CaptureStatus
 from ..errors import IdempotencyKeyReusedError, KlarnaError, ValidationError
 from ..journal import JournalStatus
 from ..models import Capture, Order, Refund
+from ..operations import Operation
 from ._batchfile import BadLineError
 from ._runner import Tally
 
@@ -39,6 +40,7 @@ __all__ = (
     "echo_json",
     "error_json",
     "outcome_json",
+    "result_text",
     "resume_note",
     "show_capture",
     "show_captures",
@@ -71,16 +73,29 @@ def outcome_json(outcome: CaptureOutcome) -> dict[str, object]:
         "type": "outcome",
         "order_id": outcome.order_id,
         "item_key": outcome.item_key,
+        "operation": outcome.operation.value,
+        # "captured" for every operation Klarna booked (scripts rely on it); "result" says
+        # it in the operation's words: "refunded", "released", ...
         "status": outcome.status.value,
+        "result": result_text(outcome),
         "capture_id": outcome.capture_id,
         "idempotency_key": outcome.idempotency_key or None,
         "attempts": outcome.attempts,
         "error": None if error is None else _problem_text(error),
     }
+    if outcome.operation is Operation.REFUND:
+        result["refund_id"] = outcome.refund_id
     line = error.line if isinstance(error, BadLineError) else outcome.line
     if line is not None:
         result["line"] = line
     return result
+
+
+def result_text(outcome: CaptureOutcome) -> str:
+    """The outcome's status in its operation's words: "refunded" for a booked refund."""
+    if outcome.status is CaptureStatus.CAPTURED:
+        return outcome.operation.done
+    return outcome.status.value
 
 
 _PYTHON_HINT = re.compile(r" The outcome is unknown\b.*\Z", re.DOTALL)
@@ -268,15 +283,25 @@ def _lines(n: int) -> str:
     return f"{n:,} line" if n == 1 else f"{n:,} lines"
 
 
-def resume_note(journal: str, counts: Mapping[JournalStatus, int]) -> str | None:
-    """What a rerun will do with what ``journal`` already holds; None for a new journal."""
+def resume_note(
+    journal: str,
+    counts: Mapping[JournalStatus, int],
+    done: Mapping[Operation, int] | None = None,
+) -> str | None:
+    """What a rerun will do with what ``journal`` already holds; None for a new journal.
+
+    ``done``: the booked items per operation; only captures (or not given) reads "captured".
+    """
     if not any(counts.values()):
         return None
     resend = counts.get(JournalStatus.IN_FLIGHT, 0) + counts.get(JournalStatus.FAILED, 0)
-    parts = [
-        f"{_lines(counts.get(JournalStatus.CAPTURED, 0))} already captured (skipped)",
-        f"{resend:,} to resend with their keys",
-    ]
+    booked = _lines(counts.get(JournalStatus.CAPTURED, 0))
+    if done and set(done) != {Operation.CAPTURE}:
+        split = ", ".join(f"{n:,} {operation.done}" for operation, n in done.items() if n)
+        already = f"{booked} already done ({split}; skipped)"
+    else:
+        already = f"{booked} already captured (skipped)"
+    parts = [already, f"{resend:,} to resend with their keys"]
     if refused := counts.get(JournalStatus.REFUSED, 0):
         parts.append(f"{refused:,} refused before, to try again with new keys")
     if review := counts.get(JournalStatus.NEEDS_REVIEW, 0):
@@ -413,7 +438,16 @@ class BatchView:
         table.add_column("")
         table.add_column("items", justify="right")
         for status, count in tally.counts.items():
-            table.add_row(f"[{_STATUS_STYLE[status]}]{status.value}[/]", str(count))
+            style = _STATUS_STYLE[status]
+            if status is CaptureStatus.CAPTURED and tally.operations - {Operation.CAPTURE}:
+                # Not only captures: what was done, in each operation's words.
+                for operation in Operation:
+                    if operation in tally.done:
+                        table.add_row(f"[{style}]{operation.done}[/]", str(tally.done[operation]))
+                if not tally.done:
+                    table.add_row(f"[{style}]done[/]", "0")
+                continue
+            table.add_row(f"[{style}]{status.value}[/]", str(count))
         table.add_row("total", str(tally.items), end_section=True)
         table.add_row("HTTP attempts", str(tally.attempts))
         table.add_row("retries", str(tally.retries))
@@ -426,7 +460,8 @@ class BatchView:
         not_done = sum(self.tally.counts[status] for status in _NOT_DONE)
         shown = len(self._problems)
         more = f" (first {shown} of {not_done}; --json lists all)" if not_done > shown else ""
-        self._console.print(f"Not captured{more}:", markup=False, soft_wrap=True)
+        title = "Not captured" if self.tally.operations <= {Operation.CAPTURE} else "Not done"
+        self._console.print(f"{title}{more}:", markup=False, soft_wrap=True)
         for outcome in self._problems:
             # Plain wrapped lines, not a table: the whole error (its correlation id and any
             # idempotency key to retry with) must survive a narrow terminal.
@@ -435,6 +470,8 @@ class BatchView:
                 line.append(f"line {outcome.line}: ")
             line.append(outcome.order_id or "(no order id)", style="bold")
             line.append(" ")
+            if outcome.operation is not Operation.CAPTURE:
+                line.append(f"{outcome.operation.value} ")
             line.append(outcome.status.value, style=_STATUS_STYLE[outcome.status])
             line.append(f": {_problem_text(outcome.error)}")
             self._console.print(line, soft_wrap=True)

@@ -1,4 +1,4 @@
-"""Run a batch file's rows through ``capture_many`` and count what happened to them."""
+"""Run a batch file's rows through ``run_many`` and count what happened to them."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import attrs
 from ..batch import BatchAbortedError, BatchItem, CaptureOutcome, CaptureStatus
 from ..client import KlarnaOM
 from ..journal import Journal
+from ..operations import Operation
 from ._batchfile import BadLine, Row
 
 __all__ = ("Tally", "bad_line_outcome", "run_batch")
@@ -21,6 +22,10 @@ class Tally:
     """Running totals of a batch run: outcomes per status, HTTP attempts, elapsed time."""
 
     counts: dict[CaptureStatus, int] = attrs.field(factory=lambda: dict.fromkeys(CaptureStatus, 0))
+    #: Items Klarna booked (status ``captured``), by operation, in the order first seen.
+    done: dict[Operation, int] = attrs.field(factory=dict)
+    #: Every operation an outcome had (a bad line counts as a capture).
+    operations: set[Operation] = attrs.field(factory=set)
     #: HTTP attempts made in this run, over all items.
     attempts: int = 0
     #: Items that made at least one attempt.
@@ -39,6 +44,9 @@ class Tally:
     def add(self, outcome: CaptureOutcome) -> None:
         """Count one outcome."""
         self.counts[outcome.status] += 1
+        self.operations.add(outcome.operation)
+        if outcome.status is CaptureStatus.CAPTURED:
+            self.done[outcome.operation] = self.done.get(outcome.operation, 0) + 1
         self.attempts += outcome.attempts
         self.sent += outcome.attempts > 0
 
@@ -65,14 +73,15 @@ class Tally:
 
     @property
     def all_done(self) -> bool:
-        """True when every item was captured or skipped (exit code 0)."""
+        """True when every item was done (captured, refunded, ...) or skipped (exit code 0)."""
         done = self.counts[CaptureStatus.CAPTURED] + self.counts[CaptureStatus.SKIPPED]
         return done == self.items
 
-    def as_dict(self) -> dict[str, int | float]:
+    def as_dict(self) -> dict[str, object]:
         """The totals as plain JSON values."""
         return {
             **{status.value: count for status, count in self.counts.items()},
+            "done": {operation.value: count for operation, count in self.done.items()},
             "items": self.items,
             "attempts": self.attempts,
             "retries": self.retries,
@@ -102,9 +111,9 @@ async def run_batch(
     rate_limit: float | None = None,
     journal: Journal | None = None,
 ) -> None:
-    """Capture every good row, report every outcome (bad lines as refused), in end order.
+    """Run every good row, report every outcome (bad lines as refused), in end order.
 
-    ``rows`` is consumed lazily by ``capture_many``'s workers; bad lines never reach it, so
+    ``rows`` is consumed lazily by ``run_many``'s workers; bad lines never reach it, so
     nothing is sent for them, and their outcomes are reported as the reading passes them.
     """
     bad: collections.deque[BadLine] = collections.deque()
@@ -120,7 +129,7 @@ async def run_batch(
         while bad:
             report(bad_line_outcome(bad.popleft()))
 
-    outcomes = om.capture_many(
+    outcomes = om.run_many(
         good_rows(), concurrency=concurrency, rate_limit=rate_limit, journal=journal
     )
     try:

@@ -1,0 +1,895 @@
+"""One batch engine for every money-moving operation: refunds, releases, extensions and
+cancellations run, journal and reconcile with the exactly-once rules of captures.
+
+Every test counts what FakeKlarna actually booked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import sysconfig
+import threading
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+import pytest
+from click.testing import CliRunner, Result
+
+from klarna_om_async import (
+    BatchItem,
+    CaptureOutcome,
+    CaptureRequest,
+    CaptureStatus,
+    ItemConflictError,
+    JournalStatus,
+    KlarnaOM,
+    NeedsReviewError,
+    OrderLine,
+    RefundRequest,
+    SQLiteJournal,
+)
+from klarna_om_async._convert import to_json
+from klarna_om_async.batch import BatchOutcome, request_fingerprint, run_many
+from klarna_om_async.cli import main
+from klarna_om_async.cli._batchfile import BadLine, BatchFileError, Row, detect_format, open_batch
+from klarna_om_async.journal import ItemRecord, MemoryJournal
+from klarna_om_async.operations import (
+    CancelOrder,
+    ExtendAuthorizationTime,
+    Operation,
+    OperationRequest,
+    ReleaseRemainingAuthorization,
+    Services,
+    operation_of,
+)
+from klarna_om_async.reconcile import Verdict
+from klarna_om_async.testing import Delay, DropAfterProcessing, DropConnection, FakeKlarna
+
+T = TypeVar("T")
+#: How FakeKlarna's ``order.operations`` names a release and a cancel.
+WORDS = {Operation.RELEASE: "releaseRemainingAuthorization", Operation.CANCEL: "cancelOrder"}
+DAY = 24 * 3600.0
+ORDERS = "/ordermanagement/v1/orders"
+
+
+async def run(
+    om: KlarnaOM,
+    items: Iterable[BatchItem | tuple[str, OperationRequest]],
+    journal: SQLiteJournal | MemoryJournal,
+) -> list[CaptureOutcome]:
+    return [o async for o in om.run_many(items, journal=journal, concurrency=4)]
+
+
+def refunds_booked(fake: FakeKlarna) -> Counter[str]:
+    return Counter(r.order_id for r in fake.booked_refunds)
+
+
+def posts(fake: FakeKlarna, suffix: str = "") -> int:
+    return sum(r.method == "POST" and r.path.endswith(suffix) for r in fake.requests)
+
+
+async def captured_order(om: KlarnaOM, fake: FakeKlarna, captured: int = 6000) -> str:
+    order_id = fake.add_order(amount=10_000)
+    await om.captures.create(order_id, CaptureRequest(captured_amount=captured))
+    return order_id
+
+
+@pytest.fixture
+async def journal(tmp_path: Path, fake: FakeKlarna) -> AsyncIterator[SQLiteJournal]:
+    """A journal on disk that shares the fake's (driven) clock."""
+    async with SQLiteJournal(tmp_path / "j.sqlite", clock=fake.now) as opened:
+        yield opened
+
+
+# --- the items ------------------------------------------------------------------------------
+
+
+def test_an_items_operation_follows_from_its_request_and_names_its_default_key() -> None:
+    capture = BatchItem(order_id="o", request=CaptureRequest(captured_amount=1, reference="r"))
+    refund = BatchItem(order_id="o", request=RefundRequest(refunded_amount=1, reference=" r "))
+    release = BatchItem(order_id=" o ", request=ReleaseRemainingAuthorization())
+    cases = [
+        (capture, Operation.CAPTURE, "o:r"),  # as it always was: old journals keep matching
+        (BatchItem(order_id="o", request=CaptureRequest(captured_amount=1)), "capture", "o"),
+        (refund, Operation.REFUND, "refund:o:r"),
+        (BatchItem(order_id="o", request=RefundRequest(refunded_amount=1)), "refund", "refund:o"),
+        (release, Operation.RELEASE, "release:o"),
+        (BatchItem(order_id="o", request=ExtendAuthorizationTime()), "extend", "extend:o"),
+        (BatchItem(order_id="o", request=CancelOrder()), "cancel", "cancel:o"),
+    ]
+    for item, operation, key in cases:
+        assert (item.operation, item.item_key) == (operation, key)
+    with pytest.raises(TypeError, match="must be one of CaptureRequest, RefundRequest"):
+        operation_of("capture")
+
+
+def test_a_captures_fingerprint_is_byte_identical_to_the_one_journals_hold() -> None:
+    lines = (OrderLine(name="a", quantity=1, unit_price=100, total_amount=100),)
+    request = CaptureRequest(captured_amount=100, reference="r", order_lines=lines)
+    before = orjson.dumps(["o", 100, "r"]) + to_json(lines)
+    assert request_fingerprint("o", request) == hashlib.blake2b(before, digest_size=16).hexdigest()
+    # The other operations name themselves: a refund is never "the same item" as a capture.
+    refund = RefundRequest(refunded_amount=100, reference="r", order_lines=lines)
+    prints = {
+        request_fingerprint("o", r)
+        for r in (request, refund, ReleaseRemainingAuthorization(), CancelOrder())
+    }
+    assert len(prints) == 4
+
+
+async def test_capture_many_refuses_other_operations_and_sends_nothing(
+    om: KlarnaOM, fake: FakeKlarna
+) -> None:
+    order_id = await captured_order(om, fake)
+    before = len(fake.requests)
+    items: list[tuple[str, OperationRequest]] = [
+        (order_id, RefundRequest(refunded_amount=100)),
+        (order_id, CancelOrder()),
+    ]
+    outcomes = [o async for o in om.capture_many(items)]
+    assert {o.status for o in outcomes} == {CaptureStatus.REFUSED}
+    assert all("om.run_many" in str(o.error) for o in outcomes)
+    assert len(fake.requests) == before
+
+
+# --- refunds: lost answers, reruns -------------------------------------------------------
+
+
+async def test_a_refund_batch_with_lost_answers_books_each_refund_once(
+    om: KlarnaOM, fake: FakeKlarna, journal: SQLiteJournal
+) -> None:
+    orders = [await captured_order(om, fake) for _ in range(6)]
+    items = [
+        BatchItem(order_id=o, request=RefundRequest(refunded_amount=2500, reference=f"RMA-{i}"))
+        for i, o in enumerate(orders)
+    ]
+    # Run 1: the first three refunds are answered; the others are booked, answers lost.
+    for order in orders[3:]:
+        fake.inject(DropAfterProcessing(), method="POST", path=f"/{order}/refunds", times=None)
+    first = {o.order_id: o for o in await run(om, items, journal)}
+    assert [first[o].status for o in orders] == [CaptureStatus.CAPTURED] * 3 + [
+        CaptureStatus.FAILED
+    ] * 3
+    assert all(first[o].operation is Operation.REFUND for o in orders)
+    assert all(first[o].refund_id and first[o].capture_id is None for o in orders[:3])
+    assert refunds_booked(fake) == dict.fromkeys(orders, 1)
+    fake.clear_faults()
+
+    # Run 2: the answered ones are skipped, the unknown ones resent with their own keys.
+    posts_before = posts(fake, "/refunds")
+    second = {o.order_id: o for o in await run(om, items, journal)}
+    assert [second[o].status for o in orders] == [CaptureStatus.SKIPPED] * 3 + [
+        CaptureStatus.CAPTURED
+    ] * 3
+    assert posts(fake, "/refunds") == posts_before + 3
+    assert all(second[o].idempotency_key == first[o].idempotency_key for o in orders)
+    refund_ids = {r.order_id: r.refund_id for r in fake.booked_refunds}
+    assert {o: second[o].refund_id for o in orders} == refund_ids
+    assert refunds_booked(fake) == dict.fromkeys(orders, 1)
+    assert all(fake.order(o).refunded_amount == 2500 for o in orders)
+    entries = await journal.entries()
+    assert {(e.operation, e.status) for e in entries} == {
+        (Operation.REFUND, JournalStatus.CAPTURED)
+    }
+    assert {e.captured_amount for e in entries} == {2500}  # the refunded amount
+    assert {e.item_key for e in entries} == {f"refund:{o}:RMA-{i}" for i, o in enumerate(orders)}
+
+
+# --- a mixed batch ------------------------------------------------------------------------
+
+
+async def test_a_mixed_batch_runs_every_operation_once_in_order_per_order(
+    om: KlarnaOM, fake: FakeKlarna, journal: SQLiteJournal
+) -> None:
+    a, b, c = (fake.add_order(amount=10_000) for _ in range(3))
+    items: list[tuple[str, OperationRequest]] = [
+        (a, CaptureRequest(captured_amount=4000, reference="part-1")),
+        (a, RefundRequest(refunded_amount=1500, reference="RMA-1")),
+        (a, ReleaseRemainingAuthorization()),  # after the capture: one order's items in turn
+        (b, CancelOrder()),
+        (c, ExtendAuthorizationTime()),
+    ]
+    expires_before = fake.order(c).expires_at
+    fake.advance_clock(3 * DAY)
+    outcomes = await run(om, items, journal)
+
+    by_key = {o.item_key: o for o in outcomes}
+    assert {k: (o.operation.value, o.status) for k, o in by_key.items()} == {
+        f"{a}:part-1": ("capture", CaptureStatus.CAPTURED),
+        f"refund:{a}:RMA-1": ("refund", CaptureStatus.CAPTURED),
+        f"release:{a}": ("release", CaptureStatus.CAPTURED),
+        f"cancel:{b}": ("cancel", CaptureStatus.CAPTURED),
+        f"extend:{c}": ("extend", CaptureStatus.CAPTURED),
+    }
+    assert by_key[f"{a}:part-1"].created_id == fake.captures(a)[0].capture_id
+    assert by_key[f"refund:{a}:RMA-1"].created_id == fake.refunds(a)[0].refund_id
+    order_a = fake.order(a)
+    assert (order_a.captured_amount, order_a.refunded_amount) == (4000, 1500)
+    assert order_a.remaining_authorized_amount == 0
+    assert fake.order(b).status == "CANCELLED"
+    assert fake.order(c).expires_at > expires_before
+
+    # A rerun skips all five and sends nothing.
+    before = posts(fake)
+    again = await run(om, items, journal)
+    assert {o.status for o in again} == {CaptureStatus.SKIPPED}
+    assert posts(fake) == before
+    entries = {e.item_key: e for e in await journal.entries()}
+    assert entries[f"refund:{a}:RMA-1"].capture_id == fake.refunds(a)[0].refund_id
+    assert entries[f"release:{a}"].captured_amount is None
+
+
+async def test_an_edited_operation_under_the_same_item_key_is_refused_and_never_sent(
+    om: KlarnaOM, fake: FakeKlarna, journal: SQLiteJournal
+) -> None:
+    order_id = await captured_order(om, fake)
+    fake.inject(DropAfterProcessing(), method="POST", times=None)
+    item = BatchItem(order_id=order_id, request=RefundRequest(refunded_amount=500), item_key="K")
+    [first] = await run(om, [item], journal)
+    assert first.status is CaptureStatus.FAILED
+    fake.clear_faults()
+    before = len(fake.requests)
+
+    edited = BatchItem(order_id=order_id, request=ReleaseRemainingAuthorization(), item_key="K")
+    [second] = await run(om, [edited], journal)
+
+    assert second.status is CaptureStatus.REFUSED
+    assert isinstance(second.error, ItemConflictError)
+    assert "it is a release now, a refund in the journal" in str(second.error)
+    assert len(fake.requests) == before
+    assert refunds_booked(fake) == {order_id: 1}
+
+
+async def test_an_edited_refund_amount_is_refused_naming_both_amounts(
+    om: KlarnaOM, fake: FakeKlarna, journal: SQLiteJournal
+) -> None:
+    order_id = await captured_order(om, fake)
+    fake.inject(DropAfterProcessing(), method="POST", times=None)
+    [first] = await run(om, [(order_id, RefundRequest(refunded_amount=500))], journal)
+    fake.clear_faults()
+    [second] = await run(om, [(order_id, RefundRequest(refunded_amount=900))], journal)
+    assert second.status is CaptureStatus.REFUSED
+    assert "refunded_amount is 900 now, 500 in the journal" in str(second.error)
+    assert second.idempotency_key == first.idempotency_key
+    assert refunds_booked(fake) == {order_id: 1}
+
+
+async def test_a_refund_of_an_order_captured_in_the_same_journal_is_its_own_item(
+    om: KlarnaOM, fake: FakeKlarna, journal: SQLiteJournal
+) -> None:
+    order_id = fake.add_order(amount=10_000)
+    [captured] = await run(om, [(order_id, CaptureRequest(captured_amount=5000))], journal)
+    [refunded] = await run(om, [(order_id, RefundRequest(refunded_amount=5000))], journal)
+    assert (captured.status, refunded.status) == (CaptureStatus.CAPTURED, CaptureStatus.CAPTURED)
+    assert fake.order(order_id).refunded_amount == 5000
+
+
+async def test_duplicate_refund_items_in_one_batch_are_refused(
+    om: KlarnaOM, fake: FakeKlarna, journal: SQLiteJournal
+) -> None:
+    order_id = await captured_order(om, fake)
+    request = RefundRequest(refunded_amount=100, reference="RMA")
+    outcomes = await run(om, [(order_id, request), (order_id, request)], journal)
+    assert sorted(o.status for o in outcomes) == [CaptureStatus.CAPTURED, CaptureStatus.REFUSED]
+    assert refunds_booked(fake) == {order_id: 1}
+
+
+# --- release and cancel after a lost answer ----------------------------------------------
+
+
+@pytest.mark.parametrize("request_", [ReleaseRemainingAuthorization(), CancelOrder()])
+async def test_a_release_or_cancel_whose_answer_was_lost_is_done_on_the_rerun(
+    om: KlarnaOM, fake: FakeKlarna, journal: SQLiteJournal, request_: OperationRequest
+) -> None:
+    order_id = fake.add_order(amount=10_000)
+    if isinstance(request_, ReleaseRemainingAuthorization):
+        await om.captures.create(order_id, CaptureRequest(captured_amount=4000))
+    fake.inject(DropAfterProcessing(), method="POST", times=None)
+    [first] = await run(om, [(order_id, request_)], journal)
+    assert first.status is CaptureStatus.FAILED
+    fake.clear_faults()
+
+    [second] = await run(om, [(order_id, request_)], journal)  # same key: Klarna's 204 again
+
+    assert second.status is CaptureStatus.CAPTURED
+    assert second.idempotency_key == first.idempotency_key
+    order = fake.order(order_id)
+    assert order.remaining_authorized_amount == 0
+    word = (
+        "releaseRemainingAuthorization" if first.operation is Operation.RELEASE else "cancelOrder"
+    )
+    assert order.operations.count(word) == 1
+
+
+@pytest.mark.parametrize("request_", [ReleaseRemainingAuthorization(), CancelOrder()])
+async def test_a_refused_resend_of_a_release_or_cancel_that_landed_is_reported_done(
+    om: KlarnaOM, fake: FakeKlarna, tmp_path: Path, request_: OperationRequest
+) -> None:
+    # Klarna forgot the key while the journal (a long key_max_age) still trusts it: the
+    # resend is refused (already released / cancelled), but it moved no money, and the
+    # order's state proves the first send landed.
+    order_id = fake.add_order(amount=10_000)
+    if isinstance(request_, ReleaseRemainingAuthorization):
+        await om.captures.create(order_id, CaptureRequest(captured_amount=4000))
+    path = tmp_path / "long.sqlite"
+    async with SQLiteJournal(path, clock=fake.now, key_max_age=timedelta(hours=48)) as journal:
+        fake.inject(DropAfterProcessing(), method="POST", times=None)
+        [first] = await run(om, [(order_id, request_)], journal)
+        fake.clear_faults()
+        fake.advance_clock(DAY + 3600)
+        [second] = await run(om, [(order_id, request_)], journal)
+        [entry] = await journal.entries()
+    assert first.status is CaptureStatus.FAILED
+    assert second.status is CaptureStatus.CAPTURED
+    assert second.error is None
+    assert entry.status is JournalStatus.CAPTURED
+
+
+async def test_a_release_never_sent_for_an_order_with_nothing_left_is_refused(
+    om: KlarnaOM, fake: FakeKlarna, journal: SQLiteJournal
+) -> None:
+    # Only a journal that knows an earlier send may have landed turns a refusal into done.
+    order_id = fake.add_order(amount=4000)
+    await om.captures.create(order_id, CaptureRequest(captured_amount=4000))
+    [outcome] = await run(om, [(order_id, ReleaseRemainingAuthorization())], journal)
+    assert outcome.status is CaptureStatus.REFUSED
+
+
+# --- reconciliation of expired keys --------------------------------------------------------
+
+
+async def test_an_expired_refund_key_is_reconciled_found_not_found_or_ambiguous(
+    om: KlarnaOM, fake: FakeKlarna, journal: SQLiteJournal
+) -> None:
+    found, lost, twice = [await captured_order(om, fake) for _ in range(3)]
+    items = [
+        (found, RefundRequest(refunded_amount=1000, reference="RMA-1")),
+        (lost, RefundRequest(refunded_amount=1000, reference="RMA-2")),
+        (twice, RefundRequest(refunded_amount=1000)),  # no reference: ambiguous below
+    ]
+    fake.inject(DropAfterProcessing(), method="POST", path=f"/{found}/", times=None)
+    fake.inject(DropConnection(), method="POST", path=f"/{lost}/", times=None)
+    fake.inject(DropAfterProcessing(), method="POST", path=f"/{twice}/", times=None)
+    first = {o.order_id: o for o in await run(om, items, journal)}
+    assert {o.status for o in first.values()} == {CaptureStatus.FAILED}
+    fake.clear_faults()
+    # Someone else refunds the same amount on `twice` (by hand, in the portal).
+    await om.refunds.create(twice, RefundRequest(refunded_amount=1000))
+    fake.advance_clock(DAY + 3600)  # Klarna has forgotten the keys
+
+    posts_before = posts(fake, "/refunds")
+    second = {o.order_id: o for o in await run(om, items, journal)}
+
+    assert second[found].status is CaptureStatus.CAPTURED
+    assert second[found].refund_id == fake.refunds(found)[0].refund_id
+    assert second[lost].status is CaptureStatus.CAPTURED
+    assert second[lost].idempotency_key != first[lost].idempotency_key  # a new key
+    assert second[twice].status is CaptureStatus.NEEDS_REVIEW
+    assert isinstance(second[twice].error, NeedsReviewError)
+    assert "2 refund(s)" in str(second[twice].error)
+    assert posts(fake, "/refunds") == posts_before + 1  # only `lost` was sent
+    assert refunds_booked(fake) == {found: 1, lost: 1, twice: 2}
+
+
+@pytest.mark.parametrize("landed", [True, False])
+@pytest.mark.parametrize("request_", [ReleaseRemainingAuthorization(), CancelOrder()])
+async def test_an_expired_release_or_cancel_is_reconciled_by_the_orders_state(
+    om: KlarnaOM,
+    fake: FakeKlarna,
+    journal: SQLiteJournal,
+    request_: OperationRequest,
+    landed: bool,
+) -> None:
+    order_id = fake.add_order(amount=10_000)
+    if isinstance(request_, ReleaseRemainingAuthorization):
+        await om.captures.create(order_id, CaptureRequest(captured_amount=4000))
+    fault = DropAfterProcessing() if landed else DropConnection()
+    fake.inject(fault, method="POST", path=f"/{order_id}/", times=None)
+    [first] = await run(om, [(order_id, request_)], journal)
+    assert first.status is CaptureStatus.FAILED
+    fake.clear_faults()
+    fake.advance_clock(DAY + 3600)
+
+    results = await om.reconcile(journal)
+    assert [r.verdict for r in results] == [Verdict.CAPTURED if landed else Verdict.NOT_CAPTURED]
+    [second] = await run(om, [(order_id, request_)], journal)
+
+    assert second.status is (CaptureStatus.SKIPPED if landed else CaptureStatus.CAPTURED)
+    assert fake.order(order_id).remaining_authorized_amount == 0
+    word = (
+        "releaseRemainingAuthorization" if first.operation is Operation.RELEASE else "cancelOrder"
+    )
+    assert fake.order(order_id).operations.count(word) == 1
+
+
+async def test_an_expired_extend_is_sent_again_with_a_new_key(
+    om: KlarnaOM, fake: FakeKlarna, journal: SQLiteJournal
+) -> None:
+    order_id = fake.add_order(amount=10_000)
+    fake.inject(DropAfterProcessing(), method="POST", times=None)
+    [first] = await run(om, [(order_id, ExtendAuthorizationTime())], journal)
+    fake.clear_faults()
+    fake.advance_clock(DAY + 3600)
+    [second] = await run(om, [(order_id, ExtendAuthorizationTime())], journal)
+    assert (first.status, second.status) == (CaptureStatus.FAILED, CaptureStatus.CAPTURED)
+    assert second.idempotency_key != first.idempotency_key
+
+
+# --- the journal file ------------------------------------------------------------------------
+
+_V2_SCHEMA = """
+CREATE TABLE journal (
+    item_key TEXT PRIMARY KEY, order_id TEXT NOT NULL, idempotency_key TEXT NOT NULL,
+    status TEXT NOT NULL, capture_id TEXT, error TEXT, attempts INTEGER NOT NULL,
+    updated_at TEXT NOT NULL, fingerprint TEXT, captured_amount INTEGER, reference TEXT,
+    key_sent_at TEXT, uncertain INTEGER NOT NULL DEFAULT 0, run_id TEXT
+) WITHOUT ROWID;
+CREATE TABLE keys (idempotency_key TEXT PRIMARY KEY, item_key TEXT NOT NULL) WITHOUT ROWID;
+CREATE INDEX journal_by_order ON journal (order_id);
+PRAGMA application_id = 1263488330;
+PRAGMA user_version = 2;
+"""
+
+
+async def test_a_version_2_journal_opens_migrates_and_its_captures_keep_matching(
+    om: KlarnaOM, fake: FakeKlarna, tmp_path: Path
+) -> None:
+    order_id = fake.add_order(amount=10_000)
+    created = await om.captures.create(order_id, CaptureRequest(captured_amount=4000))
+    request = CaptureRequest(captured_amount=4000, reference="box")
+    path = tmp_path / "v2.sqlite"
+    with sqlite3.connect(path) as conn:
+        conn.executescript(_V2_SCHEMA)
+        now = fake.now().isoformat()
+        row: tuple[object, ...] = (f"{order_id}:box", order_id, "K1", "captured")
+        row += (created.capture_id, None, 1, now, request_fingerprint(order_id, request))
+        row += (4000, "box", now, 0, "run")
+        conn.execute(f"INSERT INTO journal VALUES ({', '.join('?' * 14)})", row)
+        conn.execute("INSERT INTO keys VALUES ('K1', ?)", (f"{order_id}:box",))
+    conn.close()
+
+    async with SQLiteJournal(path, clock=fake.now) as journal:
+        [entry] = await journal.entries()
+        assert (entry.operation, entry.capture_id) == (Operation.CAPTURE, created.capture_id)
+        before = len(fake.requests)
+        [same] = await run(om, [(order_id, request)], journal)
+        [refund] = await run(om, [(order_id, RefundRequest(refunded_amount=100))], journal)
+        assert await journal.done_by_operation() == {Operation.CAPTURE: 1, Operation.REFUND: 1}
+    assert (same.status, same.capture_id) == (CaptureStatus.SKIPPED, created.capture_id)
+    assert len(fake.requests) == before + 1  # the refund only
+    assert refund.status is CaptureStatus.CAPTURED
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (3,)
+        columns = [r[1] for r in conn.execute("PRAGMA table_info(journal)")]
+    conn.close()
+    assert columns[-1] == "operation"
+
+
+async def test_the_memory_journal_records_operations_as_the_sqlite_one_does() -> None:
+    journal = MemoryJournal()
+    record = ItemRecord(
+        item_key="refund:o",
+        order_id="o",
+        captured_amount=100,
+        fingerprint="f",
+        operation=Operation.REFUND,
+    )
+    claim = await journal.claim(record, "K")
+    assert claim.entry.operation is Operation.REFUND
+    await journal.finish("refund:o", JournalStatus.CAPTURED, capture_id="r1")
+    assert await journal.done_by_operation() == {Operation.REFUND: 1}
+    changed = await journal.claim(
+        ItemRecord(item_key="refund:o", order_id="o", captured_amount=None, fingerprint="g"), "K2"
+    )
+    assert changed.reason is not None
+    assert "it is a capture now, a refund in the journal" in changed.reason
+    assert "already refunded (refund r1)" in changed.reason
+
+
+def test_batch_outcome_is_the_capture_outcome_and_each_operation_has_its_word() -> None:
+    assert BatchOutcome is CaptureOutcome
+    assert [op.done for op in Operation] == [
+        "captured",
+        "refunded",
+        "released",
+        "extended",
+        "cancelled",
+    ]
+
+
+# --- batch files: the operation column / field ------------------------------------------------
+
+
+def read_rows(tmp_path: Path, name: str, text: str) -> list[Row]:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    with open_batch(str(path), detect_format(str(path))) as rows:
+        return list(rows)
+
+
+def test_a_csv_operation_column_defaults_to_capture_and_names_each_lines_operation(
+    tmp_path: Path,
+) -> None:
+    text = (
+        "order_id,operation,captured_amount,refunded_amount,reference\n"
+        "o1,,100,,INV-1\n"
+        "o1,refund,,40,RMA-1\n"
+        "o1,Release,,,\n"
+        "o2,extend,,,\n"
+        "o3,cancel,,,\n"
+    )
+    rows = read_rows(tmp_path, "a.csv", text)
+    assert rows == [
+        BatchItem(order_id="o1", request=CaptureRequest(captured_amount=100, reference="INV-1")),
+        BatchItem(order_id="o1", request=RefundRequest(refunded_amount=40, reference="RMA-1")),
+        BatchItem(order_id="o1", request=ReleaseRemainingAuthorization()),
+        BatchItem(order_id="o2", request=ExtendAuthorizationTime()),
+        BatchItem(order_id="o3", request=CancelOrder()),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ("o1,refund,,", "line 2: refunded_amount: is required"),
+        ("o1,refund,5,5", "line 2: captured_amount: a refund takes no amount; leave it empty"),
+        ("o1,capture,5,5", "line 2: refunded_amount: a capture takes no amount"),
+        ("o1,release,5,", "line 2: captured_amount: a release takes no amount; leave it empty"),
+        ("o1,cancel,,7", "line 2: refunded_amount: a cancel takes no amount"),
+        ("o1,extend,,,R", "line 2: reference: an extend takes no reference"),
+        ("o1,refund,,x", "line 2: refunded_amount: must be a whole number of minor units"),
+        ("o1,void,,", "line 2: operation: unknown operation 'void'; expected one of capture,"),
+    ],
+)
+def test_a_csv_line_with_a_wrong_operation_or_amount_is_one_bad_line(
+    tmp_path: Path, row: str, message: str
+) -> None:
+    header = "order_id,operation,captured_amount,refunded_amount,reference\n"
+    [bad, good] = read_rows(tmp_path, "a.csv", f"{header}{row}\no2,refund,,1\n")
+    assert isinstance(bad, BadLine)
+    assert str(bad.error).startswith(message), str(bad.error)
+    assert bad.order_id == "o1"
+    assert isinstance(good, BatchItem)
+
+
+def test_a_csv_without_an_operation_column_still_requires_captured_amount(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(BatchFileError, match="missing required column"):
+        read_rows(tmp_path, "a.csv", "order_id,refunded_amount\no1,5\n")
+    [row] = read_rows(tmp_path, "b.csv", "order_id,operation\no1,release\n")
+    assert row == BatchItem(order_id="o1", request=ReleaseRemainingAuthorization())
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ('{"order_id": "o", "captured_amount": 5}', CaptureRequest(captured_amount=5)),
+        (
+            '{"order_id": "o", "operation": "refund", "refunded_amount": 5, "reference": "R"}',
+            RefundRequest(refunded_amount=5, reference="R"),
+        ),
+        ('{"order_id": "o", "operation": "cancel"}', CancelOrder()),
+        ('{"order_id": "o", "operation": "release", "idempotency_key": "k"}', None),
+    ],
+)
+def test_a_jsonl_operation_field_reads_klarnas_shape_of_that_operation(
+    tmp_path: Path, line: str, expected: OperationRequest | None
+) -> None:
+    [row] = read_rows(tmp_path, "a.jsonl", line + "\n")
+    assert isinstance(row, BatchItem)
+    if expected is None:
+        assert (row.request, row.idempotency_key) == (ReleaseRemainingAuthorization(), "k")
+    else:
+        assert row.request == expected
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"order_id": "o", "operation": "void"}', "line 1: operation: unknown operation 'void'"),
+        ('{"order_id": "o", "operation": 3}', "line 1: operation: must be a string"),
+        (
+            '{"order_id": "o", "operation": "release", "captured_amount": 5}',
+            "line 1: captured_amount: a release takes no amount",
+        ),
+        (
+            '{"order_id": "o", "operation": "refund", "captured_amount": 5}',
+            "line 1: captured_amount: unknown field; expected one of",
+        ),
+        (
+            '{"order_id": "o", "operation": "refund", "refunded_amount": 5, "shipping_info": []}',
+            "line 1: shipping_info: unknown field",
+        ),
+        ('{"order_id": "o", "operation": "refund"}', "line 1: refunded_amount: is required"),
+    ],
+)
+def test_a_jsonl_line_with_a_wrong_operation_is_one_bad_line(
+    tmp_path: Path, line: str, message: str
+) -> None:
+    [row] = read_rows(tmp_path, "a.jsonl", line + "\n")
+    assert isinstance(row, BadLine)
+    assert str(row.error).startswith(message), str(row.error)
+
+
+# --- the command --------------------------------------------------------------------------
+
+USERNAME = "merchant-ops"
+PASSWORD = "pw-ops-S3cret-do-not-print"
+
+
+class ServedFake:
+    """A FakeKlarna serving from its own event loop in a background thread."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="fake-klarna")
+        self._thread.start()
+        self.fake = self.run(self._start())
+
+    @staticmethod
+    async def _start() -> FakeKlarna:
+        fake = FakeKlarna(username=USERNAME, password=PASSWORD, seed=5)
+        await fake.start()
+        return fake
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=30)
+
+    def do(self, fn: Callable[[], T]) -> T:
+        async def call() -> T:
+            return fn()
+
+        return self.run(call())
+
+    def captured_order(self, captured: int = 6000) -> str:
+        """An order of 10000 with ``captured`` captured."""
+
+        async def make() -> str:
+            order_id = self.fake.add_order(amount=10_000)
+            async with KlarnaOM(USERNAME, PASSWORD, base_url=self.fake.base_url) as om:
+                await om.captures.create(order_id, CaptureRequest(captured_amount=captured))
+            return order_id
+
+        return self.run(make())
+
+    def refunds(self, order_id: str) -> list[str | None]:
+        """Idempotency keys of the refund POSTs received for ``order_id``."""
+        path = f"{ORDERS}/{order_id}/refunds"
+        return self.do(lambda: [r.idempotency_key for r in self.fake.requests if r.path == path])
+
+    def booked(self, order_id: str) -> int:
+        return self.do(lambda: len(self.fake.refunds(order_id)))
+
+    def close(self) -> None:
+        self.run(self.fake.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+
+@pytest.fixture
+def served() -> Iterator[ServedFake]:
+    served = ServedFake()
+    try:
+        yield served
+    finally:
+        served.close()
+
+
+def env_for(served: ServedFake) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KLARNA_")}
+    env.update(
+        KLARNA_USERNAME=USERNAME, KLARNA_PASSWORD=PASSWORD, KLARNA_BASE_URL=served.fake.base_url
+    )
+    return env
+
+
+def cli(args: list[str], served: ServedFake) -> Result:
+    env: dict[str, str | None] = {
+        "KLARNA_USERNAME": USERNAME,
+        "KLARNA_PASSWORD": PASSWORD,
+        "KLARNA_BASE_URL": served.fake.base_url,
+        "KLARNA_REGION": None,
+        "KLARNA_PLAYGROUND": None,
+    }
+    result = CliRunner().invoke(main, args, env=env)
+    assert PASSWORD not in result.output
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def test_batch_runs_a_mixed_csv_and_says_what_was_done_per_operation(
+    served: ServedFake, tmp_path: Path
+) -> None:
+    a = served.captured_order()
+    b = served.do(lambda: served.fake.add_order(amount=5000))
+    path = tmp_path / "ops.csv"
+    path.write_text(
+        "order_id,operation,captured_amount,refunded_amount,reference\n"
+        f"{a},refund,,2000,RMA-1\n"
+        f"{a},release,,,\n"
+        f"{b},cancel,,,\n"
+        f"{b},void,,,\n"
+        f"{b},extend,5,,\n",
+        encoding="utf-8",
+    )
+    result = cli(["batch", str(path), "--json"], served)
+    assert result.exit_code == 1, result.output  # two bad lines
+    lines = json_lines(result.stdout)
+    outcomes = [o for o in lines if o["type"] == "outcome"]
+    by_line = {o.get("line"): o for o in outcomes}
+    assert (by_line[2]["operation"], by_line[2]["status"], by_line[2]["result"]) == (
+        "refund",
+        "captured",
+        "refunded",
+    )
+    assert by_line[2]["refund_id"] == served.do(lambda: served.fake.refunds(a)[0].refund_id)
+    assert (by_line[3]["result"], by_line[4]["result"]) == ("released", "cancelled")
+    assert "operation: unknown operation 'void'" in by_line[5]["error"]
+    assert "captured_amount: an extend takes no amount" in by_line[6]["error"]
+    [summary] = [o for o in lines if o["type"] == "summary"]
+    assert summary["done"] == {"refund": 1, "release": 1, "cancel": 1}
+    assert (summary["captured"], summary["refused"]) == (3, 2)
+
+    # The people's summary names each operation; a rerun resumes from the journal.
+    human = cli(["batch", str(path)], served)
+    assert "already done" in human.stderr
+    assert "skipped" in human.stdout
+    assert "Not done" in human.stdout
+    assert served.booked(a) == 1
+    assert served.do(lambda: served.fake.order(b).status) == "CANCELLED"
+
+
+def test_batch_summary_names_refunded_and_released_for_people(
+    served: ServedFake, tmp_path: Path
+) -> None:
+    a = served.captured_order()
+    path = tmp_path / "ops.jsonl"
+    path.write_text(
+        f'{{"order_id": "{a}", "operation": "refund", "refunded_amount": 100}}\n'
+        f'{{"order_id": "{a}", "operation": "release"}}\n',
+        encoding="utf-8",
+    )
+    result = cli(["batch", str(path)], served)
+    assert result.exit_code == 0, result.output
+    assert re.search(r"refunded\s*│\s*1", result.stdout), result.stdout
+    assert re.search(r"released\s*│\s*1", result.stdout), result.stdout
+
+
+def klarna_om_command() -> list[str]:
+    script = Path(sysconfig.get_path("scripts")) / "klarna-om"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "klarna_om_async.cli"]
+
+
+def journal_summary(path: str) -> dict[str, int]:
+    async def read() -> dict[str, int]:
+        async with SQLiteJournal(path) as journal:
+            return {status.value: n for status, n in (await journal.summary()).items() if n}
+
+    return asyncio.run(read())
+
+
+def test_kill_9_mid_refund_batch_then_a_rerun_refunds_every_order_exactly_once(
+    served: ServedFake, tmp_path: Path
+) -> None:
+    orders = [served.captured_order() for _ in range(20)]
+    # Refunds of orders 8-11 are booked but their answers never come: with 4 workers, the
+    # batch is stuck there, 8 refunded and 4 in flight, whatever the machine's speed.
+    stuck = orders[8:12]
+
+    def hold(order: str) -> None:
+        served.fake.inject(
+            Delay(30, after_processing=True), method="POST", path=f"/{order}/refunds"
+        )
+
+    for order in stuck:
+        served.do(functools.partial(hold, order))
+    path = tmp_path / "r.csv"
+    path.write_text(
+        "order_id,operation,refunded_amount,reference\n"
+        + "".join(f"{o},refund,2500,RMA-{i}\n" for i, o in enumerate(orders)),
+        encoding="utf-8",
+    )
+    journal = f"{path}.journal.sqlite"
+    requests_before = served.do(lambda: len(served.fake.requests))
+    batch = subprocess.Popen(
+        [*klarna_om_command(), "batch", str(path), "--concurrency", "4", "--json"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env_for(served),
+    )
+    try:
+        served.run(
+            asyncio.wait_for(served.fake.wait_for_requests(requests_before + 12), timeout=25)
+        )
+    finally:
+        batch.kill()  # SIGKILL: no cleanup, no final journal write
+        _, stderr = batch.communicate(timeout=20)
+    assert batch.returncode == -signal.SIGKILL, stderr
+    assert journal_summary(journal) == {"captured": 8, "in_flight": 4}
+
+    rerun = cli(["batch", str(path), "--json"], served)
+    assert rerun.exit_code == 0, rerun.output
+    outcomes = {o["order_id"]: o for o in json_lines(rerun.stdout) if o["type"] == "outcome"}
+    results = {o: outcomes[o]["result"] for o in orders}
+    assert results == {o: "skipped" if i < 8 else "refunded" for i, o in enumerate(orders)}
+    assert all(served.booked(order) == 1 for order in orders)
+    # The in-flight refunds were resent with the key the killed run recorded, so Klarna
+    # replayed the booked refund instead of refunding again.
+    assert all(len(set(served.refunds(order))) == 1 for order in stuck)
+    assert all(len(served.refunds(order)) == 2 for order in stuck)
+    assert journal_summary(journal) == {"captured": 20}
+
+
+def test_reconcile_settles_a_refund_that_needs_review_by_its_refund_id(
+    served: ServedFake, tmp_path: Path
+) -> None:
+    order_id = served.captured_order()
+
+    async def refund() -> str:
+        async with KlarnaOM(USERNAME, PASSWORD, base_url=served.fake.base_url) as om:
+            made = await om.refunds.create(order_id, RefundRequest(refunded_amount=700))
+        return made.refund_id
+
+    refund_id = served.run(refund())
+    path = str(tmp_path / "j.sqlite")
+    key = f"refund:{order_id}"
+
+    async def journal_a_refund_needing_review() -> None:
+        async with SQLiteJournal(path) as journal:
+            record = ItemRecord(
+                item_key=key,
+                order_id=order_id,
+                captured_amount=700,
+                fingerprint="f",
+                operation=Operation.REFUND,
+            )
+            await journal.claim(record, "K")
+            await journal.finish(key, JournalStatus.FAILED)
+            await journal.finish(key, JournalStatus.NEEDS_REVIEW, reconciled=True)
+
+    asyncio.run(journal_a_refund_needing_review())
+    wrong = cli(["reconcile", path, "--captured", key, "nope"], served)
+    assert wrong.exit_code != 0
+    assert f"order {order_id} has no refund 'nope'" in wrong.output
+
+    settled = cli(["reconcile", path, "--captured", key, refund_id], served)
+    assert settled.exit_code == 0, settled.output
+    assert journal_summary(path) == {"captured": 1}
+
+
+async def test_an_operation_without_its_service_is_refused_before_anything_is_sent(
+    fake: FakeKlarna,
+) -> None:
+    items: list[tuple[str, OperationRequest]] = [
+        ("o1", CaptureRequest(captured_amount=1)),
+        ("o2", RefundRequest(refunded_amount=1)),
+        ("o3", CancelOrder()),
+        ("o4", "capture"),  # type: ignore[list-item]
+    ]
+    outcomes = [o async for o in run_many(Services(), items, concurrency=1)]
+    assert [o.status for o in outcomes] == [CaptureStatus.REFUSED] * 4
+    assert [type(o.error) for o in outcomes] == [TypeError] * 4
+    assert "no captures service" in str(outcomes[0].error)
+    assert "no refunds service" in str(outcomes[1].error)
+    assert "no orders service" in str(outcomes[2].error)
+    assert "must be one of" in str(outcomes[3].error)
+    assert not fake.requests
