@@ -18,7 +18,7 @@ HOME = "https://github.com/klarna-om-async/klarna-om-async"
 URL_NAMES = ("Homepage", "Documentation", "Changelog", "Issues")
 # Directories the test-suite reads from the source tree (tests/test_examples.py loads
 # examples/, tests/test_benchmarks.py runs benchmarks/).
-SUITE_DIRS = ("klarna_om_async", "tests", "examples", "benchmarks")
+SUITE_DIRS = ("klarna_om_async", "tests", "examples", "benchmarks", "docs")
 
 
 def pyproject() -> dict[str, object]:
@@ -77,7 +77,14 @@ def members(archive: Path) -> tuple[str, set[str]]:
 
 def test_the_sdist_holds_everything_the_test_suite_reads(sdist: Path) -> None:
     _, files = members(sdist)
-    for name in ("LICENSE", "README.md", "CHANGELOG.md", "pyproject.toml", "PKG-INFO"):
+    for name in (
+        "LICENSE",
+        "README.md",
+        "CHANGELOG.md",
+        "pyproject.toml",
+        "PKG-INFO",
+        "mkdocs.yml",
+    ):
         assert name in files
     for directory in SUITE_DIRS:
         expected = shipped(directory)
