@@ -10,8 +10,13 @@ import yarl
 
 from ._convert import from_json
 from ._version import __version__
-from .errors import IdempotencyKeyReusedError, KlarnaResponseError, ValidationError
-from .middleware import Request, Response
+from .errors import (
+    IdempotencyKeyReusedError,
+    KlarnaAPIError,
+    KlarnaResponseError,
+    ValidationError,
+)
+from .middleware import Handler, Request, Response
 
 T = TypeVar("T")
 
@@ -24,6 +29,9 @@ _JSON_HEADERS = {**_GET_HEADERS, "Content-Type": "application/json"}
 
 # Ids made only of URL-unreserved characters (as Klarna's are) need no quoting.
 _PLAIN_ID = re.compile(r"[A-Za-z0-9_.~-]+").fullmatch
+# C0 controls, DEL and C1 controls: never part of an id, and a newline or carriage return
+# in one would forge a line wherever the id is printed (e.g. the CLI's "idempotency key:").
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]").search
 # Segments every URL normaliser collapses (RFC 3986 5.2.4), also when percent-encoded:
 # ``.../captures/../shipping-info`` would reach another endpoint.
 _DOT_SEGMENTS = frozenset({".", ".."})
@@ -33,11 +41,17 @@ def normalize_id(field: str, value: object) -> str:
     """The id every input path sends: surrounding whitespace trimmed, never empty.
 
     The one normalisation for order and capture ids, shared by the endpoint coroutines,
-    the batch files and the CLI, so ``" ORDER "`` is ``ORDER`` everywhere.
+    the batch files and the CLI, so ``" ORDER "`` is ``ORDER`` everywhere. An id with a
+    control character left inside it (newline, carriage return, tab, any other C0 or C1
+    control, DEL) is refused: no id of Klarna's has one, and printed it would forge a line.
     """
     if not isinstance(value, str) or not value.strip():
         raise ValidationError(field, f"must be a non-empty string, got {value!r}")
     value = value.strip()
+    if _CONTROL(value):
+        raise ValidationError(
+            field, f"must not contain control characters (newline, tab, ...), got {value!r}"
+        )
     if value in _DOT_SEGMENTS:
         raise ValidationError(
             field, f"{value!r} is not an id: URL normalisation would drop it from the path"
@@ -157,17 +171,101 @@ def _check_same_collection(response: Response, named: tuple[str, str, str], loca
 
 def _raise_reused(response: Response, what: str, location: str) -> NoReturn:
     request = response.request
-    key = request.idempotency_key
+    raise _reused(
+        request.idempotency_key,
+        what,
+        status=response.status,
+        location=location,
+        method=request.method,
+        url=response.url,
+        attempts=response.attempts,
+    )
+
+
+def _reused(
+    key: str | None,
+    what: str,
+    *,
+    status: int,
+    location: str,
+    method: str,
+    url: str,
+    attempts: int,
+) -> IdempotencyKeyReusedError:
     error = IdempotencyKeyReusedError(
         f"Klarna answered with the result of an earlier request made with idempotency key"
         f" {key!r}: {what}, so Klarna did nothing for this call",
-        status=response.status,
+        status=status,
         location=location,
     )
-    error.bind(
-        method=request.method, url=response.url, idempotency_key=key, attempts=response.attempts
+    error.bind(method=method, url=url, idempotency_key=key, attempts=attempts)
+    return error
+
+
+#: The refusal codes Klarna gives to one operation only, and that operation.
+_REFUSAL_OWNERS = {
+    "CAPTURE_NOT_ALLOWED": "capture",
+    "REFUND_NOT_ALLOWED": "refund",
+    "CANCEL_NOT_ALLOWED": "cancel",
+}
+
+
+async def call(send: Handler, request: Request, operation: str) -> Response:
+    """Send ``request`` (the call ``operation``: ``"capture"``, ``"refund"``, ``"cancel"``,
+    or any other name) through ``send``; its 2xx answer, or the error the chain raised.
+
+    A refusal whose code belongs to another operation (``CAPTURE_NOT_ALLOWED`` answering
+    anything but a capture, ``REFUND_NOT_ALLOWED`` anything but a refund,
+    ``CANCEL_NOT_ALLOWED`` anything but a cancel) is Klarna replaying the answer of an
+    earlier request made with the same key: ``IdempotencyKeyReusedError`` (this call was
+    never attempted; ``outcome_unknown`` is false), chained to the replayed refusal.
+    """
+    try:
+        return await send(request)
+    except KlarnaAPIError as error:
+        owner = _REFUSAL_OWNERS.get(error.error_code or "")
+        if owner is None or owner == operation or request.idempotency_key is None:
+            raise
+        raise _reused(
+            request.idempotency_key,
+            f"its answer, {error.status} {error.error_code}, refuses a {owner}, not this"
+            f" {operation}",
+            status=error.status,
+            location="",
+            method=error.method or request.method,
+            url=error.url or request.path,
+            attempts=error.attempts,
+        ) from error
+
+
+async def call_no_content(send: Handler, request: Request, operation: str) -> None:
+    """Send a call that creates nothing (``operation`` names it), whose success is ``204``.
+
+    Any other 2xx (e.g. a capture's 201 with ``Capture-Id`` and ``Location``) is Klarna
+    replaying the answer of an earlier request made with the same key, which created
+    something: ``IdempotencyKeyReusedError``, as ``created`` does for a 204 answering a
+    create. Refusals are read as by ``call``. A key sent before with another call that
+    creates nothing gets that call's 204 back, which cannot be told from this call's own
+    success: only reading the order back can tell.
+    """
+    response = await call(send, request, operation)
+    if response.status == 204:
+        return
+    location = response.headers.get("Location") or ""
+    named = _named_in_location(location) if location else None
+    if named is not None:
+        what = f" ({_CREATED_NOUNS[named[1]]} {named[2]})"
+    elif response.headers.get("Capture-Id"):
+        what = f" (capture {response.headers['Capture-Id']})"
+    elif response.headers.get("Refund-Id"):
+        what = f" (refund {response.headers['Refund-Id']})"
+    else:
+        what = ""
+    _raise_reused(
+        response,
+        f"its answer, {response.status}{what}, is not the 204 No Content of this {operation}",
+        location,
     )
-    raise error
 
 
 def get(path: str) -> Request:

@@ -30,6 +30,14 @@ class CapturesService:
     path. Every call raises a ``KlarnaError`` subclass on failure (see each method's
     "Raises"), and each error carries ``method``, ``url``, ``idempotency_key``, ``attempts``
     and ``outcome_unknown``.
+
+    Klarna replays by key alone: an answer that belongs to another operation (a 201 or any
+    2xx but 204 for ``add_shipping_info``, ``trigger_send_out`` and ``extend_due_date``; a
+    ``REFUND_NOT_ALLOWED`` or ``CANCEL_NOT_ALLOWED`` refusal for ``create``, or a
+    ``CAPTURE_NOT_ALLOWED`` one for any call but ``create``) raises
+    ``IdempotencyKeyReusedError``: Klarna did nothing for this call; send it again with a
+    new key. A key reused across two calls that create nothing cannot be detected from
+    Klarna's answer (both are a 204).
     https://docs.klarna.com/api/ordermanagement/
     """
 
@@ -87,7 +95,7 @@ class CapturesService:
             raise TypeError(f"request must be a CaptureRequest, got {type(request).__name__}")
         path = _routes.captures_path(order_id)
         request_value = _routes.post(path, to_json(request), idempotency_key=idempotency_key)
-        return _capture_created(await self._send(request_value))
+        return _capture_created(await _routes.call(self._send, request_value, "capture"))
 
     async def get(self, order_id: str, capture_id: str) -> Capture:
         """One capture's details: a ``Capture`` (amounts in ``int`` minor units).
@@ -140,7 +148,8 @@ class CapturesService:
         """
         body = to_json({"shipping_info": validate_shipping_info_request(shipping_info)})
         path = f"{_routes.capture_path(order_id, capture_id)}/shipping-info"
-        await self._send(_routes.post(path, body, idempotency_key=idempotency_key))
+        request = _routes.post(path, body, idempotency_key=idempotency_key)
+        await _routes.call_no_content(self._send, request, "shipping info")
 
     async def trigger_send_out(
         self, order_id: str, capture_id: str, *, idempotency_key: str | None = None
@@ -157,7 +166,8 @@ class CapturesService:
         retries (check ``err.outcome_unknown``).
         """
         path = f"{_routes.capture_path(order_id, capture_id)}/trigger-send-out"
-        await self._send(_routes.post(path, idempotency_key=idempotency_key))
+        request = _routes.post(path, idempotency_key=idempotency_key)
+        await _routes.call_no_content(self._send, request, "send-out")
 
     async def get_extend_due_date_options(
         self, order_id: str, capture_id: str
@@ -204,7 +214,8 @@ class CapturesService:
         """
         body = to_json(ExtendDueDateRequest(number_of_days=number_of_days))
         path = f"{_routes.capture_path(order_id, capture_id)}/extend-due-date"
-        await self._send(_routes.patch(path, body, idempotency_key=idempotency_key))
+        request = _routes.patch(path, body, idempotency_key=idempotency_key)
+        await _routes.call_no_content(self._send, request, "due date extension")
 
 
 def _capture_created(response: Response) -> CaptureCreated:

@@ -168,18 +168,24 @@ class IdempotencyKeyReusedError(KlarnaError):
     the key matters"): a key sent before with another request (another order, or a capture's
     key sent with a refund) gets that request's 201 back. The client tells by the answer's
     ``Location``, which names the earlier request's capture or refund (``location``), not an
-    item of the collection this call posted to. Nothing was booked for this call, whatever
-    its earlier attempts met (each was answered from the same record), so ``outcome_unknown``
-    is False: a key belongs to one request; send this one again with a new key.
+    item of the collection this call posted to; by a 204 answering a create, or any other
+    2xx answering a call that creates nothing (a cancel, a release, an update, shipping
+    info, ...); or by a refusal whose code belongs to another operation
+    (``CAPTURE_NOT_ALLOWED`` answering anything but a capture, ``REFUND_NOT_ALLOWED`` anything
+    but a refund, ``CANCEL_NOT_ALLOWED`` anything but a cancel). A key reused between two
+    calls that create nothing cannot be told (both answer 204). Nothing was booked for this
+    call, whatever its earlier attempts met (each was answered from the same record), so
+    ``outcome_unknown`` is False: a key belongs to one request; send this one again with a new key.
     """
 
     def __init__(self, message: str, *, status: int, location: str) -> None:
         super().__init__(message)
         self.message = message
         #: The HTTP status of the replayed answer (201, or 204 for the key of a call that
-        #: creates nothing, such as shipping info or a cancel).
+        #: creates nothing, such as shipping info or a cancel; 403 for a replayed refusal).
         self.status = status
-        #: The ``Location`` Klarna answered with: what the earlier request created.
+        #: The ``Location`` Klarna answered with: what the earlier request created ("" when
+        #: the answer had none).
         self.location = location
 
     @property

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import math
+import re
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from datetime import date, datetime
@@ -69,6 +70,9 @@ _ADDRESS_LIMITS = {
     "email": 100,
     "phone": 100,
 }
+
+#: An ISO 3166 alpha-2 country code, in either case (the spec's example is "us").
+_COUNTRY_CODE = re.compile(r"[A-Za-z]{2}").fullmatch
 
 _T = TypeVar("_T")
 _E = TypeVar("_E", bound=enum.StrEnum)
@@ -530,8 +534,9 @@ def validate_address_request(address: Address, field: str = "shipping_address") 
     ``Address`` checks only types, since Klarna's answers may hold longer values; a request
     must keep the spec's lengths (``postal_code`` 10, ``title`` 20, names, street lines,
     ``email`` and ``phone`` 100, ``city`` and ``region`` 200, ``organization_name`` and
-    ``attention`` 255 characters) and set at least one field. Raises ``ValidationError``
-    naming the field, e.g. ``shipping_address.postal_code``.
+    ``attention`` 255 characters), give ``country`` as an ISO 3166 alpha-2 code (2 letters,
+    either case, or ``""`` to clear it) and set at least one field. Raises
+    ``ValidationError`` naming the field, e.g. ``shipping_address.postal_code``.
     """
     if not isinstance(address, Address):
         raise ValidationError(field, f"must be an Address, got {_kind(address)}")
@@ -545,7 +550,16 @@ def validate_address_request(address: Address, field: str = "shipping_address") 
             raise ValidationError(
                 f"{field}.{name}", f"must be at most {limit} characters, got {len(value)}"
             )
-    if empty and address.country is None:
+    country = address.country
+    if country is not None and country != "" and not _COUNTRY_CODE(country):
+        # The spec's only format for an address field ("Country. ISO 3166 alpha-2.", its
+        # example "us"): e-mail and postal code have none it states, so only their lengths.
+        raise ValidationError(
+            f"{field}.country",
+            f"must be an ISO 3166 alpha-2 code of 2 letters (e.g. 'DE'), or '' to clear it,"
+            f" got {country[:20]!r}{'...' if len(country) > 20 else ''}",
+        )
+    if empty and country is None:
         raise ValidationError(field, "must set at least one field, got an empty Address")
     return address
 

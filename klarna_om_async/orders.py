@@ -36,6 +36,15 @@ class OrdersService:
     ``KlarnaError`` subclass on failure (see each method's "Raises"); refusals (400, 401, 403,
     404, 422) are never retried, while 409, 429, 5xx, connection errors and timeouts are,
     with the same key, until the retry policy gives up (then check ``err.outcome_unknown``).
+
+    Klarna replays by key alone. Every call here creates nothing and succeeds with 204, so
+    any other 2xx (e.g. a capture's 201) or another operation's refusal
+    (``CAPTURE_NOT_ALLOWED``, ``REFUND_NOT_ALLOWED``, ``CANCEL_NOT_ALLOWED`` for a call other
+    than ``cancel``) is the replayed answer of an earlier request made with the same key:
+    ``IdempotencyKeyReusedError`` (Klarna did nothing for this call; send it again with a
+    new key). A key reused across two calls that create nothing cannot be detected from
+    Klarna's answer (both are a 204): give each call its own key, and read the order back
+    (``get``) when the effect matters.
     https://docs.klarna.com/api/ordermanagement/
     """
 
@@ -66,7 +75,9 @@ class OrdersService:
         """Give up what is left of the authorization after the last capture; ``None`` (204).
 
         The order's ``remaining_authorized_amount`` drops to 0 and it can no longer be
-        captured. ``POST …/orders/{order_id}/release-remaining-authorization``, no body.
+        captured (a key used before with another call that creates nothing gets that call's
+        204 back, indistinguishable from this one's: check with ``get``).
+        ``POST …/orders/{order_id}/release-remaining-authorization``, no body.
         https://docs.klarna.com/api/ordermanagement/#operation/releaseRemainingAuthorization
 
         Raises ``NotAllowedError`` (403 ``NOT_ALLOWED``: the order is cancelled, fully
@@ -75,7 +86,9 @@ class OrdersService:
         ``ServerError``/``RateLimitError``/``ConflictError``/``KlarnaConnectionError``/
         ``KlarnaTimeoutError`` after the retries (check ``err.outcome_unknown``).
         """
-        await self._post_no_body(order_id, "release-remaining-authorization", idempotency_key)
+        await self._post_no_body(
+            order_id, "release-remaining-authorization", idempotency_key, "release"
+        )
 
     async def extend_authorization_time(
         self, order_id: str, *, idempotency_key: str | None = None
@@ -83,25 +96,30 @@ class OrdersService:
         """Push the order's ``expires_at`` further out; ``None`` (204).
 
         Klarna extends by the merchant's expiry period (28 days by default) from today, never
-        beyond 180 days after the order was created; a repeat on the same day changes
-        nothing. Read the new date with ``get`` (``Order.expires_at``).
+        beyond 180 days after the order was created: at that limit, as on a repeat the same
+        day, Klarna still answers 204 and ``expires_at`` does not move (Klarna documents no
+        refusal for it). Read the new date with ``get`` (``Order.expires_at``).
         ``POST …/orders/{order_id}/extend-authorization-time``, no body.
         https://docs.klarna.com/api/ordermanagement/#operation/extendAuthorizationTime
 
-        Raises ``NotAllowedError`` (403 ``NOT_ALLOWED``: the order is expired, cancelled,
-        or at its limit), ``NoSuchOrderError`` (404), ``AuthenticationError`` (401),
+        Raises ``NotAllowedError`` (403 ``NOT_ALLOWED``: the order is expired, cancelled or
+        closed), ``NoSuchOrderError`` (404), ``AuthenticationError`` (401),
         ``ValidationError`` (a bad id or key, nothing sent), ``ServerError``/
         ``RateLimitError``/``ConflictError``/``KlarnaConnectionError``/``KlarnaTimeoutError``
         after the retries (check ``err.outcome_unknown``).
         """
-        await self._post_no_body(order_id, "extend-authorization-time", idempotency_key)
+        await self._post_no_body(
+            order_id, "extend-authorization-time", idempotency_key, "extension"
+        )
 
     async def cancel(self, order_id: str, *, idempotency_key: str | None = None) -> None:
         """Cancel an order that has no captures yet; ``None`` (204).
 
         The whole authorization is released and the order's ``status`` becomes
-        ``CANCELLED``. After a capture, use ``release_remaining_authorization`` (and refunds)
-        instead. ``POST …/orders/{order_id}/cancel``, no body.
+        ``CANCELLED`` (a key used before with another call that creates nothing gets that
+        call's 204 back, indistinguishable from this one's: check with ``get``). After a
+        capture, use ``release_remaining_authorization`` (and refunds) instead.
+        ``POST …/orders/{order_id}/cancel``, no body.
         https://docs.klarna.com/api/ordermanagement/#operation/cancelOrder
 
         Raises ``CancelNotAllowedError`` (403 ``CANCEL_NOT_ALLOWED``: the order has captures,
@@ -111,7 +129,7 @@ class OrdersService:
         ``KlarnaConnectionError``/``KlarnaTimeoutError`` after the retries (check
         ``err.outcome_unknown``).
         """
-        await self._post_no_body(order_id, "cancel", idempotency_key)
+        await self._post_no_body(order_id, "cancel", idempotency_key, "cancel")
 
     async def acknowledge(self, order_id: str, *, idempotency_key: str | None = None) -> None:
         """Tell Klarna a Klarna Checkout order reached your system; ``None`` (204).
@@ -124,7 +142,7 @@ class OrdersService:
         ``ServerError``/``RateLimitError``/``ConflictError``/``KlarnaConnectionError``/
         ``KlarnaTimeoutError`` after the retries (check ``err.outcome_unknown``).
         """
-        await self._post_no_body(order_id, "acknowledge", idempotency_key)
+        await self._post_no_body(order_id, "acknowledge", idempotency_key, "acknowledgement")
 
     async def update_authorization(
         self,
@@ -155,7 +173,9 @@ class OrdersService:
             raise TypeError(
                 f"request must be an UpdateAuthorizationRequest, got {type(request).__name__}"
             )
-        await self._patch(order_id, "authorization", to_json(request), idempotency_key)
+        await self._patch(
+            order_id, "authorization", to_json(request), idempotency_key, "authorization update"
+        )
 
     async def update_merchant_references(
         self,
@@ -184,7 +204,9 @@ class OrdersService:
         body = UpdateMerchantReferencesRequest(
             merchant_reference1=merchant_reference1, merchant_reference2=merchant_reference2
         )
-        await self._patch(order_id, "merchant-references", to_json(body), idempotency_key)
+        await self._patch(
+            order_id, "merchant-references", to_json(body), idempotency_key, "references update"
+        )
 
     async def update_shipping_address(
         self, order_id: str, shipping_address: Address, *, idempotency_key: str | None = None
@@ -208,7 +230,9 @@ class OrdersService:
         ``KlarnaTimeoutError`` after the retries (check ``err.outcome_unknown``).
         """
         body = UpdateShippingAddressRequest(shipping_address=shipping_address)
-        await self._patch(order_id, "customer-details", to_json(body), idempotency_key)
+        await self._patch(
+            order_id, "customer-details", to_json(body), idempotency_key, "address update"
+        )
 
     async def add_shipping_info(
         self,
@@ -233,12 +257,21 @@ class OrdersService:
         """
         body = to_json({"shipping_info": validate_shipping_info_request(shipping_info)})
         path = f"{_routes.order_path(order_id)}/shipping-info"
-        await self._send(_routes.post(path, body, idempotency_key=idempotency_key))
+        request = _routes.post(path, body, idempotency_key=idempotency_key)
+        await _routes.call_no_content(self._send, request, "shipping info")
 
-    async def _post_no_body(self, order_id: str, action: str, key: str | None) -> None:
+    async def _post_no_body(
+        self, order_id: str, action: str, key: str | None, operation: str
+    ) -> None:
         path = f"{_routes.order_path(order_id)}/{action}"
-        await self._send(_routes.post(path, idempotency_key=key))
+        await _routes.call_no_content(
+            self._send, _routes.post(path, idempotency_key=key), operation
+        )
 
-    async def _patch(self, order_id: str, what: str, body: bytes, key: str | None) -> None:
+    async def _patch(
+        self, order_id: str, what: str, body: bytes, key: str | None, operation: str
+    ) -> None:
         path = f"{_routes.order_path(order_id)}/{what}"
-        await self._send(_routes.patch(path, body, idempotency_key=key))
+        await _routes.call_no_content(
+            self._send, _routes.patch(path, body, idempotency_key=key), operation
+        )

@@ -76,7 +76,7 @@ class RefundsService:
             raise TypeError(f"request must be a RefundRequest, got {type(request).__name__}")
         path = _routes.refunds_path(order_id)
         request_value = _routes.post(path, to_json(request), idempotency_key=idempotency_key)
-        return _refund_created(await self._send(request_value))
+        return _refund_created(await _routes.call(self._send, request_value, "refund"))
 
     async def get(self, order_id: str, refund_id: str) -> Refund:
         """One refund's details: a ``Refund`` (amounts in ``int`` minor units).

@@ -4,6 +4,7 @@ against a FakeKlarna served over loopback from its own thread (see test_cli.py).
 
 from __future__ import annotations
 
+import datetime
 import os
 import subprocess
 import sys
@@ -602,6 +603,138 @@ def test_due_date_options_of_an_unknown_capture_exits_1(served: ServedFake) -> N
     assert (error["type"], error["status"]) == ("error", 404)
 
 
+# -- a key reused between two calls: Klarna's 204 cannot tell, the order read back can ---------
+
+
+def test_cancel_with_a_captures_key_exits_1_and_does_not_say_cancelled(served: ServedFake) -> None:
+    """Klarna replays the capture's 201: the library says nothing was done for the cancel."""
+    order_id = served.add_order(10_000)
+    booked = cli(["capture", order_id, "--amount", "4000", "--idempotency-key", "K-1"], served)
+    assert booked.exit_code == 0, booked.output
+    result = cli(["cancel", order_id, "--yes", "--idempotency-key", "K-1"], served)
+    assert result.exit_code == 1, result.output
+    assert "Cancelled order" not in result.stdout
+    assert "K-1" in result.stderr.splitlines()[-1]
+    assert status(served, order_id) == "PART_CAPTURED"
+
+
+def test_release_with_extends_key_exits_1_naming_the_key(served: ServedFake) -> None:
+    """Both answer 204: only the read-back (remaining_authorized_amount still 6000) shows
+    nothing was released."""
+    order_id = served.add_order(10_000)
+    capture(served, order_id, 4000)
+    assert cli(["extend", order_id, "--idempotency-key", "K-2"], served).exit_code == 0
+    result = cli(["release", order_id, "--yes", "--idempotency-key", "K-2"], served)
+    assert result.exit_code == 1, result.output
+    assert "Released the remaining authorization" not in result.stdout
+    key_line, line = result.stderr.splitlines()
+    assert key_line == f"{KEY_LINE}K-2"
+    assert line.startswith("Error: ")
+    assert "remaining_authorized_amount is 6000" in line
+    assert "idempotency key K-2" in line
+    assert f"klarna-om order {order_id}" in line
+    assert served.do(lambda: served.fake.order(order_id).remaining_authorized_amount) == 6000
+
+    as_json = cli(["release", order_id, "--yes", "--idempotency-key", "K-2", "--json"], served)
+    assert as_json.exit_code == 1
+    _, error = json_lines(as_json.stdout)
+    assert (error["type"], error["error"], error["idempotency_key"]) == (
+        "error",
+        "IdempotencyKeyReusedError",
+        "K-2",
+    )
+    assert (error["outcome_unknown"], error["exit_code"]) == (False, 1)
+    assert as_json.stderr == f"Error: {error['message']}\n"
+
+
+def test_cancel_with_acknowledges_key_exits_1_and_the_order_can_then_be_cancelled(
+    served: ServedFake,
+) -> None:
+    order_id = served.add_order(10_000)
+    assert cli(["acknowledge", order_id, "--idempotency-key", "K-3"], served).exit_code == 0
+    result = cli(["cancel", order_id, "--yes", "--idempotency-key", "K-3"], served)
+    assert result.exit_code == 1, result.output
+    assert "Cancelled order" not in result.stdout
+    assert "status is AUTHORIZED" in result.stderr
+    assert status(served, order_id) == "AUTHORIZED"
+    # As the message says: sent again with a new key, it is done.
+    assert cli(["cancel", order_id, "--yes"], served).exit_code == 0
+    assert status(served, order_id) == "CANCELLED"
+
+
+def backdate(
+    served: ServedFake, order_id: str, created_days_ago: int, expires_in_days: int
+) -> None:
+    """Make ``order_id`` look created ``created_days_ago`` and expiring in
+    ``expires_in_days`` (real time, as the CLI reads it)."""
+
+    def move() -> None:
+        order = served.fake.order(order_id)
+        now = datetime.datetime.now(datetime.UTC)
+        for name, days in (("created_at", -created_days_ago), ("expires_at", expires_in_days)):
+            moment = now + datetime.timedelta(days=days)
+            setattr(order, name, moment.isoformat(timespec="milliseconds").replace("+00:00", "Z"))
+
+    served.do(move)
+
+
+def test_extend_with_another_calls_key_exits_1_when_expires_at_could_have_moved(
+    served: ServedFake,
+) -> None:
+    order_id = served.add_order(10_000)
+    backdate(served, order_id, created_days_ago=20, expires_in_days=8)
+    before = read_order(served, order_id)["expires_at"]
+    assert cli(["acknowledge", order_id, "--idempotency-key", "K-4"], served).exit_code == 0
+    result = cli(["extend", order_id, "--idempotency-key", "K-4"], served)
+    assert result.exit_code == 1, result.output
+    assert "Extended the authorization" not in result.stdout
+    assert "expires_at" in result.stderr
+    assert "idempotency key K-4" in result.stderr
+    assert read_order(served, order_id)["expires_at"] == before
+    # A new key extends it: the check raises no false alarm.
+    extended = cli(["extend", order_id], served)
+    assert extended.exit_code == 0, extended.output
+    assert read_order(served, order_id)["expires_at"] > before
+
+
+@pytest.mark.parametrize(
+    ("created_days_ago", "expires_in_days"),
+    [(0, 28), (179, 1), (170, 10)],
+    ids=["the-same-day", "at-the-180-day-limit", "near-the-limit"],
+)
+def test_extend_that_cannot_move_expires_at_exits_0(
+    served: ServedFake, created_days_ago: int, expires_in_days: int
+) -> None:
+    """Klarna answers 204 and keeps the date at its limit or on a repeat the same day."""
+    order_id = served.add_order(10_000)
+    backdate(served, order_id, created_days_ago, expires_in_days)
+    result = cli(["extend", order_id], served)
+    assert result.exit_code == 0, result.output
+    assert "Extended the authorization" in result.stdout
+
+
+def test_update_authorization_rerun_with_its_own_key_after_a_change_does_not_blame_the_key(
+    served: ServedFake,
+) -> None:
+    """U-1 was done, then the amount changed; rerunning U-1 (as after an unknown outcome)
+    replays its own 204. The read-back cannot tell that from a foreign key: the CLI says
+    both are possible and to read the order first, never "send it again with a new key"
+    (which would undo the later change)."""
+    order_id = served.add_order(10_000)
+    first = ["update-authorization", order_id, "--amount", "5000", "--idempotency-key", "U-1"]
+    assert cli(first, served).exit_code == 0
+    assert cli(["update-authorization", order_id, "--amount", "6000"], served).exit_code == 0
+    rerun = cli(first, served)
+    assert rerun.exit_code == 1
+    line = rerun.stderr.splitlines()[-1]
+    assert "amount read back is 6000, not the 5000 asked" in line
+    assert "or the amount was changed since" in line
+    assert f"Read the order (klarna-om order {order_id}) before sending anything again" in line
+    assert "did nothing for this one" not in line
+    assert "again with a new key" not in line
+    assert operations(served, order_id, "updateAuthorization") == 2
+
+
 # -- every command ---------------------------------------------------------------------------
 
 ORDER_COMMANDS = [
@@ -640,6 +773,28 @@ def test_an_unknown_order_is_one_line_after_the_key_and_exit_1(
     assert key_line.startswith(KEY_LINE)
     assert line.startswith("Error: ")
     assert "404 NO_SUCH_ORDER" in line
+
+
+@pytest.mark.parametrize("command", ORDER_COMMANDS, ids=lambda c: c[0])
+@pytest.mark.parametrize("control", ["\n", "\r", "\t", "\x1b", "\x85"])
+def test_an_id_with_a_control_character_is_one_line_exit_2_and_nothing_sent(
+    served: ServedFake, command: list[str], control: str
+) -> None:
+    """A newline in an id would print a forged "idempotency key: FAKE" line."""
+    before = served.do(lambda: len(served.fake.requests))
+    result = cli([command[0], f"a{control}idempotency key: FAKE", *command[1:]], served)
+    assert result.exit_code == 2
+    [line] = result.stderr.splitlines()
+    assert line.startswith("Error: ")
+    assert "order_id" in line
+    assert served.do(lambda: len(served.fake.requests)) == before
+
+
+def test_extend_due_date_refuses_a_capture_id_with_a_newline(served: ServedFake) -> None:
+    result = cli(["extend-due-date", "o", "c\nidempotency key: FAKE", "--days", "7"], served)
+    assert result.exit_code == 2
+    [line] = result.stderr.splitlines()
+    assert "capture_id" in line
 
 
 def test_help_lists_the_lifecycle_commands() -> None:

@@ -157,6 +157,21 @@ async def test_release_without_captures_is_not_allowed_cancel_instead(
     assert fake.order(order_id).remaining_authorized_amount == 1000
 
 
+async def test_an_order_whose_only_capture_is_0_cannot_be_cancelled_but_can_be_released(
+    fake: FakeKlarna, session: aiohttp.ClientSession
+) -> None:
+    """Klarna: cancel "only before any capture"; release counts captures the same way, so
+    the order is never stuck between two refusals that each point to the other call."""
+    order_id = fake.add_order(amount=10000)
+    await capture_id(session, order_id, 0)
+    answer = await call(session, "POST", f"/{order_id}/cancel")
+    assert "previous captures" in expect_error(answer, 403, "CANCEL_NOT_ALLOWED")
+    expect_no_content(await call(session, "POST", f"/{order_id}/release-remaining-authorization"))
+    order = await get_order(session, order_id)
+    assert (order["status"], order["remaining_authorized_amount"]) == ("CLOSED", 0)
+    assert fake.order(order_id).operations == ["releaseRemainingAuthorization"]
+
+
 @pytest.mark.parametrize("status", ["CANCELLED", "EXPIRED", "CLOSED"])
 async def test_release_of_a_final_order_is_not_allowed(
     fake: FakeKlarna, session: aiohttp.ClientSession, status: str
@@ -546,6 +561,24 @@ async def test_update_authorization_down_to_the_captured_amount_completes_the_or
     assert (order["status"], order["remaining_authorized_amount"]) == ("CAPTURED", 0)
 
 
+@pytest.mark.parametrize(("refunded", "status"), [(400, "CLOSED"), (100, "CAPTURED")])
+async def test_update_authorization_down_to_a_refunded_capture_closes_the_order_as_release_does(
+    fake: FakeKlarna, session: aiohttp.ClientSession, refunded: int, status: str
+) -> None:
+    """Nothing left to capture and nothing to refund is CLOSED, whatever the order of the
+    operations that got there (release, a refund, or this update last)."""
+    order_id = fake.add_order(amount=1000)
+    await capture_id(session, order_id, 400)
+    refund = await call(session, "POST", f"/{order_id}/refunds", {"refunded_amount": refunded})
+    assert refund.status == 201
+    expect_no_content(
+        await call(session, "PATCH", f"/{order_id}/authorization", {"order_amount": 400})
+    )
+    order = await get_order(session, order_id)
+    assert (order["status"], order["remaining_authorized_amount"]) == (status, 0)
+    assert fake.order(order_id).refundable_amount == 400 - refunded
+
+
 async def test_update_authorization_below_the_captured_amount_is_not_allowed(
     fake: FakeKlarna, session: aiohttp.ClientSession
 ) -> None:
@@ -723,6 +756,7 @@ async def test_customer_details_of_a_final_order_are_not_allowed(
         ({"title": "x" * 21}, "shipping_address.title"),
         ({"city": 5}, "shipping_address.city"),
         ({"country": "SWE"}, "shipping_address.country"),
+        ({"country": "12"}, "shipping_address.country"),
     ],
 )
 async def test_a_bad_shipping_address_is_bad_value(

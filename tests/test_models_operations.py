@@ -46,7 +46,8 @@ from klarna_om_async.models import (
 MAX_AMOUNT = 200_000_000
 MAX_INT32 = 2**31 - 1
 modest = settings(max_examples=60, deadline=None)
-#: The spec's maxLength of each address field a request may send (country has none).
+#: The spec's maxLength of each address field a request may send (country has none: it is
+#: an ISO 3166 alpha-2 code).
 ADDRESS_LIMITS = {
     "given_name": 100,
     "family_name": 100,
@@ -106,7 +107,7 @@ authorizations = st.builds(
 )
 request_addresses = st.builds(
     Address,
-    country=optional(st.text(max_size=2)),
+    country=optional(st.just("") | st.from_regex(r"[A-Za-z]{2}", fullmatch=True)),
     **{name: optional(st.text(max_size=limit)) for name, limit in ADDRESS_LIMITS.items()},
 ).filter(lambda address: sent_fields(address) != set())
 shipping_addresses = st.builds(UpdateShippingAddressRequest, shipping_address=request_addresses)
@@ -233,6 +234,29 @@ def test_no_address_or_an_empty_one_is_refused(value: object, field: str) -> Non
 
 def test_a_country_alone_is_an_address_to_send() -> None:
     assert validate_address_request(Address(country="se")) == Address(country="se")
+
+
+@pytest.mark.parametrize("country", ["DE", "us", "Se", ""])
+def test_a_country_is_an_iso_3166_alpha_2_code_or_empty_to_clear(country: str) -> None:
+    address = Address(city="Berlin", country=country)
+    assert UpdateShippingAddressRequest(shipping_address=address).shipping_address is address
+
+
+@pytest.mark.parametrize("country", ["Germany", "x" * 1000, "D", "12", "D1", "ÄÖ", " DE", "D\n"])
+def test_a_country_that_is_no_alpha_2_code_is_refused_in_one_line(country: str) -> None:
+    """The spec says "ISO 3166 alpha-2" (and shows "us"), and Klarna answers 400 otherwise;
+    it gives e-mail and postal code no format of their own, so only their lengths count."""
+    address = Address(country=country)
+    error = raises_on(
+        "shipping_address.country",
+        lambda: UpdateShippingAddressRequest(shipping_address=address),
+    )
+    assert "alpha-2" in error.reason
+    assert len(str(error)) < 200
+    assert "\n" not in str(error)
+    # Not a field the client checks the format of: anything within the length passes.
+    other = Address(email="not an e-mail", postal_code="?")
+    assert validate_address_request(other) is other
 
 
 @modest

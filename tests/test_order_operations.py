@@ -22,6 +22,7 @@ from klarna_om_async import (
     CaptureRequest,
     ExtendDueDateOption,
     ExtendDueDateOptions,
+    IdempotencyKeyReusedError,
     InitialPaymentMethodType,
     KlarnaOM,
     KlarnaResponseError,
@@ -31,6 +32,7 @@ from klarna_om_async import (
     OrderLine,
     OrderLineType,
     OrderStatus,
+    RefundRequest,
     RetryPolicy,
     ServerError,
     ShippingInfo,
@@ -41,6 +43,7 @@ from klarna_om_async import (
     new_idempotency_key,
 )
 from klarna_om_async.captures import CapturesService
+from klarna_om_async.errors import RefundNotAllowedError
 from klarna_om_async.orders import OrdersService
 from klarna_om_async.testing import DropAfterProcessing, FakeKlarna, InstantSleep
 
@@ -741,3 +744,254 @@ async def test_a_lost_due_date_extension_is_applied_once(fake: FakeKlarna, om: K
     await om.captures.extend_due_date(order_id, created.capture_id, days)
     (capture,) = fake.order(order_id).captures
     assert capture.due_date_extensions == [days]
+
+
+# --- another request's answer, replayed under a reused key -----------------------------------
+
+#: Every call that creates nothing: those above, and a capture's shipping info and send-out.
+NO_CONTENT = [
+    *OPERATIONS,
+    Operation(
+        "add_capture_shipping_info",
+        lambda om, key: om.captures.add_shipping_info(ORDER, CAPTURE, [DHL], idempotency_key=key),
+        "POST",
+        f"/captures/{CAPTURE}/shipping-info",
+        b"",
+        "appendShippingInfo",
+    ),
+    Operation(
+        "trigger_send_out",
+        lambda om, key: om.captures.trigger_send_out(ORDER, CAPTURE, idempotency_key=key),
+        "POST",
+        f"/captures/{CAPTURE}/trigger-send-out",
+        b"",
+        "triggerSendOut",
+    ),
+]
+no_content = pytest.mark.parametrize("operation", NO_CONTENT, ids=str)
+
+
+def assert_nothing_done(error: IdempotencyKeyReusedError, key: str) -> None:
+    assert error.idempotency_key == key
+    assert not error.outcome_unknown
+    assert "did nothing for this call" in str(error)
+    assert "again with a new key" in str(error)
+
+
+@no_content
+@pytest.mark.parametrize("answer", [(200, b'{"order_id": "x"}'), (201, b""), (202, b"")])
+async def test_any_2xx_but_204_answering_a_call_that_creates_nothing_is_a_reused_key(
+    klarna: tuple[Scripted, KlarnaOM], operation: Operation, answer: tuple[int, bytes]
+) -> None:
+    """Such a call succeeds with 204 only; another 2xx (a capture's 201) is the answer of
+    an earlier request made with the same key, as a 204 answering a create is."""
+    server, om = klarna
+    server.default = answer
+    key = new_idempotency_key()
+    with pytest.raises(IdempotencyKeyReusedError) as caught:
+        await operation.call(om, key)
+    assert_nothing_done(caught.value, key)
+    assert caught.value.status == answer[0]
+    assert len(server.seen) == 1  # not retried
+
+
+@no_content
+@pytest.mark.parametrize(
+    "code", ["CAPTURE_NOT_ALLOWED", "REFUND_NOT_ALLOWED", "CANCEL_NOT_ALLOWED"]
+)
+async def test_a_refusal_of_another_operation_is_a_reused_key(
+    klarna: tuple[Scripted, KlarnaOM], operation: Operation, code: str
+) -> None:
+    """CAPTURE_NOT_ALLOWED answers only a capture, REFUND_NOT_ALLOWED only a refund,
+    CANCEL_NOT_ALLOWED only a cancel: answering anything else, it is a replayed refusal of
+    an earlier request made with this key, and this call was never attempted."""
+    server, om = klarna
+    server.default = (403, error_body(code))
+    key = new_idempotency_key()
+    if operation.name == "cancel" and code == "CANCEL_NOT_ALLOWED":
+        with pytest.raises(CancelNotAllowedError):  # its own refusal
+            await operation.call(om, key)
+        return
+    with pytest.raises(IdempotencyKeyReusedError) as caught:
+        await operation.call(om, key)
+    assert_nothing_done(caught.value, key)
+    assert caught.value.status == 403
+    assert code in str(caught.value)
+    assert len(server.seen) == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "call"),
+    [
+        (
+            "capture",
+            lambda om, k: om.captures.create(
+                ORDER, CaptureRequest(captured_amount=1), idempotency_key=k
+            ),
+        ),
+        (
+            "refund",
+            lambda om, k: om.refunds.create(
+                ORDER, RefundRequest(refunded_amount=1), idempotency_key=k
+            ),
+        ),
+    ],
+)
+@pytest.mark.parametrize(
+    "code", ["CAPTURE_NOT_ALLOWED", "REFUND_NOT_ALLOWED", "CANCEL_NOT_ALLOWED"]
+)
+async def test_a_create_refused_with_another_operations_code_is_a_reused_key(
+    klarna: tuple[Scripted, KlarnaOM], name: str, call: Call, code: str
+) -> None:
+    server, om = klarna
+    server.default = (403, error_body(code))
+    key = new_idempotency_key()
+    if code.startswith(name.upper()):
+        own = CaptureNotAllowedError if name == "capture" else RefundNotAllowedError
+        with pytest.raises(own):
+            await call(om, key)
+        return
+    with pytest.raises(IdempotencyKeyReusedError) as caught:
+        await call(om, key)
+    assert_nothing_done(caught.value, key)
+
+
+@pytest.fixture
+async def other_om(fake: FakeKlarna) -> AsyncIterator[KlarnaOM]:
+    """A second client of ``fake`` (another process, a rerun): it has not seen the keys the
+    first client sent, so only Klarna's answer can tell a reused key."""
+    async with KlarnaOM(fake.username, fake.password, base_url=fake.base_url) as client:
+        yield client
+
+
+async def _capture_and_refund(fake: FakeKlarna, om: KlarnaOM, order_id: str) -> str:
+    created = await om.captures.create(
+        order_id, CaptureRequest(captured_amount=4000), idempotency_key="capture-key"
+    )
+    await om.refunds.create(
+        order_id, RefundRequest(refunded_amount=1000), idempotency_key="refund-key"
+    )
+    return created.capture_id
+
+
+#: ``NO_CONTENT``'s calls on a capture the fake booked.
+NO_CONTENT_ON: dict[str, Callable[[KlarnaOM, str, str | None], Awaitable[None]]] = {
+    "release_remaining_authorization": lambda om, c, k: om.orders.release_remaining_authorization(
+        ORDER, idempotency_key=k
+    ),
+    "extend_authorization_time": lambda om, c, k: om.orders.extend_authorization_time(
+        ORDER, idempotency_key=k
+    ),
+    "cancel": lambda om, c, k: om.orders.cancel(ORDER, idempotency_key=k),
+    "acknowledge": lambda om, c, k: om.orders.acknowledge(ORDER, idempotency_key=k),
+    "update_authorization": lambda om, c, k: om.orders.update_authorization(
+        ORDER, UpdateAuthorizationRequest(order_amount=9000), idempotency_key=k
+    ),
+    "update_merchant_references": lambda om, c, k: om.orders.update_merchant_references(
+        ORDER, "SO-1", idempotency_key=k
+    ),
+    "update_shipping_address": lambda om, c, k: om.orders.update_shipping_address(
+        ORDER, Address(city="Berlin"), idempotency_key=k
+    ),
+    "add_shipping_info": lambda om, c, k: om.orders.add_shipping_info(
+        ORDER, [DHL], idempotency_key=k
+    ),
+    "extend_due_date": lambda om, c, k: om.captures.extend_due_date(ORDER, c, 7, idempotency_key=k),
+    "add_capture_shipping_info": lambda om, c, k: om.captures.add_shipping_info(
+        ORDER, c, [DHL], idempotency_key=k
+    ),
+    "trigger_send_out": lambda om, c, k: om.captures.trigger_send_out(ORDER, c, idempotency_key=k),
+}
+
+
+@pytest.mark.parametrize("key", ["capture-key", "refund-key"])
+@pytest.mark.parametrize("operation", NO_CONTENT, ids=str)
+async def test_a_capture_or_refund_key_given_to_a_call_that_creates_nothing_does_nothing(
+    fake: FakeKlarna, om: KlarnaOM, other_om: KlarnaOM, operation: Operation, key: str
+) -> None:
+    """Klarna replays the capture's (or refund's) 201 and does nothing: the call must not
+    return None ("done"), but say nothing happened and name the key."""
+    fake.add_order(ORDER, amount=20_000)
+    capture_id = await _capture_and_refund(fake, om, ORDER)
+    before = (list(fake.order(ORDER).operations), fake.order(ORDER).status)
+    with pytest.raises(IdempotencyKeyReusedError) as caught:
+        await NO_CONTENT_ON[operation.name](other_om, capture_id, key)
+    assert_nothing_done(caught.value, key)
+    assert (list(fake.order(ORDER).operations), fake.order(ORDER).status) == before
+
+
+async def test_a_capture_refusal_replayed_to_a_cancel_is_a_reused_key_not_a_refusal(
+    fake: FakeKlarna, om: KlarnaOM, other_om: KlarnaOM
+) -> None:
+    """A capture refused with key K (403 CAPTURE_NOT_ALLOWED, kept by Klarna under K), then
+    K given to cancel: the cancel was never attempted, and can still be done with a new key."""
+    order_id = fake.add_order(amount=1000)
+    with pytest.raises(CaptureNotAllowedError):
+        await om.captures.create(
+            order_id, CaptureRequest(captured_amount=5000), idempotency_key="refused-key"
+        )
+    with pytest.raises(IdempotencyKeyReusedError) as caught:
+        await other_om.orders.cancel(order_id, idempotency_key="refused-key")
+    assert_nothing_done(caught.value, "refused-key")
+    assert fake.order(order_id).status == "AUTHORIZED"
+    await other_om.orders.cancel(order_id)
+    assert fake.order(order_id).status == "CANCELLED"
+
+
+async def test_a_refund_refusal_replayed_to_a_capture_is_a_reused_key_and_captures_nothing(
+    fake: FakeKlarna, om: KlarnaOM, other_om: KlarnaOM
+) -> None:
+    order_id = fake.add_order(amount=1000)
+    with pytest.raises(RefundNotAllowedError):
+        await om.refunds.create(
+            order_id, RefundRequest(refunded_amount=100), idempotency_key="refused-refund"
+        )
+    with pytest.raises(IdempotencyKeyReusedError) as caught:
+        await other_om.captures.create(
+            order_id, CaptureRequest(captured_amount=100), idempotency_key="refused-refund"
+        )
+    assert_nothing_done(caught.value, "refused-refund")
+    assert fake.order(order_id).captures == []
+
+
+# --- ids and addresses refused before sending -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "control", ["\n", "\r", "\t", "\x00", "\x0b", "\x1b", "\x7f", "\x85", "\x9b"]
+)
+async def test_an_id_with_a_control_character_is_refused_before_sending(
+    fake: FakeKlarna, om: KlarnaOM, control: str
+) -> None:
+    """A newline or other control character in an id would forge a line wherever the id
+    is printed (the CLI's "idempotency key:" line): refused in the one id normaliser."""
+    with pytest.raises(ValidationError) as caught:
+        await om.orders.cancel(f"a{control}b")
+    assert caught.value.field == "order_id"
+    assert "\n" not in str(caught.value)
+    with pytest.raises(ValidationError) as caught:
+        await om.captures.trigger_send_out("order", f"c{control}d")
+    assert caught.value.field == "capture_id"
+    assert fake.requests == []
+
+
+@pytest.mark.parametrize("order_id", ["a b", "ordre-ü", "50%", "a/b", " trimmed\n"])
+async def test_unusual_but_printable_ids_still_reach_klarna(
+    fake: FakeKlarna, om: KlarnaOM, order_id: str
+) -> None:
+    with pytest.raises(NoSuchOrderError):
+        await om.orders.extend_authorization_time(order_id)
+    assert len(fake.requests) == 1
+
+
+@pytest.mark.parametrize("country", ["Germany", "x" * 1000, "D", "12", "D1", "ÄÖ"])
+async def test_a_bad_shipping_country_is_refused_before_sending(
+    fake: FakeKlarna, om: KlarnaOM, country: str
+) -> None:
+    order_id = fake.add_order(amount=10_000)
+    with pytest.raises(ValidationError) as caught:
+        await om.orders.update_shipping_address(order_id, Address(country=country))
+    assert caught.value.field == "shipping_address.country"
+    assert "\n" not in str(caught.value)
+    assert len(str(caught.value)) < 200
+    assert fake.requests == []

@@ -3,6 +3,7 @@ update-authorization, references, ship-order, extend-due-date and due-date-optio
 
 from __future__ import annotations
 
+import datetime
 import re
 import sys
 from collections.abc import Awaitable, Callable
@@ -19,6 +20,7 @@ from ..models import (
     ExtendDueDateOptions,
     ExtendDueDateRequest,
     Order,
+    OrderStatus,
     UpdateAuthorizationRequest,
     UpdateMerchantReferencesRequest,
 )
@@ -92,10 +94,13 @@ def _confirm(yes: bool, command: str, question: str, unchanged: str) -> None:
 
 @attrs.frozen
 class _After:
-    """The order read back after a call that succeeded: ``unread`` when that failed."""
+    """The order read back after a call that succeeded: ``unread`` when that failed;
+    ``before``: the order read just before the call, when the command asked for it (None
+    also when that read failed)."""
 
     order: Order | None = None
     unread: KlarnaError | None = None
+    before: Order | None = None
 
 
 def _send(
@@ -104,23 +109,96 @@ def _send(
     act: Callable[[KlarnaOM], Awaitable[None]],
     *,
     read_back: str | None = None,
+    read_first: bool = False,
 ) -> _After:
     """Run ``act`` as the command's one call (errors exit as every command's do); then,
-    given ``read_back`` (an order id), read that order back. A failed read is kept, not
-    raised: the call succeeded, and a rerun would only replay it."""
+    given ``read_back`` (an order id), read that order back (with ``read_first``, also just
+    before the call). A failed read is kept, not raised: the call succeeded, and a rerun
+    would only replay it."""
     connection = Connection.from_context()
 
     async def call() -> _After:
         async with connection.client() as om:
+            before = None
+            if read_back is not None and read_first:
+                try:
+                    before = await om.orders.get(read_back)
+                except KlarnaError:
+                    before = None  # the check it serves is skipped; the call still runs
             await act(om)
             if read_back is None:
                 return _After()
             try:
-                return _After(order=await om.orders.get(read_back))
+                return _After(order=await om.orders.get(read_back), before=before)
             except KlarnaError as error:
-                return _After(unread=error)
+                return _After(unread=error, before=before)
 
     return run_single(call, json_output=json_output, idempotency_key=key)
+
+
+def _not_done(order_id: str, what: str, key: str, json_output: bool) -> None:
+    """A call that creates nothing was answered 204, but the order read back shows its
+    effect did not happen (``what``): Klarna may have replayed the 204 of another call made
+    with the same key, which no answer can tell. Exit 1 without claiming success."""
+    _fail(
+        f"{what}: Klarna may have replayed an earlier request made with idempotency key {key},"
+        f" and nothing may have happened for this one. Check the order with: klarna-om order"
+        f" {order_id}; if it still needs doing, send it again with a new key.",
+        key,
+        json_output,
+        IdempotencyKeyReusedError.__name__,
+    )
+
+
+def _fail(message: str, key: str, json_output: bool, error: str) -> None:
+    """Exit 1 with ``message`` (one line; with ``json_output``, also an error object)."""
+    if json_output:
+        echo_json(
+            {
+                "type": "error",
+                "error": error,
+                "message": message,
+                "outcome_unknown": False,
+                "idempotency_key": key,
+                "correlation_id": None,
+                "status": None,
+                "error_code": None,
+                "exit_code": EXIT_SOME_NOT_CAPTURED,
+            }
+        )
+    click.echo(f"Error: {message}", err=True)
+    sys.exit(EXIT_SOME_NOT_CAPTURED)
+
+
+#: Klarna's default expiry period, less a day of slack for clocks and time zones: an
+#: extension from today reaches at least this far, unless the 180-day limit stops it.
+_SURE_EXTENSION = datetime.timedelta(days=27)
+_MAX_AUTHORIZATION = datetime.timedelta(days=180)
+
+
+def _extension_missing(after: _After) -> str | None:
+    """Why the read-back shows an extension that should have moved ``expires_at`` and did
+    not, or None (moved, could not move, or unknown).
+
+    It could not move when it already reaches the 180-day limit or the date an extension
+    from today gives (a repeat the same day); this check assumes Klarna's default 28-day
+    period (a longer one is never flagged; a shorter one may be, which only costs a check).
+    """
+    before, order = after.before, after.order
+    if before is None or order is None:
+        return None
+    old, new, created = before.expires_at, order.expires_at, order.created_at
+    if old is None or new is None or created is None:
+        return None
+    if old.tzinfo is None or new.tzinfo is None or created.tzinfo is None or new != old:
+        return None
+    today = datetime.datetime.now(datetime.UTC).date()
+    reachable = min(
+        (created + _MAX_AUTHORIZATION).astimezone(datetime.UTC).date(), today + _SURE_EXTENSION
+    )
+    if old.astimezone(datetime.UTC).date() >= reachable:
+        return None
+    return f"the expires_at of the order is still {to_plain(old)} after the extension"
 
 
 def _order_json(order: Order | None) -> dict[str, object] | None:
@@ -205,6 +283,14 @@ def release(order_id: str, yes: bool, idempotency_key: str | None, json_output: 
         lambda om: om.orders.release_remaining_authorization(order_id, idempotency_key=key),
         read_back=order_id,
     )
+    left = after.order.remaining_authorized_amount if after.order is not None else None
+    if left:  # None when unread or unreported, 0 when released
+        _not_done(
+            order_id,
+            f"order {order_id}'s remaining_authorized_amount is {left} after the release",
+            key,
+            json_output,
+        )
     _report(
         f"Released the remaining authorization of order {order_id}",
         {"order_id": order_id, "released": True},
@@ -228,7 +314,11 @@ def extend(order_id: str, idempotency_key: str | None, json_output: bool) -> Non
         json_output,
         lambda om: om.orders.extend_authorization_time(order_id, idempotency_key=key),
         read_back=order_id,
+        read_first=True,
     )
+    missing = _extension_missing(after)
+    if missing is not None:
+        _not_done(order_id, f"order {order_id}: {missing}", key, json_output)
     _report(
         f"Extended the authorization of order {order_id}",
         {"order_id": order_id, "extended": True},
@@ -260,6 +350,11 @@ def cancel(order_id: str, yes: bool, idempotency_key: str | None, json_output: b
         lambda om: om.orders.cancel(order_id, idempotency_key=key),
         read_back=order_id,
     )
+    status = after.order.status if after.order is not None else None
+    if status is not None and status != OrderStatus.CANCELLED:
+        _not_done(
+            order_id, f"order {order_id}'s status is {status} after the cancel", key, json_output
+        )
     _report(
         f"Cancelled order {order_id}",
         {"order_id": order_id, "cancelled": True},
@@ -335,29 +430,23 @@ def update_authorization(
 
 
 def _replayed(order_id: str, amount: int, read: int | None, key: str, json_output: bool) -> None:
-    """Klarna answered with an earlier request's result and did nothing: exit 1, as
-    `capture` does for a reused key."""
-    message = (
-        f"order {order_id}'s amount is {read}, not the {amount} asked: Klarna replayed an"
-        f" earlier request made with idempotency key {key} and did nothing for this one. A"
-        " key belongs to one request: send this one again with a new key."
+    """The amount read back is not the one asked, with a key given again: exit 1.
+
+    The read-back cannot tell which happened: Klarna replayed another request made with
+    this key (nothing done for this one), or this very request was done before and the
+    amount changed since (a rerun after an unknown outcome). Resending blindly with a new
+    key would undo that later change, so the message says to read the order first.
+    """
+    _fail(
+        f"order {order_id}'s amount read back is {read}, not the {amount} asked: either"
+        f" another request used idempotency key {key} (Klarna then replayed its answer and"
+        f" did nothing for this call), or the amount was changed since this request was"
+        f" done. Read the order (klarna-om order {order_id}) before sending anything again;"
+        f" only if it still needs {amount}, send it with a new key.",
+        key,
+        json_output,
+        IdempotencyKeyReusedError.__name__,
     )
-    if json_output:
-        echo_json(
-            {
-                "type": "error",
-                "error": IdempotencyKeyReusedError.__name__,
-                "message": message,
-                "outcome_unknown": False,
-                "idempotency_key": key,
-                "correlation_id": None,
-                "status": None,
-                "error_code": None,
-                "exit_code": EXIT_SOME_NOT_CAPTURED,
-            }
-        )
-    click.echo(f"Error: {message}", err=True)
-    sys.exit(EXIT_SOME_NOT_CAPTURED)
 
 
 @_order_command(

@@ -485,8 +485,10 @@ class Ledger:
         Refused (403 ``NOT_ALLOWED``) on a fully captured order (docs.klarna.com, "release
         order authorization"), and on a cancelled order or one without captures (spec:
         "Can not release when order is cancelled or has no captures"; an uncaptured order is
-        cancelled instead). Afterwards the order is ``CAPTURED``, or ``CLOSED`` when
-        everything captured was also refunded.
+        cancelled instead). "Captures" are counted as cancel counts them (docs.klarna.com,
+        "cancel an order": only before any capture), so an order whose only capture is of 0
+        cannot be cancelled but can be released. Afterwards the order is ``CAPTURED``, or
+        ``CLOSED`` when everything captured was also refunded.
         """
         final = _final_word(order)
         if final is not None:
@@ -495,7 +497,7 @@ class Ledger:
             )
         if order.status == "CAPTURED":
             raise NotAllowed("Order is fully captured. Remaining authorization cannot be released.")
-        if order.captured_amount == 0:
+        if not order.captures:  # the rule cancel uses: a capture of 0 counts too
             raise NotAllowed(
                 f"Order {order.order_id} has no captures. Remaining authorization cannot be"
                 " released; cancel the order instead."
@@ -574,6 +576,8 @@ class Ledger:
         order.order_lines = list(body.order_lines or ())
         if order.captured_amount:
             order.status = "CAPTURED" if order.remaining_authorized_amount == 0 else "PART_CAPTURED"
+            if order.status == "CAPTURED" and order.refundable_amount == 0:
+                order.status = "CLOSED"  # nothing left to capture or refund, as after release
         order.operations.append("updateAuthorization")
 
     def update_merchant_references(self, order: FakeOrder, references: dict[str, str]) -> None:

@@ -6,6 +6,7 @@ required field, a string amount, a bool) fails against the fake as it would agai
 
 from __future__ import annotations
 
+import re
 from typing import TypeGuard
 
 import orjson
@@ -76,6 +77,8 @@ _ADDRESS_LENGTHS = {
     "street_address2": 100,
     "title": 20,
 }
+# The spec's ``address.country``: "ISO 3166 alpha-2" (its example is "us").
+_COUNTRY_CODE = re.compile(r"[A-Za-z]{2}").fullmatch
 _MAX_INT32 = 2**31 - 1
 _ORDER_LINE_REQUIRED_INTS = ("quantity", "unit_price", "total_amount")
 _ORDER_LINE_OPTIONAL_INTS = ("tax_rate", "total_discount_amount", "total_tax_amount")
@@ -240,7 +243,7 @@ def _address(data: JSONObject, field: str) -> JSONObject | None:
             address[name] = text
     country = value.get("country")
     if country is not None:
-        if not (isinstance(country, str) and (country == "" or len(country) == 2)):
+        if not (isinstance(country, str) and (country == "" or _COUNTRY_CODE(country))):
             raise BadValue(f"Bad value: {field}.country (ISO 3166 alpha-2)")
         address["country"] = country
     return address
