@@ -162,7 +162,7 @@ async def raw_aiohttp(
 
 @asynccontextmanager
 async def raw_httpx(url: str, concurrency: int) -> AsyncIterator[One]:
-    import httpx
+    import httpx  # type: ignore[import-not-found, unused-ignore]  # optional
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(limits=limits, timeout=20.0) as client:
@@ -269,7 +269,9 @@ async def runner(variant: str, url: str, concurrency: int) -> AsyncIterator[Run]
                 if variant == "many":
                     yield Run(lambda indices: run_batch(om, indices, concurrency, None))
                     return
-                durability = "normal" if variant == "many_journal_normal" else "full"
+                durability: Literal["full", "normal"] = (
+                    "normal" if variant == "many_journal_normal" else "full"
+                )
                 run = JournaledRun(om, concurrency, Path(tmp), durability)
                 await run.renew()
                 try:

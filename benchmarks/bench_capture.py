@@ -283,7 +283,7 @@ def sweep(
 
 
 def median_of(runs: list[dict[str, Any]], key: str) -> float:
-    return statistics.median(run[key] for run in runs)
+    return float(statistics.median(run[key] for run in runs))
 
 
 def ratios(runs: list[dict[str, Any]], variant: str) -> list[float]:
@@ -440,7 +440,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     split = cpu_split(not args.no_pin)
     server_cpus, args.client_cpus = split if split is not None else (None, None)
     args.pinning = (
-        f"server pinned to CPU {sorted(server_cpus)}, clients to CPUs {sorted(args.client_cpus)}"
+        f"server pinned to CPU {sorted(split[0])}, clients to CPUs {sorted(split[1])}"
         if split is not None
         else "client and server share the CPUs (not pinned)"
     )

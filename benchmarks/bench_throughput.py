@@ -21,8 +21,9 @@ from the call to the last outcome, or the CLI's summary), 429s per 1000 requests
 bookings (the server's counters), and items not captured.
 
 Writes a Markdown report (``benchmarks/THROUGHPUT.md``; ``--quick`` writes
-``benchmarks/results/THROUGHPUT-quick.md``) and the raw runs as JSON under
-``benchmarks/results/`` (git-ignored), rewritten after every run.
+``benchmarks/results/THROUGHPUT-quick.md``; ``--append`` adds the run as a section of its own
+to the report already there, so a part of the matrix can be rerun without losing the rest) and
+the raw runs as JSON under ``benchmarks/results/`` (git-ignored), rewritten after every run.
 """
 
 from __future__ import annotations
@@ -136,6 +137,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--no-pin", action="store_true", help="do not pin the server and the client to CPUs"
     )
     parser.add_argument("--out", type=Path, help="write THROUGHPUT.md and the JSON here")
+    parser.add_argument(
+        "--append",
+        action="store_true",
+        help="add this run to THROUGHPUT.md as a section of its own (its command, machine and "
+        "table) instead of rewriting the file",
+    )
     args = parser.parse_args(argv)
     args.captures = args.captures or ([300] if args.quick else [3_000, 10_000])
     args.rates = args.rates or ([200] if args.quick else [200, 50])
@@ -397,6 +404,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raw.write_text(json.dumps({"argv": args.argv, "runs": runs}, indent=1))
     seconds = time.monotonic() - started
     markdown = report(args, runs, seconds)
+    if args.append and args.markdown.exists():
+        title = f"## Also run: {', '.join(args.servers)}; limit {', '.join(args.limits)}"
+        section = markdown.replace("# Throughput against a rate limit", title, 1)
+        markdown = args.markdown.read_text().rstrip("\n") + "\n\n" + section
     args.markdown.parent.mkdir(parents=True, exist_ok=True)
     args.markdown.write_text(markdown)
     raw.write_text(json.dumps({"argv": args.argv, "seconds": seconds, "runs": runs}, indent=1))

@@ -14,6 +14,7 @@ states (``X-Ratelimit-Limit``, paced at ``LEARNED_SHARE`` of it); a pace learned
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
@@ -27,7 +28,7 @@ from .config import MAX_RATE_LIMIT, check_rate_limit
 from .errors import KlarnaAPIError, RateLimitError, reset_after
 from .middleware import Handler, Request, Response
 
-__all__ = ("AdaptiveRate", "Pace", "ThrottleMiddleware", "rate_limited")
+__all__ = ("AdaptiveRate", "Pace", "SlowStart", "ThrottleMiddleware", "rate_limited")
 
 logger = logging.getLogger("klarna_om_async")
 
@@ -110,6 +111,14 @@ ADAPTIVE_REGRID = 1.1
 #: ``ThrottleMiddleware``: a request asleep on the learned grid wakes at least this often to
 #: see whether the grid was laid anew (a 429, a climb) or forgotten.
 ADAPTIVE_STEP = 0.25
+#: ``AdaptiveRate``: a 429 says the pace itself was too fast (and the answers let through in
+#: the last window are the limit) once at least this share of that window's answers were 429s.
+ADAPTIVE_REFUSED_SHARE = 0.05
+#: ``ThrottleMiddleware``: a 429 that states no wait pauses a client with a learned pace this
+#: long (seconds): sent into a full window, the next requests would all get 429s.
+ADAPTIVE_PROBE = 0.1
+#: ``SlowStart``: attempts in flight at first, while nothing is known of the limit.
+SLOW_START_WINDOW = 16
 
 
 class AdaptiveRate:
@@ -118,10 +127,15 @@ class AdaptiveRate:
     The estimate ``W`` (``ceiling``) is the rate Klarna lets through. At the first 429 it is
     the answers other than 429 the client got in the last ``ADAPTIVE_WINDOW`` (1 s, the span
     Klarna counts over); answers to requests already in flight keep coming after the 429, so
-    ``W`` rises to the highest such count until one window after the pause. At a later 429
-    it is the learned rate the client was at, or what it measurably got through if that was
-    less (a client that sent below its pace), the measure being trusted only after two
-    windows without a pause. ``W`` is at least ``MIN_ADAPTIVE_RATE``.
+    ``W`` rises to the highest such count until one window after the pause. A first 429 that
+    comes before any answer (a batch's opening burst) waits for those answers: the ones that
+    come before its pause ends are the estimate, and the requests the pause held back leave
+    on that grid, not all at once. At a later 429 ``W`` is the learned rate the client was
+    at, or what it measurably got through if that was less: when at least
+    ``ADAPTIVE_REFUSED_SHARE`` of the last window's answers were 429s (the pace itself is
+    too fast: a token bucket's first burst made ``W`` too high), or when two windows passed
+    without a pause (a client that sent below its pace). ``W`` is at least
+    ``MIN_ADAPTIVE_RATE``.
 
     - Decrease: on a 429 the pace drops to ``ADAPTIVE_DECREASE * W``: 0.9, because ``W`` is
       measured, not guessed, so 10% under it leaves room for clock skew and the merchant's
@@ -141,10 +155,11 @@ class AdaptiveRate:
       the client has not been sending that fast or the limit has gone: the estimate is
       dropped (no pace) and the next 429 starts over.
 
-    A 429 teaches nothing when no answer other than 429 came in the last window (a lone
-    call, or a second in which another client of the merchant used up the quota): zero is
-    no measured rate, and the pause suffices (``ThrottleMiddleware`` pauses 1 s then, even
-    with a learned pace, which it keeps). One decrease per ``ADAPTIVE_WINDOW`` at most.
+    A 429 teaches nothing when no answer came in the last window and none comes before its
+    pause ends (a lone call, or a second in which another client of the merchant used up the
+    quota): zero is no measured rate, and the pause suffices (``ThrottleMiddleware`` pauses
+    1 s then, even with a learned pace, which it keeps). One decrease per
+    ``ADAPTIVE_WINDOW`` at most.
 
     Everything is computed from the times passed in (the client's ``clock``): deterministic.
     """
@@ -156,8 +171,10 @@ class AdaptiveRate:
         self.decreases = 0
         #: The grid the learned rate is kept on; None while there is no estimate.
         self.pace: Pace | None = None
+        #: When a 429 last lowered the pace (or waited for answers to learn one from).
+        self.decided_at = -math.inf
         self._answers: deque[float] = deque()  # when each recent non-429 answer came
-        self._decided_at = -math.inf  # when a 429 last lowered the pace
+        self._refusals: deque[float] = deque()  # when each recent 429 came
         self._since = -math.inf  # when the climb started (the end of that 429's pause)
         self._paused_until = -math.inf  # the end of the last pause a 429 imposed
         self._refine_until = -math.inf  # answers raise a first estimate until then
@@ -165,11 +182,7 @@ class AdaptiveRate:
 
     def measured(self, now: float) -> int:
         """The answers other than 429 in the last ``ADAPTIVE_WINDOW`` before ``now``."""
-        answers = self._answers
-        cutoff = now - ADAPTIVE_WINDOW
-        while answers and answers[0] <= cutoff:
-            answers.popleft()
-        return len(answers)
+        return _within(self._answers, now)
 
     def answered(self, now: float) -> None:
         """Note an answer other than 429: Klarna counted that request and let it through."""
@@ -180,35 +193,55 @@ class AdaptiveRate:
             answers.popleft()
         if now < self._refine_until and len(answers) > self.ceiling:
             self.ceiling = float(len(answers))  # answers to requests in flight at the 429
+            if self.pace is None:  # the first 429 came before any answer: now there is one
+                self._lay(self.ceiling, now)
 
     def limited(self, asked_at: float, now: float, resume_at: float) -> bool:
         """Lower the pace after a 429 (``resume_at``: when the pause it imposed ends).
 
-        ``asked_at``: when the refused request came to the throttle. False (nothing learned)
-        when the request came within ``ADAPTIVE_WINDOW`` after the last decrease (the same
-        overshoot: Klarna's window may still be full) or no other answer came in the last
-        window (nothing was measured).
+        ``asked_at``: when the refused request came to the throttle (``-inf``: before the
+        first decision). False (nothing learned yet) when the request came within
+        ``ADAPTIVE_WINDOW`` after the last decision (the same overshoot: Klarna's window may
+        still be full) or no other answer came in the last window (nothing was measured;
+        without a pace, the answers that come before the pause ends then set one).
         """
-        if resume_at > now:
+        if resume_at > now + ADAPTIVE_PROBE:  # a probe's pause leaves the measure whole
             self._paused_until = max(self._paused_until, resume_at)
-        if asked_at <= self._decided_at + ADAPTIVE_WINDOW:
+        self._refusals.append(now)
+        last = self.decided_at
+        if last > -math.inf and asked_at <= last + ADAPTIVE_WINDOW:
             return False
         measured = float(self.measured(now))
-        if not measured:
-            return False
         current = self.rate_at(now)
+        if not measured:
+            if current is None:
+                # A batch's opening burst: the answers still to come to the requests in
+                # flight (until the pause ends; later ones are to requests it held back).
+                self.decided_at = now
+                self._since = max(now, resume_at)
+                self._refine_until = max(now, resume_at)
+                self.ceiling = 0.0
+            return False
+        refused = _within(self._refusals, now)
         if current is None:
             ceiling = measured
-        elif now - 2 * ADAPTIVE_WINDOW >= max(self._paused_until, self._decided_at):
+        elif refused >= max(2.0, ADAPTIVE_REFUSED_SHARE * (measured + refused)):
+            ceiling = min(current, measured)  # the pace was too fast: what got through is W
+        elif now - 2 * ADAPTIVE_WINDOW >= max(self._paused_until, last):
             ceiling = min(current, measured)
         else:  # a pause or a decrease came lately: the last window's answers tell too little
             ceiling = current
         self.ceiling = max(ceiling, MIN_ADAPTIVE_RATE)
-        self._decided_at = now
+        self.decided_at = now
         self._since = max(now, resume_at)
         self._refine_until = self._since + ADAPTIVE_WINDOW if current is None else -math.inf
         self.decreases += 1
-        self._grid_rate = min(ADAPTIVE_DECREASE * self.ceiling, MAX_RATE_LIMIT)
+        self._lay(self.ceiling, now)
+        return True
+
+    def _lay(self, ceiling: float, now: float) -> None:
+        """Lay the grid at ``ADAPTIVE_DECREASE`` of ``ceiling`` from ``now``."""
+        self._grid_rate = min(ADAPTIVE_DECREASE * max(ceiling, MIN_ADAPTIVE_RATE), MAX_RATE_LIMIT)
         if self.pace is None:
             self.pace = Pace(self._grid_rate)
         else:
@@ -216,7 +249,6 @@ class AdaptiveRate:
             # at the old rate: they take new ones when they wake (ThrottleMiddleware).
             self.pace.interval = 1.0 / self._grid_rate
             self.pace.restart(now)
-        return True
 
     def rate_at(self, now: float) -> float | None:
         """Requests per second the learned pace allows at ``now``; None without one."""
@@ -240,6 +272,80 @@ class AdaptiveRate:
             self._grid_rate = rate
             pace.restart(now)  # the sleepers on far slots move up (ThrottleMiddleware)
         return pace
+
+
+def _within(times: deque[float], now: float) -> int:
+    """How many of ``times`` lie in the last ``ADAPTIVE_WINDOW`` before ``now`` (older ones
+    are dropped)."""
+    cutoff = now - ADAPTIVE_WINDOW
+    while times and times[0] <= cutoff:
+        times.popleft()
+    return len(times)
+
+
+class SlowStart:
+    """At most ``window`` attempts in flight, one more after each answer, until :meth:`end`.
+
+    While nothing is known of Klarna's limit, a batch's opening burst (128 requests at once)
+    would meet it long before the first answer tells anything: at 50 requests/s, 78 of them
+    get a 429. TCP's slow start instead: ``SLOW_START_WINDOW`` at first, one more per answer
+    (the window doubles every round trip, so it reaches a 128-request batch in three), so the
+    first 429 comes when the client is barely over the limit. ``ThrottleMiddleware`` ends it
+    at the first 429 (the learned pace takes over) or stated limit; it ends by itself once
+    the window is twice the most attempts ever in flight (the window no longer binds).
+    """
+
+    def __init__(self, window: int = SLOW_START_WINDOW) -> None:
+        #: How many attempts may be in flight now.
+        self.window = window
+        #: Attempts in flight (between :meth:`enter` and :meth:`leave`).
+        self.in_flight = 0
+        #: True once it ended: no attempt waits any more.
+        self.over = False
+        self._peak = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    async def enter(self) -> None:
+        """Wait until the window has room for one more attempt (or slow start is over)."""
+        while not self.over and self.in_flight >= self.window:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            except BaseException:
+                self._wake()  # if it was woken, the room it was given goes to the next
+                raise
+        self.in_flight += 1
+        if self.in_flight > self._peak:
+            self._peak = self.in_flight
+
+    def leave(self) -> None:
+        """An attempt was answered (or failed): one fewer in flight, and one more allowed."""
+        self.in_flight -= 1
+        if self.over:
+            return
+        self.window += 1
+        if self.window > 2 * self._peak:
+            self.end()
+        else:
+            self._wake()
+
+    def end(self) -> None:
+        """No window from now on: every waiting attempt goes on."""
+        self.over = True
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _wake(self) -> None:
+        room = self.window - self.in_flight
+        waiters = self._waiters
+        while room > 0 and waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                room -= 1
 
 
 @contextlib.contextmanager
@@ -271,10 +377,14 @@ class ThrottleMiddleware:
     Without ``pace`` (the user's ``rate_limit``) and without a limit stated in
     ``X-Ratelimit-Limit``, a 429 gives the client a pace learned from the rate Klarna let
     through (``AdaptiveRate``): the requests the pause held back then leave on that grid, one
-    by one. While such a pace exists, a 429 without ``Retry-After`` lowers it instead of
-    pausing the client: the lower pace is the slowdown. The transport calls :meth:`recheck`
-    once an attempt has its connection, so an attempt that waited for one while a 429 paused
-    the client still waits the pause out (or is refused, unsent) before it is sent.
+    by one. When the last second let answers through, a 429 without a wait (no
+    ``Retry-After``, ``Retry-After: 0``, a date gone by) lowers that pace and pauses the
+    client only ``ADAPTIVE_PROBE`` (0.1 s): the lower pace is the slowdown, and the short
+    pause probes Klarna's full window with one request at a time instead of the full pace.
+    Until then (nothing known of the limit) attempts ramp up (``SlowStart``) rather than
+    opening with the whole batch at once. The transport calls :meth:`recheck` once an attempt
+    has its connection, so an attempt that waited for one while a 429 paused the client still
+    waits the pause out (or is refused, unsent) before it is sent.
     """
 
     def __init__(
@@ -292,6 +402,8 @@ class ThrottleMiddleware:
         self._stated: Pace | None = None
         #: The pace learned from 429s (used only without ``pace`` and a stated limit).
         self.adaptive = AdaptiveRate()
+        #: The opening ramp while nothing is known of the limit (None: over, or a ``pace``).
+        self.slow_start: SlowStart | None = SlowStart() if pace is None else None
         #: How many answers with status 429 this client received from Klarna (a call refused
         #: here, unsent, is not one).
         self.rate_limited_count = 0
@@ -323,55 +435,71 @@ class ThrottleMiddleware:
         Raises ``RateLimitError`` without sending when the pause or a pace slot lies past the
         call's deadline.
         """
-        if self._resume_at:  # 0.0 unless a 429 paused the client and nobody has waited since
-            await self._wait_pause(request)
-        learning = self._pace is None and self._stated is None
-        asked_at = self._clock() if learning else 0.0
-        # The paces come after the pause, so requests released together leave one by one.
-        if self._pace or self._stated or self.adaptive.pace or _batch_pace.get() is not None:
-            await self._take_slots(request)
+        starting = self.slow_start
+        if starting is not None:  # before the pause and the paces: a 429 ends it, they stay
+            await starting.enter()
         try:
-            response = await call_next(request)
-        except RateLimitError as error:
-            if error not in self._unsent:  # else refused by `recheck`: Klarna saw nothing
-                self._rate_limited(error, asked_at)
-            raise
-        except KlarnaAPIError:
+            if self._resume_at:  # 0.0 unless a 429 paused the client and nobody waited since
+                await self._wait_pause(request)
+            adaptive = self.adaptive
+            learning = self._pace is None and self._stated is None
+            # When it came, for telling a new overshoot from the last one; before any
+            # decision, "earlier than any" (-inf) says the same without reading the clock.
+            asked_at = self._clock() if learning and adaptive.decided_at > -math.inf else -math.inf
+            # The paces come after the pause, so requests released together leave one by one.
+            if self._pace or self._stated or adaptive.pace or _batch_pace.get() is not None:
+                await self._take_slots(request)
+            try:
+                response = await call_next(request)
+            except RateLimitError as error:
+                if error not in self._unsent:  # else refused by `recheck`: Klarna saw nothing
+                    self._rate_limited(error, asked_at)
+                raise
+            except KlarnaAPIError:
+                if learning:
+                    adaptive.answered(self._clock())  # refused, but let through
+                raise
             if learning:
-                self.adaptive.answered(self._clock())  # refused, but let through
-            raise
-        if learning:
-            self.adaptive.answered(self._clock())
-        headers = response.headers
-        if _LIMIT in headers or _REMAINING in headers:
-            self._learn(headers)
-        return response
+                adaptive.answered(self._clock())
+            headers = response.headers
+            if _LIMIT in headers or _REMAINING in headers:
+                self._learn(headers)
+            return response
+        finally:
+            if starting is not None:
+                starting.leave()
 
     def _rate_limited(self, error: RateLimitError, asked_at: float) -> None:
         """Pause the client after a 429 and, without a stated limit, lower its learned pace."""
         self.rate_limited_count += 1
         now = self._clock()
         learning = self._pace is None and self._stated is None
+        if learning:
+            self._end_slow_start()  # the pace learned from this 429 takes over
         pause = error.retry_after
-        if pause is None or not pause >= 0:  # `not >=` also catches nan
-            # A learned pace is slowed down instead: no pause on top of it (unless nothing
-            # got through in the last second: then there is nothing to lower it to).
-            slowed = learning and self.adaptive.pace and self.adaptive.measured(now)
-            pause = 0.0 if slowed else DEFAULT_RATE_LIMIT_PAUSE
+        # `not >=` also catches nan. "Retry-After: 0" (or a date gone by) sets no wait, but
+        # the 429 still says "too fast": a learning client treats it as saying nothing.
+        if pause is None or not pause >= 0 or (learning and pause == 0):
+            # With a pace learned (or to be learned from the answers of the last second),
+            # the lower pace is the slowdown; the short pause only probes for the end of
+            # Klarna's full window instead of sending into it at the full pace (one 429 per
+            # probe, not one per slot). With nothing measured, the pause is the slowdown.
+            probe = learning and self.adaptive.measured(now)
+            pause = ADAPTIVE_PROBE if probe else DEFAULT_RATE_LIMIT_PAUSE
         if pause > 0:
             self._resume_at = max(self._resume_at, now + min(pause, self._max_pause))
-        # "Retry-After: 0" asks for no slowdown (fault injection says it, too): no signal.
-        if (
-            learning
-            and error.retry_after != 0.0
-            and self.adaptive.limited(asked_at, now, self._resume_at)
-        ):
+        if learning and self.adaptive.limited(asked_at, now, self._resume_at):
             logger.info(
                 "Klarna answered 429: pacing this client at %.1f requests/s (it let %d"
                 " through in the last second)",
                 ADAPTIVE_DECREASE * self.adaptive.ceiling,
                 self.adaptive.ceiling,
             )
+
+    def _end_slow_start(self) -> None:
+        if self.slow_start is not None:
+            self.slow_start.end()
+            self.slow_start = None
 
     async def _wait_pause(self, request: Request) -> None:
         """Wait until no 429 pause is on, however often it is extended meanwhile."""
@@ -476,6 +604,7 @@ class ThrottleMiddleware:
             rate = min(limit * LEARNED_SHARE, MAX_RATE_LIMIT)
             if self._stated is None or self._stated.interval != 1.0 / rate:
                 self._stated = Pace(rate)
+                self._end_slow_start()  # the stated limit paces from now on
         remaining = _number(headers.get(_REMAINING))
         reset = reset_after(headers)
         if remaining is not None and remaining <= 0 and reset is not None:

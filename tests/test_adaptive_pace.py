@@ -31,6 +31,7 @@ from klarna_om_async.config import RetryPolicy
 from klarna_om_async.throttle import (
     ADAPTIVE_DECREASE,
     ADAPTIVE_FORGET,
+    ADAPTIVE_PROBE,
     ADAPTIVE_RECOVERY,
     AdaptiveRate,
     ThrottleMiddleware,
@@ -112,13 +113,16 @@ class SimulatedTime:
 
 class LimitedServer:
     """Books captures, at most ``limit`` a virtual second (fixed windows on the clock's
-    seconds, every request counted), 429 beyond; no ``Retry-After`` and no ``X-Ratelimit-*``
-    unless ``stated`` (then ``X-Ratelimit-Limit`` on every answer)."""
+    seconds, every request counted), 429 beyond; no ``X-Ratelimit-*`` unless ``stated`` (then
+    ``X-Ratelimit-Limit`` on every answer), and ``Retry-After: retry_after`` on 429s if given."""
 
-    def __init__(self, time: SimulatedTime, limit: int, *, stated: bool = False) -> None:
+    def __init__(
+        self, time: SimulatedTime, limit: int, *, stated: bool = False, retry_after: str = ""
+    ) -> None:
         self.time = time
         self.limit = limit
         self.stated = stated
+        self.retry_after = retry_after
         #: (virtual arrival time, status, the client's pace then in requests per second)
         self.arrivals: list[tuple[float, int, float | None]] = []
         self.client_rate: Callable[[], float | None] = lambda: None
@@ -137,6 +141,8 @@ class LimitedServer:
         if status == 201:
             headers["Capture-Id"] = f"cap-{len(self.arrivals)}"
             return web.Response(status=201, headers=headers)
+        if self.retry_after:
+            headers["Retry-After"] = self.retry_after
         return web.json_response(
             {"error_code": "TOO_MANY_REQUESTS", "error_messages": ["slow down"]},
             status=429,
@@ -290,23 +296,32 @@ async def test_without_rate_headers_the_pace_drops_after_a_429_then_climbs_and_s
         statuses = await time.run(capture_all(om, 300, concurrency=32))
     assert statuses == [CaptureStatus.CAPTURED] * 300
 
-    # Second 0, before anything is known: everyone at once (the server answers in no
-    # virtual time, so workers that got a 201 send their next item at once too). 20 booked.
-    first = [a for a in server.arrivals if a[0] < 1]
-    assert {a[0] for a in first} == {0.0}
-    assert sum(a[1] == 201 for a in first) == 20
-    # The 429s paused the client for 1 s and taught it 90% of the 20 it let through: the
-    # held-back requests then left on that grid, one by one, not in a burst.
-    resumed = server.after(1.0)
-    assert resumed[0][0] == 1.0
-    assert resumed[0][2] == pytest.approx(18.0)
-    assert gaps([a[0] for a in resumed[:5]]) == pytest.approx([1 / 18] * 4, rel=0.01)
+    # Second 0, before anything is known: slow start, but the server answers in no virtual
+    # time, so its window opens at once (workers that got a 201 send their next item at
+    # once too). 20 booked, the rest refused, and the 429s taught 90% of those 20.
+    first = [a for a in server.arrivals if a[0] < 1 - 1e-9]  # the server's second 0
+    opening = [a for a in first if a[0] == 0.0]
+    assert sum(a[1] == 201 for a in opening) == 20
+    assert {a[2] for a in opening if a[1] == 201} == {None}
+    assert {a[2] for a in opening[-5:]} == {ADAPTIVE_DECREASE * 20}
+    # Klarna's window stays full until the second ends: the client probes it, one request
+    # per ADAPTIVE_PROBE (the retries, after their 0.5 s), instead of sending into it at
+    # the full pace or pausing blindly.
+    probes = [a for a in first if a[0] > 0]
+    assert [a[1] for a in probes] == [429] * len(probes)
+    assert gaps([a[0] for a in probes]) == pytest.approx([ADAPTIVE_PROBE] * (len(probes) - 1))
+    # The window ends: the held-back requests leave on the learned grid, one by one.
+    resumed = server.after(1.0 - 1e-9)
+    assert resumed[0][0] == pytest.approx(1.0)
+    assert resumed[0][1] == 201
+    assert 18.0 < (resumed[0][2] or 0) < 20.0  # climbing since the probe's pause ended
+    assert all(1 / 20.5 < gap < 1 / 18 for gap in gaps([a[0] for a in resumed[:5]]))
     assert min(gaps([a[0] for a in resumed])) >= 1 / (ADAPTIVE_FORGET * 20)
     # From there the pace climbs back to 20/s, and past it, until a 429 lowers it again.
     rates = [a[2] for a in resumed]
     assert all(r is not None for r in rates)
     peak = max(i for i, r in enumerate(rates) if r is not None and r > 20.5)
-    assert any(r is not None and r < 18.5 for r in rates[peak:])
+    assert any(r is not None and r < 19.5 for r in rates[peak:])  # under the limit again
     # It settles just under the limit: each later overshoot costs a 429 or two (the next
     # slot on the slower grid may still fall in Klarna's full window), not a burst (the
     # requests asleep on slots given at the old rate take new ones on the slower grid), and
@@ -371,3 +386,71 @@ async def test_the_users_rate_limit_wins_over_the_learned_pace(
     assert {a[2] for a in server.arrivals} == {25.0}
     assert min(gaps([a[0] for a in server.arrivals])) >= 1 / 25 - 1e-9
     assert throttle.adaptive.pace is None
+
+
+async def test_a_server_saying_retry_after_0_beyond_its_limit_is_learned_from(
+    serve: Callable[[LimitedServer], Awaitable[str]],
+) -> None:
+    # "Retry-After: 0" sets no wait, but the 429 still says "too fast" (review F4: such a
+    # server used to get about 11 429s per capture at 20/s, none of them learned from).
+    time = SimulatedTime()
+    server = LimitedServer(time, limit=20, retry_after="0")
+    url = await serve(server)
+    async with client(url, time) as om:
+        throttle = throttle_of(om)
+        server.client_rate = lambda: throttle.rate
+        statuses = await time.run(capture_all(om, 300, concurrency=32))
+    assert statuses == [CaptureStatus.CAPTURED] * 300
+    assert throttle.adaptive.decreases >= 1
+    # Once learned, far fewer than one 429 per request: a few per overshoot of the limit.
+    later = server.after(1.0 - 1e-9)
+    assert sum(a[1] == 429 for a in later) <= 0.05 * len(later)
+    assert om.rate_limited_count <= 0.2 * 300
+    booked = [a[0] for a in later if a[1] == 201]
+    assert (len(booked) - 1) / (booked[-1] - booked[0]) >= 0.9 * 20
+
+
+def test_a_429_before_any_answer_learns_from_the_answers_its_pause_waits_for() -> None:
+    # A batch's opening burst: the limit is met before the first answer comes back.
+    rate = AdaptiveRate()
+    assert not rate.limited(asked_at=-math.inf, now=0.01, resume_at=1.01)
+    assert rate.pace is None
+    # The answers to the requests in flight come during the pause: they are the estimate,
+    # so the requests the pause held back leave on a grid, not all at once.
+    for i in range(50):
+        rate.answered(0.15 + i / 250)
+    assert rate.ceiling == 50
+    assert rate.rate_at(1.01) == pytest.approx(ADAPTIVE_DECREASE * 50)
+    # The same burst's later 429s are the same event.
+    assert not rate.limited(asked_at=-math.inf, now=0.5, resume_at=1.5)
+    assert rate.decreases == 0
+
+
+def test_a_lone_429_before_any_answer_still_teaches_nothing() -> None:
+    rate = AdaptiveRate()
+    assert not rate.limited(asked_at=-math.inf, now=0.0, resume_at=1.0)
+    rate.answered(1.2)  # its own retry, after the pause: no measure of the limit
+    assert rate.pace is None
+    assert rate.rate_at(1.2) is None
+
+
+def test_when_a_share_of_the_last_second_was_refused_what_got_through_is_the_limit() -> None:
+    # A token bucket's first burst made the estimate too high (300 for a 200/s limit):
+    # paced at 270/s, a fifth of the answers are 429s, and what got through is the limit.
+    rate = AdaptiveRate()
+    for i in range(300):
+        rate.answered(0.001 + i / 300)
+    assert rate.limited(asked_at=0.99, now=1.0, resume_at=1.0)
+    assert rate.ceiling == 300
+    for i in range(240):
+        rate.answered(2.5 + i / 200)  # what the bucket lets through: 200/s
+    # The first 429 at the new pace: nothing says yet that the pace, not a passing burst,
+    # is too fast (one 429 in the last second): down from the rate the client was at.
+    assert rate.limited(asked_at=2.6, now=2.6, resume_at=2.6)
+    assert rate.ceiling > 250
+    for i in range(40):  # 429s to requests sent within a window after it: the same event
+        assert not rate.limited(asked_at=2.8, now=2.8 + i / 44, resume_at=2.8 + i / 44)
+    # A window later, a fifth of the answers were 429s: the pace itself is too fast, and
+    # the 189 let through in the last second are the limit.
+    assert rate.limited(asked_at=3.7, now=3.75, resume_at=3.75)
+    assert rate.ceiling == rate.measured(3.75) == 189

@@ -382,7 +382,7 @@ async def test_a_later_429_with_nothing_to_measure_keeps_the_learned_pace_and_pa
         now[0] = 0.05 + i / 10
         await throttle(Request("GET", "/o"), Script(200))
     now[0] = 1.0
-    with pytest.raises(RateLimitError):  # no Retry-After: the first one pauses 1 s
+    with pytest.raises(RateLimitError):  # no Retry-After: a short probing pause
         await throttle(Request("GET", "/o"), Script(RateLimitError(status=429)))
     assert throttle.rate == pytest.approx(9.0)  # 90% of the 10 let through in that second
     now[0] = 4.0
@@ -400,10 +400,10 @@ async def test_a_later_429_with_nothing_to_measure_keeps_the_learned_pace_and_pa
     await throttle(Request("GET", "/o"), Script(200))
     pause, *slot = sleeps.waits
     assert pause == pytest.approx(1.0)
-    assert sum(slot) <= 1 / climbed
+    assert sum(slot) == pytest.approx(1 / climbed) or sum(slot) < 1 / climbed
 
 
-async def test_a_429_saying_retry_after_0_teaches_no_pace() -> None:
+async def test_a_429_saying_retry_after_0_still_teaches_a_pace() -> None:
     now = [0.0]
     throttle = ThrottleMiddleware(sleep=InstantSleep(), clock=lambda: now[0])
     for i in range(10):
@@ -413,7 +413,5 @@ async def test_a_429_saying_retry_after_0_teaches_no_pace() -> None:
     with pytest.raises(RateLimitError):
         await throttle(Request("GET", "/o"), Script(api_error(429, "0")))
     assert throttle.rate_limited_count == 1
-    assert throttle.rate is None  # the server asked for no slowdown
-    with pytest.raises(RateLimitError):
-        await throttle(Request("GET", "/o"), Script(api_error(429)))
-    assert throttle.rate == pytest.approx(9.0)  # one saying nothing is a rate signal
+    # "No wait" still says "too fast": 90% of the 10 let through in the last second.
+    assert throttle.rate == pytest.approx(9.0)

@@ -26,7 +26,7 @@ from rich.console import Console
 
 from ..batch import BatchItem, CaptureOutcome, CaptureStatus
 from ..client import KlarnaOM
-from ..config import RetryPolicy
+from ..config import MAX_RATE_LIMIT, RetryPolicy
 from ..models import CaptureRequest
 from ..sqlite_journal import SQLiteJournal
 from ..testing import DropAfterProcessing, FakeKlarna, Fault, RateLimited, ServerFailure
@@ -336,6 +336,11 @@ async def _demo(
                     retry=_DEMO_RETRY,
                     timeout=10.0,
                     max_connections=max(100, concurrency),
+                    # The fake has no rate limit: its 429s are injected faults, drawn per
+                    # attempt whatever the pace. A client learning a pace from them would
+                    # slow down by chance and let deadlines decide outcomes; a pace of its
+                    # own (never reached here) keeps the seed's outcome the same every run.
+                    rate_limit=MAX_RATE_LIMIT,
                 ) as om,
                 SQLiteJournal(os.path.join(tmp, "demo.journal.sqlite")) as journal,
             ):
