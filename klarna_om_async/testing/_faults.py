@@ -78,6 +78,8 @@ class NonJsonError:
     content_type: str = "text/html"
 
 
+#: Any fault ``FakeKlarna.inject`` accepts: drop before or after processing, delay, an error
+#: status (5xx, 429) or a non-JSON error page.
 Fault: TypeAlias = (
     DropConnection | DropAfterProcessing | Delay | ServerFailure | RateLimited | NonJsonError
 )
