@@ -179,9 +179,32 @@ async def raw_httpx(url: str, concurrency: int) -> AsyncIterator[One]:
         yield create
 
 
+Tracing = Literal["off", "middleware", "instrument"]
+
+
+def client(url: str, concurrency: int, tracing: Tracing = "off") -> KlarnaOM:
+    """The library's client; with ``tracing``, OpenTelemetry installed but no SDK configured
+    (the API's no-op provider, as in a service that ships tracing and turns it off)."""
+    if tracing == "off":
+        return KlarnaOM(USERNAME, PASSWORD, base_url=url, max_connections=concurrency)
+    from klarna_om_async.telemetry import instrument, otel_middleware
+
+    if tracing == "middleware":
+        return KlarnaOM(
+            USERNAME,
+            PASSWORD,
+            base_url=url,
+            max_connections=concurrency,
+            middlewares=[otel_middleware()],
+        )
+    return instrument(KlarnaOM(USERNAME, PASSWORD, base_url=url, max_connections=concurrency))
+
+
 @asynccontextmanager
-async def library(url: str, concurrency: int, *, get: bool) -> AsyncIterator[One]:
-    async with KlarnaOM(USERNAME, PASSWORD, base_url=url, max_connections=concurrency) as om:
+async def library(
+    url: str, concurrency: int, *, get: bool, tracing: Tracing = "off"
+) -> AsyncIterator[One]:
+    async with client(url, concurrency, tracing) as om:
 
         async def create(i: int) -> None:
             await om.captures.create(order_id(i), model(i))
@@ -219,6 +242,8 @@ VARIANTS = (
     "raw_create_get",
     "create_get",
     "httpx_create",
+    "create_otel_noop",
+    "create_instrumented",
 )
 
 
@@ -293,6 +318,10 @@ async def runner(variant: str, url: str, concurrency: int) -> AsyncIterator[Run]
         stack = library(url, concurrency, get=True)
     elif variant == "httpx_create":
         stack = raw_httpx(url, concurrency)
+    elif variant == "create_otel_noop":
+        stack = library(url, concurrency, get=False, tracing="middleware")
+    elif variant == "create_instrumented":
+        stack = library(url, concurrency, get=False, tracing="instrument")
     else:
         raise SystemExit(f"unknown variant {variant!r}; one of {', '.join(VARIANTS)}")
     async with stack as one:

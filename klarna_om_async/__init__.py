@@ -92,6 +92,7 @@ from .operations import (
 )
 from .reconcile import Reconciliation, Verdict
 from .sqlite_journal import SQLiteJournal
+from .throttle import ThrottleRefusal
 
 __all__ = (
     "Address",
@@ -166,6 +167,7 @@ __all__ = (
     "ServerError",
     "ShippingInfo",
     "ShippingMethod",
+    "ThrottleRefusal",
     "UnprocessableEntityError",
     "UpdateAuthorizationRequest",
     "UpdateMerchantReferencesRequest",

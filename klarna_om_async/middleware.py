@@ -21,6 +21,13 @@ coroutine fewer per call). The client lines them up, outermost first::
 
 Each one is small, holds its configuration from ``__init__``, and can be tested without a
 network by calling it with a fake ``call_next``.
+
+Logs, on the logger ``klarna_om_async.retry``, one record per retry with structured fields
+in ``extra=`` (``method``, ``path``, ``order_id``, ``idempotency_key``, ``attempt``: the
+attempt that failed, ``status``: its HTTP status or None, ``correlation_id``, ``error``: the
+error's class name, ``delay``: seconds until the next attempt): WARNING after a failed
+attempt, DEBUG after a 429 (the throttle summarizes 429s on ``klarna_om_async.throttle``).
+No record carries credentials or a body.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from __future__ import annotations
 import logging
 import time
 import types
+import urllib.parse
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Protocol
@@ -58,7 +66,7 @@ __all__ = (
     "compose",
 )
 
-logger = logging.getLogger("klarna_om_async")
+logger = logging.getLogger("klarna_om_async.retry")
 
 IDEMPOTENCY_HEADER = "Klarna-Idempotency-Key"
 # Klarna honours idempotency keys on these; GETs are safe to repeat without one.
@@ -223,6 +231,32 @@ class IdempotencyMiddleware:
         return call_next(Request(method, path, body, headers, key, request.deadline))
 
 
+_ORDERS = "/ordermanagement/v1/orders/"
+
+
+def log_fields(
+    request: Request,
+    *,
+    status: int | None = None,
+    correlation_id: str | None = None,
+) -> dict[str, object]:
+    """The structured fields (``extra=``) of a log record about ``request``: ``method``,
+    ``path`` (query and fragment cut off), ``order_id`` (None off the order paths),
+    ``idempotency_key``, ``status`` and ``correlation_id``. Never a header or the body."""
+    path = request.path.partition("?")[0].partition("#")[0]
+    order_id = None
+    if path.startswith(_ORDERS):
+        order_id = urllib.parse.unquote(path[len(_ORDERS) :].partition("/")[0]) or None
+    return {
+        "method": request.method,
+        "path": path,
+        "order_id": order_id,
+        "idempotency_key": getattr(request, "idempotency_key", None),
+        "status": status,
+        "correlation_id": correlation_id,
+    }
+
+
 def _is_retryable(error: KlarnaError) -> bool:
     if isinstance(error, KlarnaConnectionError):
         return True
@@ -316,17 +350,10 @@ class RetryMiddleware:
                 error.earlier_attempt_unknown = unknown
                 raise error
             unknown = unknown or error.outcome_unknown
-            # A 429 storm is routine in a batch: one line each only with -v (INFO).
-            logger.log(
-                logging.INFO if busy else logging.WARNING,
-                "Klarna %s %s failed (attempt %d: %s); retrying in %.2fs with key %s",
-                request.method,
-                request.path,
-                attempt,
-                type(error).__name__,
-                wait,
-                request.idempotency_key,
-            )
+            # A 429 storm is routine in a batch: the throttle logs one summary per interval.
+            level = logging.DEBUG if busy else logging.WARNING
+            if logger.isEnabledFor(level):
+                self._log_retry(level, request, error, attempt, wait)
             await policy.sleep(wait)
             attempt += 1
             try:
@@ -335,6 +362,30 @@ class RetryMiddleware:
                 error = next_error
                 continue
             return attrs.evolve(response, attempts=attempt)
+
+    @staticmethod
+    def _log_retry(
+        level: int, request: Request, error: KlarnaError, attempt: int, wait: float
+    ) -> None:
+        api_error = error if isinstance(error, KlarnaAPIError) else None
+        fields = log_fields(
+            request,
+            status=None if api_error is None else api_error.status,
+            correlation_id=None if api_error is None else api_error.correlation_id,
+        )
+        fields.update(attempt=attempt, error=type(error).__name__, delay=wait)
+        logger.log(
+            level,
+            "Klarna %s %s failed (attempt %d: %s%s); retrying in %.2fs with key %s",
+            request.method,
+            fields["path"],
+            attempt,
+            type(error).__name__,
+            "" if api_error is None else f" {api_error.status}",
+            wait,
+            request.idempotency_key,
+            extra=fields,
+        )
 
     def _wait_before_retry(
         self, error: KlarnaError, failures: int, started: float, delays: Iterator[float]

@@ -19,6 +19,14 @@ attempt), ``klarna.calls`` (counter by ``klarna.operation`` and ``klarna.outcome
 ``instrument`` only) and ``klarna.retries`` (counter by ``klarna.operation`` and the cause
 of the retry, ``error.type``: the status code or the exception class of the attempt before).
 
+With ``instrument`` only, every wait the client's throttle imposes shows on the call span as
+an event ``klarna.wait`` (``klarna.wait.reason``: ``pause`` after a 429, ``pace`` for a pacing
+slot, ``ramp`` for the slow-start ramp; ``klarna.wait.seconds``), recorded when the wait ends,
+and in the histogram ``klarna.wait.duration`` (seconds, by ``klarna.wait.reason``). A call the
+throttle refuses without sending (``ThrottleRefusal``) is no 429 from Klarna: its
+``error.type`` is ``klarna_om_async.throttle.ThrottleRefusal``, its attempt span has no
+status code, and it records no ``http.client.request.duration``.
+
 With ``opentelemetry-instrumentation-aiohttp-client`` also enabled, this client's attempts
 are not traced twice: the attempt span suppresses HTTP instrumentations below it (the
 context key OpenTelemetry's instrumentations share), so that instrumentation records no span,
@@ -63,6 +71,7 @@ from .middleware import (
     Request,
     Response,
 )
+from .throttle import ThrottleMiddleware, ThrottleRefusal, WaitReason
 
 if TYPE_CHECKING:
     from .client import KlarnaOM
@@ -133,7 +142,7 @@ def _parse(method: str, path: str) -> tuple[str, str | None]:
 
 def _error_type(exc: BaseException) -> str:
     """``error.type``: the status code Klarna answered with, else the exception's class."""
-    if isinstance(exc, KlarnaAPIError):
+    if isinstance(exc, KlarnaAPIError) and not isinstance(exc, ThrottleRefusal):
         return str(exc.status)
     cls = type(exc)
     if cls.__module__ == "builtins":
@@ -207,10 +216,11 @@ class _Call:
     a call shares (the retry middleware sends the same value each time), held weakly.
     """
 
-    __slots__ = ("attempts", "last_error", "owned", "request")
+    __slots__ = ("attempts", "last_error", "owned", "request", "span")
 
-    def __init__(self, *, owned: bool) -> None:
+    def __init__(self, *, owned: bool, span: Span | None = None) -> None:
         self.owned = owned
+        self.span = span
         self.attempts = 0
         self.last_error: str | None = None
         self.request: weakref.ref[Request] | None = None
@@ -315,6 +325,9 @@ class OtelMiddleware:
             otel_context.detach(token)
             call.last_error = error_type = _error_type(exc)
             url = exc.url if isinstance(exc, KlarnaError) else None
+            if isinstance(exc, ThrottleRefusal):  # never sent: no answer, no request duration
+                self._end(span, attributes, None, path, url, None, error_type, None)
+                raise
             status = exc.status if isinstance(exc, KlarnaAPIError) else None
             correlation_id = exc.correlation_id if isinstance(exc, KlarnaAPIError) else None
             self._end(span, attributes, elapsed, path, url, status, error_type, correlation_id)
@@ -331,14 +344,14 @@ class OtelMiddleware:
         self,
         span: Span,
         attributes: dict[str, AttributeValue],
-        elapsed: float,
+        elapsed: float | None,
         path: str,
         url: str | None,
         status: int | None,
         error_type: str | None,
         correlation_id: str | None,
     ) -> None:
-        """Finish the attempt's span and record its duration."""
+        """Finish the attempt's span and record its duration (None: it was never sent)."""
         ended: dict[str, AttributeValue] = {}
         if "url.full" not in attributes and url is not None:
             self._targets.of(url, path).add_to(ended, path)
@@ -351,6 +364,8 @@ class OtelMiddleware:
             ended["klarna.correlation_id"] = correlation_id
         span.set_attributes(ended)
         span.end()
+        if elapsed is None:
+            return
         measured: dict[str, AttributeValue] = {
             name: value
             for source in (attributes, ended)
@@ -416,7 +431,7 @@ class _CallSpanMiddleware:
         if request.idempotency_key is not None:
             attributes["klarna.idempotency_key"] = request.idempotency_key
         span = self._tracer.start_span(operation, kind=SpanKind.INTERNAL, attributes=attributes)
-        call = _Call(owned=True)
+        call = _Call(owned=True, span=span)
         call_token = _CALL.set(call)
         token = otel_context.attach(trace.set_span_in_context(span))
         money = _MONEY.get(operation)
@@ -460,6 +475,30 @@ class _CallSpanMiddleware:
         return response
 
 
+class _WaitRecorder:
+    """A throttle wait listener: an event on the call span, and ``klarna.wait.duration``."""
+
+    def __init__(self, meter: metrics.Meter) -> None:
+        self._duration: Histogram = meter.create_histogram(
+            "klarna.wait.duration",
+            unit="s",
+            description="Time calls waited in the client's throttle, by klarna.wait.reason.",
+            explicit_bucket_boundaries_advisory=_DURATION_BUCKETS,
+        )
+
+    def __repr__(self) -> str:
+        return "_WaitRecorder()"
+
+    def __call__(self, reason: WaitReason, seconds: float, request: Request) -> None:
+        self._duration.record(seconds, {"klarna.wait.reason": reason})
+        call = _CALL.get()
+        span = None if call is None else call.span
+        if span is not None and span.is_recording():
+            span.add_event(
+                "klarna.wait", {"klarna.wait.reason": reason, "klarna.wait.seconds": seconds}
+            )
+
+
 def _low(attributes: Mapping[str, AttributeValue]) -> dict[str, AttributeValue]:
     """The low-cardinality attributes of a call fit for a metric: its ``error.type``."""
     return {"error.type": attributes["error.type"]} if "error.type" in attributes else {}
@@ -488,8 +527,9 @@ def instrument(
 
     Adds a span per logical call (after the idempotency middleware, so its key is known,
     and outside the retries) and, unless ``om`` already has one, an ``OtelMiddleware`` for
-    each attempt (innermost of the user middlewares, right before error decoding). Calling
-    it again does nothing. Raises ``RuntimeError`` once ``om`` has built its chain (at
+    each attempt (innermost of the user middlewares, right before error decoding), and
+    listens to the throttle's waits (``klarna.wait`` events, ``klarna.wait.duration``).
+    Calling it again does nothing. Raises ``RuntimeError`` once ``om`` has built its chain (at
     ``async with`` or its first call) or is closed: the chain is fixed from then on.
     """
     if getattr(om, "_handler", None) is not None or getattr(om, "_closed", False):
@@ -509,6 +549,10 @@ def instrument(
     keys = _index_of(chain, IdempotencyMiddleware)
     chain.insert(keys + 1 if keys < len(chain) else 0, _CallSpanMiddleware(tracer, meter))
     om.chain = tuple(chain)
+    recorder = _WaitRecorder(meter)
+    for middleware in chain:
+        if isinstance(middleware, ThrottleMiddleware):
+            middleware.wait_listeners.append(recorder)
     return om
 
 

@@ -10,6 +10,24 @@ deadline for it: it fails with ``RateLimitError`` instead, having sent nothing.
 The client's pace is, in this order of precedence: the user's ``rate_limit``; a limit Klarna
 states (``X-Ratelimit-Limit``, paced at ``LEARNED_SHARE`` of it); a pace learned from 429s
 (:class:`AdaptiveRate`) when Klarna states none; else no pace.
+
+Logs, on the logger ``klarna_om_async.throttle`` (structured fields in ``extra=``):
+
+- INFO, at most one record per ``LOG_INTERVAL`` (10 s): the 429s Klarna answered, e.g.
+  "Klarna rate limited 37 requests in the last 10 s (429; the last: RateLimitError: POST
+  /ordermanagement/v1/orders/o-1/captures, key k-1); pace now 9.0 requests/s"
+  (``rate_limited``: the count; ``interval``: the seconds it covers; ``pace``: requests/s or
+  None; ``pause``: seconds the client is still paused; ``status``: 429; and the last 429's
+  ``method``, ``path``, ``order_id``, ``idempotency_key``, ``correlation_id``). The first 429
+  after a quiet interval is logged at once; later ones are counted and summarized by the
+  first 429 or answer that comes ``LOG_INTERVAL`` or more after the last record.
+- DEBUG: each drop of the learned pace (``pace``, ``ceiling``, and the 429's fields).
+
+No record carries credentials or a body.
+
+Waits are reported to ``ThrottleMiddleware.wait_listeners`` (telemetry uses this), and a call
+this middleware refuses without sending raises :class:`ThrottleRefusal` (``request_sent`` is
+False), a ``RateLimitError`` Klarna never saw.
 """
 
 from __future__ import annotations
@@ -19,18 +37,47 @@ import contextlib
 import logging
 import math
 import time
-import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextvars import ContextVar
+from typing import Final, Literal, TypeAlias
 
 from .config import MAX_RATE_LIMIT, check_rate_limit
 from .errors import KlarnaAPIError, RateLimitError, reset_after
-from .middleware import Handler, Request, Response
+from .middleware import Handler, Request, Response, log_fields
 
-__all__ = ("AdaptiveRate", "Pace", "SlowStart", "ThrottleMiddleware", "rate_limited")
+__all__ = (
+    "AdaptiveRate",
+    "Pace",
+    "SlowStart",
+    "ThrottleMiddleware",
+    "ThrottleRefusal",
+    "WaitListener",
+    "WaitReason",
+    "rate_limited",
+)
 
-logger = logging.getLogger("klarna_om_async")
+logger = logging.getLogger("klarna_om_async.throttle")
+
+#: Seconds one summary record of 429s covers at most: a storm logs one record per interval.
+LOG_INTERVAL = 10.0
+
+#: Why the throttle held a request back: ``"pause"`` (a 429 or ``X-Ratelimit-Remaining: 0``
+#: paused the client), ``"pace"`` (waiting for a slot of a pace), ``"ramp"`` (slow start).
+WaitReason: TypeAlias = Literal["pause", "pace", "ramp"]
+#: Called after each wait as ``listener(reason, seconds, request)``; must not raise or block.
+WaitListener: TypeAlias = Callable[[WaitReason, float, Request], None]
+
+
+class ThrottleRefusal(RateLimitError):
+    """A ``RateLimitError`` the throttle raised without sending the request: Klarna saw nothing.
+
+    Raised when a 429 pause, a pace slot or a connection queue would keep the call past its
+    deadline. ``retry_after`` is the wait that was left; ``request_sent`` is always False.
+    """
+
+    #: False: no attempt reached Klarna (as on ``KlarnaConnectionError``).
+    request_sent: Final = False
 
 
 class Pace:
@@ -412,9 +459,12 @@ class ThrottleMiddleware:
         self._max_pause = max_pause
         self._base_url = base_url
         self._resume_at = 0.0
-        # This middleware's own refusals, raised by `recheck` inside the transport: they come
-        # back through `call_next` but are no answer from Klarna.
-        self._unsent: weakref.WeakSet[RateLimitError] = weakref.WeakSet()
+        #: Called after every wait this middleware imposes (``WaitListener``); empty costs
+        #: nothing. ``klarna_om_async.telemetry.instrument`` adds one.
+        self.wait_listeners: list[WaitListener] = []
+        self._unlogged = 0  # 429s counted since the last summary record
+        self._logged_at = -math.inf  # when the last summary record was written
+        self._last_429: tuple[Request, RateLimitError] | None = None
 
     @property
     def rate(self) -> float | None:
@@ -437,7 +487,12 @@ class ThrottleMiddleware:
         """
         starting = self.slow_start
         if starting is not None:  # before the pause and the paces: a 429 ends it, they stay
-            await starting.enter()
+            if self.wait_listeners and not starting.over and starting.in_flight >= starting.window:
+                began = self._clock()
+                await starting.enter()
+                self._waited("ramp", self._clock() - began, request)
+            else:
+                await starting.enter()
         try:
             if self._resume_at:  # 0.0 unless a 429 paused the client and nobody waited since
                 await self._wait_pause(request)
@@ -451,16 +506,21 @@ class ThrottleMiddleware:
                 await self._take_slots(request)
             try:
                 response = await call_next(request)
+            except ThrottleRefusal:
+                raise  # refused by `recheck`: Klarna saw nothing
             except RateLimitError as error:
-                if error not in self._unsent:  # else refused by `recheck`: Klarna saw nothing
-                    self._rate_limited(error, asked_at)
+                self._rate_limited(error, asked_at, request)
                 raise
             except KlarnaAPIError:
                 if learning:
                     adaptive.answered(self._clock())  # refused, but let through
+                if self._unlogged:
+                    self._log_rate_limited(self._clock())
                 raise
             if learning:
                 adaptive.answered(self._clock())
+            if self._unlogged:  # a 429 storm's count waits for its interval to end
+                self._log_rate_limited(self._clock())
             headers = response.headers
             if _LIMIT in headers or _REMAINING in headers:
                 self._learn(headers)
@@ -469,7 +529,7 @@ class ThrottleMiddleware:
             if starting is not None:
                 starting.leave()
 
-    def _rate_limited(self, error: RateLimitError, asked_at: float) -> None:
+    def _rate_limited(self, error: RateLimitError, asked_at: float, request: Request) -> None:
         """Pause the client after a 429 and, without a stated limit, lower its learned pace."""
         self.rate_limited_count += 1
         now = self._clock()
@@ -489,12 +549,53 @@ class ThrottleMiddleware:
         if pause > 0:
             self._resume_at = max(self._resume_at, now + min(pause, self._max_pause))
         if learning and self.adaptive.limited(asked_at, now, self._resume_at):
-            logger.info(
+            ceiling = self.adaptive.ceiling
+            logger.debug(
                 "Klarna answered 429: pacing this client at %.1f requests/s (it let %d"
                 " through in the last second)",
-                ADAPTIVE_DECREASE * self.adaptive.ceiling,
-                self.adaptive.ceiling,
+                ADAPTIVE_DECREASE * ceiling,
+                ceiling,
+                extra={
+                    **log_fields(request, status=429, correlation_id=error.correlation_id),
+                    "pace": ADAPTIVE_DECREASE * ceiling,
+                    "ceiling": ceiling,
+                },
             )
+        self._unlogged += 1
+        self._last_429 = (request, error)
+        self._log_rate_limited(now)
+
+    def _log_rate_limited(self, now: float) -> None:
+        """Write the summary of the 429s counted, unless one was written in the last
+        ``LOG_INTERVAL`` seconds (then they wait for the next 429 or answer after it)."""
+        since = now - self._logged_at
+        if since < LOG_INTERVAL or self._last_429 is None:
+            return
+        count, self._unlogged, self._logged_at = self._unlogged, 0, now
+        request, error = self._last_429
+        self._last_429 = None
+        rate = self.rate
+        pause = max(self._resume_at - now, 0.0) if self._resume_at else 0.0
+        fields = log_fields(request, status=429, correlation_id=error.correlation_id)
+        key = fields["idempotency_key"]
+        last = f"{type(error).__name__}: {fields['method']} {fields['path']}"
+        if key is not None:
+            last += f", key {key}"
+        pace = "no pace" if rate is None else f"pace now {rate:.1f} requests/s"
+        args: tuple[object, ...]
+        if math.isinf(since):
+            message, args = "Klarna rate limited a request (429 %s); %s", (last, pace)
+        else:
+            noun = "request" if count == 1 else "requests"
+            message = "Klarna rate limited %d %s in the last %.0f s (429; the last: %s); %s"
+            args = (count, noun, since, last, pace)
+        fields.update(
+            rate_limited=count,
+            interval=None if math.isinf(since) else since,
+            pace=rate,
+            pause=pause,
+        )
+        logger.info(message, *args, extra=fields)
 
     def _end_slow_start(self) -> None:
         if self.slow_start is not None:
@@ -511,6 +612,8 @@ class ThrottleMiddleware:
                 self._resume_at = 0.0  # the pause is over: later calls skip the clock
                 return
             await self._wait(request, now, wait, "paused after a 429 from Klarna")
+            if self.wait_listeners:
+                self._waited("pause", wait, request)
             if self._resume_at <= resume_at:
                 return  # not extended while this request slept
 
@@ -531,6 +634,8 @@ class ThrottleMiddleware:
             wait = self._reserve(batch_pace, request, now, "waiting for the batch's rate_limit")
             if wait > 0:
                 await self._sleep(wait)
+                if self.wait_listeners:
+                    self._waited("pace", wait, request)
         adaptive = self.adaptive
         why = "waiting for the client's rate limit"
         while True:
@@ -543,6 +648,8 @@ class ThrottleMiddleware:
                 return
             if pace is not adaptive.pace:  # a fixed pace: the slot holds
                 await self._sleep(wait)
+                if self.wait_listeners:
+                    self._waited("pace", wait, request)
                 return
             # The learned grid may be laid anew while this request sleeps (a 429 lowered the
             # pace, or it climbed) or forgotten: its slot is then void. Wake in steps to see.
@@ -553,9 +660,18 @@ class ThrottleMiddleware:
                 await self._sleep(step)
                 left -= step
                 if adaptive.pace_at(self._clock()) is not pace or pace.generation != generation:
+                    if self.wait_listeners:
+                        self._waited("pace", wait - left, request)
                     break  # take a slot on the new grid (or none, if forgotten)
                 if left <= 0:
+                    if self.wait_listeners:
+                        self._waited("pace", wait, request)
                     return
+
+    def _waited(self, reason: WaitReason, seconds: float, request: Request) -> None:
+        """Tell every wait listener about a wait that just ended."""
+        for listener in self.wait_listeners:
+            listener(reason, seconds, request)
 
     def recheck(self, request: Request) -> Awaitable[None] | None:
         """For the transport, once the attempt has its connection: wait out a 429 pause.
@@ -573,7 +689,7 @@ class ThrottleMiddleware:
         deadline: float | None = getattr(request, "deadline", None)
         if deadline is not None and now > deadline:
             # It queued for a connection until past its deadline: no attempt starts later.
-            refusal = self._refusal(
+            raise self._refusal(
                 request,
                 0.0,
                 deadline - now,
@@ -581,19 +697,13 @@ class ThrottleMiddleware:
                 message="not sent: the call waited for a"
                 f" free connection until {now - deadline:.1f}s past its deadline",
             )
-            self._unsent.add(refusal)
-            raise refusal
         if not self._resume_at or self._resume_at <= now:
             return None
         return self._after_pause(request)
 
     async def _after_pause(self, request: Request) -> None:
-        try:
-            await self._wait_pause(request)
-            await self._take_slots(request)
-        except RateLimitError as refusal:
-            self._unsent.add(refusal)
-            raise
+        await self._wait_pause(request)
+        await self._take_slots(request)
 
     def _learn(self, headers: Mapping[str, str]) -> None:
         """Pace at Klarna's stated limit, and pause when its window is used up."""
@@ -625,9 +735,9 @@ class ThrottleMiddleware:
 
     def _refusal(
         self, request: Request, wait: float, left: float, why: str, *, message: str = ""
-    ) -> RateLimitError:
+    ) -> ThrottleRefusal:
         """The error for a call a wait would keep past its deadline; nothing was sent."""
-        error = RateLimitError(
+        error = ThrottleRefusal(
             status=429,
             error_messages=(
                 message

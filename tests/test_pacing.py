@@ -282,3 +282,42 @@ def test_a_429_storm_prints_nothing_when_logging_is_not_configured() -> None:
         )
         assert (done.returncode, done.stderr) == (0, "")
         assert done.stdout.split() == ["8", "30"]
+
+
+async def test_every_wait_is_reported_to_the_wait_listeners_with_its_reason() -> None:
+    time = FakeTime()
+    throttle = ThrottleMiddleware(sleep=time.sleep, clock=time.clock, pace=Pace(2))
+    heard: list[tuple[str, float, str]] = []
+    throttle.wait_listeners.append(lambda why, seconds, r: heard.append((why, seconds, r.path)))
+
+    async def ok(request: Request) -> Response:
+        return Response(200, {}, b"", request, "")
+
+    async def too_many(request: Request) -> Response:
+        raise RateLimitError(status=429, retry_after=2.0)
+
+    with rate_limited(1):
+        await throttle(Request("GET", "/a"), ok)  # the first slot of both paces: no wait
+        await throttle(Request("GET", "/b"), ok)  # the batch's next slot is 1 s away
+    await throttle(Request("GET", "/c"), ok)  # the client's next slot is at 1.5
+    with pytest.raises(RateLimitError):
+        await throttle(Request("GET", "/d"), too_many)  # at 2.0 (its slot): a pause to 4.0
+    await throttle(Request("GET", "/e"), ok)
+    assert heard == [
+        ("pace", 1.0, "/b"),
+        ("pace", 0.5, "/c"),
+        ("pace", 0.5, "/d"),
+        ("pause", 2.0, "/e"),
+    ]
+
+    # A pace learned from 429s is slept in steps, but told as one wait.
+    learning = ThrottleMiddleware(sleep=time.sleep, clock=time.clock)
+    learning.wait_listeners.append(lambda why, seconds, r: heard.append((why, seconds, r.path)))
+    for _ in range(10):
+        learning.adaptive.answered(time.now)
+    assert learning.adaptive.limited(-float("inf"), time.now, time.now)
+    heard.clear()
+    await learning(Request("GET", "/f"), ok)
+    await learning(Request("GET", "/g"), ok)
+    # "/f"'s answer, within a second of the 429, raised the estimate to 11: 9.9 requests/s.
+    assert heard == [("pace", pytest.approx(1 / 9.9), "/g")]

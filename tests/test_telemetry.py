@@ -11,6 +11,8 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 
 import aiohttp
 import pytest
+from aiohttp import web
+from conftest import served_app
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from opentelemetry import propagate
@@ -43,6 +45,7 @@ from klarna_om_async import (
 from klarna_om_async.middleware import (
     AuthMiddleware,
     ErrorMiddleware,
+    Handler,
     IdempotencyMiddleware,
     Request,
     Response,
@@ -59,10 +62,11 @@ from klarna_om_async.testing import (
     DropAfterProcessing,
     FakeKlarna,
     InstantSleep,
+    RateLimited,
     ServerFailure,
 )
 from klarna_om_async.testing._auth import basic_auth_header
-from klarna_om_async.throttle import ThrottleMiddleware
+from klarna_om_async.throttle import ThrottleMiddleware, ThrottleRefusal
 
 SCOPE = "klarna_om_async"
 
@@ -129,7 +133,7 @@ def client(fake: FakeKlarna, sleeps: InstantSleep, **kwargs: object) -> KlarnaOM
         fake.password,
         base_url=fake.base_url,
         retry=policy,
-        clock=sleeps.clock,
+        clock=kwargs.pop("clock", sleeps.clock),  # type: ignore[arg-type]
         **kwargs,  # type: ignore[arg-type]
     )
 
@@ -667,3 +671,204 @@ def test_the_package_works_without_opentelemetry_and_never_imports_it() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "pip install 'klarna-om-async[otel]'" in done.stdout
+
+
+class FrozenClock:
+    """A clock that moves only when the test moves it (instant sleeps leave it still)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def waits(otel: Telemetry) -> dict[str, tuple[int, float]]:
+    """``klarna.wait.duration`` as ``{reason: (count, sum)}``."""
+    found = otel.metrics().get("klarna.wait.duration")
+    by_reason: dict[str, tuple[int, float]] = {}
+    for point in points(found) if found else ():
+        assert isinstance(point, HistogramDataPoint)
+        by_reason[str((point.attributes or {})["klarna.wait.reason"])] = (point.count, point.sum)
+    return by_reason
+
+
+async def test_a_429_pause_is_an_event_on_the_span_of_a_call_it_held_back(
+    fake: FakeKlarna, sleeps: InstantSleep, otel: Telemetry
+) -> None:
+    first_order, second_order = fake.add_order(amount=6000), fake.add_order(amount=6000)
+    fake.inject(RateLimited("2"), method="POST", path=f"/{first_order}/captures")
+    read_during_the_pause = asyncio.Event()
+    clock = FrozenClock()  # moved by the waits only
+
+    async def sleep(seconds: float) -> None:
+        if not read_during_the_pause.is_set():  # the first wait: the retry after the 429
+            read_during_the_pause.set()
+            await om.orders.get(second_order)
+        await sleeps(seconds)
+        clock.now += seconds
+
+    policy = RetryPolicy(max_attempts=4, jitter=lambda d: d, sleep=sleep)
+    om = KlarnaOM(fake.username, fake.password, base_url=fake.base_url, retry=policy, clock=clock)
+    async with otel.instrument(om):
+        created = await om.captures.create(first_order, CaptureRequest(captured_amount=6000))
+    assert created.attempts == 2
+    assert sleeps.waits == [2.0, 2.0]  # the read waited out the pause, then the retry
+
+    held_back, retried = otel.spans(SpanKind.INTERNAL)
+    assert held_back.name == "klarna.orders.get"
+    (event,) = held_back.events
+    assert event.name == "klarna.wait"
+    assert dict(event.attributes or {}) == {
+        "klarna.wait.reason": "pause",
+        "klarna.wait.seconds": 2.0,
+    }
+    assert retried.events == ()  # its own wait was the retry's, after Klarna's 429
+    refused = next(
+        span
+        for span in otel.spans(SpanKind.CLIENT)
+        if attributes(span).get("http.response.status_code") == 429
+    )
+    assert refused.events == ()  # the wait is the call's, not an attempt's
+    assert waits(otel) == {"pause": (1, 2.0)}
+    assert otel.metrics()["klarna.wait.duration"].unit == "s"
+
+
+async def test_a_pacing_wait_is_an_event_too(
+    fake: FakeKlarna, sleeps: InstantSleep, otel: Telemetry
+) -> None:
+    order_id = fake.add_order(amount=6000)
+    async with otel.instrument(client(fake, sleeps, clock=FrozenClock(), rate_limit=4)) as om:
+        await om.orders.get(order_id)
+        await om.orders.get(order_id)  # its slot is a quarter of a second after the first
+    first, second = otel.spans(SpanKind.INTERNAL)
+    assert first.events == ()
+    (event,) = second.events
+    assert dict(event.attributes or {}) == {
+        "klarna.wait.reason": "pace",
+        "klarna.wait.seconds": 0.25,
+    }
+    assert waits(otel) == {"pace": (1, 0.25)}
+
+
+async def test_no_wait_no_event_and_no_listener_without_instrument(
+    fake: FakeKlarna, sleeps: InstantSleep, otel: Telemetry
+) -> None:
+    plain = client(fake, sleeps, middlewares=[otel.middleware()])
+    throttle = next(m for m in plain.chain if isinstance(m, ThrottleMiddleware))
+    assert throttle.wait_listeners == []  # otel_middleware() alone adds no listener
+    instrumented = otel.instrument(client(fake, sleeps))
+    throttle = next(m for m in instrumented.chain if isinstance(m, ThrottleMiddleware))
+    assert len(throttle.wait_listeners) == 1
+    otel.instrument(instrumented)
+    assert len(throttle.wait_listeners) == 1  # instrumenting again adds nothing
+    order_id = fake.add_order(amount=6000)
+    async with instrumented:
+        await instrumented.orders.get(order_id)
+    assert one(otel.spans(SpanKind.INTERNAL)).events == ()
+    assert waits(otel) == {}
+
+
+async def test_a_call_the_throttle_refuses_before_sending_is_no_429_from_klarna(
+    fake: FakeKlarna, sleeps: InstantSleep, otel: Telemetry
+) -> None:
+    order_id = fake.add_order(amount=6000)
+    policy = RetryPolicy(max_attempts=1, sleep=sleeps, deadline=0.5)
+    om = KlarnaOM(
+        fake.username,
+        fake.password,
+        base_url=fake.base_url,
+        retry=policy,
+        clock=FrozenClock(),
+        rate_limit=1,
+    )
+    async with otel.instrument(om):
+        await om.captures.create(order_id, CaptureRequest(captured_amount=100))
+        with pytest.raises(ThrottleRefusal) as caught:  # its slot is 1 s away, past 0.5 s
+            await om.captures.create(order_id, CaptureRequest(captured_amount=100))
+    assert caught.value.request_sent is False
+    assert om.rate_limited_count == 0
+    refusal = "klarna_om_async.throttle.ThrottleRefusal"
+
+    one(otel.spans(SpanKind.CLIENT))  # only the capture that was sent has an attempt span
+    _booked, refused = otel.spans(SpanKind.INTERNAL)
+    assert attributes(refused)["klarna.outcome"] == "refused"
+    assert attributes(refused)["error.type"] == refusal
+    found = otel.metrics()
+    outcomes = {
+        (
+            dict(point.attributes or {})["klarna.outcome"],
+            dict(point.attributes or {}).get("error.type"),
+        )
+        for point in points(found["klarna.calls"])
+    }
+    assert outcomes == {("captured", None), ("refused", refusal)}
+    statuses = {
+        dict(point.attributes or {}).get("http.response.status_code")
+        for point in points(found["http.client.request.duration"])
+    }
+    assert statuses == {201}
+
+
+async def test_an_attempt_refused_after_queueing_for_a_connection_is_no_429_either(
+    otel: Telemetry,
+) -> None:
+    # One connection, held by "a" until the clock has passed "b"'s deadline: the transport's
+    # re-check refuses "b" inside its attempt span, unsent.
+    clock = FrozenClock()
+    arrivals: list[str] = []
+    first_arrived, release = asyncio.Event(), asyncio.Event()
+
+    async def capture(request: web.Request) -> web.Response:
+        arrivals.append(request.match_info["order"])
+        if len(arrivals) == 1:
+            first_arrived.set()
+            await release.wait()
+        return web.Response(status=201, headers={"Capture-Id": "cap"})
+
+    passed = asyncio.Event()
+
+    async def note_b(request: Request, call_next: Handler) -> Response:
+        if "/orders/b/" in request.path:
+            passed.set()
+        return await call_next(request)
+
+    app = web.Application()
+    app.router.add_post("/ordermanagement/v1/orders/{order}/captures", capture)
+    async with served_app(app) as url:
+        policy = RetryPolicy(max_attempts=1, sleep=InstantSleep(), deadline=2)
+        om = KlarnaOM(
+            "u",
+            "p",
+            base_url=url,
+            retry=policy,
+            clock=clock,
+            max_connections=1,
+            middlewares=[note_b, otel.middleware()],
+        )
+        async with otel.instrument(om):
+            first = asyncio.ensure_future(
+                om.captures.create("a", CaptureRequest(captured_amount=1))
+            )
+            await first_arrived.wait()
+            second = asyncio.ensure_future(
+                om.captures.create("b", CaptureRequest(captured_amount=1))
+            )
+            await passed.wait()
+            clock.now = 3.0  # past "b"'s deadline
+            release.set()
+            await first
+            with pytest.raises(ThrottleRefusal, match="not sent"):
+                await second
+    assert arrivals == ["a"]
+    refusal = "klarna_om_async.throttle.ThrottleRefusal"
+    sent, refused = sorted(
+        otel.spans(SpanKind.CLIENT), key=lambda span: "error.type" in attributes(span)
+    )
+    assert attributes(sent)["http.response.status_code"] == 201
+    assert attributes(refused)["error.type"] == refusal
+    assert "http.response.status_code" not in attributes(refused)
+    found = otel.metrics()
+    (duration,) = points(found["http.client.request.duration"])  # the sent attempt only
+    assert dict(duration.attributes or {})["http.response.status_code"] == 201
+    assert om.rate_limited_count == 0

@@ -167,3 +167,22 @@ async def test_a_user_paced_client_still_takes_retry_after_0_as_no_wait() -> Non
     # Its pace's next slot only, no pause: the pace is the user's, and Klarna asked for none.
     assert sleeps.waits == [pytest.approx(1 / 10_000)]
     assert throttle.adaptive.pace is None
+
+
+async def test_a_wait_for_the_ramp_is_reported_to_the_wait_listeners() -> None:
+    now = [0.0]
+    throttle = ThrottleMiddleware(sleep=InstantSleep(), clock=lambda: now[0])
+    throttle.slow_start = SlowStart(window=1)
+    heard: list[tuple[str, float, str]] = []
+    throttle.wait_listeners.append(lambda why, seconds, r: heard.append((why, seconds, r.path)))
+    held = Held()
+    first = asyncio.create_task(throttle(Request("GET", "/first"), held))
+    second = asyncio.create_task(throttle(Request("GET", "/second"), held))
+    await settle()
+    assert len(held.waiting) == 1  # the second waits for room in the window
+    now[0] = 0.5
+    held.release(answer(Request("GET", "/first")))
+    await settle()
+    held.release(answer(Request("GET", "/second")))
+    await asyncio.gather(first, second)
+    assert heard == [("ramp", 0.5, "/second")]  # the first went at once: no wait to tell
