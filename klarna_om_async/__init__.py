@@ -15,6 +15,7 @@ from .batch import (
     BatchProgress,
     CaptureOutcome,
     CaptureStatus,
+    ItemHeldBackError,
 )
 from .client import KlarnaOM
 from .config import Region, RetryPolicy
@@ -124,6 +125,7 @@ __all__ = (
     "InitialPaymentMethod",
     "InitialPaymentMethodType",
     "ItemConflictError",
+    "ItemHeldBackError",
     "ItemRecord",
     "Journal",
     "JournalEntry",

@@ -31,6 +31,7 @@ from .captures import CapturesService
 from .config import MAX_CONCURRENCY, check_count
 from .errors import (
     AuthenticationError,
+    IdempotencyKeyReusedError,
     ItemConflictError,
     KlarnaConnectionError,
     KlarnaError,
@@ -38,7 +39,7 @@ from .errors import (
     RateLimitError,
     ValidationError,
 )
-from .journal import Claim, ClaimAction, ItemRecord, Journal, JournalStatus
+from .journal import Claim, ClaimAction, ItemRecord, Journal, JournalEntry, JournalStatus
 from .models import CaptureRequest, RefundRequest
 from .operations import (
     Operation,
@@ -50,7 +51,7 @@ from .operations import (
     send,
 )
 from .orders import OrdersService
-from .reconcile import Verdict, reconcile_entry
+from .reconcile import Verdict, order_shows, reconcile_entry
 from .throttle import rate_limited
 
 __all__ = (
@@ -62,6 +63,7 @@ __all__ = (
     "BatchProgress",
     "CaptureOutcome",
     "CaptureStatus",
+    "ItemHeldBackError",
     "ItemSource",
     "capture_many",
     "request_fingerprint",
@@ -89,6 +91,13 @@ class CaptureStatus(enum.StrEnum):
 
 #: Items in a row that could not connect (nothing sent) before a batch stops.
 UNREACHABLE_ITEMS = 3
+
+#: How many held-back orders keep the detail of what held them (the line and item); the
+#: rest are still held, with a shorter message (a million failures must not hold a million).
+HELD_LISTED = 10_000
+
+#: How an item ends that holds its order's later items back in ``run_many``.
+_HOLDS = frozenset({CaptureStatus.FAILED, CaptureStatus.REFUSED, CaptureStatus.NEEDS_REVIEW})
 
 
 #: How many of the items a stopped batch did not send ``BatchAbortedError.not_sent`` names.
@@ -136,6 +145,29 @@ class BatchAbortedError(KlarnaError):
         if isinstance(self.cause, AuthenticationError):
             return "fix the credentials and rerun"
         return "check the base URL, proxy and network, then rerun"
+
+
+class ItemHeldBackError(ItemConflictError):
+    """A batch item not sent because an earlier item of its order in this run did not end
+    done (its outcome is unknown, it was refused, or it needs review).
+
+    ``run_many`` runs one order's items in turn: "capture the last part, then release the
+    rest" must never release while that capture is unknown or refused. The item is not
+    claimed in the journal (no key is spent); rerun once the earlier item is settled.
+    ``outcome_unknown`` is True only when this item's own earlier send (in an earlier run)
+    is still unknown under ``idempotency_key``.
+    """
+
+    def __init__(
+        self, message: str, *, item_key: str, idempotency_key: str | None, unknown: bool = False
+    ) -> None:
+        super().__init__(message, item_key=item_key, idempotency_key=idempotency_key)
+        self._unknown = unknown
+
+    @property
+    def outcome_unknown(self) -> bool:
+        """True when this item's own earlier send is still unknown (see the class)."""
+        return self._unknown
 
 
 def _trimmed(value: str) -> str:
@@ -341,6 +373,10 @@ class _Run:
         self.reconciling: dict[str, _OrderLock] = {}
         # With ``in_order``: the order's items in turn (a refund after its capture).
         self.sending: dict[str, _OrderLock] = {}
+        # With ``in_order``: orders whose earlier item in this run did not end done; their
+        # later items are held back. What held the first ``HELD_LISTED`` of them, by order.
+        self.held = SeenSet()
+        self.held_by: dict[str, str] = {}
         self.error: BaseException | None = None
         #: Set when the batch must stop early (see ``BatchAbortedError``).
         self.abort: KlarnaError | None = None
@@ -375,6 +411,7 @@ class _Run:
                     # the (FIFO) lock hands an order's items out in source order.
                     async with _locked(self.sending, item.order_id):
                         outcome = await self._run_item(item)
+                        self._hold(item, outcome)
                 else:
                     outcome = await self._run_item(item)
                 self._watch(outcome)
@@ -448,10 +485,27 @@ class _Run:
             return _outcome(item, CaptureStatus.REFUSED, "", error=other)
         return None
 
+    def _hold(self, item: BatchItem, outcome: CaptureOutcome) -> None:
+        """Hold back the order's later items if ``outcome`` did not end done."""
+        if outcome.status not in _HOLDS or not self.held.add(item.order_id):
+            return  # done, or already held (the first cause is the one named)
+        if len(self.held_by) < HELD_LISTED:
+            where = f"item_key {item.item_key!r}"
+            if item.line is not None:
+                where = f"line {item.line}, {where}"
+            self.held_by[item.order_id] = (
+                f"an earlier item of order {item.order_id} ({where}) ended {outcome.status.value}"
+            )
+
     async def _run_item(self, item: BatchItem) -> CaptureOutcome:
         refused = self._duplicate(item) or self._unaccepted(item)
         if refused is not None:
             return refused
+        if self.in_order and item.order_id in self.held:
+            why = self.held_by.get(item.order_id) or (
+                f"an earlier item of order {item.order_id} did not end done"
+            )
+            return await held_back_outcome(item, why, self.journal)
         journal = self.journal
         if journal is None:
             return await self._send(item, item.idempotency_key or random_key())
@@ -523,6 +577,9 @@ class _Run:
             return None
         entries = await journal.entries(order_id=item.order_id)
         [entry] = [e for e in entries if e.item_key == item.item_key]
+        # Judged as what the item is, whatever the journal read back (a journal that keeps
+        # no operation says "capture"); the key was just sent, so nothing gets a new key.
+        entry = attrs.evolve(entry, operation=item.operation)
         async with _locked(self.reconciling, item.order_id):
             result = await reconcile_entry(self.orders, journal, entry)
         if result.verdict is not Verdict.CAPTURED:
@@ -535,6 +592,21 @@ class _Run:
         """Settle an item whose key may be forgotten; None when it proved never booked."""
         entry = claim.entry
         key = entry.idempotency_key
+        if entry.operation is not item.operation:
+            # The journal keeps no operation (it reads this item back as another one): the
+            # order would be searched for the wrong thing, "not done" found, and the item
+            # sent again under a new key. Nothing is sent; the item stays unknown.
+            conflict = ItemConflictError(
+                f"item {item.item_key!r} is a {item.operation.value}, but the journal reads it"
+                f" back as a {entry.operation.value}: this journal does not record operations,"
+                f" so the outcome of key {key} (unknown, older than its key_max_age) cannot be"
+                " judged safely; check the order, settle the item by hand"
+                " (journal.finish(item_key, status, reconciled=True)), and keep operations in a"
+                " journal that records them (SQLiteJournal, MemoryJournal)",
+                item_key=item.item_key,
+                idempotency_key=key,
+            )
+            return _outcome(item, CaptureStatus.REFUSED, key, error=conflict)
         if self.orders is None:
             error = KlarnaError(
                 "the outcome is unknown and the key older than the journal's key_max_age;"
@@ -564,13 +636,58 @@ class _Run:
             return _outcome(
                 item, _status_of(error), key, error=error, attempts=getattr(error, "attempts", 0)
             )
-        return _outcome(
+        outcome = _outcome(
             item, CaptureStatus.CAPTURED, key, created_id=sent.created_id, attempts=sent.attempts
         )
+        if item.idempotency_key is not None and item.operation in _PROVEN_BY_ORDER:
+            return await self._read_back(item, outcome)
+        return outcome
+
+    async def _read_back(self, item: BatchItem, outcome: CaptureOutcome) -> CaptureOutcome:
+        """Confirm a release/cancel answered 204 under a key the caller gave, by the order.
+
+        Klarna replays by key alone, and a 204 cannot say whose it is: a key the caller gave
+        may have been used before for another order or by another process. A key the
+        journal (or the batch) made is this item's own and needs no read-back.
+        """
+        key = outcome.idempotency_key
+        orders = self.orders
+        assert orders is not None  # the send went through it
+        try:
+            order = await orders.get(item.order_id)
+        except KlarnaError as error:
+            unread = KlarnaError(
+                f"Klarna answered 204 to the {item.operation.value} of order {item.order_id}"
+                f" under the given key {key}, but the order could not be read to confirm it"
+                f" ({error}); the outcome is unknown: rerun (the same key) to confirm it"
+            )
+            unread.idempotency_key = key
+            unread.earlier_attempt_unknown = True
+            return attrs.evolve(outcome, status=CaptureStatus.FAILED, error=unread)
+        done, evidence = order_shows(item.operation, order)
+        if done:
+            return outcome
+        reused = IdempotencyKeyReusedError(
+            f"Klarna answered 204 to the {item.operation.value} of order {item.order_id}, but"
+            f" {evidence}: the given idempotency key {key} was used before for another request"
+            " (another order or process), whose answer Klarna replayed; nothing was done to"
+            " this order",
+            status=204,
+            location="",
+        )
+        reused.bind(
+            method="POST",
+            url=f"/ordermanagement/v1/orders/{item.order_id}/{_PATHS[item.operation]}",
+            idempotency_key=key,
+            attempts=outcome.attempts,
+        )
+        return attrs.evolve(outcome, status=CaptureStatus.REFUSED, error=reused)
 
 
 #: Operations whose effect the order's state proves (see ``reconcile.judge``).
 _PROVEN_BY_ORDER = frozenset({Operation.RELEASE, Operation.CANCEL})
+#: Their endpoints under the order, to name the call a replayed 204 answered.
+_PATHS = {Operation.RELEASE: "release-remaining-authorization", Operation.CANCEL: "cancel"}
 
 
 @contextlib.asynccontextmanager
@@ -585,6 +702,42 @@ async def _locked(table: dict[str, _OrderLock], order_id: str) -> AsyncIterator[
         held.users -= 1
         if not held.users:
             del table[order_id]
+
+
+async def held_back_outcome(item: BatchItem, why: str, journal: Journal | None) -> CaptureOutcome:
+    """The outcome of ``item``, held back (not sent, not claimed) because of ``why``.
+
+    ``refused`` with an ``ItemHeldBackError``, unless the journal already holds the item
+    as it is: then it keeps what the journal says (``failed`` under its key while its own
+    earlier send is unknown, ``needs_review``, or ``skipped`` when it was done in an earlier
+    run). An item changed since it was journaled is refused, as a claim would refuse it.
+    """
+    message = f"held back: {why}; rerun after it is settled"
+    entry = None if journal is None else await _entry_of(journal, item)
+    key = item.idempotency_key or ""
+    status, unknown = CaptureStatus.REFUSED, False
+    if entry is not None and entry.status is not JournalStatus.REFUSED:
+        key = entry.idempotency_key
+        fingerprint = request_fingerprint(item.order_id, item.request)
+        if entry.fingerprint not in (None, fingerprint):
+            message += f"; it also changed since it was journaled ({entry.status.value})"
+        elif entry.status is JournalStatus.CAPTURED:
+            return _outcome(item, CaptureStatus.SKIPPED, key, created_id=entry.capture_id)
+        elif entry.status is JournalStatus.NEEDS_REVIEW:
+            status, unknown = CaptureStatus.NEEDS_REVIEW, True
+            message += f"; this item itself needs review ({entry.error or 'see the journal'})"
+        else:
+            status, unknown = CaptureStatus.FAILED, True
+            message += f"; this item's own earlier send is unknown under key {key}"
+    error = ItemHeldBackError(
+        message, item_key=item.item_key, idempotency_key=key or None, unknown=unknown
+    )
+    return _outcome(item, status, key, error=error)
+
+
+async def _entry_of(journal: Journal, item: BatchItem) -> JournalEntry | None:
+    entries = await journal.entries(order_id=item.order_id)
+    return next((e for e in entries if e.item_key == item.item_key), None)
 
 
 def _operation_name(item: BatchItem) -> str:
@@ -680,6 +833,14 @@ def run_many(
     records it with the item and applies the same exactly-once rules to every operation.
     One order's items run one at a time, in source order (a refund after the capture it
     gives back, a release after the last capture); different orders run concurrently.
+    Once an item ends failed (unknown), refused or needs review, its order's later items
+    in this run are held back: not sent, not claimed in the journal, ``refused`` with an
+    ``ItemHeldBackError`` naming that item (or as the journal holds them: ``failed`` under
+    their key when their own earlier send is unknown). A release or cancel never follows
+    an unknown capture of its order. A release or cancel sent under a key the caller gave
+    (``BatchItem.idempotency_key``) is confirmed by reading the order back: Klarna replays a
+    key's 204 to any request, so an order that shows no release (cancel) makes it
+    ``refused`` with an ``IdempotencyKeyReusedError`` naming the key.
     ``services`` holds the services to send through (``om.captures``, ``om.refunds``,
     ``om.orders``); ``orders`` also reads orders to reconcile.
 

@@ -246,7 +246,11 @@ class KlarnaOM:
         per item (``operation``; ``capture_id`` or ``refund_id``; ``status`` ``captured``
         means Klarna booked it, whatever the operation), and a ``journal`` that records each item's
         operation and makes reruns exactly-once for every operation. One order's items run
-        one at a time, in the order given (a refund after its capture).
+        one at a time, in the order given (a refund after its capture); once one ends failed,
+        refused or needs review, the order's later items are held back (not sent, refused
+        with ``ItemHeldBackError``), so a release never follows an unknown capture. A release
+        or cancel under a key you gave is confirmed by reading the order back (see
+        ``klarna_om_async.batch.run_many``).
 
         Why one ``run_many`` and not ``refund_many``, ``release_many``, ...: a nightly job
         mixes operations on the same orders (capture the last part, then release the rest),
@@ -296,7 +300,9 @@ class KlarnaOM:
         capture id), ``not_captured`` (the next run sends it with a new key), ``needs_review``
         (never sent again; read ``evidence``), ``resend`` (the key is still valid: the next
         run resends it, which settles it exactly), or ``verdict=None`` when the order could not
-        be read. See ``klarna_om_async.reconcile``.
+        be read. Each item is judged by the operation its journal entry records (a release
+        is proven only by a released order, a cancel by a cancelled one; a journal that keeps
+        no operation has its entries judged as captures). See ``klarna_om_async.reconcile``.
 
         Each order is read once (``om.orders.get``), ``concurrency`` (>= 1) at a time; an
         order that cannot be read gives its items ``verdict=None`` with the error, it does

@@ -36,6 +36,7 @@ from .operations import Operation
 
 __all__ = (
     "DEFAULT_KEY_MAX_AGE",
+    "KLARNA_KEY_LIFETIME",
     "KLARNA_OM_NAMESPACE",
     "Claim",
     "ClaimAction",
@@ -47,6 +48,7 @@ __all__ = (
     "JournalStatus",
     "MemoryJournal",
     "NotAJournalError",
+    "check_key_max_age",
     "deterministic_key",
 )
 
@@ -56,6 +58,21 @@ KLARNA_OM_NAMESPACE = uuid.UUID("1d2b8123-73b1-4db4-8907-032af9f09d73")
 #: Klarna honours a key for 24 hours after its first use; an hour's margin covers clock skew
 #: and a send that was slow to leave.
 DEFAULT_KEY_MAX_AGE = timedelta(hours=23)
+#: How long Klarna honours a key: a ``key_max_age`` beyond it would resend a key Klarna may
+#: have forgotten, which books the operation again.
+KLARNA_KEY_LIFETIME = timedelta(hours=24)
+
+
+def check_key_max_age(key_max_age: timedelta) -> timedelta:
+    """``key_max_age`` if it is positive and at most Klarna's 24 hours; ``ValueError`` else."""
+    if key_max_age <= timedelta(0):
+        raise ValueError(f"key_max_age must be positive, not {key_max_age!r}")
+    if key_max_age > KLARNA_KEY_LIFETIME:
+        raise ValueError(
+            f"key_max_age must be at most 24 hours, not {key_max_age}: Klarna forgets a key"
+            " 24 hours after its first use, and an older key resent books the operation again"
+        )
+    return key_max_age
 
 
 def deterministic_key(business_id: str, *, namespace: uuid.UUID = KLARNA_OM_NAMESPACE) -> str:
@@ -176,14 +193,28 @@ class NotAJournalError(JournalError):
 
 
 class Journal(Protocol):
-    """What the batch needs from a journal; ``SQLiteJournal`` is the durable one."""
+    """What the batch needs from a journal; ``SQLiteJournal`` is the durable one.
+
+    A journal must store each item's ``operation`` (``ItemRecord.operation``) and give it
+    back on its entries (``JournalEntry.operation``): an entry whose key Klarna may have
+    forgotten is judged by it (a refund against the order's refunds, a release by the
+    order's state). ``SQLiteJournal`` (schema 3) and ``MemoryJournal`` store it; the items
+    of an SQLite journal written before schema 3 read back as captures, which they were.
+    A journal that does not store it (one written to this protocol before operations were
+    recorded) reads every entry back as a capture: the batch then refuses, with an
+    ``ItemConflictError`` saying so, to reconcile an item whose operation differs (nothing
+    is sent; the item stays unknown under its key), and ``om.reconcile(journal)``, which
+    knows no items, judges its entries as captures. Its ``key_max_age`` must be at most
+    Klarna's 24 hours (see :func:`check_key_max_age`).
+    """
 
     async def claim(self, item: ItemRecord, new_key: str, *, run_id: str | None = None) -> Claim:
         """Decide what to do with ``item`` and durably record a ``SEND`` as in flight.
 
         ``new_key`` is used only when the item gets a new key (new, or refused before).
-        ``run_id`` names the run claiming (one per ``capture_many`` call): given, a new item
-        is refused while another run left an item of the same order unknown.
+        ``run_id`` names the run claiming (one per ``capture_many`` call): given, an item
+        that would take a new key (new, or refused before) is refused while another run left
+        an item of the same order unknown (or needing review).
         """
         ...
 
@@ -275,8 +306,9 @@ def _decide(
 
     ``key_owner`` is the item that ever held ``new_key`` in the journal, if any. ``sibling``
     is another item of the same order, claimed by another run, whose outcome is unknown (or
-    needs review), if any: a new item next to it may be the same capture under a changed
-    reference.
+    needs review), if any: an item that would take a new key next to it (new, or refused
+    before) may be the same capture under a changed reference, or a release or cancel that
+    would end the authorization that item may still need.
     """
     if old is not None and old.status in (JournalStatus.CAPTURED, JournalStatus.NEEDS_REVIEW):
         conflict = _conflict(old, item)
@@ -297,15 +329,11 @@ def _decide(
         return Claim(ClaimAction.SEND, resend)
     if old is not None and old.order_id != item.order_id:
         return Claim(ClaimAction.CONFLICT, old, f"item {item.item_key!r}: {_changed(old, item)}")
-    if old is None and sibling is not None:
+    if (old is None or old.status is JournalStatus.REFUSED) and sibling is not None:
         return Claim(
             ClaimAction.CONFLICT,
-            _new_entry(item, new_key, now, run_id),
-            f"item {item.item_key!r} is new, but order {item.order_id} has a"
-            f" {_what(sibling)} whose outcome is {sibling.status.value} under item"
-            f" {sibling.item_key!r} (key {sibling.idempotency_key}); if this line replaces it"
-            " (a changed reference), settle that one first (klarna-om reconcile); if it is a"
-            f" further {item.operation.value}, rerun once that one is settled",
+            old or _new_entry(item, new_key, now, run_id),
+            _held_back_by(old, item, sibling),
         )
     # New, or refused: nothing was booked, so the item may take a new key (and new content).
     if key_owner is not None and key_owner != item.item_key:
@@ -319,6 +347,26 @@ def _decide(
     if old is not None:
         entry = attrs.evolve(entry, attempts=old.attempts)
     return Claim(ClaimAction.SEND, entry)
+
+
+def _held_back_by(old: JournalEntry | None, item: ItemRecord, sibling: JournalEntry) -> str:
+    """Why ``item`` waits for ``sibling``, another run's unsettled item of its order."""
+    state = "is new" if old is None else "was refused before"
+    head = (
+        f"item {item.item_key!r} {state}, but order {item.order_id} has a {_what(sibling)}"
+        f" whose outcome is {sibling.status.value} under item {sibling.item_key!r} (key"
+        f" {sibling.idempotency_key})"
+    )
+    if item.captured_amount is None:  # release, extend, cancel: no reference to change
+        return (
+            f"{head}; a {item.operation.value} of the order waits until that one is settled"
+            " (rerun it, or klarna-om reconcile), then rerun"
+        )
+    return (
+        f"{head}; if this line replaces it (a changed reference), settle that one first"
+        f" (klarna-om reconcile); if it is a further {item.operation.value}, rerun once that"
+        " one is settled"
+    )
 
 
 def _what(entry: JournalEntry) -> str:
@@ -422,6 +470,8 @@ class MemoryJournal:
     """Journal kept in memory: the same decisions as ``SQLiteJournal``, survives nothing.
 
     Usable at once, without ``open``; useful in tests and for one process's own retries.
+    It stores each item's operation. ``key_max_age`` (default 23 hours) must be positive and
+    at most Klarna's 24 hours (``ValueError`` otherwise).
     """
 
     def __init__(
@@ -430,6 +480,7 @@ class MemoryJournal:
         key_max_age: timedelta = DEFAULT_KEY_MAX_AGE,
         clock: Callable[[], datetime] = _utc_now,
     ) -> None:
+        check_key_max_age(key_max_age)
         self._entries: dict[str, JournalEntry] = {}
         self._owners: dict[str, str] = {}  # every idempotency key handed out -> item key
         self._by_order: dict[str, set[str]] = {}  # order id -> item keys
@@ -457,12 +508,14 @@ class MemoryJournal:
         self._check_open()
         old = self._entries.get(item.item_key)
         sibling = None
-        if old is None and run_id is not None:
+        if (old is None or old.status is JournalStatus.REFUSED) and run_id is not None:
             sibling = next(
                 (
                     entry
                     for key in self._by_order.get(item.order_id, ())
-                    if (entry := self._entries[key]).status in _UNSETTLED and entry.run_id != run_id
+                    if key != item.item_key
+                    and (entry := self._entries[key]).status in _UNSETTLED
+                    and entry.run_id != run_id
                 ),
                 None,
             )

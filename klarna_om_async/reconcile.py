@@ -19,13 +19,23 @@ The other operations (the journal records each item's):
 
 - a **refund** is judged against the order's refunds exactly as a capture is against its
   captures (reference, ``refunded_amount``, ``refunded_at``);
-- a **release** is done when the order's ``remaining_authorized_amount`` is 0, a **cancel**
-  when its status is ``CANCELLED``; otherwise it was not done and may be sent with a new key;
+- a **release** is done only when nothing is left authorized *and* the order was released:
+  ``remaining_authorized_amount`` 0, ``captured_amount`` below ``order_amount`` and status
+  ``CAPTURED`` or ``CLOSED``. An expired or cancelled order also has nothing left
+  authorized, and a fully captured one nothing to release: neither proves a release, so it
+  is judged not done (a resend is then refused by Klarna, never booked);
+- a **cancel** is done only when the order's status is ``CANCELLED``; otherwise it was not
+  done and may be sent with a new key;
 - an **extend** cannot be told from the order; repeating it is harmless (the same day gives
   the same date), so it is judged not done and sent again.
 
 ``Verdict.CAPTURED`` means "Klarna booked it" for every operation, ``NOT_CAPTURED`` "never
 booked" (the values stay as journals and scripts know them).
+
+The operation judged is the one the journal records with the item. A journal that keeps
+no operation (written to the ``Journal`` protocol before operations were recorded) reads
+every entry back as a capture, and ``reconcile`` judges it as one; a batch that knows the
+item's operation refuses to reconcile such an entry (see ``klarna_om_async.batch``).
 https://docs.klarna.com/api/ordermanagement/#operation/getOrder
 """
 
@@ -49,6 +59,7 @@ __all__ = (
     "Reconciliation",
     "Verdict",
     "judge",
+    "order_shows",
     "reconcile",
     "reconcile_entry",
 )
@@ -129,15 +140,9 @@ def judge(
     operation makes) the journal already gives to other items.
     """
     match entry.operation:
-        case Operation.RELEASE:
-            remaining = order.remaining_authorized_amount
-            if remaining == 0:
-                return Verdict.CAPTURED, None, "the order has nothing left authorized"
-            return Verdict.NOT_CAPTURED, None, f"the order still has {remaining} authorized"
-        case Operation.CANCEL:
-            if order.status == OrderStatus.CANCELLED:
-                return Verdict.CAPTURED, None, "the order is cancelled"
-            return Verdict.NOT_CAPTURED, None, f"the order is {order.status}, not cancelled"
+        case Operation.RELEASE | Operation.CANCEL:
+            done, evidence = order_shows(entry.operation, order)
+            return (Verdict.CAPTURED if done else Verdict.NOT_CAPTURED), None, evidence
         case Operation.EXTEND:
             return (
                 Verdict.NOT_CAPTURED,
@@ -147,6 +152,42 @@ def judge(
             )
         case _:
             return _judge_booked(entry, order, claimed, clock_skew)
+
+
+#: The statuses of an order whose remaining authorization was released (``CLOSED`` once
+#: everything captured was also refunded).
+_RELEASED = frozenset({OrderStatus.CAPTURED, OrderStatus.CLOSED})
+
+
+def order_shows(operation: Operation, order: Order) -> tuple[bool, str]:
+    """Whether ``order`` proves a release or a cancel done: (done, evidence in one line).
+
+    A release: nothing left authorized, less captured than the order amount (a fully
+    captured order has nothing to release), and the status ``CAPTURED`` or ``CLOSED`` (an
+    ``EXPIRED`` or ``CANCELLED`` order has nothing left authorized without any release). A
+    cancel: the status ``CANCELLED``. ``ValueError`` for another operation (the order
+    cannot show it).
+    """
+    status = order.status
+    if operation is Operation.CANCEL:
+        if status == OrderStatus.CANCELLED:
+            return True, "the order is cancelled"
+        return False, f"the order is {status}, not cancelled"
+    if operation is not Operation.RELEASE:
+        raise ValueError(f"the order cannot show whether a {operation.value} was done")
+    remaining, captured = order.remaining_authorized_amount, order.captured_amount
+    amounts = (
+        f"remaining_authorized_amount {remaining}, captured {captured} of {order.order_amount}"
+    )
+    if remaining:
+        return False, f"the order still has {remaining} authorized (status {status})"
+    if status not in _RELEASED:
+        return False, f"the order is {status} ({amounts}): that is no release"
+    if remaining is None or captured is None or order.order_amount is None:
+        return False, f"the order does not show its amounts ({amounts})"
+    if captured >= order.order_amount:
+        return False, f"the order is fully captured ({amounts}): there was nothing to release"
+    return True, f"the order was released ({status}, {amounts})"
 
 
 def _judge_booked(
@@ -293,6 +334,9 @@ async def reconcile(
 
     Reads each item's order (at most ``concurrency`` at once) and records the verdicts; see
     :func:`reconcile_entry`. Items that need review are left alone. Use ``om.reconcile``.
+    Each item is judged by the operation its entry records (see :func:`judge`): a release
+    only by an order that was released, a cancel only by a cancelled one. A journal that
+    keeps no operation reads every entry back as a capture, and it is judged as one.
 
     Returns one ``Reconciliation`` per unknown item. Raises ``ValueError`` when
     ``concurrency`` < 1, and what the journal raises; an order that cannot be read is

@@ -32,6 +32,7 @@ from .journal import (
     _not_begun,
     _not_open,
     _utc_now,
+    check_key_max_age,
 )
 from .operations import Operation
 
@@ -283,9 +284,11 @@ class SQLiteJournal:
 
     While open it holds an exclusive OS lock on the file: a second journal on it raises
     :class:`JournalInUseError`. A file that is not a klarna-om journal raises
-    :class:`NotAJournalError`. ``key_max_age`` (default 23 hours, under Klarna's 24) is how old
-    an unknown item's key may be before it is reconciled instead of resent; ``clock`` returns
-    the current UTC time (tests drive it).
+    :class:`NotAJournalError`. ``key_max_age`` (default 23 hours) is how old an unknown item's
+    key may be before it is reconciled instead of resent; it must be positive and at most
+    Klarna's 24 hours (``ValueError`` otherwise: an older key resent would book again).
+    ``clock`` returns the current UTC time (tests drive it). Each item's operation is stored
+    (schema 3); the items of a journal written before it read back as captures.
 
     A dedicated thread owns the connection: calls queue their work and await a future; the
     thread takes everything queued, applies it in ONE transaction, commits, then resolves the
@@ -308,8 +311,7 @@ class SQLiteJournal:
             raise ValueError(f"durability must be 'normal' or 'full', not {durability!r}")
         if os.fspath(path) in ("", ":memory:"):
             raise ValueError("an SQLiteJournal needs a file; MemoryJournal keeps one in memory")
-        if key_max_age <= timedelta(0):
-            raise ValueError(f"key_max_age must be positive, not {key_max_age!r}")
+        check_key_max_age(key_max_age)
         self._path = os.fspath(path)
         self._durability = durability
         self._key_max_age = key_max_age
@@ -385,7 +387,7 @@ class SQLiteJournal:
             old = _read_one(conn, item.item_key)
             owner = conn.execute(_KEY_OWNER, (new_key,)).fetchone()
             sibling = None
-            if old is None and run_id is not None:
+            if (old is None or old.status is JournalStatus.REFUSED) and run_id is not None:
                 params = (item.order_id, item.item_key, run_id)
                 row = conn.execute(_SIBLING, params).fetchone()
                 sibling = None if row is None else _row_to_entry(row)

@@ -28,6 +28,7 @@ from klarna_om_async.journal import (
     NotAJournalError,
     deterministic_key,
 )
+from klarna_om_async.operations import Operation
 from klarna_om_async.sqlite_journal import SQLiteJournal
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -344,6 +345,67 @@ async def test_a_new_item_next_to_another_runs_unknown_item_is_held_back(journal
     await journal.finish("o:box-1", JournalStatus.CAPTURED, capture_id="c")
     await journal.finish("o:box-2", JournalStatus.CAPTURED, capture_id="c2")
     assert (await journal.claim(record("o:box-3", "o"), "k4", run_id="run-3")).action == "send"
+
+
+async def test_an_item_refused_before_is_held_back_like_a_new_one(journal: Journal) -> None:
+    # A refused item takes a new key, so the sibling rule applies to it as to a new item: a
+    # release refused in an earlier run must not go out while a capture of its order is
+    # unknown (it would end the authorization that capture may still need).
+    release = ItemRecord(
+        item_key="release:o",
+        order_id="o",
+        captured_amount=None,
+        fingerprint="release/o",
+        operation=Operation.RELEASE,
+    )
+    await journal.claim(release, "k-release", run_id="run-1")
+    await journal.finish("release:o", JournalStatus.REFUSED, error="NOT_ALLOWED")
+    await journal.claim(record("o:last", "o"), "k-capture", run_id="run-1")
+    await journal.finish("o:last", JournalStatus.FAILED)
+    claim = await journal.claim(release, "k-release-2", run_id="run-2")
+    assert claim.action is ClaimAction.CONFLICT
+    assert claim.entry.idempotency_key == "k-release"  # as journaled: no new key handed out
+    assert claim.reason is not None
+    assert "item 'release:o' was refused before, but order o has a capture of 100" in claim.reason
+    # A release has no reference to change: the message says what to do instead.
+    assert "changed reference" not in claim.reason
+    assert "a release of the order waits until that one is settled" in claim.reason
+    assert (await load(journal))["release:o"].status is JournalStatus.REFUSED
+    # A refused capture is held back too; once the capture is settled, both may go.
+    await journal.claim(record("o:x", "o"), "k-x", run_id="run-1")
+    await journal.finish("o:x", JournalStatus.REFUSED)
+    held = await journal.claim(record("o:x", "o"), "k-x2", run_id="run-2")
+    assert held.action is ClaimAction.CONFLICT
+    assert held.reason is not None
+    assert "changed reference" in held.reason
+    await journal.finish("o:last", JournalStatus.CAPTURED, capture_id="c")
+    sent = await journal.claim(release, "k-release-3", run_id="run-3")
+    assert (sent.action, sent.entry.idempotency_key) == (ClaimAction.SEND, "k-release-3")
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "memory"])
+@pytest.mark.parametrize("hours", [0, -1, 24.001, 48])
+def test_a_key_max_age_past_klarnas_24_hours_or_not_positive_is_refused(
+    tmp_path: Path, kind: str, hours: float
+) -> None:
+    # Klarna forgets a key 24 hours after its first use: a journal that trusts a key longer
+    # resends a landed operation's forgotten key, and Klarna books it again.
+    with pytest.raises(ValueError, match="key_max_age must be") as raised:
+        journal_of(kind, tmp_path, timedelta(hours=hours))
+    assert "\n" not in str(raised.value)
+    if hours > 24:
+        assert "Klarna forgets a key 24 hours after its first use" in str(raised.value)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "memory"])
+def test_a_key_max_age_of_24_hours_is_accepted(tmp_path: Path, kind: str) -> None:
+    journal_of(kind, tmp_path, timedelta(hours=24))
+
+
+def journal_of(kind: str, tmp_path: Path, key_max_age: timedelta) -> Journal:
+    if kind == "sqlite":
+        return SQLiteJournal(tmp_path / "j.sqlite", key_max_age=key_max_age)
+    return MemoryJournal(key_max_age=key_max_age)
 
 
 # --- SQLiteJournal only ---

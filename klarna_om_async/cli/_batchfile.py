@@ -300,8 +300,10 @@ def _check_header(path: str, header: Sequence[str] | None, delimiter: str) -> No
     required = CSV_COLUMNS[:1] if "operation" in header else CSV_COLUMNS[:2]
     missing = [name for name in required if name not in header]
     if missing:
+        refunds = "refunded_amount" in header and "captured_amount" in missing
+        hint = "; to refund, add an operation column with refund" if refunds else ""
         raise BatchFileError(
-            f"{path}: line 1: missing required column(s) {', '.join(missing)}; "
+            f"{path}: line 1: missing required column(s) {', '.join(missing)}{hint}; "
             f"expected {_columns()}"
         )
 
@@ -341,7 +343,9 @@ def _csv_records(lines: Iterator[_Line], header: list[str], delimiter: str) -> I
             order_id = _clean_order_id(values.get("order_id"))
             yield BadLine(line, order_id, BadLineError(line, broken, reason))
             continue
-        yield _csv_row(line, values, extra=fields[len(header) :] or None)
+        yield _csv_row(
+            line, values, extra=fields[len(header) :] or None, operations="operation" in header
+        )
 
 
 def _has_break(value: str | None) -> bool:
@@ -366,7 +370,9 @@ def _cell(values: Mapping[str, str | None], column: str) -> str | None:
     return (value.strip() or None) if value else None
 
 
-def _csv_row(line: int, values: Mapping[str, str | None], *, extra: object) -> Row:
+def _csv_row(
+    line: int, values: Mapping[str, str | None], *, extra: object, operations: bool = True
+) -> Row:
     raw_id = (_cell(values, "order_id") or "").strip() or None
     order_id = _clean_order_id(raw_id)
     try:
@@ -375,7 +381,7 @@ def _csv_row(line: int, values: Mapping[str, str | None], *, extra: object) -> R
         if raw_id is None:
             raise BadLineError(line, "order_id", "is required")
         order_id = normalize_id("order_id", raw_id)
-        request = _csv_request(line, values)
+        request = _csv_request(line, values, operations=operations)
         key = _cell(values, "idempotency_key")
         return BatchItem(order_id=order_id, request=request, idempotency_key=key, line=line)
     except BadLineError as error:
@@ -414,9 +420,19 @@ def _refuse_cells(
             raise BadLineError(line, column, f"{_a(operation)} takes no {what}; leave it empty")
 
 
-def _csv_request(line: int, values: Mapping[str, str | None]) -> OperationRequest:
+def _csv_request(
+    line: int, values: Mapping[str, str | None], *, operations: bool = True
+) -> OperationRequest:
     operation = _operation(line, _cell(values, "operation"))
     if operation is Operation.CAPTURE:
+        if not operations and _cell(values, "refunded_amount") is not None:
+            # Without an operation column every line is a capture: say how to refund.
+            raise BadLineError(
+                line,
+                "refunded_amount",
+                "this file has no operation column, so every line is a capture; to refund,"
+                " add an operation column with refund on this line",
+            )
         _refuse_cells(line, operation, values, ("refunded_amount",))
         return CaptureRequest(
             captured_amount=_amount(line, _cell(values, "captured_amount")),

@@ -8,7 +8,14 @@ from collections.abc import Callable, Iterable, Iterator
 
 import attrs
 
-from ..batch import BatchAbortedError, BatchItem, CaptureOutcome, CaptureStatus
+from ..batch import (
+    HELD_LISTED,
+    BatchAbortedError,
+    BatchItem,
+    CaptureOutcome,
+    CaptureStatus,
+    held_back_outcome,
+)
 from ..client import KlarnaOM
 from ..journal import Journal
 from ..operations import Operation
@@ -115,32 +122,48 @@ async def run_batch(
 
     ``rows`` is consumed lazily by ``run_many``'s workers; bad lines never reach it, so
     nothing is sent for them, and their outcomes are reported as the reading passes them.
+    A bad line holds its order's later lines back, as ``run_many`` holds back an order's
+    later items after one that did not end done: they are reported refused, never sent
+    (a release must not follow a capture line that could not be read).
     """
     bad: collections.deque[BadLine] = collections.deque()
+    held: collections.deque[tuple[BatchItem, str]] = collections.deque()
+    # Orders with a bad line, and (for the first HELD_LISTED) which line it was.
+    broken: dict[str, int] = {}
 
     def good_rows() -> Iterator[BatchItem]:
         for row in rows:
             if isinstance(row, BadLine):
                 bad.append(row)
+                if row.order_id is not None and len(broken) < HELD_LISTED:
+                    broken.setdefault(row.order_id, row.line)
+            elif row.order_id in broken:
+                why = (
+                    f"an earlier item of order {row.order_id} (line {broken[row.order_id]})"
+                    " could not be read"
+                )
+                held.append((row, why))
             else:
                 yield row
 
-    def report_bad() -> None:
+    async def report_bad() -> None:
         while bad:
             report(bad_line_outcome(bad.popleft()))
+        while held:
+            report(await held_back_outcome(*held.popleft(), journal))
 
     outcomes = om.run_many(
         good_rows(), concurrency=concurrency, rate_limit=rate_limit, journal=journal
     )
     try:
         async for outcome in outcomes:
-            report_bad()
+            await report_bad()
             report(outcome)
     except BatchAbortedError:
-        report_bad()  # read while the rest of the file was counted as not sent
+        await report_bad()  # read while the rest of the file was counted as not sent
         raise
     finally:
         # On Ctrl-C (cancellation) the generator's cleanup must cancel its workers now,
         # while the journal is still open, not whenever the generator is collected.
         await outcomes.aclose()
-    report_bad()
+    await report_bad()
