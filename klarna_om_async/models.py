@@ -645,6 +645,8 @@ class Refund:
     description: str | None = None
     reference: str | None = None
     order_lines: tuple[OrderLine, ...] | None = attrs.field(default=None, converter=_order_lines)
+    #: B2B invoice orders only: the customer received the refund as a credit invoice.
+    credit_invoice: bool | None = None
 
 
 @attrs.define(frozen=True, kw_only=True)

@@ -571,3 +571,10 @@ def test_leaf_with_unknown_enum_value_round_trips(line: OrderLine, unknown: str)
 def test_naive_datetime_in_an_answer_is_read_as_utc(moment: datetime) -> None:
     refund = from_json(orjson.dumps({"refunded_at": moment.isoformat()}), Refund)
     assert refund.refunded_at == moment.replace(tzinfo=UTC)
+
+
+def test_a_refund_as_credit_invoice_reads_its_flag() -> None:
+    body = {"refund_id": "r-1", "refunded_amount": 2500, "credit_invoice": True, "new": 1}
+    refund = from_json(orjson.dumps(body), Refund)
+    assert refund.credit_invoice is True
+    assert refund.refunded_amount == 2500
