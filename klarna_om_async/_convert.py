@@ -210,6 +210,7 @@ converter.register_structure_hook(int, _exact(int))
 converter.register_structure_hook(str, _exact(str))
 converter.register_structure_hook(int | None, _exact_or_none(int))
 converter.register_structure_hook(str | None, _exact_or_none(str))
+converter.register_structure_hook(bool | None, _exact_or_none(bool))
 # The orjson preset lets bool through as an int (its subclass); True is not an amount.
 configure_union_passthrough(str | int | None, converter)
 converter.register_structure_hook_factory(attrs.has, _objects_only)

@@ -578,3 +578,8 @@ def test_a_refund_as_credit_invoice_reads_its_flag() -> None:
     refund = from_json(orjson.dumps(body), Refund)
     assert refund.credit_invoice is True
     assert refund.refunded_amount == 2500
+
+
+def test_a_credit_invoice_flag_that_is_not_a_boolean_is_klarnas_fault() -> None:
+    with pytest.raises(ValueError, match="credit_invoice"):
+        from_json(orjson.dumps({"credit_invoice": 1}), Refund)
