@@ -409,30 +409,54 @@ def _finished(
     now: datetime,
 ) -> JournalEntry:
     """``old`` after an outcome; what a later report may not undo stays."""
+    total = _total_attempts(old.attempts, attempts)
+    change = _finish_change(old.status, old.uncertain, status, reconciled)
+    if change is None:
+        return attrs.evolve(old, attempts=total, updated_at=now)  # never reopened
+    status, uncertain = change
+    return attrs.evolve(
+        old,
+        status=status,
+        capture_id=capture_id,
+        error=_one_line(error),
+        attempts=total,
+        uncertain=uncertain,
+        updated_at=now,
+    )
+
+
+def _total_attempts(old_attempts: int, attempts: int) -> int:
     if attempts < 0:
         raise ValueError(f"attempts must be >= 0, not {attempts}")
+    return old_attempts + attempts
+
+
+def _finish_change(
+    old_status: JournalStatus, old_uncertain: bool, status: JournalStatus, reconciled: bool
+) -> tuple[JournalStatus, bool] | None:
+    """The ``(status, uncertain)`` an outcome records over an item in ``old_status``.
+
+    None when the item is never reopened (captured, or needing review and not reconciled):
+    then only its attempts and ``updated_at`` change. Otherwise the outcome's status,
+    ``capture_id`` and ``error`` replace the old ones (see :func:`_finished`).
+    """
     status = JournalStatus(status)
-    total = old.attempts + attempts
-    if old.status is JournalStatus.CAPTURED or (
-        old.status is JournalStatus.NEEDS_REVIEW and not reconciled
+    if old_status is JournalStatus.CAPTURED or (
+        old_status is JournalStatus.NEEDS_REVIEW and not reconciled
     ):
-        return attrs.evolve(old, attempts=total, updated_at=now)  # never reopened
-    uncertain = old.uncertain
+        return None
+    uncertain = old_uncertain
     if status is JournalStatus.REFUSED and uncertain and not reconciled:
         status = JournalStatus.FAILED  # a refusal now says nothing of the earlier send
     if status is JournalStatus.FAILED or status is JournalStatus.IN_FLIGHT:
         uncertain = True
     elif status is not JournalStatus.NEEDS_REVIEW:
         uncertain = False  # captured, or proven not booked
-    return attrs.evolve(
-        old,
-        status=status,
-        capture_id=capture_id,
-        error=None if error is None else " ".join(error.splitlines()),
-        attempts=total,
-        uncertain=uncertain,
-        updated_at=now,
-    )
+    return status, uncertain
+
+
+def _one_line(error: str | None) -> str | None:
+    return None if error is None else " ".join(error.splitlines())
 
 
 def _not_begun(item_key: str) -> LookupError:

@@ -13,6 +13,7 @@ import queue
 import sqlite3
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 from typing import Any, Literal, Self, TypeVar
@@ -28,9 +29,11 @@ from .journal import (
     NotAJournalError,
     _decide,
     _expired,
-    _finished,
+    _finish_change,
     _not_begun,
     _not_open,
+    _one_line,
+    _total_attempts,
     _utc_now,
     check_key_max_age,
 )
@@ -115,6 +118,14 @@ ON CONFLICT (item_key) DO UPDATE SET
     uncertain = excluded.uncertain, run_id = excluded.run_id, operation = excluded.operation
 """
 _SELECT_ONE = f"SELECT {_COLUMNS} FROM journal WHERE item_key = ?"
+# A finish needs only what decides the outcome, and writes only what the outcome changes.
+_SELECT_STANDING = "SELECT status, attempts, uncertain FROM journal WHERE item_key = ?"
+_SET_OUTCOME = """
+UPDATE journal SET status = ?, capture_id = ?, error = ?, attempts = ?, uncertain = ?,
+    updated_at = ?
+WHERE item_key = ?
+"""
+_SET_ATTEMPTS = "UPDATE journal SET attempts = ?, updated_at = ? WHERE item_key = ?"
 _KEY_OWNER = "SELECT item_key FROM keys WHERE idempotency_key = ?"
 _ADD_KEY = "INSERT OR IGNORE INTO keys VALUES (?, ?)"
 _SIBLING = f"""
@@ -127,12 +138,35 @@ LIMIT 1
 _BUSY_TIMEOUT_S = 30.0
 
 _T = TypeVar("_T")
-_Op = Callable[[sqlite3.Connection, datetime], object]
+
+
+class _Group:
+    """One transaction of the writer thread: its time, and how many entries it wrote."""
+
+    __slots__ = ("now", "now_text", "writes")
+
+    def __init__(self, now: datetime) -> None:
+        #: The time recorded by every write of the group (``updated_at``, ``key_sent_at``).
+        self.now = now
+        self.now_text = _iso(now)
+        #: Entries written (a claim that sends, a finish); for ``commit_listeners``.
+        self.writes = 0
+
+    def text(self, when: datetime | None) -> str | None:
+        """``when`` as stored; the group's own time is formatted once, not per entry."""
+        return self.now_text if when is self.now else _iso(when)
+
+
+_Op = Callable[[sqlite3.Connection, _Group], object]
 # (None, future) asks the writer thread to stop; the future resolves once the file is closed.
 _Work = tuple[_Op | None, "asyncio.Future[Any]"]
 # The queue carries the calls made in one event-loop turn together (see SQLiteJournal._call).
 _Queue = queue.SimpleQueue[list[_Work]]
 _Outcome = tuple["asyncio.Future[Any]", object, BaseException | None]
+#: ``listener(seconds, entries)``: see ``SQLiteJournal.commit_listeners``.
+CommitListener = Callable[[float, int], None]
+# A group commit reported to the listeners: (listeners, seconds, entries).
+_Commit = tuple[list[CommitListener], float, int]
 
 
 def _iso(when: datetime | None) -> str | None:
@@ -161,7 +195,7 @@ def _row_to_entry(row: tuple[Any, ...]) -> JournalEntry:
     )
 
 
-def _entry_to_row(e: JournalEntry) -> tuple[object, ...]:
+def _entry_to_row(e: JournalEntry, group: _Group) -> tuple[object, ...]:
     return (
         e.item_key,
         e.order_id,
@@ -170,11 +204,11 @@ def _entry_to_row(e: JournalEntry) -> tuple[object, ...]:
         e.capture_id,
         e.error,
         e.attempts,
-        _iso(e.updated_at),
+        group.text(e.updated_at),
         e.fingerprint,
         e.captured_amount,
         e.reference,
-        _iso(e.key_sent_at),
+        group.text(e.key_sent_at),
         int(e.uncertain),
         e.run_id,
         e.operation.value,
@@ -186,7 +220,7 @@ def _read_one(conn: sqlite3.Connection, item_key: str) -> JournalEntry | None:
     return None if row is None else _row_to_entry(row)
 
 
-def _settle(outcomes: list[_Outcome]) -> None:
+def _settle(outcomes: list[_Outcome], commit: _Commit | None = None) -> None:
     for future, result, exc in outcomes:
         if future.done():  # the caller was cancelled; its write stands anyway
             continue
@@ -194,16 +228,27 @@ def _settle(outcomes: list[_Outcome]) -> None:
             future.set_result(result)
         else:
             future.set_exception(exc)
+    if commit is not None:
+        listeners, seconds, entries = commit
+        for listener in tuple(listeners):
+            try:
+                listener(seconds, entries)
+            except Exception as exc:  # a broken listener must not stop the others
+                asyncio.get_running_loop().call_exception_handler(
+                    {"message": f"journal commit listener {listener!r} failed", "exception": exc}
+                )
 
 
-def _resolve(outcomes: list[_Outcome]) -> None:
-    # One wake-up per event loop per group, not one per call.
+def _resolve(outcomes: list[_Outcome], commit: _Commit | None = None) -> None:
+    # One wake-up per event loop per group, not one per call; the commit is reported on
+    # the first loop, in the same wake-up.
     by_loop: dict[asyncio.AbstractEventLoop, list[_Outcome]] = {}
     for outcome in outcomes:
         by_loop.setdefault(outcome[0].get_loop(), []).append(outcome)
     for loop, group in by_loop.items():
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
-            loop.call_soon_threadsafe(_settle, group)
+            loop.call_soon_threadsafe(_settle, group, commit)
+        commit = None
 
 
 # Journal files this process holds, by (device, inode): a second journal object on any name
@@ -299,6 +344,15 @@ class SQLiteJournal:
     commits: int
     """Transactions committed by the writer thread so far (for tests and metrics)."""
 
+    commit_listeners: list[CommitListener]
+    """Called as ``listener(seconds, entries)`` after each group commit: ``seconds`` is how
+    long the COMMIT took (with ``durability="full"``, its fsync included) and ``entries``
+    how many entries the group wrote (claims that send, finishes). Listeners run on the
+    event loop's thread (that of the group's first call), in the same callback that wakes
+    the group's callers, after their results are set; one that raises is reported to the
+    loop's exception handler. Measured only while the list is not empty. Append to it or
+    remove from it on the loop's thread."""
+
     def __init__(
         self,
         path: str | os.PathLike[str],
@@ -322,6 +376,7 @@ class SQLiteJournal:
         self._unsent: list[_Work] = []
         self._thread: threading.Thread | None = None
         self.commits = 0
+        self.commit_listeners = []
 
     def __repr__(self) -> str:
         return f"SQLiteJournal({self._path!r}, durability={self._durability!r})"
@@ -383,7 +438,7 @@ class SQLiteJournal:
         """Decide what to do with ``item``; durably record a ``SEND`` as in flight."""
         max_age = self._key_max_age
 
-        def op(conn: sqlite3.Connection, now: datetime) -> Claim:
+        def op(conn: sqlite3.Connection, group: _Group) -> Claim:
             old = _read_one(conn, item.item_key)
             owner = conn.execute(_KEY_OWNER, (new_key,)).fetchone()
             sibling = None
@@ -397,14 +452,15 @@ class SQLiteJournal:
                 new_key,
                 key_owner=owner and owner[0],
                 sibling=sibling,
-                now=now,
+                now=group.now,
                 key_max_age=max_age,
                 run_id=run_id,
             )
             if claim.action is ClaimAction.SEND:
                 entry = claim.entry
-                conn.execute(_UPSERT, _entry_to_row(entry))
+                conn.execute(_UPSERT, _entry_to_row(entry, group))
                 conn.execute(_ADD_KEY, (entry.idempotency_key, entry.item_key))
+                group.writes += 1
             return claim
 
         return await self._call(op)
@@ -421,13 +477,31 @@ class SQLiteJournal:
     ) -> JournalStatus:
         """Durably record an outcome; returns the status recorded (see :meth:`Journal.finish`)."""
 
-        def op(conn: sqlite3.Connection, now: datetime) -> JournalStatus:
-            old = _read_one(conn, item_key)
-            if old is None:
+        def op(conn: sqlite3.Connection, group: _Group) -> JournalStatus:
+            # The same decision as journal._finished, on the three columns it depends on.
+            row = conn.execute(_SELECT_STANDING, (item_key,)).fetchone()
+            if row is None:
                 raise _not_begun(item_key)
-            new = _finished(old, status, capture_id, error, attempts, reconciled, now)
-            conn.execute(_UPSERT, _entry_to_row(new))
-            return new.status
+            old_status, old_attempts, old_uncertain = JournalStatus(row[0]), row[1], bool(row[2])
+            total = _total_attempts(old_attempts, attempts)
+            change = _finish_change(old_status, old_uncertain, status, reconciled)
+            if change is None:  # never reopened
+                conn.execute(_SET_ATTEMPTS, (total, group.now_text, item_key))
+                recorded = old_status
+            else:
+                recorded, uncertain = change
+                params = (
+                    recorded.value,
+                    capture_id,
+                    _one_line(error),
+                    total,
+                    int(uncertain),
+                    group.now_text,
+                    item_key,
+                )
+                conn.execute(_SET_OUTCOME, params)
+            group.writes += 1
+            return recorded
 
         return await self._call(op)
 
@@ -446,7 +520,7 @@ class SQLiteJournal:
         clause = f" WHERE {' AND '.join(where)}" if where else ""
         sql = f"SELECT {_COLUMNS} FROM journal{clause} ORDER BY item_key"
 
-        def op(conn: sqlite3.Connection, now: datetime) -> list[JournalEntry]:
+        def op(conn: sqlite3.Connection, group: _Group) -> list[JournalEntry]:
             return [_row_to_entry(row) for row in conn.execute(sql, params)]
 
         return await self._call(op)
@@ -458,7 +532,7 @@ class SQLiteJournal:
     async def summary(self) -> dict[JournalStatus, int]:
         """How many items are in each status (zero included)."""
 
-        def op(conn: sqlite3.Connection, now: datetime) -> dict[JournalStatus, int]:
+        def op(conn: sqlite3.Connection, group: _Group) -> dict[JournalStatus, int]:
             counts = dict.fromkeys(JournalStatus, 0)
             rows = conn.execute("SELECT status, count(*) FROM journal GROUP BY status")
             counts.update((JournalStatus(status), n) for status, n in rows)
@@ -469,7 +543,7 @@ class SQLiteJournal:
     async def done_by_operation(self) -> dict[Operation, int]:
         """How many items Klarna booked (status ``captured``), per operation (none: absent)."""
 
-        def op(conn: sqlite3.Connection, now: datetime) -> dict[Operation, int]:
+        def op(conn: sqlite3.Connection, group: _Group) -> dict[Operation, int]:
             rows = conn.execute(
                 "SELECT operation, count(*) FROM journal WHERE status = 'captured'"
                 " GROUP BY operation"
@@ -479,7 +553,7 @@ class SQLiteJournal:
 
         return await self._call(op)
 
-    async def _call(self, op: Callable[[sqlite3.Connection, datetime], _T]) -> _T:
+    async def _call(self, op: Callable[[sqlite3.Connection, _Group], _T]) -> _T:
         work = self._work
         if work is None:
             raise _not_open(type(self).__name__)
@@ -579,30 +653,34 @@ class SQLiteJournal:
                     batch.extend(work.get_nowait())
             calls = [(op, future) for op, future in batch if op is not None]
             if calls:
-                _resolve(self._apply(conn, calls))
+                _resolve(*self._apply(conn, calls))
             stops = [future for op, future in batch if op is None]
             if stops:
                 return stops
 
     def _apply(
         self, conn: sqlite3.Connection, calls: list[tuple[_Op, asyncio.Future[Any]]]
-    ) -> list[_Outcome]:
-        now = self._clock()
+    ) -> tuple[list[_Outcome], _Commit | None]:
+        """Apply ``calls`` in one transaction: their outcomes, and the commit to report."""
+        group = _Group(self._clock())
+        listeners = self.commit_listeners
         outcomes: list[_Outcome] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
             for op, future in calls:
                 try:
-                    outcomes.append((future, op(conn, now), None))
+                    outcomes.append((future, op(conn, group), None))
                 except Exception as exc:
                     if not conn.in_transaction:
                         raise  # SQLite rolled back the whole transaction (disk full, I/O error)
                     # A failed statement undoes only itself; the others in the group stand.
                     outcomes.append((future, None, exc))
+            started = time.perf_counter() if listeners else 0.0
             conn.execute("COMMIT")
+            seconds = time.perf_counter() - started if listeners else 0.0
         except Exception as exc:
             with contextlib.suppress(sqlite3.Error):
                 conn.rollback()
-            return [(future, None, exc) for _, future in calls]
+            return [(future, None, exc) for _, future in calls], None
         self.commits += 1
-        return outcomes
+        return outcomes, (listeners, seconds, group.writes) if listeners else None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import tempfile
+import threading
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -242,3 +243,51 @@ async def test_a_rolled_back_transaction_fails_the_whole_group(tmp_path: Path) -
         )
         assert [type(r) for r in got] == [sqlite3.IntegrityError] * 3
         assert await j.entries() == []
+
+
+async def test_commit_listeners_hear_each_group_on_the_loop_thread(tmp_path: Path) -> None:
+    heard: list[tuple[float, int, int]] = []
+
+    def listener(seconds: float, entries: int) -> None:
+        heard.append((seconds, entries, threading.get_ident()))
+
+    async with SQLiteJournal(tmp_path / "j.sqlite") as j:
+        j.commit_listeners.append(listener)
+        commits = j.commits
+        # One turn: two claims that send, one that does not (a conflict), one read.
+        got = await outcomes(
+            j,
+            [
+                claim(record("a1"), "k1"),
+                claim(record("b1"), "k2"),
+                claim(record("b2"), "k2"),
+                lambda j: j.entries(),
+            ],
+        )
+        assert [c.action for c in got[:3]] == ["send", "send", "conflict"]  # type: ignore[attr-defined]
+        await outcomes(j, [finish("a1", JournalStatus.CAPTURED, capture_id="c1")])
+        await j.entries()  # a group of reads only
+        assert j.commits == commits + 3
+    assert [entries for _, entries, _ in heard] == [2, 1, 0]
+    assert all(seconds > 0 for seconds, _, _ in heard)
+    assert {thread for _, _, thread in heard} == {threading.get_ident()}
+
+
+async def test_a_failing_commit_listener_is_reported_and_changes_nothing(tmp_path: Path) -> None:
+    reported: list[dict[str, Any]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda loop, context: reported.append(context))
+    heard: list[int] = []
+
+    def broken(seconds: float, entries: int) -> None:
+        raise RuntimeError("listener broke")
+
+    async with SQLiteJournal(tmp_path / "j.sqlite") as j:
+        j.commit_listeners.extend([broken, lambda seconds, entries: heard.append(entries)])
+        assert (await j.claim(record("a1"), "k1")).action == "send"
+        assert await j.finish("a1", JournalStatus.CAPTURED, capture_id="c1") == "captured"
+        # Without listeners, nothing is measured or reported.
+        j.commit_listeners.clear()
+        assert (await j.claim(record("b1"), "k2")).action == "send"
+    assert heard == [1, 1]
+    assert [type(c["exception"]) for c in reported] == [RuntimeError, RuntimeError]
+    assert "commit listener" in reported[0]["message"]
