@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import enum
 import hashlib
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterable
-from typing import TypeAlias
+from typing import Protocol, TypeAlias
 
 import attrs
 import orjson
@@ -59,13 +60,18 @@ __all__ = (
     "NOT_SENT_LISTED",
     "BatchAbortedError",
     "BatchItem",
+    "BatchListener",
     "BatchOutcome",
     "BatchProgress",
+    "BatchStart",
+    "BatchWatch",
     "CaptureOutcome",
     "CaptureStatus",
     "ItemHeldBackError",
     "ItemSource",
+    "batch_listeners",
     "capture_many",
+    "current_batch",
     "request_fingerprint",
     "run_many",
 )
@@ -283,6 +289,49 @@ class BatchProgress:
         counts[status.value] += 1
         counts["done"] += 1
         return BatchProgress(**counts)
+
+
+@attrs.frozen(eq=False)
+class BatchStart:
+    """A batch as it starts, as :data:`batch_listeners` see it."""
+
+    #: The services the batch sends through (whose client runs it).
+    services: Services
+    #: The one operation the batch accepts (``capture_many``: capture), or None (``run_many``).
+    only: Operation | None
+    #: Items in flight at most.
+    concurrency: int
+    journal: Journal | None
+
+
+class BatchWatch(Protocol):
+    """What a batch listener watches one batch with (see :data:`batch_listeners`)."""
+
+    def outcome(self, outcome: CaptureOutcome) -> None:
+        """Called with each item's outcome as it is yielded."""
+
+    def ended(self, error: BaseException | None) -> None:
+        """Called once when the batch ends: ``error`` is what ended it, if anything did
+        (``BatchAbortedError``, the source's or journal's error, ``GeneratorExit`` when the
+        consumer stopped early, ``CancelledError``), or None when every item ended."""
+
+
+#: Called with a ``BatchStart`` as each batch starts; returns a ``BatchWatch`` or None.
+BatchListener: TypeAlias = Callable[[BatchStart], BatchWatch | None]
+
+#: Hooks for observers of batches (``klarna_om_async.telemetry.instrument`` adds one).
+#: Empty by default, and then a batch does no work for them: with no listener, or none that
+#: returns a watch, nothing is called per item and :data:`current_batch` is never set. A
+#: listener must not raise; it runs in the task that iterates the batch.
+batch_listeners: list[BatchListener] = []
+
+#: The watches of the batch whose worker runs the current code (empty outside any watched
+#: batch): set in the batch's worker tasks only, never in the task that iterates the batch.
+#: ``telemetry`` reads it to make each item's call span the root of a trace of its own,
+#: linked to the batch's span.
+current_batch: contextvars.ContextVar[tuple[BatchWatch, ...]] = contextvars.ContextVar(
+    "klarna_om_async.batch.current_batch", default=()
+)
 
 
 ItemSource: TypeAlias = (
@@ -865,29 +914,51 @@ async def _engine(
 ) -> AsyncGenerator[CaptureOutcome, None]:
     """The one engine behind ``capture_many`` and ``run_many``."""
     check_count("concurrency", concurrency, high=MAX_CONCURRENCY)
-    outcomes: asyncio.Queue[CaptureOutcome | None] = asyncio.Queue(maxsize=concurrency)
-    run = _Run(services, items, journal, outcomes, only=only, in_order=in_order)
-    with rate_limited(rate_limit):
-        workers = [asyncio.create_task(run.work()) for _ in range(concurrency)]
-    progress = BatchProgress()
+    watches: tuple[BatchWatch, ...] = ()
+    if batch_listeners:
+        start = BatchStart(services=services, only=only, concurrency=concurrency, journal=journal)
+        watches = tuple(
+            watch for listener in tuple(batch_listeners) if (watch := listener(start)) is not None
+        )
+    ended: BaseException | None = None
     try:
-        running = len(workers)
-        while running:
-            outcome = await outcomes.get()
-            if outcome is None:
-                running -= 1
-                continue
-            if on_progress is not None:
-                progress = progress.add(outcome.status)
-                on_progress(progress)
-            yield outcome
+        outcomes: asyncio.Queue[CaptureOutcome | None] = asyncio.Queue(maxsize=concurrency)
+        run = _Run(services, items, journal, outcomes, only=only, in_order=in_order)
+        # The workers copy the context as they are made: the batch is theirs, not the caller's.
+        token = current_batch.set(watches) if watches else None
+        try:
+            with rate_limited(rate_limit):
+                workers = [asyncio.create_task(run.work()) for _ in range(concurrency)]
+        finally:
+            if token is not None:
+                current_batch.reset(token)
+        progress = BatchProgress()
+        try:
+            running = len(workers)
+            while running:
+                outcome = await outcomes.get()
+                if outcome is None:
+                    running -= 1
+                    continue
+                if on_progress is not None:
+                    progress = progress.add(outcome.status)
+                    on_progress(progress)
+                for watch in watches:
+                    watch.outcome(outcome)
+                yield outcome
+        finally:
+            for worker in workers:
+                worker.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+        if run.error is not None:
+            raise run.error
+        if run.abort is not None:
+            not_sent, count = await run.not_sent()
+            if count:  # every item has its outcome otherwise: nothing to stop
+                raise BatchAbortedError(run.abort, not_sent, count)
+    except BaseException as error:
+        ended = error
+        raise
     finally:
-        for worker in workers:
-            worker.cancel()
-        await asyncio.gather(*workers, return_exceptions=True)
-    if run.error is not None:
-        raise run.error
-    if run.abort is not None:
-        not_sent, count = await run.not_sent()
-        if count:  # every item has its outcome otherwise: nothing to stop
-            raise BatchAbortedError(run.abort, not_sent, count)
+        for watch in reversed(watches):
+            watch.ended(ended)

@@ -43,8 +43,9 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from datetime import datetime, timedelta
+from typing import Protocol, TypeAlias
 
 import attrs
 
@@ -56,12 +57,15 @@ from .orders import OrdersService
 
 __all__ = (
     "DEFAULT_CLOCK_SKEW",
+    "ReconcileListener",
+    "ReconcileWatch",
     "Reconciliation",
     "Verdict",
     "judge",
     "order_shows",
     "reconcile",
     "reconcile_entry",
+    "reconcile_listeners",
 )
 
 #: How far Klarna's clock (``captured_at``) may lag ours (``key_sent_at``).
@@ -268,6 +272,26 @@ def _result(
     )
 
 
+class ReconcileWatch(Protocol):
+    """What a reconcile listener watches one reconciliation with (see
+    :data:`reconcile_listeners`)."""
+
+    def ended(self, result: Reconciliation | None, error: BaseException | None) -> None:
+        """Called once, in the task that reconciled: with the result, or with the error
+        ``reconcile_entry`` raises (then ``result`` is None)."""
+
+
+#: Called with the orders service and the entry as its order is about to be read; returns
+#: a ``ReconcileWatch`` (or None to leave this one alone).
+ReconcileListener: TypeAlias = Callable[[OrdersService, JournalEntry], ReconcileWatch | None]
+
+#: Hooks for observers of reconciliations (``klarna_om_async.telemetry.instrument`` adds
+#: one). Empty by default, and then ``reconcile_entry`` does no work for them. A listener
+#: runs in the task that reconciles, around the order read and the journal write (e.g. to
+#: make a span the current one); it must not raise.
+reconcile_listeners: list[ReconcileListener] = []
+
+
 async def reconcile_entry(
     orders: OrdersService,
     journal: Journal,
@@ -289,6 +313,27 @@ async def reconcile_entry(
     returned ``Reconciliation`` (``error``, ``verdict=None``).
     https://docs.klarna.com/api/ordermanagement/#operation/getOrder
     """
+    if not reconcile_listeners:
+        return await _reconcile_entry(orders, journal, entry, clock_skew)
+    watches = [
+        watch
+        for listener in tuple(reconcile_listeners)
+        if (watch := listener(orders, entry)) is not None
+    ]
+    try:
+        result = await _reconcile_entry(orders, journal, entry, clock_skew)
+    except BaseException as error:
+        for watch in reversed(watches):
+            watch.ended(None, error)
+        raise
+    for watch in reversed(watches):
+        watch.ended(result, None)
+    return result
+
+
+async def _reconcile_entry(
+    orders: OrdersService, journal: Journal, entry: JournalEntry, clock_skew: timedelta
+) -> Reconciliation:
     try:
         order = await orders.get(entry.order_id)
     except KlarnaError as error:

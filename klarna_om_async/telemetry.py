@@ -27,6 +27,19 @@ throttle refuses without sending (``ThrottleRefusal``) is no 429 from Klarna: it
 ``error.type`` is ``klarna_om_async.throttle.ThrottleRefusal``, its attempt span has no
 status code, and it records no ``http.client.request.duration``.
 
+With ``instrument`` only, a batch the client runs (``om.capture_many``, ``om.run_many``) is
+one INTERNAL span ``klarna.batch`` from its start to its end, with its counts as attributes
+(``klarna.batch.items``; one per status: ``klarna.batch.captured``, ``klarna.batch.refused``,
+``klarna.batch.failed``, ``klarna.batch.skipped``, ``klarna.batch.needs_review``; one per
+operation present: ``klarna.batch.operation.capture``, ...), and the counter
+``klarna.batch.items`` (by ``klarna.operation`` and ``klarna.batch.status``). The calls of its
+items are not its children: each call span starts a trace of its own, linked to the batch
+span, so a batch of a million items is not one trace of a million spans. Reconciling an item
+(in a batch, or ``om.reconcile``) is an INTERNAL span ``klarna.reconcile`` around the order
+read (``klarna.order_id``, ``klarna.item_key``, ``klarna.reconcile.verdict``).
+``instrument_journal(journal)`` records an ``SQLiteJournal``'s group commits:
+``klarna.journal.commit.duration`` (seconds) and ``klarna.journal.commit.entries``.
+
 With ``opentelemetry-instrumentation-aiohttp-client`` also enabled, this client's attempts
 are not traced twice: the attempt span suppresses HTTP instrumentations below it (the
 context key OpenTelemetry's instrumentations share), so that instrumentation records no span,
@@ -41,8 +54,8 @@ from __future__ import annotations
 import contextvars
 import time
 import weakref
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Final
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Final, TypeVar
 from urllib.parse import unquote
 
 import yarl
@@ -52,7 +65,7 @@ try:
     from opentelemetry import metrics, trace
     from opentelemetry.metrics import Counter, Histogram, MeterProvider
     from opentelemetry.propagate import inject
-    from opentelemetry.trace import Span, SpanKind, StatusCode, Tracer, TracerProvider
+    from opentelemetry.trace import Link, Span, SpanKind, StatusCode, Tracer, TracerProvider
     from opentelemetry.util.types import AttributeValue
 except ImportError as exc:  # pragma: no cover - tested in a subprocess without OpenTelemetry
     raise ImportError(
@@ -60,8 +73,12 @@ except ImportError as exc:  # pragma: no cover - tested in a subprocess without 
     ) from exc
 
 from . import _routes
+from . import batch as _batch
+from . import reconcile as _reconcile
 from ._version import __version__
+from .batch import BatchAbortedError, BatchStart, CaptureOutcome, CaptureStatus
 from .errors import IdempotencyKeyReusedError, KlarnaAPIError, KlarnaError
+from .journal import JournalEntry
 from .middleware import (
     AuthMiddleware,
     ErrorMiddleware,
@@ -71,12 +88,21 @@ from .middleware import (
     Request,
     Response,
 )
+from .operations import Operation
+from .orders import OrdersService
+from .reconcile import Reconciliation
 from .throttle import ThrottleMiddleware, ThrottleRefusal, WaitReason
 
 if TYPE_CHECKING:
     from .client import KlarnaOM
 
-__all__ = ("OtelMiddleware", "instrument", "operation_name", "otel_middleware")
+__all__ = (
+    "OtelMiddleware",
+    "instrument",
+    "instrument_journal",
+    "operation_name",
+    "otel_middleware",
+)
 
 #: The instrumentation scope of every tracer and meter made here.
 SCOPE: Final = "klarna_om_async"
@@ -243,6 +269,23 @@ def _this_call(request: Request) -> _Call:
         call.request = weakref.ref(request)
         _CALL.set(call)
     return call
+
+
+# Set in the context of a span that already belongs to one batch item (its reconciliation):
+# the calls inside are its children, not traces of their own.
+_IN_ITEM = otel_context.create_key("klarna_om_async.batch_item")
+# The parent of a span that starts a trace: none.
+_NO_PARENT = otel_context.Context()
+
+
+def _batch_links() -> list[Link] | None:
+    """Links to the span of the batch running this code, unless it is already in an item's
+    trace; None outside a traced batch (then a span is the current span's child)."""
+    watches = _batch.current_batch.get()
+    if not watches or otel_context.get_value(_IN_ITEM):
+        return None
+    links = [Link(w.span.get_span_context()) for w in watches if isinstance(w, _BatchSpan)]
+    return links or None
 
 
 def _tracer(provider: TracerProvider | None) -> Tracer:
@@ -430,7 +473,17 @@ class _CallSpanMiddleware:
             attributes["klarna.order_id"] = order_id
         if request.idempotency_key is not None:
             attributes["klarna.idempotency_key"] = request.idempotency_key
-        span = self._tracer.start_span(operation, kind=SpanKind.INTERNAL, attributes=attributes)
+        links = _batch_links()
+        if links is None:
+            span = self._tracer.start_span(operation, kind=SpanKind.INTERNAL, attributes=attributes)
+        else:  # a batch item: a trace of its own, linked to the batch's span
+            span = self._tracer.start_span(
+                operation,
+                context=_NO_PARENT,
+                kind=SpanKind.INTERNAL,
+                attributes=attributes,
+                links=links,
+            )
         call = _Call(owned=True, span=span)
         call_token = _CALL.set(call)
         token = otel_context.attach(trace.set_span_in_context(span))
@@ -517,6 +570,157 @@ def _booked(response: Response, money: tuple[str, str, str]) -> tuple[str, str |
     return booked, None
 
 
+# The call each batch item's operation is (``klarna.operation`` of ``klarna.batch.items``).
+_ITEM_OPERATIONS: Final[Mapping[Operation, str]] = {
+    Operation.CAPTURE: "klarna.captures.create",
+    Operation.REFUND: "klarna.refunds.create",
+    Operation.RELEASE: "klarna.orders.release_remaining_authorization",
+    Operation.EXTEND: "klarna.orders.extend_authorization_time",
+    Operation.CANCEL: "klarna.orders.cancel",
+}
+
+
+class _Observer:
+    """The tracer and instruments of one instrumented client, for its batches and
+    reconciliations (found through its services: see ``_OBSERVED``)."""
+
+    def __init__(self, tracer: Tracer, meter: metrics.Meter) -> None:
+        self.tracer = tracer
+        self.items: Counter = meter.create_counter(
+            "klarna.batch.items",
+            unit="{item}",
+            description="Batch items, by klarna.operation and klarna.batch.status.",
+        )
+
+
+# The services of every instrumented client -> its observer (held weakly: no client is kept).
+_OBSERVED: weakref.WeakKeyDictionary[object, _Observer] = weakref.WeakKeyDictionary()
+
+
+class _BatchSpan:
+    """A batch listener's watch: the ``klarna.batch`` span and the ``klarna.batch.items``
+    counter of one batch."""
+
+    __slots__ = ("counts", "observer", "operations", "span")
+
+    def __init__(self, observer: _Observer, start: BatchStart) -> None:
+        self.observer = observer
+        attributes: dict[str, AttributeValue] = {"klarna.batch.concurrency": start.concurrency}
+        if start.only is not None:
+            attributes["klarna.batch.only"] = start.only.value
+        self.span = observer.tracer.start_span(
+            "klarna.batch", kind=SpanKind.INTERNAL, attributes=attributes
+        )
+        self.counts = dict.fromkeys(CaptureStatus, 0)
+        self.operations: dict[Operation, int] = {}
+
+    def __repr__(self) -> str:
+        return "_BatchSpan()"
+
+    def outcome(self, outcome: CaptureOutcome) -> None:
+        self.counts[outcome.status] += 1
+        operation = outcome.operation
+        self.operations[operation] = self.operations.get(operation, 0) + 1
+        self.observer.items.add(
+            1,
+            {
+                "klarna.operation": _ITEM_OPERATIONS.get(operation, OTHER_OPERATION),
+                "klarna.batch.status": outcome.status.value,
+            },
+        )
+
+    def ended(self, error: BaseException | None) -> None:
+        span = self.span
+        ended: dict[str, AttributeValue] = {"klarna.batch.items": sum(self.counts.values())}
+        ended.update({f"klarna.batch.{s.value}": n for s, n in self.counts.items()})
+        ended.update({f"klarna.batch.operation.{o.value}": n for o, n in self.operations.items()})
+        if isinstance(error, GeneratorExit):  # the consumer stopped early: no failure
+            ended["klarna.batch.stopped_early"] = True
+        elif error is not None:
+            ended["error.type"] = _error_type(error)
+            if isinstance(error, BatchAbortedError):
+                ended["klarna.batch.not_sent"] = error.not_sent_count
+            span.record_exception(error)
+            span.set_status(StatusCode.ERROR)
+        span.set_attributes(ended)
+        span.end()
+
+
+def _watch_batch(start: BatchStart) -> _BatchSpan | None:
+    """The batch listener: a span for each batch an instrumented client runs."""
+    services = start.services
+    for service in (services.captures, services.refunds, services.orders):
+        observer = None if service is None else _OBSERVED.get(service)
+        if observer is not None:
+            return _BatchSpan(observer, start)
+    return None
+
+
+class _ReconcileSpan:
+    """A reconcile listener's watch: the ``klarna.reconcile`` span, current while it lasts."""
+
+    __slots__ = ("span", "token")
+
+    def __init__(self, tracer: Tracer, entry: JournalEntry) -> None:
+        attributes: dict[str, AttributeValue] = {
+            "klarna.order_id": entry.order_id,
+            "klarna.item_key": entry.item_key,
+            "klarna.idempotency_key": entry.idempotency_key,
+            "klarna.item.operation": entry.operation.value,
+        }
+        links = _batch_links()
+        if links is None:
+            span = tracer.start_span("klarna.reconcile", attributes=attributes)
+        else:  # in a batch: the item's trace, linked to the batch, with the order read in it
+            span = tracer.start_span(
+                "klarna.reconcile", context=_NO_PARENT, attributes=attributes, links=links
+            )
+        self.span = span
+        context = otel_context.set_value(_IN_ITEM, True, trace.set_span_in_context(span))
+        self.token = otel_context.attach(context)
+
+    def __repr__(self) -> str:
+        return "_ReconcileSpan()"
+
+    def ended(self, result: Reconciliation | None, error: BaseException | None) -> None:
+        otel_context.detach(self.token)
+        span = self.span
+        if result is not None:
+            verdict = result.verdict
+            ended: dict[str, AttributeValue] = {
+                "klarna.reconcile.verdict": "unread" if verdict is None else verdict.value,
+                "klarna.reconcile.evidence": result.evidence,
+            }
+            if result.capture_id is not None:
+                ended["klarna.reconcile.created_id"] = result.capture_id
+            if result.error is not None:  # the order could not be read
+                ended["error.type"] = _error_type(result.error)
+                span.set_status(StatusCode.ERROR)
+            span.set_attributes(ended)
+        if error is not None:
+            span.set_attribute("error.type", _error_type(error))
+            span.record_exception(error)
+            span.set_status(StatusCode.ERROR)
+        span.end()
+
+
+def _watch_reconcile(orders: OrdersService, entry: JournalEntry) -> _ReconcileSpan | None:
+    """The reconcile listener: a span for each reconciliation through an instrumented client."""
+    observer = _OBSERVED.get(orders)
+    return None if observer is None else _ReconcileSpan(observer.tracer, entry)
+
+
+def _observe(om: KlarnaOM, tracer: Tracer, meter: metrics.Meter) -> None:
+    """Watch the batches and reconciliations of ``om`` (the hooks are installed once)."""
+    observer = _Observer(tracer, meter)
+    for service in (om.captures, om.refunds, om.orders):
+        _OBSERVED[service] = observer
+    if _watch_batch not in _batch.batch_listeners:
+        _batch.batch_listeners.append(_watch_batch)
+    if _watch_reconcile not in _reconcile.reconcile_listeners:
+        _reconcile.reconcile_listeners.append(_watch_reconcile)
+
+
 def instrument(
     om: KlarnaOM,
     *,
@@ -528,7 +732,10 @@ def instrument(
     Adds a span per logical call (after the idempotency middleware, so its key is known,
     and outside the retries) and, unless ``om`` already has one, an ``OtelMiddleware`` for
     each attempt (innermost of the user middlewares, right before error decoding), and
-    listens to the throttle's waits (``klarna.wait`` events, ``klarna.wait.duration``).
+    listens to the throttle's waits (``klarna.wait`` events, ``klarna.wait.duration``), to
+    its batches (``klarna.batch`` spans, ``klarna.batch.items``; through
+    ``klarna_om_async.batch.batch_listeners``) and to its reconciliations
+    (``klarna.reconcile`` spans; through ``klarna_om_async.reconcile.reconcile_listeners``).
     Calling it again does nothing. Raises ``RuntimeError`` once ``om`` has built its chain (at
     ``async with`` or its first call) or is closed: the chain is fixed from then on.
     """
@@ -549,6 +756,7 @@ def instrument(
     keys = _index_of(chain, IdempotencyMiddleware)
     chain.insert(keys + 1 if keys < len(chain) else 0, _CallSpanMiddleware(tracer, meter))
     om.chain = tuple(chain)
+    _observe(om, tracer, meter)
     recorder = _WaitRecorder(meter)
     for middleware in chain:
         if isinstance(middleware, ThrottleMiddleware):
@@ -563,3 +771,59 @@ def _index_of(chain: list[Middleware], *kinds: type) -> int:
             if isinstance(middleware, kind):
                 return index
     return len(chain)
+
+
+# How many entries one group commit wrote (powers of two and a half, up to a large group).
+_ENTRIES_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+
+_Journal = TypeVar("_Journal")
+
+
+class _CommitRecorder:
+    """A journal commit listener: ``klarna.journal.commit.duration`` and ``.entries``."""
+
+    def __init__(self, meter: metrics.Meter) -> None:
+        self._duration: Histogram = meter.create_histogram(
+            "klarna.journal.commit.duration",
+            unit="s",
+            description="Duration of the journal's group commits (the COMMIT, its fsync included).",
+            explicit_bucket_boundaries_advisory=_DURATION_BUCKETS,
+        )
+        self._entries: Histogram = meter.create_histogram(
+            "klarna.journal.commit.entries",
+            unit="{entry}",
+            description="Journal entries written together in one group commit.",
+            explicit_bucket_boundaries_advisory=_ENTRIES_BUCKETS,
+        )
+
+    def __repr__(self) -> str:
+        return "_CommitRecorder()"
+
+    def __call__(self, seconds: float, entries: int) -> None:
+        self._duration.record(seconds)
+        self._entries.record(entries)
+
+
+def instrument_journal(
+    journal: _Journal, *, meter_provider: MeterProvider | None = None
+) -> _Journal:
+    """Measure every group commit of ``journal`` (an ``SQLiteJournal``); returns ``journal``.
+
+    Records ``klarna.journal.commit.duration`` (histogram, seconds: how long each COMMIT
+    took, its fsync included with ``durability="full"``) and ``klarna.journal.commit.entries``
+    (histogram: the entries the group wrote, claims that send and finishes) through
+    ``journal.commit_listeners`` (see ``SQLiteJournal.commit_listeners``). Calling it again
+    does nothing. Raises ``TypeError`` for a journal without ``commit_listeners`` (e.g.
+    ``MemoryJournal``: it commits nothing).
+    """
+    listeners: list[Callable[[float, int], None]] | None = getattr(
+        journal, "commit_listeners", None
+    )
+    if listeners is None:
+        raise TypeError(
+            f"instrument_journal needs a journal with commit_listeners (an SQLiteJournal),"
+            f" got {type(journal).__name__}"
+        )
+    if not any(isinstance(listener, _CommitRecorder) for listener in listeners):
+        listeners.append(_CommitRecorder(_meter(meter_provider)))
+    return journal
