@@ -48,6 +48,7 @@ from .operations import (
     Services,
     amount_of,
     operation_of,
+    operation_or_none,
     reference_of,
     send,
 )
@@ -214,11 +215,9 @@ class BatchItem:
     @item_key.default
     def _default_item_key(self) -> str:
         # A blank reference is none, and " box" is "box": one capture, one item, whatever
-        # the spaces a spreadsheet left.
-        try:
-            operation: Operation | None = operation_of(self.request)
-        except TypeError:
-            operation = None  # refused when run; its key is made as a capture's always was
+        # the spaces a spreadsheet left. Anything that is no operation is refused when run;
+        # its key is made as a capture's always was.
+        operation = operation_or_none(self.request)
         if operation is None or operation is Operation.CAPTURE:
             # Anything else is refused when run, on its own outcome.
             reference = getattr(self.request, "reference", None)
@@ -520,12 +519,16 @@ class _Run:
             return None
         return _outcome(item, CaptureStatus.REFUSED, "", error=ValidationError(field, why))
 
-    def _unaccepted(self, item: BatchItem) -> CaptureOutcome | None:
-        """Refuse an item this run cannot run (not an operation, or not the run's one)."""
-        try:
-            operation = item.operation
-        except TypeError as error:
-            return _outcome(item, CaptureStatus.REFUSED, "", error=error)
+    def _unaccepted(self, item: BatchItem, operation: Operation | None) -> CaptureOutcome | None:
+        """Refuse an item this run cannot run (not an operation, or not the run's one).
+
+        ``operation`` is ``operation_or_none(item.request)``, looked up once per item.
+        """
+        if operation is None:
+            try:
+                operation = item.operation  # raises the TypeError that names the types
+            except TypeError as error:
+                return _outcome(item, CaptureStatus.REFUSED, "", error=error)
         if self.only is not None and operation is not self.only:
             other = TypeError(
                 f"capture_many runs captures only; run a {operation.value} (a"
@@ -547,9 +550,14 @@ class _Run:
             )
 
     async def _run_item(self, item: BatchItem) -> CaptureOutcome:
-        refused = self._duplicate(item) or self._unaccepted(item)
+        refused = self._duplicate(item)
         if refused is not None:
             return refused
+        operation = operation_or_none(item.request)
+        refused = self._unaccepted(item, operation)
+        if refused is not None:
+            return refused
+        assert operation is not None  # refused above otherwise
         if self.in_order and item.order_id in self.held:
             why = self.held_by.get(item.order_id) or (
                 f"an earlier item of order {item.order_id} did not end done"
@@ -557,7 +565,7 @@ class _Run:
             return await held_back_outcome(item, why, self.journal)
         journal = self.journal
         if journal is None:
-            return await self._send(item, item.idempotency_key or random_key())
+            return await self._send(item, item.idempotency_key or random_key(), operation)
         try:
             record = ItemRecord(
                 item_key=item.item_key,
@@ -565,7 +573,7 @@ class _Run:
                 captured_amount=amount_of(item.request),
                 reference=reference_of(item.request),
                 fingerprint=request_fingerprint(item.order_id, item.request),
-                operation=item.operation,
+                operation=operation,
             )
         except (TypeError, AttributeError, ValueError) as error:  # a malformed request
             return _outcome(item, CaptureStatus.REFUSED, "", error=error)
@@ -587,7 +595,7 @@ class _Run:
         key = entry.idempotency_key
         match claim.action:
             case ClaimAction.SEND:
-                outcome = await self._send(item, key)
+                outcome = await self._send(item, key, item.operation)
                 recorded = await journal.finish(
                     item.item_key,
                     JournalStatus(outcome.status.value),
@@ -607,6 +615,8 @@ class _Run:
                         return attrs.evolve(done, attempts=outcome.attempts)
                 # The journal knows more than this run: a refusal after an uncertain send
                 # proves nothing, so it stays failed (unknown).
+                if recorded.value == outcome.status.value:
+                    return outcome  # as this run saw it (the common case: nothing to copy)
                 return attrs.evolve(outcome, status=CaptureStatus(recorded.value))
             case ClaimAction.SKIP:
                 return _outcome(item, CaptureStatus.SKIPPED, key, created_id=entry.capture_id)
@@ -678,17 +688,36 @@ class _Run:
             case _:  # the order could not be read: still unknown
                 return _outcome(item, CaptureStatus.FAILED, key, error=result.error)
 
-    async def _send(self, item: BatchItem, key: str) -> CaptureOutcome:
+    async def _send(self, item: BatchItem, key: str, operation: Operation) -> CaptureOutcome:
+        request = item.request
+        captures = self.services.captures
+        created_id: str | None
         try:
-            sent = await send(self.services, item.order_id, item.request, key)
+            if type(request) is CaptureRequest and captures is not None:
+                # The common case, sent as ``send`` sends it, without its dispatch.
+                created = await captures.create(item.order_id, request, idempotency_key=key)
+                created_id, attempts = created.capture_id, created.attempts
+            else:
+                sent = await send(self.services, item.order_id, request, key)
+                created_id, attempts = sent.created_id, sent.attempts
         except Exception as error:
             return _outcome(
-                item, _status_of(error), key, error=error, attempts=getattr(error, "attempts", 0)
+                item,
+                _status_of(error),
+                key,
+                error=error,
+                attempts=getattr(error, "attempts", 0),
+                operation=operation,
             )
         outcome = _outcome(
-            item, CaptureStatus.CAPTURED, key, created_id=sent.created_id, attempts=sent.attempts
+            item,
+            CaptureStatus.CAPTURED,
+            key,
+            created_id=created_id,
+            attempts=attempts,
+            operation=operation,
         )
-        if item.idempotency_key is not None and item.operation in _PROVEN_BY_ORDER:
+        if item.idempotency_key is not None and operation in _PROVEN_BY_ORDER:
             return await self._read_back(item, outcome)
         return outcome
 
@@ -804,11 +833,14 @@ def _outcome(
     created_id: str | None = None,
     error: Exception | None = None,
     attempts: int = 0,
+    operation: Operation | None = None,
 ) -> CaptureOutcome:
-    try:
-        operation = item.operation
-    except TypeError:
-        operation = Operation.CAPTURE
+    """``item``'s outcome; ``operation`` is ``item.operation`` when the caller knows it."""
+    if operation is None:
+        try:
+            operation = item.operation
+        except TypeError:
+            operation = Operation.CAPTURE
     refund = operation is Operation.REFUND
     return CaptureOutcome(
         order_id=item.order_id,

@@ -115,6 +115,11 @@ _BY_TYPE: dict[type[object], Operation] = {
 }
 
 
+def operation_or_none(request: object) -> Operation | None:
+    """The operation ``request`` asks for, or None for anything else (no exception)."""
+    return _BY_TYPE.get(type(request))
+
+
 def operation_of(request: object) -> Operation:
     """The operation ``request`` asks for; ``TypeError`` for anything else."""
     try:
