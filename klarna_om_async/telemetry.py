@@ -19,6 +19,13 @@ attempt), ``klarna.calls`` (counter by ``klarna.operation`` and ``klarna.outcome
 ``instrument`` only) and ``klarna.retries`` (counter by ``klarna.operation`` and the cause
 of the retry, ``error.type``: the status code or the exception class of the attempt before).
 
+Tracing off costs next to nothing: while the tracer is the API's no-op one and the
+instruments are no-ops (no SDK set, or ``OTEL_SDK_DISABLED``), an attempt only propagates
+what its context carries (a remote parent's ``traceparent``, any ``baggage``) and otherwise
+passes the request on as it is; the call span's middleware passes it straight on. Both ask
+again at every call, so they start recording as soon as the SDK is set, even after
+``instrument(om)``.
+
 With ``instrument`` only, every wait the client's throttle imposes shows on the call span as
 an event ``klarna.wait`` (``klarna.wait.reason``: ``pause`` after a 429, ``pace`` for a pacing
 slot, ``ramp`` for the slow-start ramp; ``klarna.wait.seconds``), recorded when the wait ends,
@@ -63,9 +70,25 @@ import yarl
 try:
     from opentelemetry import context as otel_context
     from opentelemetry import metrics, trace
-    from opentelemetry.metrics import Counter, Histogram, MeterProvider
+    from opentelemetry.metrics import (
+        Counter,
+        Histogram,
+        MeterProvider,
+        NoOpCounter,
+        NoOpHistogram,
+    )
     from opentelemetry.propagate import inject
-    from opentelemetry.trace import Link, Span, SpanKind, StatusCode, Tracer, TracerProvider
+    from opentelemetry.trace import (
+        Link,
+        NonRecordingSpan,
+        NoOpTracer,
+        ProxyTracer,
+        Span,
+        SpanKind,
+        StatusCode,
+        Tracer,
+        TracerProvider,
+    )
     from opentelemetry.util.types import AttributeValue
 except ImportError as exc:  # pragma: no cover - tested in a subprocess without OpenTelemetry
     raise ImportError(
@@ -296,6 +319,28 @@ def _meter(provider: MeterProvider | None) -> metrics.Meter:
     return metrics.get_meter(SCOPE, __version__, provider, _SCHEMA_URL)
 
 
+# Whether tracing or metrics are off is asked at every call, not once: the global providers
+# are proxies until the SDK is set, which may happen after a client is instrumented.
+def _traces_nothing(tracer: Tracer) -> bool:
+    """Whether ``tracer`` is, for now, the API's no-op one (no SDK, or the SDK disabled)."""
+    if isinstance(tracer, ProxyTracer):
+        # The global provider's tracer once one is set, else a no-op. A private attribute:
+        # should a later API drop it, the proxy counts as tracing (the full, correct path).
+        tracer = getattr(tracer, "_tracer", tracer)
+    return isinstance(tracer, NoOpTracer)
+
+
+def _measures_nothing(instrument: object) -> bool:
+    """Whether ``instrument`` is, for now, a no-op: the API's, or a proxy no SDK backs yet."""
+    while not isinstance(instrument, (NoOpCounter, NoOpHistogram)):
+        if not hasattr(instrument, "_real_instrument"):  # the API's proxies: see set_meter_provider
+            return False
+        instrument = instrument._real_instrument
+        if instrument is None:
+            return True
+    return True
+
+
 class OtelMiddleware:
     """One CLIENT span and one ``http.client.request.duration`` measurement per HTTP attempt.
 
@@ -335,6 +380,36 @@ class OtelMiddleware:
         """Send ``request`` inside a CLIENT span, with its trace context in the headers."""
         if otel_context.get_value(_SUPPRESS_ALL) or otel_context.get_value(_SUPPRESS_HTTP):
             return await call_next(request)  # e.g. inside another OtelMiddleware's attempt
+        if (
+            _traces_nothing(self._tracer)
+            and _measures_nothing(self._duration)
+            and _measures_nothing(self._retries)
+        ):
+            # Off: no attributes, no measurement, but what the context carries (a remote
+            # parent's trace, any baggage) still goes out, as with the no-op span.
+            current = trace.get_current_span()
+            if isinstance(current, NonRecordingSpan):  # the no-op tracer's span is this one
+                context = otel_context.get_current()
+            else:
+                span = self._tracer.start_span(request.method, kind=SpanKind.CLIENT)
+                context = trace.set_span_in_context(span)
+            context = otel_context.set_value(_SUPPRESS_HTTP, True, context)
+            added: dict[str, str] = {}
+            inject(added, context=context)
+            if added:  # else the very request goes on: nothing to add, nothing to copy
+                request = Request(
+                    request.method,
+                    request.path,
+                    request.body,
+                    {**request.headers, **added},
+                    request.idempotency_key,
+                    request.deadline,
+                )
+            token = otel_context.attach(context)
+            try:
+                return await call_next(request)
+            finally:
+                otel_context.detach(token)
         call = _this_call(request)
         resend = call.attempts
         call.attempts += 1
@@ -467,6 +542,12 @@ class _CallSpanMiddleware:
         """Run the whole call, retries included, inside its span."""
         if otel_context.get_value(_SUPPRESS_ALL):
             return await call_next(request)
+        if (
+            _traces_nothing(self._tracer)
+            and _measures_nothing(self._calls)
+            and not _batch.current_batch.get()  # a batch item's span starts a new trace
+        ):
+            return await call_next(request)  # the no-op span would be the current one anyway
         operation, order_id = _parse(request.method, request.path)
         attributes: dict[str, AttributeValue] = {"klarna.operation": operation}
         if order_id is not None:

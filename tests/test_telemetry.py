@@ -15,9 +15,12 @@ from aiohttp import web
 from conftest import served_app
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from opentelemetry import propagate
+from opentelemetry import baggage, propagate, trace
+from opentelemetry import context as otel_context
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.instrumentation.aiohttp_client import AioHttpClientInstrumentor
 from opentelemetry.instrumentation.utils import suppress_instrumentation
+from opentelemetry.metrics._internal import _ProxyMeterProvider
 from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
@@ -29,7 +32,7 @@ from opentelemetry.sdk.metrics.export import (
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, StatusCode, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from klarna_om_async import (
@@ -872,3 +875,104 @@ async def test_an_attempt_refused_after_queueing_for_a_connection_is_no_429_eith
     (duration,) = points(found["http.client.request.duration"])  # the sent attempt only
     assert dict(duration.attributes or {})["http.response.status_code"] == 201
     assert om.rate_limited_count == 0
+
+
+@pytest.fixture
+def no_sdk(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No global tracer provider (as before ``trace.set_tracer_provider``) and the W3C trace
+    context and baggage as the global propagator, for one test."""
+    monkeypatch.setattr(trace, "_TRACER_PROVIDER", None)
+    before = propagate.get_global_textmap()
+    propagate.set_global_textmap(
+        CompositePropagator([TraceContextTextMapPropagator(), W3CBaggagePropagator()])
+    )
+    yield
+    propagate.set_global_textmap(before)
+
+
+async def test_with_no_sdk_the_attempts_go_through_untouched_and_nothing_is_recorded(
+    fake: FakeKlarna, sleeps: InstantSleep, no_sdk: None
+) -> None:
+    received: list[Request] = []
+    sent: list[Request] = []
+
+    async def before(request: Request, call_next: Handler) -> Response:
+        received.append(request)
+        return await call_next(request)
+
+    async def after(request: Request, call_next: Handler) -> Response:
+        sent.append(request)
+        return await call_next(request)
+
+    meters = _ProxyMeterProvider()  # the API's global meter provider before the SDK is set
+    middleware = otel_middleware(meter_provider=meters)
+    order_id = fake.add_order(amount=1000)
+    fake.inject(ServerFailure(503), method="GET")
+    async with client(fake, sleeps, middlewares=[before, middleware, after]) as om:
+        await om.orders.get(order_id)
+        assert len(sent) == 2
+        assert all(out is into for out, into in zip(sent, received, strict=True))  # as is
+        assert "traceparent" not in fake.requests[0].headers
+
+        # What the context carries still goes out: a remote parent's trace, the baggage.
+        parent = SpanContext(0xABC, 0xDEF, is_remote=True, trace_flags=TraceFlags(1))
+        context = baggage.set_baggage(
+            "tenant", "t1", trace.set_span_in_context(NonRecordingSpan(parent))
+        )
+        token = otel_context.attach(context)
+        try:
+            await om.orders.get(order_id)
+        finally:
+            otel_context.detach(token)
+    out, into = sent[-1], received[-1]
+    assert out is not into
+    assert out.headers == {
+        **into.headers,
+        "traceparent": f"00-{0xABC:032x}-{0xDEF:016x}-01",
+        "baggage": "tenant=t1",
+    }
+    assert (out.method, out.path, out.body, out.idempotency_key, out.deadline) == (
+        into.method,
+        into.path,
+        into.body,
+        into.idempotency_key,
+        into.deadline,
+    )
+    assert "baggage" not in into.headers  # the shared mappings are left alone
+
+
+async def test_setting_the_sdk_after_instrumenting_starts_the_recording(
+    fake: FakeKlarna,
+    sleeps: InstantSleep,
+    otel: Telemetry,
+    no_sdk: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    meters = _ProxyMeterProvider()
+    async with instrument(client(fake, sleeps), meter_provider=meters) as om:
+        order_id = fake.add_order(amount=6000)
+        await om.captures.create(order_id, CaptureRequest(captured_amount=1000))
+        assert "traceparent" not in fake.requests[-1].headers
+
+        # trace.set_tracer_provider and metrics.set_meter_provider, as the SDK's setup does.
+        monkeypatch.setattr(trace, "_TRACER_PROVIDER", otel.tracer_provider)
+        meters.on_set_meter_provider(otel.meter_provider)
+        fake.inject(ServerFailure(503), method="POST", path="/captures")
+        await om.captures.create(order_id, CaptureRequest(captured_amount=1000))
+
+    first, second = otel.spans(SpanKind.CLIENT)
+    call = one(otel.spans(SpanKind.INTERNAL))
+    assert call.name == "klarna.captures.create"
+    assert attributes(call)["klarna.attempts"] == 2
+    assert first.parent is not None
+    assert first.parent.span_id == call.context.span_id
+    assert attributes(second)["http.request.resend_count"] == 1
+    assert fake.requests[-1].headers["traceparent"].split("-")[2] == (
+        f"{second.context.span_id:016x}"
+    )
+    found = otel.metrics()
+    assert sum(point.count for point in points(found["http.client.request.duration"])) == 2  # type: ignore[union-attr]
+    (calls,) = points(found["klarna.calls"])
+    assert calls.value == 1  # type: ignore[union-attr]
+    (retries,) = points(found["klarna.retries"])
+    assert dict(retries.attributes or {})["error.type"] == "503"
