@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Generic, TypeVar
 
 import attrs
@@ -315,6 +315,19 @@ capture = _money_command(_CAPTURE)
 refund = _money_command(_REFUND)
 
 
+def show_one(
+    call: Callable[[], Coroutine[Any, Any, _T]],
+    json_output: bool,
+    show: Callable[[Console, _T], None],
+) -> None:
+    """Run a read ``call`` and print what it found: a JSON object, or ``show``'s view."""
+    found = run_single(call, json_output=json_output)
+    if json_output:
+        echo_json(to_plain(found))
+    else:
+        show(_console(), found)
+
+
 @click.command()
 @click.argument("order_id")
 @click.argument("capture_id")
@@ -329,11 +342,7 @@ def get(order_id: str, capture_id: str, json_output: bool) -> None:
         async with connection.client() as om:
             return await om.captures.get(order_id, capture_id)
 
-    found = run_single(call, json_output=json_output)
-    if json_output:
-        echo_json(to_plain(found))
-    else:
-        show_capture(_console(), found)
+    show_one(call, json_output, show_capture)
 
 
 @click.command(name="list")
@@ -473,11 +482,7 @@ def order(order_id: str, json_output: bool) -> None:
         async with connection.client() as om:
             return await om.orders.get(order_id)
 
-    found = run_single(call, json_output=json_output)
-    if json_output:
-        echo_json(to_plain(found))
-    else:
-        show_order(_console(), found)
+    show_one(call, json_output, show_order)
 
 
 @click.command(name="refund-get")
@@ -494,11 +499,7 @@ def refund_get(order_id: str, refund_id: str, json_output: bool) -> None:
         async with connection.client() as om:
             return await om.refunds.get(order_id, refund_id)
 
-    found = run_single(call, json_output=json_output)
-    if json_output:
-        echo_json(to_plain(found))
-    else:
-        show_refund(_console(), found)
+    show_one(call, json_output, show_refund)
 
 
 #: Registered on the ``klarna-om`` group by ``_app``.

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import attrs
 import click
+from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
@@ -27,12 +28,12 @@ from ..models import (
 from ._commands import (
     _Amount,
     _announce_key,
-    _console,
     _id,
     _idempotency_option,
     _shipment,
     _shipment_options,
     _valid,
+    show_one,
 )
 from ._options import (
     EXIT_SOME_NOT_CAPTURED,
@@ -586,25 +587,24 @@ def due_date_options(order_id: str, capture_id: str, json_output: bool) -> None:
         async with connection.client() as om:
             return await om.captures.get_extend_due_date_options(order_id, capture_id)
 
-    found = run_single(call, json_output=json_output)
-    if json_output:
-        echo_json(to_plain(found))
-        return
-    if not found.options:
-        click.echo(f"Capture {capture_id} of order {order_id} has no due date options.")
-        return
-    # A plain line, so the ids are never wrapped.
-    currency = f" of {found.currency}" if found.currency else ""
-    click.echo(
-        f"Due date options of capture {capture_id} of order {order_id}"
-        f" (fees in minor units{currency}):"
-    )
-    table = Table()
-    table.add_column("days", justify="right", no_wrap=True)
-    table.add_column("fee", justify="right", no_wrap=True)
-    for option in found.options:
-        table.add_row(Text(str(option.number_of_days)), Text(str(option.amount)))
-    _console().print(table)
+    def show(console: Console, found: ExtendDueDateOptions) -> None:
+        if not found.options:
+            click.echo(f"Capture {capture_id} of order {order_id} has no due date options.")
+            return
+        # A plain line, so the ids are never wrapped.
+        currency = f" of {found.currency}" if found.currency else ""
+        click.echo(
+            f"Due date options of capture {capture_id} of order {order_id}"
+            f" (fees in minor units{currency}):"
+        )
+        table = Table()
+        table.add_column("days", justify="right", no_wrap=True)
+        table.add_column("fee", justify="right", no_wrap=True)
+        for option in found.options:
+            table.add_row(Text(str(option.number_of_days)), Text(str(option.amount)))
+        console.print(table)
+
+    show_one(call, json_output, show)
 
 
 #: Registered on the ``klarna-om`` group by ``_app``.
