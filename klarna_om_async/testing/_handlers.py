@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeVar
 
 from aiohttp import web
 
@@ -22,6 +23,7 @@ from ._validation import (
 
 __all__ = ("IDEMPOTENCY_HEADER", "ORDERS_PATH", "OrderManagementApi")
 
+_Body = TypeVar("_Body")
 ORDERS_PATH = "/ordermanagement/v1/orders"
 IDEMPOTENCY_HEADER = "Klarna-Idempotency-Key"
 _ORDER = ORDERS_PATH + "/{order_id}"
@@ -87,6 +89,19 @@ class OrderManagementApi:
         except NotAllowed as refusal:
             return error_response(403, refusal.error_code, str(refusal))
         return _no_content()
+
+    async def _update_with(
+        self,
+        request: web.Request,
+        parse: Callable[[bytes], _Body],
+        apply: Callable[[FakeOrder, _Body], None],
+    ) -> web.Response:
+        """Parse the body (400 ``BAD_VALUE``), then ``_update`` the order with it."""
+        try:
+            body = parse(await request.read())
+        except BadValue as error:
+            return _bad_value(error)
+        return self._update(request, lambda order: apply(order, body))
 
     def _capture(self, request: web.Request) -> FakeCapture | web.Response:
         order_id = request.match_info["order_id"]
@@ -209,39 +224,25 @@ class OrderManagementApi:
 
     async def update_authorization(self, request: web.Request) -> web.Response:
         """``PATCH .../authorization``: 204; 400 ``BAD_VALUE``; 403 ``NOT_ALLOWED``."""
-        try:
-            body = parse_update_authorization(await request.read())
-        except BadValue as error:
-            return _bad_value(error)
-        return self._update(request, lambda order: self._ledger.update_authorization(order, body))
+        return await self._update_with(
+            request, parse_update_authorization, self._ledger.update_authorization
+        )
 
     async def update_merchant_references(self, request: web.Request) -> web.Response:
         """``PATCH .../merchant-references``: 204; 400 ``BAD_VALUE``; 403 ``NOT_ALLOWED``."""
-        try:
-            references = parse_merchant_references(await request.read())
-        except BadValue as error:
-            return _bad_value(error)
-        return self._update(
-            request, lambda order: self._ledger.update_merchant_references(order, references)
+        return await self._update_with(
+            request, parse_merchant_references, self._ledger.update_merchant_references
         )
 
     async def update_customer_details(self, request: web.Request) -> web.Response:
         """``PATCH .../customer-details``: 204; 400 ``BAD_VALUE``; 403 ``NOT_ALLOWED``."""
-        try:
-            body = parse_customer_details(await request.read())
-        except BadValue as error:
-            return _bad_value(error)
-        return self._update(
-            request, lambda order: self._ledger.update_customer_details(order, body)
+        return await self._update_with(
+            request, parse_customer_details, self._ledger.update_customer_details
         )
 
     async def add_order_shipping_info(self, request: web.Request) -> web.Response:
         """``POST .../shipping-info`` on the order: 204; 400 ``BAD_VALUE``."""
-        try:
-            items = parse_shipping_info(await request.read())
-        except BadValue as error:
-            return _bad_value(error)
-        return self._update(request, lambda order: self._ledger.add_shipping_info(order, items))
+        return await self._update_with(request, parse_shipping_info, self._ledger.add_shipping_info)
 
     async def extend_due_date(self, request: web.Request) -> web.Response:
         """``PATCH .../captures/{capture_id}/extend-due-date``: 204; 400; 403 ``NOT_ALLOWED``."""
