@@ -425,6 +425,8 @@ class _Run:
         # later items are held back. What held the first ``HELD_LISTED`` of them, by order.
         self.held = SeenSet()
         self.held_by: dict[str, str] = {}
+        #: Orders held back only because Klarna was busy (429s until the deadline).
+        self.held_busy = SeenSet()
         self.error: BaseException | None = None
         #: Set when the batch must stop early (see ``BatchAbortedError``).
         self.abort: KlarnaError | None = None
@@ -541,6 +543,9 @@ class _Run:
         """Hold back the order's later items if ``outcome`` did not end done."""
         if outcome.status not in _HOLDS or not self.held.add(item.order_id):
             return  # done, or already held (the first cause is the one named)
+        error = outcome.error
+        if isinstance(error, RateLimitError) and not error.outcome_unknown:
+            self.held_busy.add(item.order_id)
         if len(self.held_by) < HELD_LISTED:
             where = f"item_key {item.item_key!r}"
             if item.line is not None:
@@ -562,7 +567,8 @@ class _Run:
             why = self.held_by.get(item.order_id) or (
                 f"an earlier item of order {item.order_id} did not end done"
             )
-            return await held_back_outcome(item, why, self.journal)
+            busy = item.order_id in self.held_busy
+            return await held_back_outcome(item, why, self.journal, busy=busy)
         journal = self.journal
         if journal is None:
             return await self._send(item, item.idempotency_key or random_key(), operation)
@@ -615,6 +621,10 @@ class _Run:
                         return attrs.evolve(done, attempts=outcome.attempts)
                 # The journal knows more than this run: a refusal after an uncertain send
                 # proves nothing, so it stays failed (unknown).
+                if claim.entry.uncertain and isinstance(outcome.error, KlarnaError):
+                    # An earlier run's send under this key may have booked it: whatever
+                    # this send met, the outcome is unknown (its error must say so).
+                    outcome.error.earlier_attempt_unknown = True
                 if recorded.value == outcome.status.value:
                     return outcome  # as this run saw it (the common case: nothing to copy)
                 return attrs.evolve(outcome, status=CaptureStatus(recorded.value))
@@ -782,18 +792,23 @@ async def _locked(table: dict[str, _OrderLock], order_id: str) -> AsyncIterator[
             del table[order_id]
 
 
-async def held_back_outcome(item: BatchItem, why: str, journal: Journal | None) -> CaptureOutcome:
+async def held_back_outcome(
+    item: BatchItem, why: str, journal: Journal | None, *, busy: bool = False
+) -> CaptureOutcome:
     """The outcome of ``item``, held back (not sent, not claimed) because of ``why``.
 
-    ``refused`` with an ``ItemHeldBackError``, unless the journal already holds the item
-    as it is: then it keeps what the journal says (``failed`` under its key while its own
-    earlier send is unknown, ``needs_review``, or ``skipped`` when it was done in an earlier
-    run). An item changed since it was journaled is refused, as a claim would refuse it.
+    ``refused`` with an ``ItemHeldBackError`` (``failed`` when ``busy``: what holds it
+    back only met 429s, and an item is never refused because Klarna was busy), unless the
+    journal already holds the item as it is: then it keeps what the journal says
+    (``failed`` under its key while its own earlier send is unknown, ``needs_review``, or
+    ``skipped`` when it was done in an earlier run). An item changed since it was
+    journaled is refused, as a claim would refuse it.
     """
     message = f"held back: {why}; rerun after it is settled"
     entry = None if journal is None else await _entry_of(journal, item)
     key = item.idempotency_key or ""
-    status, unknown = CaptureStatus.REFUSED, False
+    status = CaptureStatus.FAILED if busy else CaptureStatus.REFUSED
+    unknown = False
     if entry is not None and entry.status is not JournalStatus.REFUSED:
         key = entry.idempotency_key
         fingerprint = request_fingerprint(item.order_id, item.request)
