@@ -813,6 +813,7 @@ async def held_back_outcome(
         key = entry.idempotency_key
         fingerprint = request_fingerprint(item.order_id, item.request)
         if entry.fingerprint not in (None, fingerprint):
+            status = CaptureStatus.REFUSED  # as a claim refuses it, busy or not
             message += f"; it also changed since it was journaled ({entry.status.value})"
         elif entry.status is JournalStatus.CAPTURED:
             return _outcome(item, CaptureStatus.SKIPPED, key, created_id=entry.capture_id)

@@ -232,6 +232,39 @@ async def test_run_many_item_held_back_behind_a_busy_429_is_not_refused(
     assert by_op["release"].status is not CaptureStatus.REFUSED, repr(by_op["release"].error)
 
 
+async def test_edited_item_held_back_behind_a_busy_429_is_refused(
+    fake: FakeKlarna, journal: SQLiteJournal
+) -> None:
+    # Busy or not, an item changed since it was journaled is refused (as a claim refuses
+    # it): "failed" would invite a rerun of the edited amount under the old key.
+    order = fake.add_order(amount=10000)
+    async with await _client(fake) as om:
+        first = [
+            o
+            async for o in om.run_many(
+                [(order, CaptureRequest(captured_amount=1000, reference="b"))], journal=journal
+            )
+        ]
+        assert [o.status for o in first] == [CaptureStatus.CAPTURED]
+        fake.inject(
+            RateLimited(retry_after=None),
+            method="POST",
+            path=f"/ordermanagement/v1/orders/{order}/captures",
+            times=None,
+        )
+        items = [
+            (order, CaptureRequest(captured_amount=1000, reference="a")),
+            (order, CaptureRequest(captured_amount=2000, reference="b")),  # edited
+        ]
+        second = {o.item_key: o async for o in om.run_many(items, journal=journal)}
+    assert booked(fake) == {order: 1}
+    assert second[f"{order}:a"].status is CaptureStatus.FAILED
+    edited = second[f"{order}:b"]
+    assert edited.status is CaptureStatus.REFUSED, repr(edited.error)
+    assert "changed since it was journaled" in str(edited.error)
+    assert edited.idempotency_key == first[0].idempotency_key
+
+
 async def test_capture_request_subclass_is_refused_unsent_not_crashed(
     fake: FakeKlarna, journal: SQLiteJournal
 ) -> None:
