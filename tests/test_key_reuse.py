@@ -196,6 +196,15 @@ async def post(om: KlarnaOM, kind: Kind, key: str) -> str:
         ("refund", {"Refund-Id": "r-9", "Location": "{origin}" + f"{ORDERS}/OTHER/refunds/r-9"}),
         ("refund", {"Capture-Id": "c-1", "Location": f"{ORDERS}/o1/captures/c-1"}),
         ("refund", {"Refund-Id": "r-9", "Location": f"{ORDERS}/o%2F1/refunds/r-9"}),
+        # This request's own path after a query or a fragment is not where the item lives.
+        (
+            "capture",
+            {
+                "Capture-Id": "c-9",
+                "Location": f"{ORDERS}/OTHER/captures/c-9#{ORDERS}/o1/captures/c-9",
+            },
+        ),
+        ("refund", {"Location": f"{ORDERS}/OTHER/refunds/r-9?next={ORDERS}/o1/refunds/r-9"}),
     ],
 )
 async def test_a_location_naming_another_order_or_kind_is_a_reused_key(
