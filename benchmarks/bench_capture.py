@@ -58,9 +58,16 @@ VARIANTS: dict[str, tuple[str, str]] = {
 #: The variants that need OpenTelemetry's API (the `otel` extra).
 OTEL_VARIANTS = ("create_otel_noop", "create_instrumented")
 #: The targets of issue 4: ratio of client CPU per capture to the raw baseline.
-TARGETS = {"create": 1.10, "many": 1.15, "many_journal": 1.5, "create_get": 1.15}
-# Issue 11 asks that tracing off cost nothing measurable (the plain client does not import
-# OpenTelemetry at all); these rows show what the no-op tracing costs over the plain client.
+TARGETS = {
+    "create": 1.10,
+    "many": 1.15,
+    "many_journal": 1.5,
+    "create_get": 1.15,
+    # Issue 11: tracing installed but off (no SDK) costs nothing measurable, judged against
+    # the plain client (which does not import OpenTelemetry at all).
+    "create_otel_noop": 1.05,
+    "create_instrumented": 1.05,
+}
 RSS_TARGET_MIB = 150.0
 
 

@@ -68,8 +68,10 @@ from urllib.parse import unquote
 import yarl
 
 try:
+    from opentelemetry import baggage, metrics, trace
     from opentelemetry import context as otel_context
-    from opentelemetry import metrics, trace
+    from opentelemetry import propagate as otel_propagate
+    from opentelemetry.baggage.propagation import W3CBaggagePropagator
     from opentelemetry.metrics import (
         Counter,
         Histogram,
@@ -78,6 +80,8 @@ try:
         NoOpHistogram,
     )
     from opentelemetry.propagate import inject
+    from opentelemetry.propagators.composite import CompositePropagator
+    from opentelemetry.propagators.textmap import TextMapPropagator
     from opentelemetry.trace import (
         Link,
         NonRecordingSpan,
@@ -89,6 +93,7 @@ try:
         Tracer,
         TracerProvider,
     )
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
     from opentelemetry.util.types import AttributeValue
 except ImportError as exc:  # pragma: no cover - tested in a subprocess without OpenTelemetry
     raise ImportError(
@@ -332,13 +337,47 @@ def _traces_nothing(tracer: Tracer) -> bool:
 
 def _measures_nothing(instrument: object) -> bool:
     """Whether ``instrument`` is, for now, a no-op: the API's, or a proxy no SDK backs yet."""
-    while not isinstance(instrument, (NoOpCounter, NoOpHistogram)):
-        if not hasattr(instrument, "_real_instrument"):  # the API's proxies: see set_meter_provider
+    # The API's proxies (see set_meter_provider) hold the SDK's instrument once it is set.
+    # Types are compared, not isinstance: these are ABCs, and this runs at every attempt.
+    while type(instrument) not in _NO_OP_INSTRUMENTS:
+        instrument = getattr(instrument, "_real_instrument", _NOT_A_PROXY)
+        if instrument is _NOT_A_PROXY:
             return False
-        instrument = instrument._real_instrument
         if instrument is None:
             return True
     return True
+
+
+_NO_OP_INSTRUMENTS = frozenset({NoOpCounter, NoOpHistogram})
+_NOT_A_PROXY = object()
+
+
+#: The propagators that add nothing to a request whose context holds no valid span context
+#: and no baggage (the W3C defaults); any other (B3, a user's own) is always asked.
+_W3C_PROPAGATORS = (TraceContextTextMapPropagator, W3CBaggagePropagator)
+# The last global propagator judged, and whether it is only the W3C ones.
+_judged: tuple[TextMapPropagator | None, bool] = (None, False)
+
+
+def _only_w3c(propagator: TextMapPropagator) -> bool:
+    global _judged
+    if propagator is not _judged[0]:
+        parts = [propagator]
+        if type(propagator) is CompositePropagator:
+            # A private attribute: should a later API drop it, the propagator is always asked.
+            parts = list(getattr(propagator, "_propagators", [propagator]))
+        _judged = (propagator, all(type(p) in _W3C_PROPAGATORS for p in parts))
+    return _judged[1]
+
+
+def _nothing_to_propagate() -> bool:
+    """Whether injecting the current context would add no header: only the W3C propagators
+    are set, and the context holds no valid span context and no baggage."""
+    return (
+        _only_w3c(otel_propagate.get_global_textmap())
+        and not trace.get_current_span().get_span_context().is_valid
+        and not baggage.get_all()
+    )
 
 
 class OtelMiddleware:
@@ -380,13 +419,12 @@ class OtelMiddleware:
         """Send ``request`` inside a CLIENT span, with its trace context in the headers."""
         if otel_context.get_value(_SUPPRESS_ALL) or otel_context.get_value(_SUPPRESS_HTTP):
             return await call_next(request)  # e.g. inside another OtelMiddleware's attempt
-        if (
-            _traces_nothing(self._tracer)
-            and _measures_nothing(self._duration)
-            and _measures_nothing(self._retries)
-        ):
+        # Both instruments come from one meter: the first says whether metrics are off.
+        if _traces_nothing(self._tracer) and _measures_nothing(self._duration):
             # Off: no attributes, no measurement, but what the context carries (a remote
             # parent's trace, any baggage) still goes out, as with the no-op span.
+            if _nothing_to_propagate():
+                return await call_next(request)  # the common case: as cheap as no middleware
             current = trace.get_current_span()
             if isinstance(current, NonRecordingSpan):  # the no-op tracer's span is this one
                 context = otel_context.get_current()

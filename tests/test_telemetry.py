@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from typing import Any
 
 import aiohttp
 import pytest
@@ -18,10 +19,12 @@ from hypothesis import strategies as st
 from opentelemetry import baggage, propagate, trace
 from opentelemetry import context as otel_context
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
+from opentelemetry.context import Context
 from opentelemetry.instrumentation.aiohttp_client import AioHttpClientInstrumentor
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 from opentelemetry.metrics._internal import _ProxyMeterProvider
 from opentelemetry.propagators.composite import CompositePropagator
+from opentelemetry.propagators.textmap import TextMapPropagator
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
     HistogramDataPoint,
@@ -939,6 +942,56 @@ async def test_with_no_sdk_the_attempts_go_through_untouched_and_nothing_is_reco
         into.deadline,
     )
     assert "baggage" not in into.headers  # the shared mappings are left alone
+
+
+class TenantPropagator(TextMapPropagator):
+    """A user's own propagator: adds a header whatever the context holds."""
+
+    def extract(
+        self, carrier: object, context: Context | None = None, getter: object = None
+    ) -> Context:
+        return context or Context()
+
+    def inject(self, carrier: Any, context: Context | None = None, setter: Any = None) -> None:
+        carrier["x-tenant"] = "t9"
+
+    @property
+    def fields(self) -> set[str]:
+        return {"x-tenant"}
+
+
+@pytest.mark.parametrize(
+    ("propagators", "carried", "expected"),
+    [
+        # Baggage alone, without any trace: the W3C baggage header still goes out.
+        ([TraceContextTextMapPropagator(), W3CBaggagePropagator()], True, {"baggage": "tenant=t1"}),
+        # A propagator of the user's own is always asked, even for an empty context.
+        ([TraceContextTextMapPropagator(), TenantPropagator()], False, {"x-tenant": "t9"}),
+        ([TenantPropagator()], False, {"x-tenant": "t9"}),
+        ([TraceContextTextMapPropagator(), W3CBaggagePropagator()], False, {}),
+    ],
+)
+async def test_with_no_sdk_what_the_propagators_add_goes_out(
+    fake: FakeKlarna,
+    sleeps: InstantSleep,
+    no_sdk: None,
+    propagators: list[TextMapPropagator],
+    carried: bool,
+    expected: dict[str, str],
+) -> None:
+    propagate.set_global_textmap(CompositePropagator(propagators))
+    middleware = otel_middleware(meter_provider=_ProxyMeterProvider())
+    order_id = fake.add_order(amount=1000)
+    context = baggage.set_baggage("tenant", "t1") if carried else otel_context.get_current()
+    token = otel_context.attach(context)
+    try:
+        async with client(fake, sleeps, middlewares=[middleware]) as om:
+            await om.orders.get(order_id)
+    finally:
+        otel_context.detach(token)
+    headers = fake.requests[-1].headers
+    added = {k: headers[k] for k in ("baggage", "x-tenant", "traceparent") if k in headers}
+    assert added == expected
 
 
 async def test_setting_the_sdk_after_instrumenting_starts_the_recording(
