@@ -528,6 +528,8 @@ class ThrottleMiddleware:
         finally:
             if starting is not None:
                 starting.leave()
+                if starting.over and self.slow_start is starting:
+                    self.slow_start = None  # over by itself: later calls skip it entirely
 
     def _rate_limited(self, error: RateLimitError, asked_at: float, request: Request) -> None:
         """Pause the client after a 429 and, without a stated limit, lower its learned pace."""
