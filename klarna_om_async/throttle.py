@@ -486,14 +486,19 @@ class ThrottleMiddleware:
         call's deadline.
         """
         starting = self.slow_start
+        ramped = False
         if starting is not None:  # before the pause and the paces: a 429 ends it, they stay
-            if self.wait_listeners and not starting.over and starting.in_flight >= starting.window:
+            if not starting.over and starting.in_flight >= starting.window:
                 began = self._clock()
                 await starting.enter()
-                self._waited("ramp", self._clock() - began, request)
+                ramped = True
+                if self.wait_listeners:
+                    self._waited("ramp", self._clock() - began, request)
             else:
                 await starting.enter()
         try:
+            if ramped:
+                self._check_ramp_deadline(request)
             if self._resume_at:  # 0.0 unless a 429 paused the client and nobody waited since
                 await self._wait_pause(request)
             adaptive = self.adaptive
@@ -530,6 +535,20 @@ class ThrottleMiddleware:
                 starting.leave()
                 if starting.over and self.slow_start is starting:
                     self.slow_start = None  # over by itself: later calls skip it entirely
+
+    def _check_ramp_deadline(self, request: Request) -> None:
+        """Refuse (nothing sent) a call that waited in the opening ramp past its deadline."""
+        deadline: float | None = getattr(request, "deadline", None)
+        now = self._clock()
+        if deadline is not None and now > deadline:
+            raise self._refusal(
+                request,
+                0.0,
+                deadline - now,
+                "",
+                message="not sent: the call waited for room in the opening ramp (the limit is"
+                f" not known yet) until {now - deadline:.1f}s past its deadline",
+            )
 
     def _rate_limited(self, error: RateLimitError, asked_at: float, request: Request) -> None:
         """Pause the client after a 429 and, without a stated limit, lower its learned pace."""

@@ -13,7 +13,13 @@ import pytest
 from klarna_om_async.errors import RateLimitError, decode_error
 from klarna_om_async.middleware import Request, Response
 from klarna_om_async.testing import InstantSleep
-from klarna_om_async.throttle import SLOW_START_WINDOW, Pace, SlowStart, ThrottleMiddleware
+from klarna_om_async.throttle import (
+    SLOW_START_WINDOW,
+    Pace,
+    SlowStart,
+    ThrottleMiddleware,
+    ThrottleRefusal,
+)
 
 
 def answer(request: Request, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -186,3 +192,30 @@ async def test_a_wait_for_the_ramp_is_reported_to_the_wait_listeners() -> None:
     held.release(answer(Request("GET", "/second")))
     await asyncio.gather(first, second)
     assert heard == [("ramp", 0.5, "/second")]  # the first went at once: no wait to tell
+
+
+async def test_a_call_that_waited_in_the_ramp_past_its_deadline_is_not_sent() -> None:
+    now = [0.0]
+    throttle = ThrottleMiddleware(sleep=InstantSleep(), clock=lambda: now[0])
+    throttle.slow_start = ramp = SlowStart(window=1)
+    held = Held()
+    first = asyncio.create_task(throttle(Request("GET", "/first"), held))
+    late = Request("POST", "/late", deadline=2.0, idempotency_key="k-1")
+    second = asyncio.create_task(throttle(late, held))
+    await settle()
+    now[0] = 2.5  # the first answer comes after the second call's deadline
+    held.release(answer(Request("GET", "/first")))
+    await first
+    await settle()
+    assert held.waiting == []  # never sent
+    assert second.done()
+    with pytest.raises(ThrottleRefusal) as refused:
+        await second
+    error = refused.value
+    assert (error.request_sent, error.outcome_unknown, error.idempotency_key) == (
+        False,
+        False,
+        "k-1",
+    )
+    assert "opening ramp" in str(error)
+    assert ramp.in_flight == 0  # the room it took is given back
