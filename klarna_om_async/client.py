@@ -102,7 +102,8 @@ class KlarnaOM:
     run once per attempt, inside the retry loop and throttle, outside error decoding and
     auth, so they see every attempt with its idempotency key but never the credentials.
     ``rate_limit`` (requests per second, finite, at most 10,000; None: no pace) paces every
-    attempt of this client, batches and single calls alike, on one drift-free grid: Klarna
+    attempt of this client, batches and single calls alike, on one drift-free grid at 99% of
+    it (so a late send never puts one request too many in a window of Klarna's): Klarna
     counts requests per merchant (200/s in production, 50/s in the playground). Without it
     the client paces at 95% of a limit Klarna states (``X-Ratelimit-Limit``), or, when Klarna
     states none, at a rate learned from its 429s: 90% of what got through in the second
@@ -150,7 +151,7 @@ class KlarnaOM:
             clock=clock,
             max_pause=self.retry_policy.retry_after_cap,
             base_url=self.base_url,
-            pace=None if rate_limit is None else Pace(rate_limit),
+            pace=None if rate_limit is None else Pace.under(rate_limit),
         )
         #: The middleware chain, outermost first; the transport follows the last one.
         self.chain: tuple[Middleware, ...] = (

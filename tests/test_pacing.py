@@ -17,7 +17,7 @@ from klarna_om_async import CaptureRequest, KlarnaOM, Request, Response, RetryPo
 from klarna_om_async.errors import RateLimitError, ValidationError, reset_after
 from klarna_om_async.middleware import RetryMiddleware
 from klarna_om_async.testing import FakeKlarna, InstantSleep
-from klarna_om_async.throttle import Pace, ThrottleMiddleware, rate_limited
+from klarna_om_async.throttle import LIMIT_SHARE, Pace, ThrottleMiddleware, rate_limited
 
 
 class FakeTime:
@@ -104,7 +104,7 @@ async def test_the_client_pace_spaces_every_call_of_the_client(fake: FakeKlarna)
     assert len(outcomes) == 3
     assert len(fake.booked_captures) == 4
     # One grid for single calls and batches: every send after the first waited 1/5 s.
-    assert time.waits == pytest.approx([0.2] * 4)
+    assert time.waits == pytest.approx([1 / (5 * LIMIT_SHARE)] * 4)  # 99% of the limit
 
 
 async def test_a_batch_rate_and_the_client_rate_both_hold() -> None:
@@ -298,15 +298,15 @@ async def test_every_wait_is_reported_to_the_wait_listeners_with_its_reason() ->
 
     with rate_limited(1):
         await throttle(Request("GET", "/a"), ok)  # the first slot of both paces: no wait
-        await throttle(Request("GET", "/b"), ok)  # the batch's next slot is 1 s away
-    await throttle(Request("GET", "/c"), ok)  # the client's next slot is at 1.5
+        await throttle(Request("GET", "/b"), ok)  # the batch's next slot: 1 / 0.99 s away
+    await throttle(Request("GET", "/c"), ok)  # the client's next slot, half a second later
     with pytest.raises(RateLimitError):
-        await throttle(Request("GET", "/d"), too_many)  # at 2.0 (its slot): a pause to 4.0
+        await throttle(Request("GET", "/d"), too_many)  # at its slot: a 2 s pause
     await throttle(Request("GET", "/e"), ok)
     assert heard == [
-        ("pace", 1.0, "/b"),
-        ("pace", 0.5, "/c"),
-        ("pace", 0.5, "/d"),
+        ("pace", pytest.approx(1 / LIMIT_SHARE), "/b"),
+        ("pace", pytest.approx(0.5), "/c"),
+        ("pace", pytest.approx(0.5), "/d"),
         ("pause", 2.0, "/e"),
     ]
 

@@ -72,7 +72,7 @@ from klarna_om_async.testing import (
     ServerFailure,
 )
 from klarna_om_async.testing._auth import basic_auth_header
-from klarna_om_async.throttle import ThrottleMiddleware, ThrottleRefusal
+from klarna_om_async.throttle import LIMIT_SHARE, ThrottleMiddleware, ThrottleRefusal
 
 SCOPE = "klarna_om_async"
 
@@ -746,15 +746,16 @@ async def test_a_pacing_wait_is_an_event_too(
     order_id = fake.add_order(amount=6000)
     async with otel.instrument(client(fake, sleeps, clock=FrozenClock(), rate_limit=4)) as om:
         await om.orders.get(order_id)
-        await om.orders.get(order_id)  # its slot is a quarter of a second after the first
+        await om.orders.get(order_id)  # its slot: 1 / (4 x 99%) s after the first
     first, second = otel.spans(SpanKind.INTERNAL)
     assert first.events == ()
     (event,) = second.events
+    slot = 1 / (4 * LIMIT_SHARE)
     assert dict(event.attributes or {}) == {
         "klarna.wait.reason": "pace",
-        "klarna.wait.seconds": 0.25,
+        "klarna.wait.seconds": pytest.approx(slot),
     }
-    assert waits(otel) == {"pace": (1, 0.25)}
+    assert waits(otel) == {"pace": (1, pytest.approx(slot))}
 
 
 async def test_no_wait_no_event_and_no_listener_without_instrument(
