@@ -225,7 +225,9 @@ async def _run(settings: _Settings, connection: Connection) -> bool:
             settings.path, settings.fmt, encoding=settings.encoding, delimiter=settings.delimiter
         ) as rows:
             async with (
-                connection.client(deadline=_BATCH_DEADLINE) as om,
+                # --rate is the merchant's limit: the client's pace, which then also
+                # overrides the (lower) pace it would take from Klarna's X-Ratelimit-Limit.
+                connection.client(deadline=_BATCH_DEADLINE, rate_limit=settings.rate) as om,
                 _journal(settings) as journal,
             ):
                 with view:
@@ -235,7 +237,6 @@ async def _run(settings: _Settings, connection: Connection) -> bool:
                             rows,
                             report=view.report,
                             concurrency=settings.concurrency,
-                            rate_limit=settings.rate,
                             journal=journal,
                         )
                     except BatchAbortedError as error:  # it cannot work: said once, below

@@ -114,11 +114,14 @@ class Connection:
         return self.username, self.password
 
     @contextlib.asynccontextmanager
-    async def client(self, *, deadline: float | None = None) -> AsyncIterator[KlarnaOM]:
+    async def client(
+        self, *, deadline: float | None = None, rate_limit: float | None = None
+    ) -> AsyncIterator[KlarnaOM]:
         """A ``KlarnaOM`` for this connection, open for the ``async with`` block;
         ``InputError`` if credentials are missing or the base URL or proxy is unusable.
 
         ``deadline`` bounds each call's retries in seconds (default: ``RetryPolicy``'s).
+        ``rate_limit`` paces every request of the client (``KlarnaOM(rate_limit=)``).
         With ``--proxy``, the client borrows a session that sends through that proxy.
         """
         username, password = self.check()
@@ -137,6 +140,7 @@ class Connection:
                     base_url=self.base_url,
                     retry=retry,
                     session=session,
+                    rate_limit=rate_limit,
                 )
             except ValueError as error:  # e.g. a base URL that is not http(s)
                 raise InputError(str(error)) from None

@@ -115,7 +115,6 @@ async def run_batch(
     *,
     report: Callable[[CaptureOutcome], None],
     concurrency: int,
-    rate_limit: float | None = None,
     journal: Journal | None = None,
 ) -> None:
     """Run every good row, report every outcome (bad lines as refused), in end order.
@@ -152,9 +151,7 @@ async def run_batch(
         while held:
             report(await held_back_outcome(*held.popleft(), journal))
 
-    outcomes = om.run_many(
-        good_rows(), concurrency=concurrency, rate_limit=rate_limit, journal=journal
-    )
+    outcomes = om.run_many(good_rows(), concurrency=concurrency, journal=journal)
     try:
         async for outcome in outcomes:
             await report_bad()
