@@ -177,6 +177,12 @@ class KlarnaOM:
         self.orders = OrdersService(self._send)
 
     @property
+    def chain_fixed(self) -> bool:
+        """True once ``chain`` has been built into the calls' handler (at ``async with`` or the
+        first call) or the client is closed: changing ``chain`` then has no effect."""
+        return self._handler is not None or self._closed
+
+    @property
     def rate_limited_count(self) -> int:
         """How many 429 (Too Many Requests) answers this client has received from Klarna.
 

@@ -858,7 +858,7 @@ def instrument(
     Calling it again does nothing. Raises ``RuntimeError`` once ``om`` has built its chain (at
     ``async with`` or its first call) or is closed: the chain is fixed from then on.
     """
-    if getattr(om, "_handler", None) is not None or getattr(om, "_closed", False):
+    if om.chain_fixed:
         raise RuntimeError(
             "instrument(om) must run before `async with om` and before its first call: the"
             " client's middleware chain is fixed from then on. Call it right after"

@@ -531,9 +531,12 @@ async def test_instrument_puts_the_call_span_after_the_key_and_the_attempt_span_
     chain = om.chain
     otel.instrument(om)  # again: nothing changes
     assert om.chain == chain
+    assert not om.chain_fixed
     async with om:
+        assert om.chain_fixed
         with pytest.raises(RuntimeError, match=r"before `async with om`"):
             otel.instrument(om)
+    assert om.chain_fixed
     with pytest.raises(RuntimeError, match="before"):
         otel.instrument(om)  # closed
 
