@@ -115,19 +115,20 @@ def _named_in_location(location: str) -> tuple[str, str, str] | None:
 
 def _own_item_in(location: str, posted_path: str) -> tuple[str, str, str] | None:
     """The common case, without parsing: ``location`` is ``[scheme://host]{posted_path}/{id}``
-    with a plain ``id`` (no query, fragment or escapes), so it names an item of the very
-    collection the request posted to. None means "parse it" (``_named_in_location``).
+    with a plain ``id`` (letters, digits, ``_.~-``; not a dot segment) and no query or
+    fragment, so it names an item of the very collection the request posted to. None means
+    "parse it" (``_named_in_location``), which decides every other ``Location``.
     """
     # Parsing the Location with yarl cost more CPU than the rest of reading the answer.
     cut = location.rfind("/")
     item_id = location[cut + 1 :]
     if (
         cut < 0
+        or not _PLAIN_ID(item_id)
+        or item_id in _DOT_SEGMENTS
         or not location.endswith(posted_path, 0, cut)
-        or not item_id.strip()
         or "?" in location
         or "#" in location
-        or "%" in item_id
     ):
         return None
     order_id, collection = posted_path.rsplit("/", 2)[-2:]

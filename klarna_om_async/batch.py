@@ -40,7 +40,15 @@ from .errors import (
     RateLimitError,
     ValidationError,
 )
-from .journal import Claim, ClaimAction, ItemRecord, Journal, JournalEntry, JournalStatus
+from .journal import (
+    _UNSETTLED,
+    Claim,
+    ClaimAction,
+    ItemRecord,
+    Journal,
+    JournalEntry,
+    JournalStatus,
+)
 from .models import CaptureRequest, RefundRequest
 from .operations import (
     Operation,
@@ -84,11 +92,13 @@ class CaptureStatus(enum.StrEnum):
     #: Klarna booked it (now, or in an earlier run whose answer was lost): for a refund,
     #: refunded; a release, released; and so on (``Operation.done`` says the word).
     CAPTURED = "captured"
-    #: Refused before or by Klarna (validation, a duplicate in this batch, an item changed
-    #: since it was journaled, or a 4xx): nothing was captured under this item's key.
+    #: Refused before or by Klarna (validation, a duplicate in this batch, a 4xx): nothing was
+    #: captured under this item's key. Also an item changed since the journal recorded it
+    #: done: nothing was sent now; its error names what the journal holds under its key.
     REFUSED = "refused"
     #: The outcome is unknown, or Klarna stayed busy (429) until the deadline: rerun with the
-    #: same key (the journal does).
+    #: same key (the journal does). Also an item changed since its send under its key, whose
+    #: outcome is unknown: not sent now; reconcile (or restore the line) before rerunning.
     FAILED = "failed"
     #: Not attempted: already captured in an earlier run (says the journal).
     SKIPPED = "skipped"
@@ -638,6 +648,11 @@ class _Run:
                 conflict = ItemConflictError(
                     claim.reason or "conflict", item_key=item.item_key, idempotency_key=key
                 )
+                if claim.outcome_unknown:
+                    # Changed since its send under this key, whose outcome is unknown: not
+                    # sent now, but money may have moved under the key (not "refused").
+                    conflict.earlier_attempt_unknown = True
+                    return _outcome(item, _unsettled_status(entry), key, error=conflict)
                 return _outcome(item, CaptureStatus.REFUSED, key, error=conflict)
 
     async def _confirm(self, item: BatchItem, journal: Journal) -> CaptureOutcome | None:
@@ -813,8 +828,15 @@ async def held_back_outcome(
         key = entry.idempotency_key
         fingerprint = request_fingerprint(item.order_id, item.request)
         if entry.fingerprint not in (None, fingerprint):
-            status = CaptureStatus.REFUSED  # as a claim refuses it, busy or not
+            # As a claim judges it, busy or not: refused, unless its own earlier send is
+            # unknown (then money may have moved under its key: failed, unknown).
+            unknown = entry.status in _UNSETTLED
+            status = _unsettled_status(entry) if unknown else CaptureStatus.REFUSED
             message += f"; it also changed since it was journaled ({entry.status.value})"
+            if unknown:
+                review = entry.status is JournalStatus.NEEDS_REVIEW
+                what = "needs review" if review else "is unknown"
+                message += f", and the outcome of its earlier send under key {key} {what}"
         elif entry.status is JournalStatus.CAPTURED:
             return _outcome(item, CaptureStatus.SKIPPED, key, created_id=entry.capture_id)
         elif entry.status is JournalStatus.NEEDS_REVIEW:
@@ -827,6 +849,13 @@ async def held_back_outcome(
         message, item_key=item.item_key, idempotency_key=key or None, unknown=unknown
     )
     return _outcome(item, status, key, error=error)
+
+
+def _unsettled_status(entry: JournalEntry) -> CaptureStatus:
+    """How an item reports a journaled send whose outcome is not settled."""
+    if entry.status is JournalStatus.NEEDS_REVIEW:
+        return CaptureStatus.NEEDS_REVIEW
+    return CaptureStatus.FAILED
 
 
 async def _entry_of(journal: Journal, item: BatchItem) -> JournalEntry | None:

@@ -178,6 +178,9 @@ class Claim:
     entry: JournalEntry
     #: Why, for ``CONFLICT``: one line for the user.
     reason: str | None = None
+    #: For ``CONFLICT``: the item changed since it was sent under ``entry.idempotency_key``,
+    #: whose outcome is still unknown or needs review (money may have moved under that key).
+    outcome_unknown: bool = False
 
 
 class JournalError(Exception):
@@ -288,7 +291,7 @@ def _conflict(old: JournalEntry, item: ItemRecord) -> Claim | None:
             f" {old.idempotency_key}); reconcile the journal first (klarna-om reconcile)"
         )
     reason = f"item {item.item_key!r} changed since it was journaled: {why}; {advice}"
-    return Claim(ClaimAction.CONFLICT, old, reason)
+    return Claim(ClaimAction.CONFLICT, old, reason, outcome_unknown=old.status in _UNSETTLED)
 
 
 def _decide(

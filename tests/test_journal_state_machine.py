@@ -87,6 +87,15 @@ KILL_DELAY = 0.25
 UNKNOWN = frozenset({JournalStatus.IN_FLIGHT, JournalStatus.FAILED})
 SETTLED = frozenset({JournalStatus.CAPTURED, JournalStatus.NEEDS_REVIEW})
 UNSETTLED = UNKNOWN | {JournalStatus.NEEDS_REVIEW}
+# How an item edited since it was journaled ends, by its journal status: never sent, and
+# never "refused" while money may have moved under its key.
+EDITED = {
+    JournalStatus.IN_FLIGHT: CaptureStatus.FAILED,
+    JournalStatus.FAILED: CaptureStatus.FAILED,
+    JournalStatus.NEEDS_REVIEW: CaptureStatus.NEEDS_REVIEW,
+    JournalStatus.CAPTURED: CaptureStatus.REFUSED,
+    JournalStatus.REFUSED: CaptureStatus.REFUSED,
+}
 
 _EXAMPLES = int(os.environ.get("KLARNA_OM_STATEFUL_EXAMPLES", "40"))
 _STEPS = int(os.environ.get("KLARNA_OM_STATEFUL_STEPS", "12"))
@@ -365,16 +374,22 @@ class JournalMachine(RuleBasedStateMachine):
                     JournalStatus.NEEDS_REVIEW: CaptureStatus.NEEDS_REVIEW,
                     JournalStatus.CAPTURED: CaptureStatus.SKIPPED,
                 }[None if old is None else old.status]
-                if edited:  # refused, as a claim refuses an edited item
-                    expected = CaptureStatus.REFUSED
+                if edited:  # as a claim judges an edited item
+                    assert old is not None
+                    expected = EDITED[old.status]
                 assert outcome.status is expected, (old, outcome)
                 if old is not None and old.status is not JournalStatus.REFUSED:
                     assert outcome.idempotency_key == old.idempotency_key, (old, outcome)
                 continue
             if edited:
-                # An edited item is refused: never sent (under any key), never skipped.
-                assert outcome.status is CaptureStatus.REFUSED, (item, outcome)
+                # An edited item is never sent (under any key), never skipped: refused, or
+                # failed (unknown, its key named) while its earlier send is unknown.
+                assert old is not None
+                assert outcome.status is EDITED[old.status], (item, outcome)
                 assert isinstance(outcome.error, ItemConflictError), outcome
+                unsettled = old.status in UNSETTLED
+                assert outcome.error.outcome_unknown is unsettled, outcome
+                assert outcome.idempotency_key == old.idempotency_key, (old, outcome)
                 assert item.key not in posted, f"edited {item.key} was sent"
                 assert after[item.key] == old, (old, after[item.key])
                 continue

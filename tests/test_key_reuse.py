@@ -29,8 +29,10 @@ from klarna_om_async import (
     RefundRequest,
     RetryPolicy,
     ShippingInfo,
+    _routes,
     new_idempotency_key,
 )
+from klarna_om_async.middleware import Request, Response
 from klarna_om_async.testing import DropAfterProcessing, FakeKlarna, InstantSleep, ServerFailure
 
 Kind = Literal["capture", "refund"]
@@ -419,3 +421,37 @@ async def test_a_shipping_info_key_reused_for_a_create_books_nothing(
     assert "204 No Content" in str(error)
     assert "new key" in str(error)
     assert booked(fake) == before
+
+
+# -- the Location read without parsing -------------------------------------------------------
+
+
+def _created_id(path: str, location: str) -> object:
+    """The id ``created`` reads from a 201 with only ``location`` (or its error's name)."""
+    request = Request("POST", path, b"{}", {}, "key-1")
+    response = Response(201, {"Location": location}, b"", request, "http://k" + path)
+    try:
+        return _routes.created(response, "Capture-Id", "capture")[0]
+    except KlarnaError as error:
+        return type(error).__name__
+
+
+@pytest.mark.parametrize(
+    "location",
+    [
+        f"http://k{ORDERS}/o1/captures/c-1",
+        f"{ORDERS}/o1/captures/c-1",
+        f"http://k{ORDERS}/o1/captures/..",  # a dot segment is no id
+        f"https://k{ORDERS}/o1/captures/.",
+        f"{ORDERS}/o1/captures/C\tD",  # control characters: as yarl reads them
+        f"http://k{ORDERS}/o1/captures/C%2DD",
+        f"http://k{ORDERS}/o1/captures/c-1?x=1",
+    ],
+)
+def test_a_plain_location_is_read_as_parsing_it_would(
+    location: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = f"{ORDERS}/o1/captures"
+    fast = _created_id(path, location)
+    monkeypatch.setattr(_routes, "_own_item_in", lambda location, posted: None)
+    assert fast == _created_id(path, location)

@@ -21,7 +21,13 @@ from klarna_om_async import (
     SQLiteJournal,
 )
 from klarna_om_async.middleware import Handler, Request, Response
-from klarna_om_async.testing import DropAfterProcessing, FakeKlarna, InstantSleep, RateLimited
+from klarna_om_async.testing import (
+    DropAfterProcessing,
+    FakeKlarna,
+    InstantSleep,
+    RateLimited,
+    ServerFailure,
+)
 from klarna_om_async.throttle import ThrottleRefusal
 
 
@@ -314,3 +320,31 @@ async def test_never_sent_item_is_not_left_unknown_forever(
         [second] = [o async for o in om.capture_many(items, journal=journal)]
     assert second.status is CaptureStatus.CAPTURED, (second.status, repr(second.error))
     assert booked(fake) == {order: 1}
+
+
+async def test_an_edited_item_held_back_after_its_booked_send_stays_unknown(
+    fake: FakeKlarna, journal: SQLiteJournal
+) -> None:
+    # Run 1: item b's capture is booked, its answer lost: failed (unknown) under key K.
+    # Run 2: a new item of the order waits for b, and the edited b is held back behind it:
+    # never sent, and reported unknown under K (not "refused": K booked 1000).
+    order = fake.add_order(amount=10000)
+    fake.inject(DropAfterProcessing(), method="POST", times=1)
+    fake.inject(ServerFailure(503), method="POST", times=None)
+    async with await _client(fake) as om:
+        b = CaptureRequest(captured_amount=1000, reference="b")
+        [first] = [o async for o in om.run_many([(order, b)], journal=journal)]
+        assert first.status is CaptureStatus.FAILED
+        fake.clear_faults()
+        items = [
+            (order, CaptureRequest(captured_amount=500, reference="a")),
+            (order, CaptureRequest(captured_amount=2000, reference="b")),  # edited
+        ]
+        second = {o.item_key: o async for o in om.run_many(items, journal=journal)}
+    assert booked(fake) == {order: 1}
+    edited = second[f"{order}:b"]
+    assert edited.status is CaptureStatus.FAILED, repr(edited.error)
+    assert edited.idempotency_key == first.idempotency_key
+    assert edited.error is not None
+    assert edited.error.outcome_unknown
+    assert f"earlier send under key {first.idempotency_key} is unknown" in str(edited.error)
