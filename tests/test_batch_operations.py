@@ -1151,6 +1151,32 @@ def test_batch_holds_an_orders_later_lines_back_after_a_line_that_cannot_be_read
     )
 
 
+def test_batch_holds_back_past_the_orders_whose_bad_lines_it_names(
+    served: ServedFake, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Only the first HELD_LISTED broken orders keep the line that broke them (memory), but
+    # every broken order's later lines are held back: here the second, with a limit of 1.
+    from klarna_om_async.cli import _runner
+
+    monkeypatch.setattr(_runner, "HELD_LISTED", 1)
+    first, second = served.captured_order(captured=2000), served.captured_order(captured=2000)
+    path = tmp_path / "ops.csv"
+    path.write_text(
+        "order_id,operation,captured_amount,reference\n"
+        f"{first},capture,x,last\n{second},capture,y,last\n{second},release,,\n",
+        encoding="utf-8",
+    )
+    result = cli(["batch", str(path), "--json"], served)
+    by_line = {o["line"]: o for o in json_lines(result.stdout) if o["type"] == "outcome"}
+    assert by_line[4]["status"] == "refused"
+    assert by_line[4]["error"] == (
+        f"held back: an earlier item of order {second} could not be read; rerun after it is settled"
+    )
+    assert "releaseRemainingAuthorization" not in served.do(
+        lambda: served.fake.order(second).operations
+    )
+
+
 @pytest.mark.parametrize("operation", ["cancel", "release"])
 def test_batch_does_not_report_a_204_replayed_for_another_orders_key_as_done(
     served: ServedFake, tmp_path: Path, operation: str

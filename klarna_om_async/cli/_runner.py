@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import attrs
 
+from .._seen import SeenSet
 from ..batch import (
     HELD_LISTED,
     BatchAbortedError,
@@ -127,20 +128,22 @@ async def run_batch(
     """
     bad: collections.deque[BadLine] = collections.deque()
     held: collections.deque[tuple[BatchItem, str]] = collections.deque()
-    # Orders with a bad line, and (for the first HELD_LISTED) which line it was.
-    broken: dict[str, int] = {}
+    # Orders with a bad line (all of them), and for the first HELD_LISTED which line it was.
+    broken = SeenSet()
+    first_bad: dict[str, int] = {}
 
     def good_rows() -> Iterator[BatchItem]:
         for row in rows:
             if isinstance(row, BadLine):
                 bad.append(row)
-                if row.order_id is not None and len(broken) < HELD_LISTED:
-                    broken.setdefault(row.order_id, row.line)
+                order_id = row.order_id
+                # add() first: every broken order is remembered, only some lines named.
+                if order_id is not None and broken.add(order_id) and len(first_bad) < HELD_LISTED:
+                    first_bad[order_id] = row.line
             elif row.order_id in broken:
-                why = (
-                    f"an earlier item of order {row.order_id} (line {broken[row.order_id]})"
-                    " could not be read"
-                )
+                line = first_bad.get(row.order_id)
+                where = "" if line is None else f" (line {line})"
+                why = f"an earlier item of order {row.order_id}{where} could not be read"
                 held.append((row, why))
             else:
                 yield row
