@@ -859,8 +859,9 @@ def _unsettled_status(entry: JournalEntry) -> CaptureStatus:
 
 
 async def _entry_of(journal: Journal, item: BatchItem) -> JournalEntry | None:
-    entries = await journal.entries(order_id=item.order_id)
-    return next((e for e in entries if e.item_key == item.item_key), None)
+    # By item_key alone: an item moved to another order is still the journaled one.
+    entries = await journal.entries(item_key=item.item_key)
+    return entries[0] if entries else None
 
 
 def _operation_name(item: BatchItem) -> str:

@@ -240,9 +240,14 @@ class Journal(Protocol):
         ...
 
     async def entries(
-        self, *, statuses: Iterable[JournalStatus] | None = None, order_id: str | None = None
+        self,
+        *,
+        statuses: Iterable[JournalStatus] | None = None,
+        order_id: str | None = None,
+        item_key: str | None = None,
     ) -> list[JournalEntry]:
-        """The entries (optionally only these statuses, or this order's), by ``item_key``."""
+        """The entries (optionally only these statuses, this order's, or this item's), by
+        ``item_key``."""
         ...
 
     def key_expired(self, entry: JournalEntry) -> bool:
@@ -582,10 +587,18 @@ class MemoryJournal:
         return new.status
 
     async def entries(
-        self, *, statuses: Iterable[JournalStatus] | None = None, order_id: str | None = None
+        self,
+        *,
+        statuses: Iterable[JournalStatus] | None = None,
+        order_id: str | None = None,
+        item_key: str | None = None,
     ) -> list[JournalEntry]:
-        """The entries (optionally only these statuses, or this order's), by ``item_key``."""
+        """The entries (optionally only these statuses, this order's, or this item's), by
+        ``item_key``."""
         self._check_open()
+        if item_key is not None:
+            one = self._entries.get(item_key)
+            return _selected(() if one is None else (one,), statuses, order_id)
         return _selected(self._entries.values(), statuses, order_id)
 
     def key_expired(self, entry: JournalEntry) -> bool:

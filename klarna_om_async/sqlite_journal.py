@@ -506,9 +506,14 @@ class SQLiteJournal:
         return await self._call(op)
 
     async def entries(
-        self, *, statuses: Iterable[JournalStatus] | None = None, order_id: str | None = None
+        self,
+        *,
+        statuses: Iterable[JournalStatus] | None = None,
+        order_id: str | None = None,
+        item_key: str | None = None,
     ) -> list[JournalEntry]:
-        """The entries (optionally only these statuses, or this order's), by ``item_key``."""
+        """The entries (optionally only these statuses, this order's, or this item's), by
+        ``item_key``."""
         where, params = [], []
         if statuses is not None:
             wanted = [JournalStatus(s).value for s in statuses]
@@ -517,6 +522,9 @@ class SQLiteJournal:
         if order_id is not None:
             where.append("order_id = ?")
             params.append(order_id)
+        if item_key is not None:
+            where.append("item_key = ?")
+            params.append(item_key)
         clause = f" WHERE {' AND '.join(where)}" if where else ""
         sql = f"SELECT {_COLUMNS} FROM journal{clause} ORDER BY item_key"
 

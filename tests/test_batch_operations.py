@@ -1151,6 +1151,50 @@ def test_batch_holds_an_orders_later_lines_back_after_a_line_that_cannot_be_read
     )
 
 
+@pytest.mark.parametrize(
+    ("name", "lines", "encoding"),
+    [
+        # A cp1252 export read as UTF-8: the capture line cannot be decoded.
+        (
+            "ops.csv",
+            "order_id,operation,captured_amount,reference\n{o},capture,60.00,Müller\n"
+            "{o},release,,\n",
+            "cp1252",
+        ),
+        # A quote left open: which field is the order is unknown (order_id is not first).
+        (
+            "ops.csv",
+            'operation,order_id,captured_amount,reference\ncapture,{o},60.00,"last\n'
+            "release,{o},,\n",
+            "utf-8",
+        ),
+        (
+            "ops.jsonl",
+            '{{"order_id": "{o}", "captured_amount": 6000, "reference": "last"\n'
+            '{{"order_id": "{o}", "operation": "release"}}\n',
+            "utf-8",
+        ),
+    ],
+)
+def test_batch_holds_back_a_release_after_a_line_whose_order_cannot_be_read(
+    served: ServedFake, tmp_path: Path, name: str, lines: str, encoding: str
+) -> None:
+    order_id = served.captured_order(captured=2000)
+    path = tmp_path / name
+    path.write_bytes(lines.format(o=order_id).encode(encoding))
+    result = cli(["batch", str(path), "--json"], served)
+    outcomes = [o for o in json_lines(result.stdout) if o["type"] == "outcome"]
+    bad, release = sorted(outcomes, key=lambda o: o["line"])
+    assert (bad["status"], release["status"]) == ("refused", "refused")
+    assert release["error"] == (
+        f"held back: line {bad['line']} could not be read, nor which order it names; a release"
+        " waits until it is fixed (it may be this order's); rerun after it is settled"
+    )
+    assert "releaseRemainingAuthorization" not in served.do(
+        lambda: served.fake.order(order_id).operations
+    )
+
+
 def test_batch_holds_back_past_the_orders_whose_bad_lines_it_names(
     served: ServedFake, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

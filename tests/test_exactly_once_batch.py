@@ -27,6 +27,7 @@ from klarna_om_async import (
     ValidationError,
     Verdict,
 )
+from klarna_om_async.batch import ItemHeldBackError
 from klarna_om_async.testing import (
     DropAfterProcessing,
     DropConnection,
@@ -441,3 +442,25 @@ async def test_a_busy_merchant_never_refuses_an_item(
     [again] = await run(om, items[:1], journal)
     assert again.status is CaptureStatus.CAPTURED
     assert booked(fake) == dict.fromkeys(orders, 1)
+
+
+async def test_an_item_moved_to_another_order_and_held_back_names_its_unknown_key(
+    om: KlarnaOM, fake: FakeKlarna, journal: SQLiteJournal
+) -> None:
+    # Run 1: item "inv-7" captures 3000 on order a; Klarna books it, the answer is lost.
+    a, b = fake.add_order(amount=10_000), fake.add_order(amount=10_000)
+    fake.inject(DropAfterProcessing(), method="POST", times=None)
+    item = BatchItem(order_id=a, request=CaptureRequest(captured_amount=3000), item_key="inv-7")
+    [lost] = await run(om, [item], journal)
+    fake.clear_faults()
+    assert lost.status is CaptureStatus.FAILED
+    # Run 2: the line now names order b, behind an earlier item of b that Klarna refuses.
+    # Held back, it says what its claim would: money may have moved under its key.
+    moved = BatchItem(order_id=b, request=CaptureRequest(captured_amount=3000), item_key="inv-7")
+    first = BatchItem(order_id=b, request=CaptureRequest(captured_amount=99_000), item_key="big")
+    refused, held = [o async for o in om.run_many([first, moved], journal=journal)]
+    assert refused.status is CaptureStatus.REFUSED
+    assert isinstance(held.error, ItemHeldBackError)
+    assert (held.status, held.idempotency_key) == (CaptureStatus.FAILED, lost.idempotency_key)
+    assert held.error.outcome_unknown
+    assert booked(fake) == {a: 1}

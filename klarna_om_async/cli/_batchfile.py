@@ -332,7 +332,10 @@ def _csv_records(lines: Iterator[_Line], header: list[str], delimiter: str) -> I
         try:
             fields = _csv_fields(text, delimiter)
         except ValueError as error:
-            yield BadLine(line, _first_field(text, delimiter), BadLineError(line, None, str(error)))
+            # Which field is the order is unknown on a line that is not CSV (a quote left
+            # open shifts the columns): no order, so the run holds back every later
+            # release and cancel rather than guess.
+            yield BadLine(line, None, BadLineError(line, None, str(error)))
             continue
         if not any(value.strip() for value in fields):
             continue  # a line of only separators
@@ -350,11 +353,6 @@ def _csv_records(lines: Iterator[_Line], header: list[str], delimiter: str) -> I
 
 def _has_break(value: str | None) -> bool:
     return value is not None and ("\n" in value or "\r" in value)
-
-
-def _first_field(text: str, delimiter: str) -> str | None:
-    # For the report only: the order a broken line most likely names.
-    return _clean_order_id(text.split(delimiter, 1)[0].strip('" '))
 
 
 def _clean_order_id(value: object) -> str | None:

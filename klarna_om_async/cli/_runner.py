@@ -19,7 +19,7 @@ from ..batch import (
 )
 from ..client import KlarnaOM
 from ..journal import Journal
-from ..operations import Operation
+from ..operations import Operation, operation_or_none
 from ._batchfile import BadLine, Row
 
 __all__ = ("Tally", "bad_line_outcome", "run_batch")
@@ -110,6 +110,11 @@ def bad_line_outcome(bad: BadLine) -> CaptureOutcome:
     )
 
 
+#: Operations that end the order's authorization: never sent after a line that could not
+#: be read, whatever order that line names (a capture line's order could be this one).
+_ENDS_AUTHORIZATION = frozenset({Operation.RELEASE, Operation.CANCEL})
+
+
 async def run_batch(
     om: KlarnaOM,
     rows: Iterable[Row],
@@ -124,26 +129,43 @@ async def run_batch(
     nothing is sent for them, and their outcomes are reported as the reading passes them.
     A bad line holds its order's later lines back, as ``run_many`` holds back an order's
     later items after one that did not end done: they are reported refused, never sent
-    (a release must not follow a capture line that could not be read).
+    (a release must not follow a capture line that could not be read). A bad line whose
+    order cannot be read (not valid CSV or JSON, not in the file's encoding, no usable
+    order id) could be any order's: every later release and cancel is held back.
     """
     bad: collections.deque[BadLine] = collections.deque()
     held: collections.deque[tuple[BatchItem, str]] = collections.deque()
     # Orders with a bad line (all of them), and for the first HELD_LISTED which line it was.
     broken = SeenSet()
     first_bad: dict[str, int] = {}
+    unknown_order: int | None = None  # the first bad line whose order could not be read
 
     def good_rows() -> Iterator[BatchItem]:
+        nonlocal unknown_order
         for row in rows:
             if isinstance(row, BadLine):
                 bad.append(row)
                 order_id = row.order_id
+                if order_id is None:
+                    if unknown_order is None:
+                        unknown_order = row.line
                 # add() first: every broken order is remembered, only some lines named.
-                if order_id is not None and broken.add(order_id) and len(first_bad) < HELD_LISTED:
+                elif broken.add(order_id) and len(first_bad) < HELD_LISTED:
                     first_bad[order_id] = row.line
             elif row.order_id in broken:
                 line = first_bad.get(row.order_id)
                 where = "" if line is None else f" (line {line})"
                 why = f"an earlier item of order {row.order_id}{where} could not be read"
+                held.append((row, why))
+            elif (
+                unknown_order is not None
+                and (operation := operation_or_none(row.request)) in _ENDS_AUTHORIZATION
+            ):
+                assert operation is not None
+                why = (
+                    f"line {unknown_order} could not be read, nor which order it names; a"
+                    f" {operation.value} waits until it is fixed (it may be this order's)"
+                )
                 held.append((row, why))
             else:
                 yield row
