@@ -143,7 +143,7 @@ async def aiohttp_server_gzip() -> AsyncIterator[str]:
 
 @pytest.fixture
 async def slow_server() -> AsyncIterator[tuple[str, list[int]]]:
-    """Captures every POST after 0.15 s; records the most requests in flight at once."""
+    """Captures every POST after 0.5 s; records the most requests in flight at once."""
     state = {"now": 0}
     peaks: list[int] = []
 
@@ -151,7 +151,7 @@ async def slow_server() -> AsyncIterator[tuple[str, list[int]]]:
         state["now"] += 1
         peaks.append(state["now"])
         try:
-            await asyncio.sleep(0.15)  # the server's own pace, the behaviour under test
+            await asyncio.sleep(0.5)  # the server's own pace, the behaviour under test
         finally:
             state["now"] -= 1
         order_id = request.match_info["id"]
@@ -179,10 +179,10 @@ async def test_queueing_for_a_pooled_connection_never_times_an_attempt_out(
     slow_server: tuple[str, list[int]], sleeps: InstantSleep
 ) -> None:
     base_url, peaks = slow_server
-    # 12 calls, 4 connections, 0.15 s each: the last wait 0.45 s for a connection, longer
-    # than the 0.25 s timeout, which one answer never reaches.
+    # 12 calls, 4 connections, 0.5 s each: the last wait 1 s for a connection, longer than
+    # the 0.8 s timeout, which one answer never reaches (0.3 s of slack for a loaded machine).
     async with KlarnaOM(
-        "u", "p", base_url=base_url, timeout=0.25, max_connections=4, retry=policy(sleeps)
+        "u", "p", base_url=base_url, timeout=0.8, max_connections=4, retry=policy(sleeps)
     ) as om:
         created = await asyncio.gather(
             *(om.captures.create(f"o{i}", CaptureRequest(captured_amount=1)) for i in range(12))
@@ -199,7 +199,7 @@ async def test_a_batch_is_not_capped_by_the_pool(
     base_url, peaks = slow_server
     items = [(f"o{i}", CaptureRequest(captured_amount=1)) for i in range(16)]
     async with KlarnaOM(
-        "u", "p", base_url=base_url, timeout=0.25, max_connections=4, retry=policy(sleeps)
+        "u", "p", base_url=base_url, timeout=0.8, max_connections=4, retry=policy(sleeps)
     ) as om:
         outcomes = await collect(om, items, concurrency=8)
     assert {o.status for o in outcomes} == {CaptureStatus.CAPTURED}

@@ -98,7 +98,9 @@ def test_an_unterminated_quote_refuses_only_its_own_line(tmp_path: Path) -> None
     assert bad_lines(rows) == {
         2: "line 2: a quoted field is not closed on this line (a field cannot span lines)"
     }
-    assert rows[0].order_id == "ORDER_A"
+    # Which field is the order is unknown on a line that is not CSV: no guess (the runner
+    # then holds back every later release and cancel).
+    assert rows[0].order_id is None
     assert items(rows) == [
         BatchItem(order_id="ORDER_B", request=CaptureRequest(captured_amount=100, reference="x"))
     ]
