@@ -1187,8 +1187,8 @@ def test_batch_holds_back_a_release_after_a_line_whose_order_cannot_be_read(
     bad, release = sorted(outcomes, key=lambda o: o["line"])
     assert (bad["status"], release["status"]) == ("refused", "refused")
     assert release["error"] == (
-        f"held back: line {bad['line']} could not be read, nor which order it names; a release"
-        " waits until it is fixed (it may be this order's); rerun after it is settled"
+        f"held back: line {bad['line']} could not be read, and the order it names may be"
+        " misread; a release waits until it is fixed; rerun after it is settled"
     )
     assert "releaseRemainingAuthorization" not in served.do(
         lambda: served.fake.order(order_id).operations
@@ -1214,7 +1214,8 @@ def test_batch_holds_back_past_the_orders_whose_bad_lines_it_names(
     by_line = {o["line"]: o for o in json_lines(result.stdout) if o["type"] == "outcome"}
     assert by_line[4]["status"] == "refused"
     assert by_line[4]["error"] == (
-        f"held back: an earlier item of order {second} could not be read; rerun after it is settled"
+        f"held back: an earlier item of order {second} could not be read or was held back;"
+        " rerun after it is settled"
     )
     assert "releaseRemainingAuthorization" not in served.do(
         lambda: served.fake.order(second).operations
@@ -1366,3 +1367,86 @@ async def test_an_operation_without_its_service_is_refused_before_anything_is_se
     assert "no orders service" in str(outcomes[2].error)
     assert "must be one of" in str(outcomes[3].error)
     assert not fake.requests
+
+
+def _operations(served: ServedFake, order_id: str) -> list[str]:
+    return list(served.do(lambda: served.fake.order(order_id).operations))
+
+
+def _outcomes(text: str) -> dict[int, dict[str, Any]]:
+    return {o["line"]: o for o in json_lines(text) if o["type"] == "outcome"}
+
+
+# A CSV line whose values do not line up with the header names whatever its order_id
+# column holds: after any bad line, every later release, cancel and refund waits.
+@pytest.mark.parametrize(
+    ("header", "bad", "release"),
+    [
+        # An unquoted comma in a description before order_id: one value too many.
+        (
+            "description,order_id,operation,captured_amount",
+            "Blue, large,{o},capture,6000",
+            ",{o},release,",
+        ),
+        # The operation cell left out (not left empty): the order id lands in "operation".
+        ("operation,order_id,captured_amount", "{o},6000", "release,{o},"),
+        # A semicolon file (Excel) with one line written with commas: the whole line is
+        # read as the order id.
+        ("order_id;operation;captured_amount", "{o},capture,6000", "{o};release;"),
+        # A byte order mark inside the file (files concatenated): "\ufeff<o>" is not <o>.
+        ("order_id,operation,captured_amount", "\ufeff{o},capture,60.00", "{o},release,"),
+    ],
+    ids=["extra-value", "missing-value", "wrong-delimiter", "inner-bom"],
+)
+def test_batch_holds_back_a_release_after_a_misaligned_line_of_any_order(
+    served: ServedFake, tmp_path: Path, header: str, bad: str, release: str
+) -> None:
+    o = served.captured_order(captured=2000)
+    path = tmp_path / "ops.csv"
+    path.write_text(f"{header}\n{bad.format(o=o)}\n{release.format(o=o)}\n", encoding="utf-8")
+    result = cli(["batch", str(path), "--json"], served)
+    by_line = _outcomes(result.stdout)
+    assert by_line[2]["status"] == "refused"  # the capture was never sent
+    assert by_line[3]["status"] == "refused", by_line
+    assert "releaseRemainingAuthorization" not in _operations(served, o)
+
+
+# A release held back by an unreadable line holds its order's later lines back too: the
+# capture after it must not go out before it.
+def test_batch_holds_back_an_orders_lines_after_its_held_back_release(
+    served: ServedFake, tmp_path: Path
+) -> None:
+    o = served.captured_order(captured=2000)
+    path = tmp_path / "ops.csv"
+    path.write_text(
+        "order_id,operation,captured_amount,reference\n"
+        '"broken,capture,1000,x\n'
+        f"{o},release,,\n"
+        f"{o},capture,3000,late\n",
+        encoding="utf-8",
+    )
+    result = cli(["batch", str(path), "--json"], served)
+    by_line = _outcomes(result.stdout)
+    assert by_line[3]["status"] == "refused"  # the release: held back, not sent
+    assert by_line[4]["status"] == "refused", by_line[4]
+    assert served.do(lambda: served.fake.order(o).captured_amount) == 2000
+
+
+# A refund after an unreadable capture line waits: sent, it would give back money of an
+# earlier capture for a capture that never happened.
+def test_batch_holds_back_a_refund_after_a_line_that_cannot_be_read(
+    served: ServedFake, tmp_path: Path
+) -> None:
+    o = served.captured_order(captured=6000)
+    path = tmp_path / "ops.csv"
+    path.write_text(
+        "operation,order_id,captured_amount,refunded_amount,reference\n"
+        f'capture,{o},3000,,"late\n'
+        f"refund,{o},,3000,rma-late\n",
+        encoding="utf-8",
+    )
+    result = cli(["batch", str(path), "--json"], served)
+    by_line = _outcomes(result.stdout)
+    assert by_line[2]["status"] == "refused"
+    assert by_line[3]["status"] == "refused", by_line[3]
+    assert served.booked(o) == 0

@@ -340,15 +340,20 @@ def _csv_records(lines: Iterator[_Line], header: list[str], delimiter: str) -> I
         if not any(value.strip() for value in fields):
             continue  # a line of only separators
         values: dict[str, str | None] = dict(zip(header, fields, strict=False))
+        # More values than columns: they are shifted (an unquoted delimiter in a value), so
+        # a bad line's order_id cell holds another value; its order is then not guessed.
+        # (Fewer values may be trailing empty cells left out, a common way to write CSV.)
+        aligned = len(fields) <= len(header)
         broken = next((name for name, value in values.items() if _has_break(value)), None)
         if broken is not None:
             reason = "contains a line break; a field cannot span lines"
-            order_id = _clean_order_id(values.get("order_id"))
+            order_id = _clean_order_id(values.get("order_id")) if aligned else None
             yield BadLine(line, order_id, BadLineError(line, broken, reason))
             continue
-        yield _csv_row(
+        row = _csv_row(
             line, values, extra=fields[len(header) :] or None, operations="operation" in header
         )
+        yield row if aligned or not isinstance(row, BadLine) else attrs.evolve(row, order_id=None)
 
 
 def _has_break(value: str | None) -> bool:

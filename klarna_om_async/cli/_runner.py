@@ -110,9 +110,10 @@ def bad_line_outcome(bad: BadLine) -> CaptureOutcome:
     )
 
 
-#: Operations that end the order's authorization: never sent after a line that could not
-#: be read, whatever order that line names (a capture line's order could be this one).
-_ENDS_AUTHORIZATION = frozenset({Operation.RELEASE, Operation.CANCEL})
+#: Operations never sent after a line that could not be read, whatever order that line
+#: names (it may have meant this one): they end the authorization, or give money back
+#: against captures that line may have meant to add.
+_WAIT_FOR_BAD_LINES = frozenset({Operation.REFUND, Operation.RELEASE, Operation.CANCEL})
 
 
 async def run_batch(
@@ -129,44 +130,46 @@ async def run_batch(
     nothing is sent for them, and their outcomes are reported as the reading passes them.
     A bad line holds its order's later lines back, as ``run_many`` holds back an order's
     later items after one that did not end done: they are reported refused, never sent
-    (a release must not follow a capture line that could not be read). A bad line whose
-    order cannot be read (not valid CSV or JSON, not in the file's encoding, no usable
-    order id) could be any order's: every later release and cancel is held back.
+    (a release must not follow a capture line that could not be read). A bad line may name
+    another order than it means (columns shifted by a missing value or an open quote, bytes
+    not in the file's encoding), so after any bad line every later refund, release and
+    cancel is held back too, and then its order's later lines with it.
     """
     bad: collections.deque[BadLine] = collections.deque()
     held: collections.deque[tuple[BatchItem, str]] = collections.deque()
-    # Orders with a bad line (all of them), and for the first HELD_LISTED which line it was.
-    broken = SeenSet()
-    first_bad: dict[str, int] = {}
-    unknown_order: int | None = None  # the first bad line whose order could not be read
+    # Orders whose later lines wait (all of them), and for the first HELD_LISTED why.
+    waiting = SeenSet()
+    why_waiting: dict[str, str] = {}
+    first_bad: int | None = None  # the first bad line
+
+    def wait(order_id: str, why: str) -> None:
+        # add() first: every such order is remembered, only some reasons kept.
+        if waiting.add(order_id) and len(why_waiting) < HELD_LISTED:
+            why_waiting[order_id] = why
 
     def good_rows() -> Iterator[BatchItem]:
-        nonlocal unknown_order
+        nonlocal first_bad
         for row in rows:
             if isinstance(row, BadLine):
                 bad.append(row)
-                order_id = row.order_id
-                if order_id is None:
-                    if unknown_order is None:
-                        unknown_order = row.line
-                # add() first: every broken order is remembered, only some lines named.
-                elif broken.add(order_id) and len(first_bad) < HELD_LISTED:
-                    first_bad[order_id] = row.line
-            elif row.order_id in broken:
-                line = first_bad.get(row.order_id)
-                where = "" if line is None else f" (line {line})"
-                why = f"an earlier item of order {row.order_id}{where} could not be read"
-                held.append((row, why))
+                if first_bad is None:
+                    first_bad = row.line
+                if row.order_id is not None:
+                    wait(row.order_id, f"(line {row.line}) could not be read")
+            elif row.order_id in waiting:
+                reason = why_waiting.get(row.order_id, "could not be read or was held back")
+                held.append((row, f"an earlier item of order {row.order_id} {reason}"))
             elif (
-                unknown_order is not None
-                and (operation := operation_or_none(row.request)) in _ENDS_AUTHORIZATION
+                first_bad is not None
+                and (operation := operation_or_none(row.request)) in _WAIT_FOR_BAD_LINES
             ):
                 assert operation is not None
                 why = (
-                    f"line {unknown_order} could not be read, nor which order it names; a"
-                    f" {operation.value} waits until it is fixed (it may be this order's)"
+                    f"line {first_bad} could not be read, and the order it names may be"
+                    f" misread; a {operation.value} waits until it is fixed"
                 )
                 held.append((row, why))
+                wait(row.order_id, f"(line {row.line}) was held back")
             else:
                 yield row
 
