@@ -412,6 +412,7 @@ class _Run:
         *,
         only: Operation | None = None,
         in_order: bool = False,
+        hold: Callable[[BatchItem], str | None] | None = None,
     ) -> None:
         self.services = services
         self.orders = services.orders
@@ -421,6 +422,8 @@ class _Run:
         self.only = only
         #: One order's items run one at a time, in source order (``run_many``).
         self.in_order = in_order
+        #: The caller's reason to hold an item back, if any (``run_many``'s ``hold``).
+        self.hold = hold
         # Compact sets: a batch of a million items must not hold a million strings.
         self.seen = SeenSet()
         self.seen_keys = SeenSet()
@@ -573,12 +576,16 @@ class _Run:
         if refused is not None:
             return refused
         assert operation is not None  # refused above otherwise
+        # After the duplicate checks, so a held item still takes its item_key and key.
+        hold = None if self.hold is None else self.hold(item)
         if self.in_order and item.order_id in self.held:
             why = self.held_by.get(item.order_id) or (
                 f"an earlier item of order {item.order_id} did not end done"
             )
             busy = item.order_id in self.held_busy
             return await held_back_outcome(item, why, self.journal, busy=busy)
+        if hold is not None:
+            return await held_back_outcome(item, hold, self.journal)
         journal = self.journal
         if journal is None:
             return await self._send(item, item.idempotency_key or random_key(), operation)
@@ -953,6 +960,7 @@ def run_many(
     rate_limit: float | None = None,
     journal: Journal | None = None,
     on_progress: Callable[[BatchProgress], None] | None = None,
+    hold: Callable[[BatchItem], str | None] | None = None,
 ) -> AsyncGenerator[CaptureOutcome, None]:
     """Run every item, whatever its operation, as :func:`capture_many` runs captures.
 
@@ -969,14 +977,19 @@ def run_many(
     key's 204 to any request, so an order that shows no release (cancel) makes it
     ``refused`` with an ``IdempotencyKeyReusedError`` naming the key.
     ``services`` holds the services to send through (``om.captures``, ``om.refunds``,
-    ``om.orders``); ``orders`` also reads orders to reconcile.
+    ``om.orders``); ``orders`` also reads orders to reconcile. ``hold(item)``, if given,
+    is asked about each item after the batch's duplicate checks: a reason (one line) holds
+    the item back as above (``ItemHeldBackError`` naming the reason), and its order's later
+    items with it.
 
     Raises ``ValidationError`` (bad ``concurrency``/``rate_limit``), ``BatchAbortedError``
     (stopped early), and what the item source or the journal raise; an item's own error
     is on its outcome.
     https://docs.klarna.com/api/ordermanagement/
     """
-    return _engine(services, items, journal, concurrency, rate_limit, on_progress, in_order=True)
+    return _engine(
+        services, items, journal, concurrency, rate_limit, on_progress, in_order=True, hold=hold
+    )
 
 
 async def _engine(
@@ -989,6 +1002,7 @@ async def _engine(
     *,
     only: Operation | None = None,
     in_order: bool = False,
+    hold: Callable[[BatchItem], str | None] | None = None,
 ) -> AsyncGenerator[CaptureOutcome, None]:
     """The one engine behind ``capture_many`` and ``run_many``."""
     check_count("concurrency", concurrency, high=MAX_CONCURRENCY)
@@ -1001,7 +1015,7 @@ async def _engine(
     ended: BaseException | None = None
     try:
         outcomes: asyncio.Queue[CaptureOutcome | None] = asyncio.Queue(maxsize=concurrency)
-        run = _Run(services, items, journal, outcomes, only=only, in_order=in_order)
+        run = _Run(services, items, journal, outcomes, only=only, in_order=in_order, hold=hold)
         # The workers copy the context as they are made: the batch is theirs, not the caller's.
         token = current_batch.set(watches) if watches else None
         try:

@@ -13,6 +13,7 @@ import yarl
 
 from .batch import (
     DEFAULT_CONCURRENCY,
+    BatchItem,
     BatchProgress,
     CaptureOutcome,
     ItemSource,
@@ -243,6 +244,7 @@ class KlarnaOM:
         rate_limit: float | None = None,
         journal: Journal | None = None,
         on_progress: Callable[[BatchProgress], None] | None = None,
+        hold: Callable[[BatchItem], str | None] | None = None,
     ) -> AsyncGenerator[CaptureOutcome, None]:
         """Run many operations of any kind concurrently; ``async for`` the outcomes.
 
@@ -257,7 +259,8 @@ class KlarnaOM:
         refused or needs review, the order's later items are held back (not sent, refused
         with ``ItemHeldBackError``), so a release never follows an unknown capture. A release
         or cancel under a key you gave is confirmed by reading the order back (see
-        ``klarna_om_async.batch.run_many``).
+        ``klarna_om_async.batch.run_many``). ``hold(item)`` may return a reason to hold an
+        item back too (after the duplicate checks); its order's later items wait with it.
 
         Why one ``run_many`` and not ``refund_many``, ``release_many``, ...: a nightly job
         mixes operations on the same orders (capture the last part, then release the rest),
@@ -277,6 +280,7 @@ class KlarnaOM:
             rate_limit=rate_limit,
             journal=journal,
             on_progress=on_progress,
+            hold=hold,
         )
 
     def _batch_concurrency(self, concurrency: int | None, rate_limit: float | None) -> int:

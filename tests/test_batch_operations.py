@@ -1214,8 +1214,7 @@ def test_batch_holds_back_past_the_orders_whose_bad_lines_it_names(
     by_line = {o["line"]: o for o in json_lines(result.stdout) if o["type"] == "outcome"}
     assert by_line[4]["status"] == "refused"
     assert by_line[4]["error"] == (
-        f"held back: an earlier item of order {second} could not be read or was held back;"
-        " rerun after it is settled"
+        f"held back: an earlier item of order {second} could not be read; rerun after it is settled"
     )
     assert "releaseRemainingAuthorization" not in served.do(
         lambda: served.fake.order(second).operations
@@ -1450,3 +1449,75 @@ def test_batch_holds_back_a_refund_after_a_line_that_cannot_be_read(
     assert by_line[2]["status"] == "refused"
     assert by_line[3]["status"] == "refused", by_line[3]
     assert served.booked(o) == 0
+
+
+def test_a_held_back_line_still_takes_its_idempotency_key_in_the_batch(
+    served: ServedFake, tmp_path: Path
+) -> None:
+    # The refund waits behind the bad line, but its key is taken: the capture of another
+    # order under the same key is refused as a duplicate (as without the bad line), so
+    # nothing is booked under K-1 in this run, and a rerun cannot find it "refused" though
+    # booked.
+    o1 = served.captured_order(captured=6000)
+    o2 = served.do(lambda: served.fake.add_order(amount=10_000))
+    path = tmp_path / "ops.csv"
+    path.write_text(
+        "order_id,operation,captured_amount,refunded_amount,reference,idempotency_key\n"
+        "zz,extend,60.00,,,\n"
+        f"{o1},refund,,1000,rma,K-1\n"
+        f"{o2},capture,3000,,part,K-1\n",
+        encoding="utf-8",
+    )
+    by_line = _outcomes(cli(["batch", str(path), "--json", "--concurrency", "1"], served).stdout)
+    assert (by_line[3]["status"], by_line[4]["status"]) == ("refused", "refused")
+    assert "is given to two items of this batch" in by_line[4]["error"]
+    assert served.do(lambda: served.fake.order(o2).captured_amount) == 0
+    assert served.booked(o1) == 0
+
+
+def test_a_duplicate_line_after_a_bad_line_is_refused_as_a_duplicate(
+    served: ServedFake, tmp_path: Path
+) -> None:
+    o = served.captured_order(captured=6000)
+    path = tmp_path / "ops.csv"
+    path.write_text(
+        "order_id,operation,refunded_amount,reference\n"
+        f"{o},refund,1000,rma\n"
+        "zz,refund,1x,\n"
+        f"{o},refund,1000,rma\n",
+        encoding="utf-8",
+    )
+    by_line = _outcomes(cli(["batch", str(path), "--json", "--concurrency", "1"], served).stdout)
+    assert served.booked(o) == 1
+    assert (by_line[2]["status"], by_line[4]["status"]) == ("captured", "refused")
+    assert "appears twice in this batch" in by_line[4]["error"]
+
+
+async def test_run_many_holds_back_what_hold_names_and_its_orders_later_items(
+    om: KlarnaOM, fake: FakeKlarna, journal: SQLiteJournal
+) -> None:
+    held, other = await captured_order(om, fake), await captured_order(om, fake)
+    items = [
+        BatchItem(order_id=held, request=ReleaseRemainingAuthorization()),
+        BatchItem(order_id=held, request=CaptureRequest(captured_amount=100, reference="x")),
+        BatchItem(order_id=other, request=ReleaseRemainingAuthorization()),
+    ]
+    asked: list[str] = []
+
+    def hold(item: BatchItem) -> str | None:
+        asked.append(item.item_key)
+        return "the warehouse has not confirmed" if item.order_id == held else None
+
+    outcomes = {
+        o.item_key: o async for o in om.run_many(items, journal=journal, concurrency=1, hold=hold)
+    }
+    release, capture = outcomes[f"release:{held}"], outcomes[f"{held}:x"]
+    assert release.status is CaptureStatus.REFUSED
+    assert isinstance(release.error, ItemHeldBackError)
+    assert "the warehouse has not confirmed" in str(release.error)
+    assert capture.status is CaptureStatus.REFUSED  # its order's earlier item did not go
+    assert "ended refused" in str(capture.error)
+    assert outcomes[f"release:{other}"].status is CaptureStatus.CAPTURED
+    assert "releaseRemainingAuthorization" not in fake.order(held).operations
+    assert await journal.entries(order_id=held) == []  # held items are never claimed
+    assert sorted(asked) == sorted(outcomes)  # asked once per item

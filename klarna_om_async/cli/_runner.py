@@ -15,7 +15,6 @@ from ..batch import (
     BatchItem,
     CaptureOutcome,
     CaptureStatus,
-    held_back_outcome,
 )
 from ..client import KlarnaOM
 from ..journal import Journal
@@ -136,11 +135,13 @@ async def run_batch(
     cancel is held back too, and then its order's later lines with it.
     """
     bad: collections.deque[BadLine] = collections.deque()
-    held: collections.deque[tuple[BatchItem, str]] = collections.deque()
     # Orders whose later lines wait (all of them), and for the first HELD_LISTED why.
     waiting = SeenSet()
     why_waiting: dict[str, str] = {}
     first_bad: int | None = None  # the first bad line
+    # Why a line read so far must wait, by line: decided as it is read (a bad line read
+    # later must not hold an earlier line), applied by run_many after its duplicate checks.
+    holds: dict[int, str] = {}
 
     def wait(order_id: str, why: str) -> None:
         # add() first: every such order is remembered, only some reasons kept.
@@ -156,39 +157,39 @@ async def run_batch(
                     first_bad = row.line
                 if row.order_id is not None:
                     wait(row.order_id, f"(line {row.line}) could not be read")
-            elif row.order_id in waiting:
-                reason = why_waiting.get(row.order_id, "could not be read or was held back")
-                held.append((row, f"an earlier item of order {row.order_id} {reason}"))
+                continue
+            line = row.line if row.line is not None else -1
+            if row.order_id in waiting:
+                reason = why_waiting.get(row.order_id, "could not be read")
+                holds[line] = f"an earlier item of order {row.order_id} {reason}"
             elif (
                 first_bad is not None
                 and (operation := operation_or_none(row.request)) in _WAIT_FOR_BAD_LINES
             ):
                 assert operation is not None
-                why = (
+                holds[line] = (
                     f"line {first_bad} could not be read, and the order it names may be"
                     f" misread; a {operation.value} waits until it is fixed"
                 )
-                held.append((row, why))
-                wait(row.order_id, f"(line {row.line}) was held back")
-            else:
-                yield row
+            yield row
 
-    async def report_bad() -> None:
+    def hold(item: BatchItem) -> str | None:
+        return holds.pop(item.line if item.line is not None else -1, None)
+
+    def report_bad() -> None:
         while bad:
             report(bad_line_outcome(bad.popleft()))
-        while held:
-            report(await held_back_outcome(*held.popleft(), journal))
 
-    outcomes = om.run_many(good_rows(), concurrency=concurrency, journal=journal)
+    outcomes = om.run_many(good_rows(), concurrency=concurrency, journal=journal, hold=hold)
     try:
         async for outcome in outcomes:
-            await report_bad()
+            report_bad()
             report(outcome)
     except BatchAbortedError:
-        await report_bad()  # read while the rest of the file was counted as not sent
+        report_bad()  # read while the rest of the file was counted as not sent
         raise
     finally:
         # On Ctrl-C (cancellation) the generator's cleanup must cancel its workers now,
         # while the journal is still open, not whenever the generator is collected.
         await outcomes.aclose()
-    await report_bad()
+    report_bad()
