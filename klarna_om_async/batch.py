@@ -19,6 +19,7 @@ import contextlib
 import contextvars
 import enum
 import hashlib
+import inspect
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterable
 from typing import Protocol, TypeAlias
 
@@ -185,6 +186,22 @@ class ItemHeldBackError(ItemConflictError):
     def outcome_unknown(self) -> bool:
         """True when this item's own earlier send is still unknown (see the class)."""
         return self._unknown
+
+
+def _where(item: BatchItem) -> str:
+    """Where ``item`` is, for a message: its line (if any) and ``item_key``."""
+    where = f"item_key {item.item_key!r}"
+    return where if item.line is None else f"line {item.line}, {where}"
+
+
+def _reason(value: object) -> str | None:
+    """``hold``'s answer: None, or a reason to hold the item back (a non-empty string)."""
+    if value is None or (isinstance(value, str) and value.strip()):
+        return value
+    raise TypeError(
+        f"hold must return None or a non-empty reason string, got {value!r}"
+        " (an async hold is not supported)"
+    )
 
 
 def _trimmed(value: str) -> str:
@@ -473,7 +490,13 @@ class _Run:
                     # Taken in source order with no await before the lock is asked for, so
                     # the (FIFO) lock hands an order's items out in source order.
                     async with _locked(self.sending, item.order_id):
-                        outcome = await self._run_item(item)
+                        try:
+                            outcome = await self._run_item(item)
+                        except BaseException:
+                            # No outcome (a broken journal or hold, a cancellation): the
+                            # order's items waiting for this lock must not go either.
+                            self.held.add(item.order_id)
+                            raise
                         self._hold(item, outcome)
                 else:
                     outcome = await self._run_item(item)
@@ -560,11 +583,9 @@ class _Run:
         if isinstance(error, RateLimitError) and not error.outcome_unknown:
             self.held_busy.add(item.order_id)
         if len(self.held_by) < HELD_LISTED:
-            where = f"item_key {item.item_key!r}"
-            if item.line is not None:
-                where = f"line {item.line}, {where}"
             self.held_by[item.order_id] = (
-                f"an earlier item of order {item.order_id} ({where}) ended {outcome.status.value}"
+                f"an earlier item of order {item.order_id} ({_where(item)}) ended"
+                f" {outcome.status.value}"
             )
 
     async def _run_item(self, item: BatchItem) -> CaptureOutcome:
@@ -577,8 +598,13 @@ class _Run:
             return refused
         assert operation is not None  # refused above otherwise
         # After the duplicate checks, so a held item still takes its item_key and key.
-        hold = None if self.hold is None else self.hold(item)
-        if self.in_order and item.order_id in self.held:
+        hold = None if self.hold is None else _reason(self.hold(item))
+        if hold is not None and self.held.add(item.order_id) and len(self.held_by) < HELD_LISTED:
+            # Whatever the journal says of this item (even done), its order waits with it.
+            self.held_by[item.order_id] = (
+                f"an earlier item of order {item.order_id} ({_where(item)}) was held back: {hold}"
+            )
+        if self.in_order and item.order_id in self.held and hold is None:
             why = self.held_by.get(item.order_id) or (
                 f"an earlier item of order {item.order_id} did not end done"
             )
@@ -977,16 +1003,20 @@ def run_many(
     key's 204 to any request, so an order that shows no release (cancel) makes it
     ``refused`` with an ``IdempotencyKeyReusedError`` naming the key.
     ``services`` holds the services to send through (``om.captures``, ``om.refunds``,
-    ``om.orders``); ``orders`` also reads orders to reconcile. ``hold(item)``, if given,
-    is asked about each item after the batch's duplicate checks: a reason (one line) holds
-    the item back as above (``ItemHeldBackError`` naming the reason), and its order's later
-    items with it.
+    ``om.orders``); ``orders`` also reads orders to reconcile. ``hold(item)``, if given (a
+    plain function, called on the event loop: keep it quick), is asked about each item
+    after the batch's duplicate checks: a reason (a non-empty one-line string) holds the
+    item back as above (``ItemHeldBackError`` naming the reason), and its order's later
+    items with it, whatever the journal says of the item; None lets it go. Anything else it
+    returns, or raises, stops the batch (the order's later items are not sent).
 
     Raises ``ValidationError`` (bad ``concurrency``/``rate_limit``), ``BatchAbortedError``
     (stopped early), and what the item source or the journal raise; an item's own error
     is on its outcome.
     https://docs.klarna.com/api/ordermanagement/
     """
+    if inspect.iscoroutinefunction(hold):
+        raise TypeError("hold must be a plain function returning None or a reason, not async")
     return _engine(
         services, items, journal, concurrency, rate_limit, on_progress, in_order=True, hold=hold
     )

@@ -1515,9 +1515,76 @@ async def test_run_many_holds_back_what_hold_names_and_its_orders_later_items(
     assert release.status is CaptureStatus.REFUSED
     assert isinstance(release.error, ItemHeldBackError)
     assert "the warehouse has not confirmed" in str(release.error)
-    assert capture.status is CaptureStatus.REFUSED  # its order's earlier item did not go
-    assert "ended refused" in str(capture.error)
+    assert capture.status is CaptureStatus.REFUSED  # held too (hold names its order)
+    assert "the warehouse has not confirmed" in str(capture.error)
     assert outcomes[f"release:{other}"].status is CaptureStatus.CAPTURED
     assert "releaseRemainingAuthorization" not in fake.order(held).operations
     assert await journal.entries(order_id=held) == []  # held items are never claimed
     assert sorted(asked) == sorted(outcomes)  # asked once per item
+
+
+class HoldBroke(Exception):
+    pass
+
+
+async def test_a_hold_that_raises_stops_the_batch_and_its_orders_later_items(
+    om: KlarnaOM, fake: FakeKlarna, journal: SQLiteJournal
+) -> None:
+    o = await captured_order(om, fake)
+    items = [
+        BatchItem(order_id=o, request=CaptureRequest(captured_amount=100, reference="a")),
+        BatchItem(order_id=o, request=CaptureRequest(captured_amount=200, reference="b")),
+        BatchItem(order_id=o, request=ReleaseRemainingAuthorization()),
+    ]
+
+    def hold(item: BatchItem) -> str | None:
+        if item.item_key == f"{o}:b":
+            raise HoldBroke("hold broke")
+        return None
+
+    with pytest.raises(HoldBroke):
+        async for _ in om.run_many(items, journal=journal, concurrency=3, hold=hold):
+            pass
+    # b has no outcome (never sent, never claimed): the release waiting behind it never goes.
+    assert [c.captured_amount for c in fake.booked_captures if c.order_id == o][1:] == [100]
+    assert "releaseRemainingAuthorization" not in fake.order(o).operations
+
+
+async def test_a_held_item_the_journal_has_done_still_holds_its_orders_later_items(
+    om: KlarnaOM, fake: FakeKlarna, journal: SQLiteJournal
+) -> None:
+    o = await captured_order(om, fake)
+    first = BatchItem(order_id=o, request=CaptureRequest(captured_amount=100, reference="a"))
+    [done] = [x async for x in om.run_many([first], journal=journal)]
+    assert done.status is CaptureStatus.CAPTURED
+    items = [first, BatchItem(order_id=o, request=ReleaseRemainingAuthorization())]
+
+    def hold(item: BatchItem) -> str | None:
+        return "the warehouse has not confirmed" if item.item_key == f"{o}:a" else None
+
+    outcomes = {x.item_key: x async for x in om.run_many(items, journal=journal, hold=hold)}
+    assert outcomes[f"{o}:a"].status is CaptureStatus.SKIPPED  # done in run 1, as it says
+    release = outcomes[f"release:{o}"]
+    assert release.status is CaptureStatus.REFUSED
+    assert "was held back: the warehouse has not confirmed" in str(release.error)
+    assert "releaseRemainingAuthorization" not in fake.order(o).operations
+
+
+@pytest.mark.parametrize("answer", ["", "  ", False, 0])
+async def test_a_hold_answer_that_is_no_reason_stops_the_batch(
+    om: KlarnaOM, fake: FakeKlarna, answer: object
+) -> None:
+    o = await captured_order(om, fake)
+    items = [BatchItem(order_id=o, request=ReleaseRemainingAuthorization())]
+    with pytest.raises(TypeError, match="hold must return None or a non-empty reason"):
+        async for _ in om.run_many(items, hold=lambda item: answer):  # type: ignore[arg-type,return-value]
+            pass
+    assert "releaseRemainingAuthorization" not in fake.order(o).operations
+
+
+def test_an_async_hold_is_refused_at_the_call(om: KlarnaOM) -> None:
+    async def hold(item: BatchItem) -> str | None:
+        return None
+
+    with pytest.raises(TypeError, match="not async"):
+        om.run_many([], hold=hold)  # type: ignore[arg-type]
