@@ -514,7 +514,8 @@ class ThrottleMiddleware:
                 await starting.enter()
         try:
             if ramped:
-                self._check_ramp_deadline(request)
+                what = "room in the opening ramp (the limit is not known yet)"
+                self._check_waited(request, self._clock(), what)
             if self._resume_at:  # 0.0 unless a 429 paused the client and nobody waited since
                 await self._wait_pause(request)
             adaptive = self.adaptive
@@ -552,18 +553,17 @@ class ThrottleMiddleware:
                 if starting.over and self.slow_start is starting:
                     self.slow_start = None  # over by itself: later calls skip it entirely
 
-    def _check_ramp_deadline(self, request: Request) -> None:
-        """Refuse (nothing sent) a call that waited in the opening ramp past its deadline."""
+    def _check_waited(self, request: Request, now: float, what: str) -> None:
+        """Refuse (nothing sent) a call that waited for ``what`` until past its deadline."""
         deadline: float | None = getattr(request, "deadline", None)
-        now = self._clock()
         if deadline is not None and now > deadline:
             raise self._refusal(
                 request,
                 0.0,
                 deadline - now,
                 "",
-                message="not sent: the call waited for room in the opening ramp (the limit is"
-                f" not known yet) until {now - deadline:.1f}s past its deadline",
+                message=f"not sent: the call waited for {what} until {now - deadline:.1f}s past"
+                " its deadline",
             )
 
     def _rate_limited(self, error: RateLimitError, asked_at: float, request: Request) -> None:
@@ -723,17 +723,8 @@ class ThrottleMiddleware:
         lies past the call's deadline.
         """
         now = self._clock()
-        deadline: float | None = getattr(request, "deadline", None)
-        if deadline is not None and now > deadline:
-            # It queued for a connection until past its deadline: no attempt starts later.
-            raise self._refusal(
-                request,
-                0.0,
-                deadline - now,
-                "",
-                message="not sent: the call waited for a"
-                f" free connection until {now - deadline:.1f}s past its deadline",
-            )
+        # It queued for a connection until past its deadline: no attempt starts later.
+        self._check_waited(request, now, "a free connection")
         if not self._resume_at or self._resume_at <= now:
             return None
         return self._after_pause(request)
