@@ -42,13 +42,13 @@ from .errors import (
     ValidationError,
 )
 from .journal import (
-    _UNSETTLED,
     Claim,
     ClaimAction,
     ItemRecord,
     Journal,
     JournalEntry,
     JournalStatus,
+    _conflict,
 )
 from .models import CaptureRequest, RefundRequest
 from .operations import (
@@ -609,21 +609,14 @@ class _Run:
                 f"an earlier item of order {item.order_id} did not end done"
             )
             busy = item.order_id in self.held_busy
-            return await held_back_outcome(item, why, self.journal, busy=busy)
+            return await _held_back_outcome(item, why, self.journal, busy=busy)
         if hold is not None:
-            return await held_back_outcome(item, hold, self.journal)
+            return await _held_back_outcome(item, hold, self.journal)
         journal = self.journal
         if journal is None:
             return await self._send(item, item.idempotency_key or random_key(), operation)
         try:
-            record = ItemRecord(
-                item_key=item.item_key,
-                order_id=item.order_id,
-                captured_amount=amount_of(item.request),
-                reference=reference_of(item.request),
-                fingerprint=request_fingerprint(item.order_id, item.request),
-                operation=operation,
-            )
+            record = _record(item, operation)
         except (TypeError, AttributeError, ValueError) as error:  # a malformed request
             return _outcome(item, CaptureStatus.REFUSED, "", error=error)
         claim = await journal.claim(
@@ -840,7 +833,7 @@ async def _locked(table: dict[str, _OrderLock], order_id: str) -> AsyncIterator[
             del table[order_id]
 
 
-async def held_back_outcome(
+async def _held_back_outcome(
     item: BatchItem, why: str, journal: Journal | None, *, busy: bool = False
 ) -> CaptureOutcome:
     """The outcome of ``item``, held back (not sent, not claimed) because of ``why``.
@@ -859,11 +852,11 @@ async def held_back_outcome(
     unknown = False
     if entry is not None and entry.status is not JournalStatus.REFUSED:
         key = entry.idempotency_key
-        fingerprint = request_fingerprint(item.order_id, item.request)
-        if entry.fingerprint not in (None, fingerprint):
+        conflict = _conflict(entry, _record(item, item.operation))
+        if conflict is not None:
             # As a claim judges it, busy or not: refused, unless its own earlier send is
             # unknown (then money may have moved under its key: failed, unknown).
-            unknown = entry.status in _UNSETTLED
+            unknown = conflict.outcome_unknown
             status = _unsettled_status(entry) if unknown else CaptureStatus.REFUSED
             message += f"; it also changed since it was journaled ({entry.status.value})"
             if unknown:
@@ -882,6 +875,18 @@ async def held_back_outcome(
         message, item_key=item.item_key, idempotency_key=key or None, unknown=unknown
     )
     return _outcome(item, status, key, error=error)
+
+
+def _record(item: BatchItem, operation: Operation) -> ItemRecord:
+    """What the journal keeps of ``item`` to recognise it in a later run."""
+    return ItemRecord(
+        item_key=item.item_key,
+        order_id=item.order_id,
+        captured_amount=amount_of(item.request),
+        reference=reference_of(item.request),
+        fingerprint=request_fingerprint(item.order_id, item.request),
+        operation=operation,
+    )
 
 
 def _unsettled_status(entry: JournalEntry) -> CaptureStatus:
