@@ -268,14 +268,18 @@ def _changed(old: JournalEntry, item: ItemRecord) -> str | None:
         return f"it was journaled for order {old.order_id!r}, not {item.order_id!r}"
     if old.operation != item.operation:
         return f"it is a {item.operation.value} now, a {old.operation.value} in the journal"
-    if old.fingerprint is None or old.fingerprint == item.fingerprint:
+    if old.fingerprint == item.fingerprint:
         return None
+    if old.fingerprint is None and old.captured_amount is None:
+        return None  # nothing was recorded to compare (a journal of schema version 1)
     if old.captured_amount != item.captured_amount:
         name = "refunded_amount" if item.operation is Operation.REFUND else "captured_amount"
         return f"{name} is {item.captured_amount} now, {old.captured_amount} in the journal"
 
     if old.reference != item.reference:
         return f"reference is {item.reference!r} now, {old.reference!r} in the journal"
+    if old.fingerprint is None:
+        return None  # its order lines were not recorded
     return "its order lines differ from the journaled ones"
 
 

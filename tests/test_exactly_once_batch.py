@@ -5,6 +5,8 @@ Every test counts what FakeKlarna actually booked.
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable
 from datetime import timedelta
@@ -464,3 +466,21 @@ async def test_an_item_moved_to_another_order_and_held_back_names_its_unknown_ke
     assert (held.status, held.idempotency_key) == (CaptureStatus.FAILED, lost.idempotency_key)
     assert held.error.outcome_unknown
     assert booked(fake) == {a: 1}
+
+
+async def test_an_amount_edit_is_caught_by_the_amount_a_row_without_fingerprint_records(
+    om: KlarnaOM, fake: FakeKlarna, journal: SQLiteJournal, tmp_path: Path
+) -> None:
+    order_id = fake.add_order(amount=10_000)
+    [first] = await run(
+        om, [(order_id, CaptureRequest(captured_amount=1000, reference="r"))], journal
+    )
+    assert first.status is CaptureStatus.CAPTURED
+    with contextlib.closing(sqlite3.connect(tmp_path / "j.sqlite")) as db, db:
+        db.execute("UPDATE journal SET fingerprint = NULL")
+    [edited] = await run(
+        om, [(order_id, CaptureRequest(captured_amount=2000, reference="r"))], journal
+    )
+    assert edited.status is CaptureStatus.REFUSED  # not "skipped": 2000 is not what was done
+    assert "captured_amount is 2000 now, 1000 in the journal" in str(edited.error)
+    assert booked(fake) == {order_id: 1}
