@@ -158,8 +158,10 @@ class _Group:
 
 
 _Op = Callable[[sqlite3.Connection, _Group], object]
-# (None, future) asks the writer thread to stop; the future resolves once the file is closed.
-_Work = tuple[_Op | None, "asyncio.Future[Any]"]
+# (op, future, sync): sync asks for the group's commit to be fsynced before the future
+# resolves. (None, future, False) asks the writer thread to stop; the future resolves once
+# the file is closed.
+_Work = tuple[_Op | None, "asyncio.Future[Any]", bool]
 # The queue carries the calls made in one event-loop turn together (see SQLiteJournal._call).
 _Queue = queue.SimpleQueue[list[_Work]]
 _Outcome = tuple["asyncio.Future[Any]", object, BaseException | None]
@@ -321,11 +323,14 @@ else:
 class SQLiteJournal:
     """Journal in an SQLite file, written by one thread that commits queued writes together.
 
-    Every call returns only once its write is committed. With the default
-    ``durability="full"`` (WAL, ``synchronous=FULL``) every commit is fsynced: a claim
-    survives a power loss or OS crash as well as ``kill -9``, so a rerun never hands out a new
-    key for an item that may have been sent. ``durability="normal"`` (``synchronous=NORMAL``)
-    is faster but a power loss may undo the last commits.
+    Every call returns only once its write is committed: it survives ``kill -9``. With the
+    default ``durability="full"`` (WAL, ``synchronous=FULL``) a claim is also fsynced before
+    it returns: it survives a power loss or OS crash, so a rerun never hands out a new key for
+    an item that may have been sent. An outcome (``finish``) is not fsynced on its own: it
+    reaches the disk with the next claim's commit, or when the journal closes. A power loss
+    before then leaves that item in flight, whose key the next run resends (or reconciles),
+    never replaces. ``durability="normal"`` (``synchronous=NORMAL``) fsyncs no claim either: a
+    power loss may undo the last claims.
 
     While open it holds an exclusive OS lock on the file: a second journal on it raises
     :class:`JournalInUseError`. A file that is not a klarna-om journal raises
@@ -375,6 +380,8 @@ class SQLiteJournal:
         # Calls made since the last flush; sent to the writer thread as one group.
         self._unsent: list[_Work] = []
         self._thread: threading.Thread | None = None
+        # The writer thread's current PRAGMA synchronous (see _set_sync).
+        self._synchronous = durability.upper()
         self.commits = 0
         self.commit_listeners = []
 
@@ -406,7 +413,7 @@ class SQLiteJournal:
             await ready
         except BaseException:
             # Stops the thread if it got as far as serving (e.g. open() was cancelled).
-            work.put([(None, loop.create_future())])
+            work.put([(None, loop.create_future(), False)])
             self._lock.release()
             raise
         self._work, self._thread = work, thread
@@ -426,7 +433,7 @@ class SQLiteJournal:
         self._send_unsent()  # calls made in this loop turn are written before the file closes
         self._work = self._thread = None
         closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        work.put([(None, closed)])
+        work.put([(None, closed, False)])
         try:
             await closed
             # The thread has closed the file and is returning, so this join does not wait.
@@ -463,7 +470,7 @@ class SQLiteJournal:
                 group.writes += 1
             return claim
 
-        return await self._call(op)
+        return await self._call(op, sync=True)
 
     async def finish(
         self,
@@ -561,7 +568,9 @@ class SQLiteJournal:
 
         return await self._call(op)
 
-    async def _call(self, op: Callable[[sqlite3.Connection, _Group], _T]) -> _T:
+    async def _call(
+        self, op: Callable[[sqlite3.Connection, _Group], _T], *, sync: bool = False
+    ) -> _T:
         work = self._work
         if work is None:
             raise _not_open(type(self).__name__)
@@ -570,7 +579,7 @@ class SQLiteJournal:
         # A batch's workers call in bursts (every answer read in one loop turn ends an item
         # and begins the next). Sending each call on its own woke the writer thread and
         # committed once per call; sending a turn's calls together commits them as one.
-        self._unsent.append((op, future))
+        self._unsent.append((op, future, sync))
         if len(self._unsent) == 1:
             loop.call_soon(self._send_unsent)
         return await future
@@ -604,7 +613,7 @@ class SQLiteJournal:
             self._check_schema(conn)
             conn.execute("COMMIT")
             conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute(f"PRAGMA synchronous = {self._durability.upper()}")
+            conn.execute(f"PRAGMA synchronous = {self._synchronous}")
         except sqlite3.DatabaseError as exc:
             conn.close()
             if isinstance(exc, sqlite3.OperationalError):
@@ -659,23 +668,24 @@ class SQLiteJournal:
             with contextlib.suppress(queue.Empty):
                 while True:
                     batch.extend(work.get_nowait())
-            calls = [(op, future) for op, future in batch if op is not None]
+            calls = [(op, future, sync) for op, future, sync in batch if op is not None]
             if calls:
                 _resolve(*self._apply(conn, calls))
-            stops = [future for op, future in batch if op is None]
+            stops = [future for op, future, _ in batch if op is None]
             if stops:
                 return stops
 
     def _apply(
-        self, conn: sqlite3.Connection, calls: list[tuple[_Op, asyncio.Future[Any]]]
+        self, conn: sqlite3.Connection, calls: list[tuple[_Op, asyncio.Future[Any], bool]]
     ) -> tuple[list[_Outcome], _Commit | None]:
         """Apply ``calls`` in one transaction: their outcomes, and the commit to report."""
         group = _Group(self._clock())
         listeners = self.commit_listeners
         outcomes: list[_Outcome] = []
         try:
+            self._set_sync(conn, any(sync for _, _, sync in calls))
             conn.execute("BEGIN IMMEDIATE")
-            for op, future in calls:
+            for op, future, _ in calls:
                 try:
                     outcomes.append((future, op(conn, group), None))
                 except Exception as exc:
@@ -689,6 +699,18 @@ class SQLiteJournal:
         except Exception as exc:
             with contextlib.suppress(sqlite3.Error):
                 conn.rollback()
-            return [(future, None, exc) for _, future in calls], None
+            return [(future, None, exc) for _, future, _ in calls], None
         self.commits += 1
         return outcomes, (listeners, seconds, group.writes) if listeners else None
+
+    def _set_sync(self, conn: sqlite3.Connection, sync: bool) -> None:
+        # Only a claim must reach the disk before it returns: its key may leave the next
+        # moment. An outcome that a power loss undoes leaves its item in flight, whose key
+        # is resent (or reconciled), never replaced; it reaches the disk with the next
+        # fsynced commit (the WAL is fsynced whole, in order) or the checkpoint at close.
+        # An fsync costs this machine's kernel more CPU than all of a group's statements.
+        # The setting applies to the next transaction, so it is made before BEGIN.
+        synchronous = "FULL" if sync and self._durability == "full" else "NORMAL"
+        if synchronous != self._synchronous:
+            conn.execute(f"PRAGMA synchronous = {synchronous}")
+            self._synchronous = synchronous

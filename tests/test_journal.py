@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Literal
 
 import pytest
 from hypothesis import given
@@ -522,7 +523,7 @@ async def test_a_new_journal_on_the_same_file_sees_earlier_runs(tmp_path: Path) 
 
 CRASH_SCRIPT = """
 import asyncio, sys
-from klarna_om_async import ItemRecord, SQLiteJournal
+from klarna_om_async import ItemRecord, JournalStatus, SQLiteJournal
 
 async def main() -> None:
     journal = await SQLiteJournal(sys.argv[1]).open()
@@ -531,6 +532,8 @@ async def main() -> None:
             item_key=f"item-{i}", order_id=f"order-{i}", captured_amount=1, fingerprint="f"
         )
         await journal.claim(item, f"key-{i}")
+        if i % 2:  # an outcome is committed without an fsync of its own
+            await journal.finish(item.item_key, JournalStatus.CAPTURED, capture_id=f"c-{i}")
     print("ready", flush=True)
     await asyncio.sleep(3600)
 
@@ -538,7 +541,7 @@ asyncio.run(main())
 """
 
 
-async def test_awaited_begins_survive_kill_9(tmp_path: Path) -> None:
+async def test_awaited_claims_and_outcomes_survive_kill_9(tmp_path: Path) -> None:
     path, n = tmp_path / "j.sqlite", 50
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -563,8 +566,38 @@ async def test_awaited_begins_survive_kill_9(tmp_path: Path) -> None:
     async with SQLiteJournal(path) as j:
         loaded = await load(j)
     assert {k: (e.status, e.idempotency_key) for k, e in loaded.items()} == {
-        f"item-{i}": (JournalStatus.IN_FLIGHT, f"key-{i}") for i in range(n)
+        f"item-{i}": (JournalStatus.CAPTURED if i % 2 else JournalStatus.IN_FLIGHT, f"key-{i}")
+        for i in range(n)
     }
+
+
+@pytest.mark.parametrize("durability", ["full", "normal"])
+async def test_only_claims_wait_for_an_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durability: Literal["full", "normal"]
+) -> None:
+    # A claim's key may leave the moment it returns, so its commit is fsynced
+    # (synchronous=FULL, 2) under durability="full". An outcome is committed without one
+    # (NORMAL, 1): a power loss that undoes it leaves the item in flight, resent under the
+    # same key or reconciled, and it reaches the disk with the next claim or at close.
+    seen: list[tuple[str, int]] = []
+    set_sync = SQLiteJournal._set_sync
+
+    def spy(self: SQLiteJournal, conn: sqlite3.Connection, sync: bool) -> None:
+        set_sync(self, conn, sync)
+        seen.append(
+            ("claim" if sync else "other", conn.execute("PRAGMA synchronous").fetchone()[0])
+        )
+
+    monkeypatch.setattr(SQLiteJournal, "_set_sync", spy)
+    async with SQLiteJournal(tmp_path / "j.sqlite", durability=durability) as j:
+        await begin(j, "a", "order-a", "key-a")
+        await j.finish("a", JournalStatus.CAPTURED, capture_id="c")
+        await load(j)
+        await asyncio.gather(
+            begin(j, "b", "order-b", "key-b"), j.finish("a", JournalStatus.CAPTURED)
+        )
+    full = 2 if durability == "full" else 1
+    assert seen == [("claim", full), ("other", 1), ("other", 1), ("claim", full)]
 
 
 async def test_event_loop_runs_while_writes_wait_for_the_disk(tmp_path: Path) -> None:
