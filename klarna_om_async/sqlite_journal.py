@@ -327,7 +327,8 @@ class SQLiteJournal:
     default ``durability="full"`` (WAL, ``synchronous=FULL``) a claim is also fsynced before
     it returns: it survives a power loss or OS crash, so a rerun never hands out a new key for
     an item that may have been sent. An outcome (``finish``) is not fsynced on its own: it
-    reaches the disk with the next claim's commit, or when the journal closes. A power loss
+    reaches the disk with the next claim that sends, or when the journal closes (``close``
+    raises ``OSError`` if that fsync fails). A power loss
     before then leaves that item in flight, whose key the next run resends (or reconciles),
     never replaces. ``durability="normal"`` (``synchronous=NORMAL``) fsyncs no claim either: a
     power loss may undo the last claims.
@@ -380,8 +381,10 @@ class SQLiteJournal:
         # Calls made since the last flush; sent to the writer thread as one group.
         self._unsent: list[_Work] = []
         self._thread: threading.Thread | None = None
-        # The writer thread's current PRAGMA synchronous (see _set_sync).
+        # The writer thread's current PRAGMA synchronous (see _set_sync), and whether an
+        # outcome has been committed since the last fsync (made durable at close).
         self._synchronous = durability.upper()
+        self._unsynced = False
         self.commits = 0
         self.commit_listeners = []
 
@@ -426,7 +429,11 @@ class SQLiteJournal:
         await self.close()
 
     async def close(self) -> None:
-        """Complete the queued writes, close the file, stop the thread, release the lock."""
+        """Complete the queued writes, close the file, stop the thread, release the lock.
+
+        With ``durability="full"``, outcomes written since the last claim are fsynced first;
+        ``OSError`` if that fails (the file is closed and its lock released all the same).
+        """
         work, thread = self._work, self._thread
         if work is None or thread is None:
             return
@@ -599,11 +606,18 @@ class SQLiteJournal:
             _resolve([(ready, None, exc)])
             return
         _resolve([(ready, None, None)])
+        failed: OSError | None = None
         try:
             stops = self._serve(conn, work)
         finally:
-            conn.close()
-        _resolve([(future, None, None) for future in stops])
+            try:
+                if self._unsynced:
+                    self._sync_wal()
+            except OSError as exc:
+                failed = exc
+            finally:
+                conn.close()
+        _resolve([(future, None, failed) for future in stops])
 
     def _connect(self) -> sqlite3.Connection:
         # isolation_level=None: transactions are exactly the BEGIN/COMMIT issued here.
@@ -701,6 +715,9 @@ class SQLiteJournal:
                 conn.rollback()
             return [(future, None, exc) for _, future, _ in calls], None
         self.commits += 1
+        if group.writes and self._durability == "full":
+            # A commit with synchronous=FULL fsyncs the whole WAL, earlier outcomes included.
+            self._unsynced = self._synchronous == "NORMAL"
         return outcomes, (listeners, seconds, group.writes) if listeners else None
 
     def _set_sync(self, conn: sqlite3.Connection, sync: bool) -> None:
@@ -709,8 +726,23 @@ class SQLiteJournal:
         # is resent (or reconciled), never replaced; it reaches the disk with the next
         # fsynced commit (the WAL is fsynced whole, in order) or the checkpoint at close.
         # An fsync costs this machine's kernel more CPU than all of a group's statements.
-        # The setting applies to the next transaction, so it is made before BEGIN.
+        # The setting applies to the next transaction, so it is made before BEGIN. A group
+        # that writes nothing (a claim that sends nothing) fsyncs nothing either.
         synchronous = "FULL" if sync and self._durability == "full" else "NORMAL"
         if synchronous != self._synchronous:
             conn.execute(f"PRAGMA synchronous = {synchronous}")
             self._synchronous = synchronous
+
+    def _sync_wal(self) -> None:
+        # Closing checkpoints the WAL into the file (fsyncing both) only when no other
+        # connection (a reader, a sqlite3 shell) has the file open; this does not depend on it.
+        # SQLite locks the -shm file and the database, never the -wal: closing this
+        # descriptor drops none of its locks.
+        with contextlib.suppress(FileNotFoundError):
+            # Beside the file a symlinked path names, where SQLite keeps it.
+            fd = os.open(os.path.realpath(self._path) + "-wal", os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        self._unsynced = False

@@ -600,6 +600,36 @@ async def test_only_claims_wait_for_an_fsync(
     assert seen == [("claim", full), ("other", 1), ("other", 1), ("claim", full)]
 
 
+@pytest.mark.parametrize("last", ["finish", "claim"])
+async def test_close_fsyncs_outcomes_left_unsynced_even_with_a_reader_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, last: str
+) -> None:
+    # Closing checkpoints (and fsyncs) the WAL only when no other connection has the file
+    # open; a reader (a progress monitor, a sqlite3 shell) must not leave outcomes unsynced.
+    path = tmp_path / "j.sqlite"
+    synced: list[str] = []
+    fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    reader = sqlite3.connect(path)
+    try:
+        async with SQLiteJournal(path) as j:
+            await begin(j, "a", "order-a", "key-a")
+            reader.execute("SELECT count(*) FROM journal").fetchall()
+            await j.finish("a", JournalStatus.CAPTURED, capture_id="c")
+            if last == "claim":  # its fsync covers the outcome before it
+                await begin(j, "b", "order-b", "key-b")
+            assert synced == []
+    finally:
+        reader.close()
+    wal = str(path.resolve()) + "-wal"
+    assert synced == ([wal] if last == "finish" else [])
+
+
 async def test_event_loop_runs_while_writes_wait_for_the_disk(tmp_path: Path) -> None:
     path = tmp_path / "j.sqlite"
     async with SQLiteJournal(path) as j:
@@ -774,3 +804,21 @@ async def test_finish_decides_from_the_row_as_it_is_now(tmp_path: Path) -> None:
         await reopen(j)
         assert await j.finish("next", JournalStatus.CAPTURED, capture_id="c") == "captured"
         assert (await load(j))["next"].capture_id == "c"
+
+
+async def test_a_failed_fsync_at_close_is_raised_and_the_journal_still_closes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    path = tmp_path / "j.sqlite"
+    j = await SQLiteJournal(path).open()
+    await begin(j, "a", "order-a", "key-a")
+    await j.finish("a", JournalStatus.CAPTURED, capture_id="c")
+    monkeypatch.setattr(os, "fsync", broken)
+    with pytest.raises(OSError, match="Input/output error"):
+        await j.close()
+    monkeypatch.undo()
+    async with SQLiteJournal(path) as again:  # the file and its lock were released
+        assert (await load(again))["a"].status is JournalStatus.CAPTURED
