@@ -195,9 +195,11 @@ class AdaptiveRate:
     on that grid, not all at once. At a later 429 ``W`` is the learned rate the client was
     at, or what it measurably got through if that was less: when at least
     ``ADAPTIVE_REFUSED_SHARE`` of the last window's answers were 429s (the pace itself is
-    too fast: a token bucket's first burst made ``W`` too high), or when two windows passed
-    without a pause (a client that sent below its pace). ``W`` is at least
-    ``MIN_ADAPTIVE_RATE``.
+    too fast: a token bucket's first burst, or an opening burst that two of Klarna's windows
+    let through, made ``W`` too high), the answers of the last two windows, averaged (one
+    window's may hold the last overshoot's 429s and a pause, or two of Klarna's windows);
+    when two windows passed without a pause (a client that sent below its pace), the last
+    window's. ``W`` is at least ``MIN_ADAPTIVE_RATE``.
 
     - Decrease: on a 429 the pace drops to ``ADAPTIVE_DECREASE * W``: 0.9, because ``W`` is
       measured, not guessed, so 10% under it leaves room for clock skew and the merchant's
@@ -236,6 +238,7 @@ class AdaptiveRate:
         #: When a 429 last lowered the pace (or waited for answers to learn one from).
         self.decided_at = -math.inf
         self._answers: deque[float] = deque()  # when each recent non-429 answer came
+        self._answers_2: deque[float] = deque()  # the same over two windows
         self._refusals: deque[float] = deque()  # when each recent 429 came
         self._since = -math.inf  # when the climb started (the end of that 429's pause)
         self._paused_until = -math.inf  # the end of the last pause a 429 imposed
@@ -248,6 +251,8 @@ class AdaptiveRate:
 
     def answered(self, now: float) -> None:
         """Note an answer other than 429: Klarna counted that request and let it through."""
+        self._answers_2.append(now)
+        _within(self._answers_2, now, 2 * ADAPTIVE_WINDOW)  # keeps it at two windows
         answers = self._answers
         answers.append(now)
         cutoff = now - ADAPTIVE_WINDOW
@@ -288,7 +293,12 @@ class AdaptiveRate:
         if current is None:
             ceiling = measured
         elif refused >= max(2.0, ADAPTIVE_REFUSED_SHARE * (measured + refused)):
-            ceiling = min(current, measured)  # the pace was too fast: what got through is W
+            # The pace was too fast: what got through is W. One window's answers miscount it
+            # (Klarna's windows fall anywhere in ours): they hold the last overshoot's
+            # refusals or a pause (too few), or two of Klarna's windows (too many). Two
+            # windows' average is steadier.
+            steady = _within(self._answers_2, now, 2 * ADAPTIVE_WINDOW) / 2
+            ceiling = min(current, steady)
         elif now - 2 * ADAPTIVE_WINDOW >= max(self._paused_until, last):
             ceiling = min(current, measured)
         else:  # a pause or a decrease came lately: the last window's answers tell too little
@@ -336,10 +346,10 @@ class AdaptiveRate:
         return pace
 
 
-def _within(times: deque[float], now: float) -> int:
-    """How many of ``times`` lie in the last ``ADAPTIVE_WINDOW`` before ``now`` (older ones
+def _within(times: deque[float], now: float, span: float = ADAPTIVE_WINDOW) -> int:
+    """How many of ``times`` lie in the last ``span`` seconds before ``now`` (older ones
     are dropped)."""
-    cutoff = now - ADAPTIVE_WINDOW
+    cutoff = now - span
     while times and times[0] <= cutoff:
         times.popleft()
     return len(times)

@@ -443,8 +443,8 @@ def test_when_a_share_of_the_last_second_was_refused_what_got_through_is_the_lim
         rate.answered(0.001 + i / 300)
     assert rate.limited(asked_at=0.99, now=1.0, resume_at=1.0)
     assert rate.ceiling == 300
-    for i in range(240):
-        rate.answered(2.5 + i / 200)  # what the bucket lets through: 200/s
+    for i in range(540):
+        rate.answered(1.0 + i / 200)  # what the bucket lets through: 200/s
     # The first 429 at the new pace: nothing says yet that the pace, not a passing burst,
     # is too fast (one 429 in the last second): down from the rate the client was at.
     assert rate.limited(asked_at=2.6, now=2.6, resume_at=2.6)
@@ -452,6 +452,30 @@ def test_when_a_share_of_the_last_second_was_refused_what_got_through_is_the_lim
     for i in range(40):  # 429s to requests sent within a window after it: the same event
         assert not rate.limited(asked_at=2.8, now=2.8 + i / 44, resume_at=2.8 + i / 44)
     # A window later, a fifth of the answers were 429s: the pace itself is too fast, and
-    # the 189 let through in the last second are the limit.
+    # what got through is the limit, averaged over two windows: 194.5 (of the last second's,
+    # 189; the limit, 200).
     assert rate.limited(asked_at=3.7, now=3.75, resume_at=3.75)
-    assert rate.ceiling == rate.measured(3.75) == 189
+    assert rate.ceiling == 194.5
+
+
+def test_the_limit_is_not_learned_from_one_second_that_undercounts_it() -> None:
+    # The first estimate came from an opening burst that two of Klarna's windows let
+    # through (260 for a limit of 200). The next second holds that overshoot's 429s and a
+    # pause: its answers (130) undercount the limit, and a pace learned from them would
+    # idle a third of the quota for seconds. Two windows' answers average nearer to it
+    # (169 here, where the seconds before the burst had few answers).
+    rate = AdaptiveRate()
+    for i in range(260):
+        rate.answered(0.2 + i / 260)
+    assert rate.limited(asked_at=1.15, now=1.2, resume_at=1.3)
+    assert rate.ceiling == 260
+    for i in range(40):  # the overshoot's 429s: the same event
+        assert not rate.limited(asked_at=1.25, now=1.3 + i / 100, resume_at=1.4 + i / 100)
+    for i in range(130):
+        rate.answered(1.75 + i / 200)
+    # A 429 to a request sent at the lowered pace (234/s, still too fast): the refusals
+    # make the pace itself too fast, and what got through is the limit.
+    assert rate.limited(asked_at=2.3, now=2.4, resume_at=2.4)
+    assert rate.measured(2.4) == 130
+    two_windows = sum(1 for i in range(260) if 0.2 + i / 260 > 2.4 - 2) + 130
+    assert rate.ceiling == two_windows / 2 == 169
