@@ -103,8 +103,7 @@ class Pace:
     def under(cls, limit: float) -> Pace:
         """A pace at ``LIMIT_SHARE`` of a limit the user gives (``rate_limit``), validated as
         ``Pace`` validates; see ``LIMIT_SHARE`` for why not at the limit itself."""
-        check_rate_limit(limit)
-        pace = cls(limit)
+        pace = cls(limit)  # validates it
         pace.interval = 1.0 / (limit * LIMIT_SHARE)
         return pace
 

@@ -220,12 +220,7 @@ async def test_run_many_item_held_back_behind_a_busy_429_is_not_refused(
     from klarna_om_async.operations import ReleaseRemainingAuthorization
 
     order = fake.add_order(amount=10000)
-    fake.inject(
-        RateLimited(retry_after=None),
-        method="POST",
-        path=f"/ordermanagement/v1/orders/{order}/captures",
-        times=None,
-    )
+    _busy_for_captures(fake, order)
     items = [
         (order, CaptureRequest(captured_amount=4000)),
         (order, ReleaseRemainingAuthorization()),
@@ -236,6 +231,16 @@ async def test_run_many_item_held_back_behind_a_busy_429_is_not_refused(
     assert by_op["capture"].status is CaptureStatus.FAILED
     assert booked(fake) == {}
     assert by_op["release"].status is not CaptureStatus.REFUSED, repr(by_op["release"].error)
+
+
+def _busy_for_captures(fake: FakeKlarna, order: str) -> None:
+    """Every capture POST to ``order`` meets a 429 without Retry-After, from now on."""
+    fake.inject(
+        RateLimited(retry_after=None),
+        method="POST",
+        path=f"/ordermanagement/v1/orders/{order}/captures",
+        times=None,
+    )
 
 
 async def test_edited_item_held_back_behind_a_busy_429_is_refused(
@@ -252,12 +257,7 @@ async def test_edited_item_held_back_behind_a_busy_429_is_refused(
             )
         ]
         assert [o.status for o in first] == [CaptureStatus.CAPTURED]
-        fake.inject(
-            RateLimited(retry_after=None),
-            method="POST",
-            path=f"/ordermanagement/v1/orders/{order}/captures",
-            times=None,
-        )
+        _busy_for_captures(fake, order)
         items = [
             (order, CaptureRequest(captured_amount=1000, reference="a")),
             (order, CaptureRequest(captured_amount=2000, reference="b")),  # edited
