@@ -124,6 +124,13 @@ class Pace:
         self._next = min(self._next, now + self.interval)
         self.generation += 1
 
+    def hold(self, until: float) -> None:
+        """Void the slots taken (``generation`` tells their holders) and hand out none before
+        ``until``: a 429 paused the client, and a slot taken before it would send into the
+        window Klarna just said is full."""
+        self._next = until
+        self.generation += 1
+
 
 # Set by a batch for the tasks it starts, so concurrent batches and single calls sharing one
 # client each keep their own limit (on top of the client's own pace, if it has one).
@@ -198,7 +205,11 @@ class AdaptiveRate:
     let through, made ``W`` too high), the answers of the last two windows, averaged (one
     window's may hold the last overshoot's 429s and a pause, or two of Klarna's windows);
     when two windows passed without a pause (a client that sent below its pace), the last
-    window's. ``W`` is at least ``MIN_ADAPTIVE_RATE``.
+    window's; when only a decrease came in them (no pause, not the opening), the two
+    windows' average: a pace too fast for a token bucket meets a 429 in every window, but
+    the probe's pause after each holds every request back, so the 429s are too few for a
+    refused share while what got through is the limit. ``W`` is at least
+    ``MIN_ADAPTIVE_RATE``.
 
     - Decrease: on a 429 the pace drops to ``ADAPTIVE_DECREASE * W``: 0.9, because ``W`` is
       measured, not guessed, so 10% under it leaves room for clock skew and the merchant's
@@ -300,11 +311,18 @@ class AdaptiveRate:
             ceiling = min(current, steady)
         elif now - 2 * ADAPTIVE_WINDOW >= max(self._paused_until, last):
             ceiling = min(current, measured)
-        else:  # a pause or a decrease came lately: the last window's answers tell too little
+        elif now - 2 * ADAPTIVE_WINDOW >= self._paused_until:
+            # A decrease came lately, so the last window may still hold its overshoot; but
+            # the two windows' answers are what the pace got through: fewer than the pace
+            # when a pace too fast met a 429 in every window (each held back by a probe).
+            ceiling = min(current, _within(self._answers_2, now, 2 * ADAPTIVE_WINDOW) / 2)
+        else:  # a pause or the opening came lately: the answers tell too little
             ceiling = current
         self.ceiling = max(ceiling, MIN_ADAPTIVE_RATE)
         self.decided_at = now
         self._since = max(now, resume_at)
+        if current is None:  # the opening: answers before it came at a ramp's pace
+            self._paused_until = max(self._paused_until, self._since)
         self._refine_until = self._since + ADAPTIVE_WINDOW if current is None else -math.inf
         self.decreases += 1
         self._lay(self.ceiling, now)
@@ -453,6 +471,8 @@ class ThrottleMiddleware:
     ``Retry-After``, ``Retry-After: 0``, a date gone by) lowers that pace and pauses the
     client only ``ADAPTIVE_PROBE`` (0.1 s): the lower pace is the slowdown, and the short
     pause probes Klarna's full window with one request at a time instead of the full pace.
+    Every 429 voids the learned grid's slots taken before it (``Pace.hold``): a request
+    asleep on one takes a new slot after the pause rather than waking into the full window.
     Until then (nothing known of the limit) attempts ramp up (``SlowStart``) rather than
     opening with the whole batch at once. The transport calls :meth:`recheck` once an attempt
     has its connection, so an attempt that waited for one while a 429 paused the client still
@@ -607,6 +627,10 @@ class ThrottleMiddleware:
                     "ceiling": ceiling,
                 },
             )
+        if learning and self._resume_at > now and self.adaptive.pace is not None:
+            # Slots taken before this 429 would send into the window it says is full, one
+            # slot after another (measured: a 429 every 10 ms until the window ended).
+            self.adaptive.pace.hold(self._resume_at)
         self._unlogged += 1
         self._last_429 = (request, error)
         self._log_rate_limited(now)

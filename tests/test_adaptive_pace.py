@@ -56,6 +56,7 @@ class SimulatedTime:
         self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
         self._order = itertools.count()
         self._on_wire: set[asyncio.Task[Any]] = set()
+        self._answering = 0  # requests the server is taking its time over (``latency``)
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -77,6 +78,17 @@ class SimulatedTime:
             if sending:
                 self._enter(task)
 
+    async def latency(self, seconds: float) -> None:
+        """For the server: answer ``seconds`` later. The request stays on the wire, but the
+        clock may move meanwhile."""
+        self._answering += 1
+        self._update()
+        try:
+            await self.sleep(seconds)
+        finally:
+            self._answering -= 1
+            self._update()
+
     async def middleware(self, request: Request, call_next: Handler) -> Response:
         """Marks the attempt as on the wire until it is answered."""
         task = asyncio.current_task()
@@ -89,11 +101,16 @@ class SimulatedTime:
 
     def _enter(self, task: asyncio.Task[Any]) -> None:
         self._on_wire.add(task)
-        self._idle.clear()
+        self._update()
 
     def _leave(self, task: asyncio.Task[Any]) -> None:
         self._on_wire.discard(task)
-        if not self._on_wire:
+        self._update()
+
+    def _update(self) -> None:
+        if len(self._on_wire) > self._answering:
+            self._idle.clear()
+        else:
             self._idle.set()
 
     async def run(self, main: Coroutine[Any, Any, T]) -> T:
@@ -115,12 +132,23 @@ class SimulatedTime:
 class LimitedServer:
     """Books captures, at most ``limit`` a virtual second (fixed windows on the clock's
     seconds, every request counted), 429 beyond; no ``X-Ratelimit-*`` unless ``stated`` (then
-    ``X-Ratelimit-Limit`` on every answer), and ``Retry-After: retry_after`` on 429s if given."""
+    ``X-Ratelimit-Limit`` on every answer), and ``Retry-After: retry_after`` on 429s if given.
+    A booking is answered ``latency`` virtual seconds after it arrived, a 429
+    ``reject_latency`` after."""
 
     def __init__(
-        self, time: SimulatedTime, limit: int, *, stated: bool = False, retry_after: str = ""
+        self,
+        time: SimulatedTime,
+        limit: int,
+        *,
+        stated: bool = False,
+        retry_after: str = "",
+        latency: float = 0.0,
+        reject_latency: float = 0.0,
     ) -> None:
         self.time = time
+        self.latency = latency
+        self.reject_latency = reject_latency
         self.limit = limit
         self.stated = stated
         self.retry_after = retry_after
@@ -141,7 +169,11 @@ class LimitedServer:
         headers = {"X-Ratelimit-Limit": str(self.limit)} if self.stated else {}
         if status == 201:
             headers["Capture-Id"] = f"cap-{len(self.arrivals)}"
+            if self.latency:
+                await self.time.latency(self.latency)
             return web.Response(status=201, headers=headers)
+        if self.reject_latency:
+            await self.time.latency(self.reject_latency)
         if self.retry_after:
             headers["Retry-After"] = self.retry_after
         return web.json_response(
@@ -321,7 +353,7 @@ async def test_without_rate_headers_the_pace_drops_after_a_429_then_climbs_and_s
     # From there the pace climbs back to 20/s, and past it, until a 429 lowers it again.
     rates = [a[2] for a in resumed]
     assert all(r is not None for r in rates)
-    peak = max(i for i, r in enumerate(rates) if r is not None and r > 20.5)
+    peak = next(i for i, r in enumerate(rates) if r is not None and r > 20.5)
     assert any(r is not None and r < 19.5 for r in rates[peak:])  # under the limit again
     # It settles just under the limit: each later overshoot costs a 429 or two (the next
     # slot on the slower grid may still fall in Klarna's full window), not a burst (the
@@ -479,3 +511,56 @@ def test_the_limit_is_not_learned_from_one_second_that_undercounts_it() -> None:
     assert rate.measured(2.4) == 130
     two_windows = sum(1 for i in range(260) if 0.2 + i / 260 > 2.4 - 2) + 130
     assert rate.ceiling == two_windows / 2 == 169
+
+
+def test_a_pace_too_fast_that_probes_hold_back_is_lowered_to_what_got_through() -> None:
+    # A token bucket's first burst made the estimate too high (300 for 200/s). Paced at
+    # 270/s, each window empties the bucket once: one 429, then a probe's pause that holds
+    # every request back, so few 429s (no refused share) and the pace is never measured
+    # too fast by them. What the two windows since got through is.
+    rate = AdaptiveRate()
+    for i in range(300):
+        rate.answered(0.001 + i / 300)
+    assert rate.limited(asked_at=0.99, now=1.0, resume_at=1.1)
+    for i in range(240):
+        rate.answered(1.0 + i / 200)  # what the bucket lets through: 200/s
+    # Within two windows of the opening its ramp is in the answers: down from the pace.
+    first = rate.ceiling  # 300, raised a little by answers to requests then in flight
+    assert rate.limited(asked_at=2.15, now=2.2, resume_at=2.3)
+    assert rate.ceiling == pytest.approx(rate_after(first, 1.1))
+    assert rate.ceiling > 280
+    for i in range(240, 480):
+        rate.answered(1.0 + i / 200)
+    # A window later (two after the opening, one after the last decrease): what the two
+    # windows got through, not the pace the client was at.
+    assert rate.limited(asked_at=3.3, now=3.4, resume_at=3.5)
+    assert rate.ceiling == pytest.approx(200, abs=1)
+
+
+async def test_a_full_window_costs_a_probe_per_pause_not_a_429_per_slot(
+    serve: Callable[[LimitedServer], Awaitable[str]],
+) -> None:
+    # The limit halves at t = 3 (another client of the merchant takes its share), so for
+    # seconds the learned pace fills Klarna's window halfway through. Each 429 pauses the
+    # client ADAPTIVE_PROBE; requests asleep on pace slots taken before it must not wake
+    # into the full window one slot after another (before: a 429 every 10 ms, 64 in all).
+    time = SimulatedTime()
+    server = LimitedServer(time, limit=200, latency=0.25, reject_latency=0.01)
+    capture = server.capture
+
+    async def halving(request: web.Request) -> web.Response:
+        if time.now >= 3.0:
+            server.limit = 100
+        return await capture(request)
+
+    server.capture = halving  # type: ignore[method-assign]
+    url = await serve(server)
+    async with client(url, time) as om:
+        statuses = await time.run(capture_all(om, 1500, concurrency=128))
+        ceiling = throttle_of(om).adaptive.ceiling
+    assert statuses == [CaptureStatus.CAPTURED] * 1500
+    refused = [a[0] for a in server.after(3.0) if a[1] == 429]
+    # The probe, and what was on its way before its 429 came back: never more in a pause.
+    assert max(sum(1 for t in refused if s <= t < s + ADAPTIVE_PROBE) for s in refused) <= 3
+    assert len(refused) <= 30
+    assert 90 <= ceiling <= 100

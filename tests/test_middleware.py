@@ -376,8 +376,13 @@ async def test_the_throttle_counts_the_429s_klarna_sent_not_its_own_refusals() -
 
 async def test_a_later_429_with_nothing_to_measure_keeps_the_learned_pace_and_pauses() -> None:
     now = [0.0]
-    sleeps = InstantSleep()
-    throttle = ThrottleMiddleware(sleep=sleeps, clock=lambda: now[0])
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        now[0] += seconds
+
+    throttle = ThrottleMiddleware(sleep=sleep, clock=lambda: now[0])
     for i in range(10):
         now[0] = 0.05 + i / 10
         await throttle(Request("GET", "/o"), Script(200))
@@ -397,8 +402,9 @@ async def test_a_later_429_with_nothing_to_measure_keeps_the_learned_pace_and_pa
     # which says nothing about our rate. The estimate stays (no collapse to 1/s) ...
     assert throttle.rate == pytest.approx(climbed)
     # ... and the client pauses instead, then sends on the learned grid.
+    waits.clear()
     await throttle(Request("GET", "/o"), Script(200))
-    pause, *slot = sleeps.waits
+    pause, *slot = waits
     assert pause == pytest.approx(1.0)
     assert sum(slot) == pytest.approx(1 / climbed) or sum(slot) < 1 / climbed
 
