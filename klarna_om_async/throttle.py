@@ -698,16 +698,22 @@ class ThrottleMiddleware:
 
     async def _take_slots(self, request: Request) -> None:
         """Wait for a slot of the batch's pace, then of the client's."""
+        adaptive = self.adaptive
+        why = "waiting for the client's rate limit"
         batch_pace = _batch_pace.get()
         if batch_pace is not None:
             now = self._clock()
-            wait = self._reserve(batch_pace, request, now, "waiting for the batch's rate_limit")
+            wait = batch_pace.peek(now)
+            if wait > 0:
+                self._check_deadline(request, now, wait, "waiting for the batch's rate_limit")
+            client = self._pace or self._stated or adaptive.pace_at(now)
+            if client is not None:  # refused after taking the batch's slot, it would waste it
+                self._check_deadline(request, now, wait + client.peek(now + wait), why)
+            wait = batch_pace.delay(now)
             if wait > 0:
                 await self._sleep(wait)
                 if self.wait_listeners:
                     self._waited("pace", wait, request)
-        adaptive = self.adaptive
-        why = "waiting for the client's rate limit"
         while True:
             now = self._clock()
             pace = self._pace or self._stated or adaptive.pace_at(now)  # every call's

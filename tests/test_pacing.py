@@ -209,6 +209,26 @@ async def test_a_pace_slot_past_the_calls_deadline_is_refused_unsent() -> None:
     assert sent == [0.0, 1.0]
 
 
+async def test_a_call_the_client_pace_would_refuse_takes_no_slot_of_the_batchs() -> None:
+    time = FakeTime()
+    throttle = ThrottleMiddleware(sleep=time.sleep, clock=time.clock, pace=Pace(1))
+    sent: list[float] = []
+
+    async def call_next(request: Request) -> Response:
+        sent.append(time.now)
+        return Response(200, {}, b"", request, "")
+
+    with rate_limited(2):
+        await throttle(Request("POST", "/o"), call_next)
+        # Its batch slot (0.5 s) is within its deadline, but its client slot (1 s) is not:
+        # refused at once, and the batch slot it would have wasted goes to the next call.
+        with pytest.raises(RateLimitError, match="client's rate limit"):
+            await throttle(Request("POST", "/o", deadline=0.9), call_next)
+        assert time.now == 0.0
+        await throttle(Request("POST", "/o"), call_next)
+    assert sent == [0.0, 1.0]
+
+
 def test_the_slowest_pace_is_one_request_per_100_seconds() -> None:
     with pytest.raises(ValidationError, match=r"at least 0\.01"):
         Pace(0.001)
