@@ -182,6 +182,11 @@ ADAPTIVE_STEP = 0.25
 #: ``AdaptiveRate``: a 429 says the pace itself was too fast (and the answers let through in
 #: the last window are the limit) once at least this share of that window's answers were 429s.
 ADAPTIVE_REFUSED_SHARE = 0.05
+#: ``AdaptiveRate``: answers over the last two windows at no less than this share of the
+#: learned pace say the client was sending at its pace (a pace too fast, its 429s each held
+#: back by a probe), so they are the limit; fewer say it sent below its pace (a batch's tail,
+#: a web service's calls), which tells nothing of the limit.
+ADAPTIVE_PACE_BOUND = 0.5
 #: ``ThrottleMiddleware``: a 429 that states no wait pauses a client with a learned pace this
 #: long (seconds): sent into a full window, the next requests would all get 429s.
 ADAPTIVE_PROBE = 0.1
@@ -206,10 +211,10 @@ class AdaptiveRate:
     window's may hold the last overshoot's 429s and a pause, or two of Klarna's windows);
     when two windows passed without a pause (a client that sent below its pace), the last
     window's; when only a decrease came in them (no pause, not the opening), the two
-    windows' average: a pace too fast for a token bucket meets a 429 in every window, but
-    the probe's pause after each holds every request back, so the 429s are too few for a
-    refused share while what got through is the limit. ``W`` is at least
-    ``MIN_ADAPTIVE_RATE``.
+    windows' average if it is at least ``ADAPTIVE_PACE_BOUND`` of the pace: a pace too fast
+    for a token bucket meets a 429 in every window, but the probe's pause after each holds
+    every request back, so the 429s are too few for a refused share while what got through
+    is the limit. ``W`` is at least ``MIN_ADAPTIVE_RATE``.
 
     - Decrease: on a 429 the pace drops to ``ADAPTIVE_DECREASE * W``: 0.9, because ``W`` is
       measured, not guessed, so 10% under it leaves room for clock skew and the merchant's
@@ -300,6 +305,7 @@ class AdaptiveRate:
                 self.ceiling = 0.0
             return False
         refused = _within(self._refusals, now)
+        steady = _within(self._answers_2, now, 2 * ADAPTIVE_WINDOW) / 2
         if current is None:
             ceiling = measured
         elif refused >= max(2.0, ADAPTIVE_REFUSED_SHARE * (measured + refused)):
@@ -307,16 +313,18 @@ class AdaptiveRate:
             # (Klarna's windows fall anywhere in ours): they hold the last overshoot's
             # refusals or a pause (too few), or two of Klarna's windows (too many). Two
             # windows' average is steadier.
-            steady = _within(self._answers_2, now, 2 * ADAPTIVE_WINDOW) / 2
             ceiling = min(current, steady)
         elif now - 2 * ADAPTIVE_WINDOW >= max(self._paused_until, last):
             ceiling = min(current, measured)
-        elif now - 2 * ADAPTIVE_WINDOW >= self._paused_until:
+        elif now - 2 * ADAPTIVE_WINDOW >= self._paused_until and (
+            steady >= ADAPTIVE_PACE_BOUND * current
+        ):
             # A decrease came lately, so the last window may still hold its overshoot; but
-            # the two windows' answers are what the pace got through: fewer than the pace
-            # when a pace too fast met a 429 in every window (each held back by a probe).
-            ceiling = min(current, _within(self._answers_2, now, 2 * ADAPTIVE_WINDOW) / 2)
-        else:  # a pause or the opening came lately: the answers tell too little
+            # a client that sent at its pace got through what the two windows' answers say:
+            # fewer than the pace when a pace too fast met a 429 in every window (each held
+            # back by a probe). Far fewer: it sent below its pace, which tells nothing.
+            ceiling = min(current, steady)
+        else:  # a pause or the opening came lately, or the client sent below its pace
             ceiling = current
         self.ceiling = max(ceiling, MIN_ADAPTIVE_RATE)
         self.decided_at = now
@@ -771,6 +779,8 @@ class ThrottleMiddleware:
     async def _after_pause(self, request: Request) -> None:
         await self._wait_pause(request)
         await self._take_slots(request)
+        # A loaded event loop wakes a sleeper late: no attempt starts past its deadline.
+        self._check_waited(request, self._clock(), "the end of a 429 pause and a pace slot")
 
     def _learn(self, headers: Mapping[str, str]) -> None:
         """Pace at Klarna's stated limit, and pause when its window is used up."""

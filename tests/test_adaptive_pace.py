@@ -564,3 +564,24 @@ async def test_a_full_window_costs_a_probe_per_pause_not_a_429_per_slot(
     assert max(sum(1 for t in refused if s <= t < s + ADAPTIVE_PROBE) for s in refused) <= 3
     assert len(refused) <= 30
     assert 90 <= ceiling <= 100
+
+
+def test_a_lone_429_to_a_client_sending_below_its_pace_keeps_the_pace() -> None:
+    # A batch learned 100/s and ended; the application goes on with single calls (5/s). A
+    # window and a half after the last decrease, one of them gets a 429 (another system of
+    # the merchant used the quota up). The two windows' answers (the batch's tail and the
+    # calls) are what the client sent, not what Klarna lets through: the pace stays.
+    rate = AdaptiveRate()
+    for i in range(500):
+        rate.answered(0.005 + i / 100)
+    assert rate.limited(asked_at=4.99, now=5.0, resume_at=5.1)
+    for i in range(500, 1000):
+        rate.answered(0.005 + i / 100)
+    assert rate.limited(asked_at=9.99, now=10.0, resume_at=10.1)
+    for i in range(20):
+        rate.answered(10.1 + i / 100)  # the batch's tail
+    for i in range(6):
+        rate.answered(10.45 + i / 5)  # the single calls
+    current = rate.rate_at(11.5)
+    assert rate.limited(asked_at=11.45, now=11.5, resume_at=11.6)
+    assert rate.ceiling == current

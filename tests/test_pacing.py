@@ -14,10 +14,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from klarna_om_async import CaptureRequest, KlarnaOM, Request, Response, RetryPolicy
-from klarna_om_async.errors import RateLimitError, ValidationError, reset_after
+from klarna_om_async.errors import RateLimitError, ValidationError, decode_error, reset_after
 from klarna_om_async.middleware import RetryMiddleware
 from klarna_om_async.testing import FakeKlarna, InstantSleep
-from klarna_om_async.throttle import LIMIT_SHARE, Pace, ThrottleMiddleware, rate_limited
+from klarna_om_async.throttle import (
+    LIMIT_SHARE,
+    Pace,
+    ThrottleMiddleware,
+    ThrottleRefusal,
+    rate_limited,
+)
 
 
 class FakeTime:
@@ -227,6 +233,28 @@ async def test_a_call_the_client_pace_would_refuse_takes_no_slot_of_the_batchs()
         assert time.now == 0.0
         await throttle(Request("POST", "/o"), call_next)
     assert sent == [0.0, 1.0]
+
+
+async def test_an_attempt_a_pause_held_at_its_connection_is_not_sent_past_its_deadline() -> None:
+    now = [0.0]
+
+    async def late_sleep(seconds: float) -> None:
+        now[0] += seconds + 0.05  # a loaded event loop wakes every sleeper 50 ms late
+
+    throttle = ThrottleMiddleware(sleep=late_sleep, clock=lambda: now[0])
+
+    async def too_many(request: Request) -> Response:
+        raise decode_error(429, {"Retry-After": "1"}, b"")
+
+    with pytest.raises(RateLimitError):
+        await throttle(Request("POST", "/o/a/captures"), too_many)  # pauses the client 1 s
+    # An attempt that passed the throttle before the 429 and queued for a connection: the
+    # pause ends within its deadline, but the loop wakes it after.
+    queued = Request("POST", "/o/b/captures", deadline=1.02)
+    waiting = throttle.recheck(queued)
+    assert waiting is not None
+    with pytest.raises(ThrottleRefusal, match="past its deadline"):
+        await waiting
 
 
 def test_the_slowest_pace_is_one_request_per_100_seconds() -> None:
