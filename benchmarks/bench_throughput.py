@@ -64,6 +64,10 @@ SERVERS: dict[str, tuple[str, list[str]]] = {
         "fixed 1-s windows, `X-Ratelimit-*` but no `Retry-After`",
         ["--window", "fixed", "--no-retry-after"],
     ),
+    "bucket-noretry": (
+        "token bucket, `X-Ratelimit-*` but no `Retry-After`",
+        ["--window", "bucket", "--no-retry-after"],
+    ),
 }
 CLIENTS = {
     "library": "`capture_many`",
