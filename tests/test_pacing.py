@@ -6,7 +6,7 @@ import itertools
 import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from aiohttp import web
@@ -39,6 +39,22 @@ class FakeTime:
     async def sleep(self, seconds: float) -> None:
         self.waits.append(seconds)
         self.now += seconds
+
+
+def recording_throttle(
+    pace: Pace,
+) -> tuple[FakeTime, ThrottleMiddleware, list[float], Callable[[Request], Awaitable[Response]]]:
+    """A throttle with ``pace`` on a ``FakeTime``, and a next handler that notes when each
+    request was sent (in ``sent``) and answers 200."""
+    time = FakeTime()
+    throttle = ThrottleMiddleware(sleep=time.sleep, clock=time.clock, pace=pace)
+    sent: list[float] = []
+
+    async def call_next(request: Request) -> Response:
+        sent.append(time.now)
+        return Response(200, {}, b"", request, "")
+
+    return time, throttle, sent, call_next
 
 
 def test_slots_lie_on_a_fixed_grid_taken_when_asked() -> None:
@@ -114,13 +130,7 @@ async def test_the_client_pace_spaces_every_call_of_the_client(fake: FakeKlarna)
 
 
 async def test_a_batch_rate_and_the_client_rate_both_hold() -> None:
-    time = FakeTime()
-    throttle = ThrottleMiddleware(sleep=time.sleep, clock=time.clock, pace=Pace(10))
-    sent: list[float] = []
-
-    async def call_next(request: Request) -> Response:
-        sent.append(time.now)
-        return Response(200, {}, b"", request, "")
+    _, throttle, sent, call_next = recording_throttle(Pace(10))
 
     with rate_limited(20):  # a batch's looser rate does not loosen the client's
         for _ in range(4):
@@ -199,13 +209,7 @@ def test_a_reset_is_seconds_or_a_unix_time() -> None:
 
 
 async def test_a_pace_slot_past_the_calls_deadline_is_refused_unsent() -> None:
-    time = FakeTime()
-    throttle = ThrottleMiddleware(sleep=time.sleep, clock=time.clock, pace=Pace(1))
-    sent: list[float] = []
-
-    async def call_next(request: Request) -> Response:
-        sent.append(time.now)
-        return Response(200, {}, b"", request, "")
+    _, throttle, sent, call_next = recording_throttle(Pace(1))
 
     due = Request("POST", "/o", deadline=1.5)
     await throttle(due, call_next)
@@ -216,13 +220,7 @@ async def test_a_pace_slot_past_the_calls_deadline_is_refused_unsent() -> None:
 
 
 async def test_a_call_the_client_pace_would_refuse_takes_no_slot_of_the_batchs() -> None:
-    time = FakeTime()
-    throttle = ThrottleMiddleware(sleep=time.sleep, clock=time.clock, pace=Pace(1))
-    sent: list[float] = []
-
-    async def call_next(request: Request) -> Response:
-        sent.append(time.now)
-        return Response(200, {}, b"", request, "")
+    time, throttle, sent, call_next = recording_throttle(Pace(1))
 
     with rate_limited(2):
         await throttle(Request("POST", "/o"), call_next)
