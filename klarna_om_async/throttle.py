@@ -33,6 +33,7 @@ False), a ``RateLimitError`` Klarna never saw.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import math
@@ -252,8 +253,9 @@ class AdaptiveRate:
         self.pace: Pace | None = None
         #: When a 429 last lowered the pace (or waited for answers to learn one from).
         self.decided_at = -math.inf
-        self._answers: deque[float] = deque()  # when each recent non-429 answer came
-        self._answers_2: deque[float] = deque()  # the same over two windows
+        # When each non-429 answer of the last two windows came (in order: one window's
+        # count is a bisection, taken only at a 429 or while refining a first estimate).
+        self._answers: deque[float] = deque()
         self._refusals: deque[float] = deque()  # when each recent 429 came
         self._since = -math.inf  # when the climb started (the end of that 429's pause)
         self._paused_until = -math.inf  # the end of the last pause a 429 imposed
@@ -262,19 +264,18 @@ class AdaptiveRate:
 
     def measured(self, now: float) -> int:
         """The answers other than 429 in the last ``ADAPTIVE_WINDOW`` before ``now``."""
-        return _within(self._answers, now)
+        answers = self._answers
+        return len(answers) - bisect.bisect_right(answers, now - ADAPTIVE_WINDOW)
 
     def answered(self, now: float) -> None:
         """Note an answer other than 429: Klarna counted that request and let it through."""
-        self._answers_2.append(now)
-        _within(self._answers_2, now, 2 * ADAPTIVE_WINDOW)  # keeps it at two windows
         answers = self._answers
         answers.append(now)
-        cutoff = now - ADAPTIVE_WINDOW
+        cutoff = now - 2 * ADAPTIVE_WINDOW
         while answers[0] <= cutoff:
             answers.popleft()
-        if now < self._refine_until and len(answers) > self.ceiling:
-            self.ceiling = float(len(answers))  # answers to requests in flight at the 429
+        if now < self._refine_until and (count := self.measured(now)) > self.ceiling:
+            self.ceiling = float(count)  # answers to requests in flight at the 429
             if self.pace is None:  # the first 429 came before any answer: now there is one
                 self._lay(self.ceiling, now)
 
@@ -305,7 +306,7 @@ class AdaptiveRate:
                 self.ceiling = 0.0
             return False
         refused = _within(self._refusals, now)
-        steady = _within(self._answers_2, now, 2 * ADAPTIVE_WINDOW) / 2
+        steady = _within(self._answers, now, 2 * ADAPTIVE_WINDOW) / 2
         if current is None:
             ceiling = measured
         elif refused >= max(2.0, ADAPTIVE_REFUSED_SHARE * (measured + refused)):
