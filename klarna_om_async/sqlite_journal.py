@@ -117,7 +117,6 @@ ON CONFLICT (item_key) DO UPDATE SET
     reference = excluded.reference, key_sent_at = excluded.key_sent_at,
     uncertain = excluded.uncertain, run_id = excluded.run_id, operation = excluded.operation
 """
-_SELECT_ONE = f"SELECT {_COLUMNS} FROM journal WHERE item_key = ?"
 # A finish needs only what decides the outcome, and writes only what the outcome changes.
 _SELECT_STANDING = "SELECT status, attempts, uncertain FROM journal WHERE item_key = ?"
 _SET_OUTCOME = """
@@ -126,13 +125,22 @@ UPDATE journal SET status = ?, capture_id = ?, error = ?, attempts = ?, uncertai
 WHERE item_key = ?
 """
 _SET_ATTEMPTS = "UPDATE journal SET attempts = ?, updated_at = ? WHERE item_key = ?"
-_KEY_OWNER = "SELECT item_key FROM keys WHERE idempotency_key = ?"
 _ADD_KEY = "INSERT OR IGNORE INTO keys VALUES (?, ?)"
-_SIBLING = f"""
-SELECT {_COLUMNS} FROM journal
-WHERE order_id = ? AND item_key != ? AND status IN ('in_flight', 'failed', 'needs_review')
-    AND (run_id IS NULL OR run_id != ?)
-LIMIT 1
+# What a claim decides on, in one statement (a statement costs more in Python than in
+# SQLite): the owner of the offered key (?1), the item's entry (?2), and one unsettled item
+# of the same order (?3) left by another run (?4) or by a journal that kept no run.
+_CLAIM_READ = f"""
+SELECT (SELECT item_key FROM keys WHERE idempotency_key = ?1),
+    {", ".join("j." + c.strip() for c in _COLUMNS.split(","))},
+    {", ".join("s." + c.strip() for c in _COLUMNS.split(","))}
+FROM (SELECT 1)
+LEFT JOIN journal AS j ON j.item_key = ?2
+LEFT JOIN journal AS s ON s.item_key = (
+    SELECT item_key FROM journal
+    WHERE order_id = ?3 AND item_key != ?2 AND status IN ('in_flight', 'failed', 'needs_review')
+        AND (run_id IS NULL OR run_id != ?4)
+    LIMIT 1
+)
 """
 # Another process (a report) may hold the write lock briefly.
 _BUSY_TIMEOUT_S = 30.0
@@ -157,11 +165,13 @@ class _Group:
         return self.now_text if when is self.now else _iso(when)
 
 
-_Op = Callable[[sqlite3.Connection, _Group], object]
-# (op, future, sync): sync asks for the group's commit to be fsynced before the future
-# resolves. (None, future, False) asks the writer thread to stop; the future resolves once
-# the file is closed.
-_Work = tuple[_Op | None, "asyncio.Future[Any]", bool]
+_Op = Callable[..., object]
+# (op, args, future, sync): the writer thread calls op(conn, group, *args); sync asks for the
+# group's commit to be fsynced before the future resolves. (None, (), future, False) asks
+# the writer thread to stop; the future resolves once the file is closed. A claim or finish
+# passes a module function and its arguments, not a closure: a closure's cells are a
+# handful of objects per call for the garbage collector to count.
+_Work = tuple[_Op | None, tuple[Any, ...], "asyncio.Future[Any]", bool]
 # The queue carries the calls made in one event-loop turn together (see SQLiteJournal._call).
 _Queue = queue.SimpleQueue[list[_Work]]
 _Outcome = tuple["asyncio.Future[Any]", object, BaseException | None]
@@ -217,9 +227,74 @@ def _entry_to_row(e: JournalEntry, group: _Group) -> tuple[object, ...]:
     )
 
 
-def _read_one(conn: sqlite3.Connection, item_key: str) -> JournalEntry | None:
-    row = conn.execute(_SELECT_ONE, (item_key,)).fetchone()
-    return None if row is None else _row_to_entry(row)
+def _claim(
+    conn: sqlite3.Connection,
+    group: _Group,
+    item: ItemRecord,
+    new_key: str,
+    run_id: str | None,
+    key_max_age: timedelta,
+) -> Claim:
+    """``SQLiteJournal.claim`` on the writer thread: decide, and record a ``SEND``."""
+    row = conn.execute(_CLAIM_READ, (new_key, item.item_key, item.order_id, run_id)).fetchone()
+    owner = row[0]
+    old = None if row[1] is None else _row_to_entry(row[1:16])
+    sibling = None
+    if (old is None or old.status is JournalStatus.REFUSED) and run_id is not None:
+        sibling = None if row[16] is None else _row_to_entry(row[16:])
+    claim = _decide(
+        old,
+        item,
+        new_key,
+        key_owner=owner,
+        sibling=sibling,
+        now=group.now,
+        key_max_age=key_max_age,
+        run_id=run_id,
+    )
+    if claim.action is ClaimAction.SEND:
+        entry = claim.entry
+        conn.execute(_UPSERT, _entry_to_row(entry, group))
+        conn.execute(_ADD_KEY, (entry.idempotency_key, entry.item_key))
+        group.writes += 1
+    return claim
+
+
+def _finish(
+    conn: sqlite3.Connection,
+    group: _Group,
+    item_key: str,
+    status: JournalStatus,
+    capture_id: str | None,
+    error: str | None,
+    attempts: int,
+    reconciled: bool,
+) -> JournalStatus:
+    """``SQLiteJournal.finish`` on the writer thread."""
+    # The same decision as journal._finished, on the three columns it depends on.
+    row = conn.execute(_SELECT_STANDING, (item_key,)).fetchone()
+    if row is None:
+        raise _not_begun(item_key)
+    old_status, old_attempts, old_uncertain = JournalStatus(row[0]), row[1], bool(row[2])
+    total = _total_attempts(old_attempts, attempts)
+    change = _finish_change(old_status, old_uncertain, status, reconciled)
+    if change is None:  # never reopened
+        conn.execute(_SET_ATTEMPTS, (total, group.now_text, item_key))
+        recorded = old_status
+    else:
+        recorded, uncertain = change
+        params = (
+            recorded.value,
+            capture_id,
+            _one_line(error),
+            total,
+            int(uncertain),
+            group.now_text,
+            item_key,
+        )
+        conn.execute(_SET_OUTCOME, params)
+    group.writes += 1
+    return recorded
 
 
 def _settle(outcomes: list[_Outcome], commit: _Commit | None = None) -> None:
@@ -416,7 +491,7 @@ class SQLiteJournal:
             await ready
         except BaseException:
             # Stops the thread if it got as far as serving (e.g. open() was cancelled).
-            work.put([(None, loop.create_future(), False)])
+            work.put([(None, (), loop.create_future(), False)])
             self._lock.release()
             raise
         self._work, self._thread = work, thread
@@ -440,7 +515,7 @@ class SQLiteJournal:
         self._send_unsent()  # calls made in this loop turn are written before the file closes
         self._work = self._thread = None
         closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        work.put([(None, closed, False)])
+        work.put([(None, (), closed, False)])
         try:
             await closed
             # The thread has closed the file and is returning, so this join does not wait.
@@ -450,34 +525,7 @@ class SQLiteJournal:
 
     async def claim(self, item: ItemRecord, new_key: str, *, run_id: str | None = None) -> Claim:
         """Decide what to do with ``item``; durably record a ``SEND`` as in flight."""
-        max_age = self._key_max_age
-
-        def op(conn: sqlite3.Connection, group: _Group) -> Claim:
-            old = _read_one(conn, item.item_key)
-            owner = conn.execute(_KEY_OWNER, (new_key,)).fetchone()
-            sibling = None
-            if (old is None or old.status is JournalStatus.REFUSED) and run_id is not None:
-                params = (item.order_id, item.item_key, run_id)
-                row = conn.execute(_SIBLING, params).fetchone()
-                sibling = None if row is None else _row_to_entry(row)
-            claim = _decide(
-                old,
-                item,
-                new_key,
-                key_owner=owner and owner[0],
-                sibling=sibling,
-                now=group.now,
-                key_max_age=max_age,
-                run_id=run_id,
-            )
-            if claim.action is ClaimAction.SEND:
-                entry = claim.entry
-                conn.execute(_UPSERT, _entry_to_row(entry, group))
-                conn.execute(_ADD_KEY, (entry.idempotency_key, entry.item_key))
-                group.writes += 1
-            return claim
-
-        return await self._call(op, sync=True)
+        return await self._call(_claim, item, new_key, run_id, self._key_max_age, sync=True)
 
     async def finish(
         self,
@@ -490,34 +538,7 @@ class SQLiteJournal:
         reconciled: bool = False,
     ) -> JournalStatus:
         """Durably record an outcome; returns the status recorded (see :meth:`Journal.finish`)."""
-
-        def op(conn: sqlite3.Connection, group: _Group) -> JournalStatus:
-            # The same decision as journal._finished, on the three columns it depends on.
-            row = conn.execute(_SELECT_STANDING, (item_key,)).fetchone()
-            if row is None:
-                raise _not_begun(item_key)
-            old_status, old_attempts, old_uncertain = JournalStatus(row[0]), row[1], bool(row[2])
-            total = _total_attempts(old_attempts, attempts)
-            change = _finish_change(old_status, old_uncertain, status, reconciled)
-            if change is None:  # never reopened
-                conn.execute(_SET_ATTEMPTS, (total, group.now_text, item_key))
-                recorded = old_status
-            else:
-                recorded, uncertain = change
-                params = (
-                    recorded.value,
-                    capture_id,
-                    _one_line(error),
-                    total,
-                    int(uncertain),
-                    group.now_text,
-                    item_key,
-                )
-                conn.execute(_SET_OUTCOME, params)
-            group.writes += 1
-            return recorded
-
-        return await self._call(op)
+        return await self._call(_finish, item_key, status, capture_id, error, attempts, reconciled)
 
     async def entries(
         self,
@@ -575,9 +596,9 @@ class SQLiteJournal:
 
         return await self._call(op)
 
-    async def _call(
-        self, op: Callable[[sqlite3.Connection, _Group], _T], *, sync: bool = False
-    ) -> _T:
+    def _call(self, op: Callable[..., _T], *args: Any, sync: bool = False) -> asyncio.Future[_T]:
+        """``op(conn, group, *args)`` on the writer thread, in the next group's transaction;
+        await the future it returns (a plain function: one coroutine fewer per call)."""
         work = self._work
         if work is None:
             raise _not_open(type(self).__name__)
@@ -586,10 +607,10 @@ class SQLiteJournal:
         # A batch's workers call in bursts (every answer read in one loop turn ends an item
         # and begins the next). Sending each call on its own woke the writer thread and
         # committed once per call; sending a turn's calls together commits them as one.
-        self._unsent.append((op, future, sync))
+        self._unsent.append((op, args, future, sync))
         if len(self._unsent) == 1:
             loop.call_soon(self._send_unsent)
-        return await future
+        return future
 
     def _send_unsent(self) -> None:
         unsent, self._unsent = self._unsent, []
@@ -682,26 +703,27 @@ class SQLiteJournal:
             with contextlib.suppress(queue.Empty):
                 while True:
                     batch.extend(work.get_nowait())
-            calls = [(op, future, sync) for op, future, sync in batch if op is not None]
+            calls = [work for work in batch if work[0] is not None]
             if calls:
                 _resolve(*self._apply(conn, calls))
-            stops = [future for op, future, _ in batch if op is None]
+            stops = [future for op, _, future, _ in batch if op is None]
             if stops:
                 return stops
 
     def _apply(
-        self, conn: sqlite3.Connection, calls: list[tuple[_Op, asyncio.Future[Any], bool]]
+        self, conn: sqlite3.Connection, calls: list[_Work]
     ) -> tuple[list[_Outcome], _Commit | None]:
         """Apply ``calls`` in one transaction: their outcomes, and the commit to report."""
         group = _Group(self._clock())
         listeners = self.commit_listeners
         outcomes: list[_Outcome] = []
         try:
-            self._set_sync(conn, any(sync for _, _, sync in calls))
+            self._set_sync(conn, any(sync for _, _, _, sync in calls))
             conn.execute("BEGIN IMMEDIATE")
-            for op, future, _ in calls:
+            for op, args, future, _ in calls:
+                assert op is not None  # _serve passes only calls
                 try:
-                    outcomes.append((future, op(conn, group), None))
+                    outcomes.append((future, op(conn, group, *args), None))
                 except Exception as exc:
                     if not conn.in_transaction:
                         raise  # SQLite rolled back the whole transaction (disk full, I/O error)
@@ -713,7 +735,7 @@ class SQLiteJournal:
         except Exception as exc:
             with contextlib.suppress(sqlite3.Error):
                 conn.rollback()
-            return [(future, None, exc) for _, future, _ in calls], None
+            return [(future, None, exc) for _, _, future, _ in calls], None
         self.commits += 1
         if group.writes and self._durability == "full":
             # A commit with synchronous=FULL fsyncs the whole WAL, earlier outcomes included.
