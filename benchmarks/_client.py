@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import resource
@@ -331,15 +332,47 @@ async def runner(variant: str, url: str, concurrency: int) -> AsyncIterator[Run]
 async def measure(variant: str, url: str, n: int, concurrency: int, warmup: int) -> dict[str, Any]:
     async with runner(variant, url, concurrency) as run:
         await run(range(10_000_000, 10_000_000 + warmup))
-        wall, cpu = await timed(run(range(n)))
+        split = CpuSplit()
+        wall, cpu = await timed(run(range(n)), split)
     return {
         "variant": variant,
         "n": n,
         "concurrency": concurrency,
         "wall_s": wall,
         "cpu_s": cpu,
+        "loop_thread_cpu_s": split.thread_cpu,
+        "gc_s": split.gc_seconds,
+        "gc_collections": split.collections,
         "peak_rss_mib": peak_rss_mib(),
     }
+
+
+class CpuSplit:
+    """Where a timed run's CPU went: the event loop's thread (``time.thread_time``; the rest
+    of the process CPU is other threads, e.g. the journal's writer) and the garbage
+    collector's passes (``gc.callbacks``: their wall time, on whichever thread ran them)."""
+
+    def __init__(self) -> None:
+        self.thread_cpu = 0.0
+        self.gc_seconds = 0.0
+        self.collections = 0
+        self._started = 0.0
+
+    def _on_gc(self, phase: str, _info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.gc_seconds += time.perf_counter() - self._started
+            self.collections += 1
+
+    def __enter__(self) -> CpuSplit:
+        gc.callbacks.append(self._on_gc)
+        self.thread_cpu = -time.thread_time()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.thread_cpu += time.thread_time()
+        gc.callbacks.remove(self._on_gc)
 
 
 async def paired(
@@ -379,11 +412,14 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-async def timed(work: Awaitable[None]) -> tuple[float, float]:
+async def timed(work: Awaitable[None], split: CpuSplit | None = None) -> tuple[float, float]:
+    """Wall and process CPU seconds of ``work``, after a full collection (not counted);
+    ``split`` also records where the CPU went."""
     gc.collect()
-    wall0, cpu0 = time.perf_counter(), time.process_time()
-    await work
-    return time.perf_counter() - wall0, time.process_time() - cpu0
+    with split or contextlib.nullcontext():
+        wall0, cpu0 = time.perf_counter(), time.process_time()
+        await work
+        return time.perf_counter() - wall0, time.process_time() - cpu0
 
 
 def main(argv: list[str] | None = None) -> None:
