@@ -127,8 +127,11 @@ WHERE item_key = ?
 _SET_ATTEMPTS = "UPDATE journal SET attempts = ?, updated_at = ? WHERE item_key = ?"
 _ADD_KEY = "INSERT OR IGNORE INTO keys VALUES (?, ?)"
 # What a claim decides on, in one statement (a statement costs more in Python than in
-# SQLite): the owner of the offered key (?1), the item's entry (?2), and one unsettled item
-# of the same order (?3) left by another run (?4) or by a journal that kept no run.
+# SQLite): the owner of the offered key (?1), the item's entry (?2), and, for a new or
+# refused item claimed by a run (?4), one unsettled item of the same order (?3) left by
+# another run or by a journal that kept no run. That search reads every item of the order:
+# its first terms (on the parameters and the entry) end it at once when the decision does
+# not need it, or a rerun's claims of a large order would cost its size each.
 _CLAIM_READ = f"""
 SELECT (SELECT item_key FROM keys WHERE idempotency_key = ?1),
     {", ".join("j." + c.strip() for c in _COLUMNS.split(","))},
@@ -137,7 +140,8 @@ FROM (SELECT 1)
 LEFT JOIN journal AS j ON j.item_key = ?2
 LEFT JOIN journal AS s ON s.item_key = (
     SELECT item_key FROM journal
-    WHERE order_id = ?3 AND item_key != ?2 AND status IN ('in_flight', 'failed', 'needs_review')
+    WHERE ?4 IS NOT NULL AND coalesce(j.status, 'refused') = 'refused'
+        AND order_id = ?3 AND item_key != ?2 AND status IN ('in_flight', 'failed', 'needs_review')
         AND (run_id IS NULL OR run_id != ?4)
     LIMIT 1
 )
@@ -239,9 +243,8 @@ def _claim(
     row = conn.execute(_CLAIM_READ, (new_key, item.item_key, item.order_id, run_id)).fetchone()
     owner = row[0]
     old = None if row[1] is None else _row_to_entry(row[1:16])
-    sibling = None
-    if (old is None or old.status is JournalStatus.REFUSED) and run_id is not None:
-        sibling = None if row[16] is None else _row_to_entry(row[16:])
+    # Present only for a new or refused item claimed by a run (see _CLAIM_READ).
+    sibling = None if row[16] is None else _row_to_entry(row[16:])
     claim = _decide(
         old,
         item,

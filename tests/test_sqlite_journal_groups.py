@@ -291,3 +291,49 @@ async def test_a_failing_commit_listener_is_reported_and_changes_nothing(tmp_pat
     assert heard == [1, 1]
     assert [type(c["exception"]) for c in reported] == [RuntimeError, RuntimeError]
     assert "commit listener" in reported[0]["message"]
+
+
+class _CountingSteps:
+    """``sqlite3.connect`` that counts the virtual-machine steps of every connection it makes
+    (a progress handler every 10 steps), so a test can tell how much a call read."""
+
+    def __init__(self, connect: Callable[..., sqlite3.Connection]) -> None:
+        self.steps = 0
+        self._connect = connect
+
+    def _tick(self) -> int:
+        self.steps += 10
+        return 0  # 0: go on
+
+    def __call__(self, *args: Any, **kwargs: Any) -> sqlite3.Connection:
+        conn = self._connect(*args, **kwargs)
+        conn.set_progress_handler(self._tick, 10)
+        return conn
+
+
+async def _rerun_claim_steps(path: Path, items: int, counting: _CountingSteps) -> float:
+    """Steps per claim of a rerun (another run) over an order whose ``items`` are captured."""
+    records = [record(f"o:{i}", "O") for i in range(items)]
+    async with SQLiteJournal(path, durability="normal") as journal:
+        await asyncio.gather(
+            *(journal.claim(r, f"k{i}", run_id="run-1") for i, r in enumerate(records))
+        )
+        await asyncio.gather(*(journal.finish(r.item_key, JournalStatus.CAPTURED) for r in records))
+        counting.steps = 0
+        claims = await asyncio.gather(
+            *(journal.claim(r, f"x{i}", run_id="run-2") for i, r in enumerate(records))
+        )
+    assert {c.action.value for c in claims} == {"skip"}
+    return counting.steps / items
+
+
+async def test_a_rerun_claim_of_a_journaled_item_reads_no_other_item_of_its_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Only a new or refused item is checked against its order's unsettled items; a claim
+    # that read the whole order anyway made a rerun of a large order quadratic.
+    counting = _CountingSteps(sqlite3.connect)
+    monkeypatch.setattr("klarna_om_async.sqlite_journal.sqlite3.connect", counting)
+    small = await _rerun_claim_steps(tmp_path / "small.sqlite", 20, counting)
+    large = await _rerun_claim_steps(tmp_path / "large.sqlite", 400, counting)
+    assert large < small * 2, (small, large)
