@@ -132,10 +132,11 @@ _ADD_KEY = "INSERT OR IGNORE INTO keys VALUES (?, ?)"
 # another run or by a journal that kept no run. That search reads every item of the order:
 # its first terms (on the parameters and the entry) end it at once when the decision does
 # not need it, or a rerun's claims of a large order would cost its size each.
+_COLUMN_NAMES = [name.strip() for name in _COLUMNS.split(",")]
 _CLAIM_READ = f"""
 SELECT (SELECT item_key FROM keys WHERE idempotency_key = ?1),
-    {", ".join("j." + c.strip() for c in _COLUMNS.split(","))},
-    {", ".join("s." + c.strip() for c in _COLUMNS.split(","))}
+    {", ".join("j." + name for name in _COLUMN_NAMES)},
+    {", ".join("s." + name for name in _COLUMN_NAMES)}
 FROM (SELECT 1)
 LEFT JOIN journal AS j ON j.item_key = ?2
 LEFT JOIN journal AS s ON s.item_key = (
@@ -241,10 +242,14 @@ def _claim(
 ) -> Claim:
     """``SQLiteJournal.claim`` on the writer thread: decide, and record a ``SEND``."""
     row = conn.execute(_CLAIM_READ, (new_key, item.item_key, item.order_id, run_id)).fetchone()
-    owner = row[0]
-    old = None if row[1] is None else _row_to_entry(row[1:16])
+    owner, entry_row, sibling_row = (
+        row[0],
+        row[1 : 1 + len(_COLUMN_NAMES)],
+        row[1 + len(_COLUMN_NAMES) :],
+    )
+    old = None if entry_row[0] is None else _row_to_entry(entry_row)
     # Present only for a new or refused item claimed by a run (see _CLAIM_READ).
-    sibling = None if row[16] is None else _row_to_entry(row[16:])
+    sibling = None if sibling_row[0] is None else _row_to_entry(sibling_row)
     claim = _decide(
         old,
         item,
