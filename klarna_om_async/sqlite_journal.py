@@ -49,6 +49,7 @@ _COLUMNS = (
     "item_key, order_id, idempotency_key, status, capture_id, error, attempts, updated_at,"
     " fingerprint, captured_amount, reference, key_sent_at, uncertain, run_id, operation"
 )
+_COLUMN_NAMES = [name.strip() for name in _COLUMNS.split(",")]
 _V1_COLUMNS = [
     "item_key",
     "order_id",
@@ -132,7 +133,6 @@ _ADD_KEY = "INSERT OR IGNORE INTO keys VALUES (?, ?)"
 # another run or by a journal that kept no run. That search reads every item of the order:
 # its first terms (on the parameters and the entry) end it at once when the decision does
 # not need it, or a rerun's claims of a large order would cost its size each.
-_COLUMN_NAMES = [name.strip() for name in _COLUMNS.split(",")]
 _CLAIM_READ = f"""
 SELECT (SELECT item_key FROM keys WHERE idempotency_key = ?1),
     {", ".join("j." + name for name in _COLUMN_NAMES)},
@@ -147,6 +147,9 @@ LEFT JOIN journal AS s ON s.item_key = (
     LIMIT 1
 )
 """
+# Where the claim read's row holds the entry and the sibling.
+_ENTRY = slice(1, 1 + len(_COLUMN_NAMES))
+_SIBLING = slice(1 + len(_COLUMN_NAMES), None)
 # Another process (a report) may hold the write lock briefly.
 _BUSY_TIMEOUT_S = 30.0
 
@@ -242,11 +245,7 @@ def _claim(
 ) -> Claim:
     """``SQLiteJournal.claim`` on the writer thread: decide, and record a ``SEND``."""
     row = conn.execute(_CLAIM_READ, (new_key, item.item_key, item.order_id, run_id)).fetchone()
-    owner, entry_row, sibling_row = (
-        row[0],
-        row[1 : 1 + len(_COLUMN_NAMES)],
-        row[1 + len(_COLUMN_NAMES) :],
-    )
+    owner, entry_row, sibling_row = row[0], row[_ENTRY], row[_SIBLING]
     old = None if entry_row[0] is None else _row_to_entry(entry_row)
     # Present only for a new or refused item claimed by a run (see _CLAIM_READ).
     sibling = None if sibling_row[0] is None else _row_to_entry(sibling_row)
