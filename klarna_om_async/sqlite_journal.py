@@ -126,6 +126,14 @@ UPDATE journal SET status = ?, capture_id = ?, error = ?, attempts = ?, uncertai
 WHERE item_key = ?
 """
 _SET_ATTEMPTS = "UPDATE journal SET attempts = ?, updated_at = ? WHERE item_key = ?"
+# The common finish in one statement: an item in flight that ends captured is recorded
+# captured and certain, whatever else it held (see journal._finish_change). When no row
+# changes, the item stands otherwise (or was never claimed) and the finish reads it first.
+_SET_CAPTURED = """
+UPDATE journal SET status = 'captured', capture_id = ?, error = ?, attempts = attempts + ?,
+    uncertain = 0, updated_at = ?
+WHERE item_key = ? AND status = 'in_flight'
+"""
 _ADD_KEY = "INSERT OR IGNORE INTO keys VALUES (?, ?)"
 # What a claim decides on, in one statement (a statement costs more in Python than in
 # SQLite): the owner of the offered key (?1), the item's entry (?2), and, for a new or
@@ -278,7 +286,12 @@ def _finish(
     reconciled: bool,
 ) -> JournalStatus:
     """``SQLiteJournal.finish`` on the writer thread."""
-    # The same decision as journal._finished, on the three columns it depends on.
+    if status is JournalStatus.CAPTURED and attempts >= 0:
+        params = (capture_id, _one_line(error), attempts, group.now_text, item_key)
+        if conn.execute(_SET_CAPTURED, params).rowcount:
+            group.writes += 1
+            return JournalStatus.CAPTURED
+    # The same decision as journal._finish_change, on the three columns it depends on.
     row = conn.execute(_SELECT_STANDING, (item_key,)).fetchone()
     if row is None:
         raise _not_begun(item_key)

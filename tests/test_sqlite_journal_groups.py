@@ -337,3 +337,34 @@ async def test_a_rerun_claim_of_a_journaled_item_reads_no_other_item_of_its_orde
     small = await _rerun_claim_steps(tmp_path / "small.sqlite", 20, counting)
     large = await _rerun_claim_steps(tmp_path / "large.sqlite", 400, counting)
     assert large < small * 2, (small, large)
+
+
+async def test_an_item_in_flight_that_ends_captured_is_finished_without_reading_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The common finish writes in one statement; any other standing is read first, and
+    # still recorded as journal._finish_change decides (the oracle tests above).
+    statements: list[str] = []
+    connect = sqlite3.connect
+
+    def traced(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        conn = connect(*args, **kwargs)
+        conn.set_trace_callback(statements.append)
+        return conn
+
+    monkeypatch.setattr("klarna_om_async.sqlite_journal.sqlite3.connect", traced)
+    async with SQLiteJournal(tmp_path / "j.sqlite") as journal:
+        for item_key in ("a1", "b1"):
+            assert (await journal.claim(record(item_key), f"k-{item_key}")).action == "send"
+        await journal.finish("b1", JournalStatus.FAILED, attempts=1)
+        statements.clear()
+        assert await journal.finish("a1", JournalStatus.CAPTURED, attempts=2) == "captured"
+        in_flight = [s for s in statements if s.lstrip().startswith(("SELECT", "UPDATE"))]
+        statements.clear()
+        assert await journal.finish("b1", JournalStatus.CAPTURED, attempts=1) == "captured"
+        failed = [s for s in statements if s.lstrip().startswith(("SELECT", "UPDATE"))]
+        entries = {e.item_key: e for e in await journal.entries()}
+    assert [s.split()[0] for s in in_flight] == ["UPDATE"]
+    assert [s.split()[0] for s in failed] == ["UPDATE", "SELECT", "UPDATE"]
+    assert (entries["a1"].attempts, entries["a1"].uncertain) == (2, False)
+    assert (entries["b1"].attempts, entries["b1"].uncertain) == (2, False)
