@@ -287,8 +287,8 @@ def _finish(
 ) -> JournalStatus:
     """``SQLiteJournal.finish`` on the writer thread."""
     if status is JournalStatus.CAPTURED and attempts >= 0:
-        params = (capture_id, _one_line(error), attempts, group.now_text, item_key)
-        if conn.execute(_SET_CAPTURED, params).rowcount:
+        captured = (capture_id, _one_line(error), attempts, group.now_text, item_key)
+        if conn.execute(_SET_CAPTURED, captured).rowcount:
             group.writes += 1
             return JournalStatus.CAPTURED
     # The same decision as journal._finish_change, on the three columns it depends on.
