@@ -479,11 +479,13 @@ class _Run:
     async def _next_item(self) -> BatchItem | None:
         if self.error is not None or self.abort is not None:
             return None
-        raw = await self._next_raw()
+        # A plain iterator's next item without a coroutine: this runs once per item.
+        raw = next(self._iter, None) if self._aiter is None else await self._next_raw()
         return None if raw is None else _as_item(raw)
 
     async def work(self) -> None:
         """Take items until the source runs dry; put one outcome per item, then a None."""
+        outcomes = self.outcomes
         try:
             while (item := await self._next_item()) is not None:
                 if self.in_order:
@@ -501,11 +503,14 @@ class _Run:
                 else:
                     outcome = await self._run_item(item)
                 self._watch(outcome)
-                await self.outcomes.put(outcome)
+                if outcomes.full():
+                    await outcomes.put(outcome)
+                else:
+                    outcomes.put_nowait(outcome)  # no coroutine when there is room
         except Exception as error:  # a broken source or journal: stop taking new items
             if self.error is None:
                 self.error = error
-        await self.outcomes.put(None)
+        await outcomes.put(None)
 
     def _watch(self, outcome: CaptureOutcome) -> None:
         """Stop taking items after a failure that every item would meet."""
@@ -535,27 +540,30 @@ class _Run:
     def _duplicate(self, item: BatchItem) -> CaptureOutcome | None:
         """Refuse an item whose key or idempotency key an earlier item of this batch has."""
         key_name = item.item_key
-        if key_name in self.seen:
-            # Refused, not skipped: the caller meant two captures or made a typo, and a batch
-            # that "succeeds" would hide the part never captured.
-            field, why = (
-                "item_key",
-                f"{key_name!r} appears twice in this batch; give each part of a split"
-                f" {_operation_name(item)} its own reference",
-            )
-        elif item.idempotency_key is not None and not self.seen_keys.add(item.idempotency_key):
+        key = item.idempotency_key
+        if key is None:
+            if self.seen.add(key_name):
+                return None  # the common case: one lookup
+        elif key_name not in self.seen:
+            if self.seen_keys.add(key):
+                self.seen.add(key_name)
+                return None
             # Klarna would replay the first item's answer for the second: one capture, two
             # "captured" reports. This item_key stays unmarked: a later item of it with a key
             # of its own is taken.
-            field, why = (
-                "idempotency_key",
-                f"{item.idempotency_key!r} is given to two items of this batch; each"
-                f" {_operation_name(item)} needs its own key",
+            why = (
+                f"{key!r} is given to two items of this batch; each {_operation_name(item)}"
+                " needs its own key"
             )
-        else:
-            self.seen.add(key_name)
-            return None
-        return _outcome(item, CaptureStatus.REFUSED, "", error=ValidationError(field, why))
+            error = ValidationError("idempotency_key", why)
+            return _outcome(item, CaptureStatus.REFUSED, "", error=error)
+        # Refused, not skipped: the caller meant two captures or made a typo, and a batch
+        # that "succeeds" would hide the part never captured.
+        why = (
+            f"{key_name!r} appears twice in this batch; give each part of a split"
+            f" {_operation_name(item)} its own reference"
+        )
+        return _outcome(item, CaptureStatus.REFUSED, "", error=ValidationError("item_key", why))
 
     def _unaccepted(self, item: BatchItem, operation: Operation | None) -> CaptureOutcome | None:
         """Refuse an item this run cannot run (not an operation, or not the run's one).
@@ -1063,7 +1071,8 @@ async def _engine(
         try:
             running = len(workers)
             while running:
-                outcome = await outcomes.get()
+                # No coroutine when an outcome is waiting (as in a busy batch).
+                outcome = await outcomes.get() if outcomes.empty() else outcomes.get_nowait()
                 if outcome is None:
                     running -= 1
                     continue
