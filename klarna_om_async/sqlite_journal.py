@@ -128,11 +128,12 @@ WHERE item_key = ?
 _SET_ATTEMPTS = "UPDATE journal SET attempts = ?, updated_at = ? WHERE item_key = ?"
 # The common finish in one statement: an item in flight that ends captured is recorded
 # captured and certain, whatever else it held (see journal._finish_change). When no row
-# changes, the item stands otherwise (or was never claimed) and the finish reads it first.
+# changes, the item stands otherwise (or was never claimed, or its attempts would pass
+# SQLite's integers) and the finish reads it first.
 _SET_CAPTURED = """
-UPDATE journal SET status = 'captured', capture_id = ?, error = ?, attempts = attempts + ?,
-    uncertain = 0, updated_at = ?
-WHERE item_key = ? AND status = 'in_flight'
+UPDATE journal SET status = 'captured', capture_id = ?1, error = ?2, attempts = attempts + ?3,
+    uncertain = 0, updated_at = ?4
+WHERE item_key = ?5 AND status = 'in_flight' AND attempts <= 9223372036854775807 - ?3
 """
 _ADD_KEY = "INSERT OR IGNORE INTO keys VALUES (?, ?)"
 # What a claim decides on, in one statement (a statement costs more in Python than in
@@ -286,7 +287,15 @@ def _finish(
     reconciled: bool,
 ) -> JournalStatus:
     """``SQLiteJournal.finish`` on the writer thread."""
-    if status is JournalStatus.CAPTURED and attempts >= 0:
+    # Only with the arguments as the batch passes them: anything else takes the read path,
+    # which refuses it as it always did (an item never claimed first of all).
+    if (
+        status is JournalStatus.CAPTURED
+        and type(attempts) is int
+        and 0 <= attempts < 2**63
+        and (capture_id is None or type(capture_id) is str)
+        and (error is None or type(error) is str)
+    ):
         captured = (capture_id, _one_line(error), attempts, group.now_text, item_key)
         if conn.execute(_SET_CAPTURED, captured).rowcount:
             group.writes += 1
