@@ -112,12 +112,26 @@ def encode(i: int) -> bytes:
     return json.dumps(payload(i), separators=(",", ":")).encode()
 
 
-async def drive(indices: range, concurrency: int, one: One) -> None:
-    """``concurrency`` tasks sending ``one(i)`` for every index, like a bounded worker pool."""
+#: ``--pace``: captures per second, or None for as fast as the stack goes. The library paces
+#: itself (``KlarnaOM(rate_limit=PACE)``); the raw stacks are paced by ``drive``.
+PACE: float | None = None
+
+
+async def drive(indices: range, concurrency: int, one: One, pace: float | None = None) -> None:
+    """``concurrency`` tasks sending ``one(i)`` for every index, like a bounded worker pool;
+    with ``pace``, each call waits for its slot on a 1/pace grid the workers share."""
     shared: Iterator[int] = iter(indices)
+    loop = asyncio.get_running_loop()
+    grid = [loop.time()]
 
     async def worker() -> None:
         for i in shared:
+            if pace is not None:
+                now = loop.time()
+                slot = grid[0] = max(grid[0], now)
+                grid[0] += 1 / pace
+                if slot > now:
+                    await asyncio.sleep(slot - now)
             await one(i)
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -187,7 +201,9 @@ def client(url: str, concurrency: int, tracing: Tracing = "off") -> KlarnaOM:
     """The library's client; with ``tracing``, OpenTelemetry installed but no SDK configured
     (the API's no-op provider, as in a service that ships tracing and turns it off)."""
     if tracing == "off":
-        return KlarnaOM(USERNAME, PASSWORD, base_url=url, max_connections=concurrency)
+        return KlarnaOM(
+            USERNAME, PASSWORD, base_url=url, max_connections=concurrency, rate_limit=PACE
+        )
     from klarna_om_async.telemetry import instrument, otel_middleware
 
     if tracing == "middleware":
@@ -197,8 +213,11 @@ def client(url: str, concurrency: int, tracing: Tracing = "off") -> KlarnaOM:
             base_url=url,
             max_connections=concurrency,
             middlewares=[otel_middleware()],
+            rate_limit=PACE,
         )
-    return instrument(KlarnaOM(USERNAME, PASSWORD, base_url=url, max_connections=concurrency))
+    return instrument(
+        KlarnaOM(USERNAME, PASSWORD, base_url=url, max_connections=concurrency, rate_limit=PACE)
+    )
 
 
 @asynccontextmanager
@@ -290,7 +309,7 @@ async def runner(variant: str, url: str, concurrency: int) -> AsyncIterator[Run]
     if variant in ("many", "many_journal", "many_journal_normal"):
         with tempfile.TemporaryDirectory(prefix="klarna-om-bench-") as tmp:
             async with KlarnaOM(
-                USERNAME, PASSWORD, base_url=url, max_connections=concurrency
+                USERNAME, PASSWORD, base_url=url, max_connections=concurrency, rate_limit=PACE
             ) as om:
                 if variant == "many":
                     yield Run(lambda indices: run_batch(om, indices, concurrency, None))
@@ -325,8 +344,10 @@ async def runner(variant: str, url: str, concurrency: int) -> AsyncIterator[Run]
         stack = library(url, concurrency, get=False, tracing="instrument")
     else:
         raise SystemExit(f"unknown variant {variant!r}; one of {', '.join(VARIANTS)}")
+    # The library paces itself (its client's rate_limit); a raw stack is paced here.
+    pace = PACE if variant.startswith(("raw_", "httpx_")) else None
     async with stack as one:
-        yield Run(lambda indices: drive(indices, concurrency, one))
+        yield Run(lambda indices: drive(indices, concurrency, one, pace))
 
 
 async def measure(variant: str, url: str, n: int, concurrency: int, warmup: int) -> dict[str, Any]:
@@ -434,7 +455,10 @@ def main(argv: list[str] | None = None) -> None:
         "--paired-with", metavar="BASELINE", choices=VARIANTS, help="measure against BASELINE"
     )
     parser.add_argument("--slice", type=int, default=1000, help="captures per paired slice")
+    parser.add_argument("--pace", type=float, help="captures per second (default: unpaced)")
     args = parser.parse_args(argv)
+    global PACE
+    PACE = args.pace
     if not args.url.startswith("http://127.0.0.1:"):
         raise SystemExit("the benchmark only talks to a server on 127.0.0.1")
     coro: Awaitable[dict[str, Any]]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 import urllib.error
@@ -38,6 +39,23 @@ def test_a_quick_run_completes_and_writes_its_tables(tmp_path: Path) -> None:
     assert {run["variant"] for run in paired} >= {"create", "many", "many_journal", "create_get"}
     assert all(run["ratio"] == run["cpu_s"] / run["baseline_cpu_s"] for run in paired)
     assert "paired ratio" in report
+
+
+def test_a_paced_run_sends_at_its_pace_and_judges_no_target(tmp_path: Path) -> None:
+    command = [sys.executable, str(BENCH), "--quick", "-n", "40", "--variants", "create"]
+    command += ["--no-scaling", "--pace", "400", "--out", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+
+    report = (tmp_path / "RESULTS.md").read_text()
+    assert "Paced at 400 captures/s" in report
+    assert re.search(r"≤ [\d.]+x (met|MISSED)", report) is None
+    (raw,) = tmp_path.glob("bench-*.json")
+    main = [run for run in json.loads(raw.read_text())["runs"] if "table" not in run]
+    # Both stacks kept the pace: 40 captures 1/400 s apart span 97.5 ms (unpaced: ~10 ms);
+    # the bound leaves room for timers that fire a clock tick early.
+    assert {run["variant"] for run in main} == {"raw_create", "create"}
+    assert all(run["wall_s"] >= 30 / 400 for run in main)
 
 
 def test_unknown_variants_are_refused(tmp_path: Path) -> None:
