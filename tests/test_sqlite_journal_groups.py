@@ -385,3 +385,44 @@ async def test_the_one_statement_finish_refuses_what_a_finish_always_refused(
             await journal.finish("a1", JournalStatus.CAPTURED, attempts=2**63 - 1)
         [entry] = await journal.entries()
     assert (entry.status, entry.attempts) == (JournalStatus.IN_FLIGHT, 1)
+
+
+async def test_an_outcome_waits_for_the_next_claim_and_shares_its_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # In a batch an item's outcome and the next item's claim come from different items a
+    # few milliseconds apart: one commit for both. (A long wait makes the test exact.)
+    monkeypatch.setattr("klarna_om_async.sqlite_journal._LINGER_S", 60.0)
+    async with SQLiteJournal(tmp_path / "j.sqlite") as journal:
+        assert (await journal.claim(record("a1"), "k1")).action == "send"
+        commits = journal.commits
+        finishing = asyncio.ensure_future(journal.finish("a1", JournalStatus.CAPTURED))
+        # Sent on its own, the outcome would be committed within this wait (a few ms); it
+        # waits for the claim instead (the wait bounds the test, not the library).
+        done, _ = await asyncio.wait({finishing}, timeout=0.5)
+        assert not done
+        assert journal.commits == commits
+        assert (await journal.claim(record("b1"), "k2")).action == "send"
+        assert await finishing == "captured"
+        assert journal.commits == commits + 1
+
+
+async def test_a_read_or_close_sends_a_waiting_outcome_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("klarna_om_async.sqlite_journal._LINGER_S", 60.0)
+    path = tmp_path / "j.sqlite"
+    async with SQLiteJournal(path) as journal:
+        for item_key in ("a1", "b1"):
+            assert (await journal.claim(record(item_key), f"k-{item_key}")).action == "send"
+        finishing = asyncio.ensure_future(journal.finish("a1", JournalStatus.CAPTURED))
+        await asyncio.sleep(0)  # the finish is queued, waiting for a claim
+        [entry] = await journal.entries(item_key="a1")  # read after it: sees it
+        assert entry.status is JournalStatus.CAPTURED
+        assert await finishing == "captured"
+        closing = asyncio.ensure_future(journal.finish("b1", JournalStatus.FAILED))
+        await asyncio.sleep(0)
+    assert await closing == "failed"  # closing wrote it, without waiting
+    async with SQLiteJournal(path) as journal:
+        [entry] = await journal.entries(item_key="b1")
+    assert entry.status is JournalStatus.FAILED
