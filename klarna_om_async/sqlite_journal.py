@@ -161,10 +161,12 @@ _ENTRY = slice(1, 1 + len(_COLUMN_NAMES))
 _SIBLING = slice(1 + len(_COLUMN_NAMES), None)
 # Another process (a report) may hold the write lock briefly.
 _BUSY_TIMEOUT_S = 30.0
-# How long an outcome (a finish) waits for a claim to share its transaction. In a batch an
-# item's outcome and the next claim come from different items a few milliseconds apart (at
-# Klarna's 200 per second, 5 ms); sharing one transaction, an item costs one commit and one
-# wake-up of each thread instead of two. A claim, or any read, never waits.
+# How long an outcome (a finish) waits for a claim to share its transaction, while other
+# items are being sent. In a batch an item's outcome and the next claim come from different
+# items a few milliseconds apart (at Klarna's 200 per second, 5 ms); sharing one transaction,
+# an item costs one commit and one wake-up of each thread instead of two. The last item in
+# flight does not wait (one item at a time, an order's items in turn, a reconciliation:
+# nothing else would come), and a claim or a read never waits.
 _LINGER_S = 0.005
 
 _T = TypeVar("_T")
@@ -491,10 +493,14 @@ class SQLiteJournal:
         self._work: _Queue | None = None
         # Calls made since the last flush; sent to the writer thread as one group.
         self._unsent: list[_Work] = []
-        # Whether they are to be sent at the end of this loop turn, or when an outcome's
-        # wait for a claim (_LINGER_S) ends.
-        self._soon = False
+        # The loop that sends them at the end of its turn, and the timer that sends them when
+        # an outcome's wait for a claim ends (_LINGER_S), with its loop: a loop that ended
+        # (asyncio.run returns) may not have run either, and a later loop must not wait on it.
+        self._soon: asyncio.AbstractEventLoop | None = None
         self._lingering: asyncio.TimerHandle | None = None
+        self._lingering_loop: asyncio.AbstractEventLoop | None = None
+        # Claims answered SEND and not finished yet: items being sent (see _LINGER_S).
+        self._sending = 0
         self._thread: threading.Thread | None = None
         # The writer thread's current PRAGMA synchronous (see _set_sync), and whether an
         # outcome has been committed since the last fsync (made durable at close).
@@ -565,7 +571,10 @@ class SQLiteJournal:
 
     async def claim(self, item: ItemRecord, new_key: str, *, run_id: str | None = None) -> Claim:
         """Decide what to do with ``item``; durably record a ``SEND`` as in flight."""
-        return await self._call(_claim, item, new_key, run_id, self._key_max_age, sync=True)
+        claim = await self._call(_claim, item, new_key, run_id, self._key_max_age, sync=True)
+        if claim.action is ClaimAction.SEND:
+            self._sending += 1
+        return claim
 
     async def finish(
         self,
@@ -578,8 +587,10 @@ class SQLiteJournal:
         reconciled: bool = False,
     ) -> JournalStatus:
         """Durably record an outcome; returns the status recorded (see :meth:`Journal.finish`)."""
+        self._sending = max(0, self._sending - 1)
+        linger = self._sending > 0  # another item being sent: its successor's claim comes
         return await self._call(
-            _finish, item_key, status, capture_id, error, attempts, reconciled, linger=True
+            _finish, item_key, status, capture_id, error, attempts, reconciled, linger=linger
         )
 
     async def entries(
@@ -657,19 +668,21 @@ class SQLiteJournal:
         # committed once per call; sending a turn's calls together commits them as one, and
         # an outcome waiting for the next claim shares its commit too.
         self._unsent.append((op, args, future, sync))
-        if not linger:
-            if not self._soon:
-                self._soon = True
-                loop.call_soon(self._send_unsent)
-        elif self._lingering is None and not self._soon:
+        if self._soon is loop:
+            pass  # sent at the end of this turn
+        elif not linger:
+            self._soon = loop
+            loop.call_soon(self._send_unsent)
+        elif self._lingering is None or self._lingering_loop is not loop:
             self._lingering = loop.call_later(_LINGER_S, self._send_unsent)
+            self._lingering_loop = loop
         return future
 
     def _send_unsent(self) -> None:
-        self._soon = False
-        if self._lingering is not None:
-            self._lingering.cancel()
-            self._lingering = None
+        self._soon = None
+        lingering, self._lingering = self._lingering, None
+        if lingering is not None and self._lingering_loop is asyncio.get_running_loop():
+            lingering.cancel()  # (a timer of another loop is left to find nothing to send)
         unsent, self._unsent = self._unsent, []
         # Empty when close() sent them first; _call refuses new calls once closed.
         if unsent and self._work is not None:

@@ -19,7 +19,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from klarna_om_async.journal import ItemRecord, Journal, JournalStatus, MemoryJournal
+from klarna_om_async.journal import (
+    ItemRecord,
+    Journal,
+    JournalEntry,
+    JournalStatus,
+    MemoryJournal,
+)
 from klarna_om_async.sqlite_journal import SQLiteJournal
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
@@ -392,9 +398,10 @@ async def test_an_outcome_waits_for_the_next_claim_and_shares_its_commit(
 ) -> None:
     # In a batch an item's outcome and the next item's claim come from different items a
     # few milliseconds apart: one commit for both. (A long wait makes the test exact.)
-    monkeypatch.setattr("klarna_om_async.sqlite_journal._LINGER_S", 60.0)
+    monkeypatch.setattr("klarna_om_async.sqlite_journal._LINGER_S", 3600.0)
     async with SQLiteJournal(tmp_path / "j.sqlite") as journal:
-        assert (await journal.claim(record("a1"), "k1")).action == "send"
+        for item_key in ("a1", "b1"):  # two items being sent
+            assert (await journal.claim(record(item_key), f"k-{item_key}")).action == "send"
         commits = journal.commits
         finishing = asyncio.ensure_future(journal.finish("a1", JournalStatus.CAPTURED))
         # Sent on its own, the outcome would be committed within this wait (a few ms); it
@@ -402,22 +409,34 @@ async def test_an_outcome_waits_for_the_next_claim_and_shares_its_commit(
         done, _ = await asyncio.wait({finishing}, timeout=0.5)
         assert not done
         assert journal.commits == commits
-        assert (await journal.claim(record("b1"), "k2")).action == "send"
+        assert (await journal.claim(record("a2"), "k-a2")).action == "send"
         assert await finishing == "captured"
         assert journal.commits == commits + 1
+
+
+async def test_the_last_item_being_sent_does_not_wait_for_a_claim(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One item at a time (concurrency 1, an order's items in turn): no claim would come.
+    monkeypatch.setattr("klarna_om_async.sqlite_journal._LINGER_S", 3600.0)
+    async with SQLiteJournal(tmp_path / "j.sqlite") as journal:
+        for item_key in ("a1", "a2"):
+            assert (await journal.claim(record(item_key), f"k-{item_key}")).action == "send"
+            finishing = journal.finish(item_key, JournalStatus.CAPTURED)
+            assert await asyncio.wait_for(finishing, timeout=30) == "captured"
 
 
 async def test_a_read_or_close_sends_a_waiting_outcome_at_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("klarna_om_async.sqlite_journal._LINGER_S", 60.0)
+    monkeypatch.setattr("klarna_om_async.sqlite_journal._LINGER_S", 3600.0)
     path = tmp_path / "j.sqlite"
     async with SQLiteJournal(path) as journal:
-        for item_key in ("a1", "b1"):
+        for item_key in ("a1", "b1", "a2"):
             assert (await journal.claim(record(item_key), f"k-{item_key}")).action == "send"
         finishing = asyncio.ensure_future(journal.finish("a1", JournalStatus.CAPTURED))
         await asyncio.sleep(0)  # the finish is queued, waiting for a claim
-        [entry] = await journal.entries(item_key="a1")  # read after it: sees it
+        [entry] = await journal.entries(item_key="a1")  # a read after it sees it
         assert entry.status is JournalStatus.CAPTURED
         assert await finishing == "captured"
         closing = asyncio.ensure_future(journal.finish("b1", JournalStatus.FAILED))
@@ -426,3 +445,32 @@ async def test_a_read_or_close_sends_a_waiting_outcome_at_once(
     async with SQLiteJournal(path) as journal:
         [entry] = await journal.entries(item_key="b1")
     assert entry.status is JournalStatus.FAILED
+
+
+def test_an_outcome_left_waiting_by_an_ended_loop_does_not_stall_the_next_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # asyncio.run may end while an outcome waits for a claim: its timer never runs, and a
+    # later loop using the same journal must not wait for it (it waited for ever).
+    monkeypatch.setattr("klarna_om_async.sqlite_journal._LINGER_S", 3600.0)
+    journal = SQLiteJournal(tmp_path / "j.sqlite")
+
+    async def first() -> None:
+        await journal.open()
+        for item_key in ("a1", "b1", "a2"):
+            assert (await journal.claim(record(item_key), f"k-{item_key}")).action == "send"
+        waiting = asyncio.ensure_future(journal.finish("a1", JournalStatus.CAPTURED))
+        await asyncio.sleep(0)
+        assert not waiting.done()  # asyncio.run cancels its caller; the write stays queued
+
+    async def second() -> list[JournalEntry]:
+        finishing = journal.finish("b1", JournalStatus.CAPTURED)
+        assert await asyncio.wait_for(finishing, timeout=30) == "captured"
+        entries = await journal.entries()
+        await journal.close()
+        return entries
+
+    asyncio.run(first())
+    monkeypatch.setattr("klarna_om_async.sqlite_journal._LINGER_S", 0.005)
+    entries = {e.item_key: e.status for e in asyncio.run(second())}
+    assert entries == {"a1": "captured", "b1": "captured", "a2": "in_flight"}
