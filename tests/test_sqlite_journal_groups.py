@@ -393,12 +393,18 @@ async def test_the_one_statement_finish_refuses_what_a_finish_always_refused(
     assert (entry.status, entry.attempts) == (JournalStatus.IN_FLIGHT, 1)
 
 
+def _wait_long(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An outcome waits an hour for a claim, and a claim is recent for an hour: exact tests."""
+    monkeypatch.setattr("klarna_om_async.sqlite_journal._LINGER_S", 3600.0)
+    monkeypatch.setattr("klarna_om_async.sqlite_journal._CLAIMED_LATELY_S", 3600.0)
+
+
 async def test_an_outcome_waits_for_the_next_claim_and_shares_its_commit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # In a batch an item's outcome and the next item's claim come from different items a
     # few milliseconds apart: one commit for both. (A long wait makes the test exact.)
-    monkeypatch.setattr("klarna_om_async.sqlite_journal._LINGER_S", 3600.0)
+    _wait_long(monkeypatch)
     async with SQLiteJournal(tmp_path / "j.sqlite") as journal:
         for item_key in ("a1", "b1"):  # two items being sent
             assert (await journal.claim(record(item_key), f"k-{item_key}")).action == "send"
@@ -414,12 +420,15 @@ async def test_an_outcome_waits_for_the_next_claim_and_shares_its_commit(
         assert journal.commits == commits + 1
 
 
-async def test_the_last_item_being_sent_does_not_wait_for_a_claim(
+async def test_an_outcome_of_the_item_claimed_last_does_not_wait_for_a_claim(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # One item at a time (concurrency 1, an order's items in turn): no claim would come.
-    monkeypatch.setattr("klarna_om_async.sqlite_journal._LINGER_S", 3600.0)
+    # One item at a time (concurrency 1, an order's items in turn, the others stuck or
+    # abandoned by a cancelled batch): the next claim can only come after this outcome.
+    _wait_long(monkeypatch)
     async with SQLiteJournal(tmp_path / "j.sqlite") as journal:
+        for item_key in ("b1", "b2"):  # in flight, never finished here
+            assert (await journal.claim(record(item_key), f"k-{item_key}")).action == "send"
         for item_key in ("a1", "a2"):
             assert (await journal.claim(record(item_key), f"k-{item_key}")).action == "send"
             finishing = journal.finish(item_key, JournalStatus.CAPTURED)
@@ -429,7 +438,7 @@ async def test_the_last_item_being_sent_does_not_wait_for_a_claim(
 async def test_a_read_or_close_sends_a_waiting_outcome_at_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("klarna_om_async.sqlite_journal._LINGER_S", 3600.0)
+    _wait_long(monkeypatch)
     path = tmp_path / "j.sqlite"
     async with SQLiteJournal(path) as journal:
         for item_key in ("a1", "b1", "a2"):
@@ -452,7 +461,7 @@ def test_an_outcome_left_waiting_by_an_ended_loop_does_not_stall_the_next_loop(
 ) -> None:
     # asyncio.run may end while an outcome waits for a claim: its timer never runs, and a
     # later loop using the same journal must not wait for it (it waited for ever).
-    monkeypatch.setattr("klarna_om_async.sqlite_journal._LINGER_S", 3600.0)
+    _wait_long(monkeypatch)
     journal = SQLiteJournal(tmp_path / "j.sqlite")
 
     async def first() -> None:
@@ -471,6 +480,6 @@ def test_an_outcome_left_waiting_by_an_ended_loop_does_not_stall_the_next_loop(
         return entries
 
     asyncio.run(first())
-    monkeypatch.setattr("klarna_om_async.sqlite_journal._LINGER_S", 0.005)
+    monkeypatch.setattr("klarna_om_async.sqlite_journal._LINGER_S", 0.005)  # still waits
     entries = {e.item_key: e.status for e in asyncio.run(second())}
     assert entries == {"a1": "captured", "b1": "captured", "a2": "in_flight"}
