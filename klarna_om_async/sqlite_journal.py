@@ -459,8 +459,9 @@ class SQLiteJournal:
 
     A dedicated thread owns the connection: calls queue their work and await a future; the
     thread takes everything queued, applies it in ONE transaction, commits, then resolves the
-    futures. A ``finish`` waits up to 5 ms for a later call (the next item's claim) to share
-    its transaction; every other call is sent at the end of the event loop's turn. The event
+    futures. A ``finish`` made while claims are coming (another item was claimed after its
+    own, within 10 ms) waits up to 5 ms for a later call (the next item's claim) to share its
+    transaction; every other call is sent at the end of the event loop's turn. The event
     loop never waits for the disk, and thousands of concurrent calls cost few commits (see
     :attr:`commits`). Cancelling a call does not withdraw its write.
     """
