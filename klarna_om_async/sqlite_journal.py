@@ -673,8 +673,8 @@ class SQLiteJournal:
         # an outcome waiting for the next claim shares its commit too.
         self._unsent.append((op, args, future, sync))
         if self._soon is loop:
-            pass  # sent at the end of this turn
-        elif not linger:
+            return future  # sent at the end of this turn anyway
+        if not linger:
             self._soon = loop
             loop.call_soon(self._send_unsent)
         elif self._lingering is None or self._lingering_loop is not loop:
