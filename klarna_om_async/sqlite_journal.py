@@ -43,7 +43,7 @@ from .operations import Operation
 __all__ = ("SQLiteJournal",)
 
 
-_SCHEMA_VERSION = 3
+_SCHEMA_VERSION = 4
 # "KOMJ": marks the file as ours, so another program's database is never written to.
 _APPLICATION_ID = 0x4B4F4D4A
 _COLUMNS = (
@@ -61,9 +61,14 @@ _V1_COLUMNS = [
     "attempts",
     "updated_at",
 ]
+# A rowid table (schema 4): rows lie in the order they were claimed, so the outcomes of items
+# claimed together are written to the same few pages; keyed by item_key (WITHOUT ROWID, as
+# before), each outcome of an order id as random as Klarna's dirtied a page of its own, and
+# every dirty page is a frame the writer thread writes to the WAL at each commit (about 40%
+# of the writer's work for 20,000 items with UUID order ids).
 _CREATE = """
 CREATE TABLE journal (
-    item_key        TEXT PRIMARY KEY,
+    item_key        TEXT PRIMARY KEY NOT NULL,
     order_id        TEXT NOT NULL,
     idempotency_key TEXT NOT NULL,
     status          TEXT NOT NULL,
@@ -78,7 +83,7 @@ CREATE TABLE journal (
     uncertain       INTEGER NOT NULL DEFAULT 0,
     run_id          TEXT,
     operation       TEXT NOT NULL DEFAULT 'capture'
-) WITHOUT ROWID;
+);
 """
 # Every key ever handed out, and to which item: Klarna replays a key's first answer for 24
 # hours, so a key retired by a refused item must not be given to another.
@@ -104,6 +109,15 @@ UPDATE journal SET uncertain = 1 WHERE status IN ('in_flight', 'failed');
 # ``captured_amount`` holds the operation's amount and ``capture_id`` the id it created.
 _MIGRATE_V2 = """
 ALTER TABLE journal ADD COLUMN operation TEXT NOT NULL DEFAULT 'capture'
+"""
+# Version 4 rebuilds the table as a rowid table (see _CREATE), in the transaction that opens
+# the file: every row is copied as it was, or nothing changes.
+_MIGRATE_V3 = f"""
+{_CREATE.replace("CREATE TABLE journal (", "CREATE TABLE journal_v4 (").strip().rstrip(";")};
+INSERT INTO journal_v4 ({_COLUMNS}) SELECT {_COLUMNS} FROM journal;
+DROP TABLE journal;
+ALTER TABLE journal_v4 RENAME TO journal;
+CREATE INDEX journal_by_order ON journal (order_id)
 """
 _INDEXES = """
 CREATE INDEX IF NOT EXISTS journal_by_order ON journal (order_id);
@@ -746,26 +760,33 @@ class SQLiteJournal:
                 )
             if version == 2:
                 conn.execute(_MIGRATE_V2)
+            if version < _SCHEMA_VERSION:
+                self._execute_all(conn, _MIGRATE_V3)
                 conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
             return
         if not tables and app_id == 0:
             conn.execute(_CREATE)
             conn.execute(_CREATE_KEYS)
         elif app_id == 0 and version == 1 and tables == ["journal"] and self._v1(conn):
-            for statement in _MIGRATE_V1.strip().split(";\n"):
-                conn.execute(statement)
+            self._execute_all(conn, _MIGRATE_V1)
             conn.execute(_MIGRATE_V2)
             conn.execute(_CREATE_KEYS)
+            self._execute_all(conn, _MIGRATE_V3)
         else:
             what = ", ".join(tables[:3]) or f"application id {app_id}"
             raise NotAJournalError(
                 f"{self._path} is not a klarna-om journal (it holds {what}); choose another"
                 " journal path"
             )
-        for statement in _INDEXES.strip().split(";\n"):
-            conn.execute(statement.rstrip(";"))
+        self._execute_all(conn, _INDEXES)
         conn.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
         conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+
+    @staticmethod
+    def _execute_all(conn: sqlite3.Connection, script: str) -> None:
+        # One statement at a time: executescript() would commit the transaction first.
+        for statement in script.strip().split(";\n"):
+            conn.execute(statement.rstrip(";"))
 
     @staticmethod
     def _v1(conn: sqlite3.Connection) -> bool:

@@ -768,7 +768,7 @@ async def test_a_version_2_journal_opens_migrates_and_its_captures_keep_matching
     assert len(fake.requests) == before + 1  # the refund only
     assert refund.status is CaptureStatus.CAPTURED
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone() == (3,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (4,)
         columns = [r[1] for r in conn.execute("PRAGMA table_info(journal)")]
     conn.close()
     assert columns[-1] == "operation"

@@ -511,6 +511,63 @@ async def test_a_version_1_journal_is_migrated_and_its_unknown_items_reconciled(
         assert (await begin(j, "b", "ob", "new")).action is ClaimAction.SKIP
 
 
+_V3_SCHEMA = """
+CREATE TABLE journal (
+    item_key TEXT PRIMARY KEY, order_id TEXT NOT NULL, idempotency_key TEXT NOT NULL,
+    status TEXT NOT NULL, capture_id TEXT, error TEXT, attempts INTEGER NOT NULL,
+    updated_at TEXT NOT NULL, fingerprint TEXT, captured_amount INTEGER, reference TEXT,
+    key_sent_at TEXT, uncertain INTEGER NOT NULL DEFAULT 0, run_id TEXT,
+    operation TEXT NOT NULL DEFAULT 'capture'
+) WITHOUT ROWID;
+CREATE TABLE keys (idempotency_key TEXT PRIMARY KEY, item_key TEXT NOT NULL) WITHOUT ROWID;
+CREATE INDEX journal_by_order ON journal (order_id);
+PRAGMA application_id = 1263488330;
+PRAGMA user_version = 3;
+"""
+
+
+async def test_a_version_3_journal_is_rebuilt_with_every_row_and_key_as_it_was(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "v3.sqlite"
+    now = datetime.now(UTC)
+    rows = [
+        ("captured", "oa", "ka", "captured", "ca", None, 1, 0, "run1", "capture"),
+        ("flight", "ob", "kb", "in_flight", None, None, 2, 1, "run1", "capture"),
+        ("refused", "oc", "kc2", "refused", None, "403 ...", 5, 0, None, "refund"),
+        ("review", "od", "kd", "needs_review", None, "??", 1, 1, "run2", "capture"),
+    ]
+    with sqlite3.connect(path) as conn:
+        conn.executescript(_V3_SCHEMA)
+        for item_key, order_id, key, status, capture_id, error, attempts, doubt, run, op in rows:
+            stamp = now.isoformat()
+            fingerprint = f"{order_id}/100/None"
+            row = (item_key, order_id, key, status, capture_id, error, attempts, stamp)
+            row_v3 = (*row, fingerprint, 100, None, stamp, doubt, run, op)
+            conn.execute(f"INSERT INTO journal VALUES ({', '.join('?' * 15)})", row_v3)
+            conn.execute("INSERT INTO keys VALUES (?, ?)", (key, item_key))
+        conn.execute("INSERT INTO keys VALUES ('kc1', 'refused')")  # retired by the refusal
+        before = conn.execute("SELECT * FROM journal ORDER BY item_key").fetchall()
+    conn.close()
+
+    async with SQLiteJournal(path) as j:
+        assert (await begin(j, "flight", "ob", "new")).entry.idempotency_key == "kb"
+        assert (await begin(j, "captured", "oa", "new")).action is ClaimAction.SKIP
+        taken = await begin(j, "another", "oe", "kc1")  # the refused item's first key
+        assert taken.action is ClaimAction.CONFLICT
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (4,)
+        after = conn.execute("SELECT * FROM journal ORDER BY item_key").fetchall()
+        # A rowid table now (a table WITHOUT ROWID has no such column).
+        assert conn.execute("SELECT count(rowid) FROM journal").fetchone() == (4,)
+        indexes = {r[1] for r in conn.execute("PRAGMA index_list(journal)")}
+    conn.close()
+    # Every row as it was, but the one the rerun resent (in flight again, its doubt kept).
+    assert [r for r in after if r[0] != "flight"] == [r for r in before if r[0] != "flight"]
+    assert [r[:3] for r in after if r[0] == "flight"] == [("flight", "ob", "kb")]
+    assert "journal_by_order" in indexes
+
+
 # --- SQLiteJournal only (older tests) ---
 
 

@@ -7,9 +7,11 @@ MemoryJournal, which applies each call on its own, is the oracle.
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import tempfile
 import threading
+import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -483,3 +485,35 @@ def test_an_outcome_left_waiting_by_an_ended_loop_does_not_stall_the_next_loop(
     monkeypatch.setattr("klarna_om_async.sqlite_journal._LINGER_S", 0.005)  # still waits
     entries = {e.item_key: e.status for e in asyncio.run(second())}
     assert entries == {"a1": "captured", "b1": "captured", "a2": "in_flight"}
+
+
+async def test_outcomes_of_items_claimed_together_are_written_to_few_pages(
+    tmp_path: Path,
+) -> None:
+    # Each page a commit changes is written to the WAL. Order ids as random as Klarna's
+    # spread items keyed by order over the whole table, so 60 outcomes written together
+    # changed some 60 pages; rows in claim order put them on a few.
+    path = tmp_path / "j.sqlite"
+    items = [record(f"{uuid.uuid4()}:ref", f"order-{n}") for n in range(3060)]
+    async with SQLiteJournal(path) as j:
+        for group in (items[:3000], items[3000:]):
+            await asyncio.gather(*(j.claim(item, str(uuid.uuid4())) for item in group))
+        await asyncio.gather(
+            *(
+                j.finish(item.item_key, JournalStatus.CAPTURED, capture_id="c")
+                for item in items[:3000]
+            )
+        )
+        with sqlite3.connect(path) as other:  # the journal is idle: empty its WAL
+            assert other.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+            (page_size,) = other.execute("PRAGMA page_size").fetchone()
+        other.close()
+        await asyncio.gather(
+            *(
+                j.finish(item.item_key, JournalStatus.CAPTURED, capture_id="c")
+                for item in items[3000:]
+            )
+        )
+        wal = await asyncio.to_thread(os.path.getsize, f"{path}-wal")
+    frames = (wal - 32) // (page_size + 24)
+    assert 0 < frames <= 8
