@@ -110,6 +110,9 @@ UPDATE journal SET uncertain = 1 WHERE status IN ('in_flight', 'failed');
 _MIGRATE_V2 = """
 ALTER TABLE journal ADD COLUMN operation TEXT NOT NULL DEFAULT 'capture'
 """
+# An order's items by run (schema 4): a claim looks for another run's unsettled item of its
+# order and skips its own run's items without reading them (see _CLAIM_READ).
+_BY_ORDER = "CREATE INDEX IF NOT EXISTS journal_by_order ON journal (order_id, run_id)"
 # Version 4 rebuilds the table as a rowid table (see _CREATE), in the transaction that opens
 # the file: every row is copied as it was, or nothing changes.
 _MIGRATE_V3 = f"""
@@ -117,10 +120,10 @@ _MIGRATE_V3 = f"""
 INSERT INTO journal_v4 ({_COLUMNS}) SELECT {_COLUMNS} FROM journal;
 DROP TABLE journal;
 ALTER TABLE journal_v4 RENAME TO journal;
-CREATE INDEX journal_by_order ON journal (order_id)
+{_BY_ORDER}
 """
-_INDEXES = """
-CREATE INDEX IF NOT EXISTS journal_by_order ON journal (order_id);
+_INDEXES = f"""
+{_BY_ORDER};
 INSERT OR IGNORE INTO keys SELECT idempotency_key, item_key FROM journal;
 """
 _UPSERT = f"""
@@ -154,22 +157,26 @@ _ADD_KEY = "INSERT OR IGNORE INTO keys VALUES (?, ?)"
 # What a claim decides on, in one statement (a statement costs more in Python than in
 # SQLite): the owner of the offered key (?1), the item's entry (?2), and, for a new or
 # refused item claimed by a run (?4), one unsettled item of the same order (?3) left by
-# another run or by a journal that kept no run. That search reads every item of the order:
-# its first terms (on the parameters and the entry) end it at once when the decision does
-# not need it, or a rerun's claims of a large order would cost its size each.
+# another run or by a journal that kept no run. That search reads the order's items of
+# other runs (three ranges of journal_by_order: no run, and runs before and after ?4 in
+# text order), never its own run's: a first run of thousands of items of one order read
+# them all at each claim. Its first terms (on the parameters and the entry) end it at once
+# when the decision does not need it, or a rerun's claims of a large order would cost its
+# size each.
+_OTHER_RUNS = " UNION ALL ".join(
+    f"""SELECT item_key FROM journal
+    WHERE ?4 IS NOT NULL AND coalesce(j.status, 'refused') = 'refused'
+        AND order_id = ?3 AND {runs} AND item_key != ?2
+        AND status IN ('in_flight', 'failed', 'needs_review')"""
+    for runs in ("run_id IS NULL", "run_id < ?4", "run_id > ?4")
+)
 _CLAIM_READ = f"""
 SELECT (SELECT item_key FROM keys WHERE idempotency_key = ?1),
     {", ".join("j." + name for name in _COLUMN_NAMES)},
     {", ".join("s." + name for name in _COLUMN_NAMES)}
 FROM (SELECT 1)
 LEFT JOIN journal AS j ON j.item_key = ?2
-LEFT JOIN journal AS s ON s.item_key = (
-    SELECT item_key FROM journal
-    WHERE ?4 IS NOT NULL AND coalesce(j.status, 'refused') = 'refused'
-        AND order_id = ?3 AND item_key != ?2 AND status IN ('in_flight', 'failed', 'needs_review')
-        AND (run_id IS NULL OR run_id != ?4)
-    LIMIT 1
-)
+LEFT JOIN journal AS s ON s.item_key = ({_OTHER_RUNS} LIMIT 1)
 """
 # Where the claim read's row holds the entry and the sibling.
 _ENTRY = slice(1, 1 + len(_COLUMN_NAMES))

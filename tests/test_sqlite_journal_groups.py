@@ -517,3 +517,49 @@ async def test_outcomes_of_items_claimed_together_are_written_to_few_pages(
         wal = await asyncio.to_thread(os.path.getsize, f"{path}-wal")
     frames = (wal - 32) // (page_size + 24)
     assert 0 < frames <= 8
+
+
+async def test_a_claim_reads_none_of_its_own_runs_items_of_the_order(tmp_path: Path) -> None:
+    # A new item's claim looks for another run's unsettled item of its order. It read every
+    # item of the order, its own run's too: a first run of 8,000 items of one order took
+    # seconds of claims. Counted in SQLite's steps, not in time.
+    from klarna_om_async.sqlite_journal import _CLAIM_READ
+
+    def steps(path: Path, order_id: str) -> int:
+        count = 0
+
+        def step() -> int:
+            nonlocal count
+            count += 1
+            return 0
+
+        with sqlite3.connect(path) as conn:
+            conn.set_progress_handler(step, 1)
+            conn.execute(_CLAIM_READ, ("new-key", f"{order_id}:new", order_id, "run-1"))
+            conn.set_progress_handler(None, 1)
+        conn.close()
+        return count
+
+    path = tmp_path / "j.sqlite"
+    async with SQLiteJournal(path) as j:
+        for order_id, size in (("small", 10), ("large", 1000)):
+            items = [record(f"{order_id}:{n}", order_id) for n in range(size)]
+            await asyncio.gather(
+                *(j.claim(item, f"k-{item.item_key}", run_id="run-1") for item in items)
+            )
+    assert steps(path, "large") < steps(path, "small") + 50  # not the 990 items more
+
+
+@pytest.mark.parametrize("other_run", [None, "run-0", "run-2"])
+async def test_a_new_item_waits_for_any_other_runs_unsettled_item_of_its_order(
+    tmp_path: Path, other_run: str | None
+) -> None:
+    # The search reads three ranges (no run, runs before and after this one in text order):
+    # an unsettled item of each must hold a new item of its order back, as before.
+    async with SQLiteJournal(tmp_path / "j.sqlite") as j:
+        assert (await j.claim(record("a1"), "k-a1", run_id=other_run)).action == "send"
+        assert (await j.claim(record("b1"), "k-b1", run_id="run-1")).action == "send"
+        held = await j.claim(record("a2"), "k-a2", run_id="run-1")
+        sent = await j.claim(record("b2"), "k-b2", run_id="run-1")  # its own run's: sent
+    assert (held.action, sent.action) == ("conflict", "send")
+    assert "under item 'a1'" in (held.reason or "")
