@@ -2,12 +2,13 @@
 
     python benchmarks/_client.py VARIANT --url http://127.0.0.1:PORT -n 20000 -c 64
 
-Every variant sends the same captures: order ``bench-{i}``, the same headers and the same
-JSON body (the reference capture request with a per-item ``reference``); each item's body is
-built per request (a dict for the raw stacks, a ``CaptureRequest`` for the library), as an
-application would. A warm-up round (its own orders) opens the connections and fills caches
-first; then the process CPU time (all threads, so the journal's writer thread counts), the
-wall time and, at exit, the peak RSS are taken.
+Every variant sends the same captures: order ``bench-{i}`` (``many_journal_uuid``: a UUID, as
+Klarna's order ids are), the same headers and the same JSON body (the reference capture
+request with a per-item ``reference``); each item's body is built per request (a dict for
+the raw stacks, a ``CaptureRequest`` for the library), as an application would. A warm-up
+round (its own orders) opens the connections and fills caches first; then the process CPU
+time (all threads, so the journal's writer thread counts), the wall time and, at exit, the
+peak RSS are taken.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import hashlib
 import json
 import resource
 import sys
@@ -47,6 +49,14 @@ One = Callable[[int], Awaitable[None]]
 
 def order_id(i: int) -> str:
     return f"bench-{i:07d}"
+
+
+def klarna_order_id(i: int) -> str:
+    """Order ``i``'s id as Klarna issues them: a UUID, random-looking (the same for the same
+    ``i``). Where items land in the journal's indexes depends on it: ``bench-{i}`` ids follow
+    each other, Klarna's are scattered."""
+    digest = hashlib.blake2b(i.to_bytes(8, "big"), digest_size=16).digest()
+    return str(uuid.UUID(bytes=digest, version=4))
 
 
 def payload(i: int) -> dict[str, Any]:
@@ -239,8 +249,14 @@ async def library(
         yield create_get if get else create
 
 
-async def run_batch(om: KlarnaOM, indices: range, concurrency: int, journal: Any) -> None:
-    items = ((order_id(i), model(i)) for i in indices)
+async def run_batch(
+    om: KlarnaOM,
+    indices: range,
+    concurrency: int,
+    journal: Any,
+    order_ids: Callable[[int], str] = order_id,
+) -> None:
+    items = ((order_ids(i), model(i)) for i in indices)
     captured = 0
     async for outcome in om.capture_many(items, concurrency=concurrency, journal=journal):
         if outcome.capture_id is None:
@@ -259,6 +275,7 @@ VARIANTS = (
     "many",
     "many_journal",
     "many_journal_normal",
+    "many_journal_uuid",
     "raw_create_get",
     "create_get",
     "httpx_create",
@@ -286,9 +303,16 @@ class JournaledRun(Run):
     the same empty file and paired slices stay comparable."""
 
     def __init__(
-        self, om: KlarnaOM, concurrency: int, folder: Path, durability: Literal["full", "normal"]
+        self,
+        om: KlarnaOM,
+        concurrency: int,
+        folder: Path,
+        durability: Literal["full", "normal"],
+        order_ids: Callable[[int], str] = order_id,
     ) -> None:
-        super().__init__(lambda indices: run_batch(om, indices, concurrency, self.journal))
+        super().__init__(
+            lambda indices: run_batch(om, indices, concurrency, self.journal, order_ids)
+        )
         self.folder = folder
         self.durability = durability
         self.journal: SQLiteJournal | None = None
@@ -306,7 +330,7 @@ class JournaledRun(Run):
 @asynccontextmanager
 async def runner(variant: str, url: str, concurrency: int) -> AsyncIterator[Run]:
     """A ``Run`` that sends captures through ``variant``'s stack."""
-    if variant in ("many", "many_journal", "many_journal_normal"):
+    if variant in ("many", "many_journal", "many_journal_normal", "many_journal_uuid"):
         with tempfile.TemporaryDirectory(prefix="klarna-om-bench-") as tmp:
             async with KlarnaOM(
                 USERNAME, PASSWORD, base_url=url, max_connections=concurrency, rate_limit=PACE
@@ -317,7 +341,8 @@ async def runner(variant: str, url: str, concurrency: int) -> AsyncIterator[Run]
                 durability: Literal["full", "normal"] = (
                     "normal" if variant == "many_journal_normal" else "full"
                 )
-                run = JournaledRun(om, concurrency, Path(tmp), durability)
+                ids = klarna_order_id if variant == "many_journal_uuid" else order_id
+                run = JournaledRun(om, concurrency, Path(tmp), durability, ids)
                 await run.renew()
                 try:
                     yield run

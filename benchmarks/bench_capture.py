@@ -47,6 +47,12 @@ VARIANTS: dict[str, tuple[str, str]] = {
         '`om.capture_many`, SQLite journal, `durability="normal"`',
         "raw_create",
     ),
+    # Klarna's order ids are UUIDs: scattered over the journal's indexes, where bench-{i}
+    # ids follow each other (the rows above).
+    "many_journal_uuid": (
+        "`om.capture_many`, SQLite journal, order ids as Klarna's (UUIDs)",
+        "raw_create",
+    ),
     "httpx_create": ("httpx `AsyncClient`: POST capture", "raw_create"),
     "raw_create_get": ("raw aiohttp: POST + GET, `json.loads`", "raw_create_get"),
     "create_get": ("`create` + `get` (cattrs `Capture`)", "raw_create_get"),
