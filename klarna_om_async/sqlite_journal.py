@@ -111,21 +111,21 @@ _MIGRATE_V2 = """
 ALTER TABLE journal ADD COLUMN operation TEXT NOT NULL DEFAULT 'capture'
 """
 # An order's items by run (schema 4): a claim looks for another run's unsettled item of its
-# order and skips its own run's items without reading them (see _CLAIM_READ).
-_BY_ORDER = "CREATE INDEX IF NOT EXISTS journal_by_order ON journal (order_id, run_id)"
+# order and skips its own run's items without reading them (see _CLAIM_READ). Made sure of
+# at every open; the index by order alone (schema 3) is dropped.
+_BY_ORDER = """
+DROP INDEX IF EXISTS journal_by_order;
+CREATE INDEX IF NOT EXISTS journal_by_order_run ON journal (order_id, run_id)
+"""
 # Version 4 rebuilds the table as a rowid table (see _CREATE), in the transaction that opens
 # the file: every row is copied as it was, or nothing changes.
 _MIGRATE_V3 = f"""
 {_CREATE.replace("CREATE TABLE journal (", "CREATE TABLE journal_v4 (").strip().rstrip(";")};
 INSERT INTO journal_v4 ({_COLUMNS}) SELECT {_COLUMNS} FROM journal;
 DROP TABLE journal;
-ALTER TABLE journal_v4 RENAME TO journal;
-{_BY_ORDER}
+ALTER TABLE journal_v4 RENAME TO journal
 """
-_INDEXES = f"""
-{_BY_ORDER};
-INSERT OR IGNORE INTO keys SELECT idempotency_key, item_key FROM journal;
-"""
+_FILL_KEYS = "INSERT OR IGNORE INTO keys SELECT idempotency_key, item_key FROM journal"
 _UPSERT = f"""
 INSERT INTO journal ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (item_key) DO UPDATE SET
@@ -158,7 +158,7 @@ _ADD_KEY = "INSERT OR IGNORE INTO keys VALUES (?, ?)"
 # SQLite): the owner of the offered key (?1), the item's entry (?2), and, for a new or
 # refused item claimed by a run (?4), one unsettled item of the same order (?3) left by
 # another run or by a journal that kept no run. That search reads the order's items of
-# other runs (three ranges of journal_by_order: no run, and runs before and after ?4 in
+# other runs (three ranges of journal_by_order_run: no run, and runs before and after ?4 in
 # text order), never its own run's: a first run of thousands of items of one order read
 # them all at each claim. Its first terms (on the parameters and the entry) end it at once
 # when the decision does not need it, or a rerun's claims of a large order would cost its
@@ -770,6 +770,7 @@ class SQLiteJournal:
             if version < _SCHEMA_VERSION:
                 self._execute_all(conn, _MIGRATE_V3)
                 conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+            self._execute_all(conn, _BY_ORDER)
             return
         if not tables and app_id == 0:
             conn.execute(_CREATE)
@@ -785,7 +786,8 @@ class SQLiteJournal:
                 f"{self._path} is not a klarna-om journal (it holds {what}); choose another"
                 " journal path"
             )
-        self._execute_all(conn, _INDEXES)
+        self._execute_all(conn, _BY_ORDER)
+        conn.execute(_FILL_KEYS)
         conn.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
         conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
 

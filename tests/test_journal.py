@@ -565,7 +565,29 @@ async def test_a_version_3_journal_is_rebuilt_with_every_row_and_key_as_it_was(
     # Every row as it was, but the one the rerun resent (in flight again, its doubt kept).
     assert [r for r in after if r[0] != "flight"] == [r for r in before if r[0] != "flight"]
     assert [r[:3] for r in after if r[0] == "flight"] == [("flight", "ob", "kb")]
-    assert "journal_by_order" in indexes
+    assert indexes == {"journal_by_order_run", "sqlite_autoindex_journal_1"}
+
+
+async def test_a_journal_opened_gets_the_order_index_by_run_whatever_index_it_had(
+    tmp_path: Path,
+) -> None:
+    # Schema 4's first form had the order index by order alone: claims then read every
+    # item of the order, their own run's too.
+    path = tmp_path / "j.sqlite"
+    async with SQLiteJournal(path) as j:
+        await begin(j, "a", "oa", "ka")
+    with sqlite3.connect(path) as conn:
+        conn.execute("DROP INDEX journal_by_order_run")
+        conn.execute("CREATE INDEX journal_by_order ON journal (order_id)")
+    conn.close()
+    async with SQLiteJournal(path) as j:
+        assert (await begin(j, "a", "oa", "new")).entry.idempotency_key == "ka"
+    with sqlite3.connect(path) as conn:
+        indexes = {r[1]: r[2] for r in conn.execute("PRAGMA index_list(journal)")}
+        columns = [r[2] for r in conn.execute("PRAGMA index_info(journal_by_order_run)")]
+    conn.close()
+    assert set(indexes) == {"journal_by_order_run", "sqlite_autoindex_journal_1"}
+    assert columns == ["order_id", "run_id"]
 
 
 # --- SQLiteJournal only (older tests) ---
