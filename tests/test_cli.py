@@ -1272,6 +1272,40 @@ def test_reconcile_captured_refuses_a_capture_of_another_item_or_reference(
     assert journal_summary(journal) == {"captured": 1, "needs_review": 2}
 
 
+def test_reconcile_captured_refuses_one_capture_given_to_two_items(
+    served: ServedFake, tmp_path: Path
+) -> None:
+    # Two items recorded as one capture: the report would count money Klarna took once
+    # twice, and the other item, never captured, as done. Two items (of item keys given in
+    # the input) that ask for the same amount and reference both match the capture.
+    order_id = served.add_order(10_000)
+    journal = str(tmp_path / "j.sqlite")
+
+    async def setup() -> str:
+        policy = RetryPolicy(max_attempts=1)
+        async with KlarnaOM(USERNAME, PASSWORD, base_url=served.fake.base_url, retry=policy) as om:
+            made = await om.captures.create(order_id, CaptureRequest(captured_amount=5000))
+        async with SQLiteJournal(journal) as opened:
+            for part in ("ra", "rb"):
+                key = f"{order_id}:{part}"
+                item = ItemRecord(
+                    item_key=key, order_id=order_id, captured_amount=5000, fingerprint=key
+                )
+                await opened.claim(item, f"key-{key}")
+                await opened.finish(key, JournalStatus.NEEDS_REVIEW, reconciled=True)
+        return made.capture_id
+
+    made = asyncio.run(setup())
+    marks = ["--captured", f"{order_id}:ra", made, "--captured", f"{order_id}:rb", made]
+    both = cli(["reconcile", journal, *marks], served)
+    assert both.exit_code == 2, both.output
+    assert f"is already item '{order_id}:ra'" in both.stderr
+    assert journal_summary(journal) == {"needs_review": 2}
+    one = cli(["reconcile", journal, *marks[:3]], served)
+    assert one.exit_code == 0, one.output
+    assert journal_summary(journal) == {"captured": 1, "needs_review": 1}
+
+
 def test_reconcile_captured_with_klarna_unreachable_is_one_line(tmp_path: Path) -> None:
     journal = str(tmp_path / "j.sqlite")
 

@@ -152,11 +152,13 @@ async def _settle(path: str, marks: list[tuple[str, str | None]], connection: Co
     """Settle reviewed items by hand; a capture id given is checked against Klarna first."""
     journal = await open_journal(SQLiteJournal(path))
     try:
-        known = {e.item_key: e for e in await journal.entries()}
+        # Only the marked items and their orders are read: a journal may hold millions.
+        known: dict[str, JournalEntry] = {}
         for key, _ in marks:
-            entry = known.get(key)
-            if entry is None:
+            found = await journal.entries(item_key=key)
+            if not found:
                 raise InputError(f"{path} has no item {key!r}")
+            entry = known[key] = found[0]
             if entry.status is not JournalStatus.NEEDS_REVIEW:
                 # An unknown item is settled exactly by its key (a rerun) or by reading the
                 # order (reconcile without marks); a hand-made verdict could double-capture.
@@ -164,13 +166,19 @@ async def _settle(path: str, marks: list[tuple[str, str | None]], connection: Co
                     f"item {key!r} is {entry.status.value}, not needs_review; only an item that"
                     " needs review is settled by hand (rerun the batch, or reconcile)"
                 )
-        taken = {(e.operation, e.capture_id): e.item_key for e in known.values() if e.capture_id}
+        # A capture (refund) id is its order's: an item of another order cannot hold it, and
+        # _check_created refuses one that is not the item's order's.
+        taken: dict[tuple[Operation, str], str] = {}
+        for order_id in {entry.order_id for entry in known.values()}:
+            for other in await journal.entries(order_id=order_id):
+                if other.capture_id:
+                    taken[other.operation, other.capture_id] = other.item_key
         async with connection.client() as om:
             for key, capture_id in marks:
                 if capture_id is not None:
                     entry = known[key]
-                    owner = taken.get((entry.operation, capture_id))
-                    if owner is not None:
+                    owner = taken.setdefault((entry.operation, capture_id), key)
+                    if owner != key:  # recorded, or marked for an earlier item of this call
                         noun = _noun(entry.operation)
                         raise InputError(f"{noun} {capture_id} is already item {owner!r}'s")
                     await _check_created(om, entry, capture_id)
