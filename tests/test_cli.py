@@ -1296,13 +1296,16 @@ def test_reconcile_captured_refuses_one_capture_given_to_two_items(
         return made.capture_id
 
     made = asyncio.run(setup())
-    marks = ["--captured", f"{order_id}:ra", made, "--captured", f"{order_id}:rb", made]
-    both = cli(["reconcile", journal, *marks], served)
+    marks = ["--captured", f"{order_id}:ra", made, "--captured", f"{order_id}:rb", f" {made}\t"]
+    both = cli(["reconcile", journal, *marks], served)  # Klarna reads " X\t" as X
     assert both.exit_code == 2, both.output
     assert f"is already item '{order_id}:ra'" in both.stderr
     assert journal_summary(journal) == {"needs_review": 2}
     one = cli(["reconcile", journal, *marks[:3]], served)
     assert one.exit_code == 0, one.output
+    again = cli(["reconcile", journal, *marks[3:]], served)
+    assert again.exit_code == 2, again.output
+    assert f"is already item '{order_id}:ra'" in again.stderr
     assert journal_summary(journal) == {"captured": 1, "needs_review": 1}
 
 

@@ -8,8 +8,9 @@ import sys
 
 import click
 
+from .._routes import normalize_id
 from ..client import KlarnaOM
-from ..errors import KlarnaError, NotFoundError
+from ..errors import KlarnaError, NotFoundError, ValidationError
 from ..journal import JournalEntry, JournalStatus
 from ..operations import Operation
 from ..reconcile import Reconciliation, Verdict
@@ -104,7 +105,14 @@ def reconcile(
     if not os.path.exists(journal):
         raise InputError(f"no journal at {journal}")
     if mark_captured or mark_not_captured:
-        marks: list[tuple[str, str | None]] = [(key, cid) for key, cid in mark_captured]
+        try:
+            # The id as Klarna reads it (and as it is recorded): " X" is X, which a recorded
+            # X must then refuse for another item.
+            marks: list[tuple[str, str | None]] = [
+                (key, normalize_id("capture_id", cid)) for key, cid in mark_captured
+            ]
+        except ValidationError as error:
+            raise InputError(str(error)) from None
         marks += [(key, None) for key in mark_not_captured]
         twice = sorted({key for key, _ in marks if [k for k, _ in marks].count(key) > 1})
         if twice:
@@ -167,7 +175,7 @@ async def _settle(path: str, marks: list[tuple[str, str | None]], connection: Co
                     " needs review is settled by hand (rerun the batch, or reconcile)"
                 )
         # A capture (refund) id is its order's: an item of another order cannot hold it, and
-        # _check_created refuses one that is not the item's order's.
+        # _check_created refuses one that Klarna does not show under the item's order.
         taken: dict[tuple[Operation, str], str] = {}
         for order_id in {entry.order_id for entry in known.values()}:
             for other in await journal.entries(order_id=order_id):
