@@ -526,6 +526,45 @@ def test_batch_rerun_with_the_journal_finishes_unknown_outcomes_exactly_once(
     assert all(len(served.posts(order)) == 1 for order in orders if order != lost)
 
 
+def test_batch_whose_journal_cannot_be_written_stops_in_one_line_and_reruns_exactly_once(
+    served: ServedFake, tmp_path: Path
+) -> None:
+    # A full disk fails the journal's writes mid-batch: SQLite's error came as a traceback
+    # after a summary that looked complete.
+    orders = [served.add_order(1000) for _ in range(6)]
+    path = write(
+        tmp_path, "o.csv", "order_id,captured_amount\n" + "".join(f"{o},1000\n" for o in orders)
+    )
+    journal = str(tmp_path / "run.sqlite")
+
+    async def make() -> None:
+        async with SQLiteJournal(journal):
+            pass
+
+    asyncio.run(make())
+    with sqlite3.connect(journal) as conn:  # the fourth claim finds the disk full
+        conn.execute(
+            "CREATE TRIGGER full BEFORE INSERT ON journal WHEN (SELECT count(*) FROM journal) >= 3"
+            " BEGIN SELECT RAISE(ROLLBACK, 'database or disk is full'); END"
+        )
+    conn.close()
+    first = cli(["batch", path, "--journal", journal, "--concurrency", "1", "--json"], served)
+    assert first.exit_code == 1, first.output
+    assert isinstance(first.exception, SystemExit)
+    [line] = first.stderr.splitlines()
+    assert line.startswith(f"The journal {journal} could not be written (database or disk")
+    assert "rerun the same command" in line
+    summary = json_lines(first.stdout)[-1]
+    assert summary["type"] == "summary"
+    assert "could not be written" in summary["stopped"]
+    with sqlite3.connect(journal) as conn:
+        conn.execute("DROP TRIGGER full")
+    conn.close()
+    second = cli(["batch", path, "--journal", journal], served)
+    assert second.exit_code == 0, second.output
+    assert [served.booked(order) for order in orders] == [1] * 6
+
+
 def test_batch_human_output_says_how_to_finish_failed_items(
     served: ServedFake, tmp_path: Path
 ) -> None:
@@ -1307,6 +1346,32 @@ def test_reconcile_captured_refuses_one_capture_given_to_two_items(
     assert again.exit_code == 2, again.output
     assert f"is already item '{order_id}:ra'" in again.stderr
     assert journal_summary(journal) == {"captured": 1, "needs_review": 1}
+
+
+def test_reconcile_whose_journal_cannot_be_written_says_so_in_one_line(
+    served: ServedFake, tmp_path: Path
+) -> None:
+    journal = str(tmp_path / "j.sqlite")
+
+    async def setup() -> None:
+        async with SQLiteJournal(journal) as opened:
+            item = ItemRecord(item_key="o:a", order_id="o", captured_amount=1, fingerprint="f")
+            await opened.claim(item, "key-a")
+            await opened.finish("o:a", JournalStatus.NEEDS_REVIEW, reconciled=True)
+
+    asyncio.run(setup())
+    with sqlite3.connect(journal) as conn:
+        conn.execute(
+            "CREATE TRIGGER full BEFORE UPDATE ON journal"
+            " BEGIN SELECT RAISE(ROLLBACK, 'database or disk is full'); END"
+        )
+    conn.close()
+    result = cli(["reconcile", journal, "--not-captured", "o:a"], served)
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit)
+    [line] = result.stderr.splitlines()
+    assert f"the journal {journal} could not be written (database or disk is full)" in line
+    assert journal_summary(journal) == {"needs_review": 1}
 
 
 def test_reconcile_captured_with_klarna_unreachable_is_one_line(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import sqlite3
 import sys
 from collections.abc import AsyncIterator
 from typing import Literal
@@ -220,6 +221,7 @@ async def _run(settings: _Settings, connection: Connection) -> bool:
     )
     interrupted = completed = False
     stopped: BatchAbortedError | None = None
+    journal_failed: sqlite3.Error | None = None
     try:
         with open_batch(
             settings.path, settings.fmt, encoding=settings.encoding, delimiter=settings.delimiter
@@ -241,6 +243,8 @@ async def _run(settings: _Settings, connection: Connection) -> bool:
                         )
                     except BatchAbortedError as error:  # it cannot work: said once, below
                         stopped = error
+                    except sqlite3.Error as error:  # the journal cannot be written (disk full)
+                        journal_failed = error
                     finally:
                         view.tally.rate_limited = om.rate_limited_count
         completed = True
@@ -255,11 +259,26 @@ async def _run(settings: _Settings, connection: Connection) -> bool:
         # No summary when the file or the journal could not be opened: nothing ran. A file
         # without rows did run, and its summary shows 0 items.
         if completed or view.tally.items or interrupted:
-            _finish(view, settings, interrupted=interrupted, stopped=stopped)
+            failed = None if journal_failed is None else _journal_failed(settings, journal_failed)
+            _finish(view, settings, interrupted=interrupted, stopped=stopped, failed=failed)
     if stopped is not None:
         click.echo(str(stopped), err=True)
         return False
+    if journal_failed is not None:
+        click.echo(_journal_failed(settings, journal_failed), err=True)
+        return False
     return view.tally.all_done
+
+
+def _journal_failed(settings: _Settings, error: sqlite3.Error) -> str:
+    # Every claim that returned was durable before its item was sent; an item whose outcome
+    # could not be recorded stays in flight, and the rerun resends its key (Klarna replays).
+    return (
+        f"The journal {settings.journal} could not be written ({error}): no new items were"
+        " started. Items started are recorded in it (in flight where their outcome could not"
+        " be written); once it can be written (free disk space), rerun the same command to"
+        " finish them with their original keys."
+    )
 
 
 def _total(settings: _Settings) -> int | None:
@@ -292,8 +311,11 @@ def _finish(
     *,
     interrupted: bool,
     stopped: BatchAbortedError | None = None,
+    failed: str | None = None,
 ) -> None:
     notes = [f"Journal: {settings.journal}"] if settings.journal else []
+    if failed is not None:
+        notes.append(failed)
     if stopped is not None:
         notes.append(
             f"Stopped early: {stopped.not_sent_count} items were not sent (not claimed in the"
@@ -315,4 +337,6 @@ def _finish(
     extra: dict[str, object] = {"journal": settings.journal, "interrupted": interrupted}
     if stopped is not None:
         extra.update(stopped=str(stopped), not_sent=stopped.not_sent_count)
+    if failed is not None:
+        extra.update(stopped=failed)
     view.finish(notes=notes, extra=extra)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import os
+import sqlite3
 import sys
 
 import click
@@ -126,6 +127,8 @@ def reconcile(
             sys.exit(interrupted.exit_code)
         except KlarnaError as error:  # the capture could not be checked: nothing settled
             raise click.ClickException(f"nothing was settled: {error}") from None
+        except sqlite3.Error as error:  # the journal cannot be written (disk full)
+            raise _unwritable(journal, error) from None
         for key, capture_id in marks:
             told = f"captured as {capture_id}" if capture_id else "not captured"
             click.echo(f"Settled {key}: {told}.")
@@ -137,6 +140,8 @@ def reconcile(
     except Interrupted as interrupted:
         click.echo("Interrupted: items not yet reconciled are left as they were.", err=True)
         sys.exit(interrupted.exit_code)
+    except sqlite3.Error as error:
+        raise _unwritable(journal, error) from None
     for result in results:
         _show(result, json_output)
     counts = collections.Counter(r.verdict for r in results)
@@ -154,6 +159,13 @@ def reconcile(
         click.echo(f"Reconciled {len(results)} unknown item(s) of {journal}: {told or 'none'}.")
     troubled = counts[Verdict.NEEDS_REVIEW] + counts[None]
     sys.exit(EXIT_SOME_NOT_CAPTURED if troubled else EXIT_OK)
+
+
+def _unwritable(journal: str, error: sqlite3.Error) -> InputError:
+    return InputError(
+        f"the journal {journal} could not be written ({error}); what was recorded before"
+        " stands: run the same command again once it can be written (free disk space)"
+    )
 
 
 async def _settle(path: str, marks: list[tuple[str, str | None]], connection: Connection) -> None:
