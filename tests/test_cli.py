@@ -8,6 +8,7 @@ tests are synchronous and the fake serves from its own loop in a background thre
 from __future__ import annotations
 
 import asyncio
+import errno
 import io
 import os
 import re
@@ -563,6 +564,27 @@ def test_batch_whose_journal_cannot_be_written_stops_in_one_line_and_reruns_exac
     second = cli(["batch", path, "--journal", journal], served)
     assert second.exit_code == 0, second.output
     assert [served.booked(order) for order in orders] == [1] * 6
+
+
+def test_batch_whose_journal_fails_its_last_fsync_says_so_in_one_line(
+    served: ServedFake, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Closing fsyncs the outcomes written since the last claim; its OSError came as a
+    # traceback after a summary that looked complete.
+    order_id = served.add_order(1000)
+    path = write(tmp_path, "o.csv", f"order_id,captured_amount\n{order_id},1000\n")
+    journal = str(tmp_path / "run.sqlite")
+
+    def broken(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr("klarna_om_async.sqlite_journal.os.fsync", broken)
+    result = cli(["batch", path, "--journal", journal], served)
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit)
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"The journal {journal} could not be written ([Errno 5]")
+    assert served.booked(order_id) == 1
 
 
 def test_batch_human_output_says_how_to_finish_failed_items(

@@ -221,7 +221,8 @@ async def _run(settings: _Settings, connection: Connection) -> bool:
     )
     interrupted = completed = False
     stopped: BatchAbortedError | None = None
-    journal_failed: sqlite3.Error | None = None
+    # The journal's failures: a write mid-batch (a full disk, an I/O error), or its close.
+    journal_failed: list[sqlite3.Error | OSError] = []
     try:
         with open_batch(
             settings.path, settings.fmt, encoding=settings.encoding, delimiter=settings.delimiter
@@ -230,7 +231,7 @@ async def _run(settings: _Settings, connection: Connection) -> bool:
                 # --rate is the merchant's limit: the client's pace, which then also
                 # overrides the (lower) pace it would take from Klarna's X-Ratelimit-Limit.
                 connection.client(deadline=_BATCH_DEADLINE, rate_limit=settings.rate) as om,
-                _journal(settings) as journal,
+                _journal(settings, journal_failed) as journal,
             ):
                 with view:
                     try:
@@ -243,8 +244,10 @@ async def _run(settings: _Settings, connection: Connection) -> bool:
                         )
                     except BatchAbortedError as error:  # it cannot work: said once, below
                         stopped = error
-                    except sqlite3.Error as error:  # the journal cannot be written (disk full)
-                        journal_failed = error
+                    except sqlite3.Error as error:
+                        if not _journal_fault(error):
+                            raise  # a bug, not the journal's state: shown as one
+                        journal_failed.append(error)
                     finally:
                         view.tally.rate_limited = om.rate_limited_count
         completed = True
@@ -259,25 +262,32 @@ async def _run(settings: _Settings, connection: Connection) -> bool:
         # No summary when the file or the journal could not be opened: nothing ran. A file
         # without rows did run, and its summary shows 0 items.
         if completed or view.tally.items or interrupted:
-            failed = None if journal_failed is None else _journal_failed(settings, journal_failed)
+            failed = _journal_failed(settings, journal_failed[0]) if journal_failed else None
             _finish(view, settings, interrupted=interrupted, stopped=stopped, failed=failed)
     if stopped is not None:
         click.echo(str(stopped), err=True)
         return False
-    if journal_failed is not None:
-        click.echo(_journal_failed(settings, journal_failed), err=True)
+    if journal_failed:
+        click.echo(_journal_failed(settings, journal_failed[0]), err=True)
         return False
     return view.tally.all_done
 
 
-def _journal_failed(settings: _Settings, error: sqlite3.Error) -> str:
+def _journal_fault(error: sqlite3.Error) -> bool:
+    """Whether ``error`` is the journal file's state (full, unwritable, locked, corrupt)."""
+    return isinstance(error, sqlite3.OperationalError | sqlite3.IntegrityError) or (
+        type(error) is sqlite3.DatabaseError
+    )
+
+
+def _journal_failed(settings: _Settings, error: sqlite3.Error | OSError) -> str:
     # Every claim that returned was durable before its item was sent; an item whose outcome
     # could not be recorded stays in flight, and the rerun resends its key (Klarna replays).
     return (
-        f"The journal {settings.journal} could not be written ({error}): no new items were"
-        " started. Items started are recorded in it (in flight where their outcome could not"
-        " be written); once it can be written (free disk space), rerun the same command to"
-        " finish them with their original keys."
+        f"The journal {settings.journal} could not be written ({error}); no item was started"
+        " after that. Items started are recorded in it (in flight where their outcome could"
+        " not be written): once it can be written (a full disk, another program holding it),"
+        " rerun the same command to finish them with their original keys."
     )
 
 
@@ -291,7 +301,10 @@ def _total(settings: _Settings) -> int | None:
 
 
 @contextlib.asynccontextmanager
-async def _journal(settings: _Settings) -> AsyncIterator[SQLiteJournal | None]:
+async def _journal(
+    settings: _Settings, failed: list[sqlite3.Error | OSError]
+) -> AsyncIterator[SQLiteJournal | None]:
+    """The batch's journal, opened; a failure to close it (its last fsync) goes to ``failed``."""
     if settings.journal is None:
         yield None
         return
@@ -302,7 +315,10 @@ async def _journal(settings: _Settings) -> AsyncIterator[SQLiteJournal | None]:
             click.echo(note, err=True)
         yield journal
     finally:
-        await journal.close()
+        try:
+            await journal.close()
+        except (sqlite3.Error, OSError) as error:  # close() says why; the summary comes first
+            failed.append(error)
 
 
 def _finish(
