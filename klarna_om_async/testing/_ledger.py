@@ -345,6 +345,9 @@ class Ledger:
             raise ValueError(f"order_id must be a non-empty path segment, got {order_id!r}")
         if order_id in self.orders:
             raise ValueError(f"order {order_id!r} already exists")
+        # One reading of the clock: read twice, expires_at could fall a millisecond past
+        # 28 days after created_at.
+        now = self.clock.now()
         self.orders[order_id] = FakeOrder(
             order_id=order_id,
             order_amount=amount,
@@ -352,8 +355,8 @@ class Ledger:
             purchase_currency=currency,
             merchant_reference1=reference,
             klarna_reference=_klarna_reference(),
-            created_at=iso_now(self.clock),
-            expires_at=iso_now(self.clock, datetime.timedelta(days=_AUTHORIZATION_DAYS)),
+            created_at=_iso(now),
+            expires_at=_iso(now + datetime.timedelta(days=_AUTHORIZATION_DAYS)),
             payment_method=payment_method,
         )
         return order_id
