@@ -1297,20 +1297,23 @@ def test_a_json_line_nested_too_deep_is_one_refused_line(
     assert served.booked(good) == 1
 
 
-def test_reconcile_captured_refuses_a_capture_of_another_item_or_reference(
-    served: ServedFake, tmp_path: Path
-) -> None:
-    order_id = served.add_order(10_000)
-    journal = str(tmp_path / "j.sqlite")
+def reviewed(
+    served: ServedFake,
+    journal: str,
+    order_id: str,
+    request: CaptureRequest,
+    items: list[tuple[str, str | None]],
+    recorded: str | None = None,
+) -> str:
+    """Book ``request`` on the order; journal ``items`` (item_key, reference) of 5000 as
+    needing review, but ``recorded``, captured by that capture. Returns its id."""
 
     async def setup() -> str:
         policy = RetryPolicy(max_attempts=1)
         async with KlarnaOM(USERNAME, PASSWORD, base_url=served.fake.base_url, retry=policy) as om:
-            made = await om.captures.create(
-                order_id, CaptureRequest(captured_amount=5000, reference="rb")
-            )
+            made = await om.captures.create(order_id, request)
         async with SQLiteJournal(journal) as opened:
-            for key, ref in ((f"{order_id}:rb", "rb"), (order_id, None), (f"{order_id}:ra", "ra")):
+            for key, ref in items:
                 item = ItemRecord(
                     item_key=key,
                     order_id=order_id,
@@ -1319,14 +1322,23 @@ def test_reconcile_captured_refuses_a_capture_of_another_item_or_reference(
                     fingerprint=key,
                 )
                 await opened.claim(item, f"key-{key}")
-            await opened.finish(
-                f"{order_id}:rb", JournalStatus.CAPTURED, capture_id=made.capture_id
-            )
-            for key in (order_id, f"{order_id}:ra"):
-                await opened.finish(key, JournalStatus.NEEDS_REVIEW, reconciled=True)
+                if key == recorded:
+                    await opened.finish(key, JournalStatus.CAPTURED, capture_id=made.capture_id)
+                else:
+                    await opened.finish(key, JournalStatus.NEEDS_REVIEW, reconciled=True)
         return made.capture_id
 
-    taken = asyncio.run(setup())
+    return asyncio.run(setup())
+
+
+def test_reconcile_captured_refuses_a_capture_of_another_item_or_reference(
+    served: ServedFake, tmp_path: Path
+) -> None:
+    order_id = served.add_order(10_000)
+    journal = str(tmp_path / "j.sqlite")
+    request = CaptureRequest(captured_amount=5000, reference="rb")
+    items = [(f"{order_id}:rb", "rb"), (order_id, None), (f"{order_id}:ra", "ra")]
+    taken = reviewed(served, journal, order_id, request, items, recorded=f"{order_id}:rb")
     theirs = cli(["reconcile", journal, "--captured", order_id, taken], served)
     assert theirs.exit_code == 2
     assert f"is already item '{order_id}:rb'" in theirs.stderr
@@ -1341,22 +1353,8 @@ def test_reconcile_captured_refuses_one_capture_given_to_two_items(
     # the input) that ask for the same amount and reference both match the capture.
     order_id = served.add_order(10_000)
     journal = str(tmp_path / "j.sqlite")
-
-    async def setup() -> str:
-        policy = RetryPolicy(max_attempts=1)
-        async with KlarnaOM(USERNAME, PASSWORD, base_url=served.fake.base_url, retry=policy) as om:
-            made = await om.captures.create(order_id, CaptureRequest(captured_amount=5000))
-        async with SQLiteJournal(journal) as opened:
-            for part in ("ra", "rb"):
-                key = f"{order_id}:{part}"
-                item = ItemRecord(
-                    item_key=key, order_id=order_id, captured_amount=5000, fingerprint=key
-                )
-                await opened.claim(item, f"key-{key}")
-                await opened.finish(key, JournalStatus.NEEDS_REVIEW, reconciled=True)
-        return made.capture_id
-
-    made = asyncio.run(setup())
+    items: list[tuple[str, str | None]] = [(f"{order_id}:ra", None), (f"{order_id}:rb", None)]
+    made = reviewed(served, journal, order_id, CaptureRequest(captured_amount=5000), items)
     marks = ["--captured", f"{order_id}:ra", made, "--captured", f"{order_id}:rb", f" {made}\t"]
     both = cli(["reconcile", journal, *marks], served)  # Klarna reads " X\t" as X
     assert both.exit_code == 2, both.output
@@ -1373,22 +1371,17 @@ def test_reconcile_captured_refuses_one_capture_given_to_two_items(
 def test_reconcile_whose_journal_cannot_be_written_says_so_in_one_line(
     served: ServedFake, tmp_path: Path
 ) -> None:
+    order_id = served.add_order(10_000)
     journal = str(tmp_path / "j.sqlite")
-
-    async def setup() -> None:
-        async with SQLiteJournal(journal) as opened:
-            item = ItemRecord(item_key="o:a", order_id="o", captured_amount=1, fingerprint="f")
-            await opened.claim(item, "key-a")
-            await opened.finish("o:a", JournalStatus.NEEDS_REVIEW, reconciled=True)
-
-    asyncio.run(setup())
+    items: list[tuple[str, str | None]] = [(f"{order_id}:a", None)]
+    reviewed(served, journal, order_id, CaptureRequest(captured_amount=5000), items)
     with sqlite3.connect(journal) as conn:
         conn.execute(
             "CREATE TRIGGER full BEFORE UPDATE ON journal"
             " BEGIN SELECT RAISE(ROLLBACK, 'database or disk is full'); END"
         )
     conn.close()
-    result = cli(["reconcile", journal, "--not-captured", "o:a"], served)
+    result = cli(["reconcile", journal, "--not-captured", f"{order_id}:a"], served)
     assert result.exit_code == 2, result.output
     assert isinstance(result.exception, SystemExit)
     [line] = result.stderr.splitlines()
