@@ -35,6 +35,7 @@ from ._options import (
     InputError,
     Interrupted,
     connection_options,
+    journal_fault,
     json_option,
     open_journal,
     run_interruptible,
@@ -245,7 +246,7 @@ async def _run(settings: _Settings, connection: Connection) -> bool:
                     except BatchAbortedError as error:  # it cannot work: said once, below
                         stopped = error
                     except sqlite3.Error as error:
-                        if not _journal_fault(error):
+                        if not journal_fault(error):
                             raise  # a bug, not the journal's state: shown as one
                         journal_failed.append(error)
                     finally:
@@ -261,23 +262,16 @@ async def _run(settings: _Settings, connection: Connection) -> bool:
     finally:
         # No summary when the file or the journal could not be opened: nothing ran. A file
         # without rows did run, and its summary shows 0 items.
+        failed = _journal_failed(settings, journal_failed[0]) if journal_failed else None
         if completed or view.tally.items or interrupted:
-            failed = _journal_failed(settings, journal_failed[0]) if journal_failed else None
             _finish(view, settings, interrupted=interrupted, stopped=stopped, failed=failed)
     if stopped is not None:
         click.echo(str(stopped), err=True)
         return False
-    if journal_failed:
-        click.echo(_journal_failed(settings, journal_failed[0]), err=True)
+    if failed is not None:
+        click.echo(failed, err=True)
         return False
     return view.tally.all_done
-
-
-def _journal_fault(error: sqlite3.Error) -> bool:
-    """Whether ``error`` is the journal file's state (full, unwritable, locked, corrupt)."""
-    return isinstance(error, sqlite3.OperationalError | sqlite3.IntegrityError) or (
-        type(error) is sqlite3.DatabaseError
-    )
 
 
 def _journal_failed(settings: _Settings, error: sqlite3.Error | OSError) -> str:

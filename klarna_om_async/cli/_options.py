@@ -389,6 +389,14 @@ def _report_interrupted(
         click.echo(f"interrupted by {interrupted.signum.name}", err=True)
 
 
+def journal_fault(error: sqlite3.Error) -> bool:
+    """Whether ``error`` is the journal file's state (full, unwritable, locked, corrupt), not
+    a bug (a programming error), which keeps its traceback."""
+    return isinstance(error, sqlite3.OperationalError | sqlite3.IntegrityError) or (
+        type(error) is sqlite3.DatabaseError
+    )
+
+
 async def open_journal(journal: SQLiteJournal) -> SQLiteJournal:
     """``await journal.open()``; a journal that cannot be used is an ``InputError`` (exit 2)."""
     try:

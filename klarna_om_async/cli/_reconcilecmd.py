@@ -23,6 +23,7 @@ from ._options import (
     InputError,
     Interrupted,
     connection_options,
+    journal_fault,
     json_option,
     open_journal,
     run_interruptible,
@@ -128,6 +129,8 @@ def reconcile(
         except KlarnaError as error:  # the capture could not be checked: nothing settled
             raise click.ClickException(f"nothing was settled: {error}") from None
         except sqlite3.Error as error:  # the journal cannot be written (disk full)
+            if not journal_fault(error):
+                raise  # a bug, not the journal's state: shown as one
             raise _unwritable(journal, error) from None
         for key, capture_id in marks:
             told = f"captured as {capture_id}" if capture_id else "not captured"
@@ -140,7 +143,9 @@ def reconcile(
     except Interrupted as interrupted:
         click.echo("Interrupted: items not yet reconciled are left as they were.", err=True)
         sys.exit(interrupted.exit_code)
-    except sqlite3.Error as error:
+    except sqlite3.Error as error:  # the journal cannot be written (disk full)
+        if not journal_fault(error):
+            raise  # a bug, not the journal's state: shown as one
         raise _unwritable(journal, error) from None
     for result in results:
         _show(result, json_output)
@@ -164,7 +169,8 @@ def reconcile(
 def _unwritable(journal: str, error: sqlite3.Error) -> InputError:
     return InputError(
         f"the journal {journal} could not be written ({error}); what was recorded before"
-        " stands: run the same command again once it can be written (free disk space)"
+        " stands: run the same command again once it can be written (a full disk, another"
+        " program holding it)"
     )
 
 

@@ -127,9 +127,9 @@ class FakeClock:
         return datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=self.offset)
 
 
-def iso_now(clock: FakeClock, offset: datetime.timedelta = datetime.timedelta(0)) -> str:
-    """The fake's current UTC time (plus ``offset``) as Klarna writes it: ISO 8601 with ``Z``."""
-    return _iso(clock.now() + offset)
+def iso_now(clock: FakeClock) -> str:
+    """The fake's current UTC time as Klarna writes it: ISO 8601 with ``Z``."""
+    return _iso(clock.now())
 
 
 def _iso(moment: datetime.datetime) -> str:
