@@ -49,6 +49,7 @@ from .journal import (
     JournalEntry,
     JournalStatus,
     _conflict,
+    _finish_change,
 )
 from .models import CaptureRequest, RefundRequest
 from .operations import (
@@ -411,6 +412,15 @@ def _status_of(error: Exception) -> CaptureStatus:
     return CaptureStatus.FAILED
 
 
+class _Unrecorded(Exception):
+    """The journal failed to record a sent item's ``outcome``: reported, then the run stops."""
+
+    def __init__(self, outcome: CaptureOutcome, error: Exception) -> None:
+        super().__init__(outcome, error)
+        self.outcome = outcome
+        self.error = error
+
+
 @attrs.define
 class _OrderLock:
     lock: asyncio.Lock = attrs.Factory(asyncio.Lock)
@@ -508,6 +518,12 @@ class _Run:
                 else:
                     outcomes.put_nowait(outcome)  # no coroutine when there is room
         except Exception as error:  # a broken source or journal: stop taking new items
+            if isinstance(error, _Unrecorded):
+                # Sent and answered, but not journaled (the journal keeps it in flight with
+                # its key, so a rerun resends that key): the caller still learns what Klarna
+                # did, or a summary would undercount the money moved.
+                await outcomes.put(error.outcome)
+                error = error.error
             if self.error is None:
                 self.error = error
         await outcomes.put(None)
@@ -646,13 +662,25 @@ class _Run:
         match claim.action:
             case ClaimAction.SEND:
                 outcome = await self._send(item, key, item.operation)
-                recorded = await journal.finish(
-                    item.item_key,
-                    JournalStatus(outcome.status.value),
-                    capture_id=outcome.created_id,
-                    error=None if outcome.error is None else str(outcome.error),
-                    attempts=outcome.attempts,
-                )
+                if entry.uncertain and isinstance(outcome.error, KlarnaError):
+                    # An earlier run's send under this key may have booked it: whatever
+                    # this send met, the outcome is unknown (its error must say so).
+                    outcome.error.earlier_attempt_unknown = True
+                status = JournalStatus(outcome.status.value)
+                try:
+                    recorded = await journal.finish(
+                        item.item_key,
+                        status,
+                        capture_id=outcome.created_id,
+                        error=None if outcome.error is None else str(outcome.error),
+                        attempts=outcome.attempts,
+                    )
+                except Exception as failure:
+                    # Reported as the journal would have recorded it.
+                    change = _finish_change(entry.status, entry.uncertain, status, False)
+                    if change is not None and change[0] is not status:
+                        outcome = attrs.evolve(outcome, status=CaptureStatus(change[0].value))
+                    raise _Unrecorded(outcome, failure) from failure
                 if (
                     recorded is JournalStatus.FAILED
                     and outcome.status is CaptureStatus.REFUSED
@@ -665,11 +693,7 @@ class _Run:
                         return attrs.evolve(done, attempts=outcome.attempts)
                 # The journal knows more than this run: a refusal after an uncertain send
                 # proves nothing, so it stays failed (unknown).
-                if claim.entry.uncertain and isinstance(outcome.error, KlarnaError):
-                    # An earlier run's send under this key may have booked it: whatever
-                    # this send met, the outcome is unknown (its error must say so).
-                    outcome.error.earlier_attempt_unknown = True
-                if recorded.value == outcome.status.value:
+                if recorded is status:
                     return outcome  # as this run saw it (the common case: nothing to copy)
                 return attrs.evolve(outcome, status=CaptureStatus(recorded.value))
             case ClaimAction.SKIP:
@@ -982,7 +1006,10 @@ def capture_many(
     Yields ``CaptureOutcome`` values (amounts stay ``int`` minor units on each item's
     ``CaptureRequest``); a single item's Klarna error is on its outcome, never raised.
     Raises ``ValidationError`` (bad ``concurrency``/``rate_limit``), ``BatchAbortedError``
-    (stopped early, see above), and what the item source or the journal raise.
+    (stopped early, see above), and what the item source or the journal raise. A journal
+    that fails stops the batch like a broken source; an item Klarna answered whose outcome
+    it could not record is still yielded, as Klarna answered it (the journal keeps it in
+    flight under its key, which the next run resends).
     https://docs.klarna.com/api/ordermanagement/#operation/captureOrder
     """
     services = Services(captures=captures, orders=orders)
@@ -1024,8 +1051,9 @@ def run_many(
     returns, or raises, stops the batch (the order's later items are not sent).
 
     Raises ``ValidationError`` (bad ``concurrency``/``rate_limit``), ``BatchAbortedError``
-    (stopped early), and what the item source or the journal raise; an item's own error
-    is on its outcome.
+    (stopped early), and what the item source or the journal raise (after yielding an
+    answered item the journal could not record, as :func:`capture_many`); an item's own
+    error is on its outcome.
     https://docs.klarna.com/api/ordermanagement/
     """
     if inspect.iscoroutinefunction(hold):

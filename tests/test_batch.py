@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,8 +20,10 @@ from klarna_om_async import (
     CaptureRequest,
     CaptureStatus,
     JournalStatus,
+    KlarnaError,
     KlarnaOM,
     MemoryJournal,
+    RefundRequest,
     Request,
     Response,
     RetryPolicy,
@@ -27,7 +31,7 @@ from klarna_om_async import (
     SQLiteJournal,
     ValidationError,
 )
-from klarna_om_async.batch import capture_many
+from klarna_om_async.batch import ItemHeldBackError, capture_many
 from klarna_om_async.captures import CapturesService
 from klarna_om_async.errors import RateLimitError
 from klarna_om_async.testing import (
@@ -49,6 +53,12 @@ def full(fake: FakeKlarna, amounts: list[int]) -> list[tuple[str, CaptureRequest
 
 async def collect(outcomes: AsyncIterator[CaptureOutcome]) -> dict[str, CaptureOutcome]:
     return {o.item_key: o async for o in outcomes}
+
+
+async def into(seen: list[CaptureOutcome], outcomes: AsyncIterator[CaptureOutcome]) -> None:
+    """Append each outcome to ``seen`` as it comes (what was yielded before a raise)."""
+    async for outcome in outcomes:
+        seen.append(outcome)
 
 
 def booked_per_order(fake: FakeKlarna) -> Counter[str]:
@@ -325,6 +335,103 @@ async def test_stopping_early_starts_nothing_new_and_keeps_started_items_in_the_
     assert {o.status for o in outcomes.values()} <= {CaptureStatus.CAPTURED, CaptureStatus.SKIPPED}
     assert len(fake.booked_captures) == 30
     assert set(booked_per_order(fake).values()) == {1}
+
+
+class FinishFails(MemoryJournal):
+    """A journal whose disk fills after ``recorded`` outcomes: the next finish raises."""
+
+    def __init__(self, recorded: int) -> None:
+        super().__init__()
+        self.recorded = recorded
+
+    async def finish(self, item_key: str, status: JournalStatus, **kwargs: Any) -> JournalStatus:
+        if self.recorded == 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.recorded -= 1
+        return await super().finish(item_key, status, **kwargs)
+
+
+@pytest.mark.parametrize("answer", [201, 403])
+async def test_an_outcome_the_journal_cannot_record_is_still_reported_then_the_batch_stops(
+    om: KlarnaOM, fake: FakeKlarna, answer: int
+) -> None:
+    # Klarna answered the third item, then its journal write failed: that outcome was
+    # dropped, and the report undercounted what Klarna booked.
+    items = full(fake, [100] * 6)
+    third = items[2][0]
+    if answer == 403:  # a refusal, not money moved, must reach the caller too
+        items[2] = (third, CaptureRequest(captured_amount=101))
+    journal = FinishFails(recorded=2)
+    seen: list[CaptureOutcome] = []
+    with pytest.raises(OSError, match="No space left"):
+        await into(seen, om.capture_many(items, concurrency=1, journal=journal))
+
+    assert [o.order_id for o in seen] == [o for o, _ in items[:3]]
+    unrecorded = seen[2]
+    if answer == 201:
+        assert unrecorded.status is CaptureStatus.CAPTURED
+        assert unrecorded.capture_id == fake.captures(third)[0].capture_id
+    else:
+        assert unrecorded.status is CaptureStatus.REFUSED
+        assert isinstance(unrecorded.error, CaptureNotAllowedError)
+    assert [o.status is CaptureStatus.CAPTURED for o in seen].count(True) == len(
+        fake.booked_captures
+    )
+    # The journal still holds it in flight under the key reported: the rerun resends that
+    # key (Klarna replays its answer) and books nothing twice.
+    [entry] = await journal.entries(statuses=[JournalStatus.IN_FLIGHT])
+    assert (entry.order_id, entry.idempotency_key) == (third, unrecorded.idempotency_key)
+    journal.recorded = 100
+    again = await collect(om.capture_many(items, concurrency=1, journal=journal))
+    # (A refusal replayed for a key whose earlier send the journal holds as unknown proves
+    # nothing on its own: it stays unknown, for reconciliation.)
+    resent = CaptureStatus.CAPTURED if answer == 201 else CaptureStatus.FAILED
+    assert again[third].status is resent
+    assert again[third].idempotency_key == unrecorded.idempotency_key
+    assert len(fake.booked_captures) == 5 + (answer == 201)
+    assert set(booked_per_order(fake).values()) == {1}
+
+
+async def test_an_unrecorded_refusal_after_an_unknown_send_is_reported_unknown(
+    om: KlarnaOM, fake: FakeKlarna
+) -> None:
+    # The journal holds the item unknown (Klarna answered 503s); the resend meets a refusal
+    # and the journal fails: the report must not say "refused" of what may be booked.
+    order_id = fake.add_order(amount=100)
+    items = [(order_id, CaptureRequest(captured_amount=100))]
+    journal = FinishFails(recorded=0)
+    fake.inject(ServerFailure(503), method="POST", times=10)
+    with pytest.raises(OSError, match="No space left"):
+        await collect(om.capture_many(items, journal=journal))
+    fake.clear_faults()
+    await om.captures.create(order_id, CaptureRequest(captured_amount=100))  # by someone else
+    seen: list[CaptureOutcome] = []
+    with pytest.raises(OSError, match="No space left"):
+        await into(seen, om.capture_many(items, journal=journal))
+    [outcome] = seen
+    assert outcome.status is CaptureStatus.FAILED
+    assert isinstance(outcome.error, KlarnaError)
+    assert outcome.error.outcome_unknown
+    assert len(fake.booked_captures) == 1
+
+
+async def test_an_order_s_later_items_wait_when_an_earlier_outcome_was_not_recorded(
+    om: KlarnaOM, fake: FakeKlarna
+) -> None:
+    # run_many: a refund must not follow a capture whose outcome the journal failed to
+    # record; the capture is reported, the refund held back, and the batch stops.
+    order_id = fake.add_order(amount=100)
+    items = [
+        BatchItem(order_id=order_id, request=CaptureRequest(captured_amount=100)),
+        BatchItem(order_id=order_id, request=RefundRequest(refunded_amount=100)),
+    ]
+    seen: list[CaptureOutcome] = []
+    with pytest.raises(OSError, match="No space left"):
+        await into(seen, om.run_many(items, concurrency=4, journal=FinishFails(0)))
+    assert [o.status for o in seen] == [CaptureStatus.CAPTURED, CaptureStatus.REFUSED]
+    assert isinstance(seen[1].error, ItemHeldBackError)
+    assert len(fake.booked_captures) == 1
+    assert not fake.booked_refunds
 
 
 async def test_a_broken_source_surfaces_after_started_items_finish(

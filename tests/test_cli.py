@@ -566,6 +566,48 @@ def test_batch_whose_journal_cannot_be_written_stops_in_one_line_and_reruns_exac
     assert [served.booked(order) for order in orders] == [1] * 6
 
 
+def test_batch_reports_an_outcome_its_journal_could_not_record(
+    served: ServedFake, tmp_path: Path
+) -> None:
+    # The disk fills between a capture's send and its outcome's write: the capture Klarna
+    # booked was missing from the report and the summary, which undercounted the money moved.
+    orders = [served.add_order(1000) for _ in range(5)]
+    path = write(
+        tmp_path, "o.csv", "order_id,captured_amount\n" + "".join(f"{o},1000\n" for o in orders)
+    )
+    journal = str(tmp_path / "run.sqlite")
+
+    async def make() -> None:
+        async with SQLiteJournal(journal):
+            pass
+
+    asyncio.run(make())
+    with sqlite3.connect(journal) as conn:  # the third outcome finds the disk full
+        conn.execute(
+            "CREATE TRIGGER full BEFORE UPDATE ON journal"
+            " WHEN (SELECT count(*) FROM journal WHERE status = 'captured') >= 2"
+            " BEGIN SELECT RAISE(ROLLBACK, 'database or disk is full'); END"
+        )
+    conn.close()
+    first = cli(["batch", path, "--journal", journal, "--concurrency", "1", "--json"], served)
+    assert first.exit_code == 1, first.output
+    [line] = first.stderr.splitlines()
+    assert line.startswith(f"The journal {journal} could not be written (database or disk")
+    *reported, summary = json_lines(first.stdout)
+    assert [r["order_id"] for r in reported] == orders[:3]
+    assert {r["status"] for r in reported} == {"captured"}
+    assert [served.booked(order) for order in orders] == [1, 1, 1, 0, 0]
+    assert (summary["captured"], summary["items"]) == (3, 3), summary
+    with sqlite3.connect(journal) as conn:
+        conn.execute("DROP TRIGGER full")
+    conn.close()
+    second = cli(["batch", path, "--journal", journal, "--json"], served)
+    assert second.exit_code == 0, second.output
+    assert [served.booked(order) for order in orders] == [1] * 5
+    resent = {r["order_id"]: r for r in json_lines(second.stdout)[:-1]}
+    assert resent[orders[2]]["idempotency_key"] == reported[2]["idempotency_key"]
+
+
 def test_batch_whose_journal_fails_its_last_fsync_says_so_in_one_line(
     served: ServedFake, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
