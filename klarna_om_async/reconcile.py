@@ -394,15 +394,23 @@ async def reconcile(
     by_order: dict[str, list[JournalEntry]] = {}
     for entry in unknown:
         by_order.setdefault(entry.order_id, []).append(entry)
-    gate = asyncio.Semaphore(concurrency)
+    per_order: list[list[Reconciliation]] = [[] for _ in by_order]
+    # ``concurrency`` workers take orders in turn: a task per order, started at once, cost
+    # a journal of a million unknown items a million tasks.
+    pending = iter(zip(per_order, by_order.values(), strict=True))
 
-    async def one_order(entries: list[JournalEntry]) -> list[Reconciliation]:
-        # One order's items in turn: each must see the captures the previous ones claimed.
-        async with gate:
-            return [
-                await reconcile_entry(orders, journal, entry, clock_skew=clock_skew)
-                for entry in entries
-            ]
+    async def worker() -> None:
+        for results, entries in pending:
+            # One order's items in turn: each must see the captures the previous ones claimed.
+            for entry in entries:
+                results.append(await reconcile_entry(orders, journal, entry, clock_skew=clock_skew))
 
-    per_order = await asyncio.gather(*(one_order(entries) for entries in by_order.values()))
+    workers = [asyncio.ensure_future(worker()) for _ in range(min(concurrency, len(by_order)))]
+    try:
+        await asyncio.gather(*workers)
+    finally:
+        # After a failure (the journal's), the other workers stop taking orders.
+        for task in workers:
+            task.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
     return [result for results in per_order for result in results]

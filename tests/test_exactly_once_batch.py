@@ -5,6 +5,7 @@ Every test counts what FakeKlarna actually booked.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sqlite3
 from collections import Counter
@@ -24,12 +25,14 @@ from klarna_om_async import (
     KlarnaConnectionError,
     KlarnaOM,
     NeedsReviewError,
+    Order,
     RetryPolicy,
     SQLiteJournal,
     ValidationError,
     Verdict,
 )
 from klarna_om_async.batch import ItemHeldBackError
+from klarna_om_async.reconcile import reconcile
 from klarna_om_async.testing import (
     DropAfterProcessing,
     DropConnection,
@@ -263,6 +266,41 @@ async def test_om_reconcile_gives_each_unknown_item_its_verdict(
         fresh: JournalStatus.FAILED,
     }
     assert booked(fake) == {booked_ref: 1, no_ref: 1}
+
+
+async def test_om_reconcile_reads_at_most_concurrency_orders_at_once_with_a_task_each(
+    om: KlarnaOM, fake: FakeKlarna, journal: SQLiteJournal
+) -> None:
+    # A task per order was started at once: a journal of a million unknown items made a
+    # million tasks. Now `concurrency` workers take the orders in turn, in journal order.
+    orders = [fake.add_order(amount=10000) for _ in range(40)]
+    fake.inject(DropConnection(), method="POST", times=None)
+    await run(
+        om, [(o, CaptureRequest(captured_amount=100, reference="r")) for o in orders], journal
+    )
+    fake.clear_faults()
+    fake.advance_clock(DAY)
+    tasks: list[int] = []
+    reading = 0
+    most = 0
+
+    class Counting:
+        async def get(self, order_id: str) -> Order:
+            nonlocal reading, most
+            tasks.append(len(asyncio.all_tasks()))
+            reading += 1
+            most = max(most, reading)
+            try:
+                return await om.orders.get(order_id)
+            finally:
+                reading -= 1
+
+    results = await reconcile(Counting(), journal, concurrency=3)  # type: ignore[arg-type]
+
+    assert [r.order_id for r in results] == sorted(orders)
+    assert {r.verdict for r in results} == {Verdict.NOT_CAPTURED}
+    assert most == 3
+    assert max(tasks) - min(tasks) <= 3
 
 
 async def test_a_reconciled_capture_is_not_given_to_a_second_item(
