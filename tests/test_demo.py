@@ -59,6 +59,13 @@ def test_the_same_seed_repeats_the_same_summary() -> None:
     assert sum(runs[0]["faults"].values()) > 0
 
 
+def test_the_summary_counts_the_429s_klarna_answered() -> None:
+    # The demo injects 429s, but its summary said "429s (rate limited): 0".
+    found = summary("--orders", "300", "--seed", "1", "--fault-rate", "0.5")
+    assert found["faults"]["429"] > 0
+    assert found["rate_limited"] == found["faults"]["429"]
+
+
 def test_the_same_seed_repeats_the_same_text_apart_from_timing() -> None:
     args = ("--orders", "300", "--seed", "1", "--fault-rate", "0.5")
     texts = [demo(*args) for _ in range(2)]

@@ -345,13 +345,16 @@ async def _demo(
                 SQLiteJournal(os.path.join(tmp, "demo.journal.sqlite")) as journal,
             ):
                 with view:
-                    await run_batch(
-                        om,
-                        iter(plan.items),
-                        report=report,
-                        concurrency=concurrency,
-                        journal=journal,
-                    )
+                    try:
+                        await run_batch(
+                            om,
+                            iter(plan.items),
+                            report=report,
+                            concurrency=concurrency,
+                            journal=journal,
+                        )
+                    finally:
+                        view.tally.rate_limited = om.rate_limited_count
         check = DemoCheck.of(fake, plan, outcomes)
         faults: collections.Counter[type[Fault]] = collections.Counter(
             type(r.fault) for r in fake.requests if r.fault is not None
