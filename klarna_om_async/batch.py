@@ -15,6 +15,7 @@ against the order instead of resent.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import contextvars
 import enum
@@ -415,10 +416,25 @@ def _status_of(error: Exception) -> CaptureStatus:
 class _Unrecorded(Exception):
     """The journal failed to record a sent item's ``outcome``: reported, then the run stops."""
 
-    def __init__(self, outcome: CaptureOutcome, error: Exception) -> None:
+    def __init__(self, outcome: CaptureOutcome, error: BaseException) -> None:
         super().__init__(outcome, error)
         self.outcome = outcome
         self.error = error
+
+
+def _raised_by_a_part(error: BaseException) -> bool:
+    """Whether a part of the batch (its source, journal or hold) raised ``error`` itself.
+
+    Not this task's cancellation, nor ``KeyboardInterrupt``/``SystemExit``, which stop the
+    batch at once. Anything else (an ``Exception``, a stray ``CancelledError``, another
+    ``BaseException``) stops the run and is raised at its end: a worker that died of it
+    put no end-of-work mark, and the batch waited for that worker forever.
+    """
+    if isinstance(error, KeyboardInterrupt | SystemExit):
+        return False
+    task = asyncio.current_task()
+    cancelled = task is not None and task.cancelling() > 0
+    return not (cancelled and isinstance(error, asyncio.CancelledError))
 
 
 @attrs.define
@@ -479,6 +495,10 @@ class _Run:
         else:
             self._iter = iter(items)
             self._aiter = None
+        # Items read from the source but not started, because the run stopped meanwhile.
+        self._taken: collections.deque[BatchItem | tuple[str, OperationRequest]] = (
+            collections.deque()
+        )
 
     async def _next_raw(self) -> BatchItem | tuple[str, OperationRequest] | None:
         if self._aiter is None:
@@ -489,8 +509,16 @@ class _Run:
     async def _next_item(self) -> BatchItem | None:
         if self.error is not None or self.abort is not None:
             return None
-        # A plain iterator's next item without a coroutine: this runs once per item.
-        raw = next(self._iter, None) if self._aiter is None else await self._next_raw()
+        if self._aiter is None:
+            # A plain iterator's next item without a coroutine: this runs once per item.
+            raw = next(self._iter, None)
+        else:
+            raw = await self._next_raw()
+            if raw is not None and (self.error is not None or self.abort is not None):
+                # The run stopped while this worker waited for the source: the item is not
+                # started (``not_sent`` counts it).
+                self._taken.append(raw)
+                return None
         return None if raw is None else _as_item(raw)
 
     async def work(self) -> None:
@@ -505,9 +533,14 @@ class _Run:
                         try:
                             outcome = await self._run_item(item)
                         except BaseException:
-                            # No outcome (a broken journal or hold, a cancellation): the
-                            # order's items waiting for this lock must not go either.
-                            self.held.add(item.order_id)
+                            # No outcome, or none journaled (a broken journal or hold, a
+                            # cancellation): the order's items waiting for this lock must
+                            # not go either.
+                            if self.held.add(item.order_id) and len(self.held_by) < HELD_LISTED:
+                                self.held_by[item.order_id] = (
+                                    f"an earlier item of order {item.order_id} ({_where(item)})"
+                                    " ended without its outcome in the journal"
+                                )
                             raise
                         self._hold(item, outcome)
                 else:
@@ -517,15 +550,19 @@ class _Run:
                     await outcomes.put(outcome)
                 else:
                     outcomes.put_nowait(outcome)  # no coroutine when there is room
-        except Exception as error:  # a broken source or journal: stop taking new items
+        except BaseException as error:  # a broken source or journal: stop taking new items
+            if not _raised_by_a_part(error):
+                raise  # this worker is cancelled, or the process is stopping
+            stop: BaseException = error
             if isinstance(error, _Unrecorded):
                 # Sent and answered, but not journaled (the journal keeps it in flight with
                 # its key, so a rerun resends that key): the caller still learns what Klarna
                 # did, or a summary would undercount the money moved.
                 await outcomes.put(error.outcome)
-                error = error.error
+                stop = error.error
             if self.error is None:
-                self.error = error
+                self.error = stop
+        # Every worker ends with a None, or the batch waits for it forever.
         await outcomes.put(None)
 
     def _watch(self, outcome: CaptureOutcome) -> None:
@@ -544,7 +581,7 @@ class _Run:
         """Read the rest of the source without sending: the first ``item_key``s and the count."""
         keys: list[str] = []
         count = 0
-        while (raw := await self._next_raw()) is not None:
+        while (raw := self._taken.popleft() if self._taken else await self._next_raw()) is not None:
             count += 1
             if len(keys) < NOT_SENT_LISTED:
                 try:
@@ -675,7 +712,9 @@ class _Run:
                         error=None if outcome.error is None else str(outcome.error),
                         attempts=outcome.attempts,
                     )
-                except Exception as failure:
+                except BaseException as failure:
+                    if not _raised_by_a_part(failure):
+                        raise
                     # Reported as the journal would have recorded it.
                     change = _finish_change(entry.status, entry.uncertain, status, False)
                     if change is not None and change[0] is not status:
@@ -990,7 +1029,9 @@ def capture_many(
     refused, and unknown items whose key Klarna may have forgotten are reconciled by reading
     the order through ``orders`` (see :mod:`klarna_om_async.reconcile`). If the consumer
     stops early, no new item is started; items already started keep their journal record (in
-    flight, with their key) so the next run finishes them exactly once.
+    flight, with their key) so the next run finishes them exactly once. An item whose
+    outcome was being recorded as the batch stopped is recorded all the same; it is not
+    yielded, and the next run yields it ``skipped`` (with its ``capture_id``).
 
     A batch that cannot work stops early: after a 401 (``AuthenticationError``), or after
     ``UNREACHABLE_ITEMS`` items in a row could not connect (nothing sent), no new item is

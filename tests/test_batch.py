@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from klarna_om_async import (
+    BatchAbortedError,
     BatchItem,
     BatchProgress,
     CaptureCreated,
@@ -430,8 +431,83 @@ async def test_an_order_s_later_items_wait_when_an_earlier_outcome_was_not_recor
         await into(seen, om.run_many(items, concurrency=4, journal=FinishFails(0)))
     assert [o.status for o in seen] == [CaptureStatus.CAPTURED, CaptureStatus.REFUSED]
     assert isinstance(seen[1].error, ItemHeldBackError)
+    assert "ended without its outcome in the journal" in str(seen[1].error)
     assert len(fake.booked_captures) == 1
     assert not fake.booked_refunds
+
+
+class Stop(BaseException):
+    """Raised by a journal: no ``Exception``, as a misbehaving part may raise."""
+
+
+@pytest.mark.parametrize("raised", [Stop, asyncio.CancelledError])
+async def test_a_journal_raising_a_base_exception_stops_the_batch_without_hanging(
+    om: KlarnaOM, fake: FakeKlarna, raised: type[BaseException]
+) -> None:
+    # A worker that died of it put no end-of-work mark: the batch waited forever, and the
+    # outcome of the item Klarna had booked was never yielded.
+    class Raising(MemoryJournal):
+        async def finish(self, item_key: str, status: JournalStatus, **kw: Any) -> JournalStatus:
+            raise raised()
+
+    items = full(fake, [100] * 4)
+    seen: list[CaptureOutcome] = []
+    with pytest.raises(raised):
+        async with asyncio.timeout(30):  # a guard: the failure this test looks for is a hang
+            await into(seen, om.capture_many(items, concurrency=2, journal=Raising()))
+    assert len(seen) == len(fake.booked_captures) > 0
+    assert {o.status for o in seen} == {CaptureStatus.CAPTURED}
+
+
+async def test_items_an_async_source_gives_after_the_run_stopped_are_not_sent(
+    om: KlarnaOM, fake: FakeKlarna
+) -> None:
+    # Workers waiting for an async source got their item after a journal failure and
+    # claimed and sent it: the run had said it stops taking items.
+    items = full(fake, [100] * 3)
+    failed = asyncio.Event()
+
+    class Failing(FinishFails):
+        async def finish(self, item_key: str, status: JournalStatus, **kw: Any) -> JournalStatus:
+            try:
+                return await super().finish(item_key, status, **kw)
+            finally:
+                failed.set()
+
+    async def source() -> AsyncIterator[tuple[str, CaptureRequest]]:
+        yield items[0]
+        await failed.wait()  # the other workers wait here for their item
+        for item in items[1:]:
+            yield item
+
+    with pytest.raises(OSError, match="No space left"):
+        await collect(om.capture_many(source(), concurrency=3, journal=Failing(recorded=0)))
+    assert [c.order_id for c in fake.booked_captures] == [items[0][0]]
+    assert sum(r.method == "POST" for r in fake.requests) == 1
+
+
+async def test_a_stopped_batch_counts_an_item_taken_from_an_async_source_as_not_sent(
+    fake: FakeKlarna,
+) -> None:
+    # After a 401 the batch stops; an item a worker was waiting for was sent anyway, and
+    # the BatchAbortedError's count of items not sent missed it.
+    items = full(fake, [100] * 3)
+    aborted = asyncio.Event()
+
+    async def source() -> AsyncIterator[tuple[str, CaptureRequest]]:
+        yield items[0]
+        await aborted.wait()
+        for item in items[1:]:
+            yield item
+
+    policy = RetryPolicy(max_attempts=1)
+    async with KlarnaOM(fake.username, "wrong", base_url=fake.base_url, retry=policy) as om:
+        batch = om.capture_many(source(), concurrency=2, on_progress=lambda _: aborted.set())
+        with pytest.raises(BatchAbortedError) as raised:
+            await collect(batch)
+    assert raised.value.not_sent_count == 2
+    assert raised.value.not_sent == tuple(order_id for order_id, _ in items[1:])
+    assert sum(r.method == "POST" for r in fake.requests) == 1
 
 
 async def test_a_broken_source_surfaces_after_started_items_finish(
