@@ -27,6 +27,7 @@ from click.testing import CliRunner, Result
 from test_cli import PASSWORD, USERNAME
 from test_cli import ServedFake as _ServedFake
 
+from klarna_om_async import SQLiteJournal
 from klarna_om_async.cli import main
 from klarna_om_async.cli._options import Interrupted, run_interruptible
 from klarna_om_async.cli._render import BatchView
@@ -516,6 +517,43 @@ def test_a_second_ctrl_c_inside_the_batchs_cleanup_leaves_its_summary_interrupte
     assert [o["order_id"] for o in outcomes] == orders[:1]
     assert (summary["type"], summary["captured"], summary["interrupted"]) == ("summary", 1, True)
     assert "Interrupted: no new items were started" in result.stderr
+
+
+@pytest.mark.usefixtures("own_signal_handlers")
+def test_an_interrupted_batch_counts_items_whose_outcome_was_being_recorded(
+    served: ServedFake, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ctrl-C while the second item's outcome is being recorded: the write stands (the rerun
+    # skips the item), but the outcome was dropped, and the summary said 1 captured of the 2
+    # Klarna booked.
+    orders = [served.add_order(1000) for _ in range(3)]
+    path = write_batch(tmp_path, orders)
+    finish = SQLiteJournal.finish
+    calls = 0
+
+    async def finish_then_ctrl_c(journal: SQLiteJournal, *args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        written = asyncio.ensure_future(finish(journal, *args, **kwargs))
+        if calls < 2:
+            return await written
+        os.kill(os.getpid(), signal.SIGINT)
+        await asyncio.Event().wait()  # cancelled by the batch's stop; the write goes on
+        return await written
+
+    monkeypatch.setattr(SQLiteJournal, "finish", finish_then_ctrl_c)
+    result = cli(["batch", path, "--concurrency", "1", "--json"], served)
+
+    assert result.exit_code == 130, result.output
+    *outcomes, summary = json_lines(result.stdout)
+    assert [o["order_id"] for o in outcomes] == orders[:1]
+    assert (summary["captured"], summary["unlisted_done"]) == (1, 1)
+    assert [served.booked(order) for order in orders] == [1, 1, 0]
+    monkeypatch.undo()
+    rerun = cli(["batch", path, "--json"], served)
+    statuses = [o["status"] for o in json_lines(rerun.stdout)[:-1]]
+    assert sorted(statuses) == ["captured", "skipped", "skipped"]
+    assert [served.booked(order) for order in orders] == [1, 1, 1]
 
 
 @pytest.mark.usefixtures("own_signal_handlers")

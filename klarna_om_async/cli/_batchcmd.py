@@ -19,6 +19,7 @@ import click
 from rich.console import Console
 
 from ..batch import DEFAULT_CONCURRENCY, BatchAbortedError, CaptureStatus
+from ..journal import JournalStatus
 from ..sqlite_journal import SQLiteJournal
 from ._batchfile import (
     CSV_COLUMNS,
@@ -224,6 +225,8 @@ async def _run(settings: _Settings, connection: Connection) -> bool:
     stopped: BatchAbortedError | None = None
     # The journal's failures: a write mid-batch (a full disk, an I/O error), or its close.
     journal_failed: list[sqlite3.Error | OSError] = []
+    # Items the journal holds done, as the batch began and as it ended (see _unlisted).
+    done: list[int] = []
     try:
         with open_batch(
             settings.path, settings.fmt, encoding=settings.encoding, delimiter=settings.delimiter
@@ -232,7 +235,7 @@ async def _run(settings: _Settings, connection: Connection) -> bool:
                 # --rate is the merchant's limit: the client's pace, which then also
                 # overrides the (lower) pace it would take from Klarna's X-Ratelimit-Limit.
                 connection.client(deadline=_BATCH_DEADLINE, rate_limit=settings.rate) as om,
-                _journal(settings, journal_failed) as journal,
+                _journal(settings, journal_failed, done) as journal,
             ):
                 with view:
                     try:
@@ -264,7 +267,15 @@ async def _run(settings: _Settings, connection: Connection) -> bool:
         # without rows did run, and its summary shows 0 items.
         failed = _journal_failed(settings, journal_failed[0]) if journal_failed else None
         if completed or view.tally.items or interrupted:
-            _finish(view, settings, interrupted=interrupted, stopped=stopped, failed=failed)
+            unlisted = _unlisted(view, done) if interrupted and not journal_failed else 0
+            _finish(
+                view,
+                settings,
+                interrupted=interrupted,
+                stopped=stopped,
+                failed=failed,
+                unlisted=unlisted,
+            )
     if stopped is not None:
         click.echo(str(stopped), err=True)
         return False
@@ -294,22 +305,36 @@ def _total(settings: _Settings) -> int | None:
     return max(lines - (settings.fmt is BatchFormat.CSV), 0)
 
 
+def _unlisted(view: BatchView, done: list[int]) -> int:
+    """Items done in this run but not listed: an interrupted batch drops the outcome of an
+    item whose journal write was under way, and the write stands (the rerun skips it)."""
+    if len(done) != 2:
+        return 0  # the journal could not be read at the end
+    before, after = done
+    return max(after - before - view.tally.counts[CaptureStatus.CAPTURED], 0)
+
+
 @contextlib.asynccontextmanager
 async def _journal(
-    settings: _Settings, failed: list[sqlite3.Error | OSError]
+    settings: _Settings, failed: list[sqlite3.Error | OSError], done: list[int]
 ) -> AsyncIterator[SQLiteJournal | None]:
-    """The batch's journal, opened; a failure to close it (its last fsync) goes to ``failed``."""
+    """The batch's journal, opened; a failure to close it (its last fsync) goes to ``failed``,
+    and its count of items done, at open and before it closes, to ``done``."""
     if settings.journal is None:
         yield None
         return
     journal = await open_journal(SQLiteJournal(settings.journal, durability=settings.durability))
     try:
-        summary, done = await journal.summary(), await journal.done_by_operation()
-        if note := resume_note(settings.journal, summary, done):
+        summary, by_operation = await journal.summary(), await journal.done_by_operation()
+        done.append(summary[JournalStatus.CAPTURED])
+        if note := resume_note(settings.journal, summary, by_operation):
             click.echo(note, err=True)
         yield journal
     finally:
         try:
+            if done and not failed:
+                with contextlib.suppress(sqlite3.Error):  # then _unlisted says nothing
+                    done.append((await journal.summary())[JournalStatus.CAPTURED])
             await journal.close()
         except (sqlite3.Error, OSError) as error:  # close() says why; the summary comes first
             failed.append(error)
@@ -322,6 +347,7 @@ def _finish(
     interrupted: bool,
     stopped: BatchAbortedError | None = None,
     failed: str | None = None,
+    unlisted: int = 0,
 ) -> None:
     notes = [f"Journal: {settings.journal}"] if settings.journal else []
     if failed is not None:
@@ -344,7 +370,15 @@ def _finish(
         )
     if interrupted:
         notes.append("Interrupted: the summary covers the items finished so far.")
+    if unlisted:
+        items = "1 more item was" if unlisted == 1 else f"{unlisted:,} more items were"
+        notes.append(
+            f"{items} done as the batch stopped: Klarna answered and the journal recorded"
+            " them, but they are not listed above; the rerun lists them as skipped."
+        )
     extra: dict[str, object] = {"journal": settings.journal, "interrupted": interrupted}
+    if unlisted:
+        extra.update(unlisted_done=unlisted)
     if stopped is not None:
         extra.update(stopped=str(stopped), not_sent=stopped.not_sent_count)
     if failed is not None:
