@@ -332,10 +332,12 @@ async def _journal(
         yield journal
     finally:
         try:
-            if done and not failed:
-                with contextlib.suppress(sqlite3.Error):  # then _unlisted says nothing
-                    done.append((await journal.summary())[JournalStatus.CAPTURED])
-            await journal.close()
+            try:
+                if done and not failed:
+                    with contextlib.suppress(sqlite3.Error):  # then _unlisted says nothing
+                        done.append((await journal.summary())[JournalStatus.CAPTURED])
+            finally:
+                await journal.close()
         except (sqlite3.Error, OSError) as error:  # close() says why; the summary comes first
             failed.append(error)
 
