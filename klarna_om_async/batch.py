@@ -425,16 +425,17 @@ class _Unrecorded(Exception):
 def _raised_by_a_part(error: BaseException) -> bool:
     """Whether a part of the batch (its source, journal or hold) raised ``error`` itself.
 
-    Not this task's cancellation, nor ``KeyboardInterrupt``/``SystemExit``, which stop the
-    batch at once. Anything else (an ``Exception``, a stray ``CancelledError``, another
-    ``BaseException``) stops the run and is raised at its end: a worker that died of it
-    put no end-of-work mark, and the batch waited for that worker forever.
+    Not while this worker is being cancelled, whatever a part made of the cancellation (the
+    batch's end waits for its workers, and one that waited to put an outcome in the full
+    queue was never done); nor ``KeyboardInterrupt``, ``SystemExit`` or ``GeneratorExit``,
+    which stop it at once. Anything else (an ``Exception``, a stray ``CancelledError``,
+    another ``BaseException``) stops the run and is raised at its end: a worker that died
+    of it put no end-of-work mark, and the batch waited for that worker forever.
     """
-    if isinstance(error, KeyboardInterrupt | SystemExit):
+    if isinstance(error, KeyboardInterrupt | SystemExit | GeneratorExit):
         return False
     task = asyncio.current_task()
-    cancelled = task is not None and task.cancelling() > 0
-    return not (cancelled and isinstance(error, asyncio.CancelledError))
+    return task is None or not task.cancelling()
 
 
 @attrs.define
@@ -495,7 +496,7 @@ class _Run:
         else:
             self._iter = iter(items)
             self._aiter = None
-        # Items read from the source but not started, because the run stopped meanwhile.
+        # Items read from the source but not started, because the run stopped early meanwhile.
         self._taken: collections.deque[BatchItem | tuple[str, OperationRequest]] = (
             collections.deque()
         )
@@ -506,17 +507,24 @@ class _Run:
         async with self._lock:
             return await anext(self._aiter, None)
 
+    def _stopped(self) -> bool:
+        return self.error is not None or self.abort is not None
+
     async def _next_item(self) -> BatchItem | None:
-        if self.error is not None or self.abort is not None:
+        if self._stopped():
             return None
         if self._aiter is None:
             # A plain iterator's next item without a coroutine: this runs once per item.
             raw = next(self._iter, None)
         else:
-            raw = await self._next_raw()
-            if raw is not None and (self.error is not None or self.abort is not None):
-                # The run stopped while this worker waited for the source: the item is not
-                # started (``not_sent`` counts it).
+            async with self._lock:
+                if self._stopped():  # while this worker waited for its turn at the source
+                    return None
+                raw = await anext(self._aiter, None)
+            if raw is not None and self.abort is not None:
+                # Stopped early while the source made this item: not sent, and counted so
+                # (``not_sent``). After a failure it goes on, as one taken before it would:
+                # it is reported, and a source read once must not lose it.
                 self._taken.append(raw)
                 return None
         return None if raw is None else _as_item(raw)

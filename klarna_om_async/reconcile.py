@@ -49,6 +49,7 @@ from typing import Protocol, TypeAlias
 
 import attrs
 
+from .config import check_count
 from .errors import KlarnaError, NoSuchOrderError
 from .journal import Journal, JournalEntry, JournalStatus
 from .models import Order, OrderStatus
@@ -383,13 +384,13 @@ async def reconcile(
     only by an order that was released, a cancel only by a cancelled one. A journal that
     keeps no operation reads every entry back as a capture, and it is judged as one.
 
-    Returns one ``Reconciliation`` per unknown item. Raises ``ValueError`` when
-    ``concurrency`` < 1, and what the journal raises; an order that cannot be read is
-    reported on its items' ``Reconciliation`` (``verdict=None``), not raised.
+    Returns one ``Reconciliation`` per unknown item. Raises ``ValidationError`` (a
+    ``ValueError``) unless ``concurrency`` is a whole number from 1 to 10,000, and what the
+    journal raises; an order that cannot be read is reported on its items'
+    ``Reconciliation`` (``verdict=None``), not raised.
     https://docs.klarna.com/api/ordermanagement/#operation/getOrder
     """
-    if concurrency < 1:
-        raise ValueError(f"concurrency must be at least 1, got {concurrency!r}")
+    check_count("concurrency", concurrency)
     unknown = await journal.entries(statuses=(JournalStatus.IN_FLIGHT, JournalStatus.FAILED))
     by_order: dict[str, list[JournalEntry]] = {}
     for entry in unknown:

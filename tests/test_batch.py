@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -459,13 +461,16 @@ async def test_a_journal_raising_a_base_exception_stops_the_batch_without_hangin
     assert {o.status for o in seen} == {CaptureStatus.CAPTURED}
 
 
-async def test_items_an_async_source_gives_after_the_run_stopped_are_not_sent(
+async def test_after_a_failure_workers_take_no_new_item_from_an_async_source(
     om: KlarnaOM, fake: FakeKlarna
 ) -> None:
-    # Workers waiting for an async source got their item after a journal failure and
-    # claimed and sent it: the run had said it stops taking items.
+    # Workers waiting for their turn at an async source took their item after a journal
+    # failure, and claimed and sent it: the run had said it stops taking items. The item the
+    # source was making as the run failed is still run and reported: a source read once
+    # must not lose it.
     items = full(fake, [100] * 3)
     failed = asyncio.Event()
+    made: list[str] = []
 
     class Failing(FinishFails):
         async def finish(self, item_key: str, status: JournalStatus, **kw: Any) -> JournalStatus:
@@ -475,15 +480,89 @@ async def test_items_an_async_source_gives_after_the_run_stopped_are_not_sent(
                 failed.set()
 
     async def source() -> AsyncIterator[tuple[str, CaptureRequest]]:
-        yield items[0]
-        await failed.wait()  # the other workers wait here for their item
-        for item in items[1:]:
+        for index, item in enumerate(items):
+            if index == 1:
+                await failed.wait()  # one worker waits here, another for its turn
+            made.append(item[0])
             yield item
 
+    seen: list[CaptureOutcome] = []
     with pytest.raises(OSError, match="No space left"):
-        await collect(om.capture_many(source(), concurrency=3, journal=Failing(recorded=0)))
-    assert [c.order_id for c in fake.booked_captures] == [items[0][0]]
-    assert sum(r.method == "POST" for r in fake.requests) == 1
+        await into(seen, om.capture_many(source(), concurrency=3, journal=Failing(recorded=0)))
+    assert made == [order_id for order_id, _ in items[:2]]
+    assert [o.order_id for o in seen] == made
+    assert [c.order_id for c in fake.booked_captures] == made
+
+
+@pytest.mark.parametrize("raised", [Stop, OSError])
+async def test_a_batch_closed_while_its_journal_turns_the_cancellation_into_an_error_ends(
+    om: KlarnaOM, fake: FakeKlarna, raised: type[BaseException]
+) -> None:
+    # aclose() while a worker was in journal.finish and the outcome queue was full: the
+    # journal raised its own error for the cancellation, the worker took it for a failure
+    # and waited to put it in the full queue, and the batch's end waited for that worker.
+    parked = asyncio.Event()
+
+    class Converting(MemoryJournal):
+        calls = 0
+
+        async def finish(self, item_key: str, status: JournalStatus, **kw: Any) -> JournalStatus:
+            self.calls += 1
+            try:
+                if self.calls == 3:
+                    parked.set()
+                    await asyncio.Event().wait()  # until the batch is closed
+                return await super().finish(item_key, status, **kw)
+            except BaseException as error:
+                raise raised("the journal's own") from error
+
+    items = full(fake, [100] * 5)
+    batch = om.capture_many(items, concurrency=1, journal=Converting())
+    first = await anext(batch)
+    await parked.wait()  # the second outcome fills the queue; the third is being recorded
+    async with asyncio.timeout(30):  # a guard: the failure this test looks for is a hang
+        await batch.aclose()
+    assert first.status is CaptureStatus.CAPTURED
+    assert len(fake.booked_captures) == 3
+
+
+_EXIT_IN_THE_JOURNAL = """
+import asyncio
+from klarna_om_async import CaptureRequest, KlarnaOM, MemoryJournal
+from klarna_om_async.testing import Delay, FakeKlarna
+
+class Exiting(MemoryJournal):
+    async def finish(self, *args, **kwargs):
+        raise SystemExit(3)
+
+async def main():
+    fake = FakeKlarna()
+    await fake.start()
+    fake.inject(Delay(0.05), times=None)
+    om = KlarnaOM(fake.username, fake.password, base_url=fake.base_url)
+    items = [(o, CaptureRequest(captured_amount=100)) for o in fake.add_orders(8, amount=100)]
+    async for _ in om.capture_many(items, concurrency=4, journal=Exiting()):
+        pass
+
+loop = asyncio.new_event_loop()
+try:
+    loop.run_until_complete(main())
+finally:
+    loop.close()
+"""
+
+
+def test_workers_closed_with_their_loop_after_a_system_exit_say_nothing() -> None:
+    # SystemExit from the journal ends the loop's run; closing the loop closes the other
+    # workers' coroutines (GeneratorExit), which asked for the running task and printed
+    # "Exception ignored ... RuntimeError: no running event loop" for each.
+    run = subprocess.run(
+        [sys.executable, "-c", _EXIT_IN_THE_JOURNAL], capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 3, run.stderr
+    # (aiohttp's and asyncio's own objects still say that their loop is closed.)
+    assert "Exception ignored in: <coroutine object _Run.work" not in run.stderr
+    assert "no running event loop" not in run.stderr
 
 
 async def test_a_stopped_batch_counts_an_item_taken_from_an_async_source_as_not_sent(

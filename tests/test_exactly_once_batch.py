@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Iterable
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -301,6 +302,15 @@ async def test_om_reconcile_reads_at_most_concurrency_orders_at_once_with_a_task
     assert {r.verdict for r in results} == {Verdict.NOT_CAPTURED}
     assert most == 3
     assert max(tasks) - min(tasks) <= 3
+
+
+@pytest.mark.parametrize("concurrency", [0, 2.5, True, 10_001])
+async def test_om_reconcile_refuses_a_concurrency_that_is_no_count(
+    om: KlarnaOM, journal: SQLiteJournal, concurrency: Any
+) -> None:
+    # 2.5 was taken, then failed inside as a TypeError once workers were counted from it.
+    with pytest.raises(ValueError, match="concurrency: must be a whole number from 1 to"):
+        await om.reconcile(journal, concurrency=concurrency)
 
 
 async def test_a_reconciled_capture_is_not_given_to_a_second_item(
