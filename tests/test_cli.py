@@ -537,28 +537,46 @@ def test_batch_rerun_with_the_journal_finishes_unknown_outcomes_exactly_once(
     assert all(len(served.posts(order)) == 1 for order in orders if order != lost)
 
 
-def test_batch_whose_journal_cannot_be_written_stops_in_one_line_and_reruns_exactly_once(
-    served: ServedFake, tmp_path: Path
-) -> None:
-    # A full disk fails the journal's writes mid-batch: SQLite's error came as a traceback
-    # after a summary that looked complete.
-    orders = [served.add_order(1000) for _ in range(6)]
-    path = write(
-        tmp_path, "o.csv", "order_id,captured_amount\n" + "".join(f"{o},1000\n" for o in orders)
-    )
-    journal = str(tmp_path / "run.sqlite")
+def fill_the_disk(journal: str, when: str) -> None:
+    """Make ``journal``'s writes fail as on a full disk: an SQLite trigger rolls back the
+    transaction ``when`` (a trigger's event and condition, e.g. ``BEFORE UPDATE ON journal
+    WHEN ...``); the journal is made first if it does not exist. Undone by ``free_the_disk``."""
 
     async def make() -> None:
         async with SQLiteJournal(journal):
             pass
 
     asyncio.run(make())
-    with sqlite3.connect(journal) as conn:  # the fourth claim finds the disk full
+    with sqlite3.connect(journal) as conn:
         conn.execute(
-            "CREATE TRIGGER full BEFORE INSERT ON journal WHEN (SELECT count(*) FROM journal) >= 3"
+            f"CREATE TRIGGER full {when}"
             " BEGIN SELECT RAISE(ROLLBACK, 'database or disk is full'); END"
         )
     conn.close()
+
+
+def free_the_disk(journal: str) -> None:
+    with sqlite3.connect(journal) as conn:
+        conn.execute("DROP TRIGGER full")
+    conn.close()
+
+
+def capture_file(tmp_path: Path, orders: list[str]) -> str:
+    """A CSV batch file capturing 1000 of each of ``orders``."""
+    rows = "".join(f"{o},1000\n" for o in orders)
+    return write(tmp_path, "o.csv", "order_id,captured_amount\n" + rows)
+
+
+def test_batch_whose_journal_cannot_be_written_stops_in_one_line_and_reruns_exactly_once(
+    served: ServedFake, tmp_path: Path
+) -> None:
+    # A full disk fails the journal's writes mid-batch: SQLite's error came as a traceback
+    # after a summary that looked complete.
+    orders = [served.add_order(1000) for _ in range(6)]
+    path = capture_file(tmp_path, orders)
+    journal = str(tmp_path / "run.sqlite")
+    # The fourth claim finds the disk full.
+    fill_the_disk(journal, "BEFORE INSERT ON journal WHEN (SELECT count(*) FROM journal) >= 3")
     first = cli(["batch", path, "--journal", journal, "--concurrency", "1", "--json"], served)
     assert first.exit_code == 1, first.output
     assert isinstance(first.exception, SystemExit)
@@ -568,9 +586,7 @@ def test_batch_whose_journal_cannot_be_written_stops_in_one_line_and_reruns_exac
     summary = json_lines(first.stdout)[-1]
     assert summary["type"] == "summary"
     assert "could not be written" in summary["stopped"]
-    with sqlite3.connect(journal) as conn:
-        conn.execute("DROP TRIGGER full")
-    conn.close()
+    free_the_disk(journal)
     second = cli(["batch", path, "--journal", journal], served)
     assert second.exit_code == 0, second.output
     assert [served.booked(order) for order in orders] == [1] * 6
@@ -582,23 +598,11 @@ def test_batch_reports_an_outcome_its_journal_could_not_record(
     # The disk fills between a capture's send and its outcome's write: the capture Klarna
     # booked was missing from the report and the summary, which undercounted the money moved.
     orders = [served.add_order(1000) for _ in range(5)]
-    path = write(
-        tmp_path, "o.csv", "order_id,captured_amount\n" + "".join(f"{o},1000\n" for o in orders)
-    )
+    path = capture_file(tmp_path, orders)
     journal = str(tmp_path / "run.sqlite")
-
-    async def make() -> None:
-        async with SQLiteJournal(journal):
-            pass
-
-    asyncio.run(make())
-    with sqlite3.connect(journal) as conn:  # the third outcome finds the disk full
-        conn.execute(
-            "CREATE TRIGGER full BEFORE UPDATE ON journal"
-            " WHEN (SELECT count(*) FROM journal WHERE status = 'captured') >= 2"
-            " BEGIN SELECT RAISE(ROLLBACK, 'database or disk is full'); END"
-        )
-    conn.close()
+    # The third outcome finds the disk full.
+    captured = "(SELECT count(*) FROM journal WHERE status = 'captured')"
+    fill_the_disk(journal, f"BEFORE UPDATE ON journal WHEN {captured} >= 2")
     first = cli(["batch", path, "--journal", journal, "--concurrency", "1", "--json"], served)
     assert first.exit_code == 1, first.output
     [line] = first.stderr.splitlines()
@@ -608,9 +612,7 @@ def test_batch_reports_an_outcome_its_journal_could_not_record(
     assert {r["status"] for r in reported} == {"captured"}
     assert [served.booked(order) for order in orders] == [1, 1, 1, 0, 0]
     assert (summary["captured"], summary["items"]) == (3, 3), summary
-    with sqlite3.connect(journal) as conn:
-        conn.execute("DROP TRIGGER full")
-    conn.close()
+    free_the_disk(journal)
     second = cli(["batch", path, "--journal", journal, "--json"], served)
     assert second.exit_code == 0, second.output
     assert [served.booked(order) for order in orders] == [1] * 5
@@ -1427,12 +1429,7 @@ def test_reconcile_whose_journal_cannot_be_written_says_so_in_one_line(
     journal = str(tmp_path / "j.sqlite")
     items: list[tuple[str, str | None]] = [(f"{order_id}:a", None)]
     reviewed(served, journal, order_id, CaptureRequest(captured_amount=5000), items)
-    with sqlite3.connect(journal) as conn:
-        conn.execute(
-            "CREATE TRIGGER full BEFORE UPDATE ON journal"
-            " BEGIN SELECT RAISE(ROLLBACK, 'database or disk is full'); END"
-        )
-    conn.close()
+    fill_the_disk(journal, "BEFORE UPDATE ON journal")
     result = cli(["reconcile", journal, "--not-captured", f"{order_id}:a"], served)
     assert result.exit_code == 2, result.output
     assert isinstance(result.exception, SystemExit)
