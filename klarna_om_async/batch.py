@@ -15,7 +15,6 @@ against the order instead of resent.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import contextvars
 import enum
@@ -427,15 +426,38 @@ def _raised_by_a_part(error: BaseException) -> bool:
 
     Not while this worker is being cancelled, whatever a part made of the cancellation (the
     batch's end waits for its workers, and one that waited to put an outcome in the full
-    queue was never done); nor ``KeyboardInterrupt``, ``SystemExit`` or ``GeneratorExit``,
-    which stop it at once. Anything else (an ``Exception``, a stray ``CancelledError``,
-    another ``BaseException``) stops the run and is raised at its end: a worker that died
-    of it put no end-of-work mark, and the batch waited for that worker forever.
+    queue was never done); nor ``KeyboardInterrupt`` or ``SystemExit``, which stop it at
+    once; nor a ``GeneratorExit`` closing the worker with no loop running. Anything else
+    (an ``Exception``, a stray ``CancelledError`` or ``GeneratorExit``, another
+    ``BaseException``) stops the run and is raised at its end: a worker that died of it
+    put no end-of-work mark, and the batch waited for that worker forever.
     """
-    if isinstance(error, KeyboardInterrupt | SystemExit | GeneratorExit):
+    if isinstance(error, KeyboardInterrupt | SystemExit):
         return False
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no loop runs: the worker's coroutine is being closed
+        return False
+    return task is not None and not task.cancelling()
+
+
+def _stop_if_cancelled() -> None:
+    """Raise ``CancelledError`` if this worker is being cancelled.
+
+    A part (a journal, a source) that swallowed the cancellation must not make the worker
+    start an item after the batch stopped, or wait on a queue nobody reads any more.
+    """
     task = asyncio.current_task()
-    return task is None or not task.cancelling()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+def _unfinished(item: BatchItem, error: BaseException) -> CaptureOutcome:
+    """The outcome of ``item`` when a part of the batch failed while running it, before
+    anything was sent: unknown (``failed``), for the journal may hold it from an earlier
+    run; the rerun with the journal finishes it."""
+    cause = error if isinstance(error, Exception) else RuntimeError(repr(error))
+    return _outcome(item, CaptureStatus.FAILED, item.idempotency_key or "", error=cause)
 
 
 @attrs.define
@@ -496,10 +518,6 @@ class _Run:
         else:
             self._iter = iter(items)
             self._aiter = None
-        # Items read from the source but not started, because the run stopped early meanwhile.
-        self._taken: collections.deque[BatchItem | tuple[str, OperationRequest]] = (
-            collections.deque()
-        )
 
     async def _next_raw(self) -> BatchItem | tuple[str, OperationRequest] | None:
         if self._aiter is None:
@@ -521,17 +539,15 @@ class _Run:
                 if self._stopped():  # while this worker waited for its turn at the source
                     return None
                 raw = await anext(self._aiter, None)
-            if raw is not None and self.abort is not None:
-                # Stopped early while the source made this item: not sent, and counted so
-                # (``not_sent``). After a failure it goes on, as one taken before it would:
-                # it is reported, and a source read once must not lose it.
-                self._taken.append(raw)
-                return None
+            # An item the source made as the run stopped is run all the same, as one taken
+            # before it: a source read once must not lose it.
+            _stop_if_cancelled()
         return None if raw is None else _as_item(raw)
 
     async def work(self) -> None:
         """Take items until the source runs dry; put one outcome per item, then a None."""
         outcomes = self.outcomes
+        item: BatchItem | None = None  # the item being run, until its outcome is out
         try:
             while (item := await self._next_item()) is not None:
                 if self.in_order:
@@ -553,8 +569,10 @@ class _Run:
                         self._hold(item, outcome)
                 else:
                     outcome = await self._run_item(item)
+                item = None
                 self._watch(outcome)
                 if outcomes.full():
+                    _stop_if_cancelled()
                     await outcomes.put(outcome)
                 else:
                     outcomes.put_nowait(outcome)  # no coroutine when there is room
@@ -568,9 +586,14 @@ class _Run:
                 # did, or a summary would undercount the money moved.
                 await outcomes.put(error.outcome)
                 stop = error.error
+            elif item is not None:
+                # Its journal or hold failed before it was sent: an item read from a source
+                # read once must still reach the caller.
+                await outcomes.put(_unfinished(item, error))
             if self.error is None:
                 self.error = stop
         # Every worker ends with a None, or the batch waits for it forever.
+        _stop_if_cancelled()
         await outcomes.put(None)
 
     def _watch(self, outcome: CaptureOutcome) -> None:
@@ -589,7 +612,7 @@ class _Run:
         """Read the rest of the source without sending: the first ``item_key``s and the count."""
         keys: list[str] = []
         count = 0
-        while (raw := self._taken.popleft() if self._taken else await self._next_raw()) is not None:
+        while (raw := await self._next_raw()) is not None:
             count += 1
             if len(keys) < NOT_SENT_LISTED:
                 try:
@@ -691,6 +714,7 @@ class _Run:
         claim = await journal.claim(
             record, item.idempotency_key or random_key(), run_id=self.run_id
         )
+        _stop_if_cancelled()
         if claim.action is ClaimAction.RECONCILE:
             outcome = await self._reconcile(item, claim, journal)
             if outcome is not None:
@@ -1058,7 +1082,8 @@ def capture_many(
     (stopped early, see above), and what the item source or the journal raise. A journal
     that fails stops the batch like a broken source; an item Klarna answered whose outcome
     it could not record is still yielded, as Klarna answered it (the journal keeps it in
-    flight under its key, which the next run resends).
+    flight under its key, which the next run resends), and one it failed on before it was
+    sent is yielded ``failed`` with the journal's error.
     https://docs.klarna.com/api/ordermanagement/#operation/captureOrder
     """
     services = Services(captures=captures, orders=orders)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import subprocess
 import sys
@@ -37,6 +38,7 @@ from klarna_om_async import (
 from klarna_om_async.batch import ItemHeldBackError, capture_many
 from klarna_om_async.captures import CapturesService
 from klarna_om_async.errors import RateLimitError
+from klarna_om_async.journal import Claim, ItemRecord
 from klarna_om_async.testing import (
     Delay,
     DropAfterProcessing,
@@ -442,7 +444,7 @@ class Stop(BaseException):
     """Raised by a journal: no ``Exception``, as a misbehaving part may raise."""
 
 
-@pytest.mark.parametrize("raised", [Stop, asyncio.CancelledError])
+@pytest.mark.parametrize("raised", [Stop, asyncio.CancelledError, GeneratorExit])
 async def test_a_journal_raising_a_base_exception_stops_the_batch_without_hanging(
     om: KlarnaOM, fake: FakeKlarna, raised: type[BaseException]
 ) -> None:
@@ -459,6 +461,71 @@ async def test_a_journal_raising_a_base_exception_stops_the_batch_without_hangin
             await into(seen, om.capture_many(items, concurrency=2, journal=Raising()))
     assert len(seen) == len(fake.booked_captures) > 0
     assert {o.status for o in seen} == {CaptureStatus.CAPTURED}
+
+
+async def test_an_item_whose_claim_fails_is_reported_unknown_and_the_batch_stops(
+    om: KlarnaOM, fake: FakeKlarna
+) -> None:
+    # Its journal failed before it was sent: the item was reported nowhere, lost for good
+    # when it came from a source read once (a message queue).
+    class ClaimFails(MemoryJournal):
+        claims = 0
+
+        async def claim(self, item: ItemRecord, new_key: str, **kw: Any) -> Claim:
+            self.claims += 1
+            if self.claims == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return await super().claim(item, new_key, **kw)
+
+    items = full(fake, [100] * 3)
+    seen: list[CaptureOutcome] = []
+    with pytest.raises(OSError, match="No space left"):
+        await into(seen, om.capture_many(items, concurrency=1, journal=ClaimFails()))
+    assert [(o.order_id, o.status) for o in seen] == [
+        (items[0][0], CaptureStatus.CAPTURED),
+        (items[1][0], CaptureStatus.FAILED),
+    ]
+    assert isinstance(seen[1].error, OSError)
+    assert [c.order_id for c in fake.booked_captures] == [items[0][0]]
+
+
+@pytest.mark.parametrize("part", ["journal", "source"])
+async def test_a_batch_closed_while_a_part_swallows_the_cancellation_ends_and_sends_no_more(
+    om: KlarnaOM, fake: FakeKlarna, part: str
+) -> None:
+    # A journal whose finish, or a source whose next item, came back normally when
+    # cancelled: the worker waited on the full queue of outcomes (aclose hung), or started
+    # the item the source gave after the consumer had stopped.
+    parked = asyncio.Event()
+    items = full(fake, [100] * 6)
+
+    async def swallowed() -> None:
+        parked.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.Event().wait()  # until the batch is closed
+
+    class Swallowing(MemoryJournal):
+        calls = 0
+
+        async def finish(self, item_key: str, status: JournalStatus, **kw: Any) -> JournalStatus:
+            self.calls += 1
+            if part == "journal" and self.calls == 3:
+                await swallowed()
+            return await super().finish(item_key, status, **kw)
+
+    async def source() -> AsyncIterator[tuple[str, CaptureRequest]]:
+        for index, item in enumerate(items):
+            if part == "source" and index == 2:
+                await swallowed()
+            yield item
+
+    batch = om.capture_many(source(), concurrency=1, journal=Swallowing())
+    await anext(batch)
+    # The second outcome fills the queue; the third item is being recorded, or made.
+    async with asyncio.timeout(30):  # guards: one failure this test looks for is a hang
+        await parked.wait()
+        await batch.aclose()
+    assert len(fake.booked_captures) == (3 if part == "journal" else 2)
 
 
 async def test_after_a_failure_workers_take_no_new_item_from_an_async_source(
@@ -565,12 +632,13 @@ def test_workers_closed_with_their_loop_after_a_system_exit_say_nothing() -> Non
     assert "no running event loop" not in run.stderr
 
 
-async def test_a_stopped_batch_counts_an_item_taken_from_an_async_source_as_not_sent(
+async def test_a_stopped_batch_reports_the_item_an_async_source_made_meanwhile(
     fake: FakeKlarna,
 ) -> None:
-    # After a 401 the batch stops; an item a worker was waiting for was sent anyway, and
-    # the BatchAbortedError's count of items not sent missed it.
-    items = full(fake, [100] * 3)
+    # After a 401 the batch stops. The item the source was making then is run and reported
+    # (a source read once must not lose it); the workers waiting for their turn take none,
+    # and the rest is counted as not sent.
+    items = full(fake, [100] * 4)
     aborted = asyncio.Event()
 
     async def source() -> AsyncIterator[tuple[str, CaptureRequest]]:
@@ -580,13 +648,15 @@ async def test_a_stopped_batch_counts_an_item_taken_from_an_async_source_as_not_
             yield item
 
     policy = RetryPolicy(max_attempts=1)
+    seen: list[CaptureOutcome] = []
     async with KlarnaOM(fake.username, "wrong", base_url=fake.base_url, retry=policy) as om:
-        batch = om.capture_many(source(), concurrency=2, on_progress=lambda _: aborted.set())
+        batch = om.capture_many(source(), concurrency=3, on_progress=lambda _: aborted.set())
         with pytest.raises(BatchAbortedError) as raised:
-            await collect(batch)
-    assert raised.value.not_sent_count == 2
-    assert raised.value.not_sent == tuple(order_id for order_id, _ in items[1:])
-    assert sum(r.method == "POST" for r in fake.requests) == 1
+            await into(seen, batch)
+    assert [o.order_id for o in seen] == [order_id for order_id, _ in items[:2]]
+    assert {o.status for o in seen} == {CaptureStatus.REFUSED}
+    assert raised.value.not_sent == tuple(order_id for order_id, _ in items[2:])
+    assert sum(r.method == "POST" for r in fake.requests) == 2
 
 
 async def test_a_broken_source_surfaces_after_started_items_finish(
