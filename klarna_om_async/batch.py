@@ -1122,7 +1122,8 @@ def run_many(
     after the batch's duplicate checks: a reason (a non-empty one-line string) holds the
     item back as above (``ItemHeldBackError`` naming the reason), and its order's later
     items with it, whatever the journal says of the item; None lets it go. Anything else it
-    returns, or raises, stops the batch (the order's later items are not sent).
+    returns, or raises, stops the batch (the item is yielded ``failed`` with the error, and
+    the order's later items are not sent).
 
     Raises ``ValidationError`` (bad ``concurrency``/``rate_limit``), ``BatchAbortedError``
     (stopped early), and what the item source or the journal raise (after yielding an

@@ -1542,10 +1542,20 @@ async def test_a_hold_that_raises_stops_the_batch_and_its_orders_later_items(
             raise HoldBroke("hold broke")
         return None
 
+    seen: list[CaptureOutcome] = []
+
+    async def run() -> None:
+        async for outcome in om.run_many(items, journal=journal, concurrency=3, hold=hold):
+            seen.append(outcome)
+
     with pytest.raises(HoldBroke):
-        async for _ in om.run_many(items, journal=journal, concurrency=3, hold=hold):
-            pass
-    # b has no outcome (never sent, never claimed): the release waiting behind it never goes.
+        await run()
+    # b is never sent nor claimed, but reported (failed, with the error); the release waiting
+    # behind it never goes.
+    statuses = {x.item_key: x.status for x in seen}
+    assert statuses[f"{o}:b"] is CaptureStatus.FAILED
+    assert isinstance(next(x for x in seen if x.item_key == f"{o}:b").error, HoldBroke)
+    assert statuses.get(f"release:{o}", CaptureStatus.REFUSED) is CaptureStatus.REFUSED
     assert [c.captured_amount for c in fake.booked_captures if c.order_id == o][1:] == [100]
     assert "releaseRemainingAuthorization" not in fake.order(o).operations
 
