@@ -413,32 +413,13 @@ def _status_of(error: Exception) -> CaptureStatus:
 
 
 class _Unrecorded(Exception):
-    """The journal failed to record a sent item's ``outcome``: reported, then the run stops."""
+    """The journal failed after a sent item's answer (recording or confirming it): the
+    ``outcome`` is reported, then the run stops."""
 
     def __init__(self, outcome: CaptureOutcome, error: BaseException) -> None:
         super().__init__(outcome, error)
         self.outcome = outcome
         self.error = error
-
-
-def _raised_by_a_part(error: BaseException) -> bool:
-    """Whether a part of the batch (its source, journal or hold) raised ``error`` itself.
-
-    Not while this worker is being cancelled, whatever a part made of the cancellation (the
-    batch's end waits for its workers, and one that waited to put an outcome in the full
-    queue was never done); nor ``KeyboardInterrupt`` or ``SystemExit``, which stop it at
-    once; nor a ``GeneratorExit`` closing the worker with no loop running. Anything else
-    (an ``Exception``, a stray ``CancelledError`` or ``GeneratorExit``, another
-    ``BaseException``) stops the run and is raised at its end: a worker that died of it
-    put no end-of-work mark, and the batch waited for that worker forever.
-    """
-    if isinstance(error, KeyboardInterrupt | SystemExit):
-        return False
-    try:
-        task = asyncio.current_task()
-    except RuntimeError:  # no loop runs: the worker's coroutine is being closed
-        return False
-    return task is not None and not task.cancelling()
 
 
 def _stop_if_cancelled() -> None:
@@ -453,9 +434,9 @@ def _stop_if_cancelled() -> None:
 
 
 def _unfinished(item: BatchItem, error: BaseException) -> CaptureOutcome:
-    """The outcome of ``item`` when a part of the batch failed while running it, before
-    anything was sent: unknown (``failed``), for the journal may hold it from an earlier
-    run; the rerun with the journal finishes it."""
+    """The outcome of ``item`` when a part of the batch (its journal, hold) failed while
+    running it, before any answer of Klarna's to this run: unknown (``failed``), for the
+    journal may hold it from an earlier run; the rerun with the journal finishes it."""
     cause = error if isinstance(error, Exception) else RuntimeError(repr(error))
     return _outcome(item, CaptureStatus.FAILED, item.idempotency_key or "", error=cause)
 
@@ -507,6 +488,8 @@ class _Run:
         #: Orders held back only because Klarna was busy (429s until the deadline).
         self.held_busy = SeenSet()
         self.error: BaseException | None = None
+        #: The worker tasks (set once they are made), to tell their own failures.
+        self.workers: frozenset[asyncio.Task[None]] = frozenset()
         #: Set when the batch must stop early (see ``BatchAbortedError``).
         self.abort: KlarnaError | None = None
         self._unreachable = 0
@@ -527,6 +510,26 @@ class _Run:
 
     def _stopped(self) -> bool:
         return self.error is not None or self.abort is not None
+
+    def _raised_by_a_part(self, error: BaseException) -> bool:
+        """Whether a part of the batch (its source, journal or hold) raised ``error`` itself.
+
+        Only in one of this run's workers, running in its own task, and not while that is
+        being cancelled, whatever a part made of the cancellation (the batch's end waits
+        for its workers, and one that waited to put an outcome in the full queue was never
+        done); never ``KeyboardInterrupt`` or ``SystemExit``, which stop it at once. Not in
+        a worker's coroutine closed from elsewhere (its loop gone: ``GeneratorExit``).
+        Anything else (an ``Exception``, a stray ``CancelledError`` or ``GeneratorExit``,
+        another ``BaseException``) stops the run and is raised at its end: a worker that
+        died of it put no end-of-work mark, and the batch waited for it forever.
+        """
+        if isinstance(error, KeyboardInterrupt | SystemExit):
+            return False
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:  # no loop runs: a worker's coroutine is being closed
+            return False
+        return task in self.workers and not task.cancelling()
 
     async def _next_item(self) -> BatchItem | None:
         if self._stopped():
@@ -577,7 +580,7 @@ class _Run:
                 else:
                     outcomes.put_nowait(outcome)  # no coroutine when there is room
         except BaseException as error:  # a broken source or journal: stop taking new items
-            if not _raised_by_a_part(error):
+            if not self._raised_by_a_part(error):
                 raise  # this worker is cancelled, or the process is stopping
             stop: BaseException = error
             if isinstance(error, _Unrecorded):
@@ -745,7 +748,7 @@ class _Run:
                         attempts=outcome.attempts,
                     )
                 except BaseException as failure:
-                    if not _raised_by_a_part(failure):
+                    if not self._raised_by_a_part(failure):
                         raise
                     # Reported as the journal would have recorded it.
                     change = _finish_change(entry.status, entry.uncertain, status, False)
@@ -759,7 +762,13 @@ class _Run:
                 ):
                     # Klarna refuses a release or cancel repeated after it took effect; the
                     # order's state says whether the earlier, uncertain send did.
-                    done = await self._confirm(item, journal)
+                    try:
+                        done = await self._confirm(item, journal)
+                    except BaseException as failure:
+                        if not self._raised_by_a_part(failure):
+                            raise
+                        unknown = attrs.evolve(outcome, status=CaptureStatus.FAILED)
+                        raise _Unrecorded(unknown, failure) from failure
                     if done is not None:
                         return attrs.evolve(done, attempts=outcome.attempts)
                 # The journal knows more than this run: a refusal after an uncertain send
@@ -1082,8 +1091,8 @@ def capture_many(
     (stopped early, see above), and what the item source or the journal raise. A journal
     that fails stops the batch like a broken source; an item Klarna answered whose outcome
     it could not record is still yielded, as Klarna answered it (the journal keeps it in
-    flight under its key, which the next run resends), and one it failed on before it was
-    sent is yielded ``failed`` with the journal's error.
+    flight under its key, which the next run resends), and one it failed on before any
+    answer is yielded ``failed`` with the journal's error.
     https://docs.klarna.com/api/ordermanagement/#operation/captureOrder
     """
     services = Services(captures=captures, orders=orders)
@@ -1167,6 +1176,7 @@ async def _engine(
         try:
             with rate_limited(rate_limit):
                 workers = [asyncio.create_task(run.work()) for _ in range(concurrency)]
+                run.workers = frozenset(workers)
         finally:
             if token is not None:
                 current_batch.reset(token)

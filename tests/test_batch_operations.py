@@ -1523,6 +1523,43 @@ async def test_run_many_holds_back_what_hold_names_and_its_orders_later_items(
     assert sorted(asked) == sorted(outcomes)  # asked once per item
 
 
+async def test_a_cancel_sent_whose_confirmation_the_journal_fails_is_reported_with_its_attempt(
+    om: KlarnaOM, fake: FakeKlarna
+) -> None:
+    # A cancel resent under the caller's key is refused; the journal records it failed and
+    # cannot then be read to confirm it by the order: the item was reported as if nothing
+    # had been sent (0 attempts).
+    class ReadFails(MemoryJournal):
+        broken = False
+
+        async def entries(self, **kw: Any) -> list[JournalEntry]:
+            if self.broken:
+                raise OSError(5, "Input/output error")
+            return await super().entries(**kw)
+
+    order_id = fake.add_order(amount=1000)
+    item = BatchItem(order_id=order_id, request=CancelOrder(), idempotency_key="k-cancel")
+    journal = ReadFails()
+    fake.inject(DropConnection(), method="POST", times=None)
+    [unknown] = [x async for x in om.run_many([item], journal=journal)]
+    assert unknown.status is CaptureStatus.FAILED
+    fake.clear_faults()
+    fake.set_order_status(order_id, "EXPIRED")  # the resend is refused
+    journal.broken = True
+    seen: list[CaptureOutcome] = []
+
+    async def rerun() -> None:
+        async for outcome in om.run_many([item], journal=journal):
+            seen.append(outcome)
+
+    posts_before = posts(fake)
+    with pytest.raises(OSError, match="Input/output error"):
+        await rerun()
+    [outcome] = seen
+    assert (outcome.status, outcome.idempotency_key) == (CaptureStatus.FAILED, "k-cancel")
+    assert outcome.attempts == posts(fake) - posts_before == 1
+
+
 class HoldBroke(Exception):
     pass
 
