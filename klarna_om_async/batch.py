@@ -21,7 +21,7 @@ import enum
 import hashlib
 import inspect
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterable
-from typing import Protocol, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 import attrs
 import orjson
@@ -488,8 +488,8 @@ class _Run:
         #: Orders held back only because Klarna was busy (429s until the deadline).
         self.held_busy = SeenSet()
         self.error: BaseException | None = None
-        #: The worker tasks (set once they are made), to tell their own failures.
-        self.workers: frozenset[asyncio.Task[None]] = frozenset()
+        # The worker tasks, each added as it starts (see _raised_by_a_part).
+        self._workers: set[asyncio.Task[Any]] = set()
         #: Set when the batch must stop early (see ``BatchAbortedError``).
         self.abort: KlarnaError | None = None
         self._unreachable = 0
@@ -529,7 +529,7 @@ class _Run:
             task = asyncio.current_task()
         except RuntimeError:  # no loop runs: a worker's coroutine is being closed
             return False
-        return task in self.workers and not task.cancelling()
+        return task in self._workers and not task.cancelling()
 
     async def _next_item(self) -> BatchItem | None:
         if self._stopped():
@@ -550,6 +550,10 @@ class _Run:
     async def work(self) -> None:
         """Take items until the source runs dry; put one outcome per item, then a None."""
         outcomes = self.outcomes
+        # Added here, not by whoever made the task: an eager task (Python 3.12+) runs this
+        # before create_task returns, and may fail at once.
+        if (task := asyncio.current_task()) is not None:
+            self._workers.add(task)
         item: BatchItem | None = None  # the item being run, until its outcome is out
         try:
             while (item := await self._next_item()) is not None:
@@ -1176,7 +1180,6 @@ async def _engine(
         try:
             with rate_limited(rate_limit):
                 workers = [asyncio.create_task(run.work()) for _ in range(concurrency)]
-                run.workers = frozenset(workers)
         finally:
             if token is not None:
                 current_batch.reset(token)

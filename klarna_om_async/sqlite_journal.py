@@ -149,33 +149,34 @@ _SET_ATTEMPTS = "UPDATE journal SET attempts = ?, updated_at = ? WHERE item_key 
 # changes, the item stands otherwise (or was never claimed, or its attempts would pass
 # SQLite's integers) and the finish reads it first.
 _SET_CAPTURED = """
-UPDATE journal SET status = 'captured', capture_id = ?1, error = ?2, attempts = attempts + ?3,
-    uncertain = 0, updated_at = ?4
-WHERE item_key = ?5 AND status = 'in_flight' AND attempts <= 9223372036854775807 - ?3
+UPDATE journal SET status = 'captured', capture_id = :capture_id, error = :error,
+    attempts = attempts + :attempts, uncertain = 0, updated_at = :now
+WHERE item_key = :item_key AND status = 'in_flight'
+    AND attempts <= 9223372036854775807 - :attempts
 """
 _ADD_KEY = "INSERT OR IGNORE INTO keys VALUES (?, ?)"
 # What a claim decides on, in one statement (a statement costs more in Python than in
-# SQLite): the owner of the offered key (?1), the item's entry (?2), and, for a new or
-# refused item claimed by a run (?4), one unsettled item of the same order (?3) left by
-# another run or by a journal that kept no run. That search reads the order's items of
-# other runs (three ranges of journal_by_order_run: no run, and runs before and after ?4 in
-# text order), never its own run's: a first run of thousands of items of one order read
+# SQLite): the owner of the offered key (:key), the item's entry (:item_key), and, for a
+# new or refused item claimed by a run (:run_id), one unsettled item of the same order
+# (:order_id) left by another run or by a journal that kept no run. That search reads the
+# order's items of other runs (three ranges of journal_by_order_run: no run, and runs
+# before and after :run_id in text order), never its own run's: a first run of thousands of items of one order read
 # them all at each claim. Its first terms (on the parameters and the entry) end it at once
 # when the decision does not need it, or a rerun's claims of a large order would cost its
 # size each.
 _OTHER_RUNS = " UNION ALL ".join(
     f"""SELECT item_key FROM journal
-    WHERE ?4 IS NOT NULL AND coalesce(j.status, 'refused') = 'refused'
-        AND order_id = ?3 AND {runs} AND item_key != ?2
+    WHERE :run_id IS NOT NULL AND coalesce(j.status, 'refused') = 'refused'
+        AND order_id = :order_id AND {runs} AND item_key != :item_key
         AND status IN ('in_flight', 'failed', 'needs_review')"""
-    for runs in ("run_id IS NULL", "run_id < ?4", "run_id > ?4")
+    for runs in ("run_id IS NULL", "run_id < :run_id", "run_id > :run_id")
 )
 _CLAIM_READ = f"""
-SELECT (SELECT item_key FROM keys WHERE idempotency_key = ?1),
+SELECT (SELECT item_key FROM keys WHERE idempotency_key = :key),
     {", ".join("j." + name for name in _COLUMN_NAMES)},
     {", ".join("s." + name for name in _COLUMN_NAMES)}
 FROM (SELECT 1)
-LEFT JOIN journal AS j ON j.item_key = ?2
+LEFT JOIN journal AS j ON j.item_key = :item_key
 LEFT JOIN journal AS s ON s.item_key = ({_OTHER_RUNS} LIMIT 1)
 """
 # Where the claim read's row holds the entry and the sibling.
@@ -293,7 +294,13 @@ def _claim(
     key_max_age: timedelta,
 ) -> Claim:
     """``SQLiteJournal.claim`` on the writer thread: decide, and record a ``SEND``."""
-    row = conn.execute(_CLAIM_READ, (new_key, item.item_key, item.order_id, run_id)).fetchone()
+    params = {
+        "key": new_key,
+        "item_key": item.item_key,
+        "order_id": item.order_id,
+        "run_id": run_id,
+    }
+    row = conn.execute(_CLAIM_READ, params).fetchone()
     owner, entry_row, sibling_row = row[0], row[_ENTRY], row[_SIBLING]
     old = None if entry_row[0] is None else _row_to_entry(entry_row)
     # Present only for a new or refused item claimed by a run (see _CLAIM_READ).
@@ -336,7 +343,13 @@ def _finish(
         and (capture_id is None or type(capture_id) is str)
         and (error is None or type(error) is str)
     ):
-        captured = (capture_id, _one_line(error), attempts, group.now_text, item_key)
+        captured = {
+            "capture_id": capture_id,
+            "error": _one_line(error),
+            "attempts": attempts,
+            "now": group.now_text,
+            "item_key": item_key,
+        }
         if conn.execute(_SET_CAPTURED, captured).rowcount:
             group.writes += 1
             return JournalStatus.CAPTURED

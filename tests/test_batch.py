@@ -463,6 +463,33 @@ async def test_a_journal_raising_a_base_exception_stops_the_batch_without_hangin
     assert {o.status for o in seen} == {CaptureStatus.CAPTURED}
 
 
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="eager tasks came with Python 3.12")
+async def test_a_hold_failing_at_once_under_eager_tasks_stops_the_batch(
+    om: KlarnaOM, fake: FakeKlarna
+) -> None:
+    # An eager task runs its worker inside create_task: a hold failing there, before the
+    # batch knew the worker's task, was taken for no failure of its own, and the batch
+    # waited for that worker forever.
+    class Boom(Exception):
+        pass
+
+    def hold(item: BatchItem) -> str | None:
+        raise Boom
+
+    loop = asyncio.get_running_loop()
+    loop.set_task_factory(asyncio.eager_task_factory)  # type: ignore[attr-defined,unused-ignore]
+    try:
+        items = full(fake, [100])
+        seen: list[CaptureOutcome] = []
+        with pytest.raises(Boom):
+            async with asyncio.timeout(30):  # a guard: the failure this test looks for is a hang
+                await into(seen, om.run_many(items, concurrency=2, hold=hold))
+    finally:
+        loop.set_task_factory(None)
+    assert [o.status for o in seen] == [CaptureStatus.FAILED]
+    assert not fake.booked_captures
+
+
 async def test_an_item_whose_claim_fails_is_reported_unknown_and_the_batch_stops(
     om: KlarnaOM, fake: FakeKlarna
 ) -> None:
