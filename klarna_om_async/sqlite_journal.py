@@ -160,10 +160,10 @@ _ADD_KEY = "INSERT OR IGNORE INTO keys VALUES (?, ?)"
 # new or refused item claimed by a run (:run_id), one unsettled item of the same order
 # (:order_id) left by another run or by a journal that kept no run. That search reads the
 # order's items of other runs (three ranges of journal_by_order_run: no run, and runs
-# before and after :run_id in text order), never its own run's: a first run of thousands of items of one order read
-# them all at each claim. Its first terms (on the parameters and the entry) end it at once
-# when the decision does not need it, or a rerun's claims of a large order would cost its
-# size each.
+# before and after :run_id in text order), never its own run's: a first run of thousands
+# of items of one order read them all at each claim. Its first terms (on the parameters
+# and the entry) end it at once when the decision does not need it, or a rerun's claims of
+# a large order would cost its size each.
 _OTHER_RUNS = " UNION ALL ".join(
     f"""SELECT item_key FROM journal
     WHERE :run_id IS NOT NULL AND coalesce(j.status, 'refused') = 'refused'

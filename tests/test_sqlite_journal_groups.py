@@ -535,7 +535,13 @@ async def test_a_claim_reads_none_of_its_own_runs_items_of_the_order(tmp_path: P
 
         with sqlite3.connect(path) as conn:
             conn.set_progress_handler(step, 1)
-            conn.execute(_CLAIM_READ, ("new-key", f"{order_id}:new", order_id, "run-1"))
+            params = {
+                "key": "new-key",
+                "item_key": f"{order_id}:new",
+                "order_id": order_id,
+                "run_id": "run-1",
+            }
+            conn.execute(_CLAIM_READ, params)
             conn.set_progress_handler(None, 1)
         conn.close()
         return count

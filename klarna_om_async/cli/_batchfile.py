@@ -524,6 +524,11 @@ def _jsonl_row(line: int, raw: str) -> Row:
         return BadLine(line, order_id, error)
     except ValidationError as error:
         return BadLine(line, order_id, BadLineError(line, error.field, error.reason))
+    except RecursionError:
+        # Met by the json module on Python 3.11, by the checks that walk the parsed object
+        # on 3.12 and later.
+        too_deep = BadLineError(line, None, "is nested too deeply to be a capture")
+        return BadLine(line, order_id, too_deep)
 
 
 class _DuplicateKey(ValueError):
@@ -548,8 +553,6 @@ def _refuse_duplicate_keys(line: int, raw: str) -> None:
         raise BadLineError(
             line, str(error), "appears more than once in an object; give each field once"
         ) from None
-    except RecursionError:
-        raise BadLineError(line, None, "is nested too deeply to be a capture") from None
 
 
 def _refuse_line_breaks(line: int, where: str, value: object) -> None:
