@@ -319,7 +319,8 @@ async def _journal(
     settings: _Settings, failed: list[sqlite3.Error | OSError], done: list[int]
 ) -> AsyncIterator[SQLiteJournal | None]:
     """The batch's journal, opened; a failure to close it (its last fsync) goes to ``failed``,
-    and its count of items done, at open and before it closes, to ``done``."""
+    and its count of items done, at open and (interrupted only) before it closes, to
+    ``done``."""
     if settings.journal is None:
         yield None
         return
@@ -330,14 +331,15 @@ async def _journal(
         if note := resume_note(settings.journal, summary, by_operation):
             click.echo(note, err=True)
         yield journal
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        # Read only then (it counts the whole journal): see _unlisted.
+        if not failed:
+            with contextlib.suppress(sqlite3.Error):  # then _unlisted says nothing
+                done.append((await journal.summary())[JournalStatus.CAPTURED])
+        raise
     finally:
         try:
-            try:
-                if done and not failed:
-                    with contextlib.suppress(sqlite3.Error):  # then _unlisted says nothing
-                        done.append((await journal.summary())[JournalStatus.CAPTURED])
-            finally:
-                await journal.close()
+            await journal.close()
         except (sqlite3.Error, OSError) as error:  # close() says why; the summary comes first
             failed.append(error)
 
