@@ -333,6 +333,9 @@ async def test_stopping_early_starts_nothing_new_and_keeps_started_items_in_the_
     workers = [t for t in asyncio.all_tasks() if "_Run.work" in t.get_coro().__qualname__]
     assert workers == []
     fake.clear_faults()
+    # The requests the stop cancelled hold their keys at Klarna until they end there (on
+    # Python 3.12 they have reached the fake by now): a rerun sent meanwhile meets 409s.
+    await fake.wait_until_idle()
 
     # The next run finishes every item, and nothing is captured twice.
     outcomes = await collect(om.capture_many(items, concurrency=4, journal=journal))

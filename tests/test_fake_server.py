@@ -806,6 +806,25 @@ async def test_in_flight_is_observed(fake: FakeKlarna, session: aiohttp.ClientSe
     assert fake.in_flight == 0
 
 
+async def test_a_cancelled_call_holds_its_key_until_the_fake_is_idle(
+    fake: FakeKlarna, session: aiohttp.ClientSession
+) -> None:
+    order_id = fake.add_order(amount=1000)
+    fake.inject(Delay(0.1))
+    sent = asyncio.ensure_future(capture(session, order_id, key="k"))
+    await fake.wait_for_requests(1)
+    sent.cancel()
+    # The cancelled request still holds its key: a resend now is refused as in progress.
+    assert (await capture(session, order_id, key="k")).status == 409
+    async with asyncio.timeout(5):
+        await fake.wait_until_idle()
+    assert fake.in_flight == 0
+    assert (await capture(session, order_id, key="k")).status == 201
+    assert len(fake.captures(order_id)) == 1
+    async with asyncio.timeout(1):
+        await fake.wait_until_idle()  # idle already: returns at once
+
+
 # -- lifecycle ---------------------------------------------------------------------------------
 
 

@@ -92,6 +92,7 @@ class FakeKlarna:
         self._requests: list[RecordedRequest] = []
         self._received = 0
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._idle_waiters: list[asyncio.Future[None]] = []
         self._in_flight = 0
         self._max_in_flight = 0
         self._runner: web.AppRunner | None = None
@@ -271,6 +272,15 @@ class FakeKlarna:
         self._waiters.append((count, future))
         await future
 
+    async def wait_until_idle(self) -> None:
+        """Return once no request is being handled: the requests of a cancelled call may
+        still hold their idempotency keys here (see `Delay`), as they would at Klarna."""
+        if self._in_flight == 0:
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._idle_waiters.append(future)
+        await future
+
     def _count_request(self) -> None:
         self._received += 1
         if self._waiters:
@@ -347,6 +357,11 @@ class FakeKlarna:
             return response
         finally:
             self._in_flight -= 1
+            if self._in_flight == 0 and self._idle_waiters:
+                for future in self._idle_waiters:
+                    if not future.done():
+                        future.set_result(None)
+                self._idle_waiters = []
 
     async def _answer(
         self, request: web.Request, handler: Handler, record: RecordedRequest, too_large: bool
