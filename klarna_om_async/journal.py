@@ -440,7 +440,11 @@ def _finished(
 def _total_attempts(old_attempts: int, attempts: int) -> int:
     if attempts < 0:
         raise ValueError(f"attempts must be >= 0, not {attempts}")
-    return old_attempts + attempts
+    # Held at SQLite's largest integer, so that every journal records the same outcome.
+    return min(old_attempts + attempts, _MAX_ATTEMPTS)
+
+
+_MAX_ATTEMPTS = 2**63 - 1
 
 
 def _finish_change(

@@ -147,6 +147,19 @@ async def test_attempts_accumulate_over_runs(journal: Journal) -> None:
     assert entry.error is None  # the outcome replaces the last error
 
 
+async def test_attempts_stop_at_the_largest_integer_a_journal_stores(journal: Journal) -> None:
+    # SQLite's integers end at 2**63 - 1: the SQLite journal raised OverflowError and kept
+    # the item in flight where the memory journal recorded the outcome.
+    await begin(journal, "o1:c1", "o1", "key-1")
+    await journal.finish("o1:c1", JournalStatus.FAILED, attempts=2)
+    await begin(journal, "o1:c1", "o1", "key-1")
+    await journal.finish("o1:c1", JournalStatus.CAPTURED, capture_id="cap-1", attempts=2**63 - 1)
+    await journal.finish("o1:c1", JournalStatus.CAPTURED, capture_id="cap-1", attempts=2**64)
+
+    entry = (await load(journal))["o1:c1"]
+    assert (entry.status, entry.capture_id, entry.attempts) == ("captured", "cap-1", 2**63 - 1)
+
+
 async def test_load_returns_every_entry(journal: Journal) -> None:
     for i in range(10):
         await begin(journal, f"item-{i}", f"order-{i}", f"key-{i}")
