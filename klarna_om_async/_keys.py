@@ -4,10 +4,28 @@ from __future__ import annotations
 
 import os
 import re
+from contextvars import ContextVar
 
 from .errors import ValidationError
 
-__all__ = ("check_idempotency_key", "new_idempotency_key", "random_key")
+__all__ = (
+    "KEY_RESEND_WINDOW_S",
+    "check_idempotency_key",
+    "key_time_left",
+    "new_idempotency_key",
+    "random_key",
+)
+
+#: Klarna honours a key for 24 hours after its first use and then books a resend again; no
+#: attempt under a key starts later than this after the call's first (an hour's margin for
+#: clock skew, as the journal's default ``key_max_age``).
+KEY_RESEND_WINDOW_S = 23 * 3600.0
+
+#: Seconds left, as the call under a key begins, before that key is older than the journal's
+#: ``key_max_age``: a batch resending a key an earlier run sent sets it, and no attempt of
+#: the call starts after that (see ``RetryMiddleware``). ``None``: the key is new to this
+#: call, which may resend it for ``KEY_RESEND_WINDOW_S``.
+key_time_left: ContextVar[float | None] = ContextVar("klarna_om_key_time_left", default=None)
 
 # Printable ASCII, no space at either end: anything else breaks the header (a newline is
 # refused by aiohttp) or is trimmed by HTTP, and would then name another key.

@@ -21,13 +21,14 @@ import enum
 import hashlib
 import inspect
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterable
+from datetime import UTC, datetime
 from typing import Any, Protocol, TypeAlias
 
 import attrs
 import orjson
 
 from ._convert import to_json
-from ._keys import check_idempotency_key, random_key
+from ._keys import check_idempotency_key, key_time_left, random_key
 from ._seen import SeenSet
 from .captures import CapturesService
 from .config import MAX_CONCURRENCY, check_count
@@ -42,6 +43,7 @@ from .errors import (
     ValidationError,
 )
 from .journal import (
+    DEFAULT_KEY_MAX_AGE,
     Claim,
     ClaimAction,
     ItemRecord,
@@ -737,7 +739,13 @@ class _Run:
         key = entry.idempotency_key
         match claim.action:
             case ClaimAction.SEND:
-                outcome = await self._send(item, key, item.operation)
+                # No attempt once Klarna may have forgotten the key (an earlier run may have
+                # sent it hours ago): the item then ends unknown, and a rerun reconciles it.
+                token = key_time_left.set(_time_left(claim))
+                try:
+                    outcome = await self._send(item, key, item.operation)
+                finally:
+                    key_time_left.reset(token)
                 if entry.uncertain and isinstance(outcome.error, KlarnaError):
                     # An earlier run's send under this key may have booked it: whatever
                     # this send met, the outcome is unknown (its error must say so).
@@ -927,6 +935,17 @@ class _Run:
             attempts=outcome.attempts,
         )
         return attrs.evolve(outcome, status=CaptureStatus.REFUSED, error=reused)
+
+
+def _time_left(claim: Claim) -> float | None:
+    """Seconds the claim's key may still be sent; a journal of its own that does not say is
+    taken to keep keys for the default ``key_max_age``, by this machine's clock."""
+    if claim.key_time_left is not None:
+        return claim.key_time_left
+    sent = claim.entry.key_sent_at
+    if sent is None:
+        return None
+    return (sent + DEFAULT_KEY_MAX_AGE - datetime.now(UTC)).total_seconds()
 
 
 #: Operations whose effect the order's state proves (see ``reconcile.judge``).

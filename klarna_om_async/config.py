@@ -159,7 +159,10 @@ class RetryPolicy:
     from ``[0, min(initial_delay * 2**(n-1), max_delay)]`` ("full jitter", as Klarna
     recommends); a ``Retry-After`` header replaces it, capped at ``retry_after_cap``. No
     attempt starts after ``deadline`` seconds from the first, so a call lasts at most about
-    ``deadline`` plus one attempt's timeout.
+    ``deadline`` plus one attempt's timeout. A call under an idempotency key also stops
+    resending it 23 hours after its first attempt (Klarna forgets a key 24 hours after its
+    first use, and would then book a resend again); in a batch with a journal, once the key
+    is older than the journal's ``key_max_age``, however long ago an earlier run sent it.
 
     A 429 is not a failed attempt: the merchant is busy, and the call waits its turn. 429s do
     not use up ``max_attempts``; only ``deadline`` bounds them (``no_retries()`` still

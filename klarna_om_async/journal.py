@@ -181,6 +181,10 @@ class Claim:
     #: For ``CONFLICT``: the item changed since it was sent under ``entry.idempotency_key``,
     #: whose outcome is still unknown or needs review (money may have moved under that key).
     outcome_unknown: bool = False
+    #: For ``SEND``: seconds until the key is older than ``key_max_age`` (from its first
+    #: send, perhaps by an earlier run); the send must not be retried past them, or Klarna,
+    #: having forgotten the key, would book it again.
+    key_time_left: float | None = None
 
 
 class JournalError(Exception):
@@ -338,7 +342,7 @@ def _decide(
         resend = attrs.evolve(
             old, status=JournalStatus.IN_FLIGHT, uncertain=True, updated_at=now, run_id=run_id
         )
-        return Claim(ClaimAction.SEND, resend)
+        return _send(resend, now, key_max_age)
     if old is not None and old.order_id != item.order_id:
         return Claim(ClaimAction.CONFLICT, old, f"item {item.item_key!r}: {_changed(old, item)}")
     if (old is None or old.status is JournalStatus.REFUSED) and sibling is not None:
@@ -358,7 +362,13 @@ def _decide(
     entry = _new_entry(item, new_key, now, run_id)
     if old is not None:
         entry = attrs.evolve(entry, attempts=old.attempts)
-    return Claim(ClaimAction.SEND, entry)
+    return _send(entry, now, key_max_age)
+
+
+def _send(entry: JournalEntry, now: datetime, key_max_age: timedelta) -> Claim:
+    assert entry.key_sent_at is not None  # set by every claim that sends
+    left = (entry.key_sent_at + key_max_age - now).total_seconds()
+    return Claim(ClaimAction.SEND, entry, key_time_left=left)
 
 
 def _held_back_by(old: JournalEntry | None, item: ItemRecord, sibling: JournalEntry) -> str:

@@ -43,7 +43,7 @@ from typing import Protocol
 import attrs
 import backoff
 
-from ._keys import check_idempotency_key, random_key
+from ._keys import KEY_RESEND_WINDOW_S, check_idempotency_key, key_time_left, random_key
 from .config import MIN_BUSY_WAIT, Credentials, RetryPolicy
 from .errors import (
     KlarnaAPIError,
@@ -88,7 +88,8 @@ class Request:
     #: The caller's key for this call, or the one the idempotency middleware chose.
     idempotency_key: str | None = None
     #: When the whole call must be over, on the retry middleware's clock (``time.monotonic``
-    #: seconds by default); stamped by ``RetryMiddleware`` as call start + policy deadline.
+    #: seconds by default); stamped by ``RetryMiddleware`` as call start + policy deadline
+    #: (or earlier, when the call's key would outlive Klarna's memory of it).
     #: ``None`` before that, or when the chain has no retry middleware: no limit.
     deadline: float | None = None
 
@@ -280,8 +281,11 @@ class RetryMiddleware:
 
     The schedule is backoff's exponential generator with full jitter; a ``Retry-After``
     header takes precedence (capped at ``retry_after_cap``) and is not jittered. No attempt
-    starts later than ``policy.deadline`` seconds after the call began; the attempts carry
-    that moment as ``Request.deadline`` (on ``clock``) so the throttle can keep it too.
+    starts later than ``policy.deadline`` seconds after the call began, nor, for a call under
+    an idempotency key, once Klarna may have forgotten the key (23 hours after the call
+    began, or what ``key_time_left`` says of a key an earlier run sent): a resend then books
+    the operation again. The attempts carry that moment as ``Request.deadline`` (on
+    ``clock``) so the throttle can keep it too.
     Discarded answers need no release: the transport has read and released every response
     before it reaches here.
 
@@ -303,13 +307,17 @@ class RetryMiddleware:
         ``earlier_attempt_unknown`` when an earlier attempt may have taken effect).
         """
         started = self._clock()
+        deadline = started + self.policy.deadline
+        if request.idempotency_key is not None:
+            left = key_time_left.get()
+            deadline = min(deadline, started + (KEY_RESEND_WINDOW_S if left is None else left))
         request = Request(
             request.method,
             request.path,
             request.body,
             request.headers,
             request.idempotency_key,
-            started + self.policy.deadline,
+            deadline,
         )
         try:
             # Most calls succeed at once: no schedule is made until an attempt fails.
@@ -320,18 +328,18 @@ class RetryMiddleware:
             _note_key(exc, request.idempotency_key)
             raise
         try:
-            return await self._retry(request, call_next, started, first)
+            return await self._retry(request, call_next, first)
         except KlarnaError:
             raise
         except BaseException as exc:
             _note_key(exc, request.idempotency_key)
             raise
 
-    async def _retry(
-        self, request: Request, call_next: Handler, started: float, error: KlarnaError
-    ) -> Response:
+    async def _retry(self, request: Request, call_next: Handler, error: KlarnaError) -> Response:
         """Attempts 2 and later, after ``error`` ended the first one."""
         policy = self.policy
+        deadline = request.deadline
+        assert deadline is not None  # stamped by __call__
         delays = backoff.expo(factor=policy.initial_delay, max_value=policy.max_delay)
         next(delays)  # backoff's generators yield a priming 0 first
         attempt = 1
@@ -343,7 +351,7 @@ class RetryMiddleware:
             error.attempts = attempt
             busy = isinstance(error, RateLimitError)
             failures += not busy
-            wait = self._wait_before_retry(error, failures, started, delays)
+            wait = self._wait_before_retry(error, failures, deadline, delays)
             if wait is None:
                 # Attempt 1 may have been booked and its answer lost; a later 429 (or even a
                 # 401) says nothing about that, so the call's outcome stays unknown.
@@ -388,7 +396,7 @@ class RetryMiddleware:
         )
 
     def _wait_before_retry(
-        self, error: KlarnaError, failures: int, started: float, delays: Iterator[float]
+        self, error: KlarnaError, failures: int, deadline: float, delays: Iterator[float]
     ) -> float | None:
         """Seconds to wait before the next attempt, or None to give up with ``error``.
 
@@ -409,7 +417,7 @@ class RetryMiddleware:
             # one retry per initial_delay (and never in a tight loop), whatever Retry-After
             # said ("0").
             wait = max(wait, policy.initial_delay, MIN_BUSY_WAIT)
-        if self._clock() - started + wait > policy.deadline:
+        if self._clock() + wait > deadline:
             return None
         return wait
 

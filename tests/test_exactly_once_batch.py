@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable
 from datetime import timedelta
@@ -24,6 +25,7 @@ from klarna_om_async import (
     ItemConflictError,
     JournalStatus,
     KlarnaConnectionError,
+    KlarnaError,
     KlarnaOM,
     NeedsReviewError,
     Order,
@@ -41,6 +43,7 @@ from klarna_om_async.testing import (
     InstantSleep,
     NonJsonError,
     RateLimited,
+    ServerFailure,
 )
 
 DAY = 24 * 3600.0
@@ -204,6 +207,91 @@ async def test_an_expired_key_never_booked_is_sent_with_a_new_key(
 
     assert second.status is CaptureStatus.CAPTURED
     assert second.idempotency_key != first.idempotency_key
+    assert booked(fake) == {order_id: 1}
+
+
+class AgingSleep:
+    """Retry waits that pass on the fake's clock too: Klarna's memory of a key ages with them."""
+
+    def __init__(self, fake: FakeKlarna) -> None:
+        self.fake = fake
+        self.waited = 0.0
+
+    async def __call__(self, seconds: float) -> None:
+        self.fake.advance_clock(seconds)
+        self.waited += seconds
+
+    def clock(self) -> float:
+        return time.monotonic() + self.waited
+
+
+def patient(fake: FakeKlarna, waits: AgingSleep, deadline: float) -> KlarnaOM:
+    """A client that retries every 10-20 minutes (on the fake's clock) until ``deadline``."""
+    policy = RetryPolicy(
+        max_attempts=100,
+        initial_delay=600,
+        max_delay=1200,
+        deadline=deadline,
+        jitter=lambda d: d,
+        sleep=waits,
+    )
+    return KlarnaOM(
+        fake.username, fake.password, base_url=fake.base_url, retry=policy, clock=waits.clock
+    )
+
+
+@pytest.mark.parametrize("hours", [23, 24])
+async def test_a_key_an_earlier_run_sent_is_never_retried_past_the_journals_key_max_age(
+    om: KlarnaOM, fake: FakeKlarna, tmp_path: Path, hours: int
+) -> None:
+    # The rerun claimed the key 1,000 s before key_max_age and met 503s; its retries (a
+    # patient policy: a 2-hour deadline) went on after Klarna had forgotten the key, and the
+    # one that got through booked the capture a second time.
+    order_id = fake.add_order(amount=10000)
+    items = [(order_id, CaptureRequest(captured_amount=4000, reference="box-1"))]
+    age = timedelta(hours=hours)
+    waits = AgingSleep(fake)
+    async with (
+        SQLiteJournal(tmp_path / "j.sqlite", clock=fake.now, key_max_age=age) as journal,
+        patient(fake, waits, deadline=7200) as rerun,
+    ):
+        fake.inject(DropAfterProcessing(), method="POST", times=None)
+        [first] = await run(om, items, journal)
+        assert first.status is CaptureStatus.FAILED
+        fake.clear_faults()
+        fake.advance_clock(age.total_seconds() - 1000)
+        fake.inject(ServerFailure(), method="POST", times=6)
+        posts_before = sum(r.method == "POST" for r in fake.requests)
+
+        [second] = await run(rerun, items, journal)
+
+        # Sent at once and 600 s later; the next wait (1,200 s) would pass key_max_age.
+        assert sum(r.method == "POST" for r in fake.requests) - posts_before == 2
+        assert second.status is CaptureStatus.FAILED
+        assert second.idempotency_key == first.idempotency_key
+        assert isinstance(second.error, KlarnaError)
+        assert second.error.outcome_unknown
+        fake.clear_faults()
+        [third] = await run(om, items, journal)  # an expired key: the order is read
+    assert third.status is CaptureStatus.CAPTURED
+    assert booked(fake) == {order_id: 1}
+
+
+async def test_a_call_never_resends_its_key_after_23_hours_whatever_its_deadline(
+    fake: FakeKlarna,
+) -> None:
+    # A deadline may be a day; Klarna forgets a key 24 hours after its first use, so a
+    # resend a day later books the capture again.
+    order_id = fake.add_order(amount=10000)
+    waits = AgingSleep(fake)
+    fake.inject(DropAfterProcessing(), method="POST")  # booked, the answer lost
+    fake.inject(ServerFailure(), method="POST", times=100)
+    async with patient(fake, waits, deadline=DAY) as client:
+        with pytest.raises(KlarnaError) as caught:
+            await client.captures.create(order_id, CaptureRequest(captured_amount=4000))
+    assert caught.value.outcome_unknown
+    assert caught.value.idempotency_key is not None
+    assert 22 * 3600 <= waits.waited <= 23 * 3600
     assert booked(fake) == {order_id: 1}
 
 
