@@ -25,6 +25,7 @@ from .journal import (
     ClaimAction,
     ItemRecord,
     JournalEntry,
+    JournalError,
     JournalInUseError,
     JournalStatus,
     NotAJournalError,
@@ -426,12 +427,31 @@ def _in_use(journal: str) -> JournalInUseError:
     )
 
 
+def _linked(journal: str, names: int) -> JournalError:
+    # SQLite keeps the write-ahead log beside the name a file is opened by: a run killed
+    # under one name leaves its fsynced claims in that name's log, unseen by a rerun under
+    # another name, which would then send those items under new keys.
+    return JournalError(
+        f"journal {journal} has {names} names (hard links): SQLite keeps the claims of a run"
+        " beside the name it opened, so a run under another name would not see them; keep"
+        " only the name the last run used (remove the other links), and open it by that name"
+    )
+
+
+def _links(path: str) -> int:
+    try:
+        return os.stat(path).st_nlink
+    except FileNotFoundError:  # a new journal (its lock beside it, off Linux)
+        return 1
+
+
 class _OwnerLock:
     """An exclusive, non-blocking lock on the journal file, dropped by the OS if we die.
 
     On Linux it is flock(2) on the database file itself, so every name of the file (a hard
-    link, a symlink) shares it. Elsewhere it is ``realpath(PATH) + ".lock"``, which a hard
-    link escapes. Within one process, a registry by inode refuses a second journal object.
+    link, a symlink) shares it. Elsewhere it is ``realpath(PATH) + ".lock"``. A file with
+    more than one hard link is refused (see ``_linked``). Within one process, a registry by
+    inode refuses a second journal object.
     """
 
     def __init__(self, path: str) -> None:
@@ -452,6 +472,10 @@ class _OwnerLock:
             os.close(fd)  # this process holds no lock on the file (see _HELD)
             raise _in_use(self._path) from None
         st = os.stat(self._path) if _LOCK_THE_FILE_ITSELF else os.fstat(fd)
+        links = _links(self._path)
+        if links > 1:
+            os.close(fd)
+            raise _linked(self._path, links)
         self._fd, self._id = fd, (st.st_dev, st.st_ino)
         _HELD.add(self._id)
 

@@ -23,6 +23,7 @@ from klarna_om_async.journal import (
     ItemRecord,
     Journal,
     JournalEntry,
+    JournalError,
     JournalInUseError,
     JournalStatus,
     MemoryJournal,
@@ -431,9 +432,9 @@ def test_an_sqlite_journal_needs_a_file() -> None:
 
 
 async def test_every_name_of_a_journal_file_shares_its_lock(tmp_path: Path) -> None:
-    path, link = tmp_path / "j.sqlite", tmp_path / "hard-link.sqlite"
+    path, link = tmp_path / "j.sqlite", tmp_path / "sym-link.sqlite"
     async with SQLiteJournal(path):
-        os.link(path, link)
+        link.symlink_to(path)
         with pytest.raises(JournalInUseError):
             await SQLiteJournal(link).open()  # this process: refused by inode
     proc = await asyncio.create_subprocess_exec(
@@ -455,6 +456,22 @@ async def test_every_name_of_a_journal_file_shares_its_lock(tmp_path: Path) -> N
         await proc.communicate()
     async with SQLiteJournal(link):  # the dead holder's lock is gone
         pass
+
+
+async def test_a_journal_file_with_another_hard_link_is_refused(tmp_path: Path) -> None:
+    # SQLite keeps the write-ahead log beside the name it opened: a run killed under one name
+    # left its fsynced claims there, and a rerun under another name sent those items again
+    # under new keys.
+    path, link = tmp_path / "j.sqlite", tmp_path / "hard-link.sqlite"
+    async with SQLiteJournal(path) as journal:
+        await begin(journal, "o1:c1", "o1", "key-1")
+    os.link(path, link)
+    for name in (path, link):
+        with pytest.raises(JournalError, match=r"has 2 names \(hard links\)"):
+            await SQLiteJournal(name).open()
+    path.unlink()
+    async with SQLiteJournal(link) as journal:
+        assert [e.idempotency_key for e in await journal.entries()] == ["key-1"]
 
 
 HOLD_SCRIPT = """
