@@ -51,7 +51,9 @@ from .journal import (
     JournalEntry,
     JournalStatus,
     _conflict,
+    _end_run,
     _finish_change,
+    _start_run,
 )
 from .models import CaptureRequest, RefundRequest
 from .operations import (
@@ -1184,14 +1186,20 @@ async def _engine(
 ) -> AsyncGenerator[CaptureOutcome, None]:
     """The one engine behind ``capture_many`` and ``run_many``."""
     check_count("concurrency", concurrency, high=MAX_CONCURRENCY)
+    if journal is not None:
+        _start_run(journal)
     watches: tuple[BatchWatch, ...] = ()
-    if batch_listeners:
-        start = BatchStart(services=services, only=only, concurrency=concurrency, journal=journal)
-        watches = tuple(
-            watch for listener in tuple(batch_listeners) if (watch := listener(start)) is not None
-        )
     ended: BaseException | None = None
     try:
+        if batch_listeners:
+            start = BatchStart(
+                services=services, only=only, concurrency=concurrency, journal=journal
+            )
+            watches = tuple(
+                watch
+                for listener in tuple(batch_listeners)
+                if (watch := listener(start)) is not None
+            )
         outcomes: asyncio.Queue[CaptureOutcome | None] = asyncio.Queue(maxsize=concurrency)
         run = _Run(services, items, journal, outcomes, only=only, in_order=in_order, hold=hold)
         # The workers copy the context as they are made: the batch is theirs, not the caller's.
@@ -1231,5 +1239,7 @@ async def _engine(
         ended = error
         raise
     finally:
+        if journal is not None:
+            _end_run(journal)
         for watch in reversed(watches):
             watch.ended(ended)

@@ -489,6 +489,28 @@ def _not_begun(item_key: str) -> LookupError:
     return LookupError(f"finish() for item {item_key!r}, which this journal never claimed")
 
 
+# The journal objects a batch or a reconciliation is using now, by id (a journal need not be
+# hashable). The file lock keeps other processes and other journal objects out; this keeps
+# out a second run on the same object, which would take the first one's items in flight for
+# an earlier run's unknown ones and resend them.
+_RUNNING: set[int] = set()
+
+
+def _start_run(journal: Journal) -> None:
+    """Mark ``journal`` as used by a run; ``JournalInUseError`` if a run already uses it."""
+    if id(journal) in _RUNNING:
+        raise JournalInUseError(
+            f"journal {journal!r} is in use by another batch or reconciliation in this"
+            " process; one run at a time per journal: let the other finish, or close it first"
+            " (await batch.aclose(); a batch left by 'break' goes on until it is closed)"
+        )
+    _RUNNING.add(id(journal))
+
+
+def _end_run(journal: Journal) -> None:
+    _RUNNING.discard(id(journal))
+
+
 def _not_open(name: str) -> RuntimeError:
     return RuntimeError(
         f"{name} is closed or was never opened; use 'async with {name}(...)' or 'await .open()'"

@@ -51,7 +51,7 @@ import attrs
 
 from .config import check_count
 from .errors import KlarnaError, NoSuchOrderError
-from .journal import Journal, JournalEntry, JournalStatus
+from .journal import Journal, JournalEntry, JournalStatus, _end_run, _start_run
 from .models import Order, OrderStatus
 from .operations import Operation
 from .orders import OrdersService
@@ -391,6 +391,16 @@ async def reconcile(
     https://docs.klarna.com/api/ordermanagement/#operation/getOrder
     """
     check_count("concurrency", concurrency)
+    _start_run(journal)
+    try:
+        return await _reconcile_all(orders, journal, concurrency, clock_skew)
+    finally:
+        _end_run(journal)
+
+
+async def _reconcile_all(
+    orders: OrdersService, journal: Journal, concurrency: int, clock_skew: timedelta
+) -> list[Reconciliation]:
     unknown = await journal.entries(statuses=(JournalStatus.IN_FLIGHT, JournalStatus.FAILED))
     by_order: dict[str, list[JournalEntry]] = {}
     for entry in unknown:

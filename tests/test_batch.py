@@ -23,6 +23,8 @@ from klarna_om_async import (
     CaptureOutcome,
     CaptureRequest,
     CaptureStatus,
+    Journal,
+    JournalInUseError,
     JournalStatus,
     KlarnaError,
     KlarnaOM,
@@ -343,6 +345,38 @@ async def test_stopping_early_starts_nothing_new_and_keeps_started_items_in_the_
     assert {o.status for o in outcomes.values()} <= {CaptureStatus.CAPTURED, CaptureStatus.SKIPPED}
     assert len(fake.booked_captures) == 30
     assert set(booked_per_order(fake).values()) == {1}
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+async def test_a_journal_serves_one_run_at_a_time_in_a_process(
+    om: KlarnaOM, fake: FakeKlarna, tmp_path: Path, kind: str
+) -> None:
+    # A second batch on the same journal object took the first one's items in flight for an
+    # earlier run's unknown ones and resent them: both runs reported them captured.
+    items = full(fake, [5] * 10)
+    fake.inject(Delay(0.05), method="POST", times=None)
+    journal: Journal = (
+        MemoryJournal() if kind == "memory" else await SQLiteJournal(tmp_path / "j").open()
+    )
+    first = om.capture_many(items, concurrency=4, journal=journal)
+    async for _taken in first:
+        break
+    posts = sum(r.method == "POST" for r in fake.requests)
+    with pytest.raises(JournalInUseError, match="in use by another batch or reconciliation"):
+        await collect(om.capture_many(items, journal=journal))
+    with pytest.raises(JournalInUseError):
+        await om.reconcile(journal)
+    assert sum(r.method == "POST" for r in fake.requests) == posts  # nothing more sent
+    await first.aclose()  # type: ignore[attr-defined]
+    await fake.wait_until_idle()
+    fake.clear_faults()
+
+    again = await collect(om.capture_many(items, journal=journal))  # closed: free again
+    await om.reconcile(journal)
+    await journal.close()
+    assert {o.status for o in again.values()} <= {CaptureStatus.CAPTURED, CaptureStatus.SKIPPED}
+    assert set(booked_per_order(fake).values()) == {1}
+    assert len(booked_per_order(fake)) == 10
 
 
 class FinishFails(MemoryJournal):
