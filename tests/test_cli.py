@@ -641,6 +641,28 @@ def test_batch_whose_journal_fails_its_last_fsync_says_so_in_one_line(
     assert served.booked(order_id) == 1
 
 
+def test_a_damaged_journal_is_one_line_that_warns_against_a_new_journal(
+    served: ServedFake, tmp_path: Path
+) -> None:
+    # A page SQLite finds malformed came as a traceback from the batch, and reconcile blamed
+    # a full disk.
+    orders = [served.add_order(1000) for _ in range(300)]
+    path = capture_file(tmp_path, orders)
+    journal = tmp_path / "run.sqlite"
+    assert cli(["batch", path, "--journal", str(journal)], served).exit_code == 0
+    data = journal.read_bytes()
+    journal.write_bytes(data[:4096] + bytes(4096) + data[8192:])  # page 2 zeroed
+    sent = served.do(lambda: len(served.fake.requests))
+
+    for args in (["batch", path, "--journal", str(journal)], ["reconcile", str(journal)]):
+        result = cli(args, served)
+        assert result.exit_code == 2, result.output
+        [line] = result.stderr.splitlines()
+        assert f"the journal {journal} is damaged (database disk image is malformed)" in line
+        assert "under a new journal they would be sent again" in line
+    assert served.do(lambda: len(served.fake.requests)) == sent
+
+
 def test_batch_human_output_says_how_to_finish_failed_items(
     served: ServedFake, tmp_path: Path
 ) -> None:

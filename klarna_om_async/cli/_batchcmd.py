@@ -36,6 +36,7 @@ from ._options import (
     InputError,
     Interrupted,
     connection_options,
+    damaged,
     journal_fault,
     json_option,
     open_journal,
@@ -288,6 +289,9 @@ async def _run(settings: _Settings, connection: Connection) -> bool:
 def _journal_failed(settings: _Settings, error: sqlite3.Error | OSError) -> str:
     # Every claim that returned was durable before its item was sent; an item whose outcome
     # could not be recorded stays in flight, and the rerun resends its key (Klarna replays).
+    assert settings.journal is not None  # only a journal fails
+    if why := damaged(settings.journal, error):
+        return why[0].upper() + why[1:]
     return (
         f"The journal {settings.journal} could not be written ({error}); no item was started"
         " after that. Items started are recorded in it (in flight where their outcome could"
@@ -326,7 +330,13 @@ async def _journal(
         return
     journal = await open_journal(SQLiteJournal(settings.journal, durability=settings.durability))
     try:
-        summary, by_operation = await journal.summary(), await journal.done_by_operation()
+        try:
+            summary, by_operation = await journal.summary(), await journal.done_by_operation()
+        except sqlite3.Error as error:
+            if not journal_fault(error):
+                raise
+            path = settings.journal
+            raise InputError(damaged(path, error) or f"cannot read {path}: {error}") from None
         done.append(summary[JournalStatus.CAPTURED])
         if note := resume_note(settings.journal, summary, by_operation):
             click.echo(note, err=True)

@@ -397,6 +397,19 @@ def journal_fault(error: sqlite3.Error) -> bool:
     )
 
 
+def damaged(journal: str, error: BaseException) -> str | None:
+    """What to do about a journal file SQLite finds damaged (``error`` says so), else None."""
+    if type(error) is not sqlite3.DatabaseError:  # its subclasses: locked, full, a bug...
+        return None
+    # A new journal would send its items again under new keys: the rows must be saved.
+    return (
+        f"the journal {journal} is damaged ({error}); nothing more was sent: restore it from"
+        " a backup (SQLite's .recover may save some of its rows); without one, check these"
+        " orders at Klarna before sending their items again: under a new journal they would"
+        " be sent again under new keys"
+    )
+
+
 async def open_journal(journal: SQLiteJournal) -> SQLiteJournal:
     """``await journal.open()``; a journal that cannot be used is an ``InputError`` (exit 2)."""
     try:
@@ -404,4 +417,5 @@ async def open_journal(journal: SQLiteJournal) -> SQLiteJournal:
     except JournalError as error:  # in use by another run, or not a journal
         raise InputError(str(error)) from None
     except (sqlite3.Error, OSError) as error:
-        raise InputError(f"cannot open the journal {journal.path}: {error}") from None
+        why = damaged(journal.path, error) or f"cannot open the journal {journal.path}: {error}"
+        raise InputError(why) from None

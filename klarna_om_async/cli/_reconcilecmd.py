@@ -23,6 +23,7 @@ from ._options import (
     InputError,
     Interrupted,
     connection_options,
+    damaged,
     journal_fault,
     json_option,
     open_journal,
@@ -167,6 +168,8 @@ def reconcile(
 
 
 def _unwritable(journal: str, error: sqlite3.Error) -> InputError:
+    if why := damaged(journal, error):
+        return InputError(why)
     return InputError(
         f"the journal {journal} could not be written ({error}); what was recorded before"
         " stands: run the same command again once it can be written (a full disk, another"
