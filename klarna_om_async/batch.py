@@ -741,13 +741,7 @@ class _Run:
         key = entry.idempotency_key
         match claim.action:
             case ClaimAction.SEND:
-                # No attempt once Klarna may have forgotten the key (an earlier run may have
-                # sent it hours ago): the item then ends unknown, and a rerun reconciles it.
-                token = key_time_left.set(_time_left(claim))
-                try:
-                    outcome = await self._send(item, key, item.operation)
-                finally:
-                    key_time_left.reset(token)
+                outcome = await self._send(item, key, item.operation, _time_left(claim))
                 if entry.uncertain and isinstance(outcome.error, KlarnaError):
                     # An earlier run's send under this key may have booked it: whatever
                     # this send met, the outcome is unknown (its error must say so).
@@ -865,7 +859,15 @@ class _Run:
             case _:  # the order could not be read: still unknown
                 return _outcome(item, CaptureStatus.FAILED, key, error=result.error)
 
-    async def _send(self, item: BatchItem, key: str, operation: Operation) -> CaptureOutcome:
+    async def _send(
+        self, item: BatchItem, key: str, operation: Operation, time_left: float | None = None
+    ) -> CaptureOutcome:
+        """Send ``item`` under ``key``, retried for at most ``time_left`` seconds (None: a
+        key new to this send) before Klarna may have forgotten the key: an earlier run may
+        have sent it hours ago. The item then ends unknown, and a rerun reconciles it."""
+        # Set for every item (the worker's task has a context of its own): the last item's
+        # value must not bound this one's.
+        key_time_left.set(time_left)
         request = item.request
         captures = self.services.captures
         created_id: str | None
@@ -894,9 +896,66 @@ class _Run:
             attempts=attempts,
             operation=operation,
         )
-        if item.idempotency_key is not None and operation in _PROVEN_BY_ORDER:
-            return await self._read_back(item, outcome)
+        if item.idempotency_key is not None:
+            if operation in _PROVEN_BY_ORDER:
+                return await self._read_back(item, outcome)
+            if outcome.created_id is not None:
+                return await self._read_created(item, outcome)
         return outcome
+
+    async def _read_created(self, item: BatchItem, outcome: CaptureOutcome) -> CaptureOutcome:
+        """Confirm a capture/refund created under a key the caller gave is this item's.
+
+        Klarna replays by key alone: a key the caller used before on the same order for
+        another amount (or reference) gets that request's 201, and nothing is done for
+        this item. Only the created capture or refund read back tells. A key the journal
+        (or the batch) made is this item's own and needs no read.
+        """
+        key, created_id, request = outcome.idempotency_key, outcome.created_id, item.request
+        assert created_id is not None  # only created items are read back
+        noun = "refund" if item.operation is Operation.REFUND else "capture"
+        try:
+            if isinstance(request, RefundRequest) and self.services.refunds is not None:
+                refund = await self.services.refunds.get(item.order_id, created_id)
+                found = (refund.refunded_amount, refund.reference)
+                asked = (request.refunded_amount, request.reference)
+            elif isinstance(request, CaptureRequest) and self.services.captures is not None:
+                capture = await self.services.captures.get(item.order_id, created_id)
+                found = (capture.captured_amount, capture.reference)
+                asked = (request.captured_amount, request.reference)
+            else:  # pragma: no cover - the send went through that service
+                return outcome
+        except KlarnaError as error:
+            unread = KlarnaError(
+                f"Klarna answered 201 to the {noun} of order {item.order_id} under the given"
+                f" key {key} ({noun} {created_id}), but reading it back to check that it is"
+                f" this item's failed ({error}); the outcome is unknown: rerun (the same key)"
+                " to check it"
+            )
+            unread.idempotency_key = key
+            unread.earlier_attempt_unknown = True
+            return attrs.evolve(outcome, status=CaptureStatus.FAILED, error=unread)
+        if found[0] == asked[0] and asked[1] in (None, found[1]):
+            return outcome
+        what = f"{noun} {created_id} of {found[0]}" + (
+            "" if found[1] is None else f" with reference {found[1]!r}"
+        )
+        reused = IdempotencyKeyReusedError(
+            f"Klarna replayed an earlier request made with the given idempotency key {key}:"
+            f" {what} on order {item.order_id}, not the {asked[0]}"
+            + ("" if asked[1] is None else f" with reference {asked[1]!r}")
+            + " asked, so nothing was done for this item; give it a new key",
+            status=201,
+            location="",
+        )
+        reused.bind(
+            method="POST",
+            url=f"/ordermanagement/v1/orders/{item.order_id}/{noun}s",
+            idempotency_key=key,
+            attempts=outcome.attempts,
+        )
+        refused = attrs.evolve(outcome, capture_id=None, refund_id=None)
+        return attrs.evolve(refused, status=CaptureStatus.REFUSED, error=reused)
 
     async def _read_back(self, item: BatchItem, outcome: CaptureOutcome) -> CaptureOutcome:
         """Confirm a release/cancel answered 204 under a key the caller gave, by the order.

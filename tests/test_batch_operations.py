@@ -581,6 +581,89 @@ async def test_a_callers_own_key_is_confirmed_by_the_order_and_a_journal_key_is_
     assert reads == [f"{ORDERS}/{given}"]
 
 
+# --- a key the caller gave to a capture or refund ----------------------------------------------
+
+
+@pytest.mark.parametrize("operation", [Operation.CAPTURE, Operation.REFUND])
+@pytest.mark.parametrize("changed", ["amount", "reference"])
+async def test_a_201_replayed_for_a_callers_key_used_before_on_the_order_is_refused(
+    om: KlarnaOM, fake: FakeKlarna, journal: SQLiteJournal, operation: Operation, changed: str
+) -> None:
+    # The key was used before on this order for another amount (or reference): Klarna
+    # replayed that 201, and the item was reported done with the earlier capture's id, so
+    # its own amount was never captured (the journal skipped it on every rerun).
+    order_id = await captured_order(om, fake)
+    amount, reference = (700, "box-1") if changed == "amount" else (500, "box-2")
+    earlier: CaptureRequest | RefundRequest
+    request: CaptureRequest | RefundRequest
+    # By another process (this client would refuse a key it sent with another body).
+    async with KlarnaOM(fake.username, fake.password, base_url=fake.base_url) as other:
+        if operation is Operation.CAPTURE:
+            earlier = CaptureRequest(captured_amount=500, reference="box-1")
+            request = CaptureRequest(captured_amount=amount, reference=reference)
+            await other.captures.create(order_id, earlier, idempotency_key="ticket-4711")
+        else:
+            earlier = RefundRequest(refunded_amount=500, reference="box-1")
+            request = RefundRequest(refunded_amount=amount, reference=reference)
+            await other.refunds.create(order_id, earlier, idempotency_key="ticket-4711")
+    item = BatchItem(order_id=order_id, request=request, idempotency_key="ticket-4711")
+
+    [outcome] = [o async for o in om.run_many([item], journal=journal)]
+
+    assert outcome.status is CaptureStatus.REFUSED
+    assert outcome.created_id is None
+    assert isinstance(outcome.error, IdempotencyKeyReusedError)
+    assert not outcome.error.outcome_unknown
+    assert f"not the {amount} with reference {reference!r} asked" in str(outcome.error)
+    # Nothing more was booked.
+    assert [c.captured_amount for c in fake.captures(order_id)] == (
+        [6000, 500] if operation is Operation.CAPTURE else [6000]
+    )
+    assert [r.refunded_amount for r in fake.refunds(order_id)] == (
+        [] if operation is Operation.CAPTURE else [500]
+    )
+    [entry] = await journal.entries()
+    assert entry.status is JournalStatus.REFUSED
+
+
+async def test_a_callers_key_is_checked_by_reading_what_it_created(
+    om: KlarnaOM, fake: FakeKlarna, journal: SQLiteJournal
+) -> None:
+    order_id = fake.add_order(amount=10_000)
+    request = CaptureRequest(captured_amount=700, reference="box-1")
+    given = BatchItem(order_id=order_id, request=request, idempotency_key="ticket-4712")
+    [outcome] = [o async for o in om.capture_many([given], journal=journal)]
+    assert outcome.status is CaptureStatus.CAPTURED
+    capture_id = fake.captures(order_id)[0].capture_id
+    assert outcome.capture_id == capture_id
+    reads = [r.path for r in fake.requests if r.method == "GET"]
+    assert reads == [f"{ORDERS}/{order_id}/captures/{capture_id}"]
+    # A key the journal made is this item's own: nothing is read.
+    other = fake.add_order(amount=10_000)
+    [made] = [o async for o in om.capture_many([(other, request)], journal=journal)]
+    assert made.status is CaptureStatus.CAPTURED
+    assert [r.path for r in fake.requests if r.method == "GET"] == reads
+
+
+async def test_a_callers_key_whose_capture_cannot_be_read_back_stays_unknown(
+    om: KlarnaOM, fake: FakeKlarna, journal: SQLiteJournal
+) -> None:
+    order_id = fake.add_order(amount=10_000)
+    request = CaptureRequest(captured_amount=700, reference="box-1")
+    item = BatchItem(order_id=order_id, request=request, idempotency_key="ticket-4713")
+    fake.inject(DropConnection(), method="GET", times=None)
+    [first] = [o async for o in om.capture_many([item], journal=journal)]
+    assert first.status is CaptureStatus.FAILED
+    assert first.error is not None
+    assert "reading it back to check that it is this item's failed" in str(first.error)
+    assert getattr(first.error, "outcome_unknown", False)
+    fake.clear_faults()
+    [second] = [o async for o in om.capture_many([item], journal=journal)]  # resent: replayed
+    assert second.status is CaptureStatus.CAPTURED
+    assert second.capture_id == first.capture_id == fake.captures(order_id)[0].capture_id
+    assert len(fake.captures(order_id)) == 1
+
+
 # --- reconciliation of expired keys --------------------------------------------------------
 
 

@@ -352,6 +352,25 @@ def test_cli_a_key_reused_with_another_amount_exits_1_naming_what_was_booked(
 
 
 @pytest.mark.parametrize("kind", ["capture", "refund"])
+def test_cli_a_key_reused_with_another_reference_exits_1(served: ServedFake, kind: Kind) -> None:
+    # Only the amount was compared: the same amount under another reference (another
+    # parcel) was reported done with the first one's id, and nothing more was booked.
+    order_id = captured(served) if kind == "refund" else served.add_order(10_000)
+    args = [kind, order_id, "--amount", "100", "--idempotency-key", "K1"]
+    assert cli([*args, "--reference", "box-1"], served).exit_code == 0
+    before = served_booked(served)
+
+    again = cli([*args, "--reference", "box-2"], served)
+
+    assert again.exit_code == 1, again.output
+    line = again.stderr.splitlines()[-1]
+    assert "of 100 with reference 'box-1'" in line
+    assert "not the 100 with reference 'box-2' asked" in line
+    assert served_booked(served) == before
+    assert cli(args, served).exit_code == 0  # no reference asked: the amount matches
+
+
+@pytest.mark.parametrize("kind", ["capture", "refund"])
 def test_cli_the_same_request_rerun_with_its_key_is_verified_and_exits_0(
     served: ServedFake, kind: Kind
 ) -> None:

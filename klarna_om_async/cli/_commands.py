@@ -134,6 +134,8 @@ class _Created:
     #: The amount read back from Klarna; None when it could not be read (``unread``).
     booked: int | None
     unread: KlarnaError | None = None
+    #: The reference read back with it.
+    booked_reference: str | None = None
 
 
 @attrs.frozen
@@ -149,7 +151,8 @@ class _Money(Generic[_R]):
     description_help: str
     build: Callable[[int, str | None, str | None], _R]
     create: Callable[[KlarnaOM, str, _R, str], Awaitable[tuple[str, str, int]]]
-    read: Callable[[KlarnaOM, str, str], Awaitable[int | None]]
+    #: The amount and reference Klarna holds for a created id.
+    read: Callable[[KlarnaOM, str, str], Awaitable[tuple[int | None, str | None]]]
 
 
 async def _create_capture(
@@ -159,8 +162,11 @@ async def _create_capture(
     return created.capture_id, created.location, created.attempts
 
 
-async def _captured_amount(om: KlarnaOM, order_id: str, capture_id: str) -> int | None:
-    return (await om.captures.get(order_id, capture_id)).captured_amount
+async def _captured_amount(
+    om: KlarnaOM, order_id: str, capture_id: str
+) -> tuple[int | None, str | None]:
+    capture = await om.captures.get(order_id, capture_id)
+    return capture.captured_amount, capture.reference
 
 
 async def _create_refund(
@@ -170,8 +176,11 @@ async def _create_refund(
     return created.refund_id, created.location, created.attempts
 
 
-async def _refunded_amount(om: KlarnaOM, order_id: str, refund_id: str) -> int | None:
-    return (await om.refunds.get(order_id, refund_id)).refunded_amount
+async def _refunded_amount(
+    om: KlarnaOM, order_id: str, refund_id: str
+) -> tuple[int | None, str | None]:
+    refund = await om.refunds.get(order_id, refund_id)
+    return refund.refunded_amount, refund.reference
 
 
 _CAPTURE = _Money(
@@ -211,11 +220,12 @@ _REFUND = _Money(
 def _money_command(kind: _Money[Any]) -> click.Command:
     """`klarna-om capture` or `klarna-om refund`: create it, then read it back.
 
-    Klarna replays by key alone, so a key reused with another amount gets the earlier
-    request's 201: only the amount read back tells. A mismatch exits 1 (nothing more was
-    moved). When the read itself fails, the creation still stands: the command reports it
-    and exits 0, saying the amount is not verified (exit 3 would invite a rerun that only
-    replays the same answer; exit 1 would say nothing was booked, and invite a second one).
+    Klarna replays by key alone, so a key reused with another amount (or reference) gets
+    the earlier request's 201: only the amount and reference read back tell. A mismatch
+    exits 1 (nothing more was moved). When the read itself fails, the creation still
+    stands: the command reports it and exits 0, saying the amount is not verified (exit 3
+    would invite a rerun that only replays the same answer; exit 1 would say nothing was
+    booked, and invite a second one).
     """
 
     @click.command(name=kind.noun, help=kind.help)
@@ -244,27 +254,41 @@ def _money_command(kind: _Money[Any]) -> click.Command:
             async with connection.client() as om:
                 created_id, location, attempts = await kind.create(om, order_id, request, key)
                 try:
-                    booked = await kind.read(om, order_id, created_id)
+                    booked, booked_reference = await kind.read(om, order_id, created_id)
                 except KlarnaError as error:
                     return _Created(created_id, location, attempts, None, error)
-                return _Created(created_id, location, attempts, booked)
+                return _Created(created_id, location, attempts, booked, None, booked_reference)
 
         created = run_single(call, json_output=json_output, idempotency_key=key)
-        if created.booked is not None and created.booked != amount:
-            _replayed(kind, order_id, amount, key, created, json_output)
+        # As sent (the request may have trimmed it).
+        asked_reference: str | None = request.reference
+        if created.booked is not None and (
+            created.booked != amount or asked_reference not in (None, created.booked_reference)
+        ):
+            _replayed(kind, order_id, amount, asked_reference, key, created, json_output)
         _report_created(kind, order_id, amount, key, created, json_output)
 
     return command
 
 
 def _replayed(
-    kind: _Money[Any], order_id: str, amount: int, key: str, created: _Created, json_output: bool
+    kind: _Money[Any],
+    order_id: str,
+    amount: int,
+    reference: str | None,
+    key: str,
+    created: _Created,
+    json_output: bool,
 ) -> None:
     """Klarna answered with an earlier request's result: say so, then exit 1."""
+    held = created.booked_reference
     error = IdempotencyKeyReusedError(
         f"Klarna replayed an earlier request made with idempotency key {key!r}: {kind.noun}"
-        f" {created.created_id} of {created.booked} on order {order_id}, not the {amount}"
-        f" asked, so nothing more was {kind.past}",
+        f" {created.created_id} of {created.booked}"
+        + ("" if held is None else f" with reference {held!r}")
+        + f" on order {order_id}, not the {amount}"
+        + ("" if reference is None else f" with reference {reference!r}")
+        + f" asked, so nothing more was {kind.past}",
         status=201,
         location=created.location,
     )
