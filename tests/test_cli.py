@@ -8,6 +8,7 @@ tests are synchronous and the fake serves from its own loop in a background thre
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import io
 import os
@@ -910,6 +911,77 @@ def test_the_module_runs_a_batch_as_a_subprocess(served: ServedFake, tmp_path: P
     }
     assert PASSWORD not in done.stdout + done.stderr
     assert "Warning" not in done.stderr
+
+
+def run_into(stdout: int, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """The CLI as a subprocess writing its standard output to the file descriptor given."""
+    return subprocess.run(
+        [sys.executable, "-W", "error", "-m", "klarna_om_async.cli", *args],
+        env=env,
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@contextlib.contextmanager
+def closed_pipe() -> Iterator[int]:
+    """The writing end of a pipe nobody reads: the first write fails (EPIPE)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        yield write_end
+    finally:
+        os.close(write_end)
+
+
+def test_a_capture_whose_output_is_closed_exits_3_and_its_key_finishes_it(
+    served: ServedFake,
+) -> None:
+    # `klarna-om capture ... | true`: Klarna booked it, and click's exit 1 ("refused")
+    # invited a retry under a new key.
+    order_id = served.add_order(10_000)
+    env = subprocess_env(served.fake.base_url)
+    with closed_pipe() as stdout:
+        done = run_into(stdout, "capture", order_id, "--amount", "100", env=env)
+    assert done.returncode == 3, done.stderr
+    key_line, line = done.stderr.splitlines()
+    assert line.startswith("Error: the output could not be written (Broken pipe)")
+    assert served.booked(order_id) == 1
+    key = key_line.removeprefix("idempotency key: ")
+    again = cli(["capture", order_id, "--amount", "100", "--idempotency-key", key], served)
+    assert again.exit_code == 0, again.output
+    assert served.booked(order_id) == 1
+
+
+def test_a_batch_whose_output_is_closed_exits_3_and_reruns_exactly_once(
+    served: ServedFake, tmp_path: Path
+) -> None:
+    orders = [served.add_order(1000) for _ in range(20)]
+    path = capture_file(tmp_path, orders)
+    env = subprocess_env(served.fake.base_url)
+    with closed_pipe() as stdout:
+        done = run_into(stdout, "batch", path, "--json", "--concurrency", "4", env=env)
+    assert done.returncode == 3, done.stderr
+    assert "the output could not be written (Broken pipe)" in done.stderr.splitlines()[-1]
+    again = cli(["batch", path, "--json"], served)
+    assert again.exit_code == 0, again.output
+    assert [served.booked(order) for order in orders] == [1] * 20
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full on this system")
+def test_a_json_capture_that_cannot_say_its_key_sends_nothing(served: ServedFake) -> None:
+    order_id = served.add_order(10_000)
+    env = subprocess_env(served.fake.base_url)
+    with open("/dev/full", "w") as full:
+        done = run_into(full.fileno(), "capture", order_id, "--amount", "100", "--json", env=env)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [
+        "Error: the output could not be written (No space left on device); nothing was sent"
+    ]
+    assert served.booked(order_id) == 0
 
 
 def test_the_console_script_is_installed() -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import sys
 from typing import Any
 
 import click
@@ -13,9 +15,9 @@ from ._commands import SINGLE_COMMANDS
 from ._demo import demo
 from ._fakeserver import fake_server
 from ._lifecycle import LIFECYCLE_COMMANDS
-from ._options import connection_options
+from ._options import EXIT_UNKNOWN_OUTCOME, connection_options
 from ._reconcilecmd import reconcile
-from ._render import echo_json
+from ._render import echo_json, lose_stdout, stdout_lost
 
 __all__ = ("main",)
 
@@ -29,7 +31,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except click.ClickException as error:
-            if wants_json:
+            if wants_json and not stdout_lost():
                 echo_json(
                     {
                         "type": "error",
@@ -44,6 +46,34 @@ class _Group(click.Group):
                     }
                 )
             raise
+        except OSError as error:
+            if not _stdout_failed(error):
+                raise
+            # Klarna may have done what was asked: "refused" (click's exit 1) would invite
+            # a retry under a new key. The key was printed (on stderr) before sending.
+            click.echo(
+                f"Error: the output could not be written ({error.strerror}), so the result is"
+                " not shown: rerun the command to see it (a call that changes an order with"
+                " --idempotency-key KEY, the key printed above; a batch with the same journal)",
+                err=True,
+            )
+            sys.exit(EXIT_UNKNOWN_OUTCOME)
+
+
+def _stdout_failed(error: OSError) -> bool:
+    """Whether ``error`` is standard output failing (a closed pipe, a full disk)."""
+    if error.errno not in (errno.EPIPE, errno.ENOSPC, errno.EIO, errno.EDQUOT):
+        return False
+    # The stream the failed write went to: click.echo's ``file``, or a rich Console's.
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = {} if tb is None else tb.tb_frame.f_locals
+    stream = where.get("file", getattr(where.get("self"), "file", None))
+    if stream is None or stream is not sys.stdout:
+        return False
+    lose_stdout()
+    return True
 
 
 @click.group(
@@ -83,7 +113,8 @@ def main(verbose: bool) -> None:
            you answered no (nothing happened); in a batch, some items refused or failed
       2    usage or input errors (nothing was sent)
       3    outcome unknown: the call may have taken effect; rerun it with
-           --idempotency-key KEY (the key it printed) to finish it exactly once
+           --idempotency-key KEY (the key it printed) to finish it exactly once;
+           also when the output could not be written (a closed pipe, a full disk)
       130  interrupted (Ctrl-C, SIGINT)
       143  terminated (SIGTERM)
     """

@@ -37,6 +37,7 @@ from ._render import (
     cli_error_text,
     echo_json,
     error_json,
+    lose_stdout,
     show_capture,
     show_captures,
     show_order,
@@ -91,7 +92,13 @@ def _announce_key(given: str | None, json_output: bool, **request: str) -> str:
     except ValidationError as error:
         raise InputError(str(error)) from None
     if json_output:
-        echo_json({"type": "request", **request, "idempotency_key": key})
+        try:
+            echo_json({"type": "request", **request, "idempotency_key": key})
+        except OSError as error:  # a closed pipe, a full disk: the key cannot be said
+            lose_stdout()
+            raise InputError(
+                f"the output could not be written ({error.strerror}); nothing was sent"
+            ) from None
     else:
         click.echo(f"idempotency key: {key}", err=True)
     return key

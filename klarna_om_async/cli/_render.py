@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from types import TracebackType
@@ -64,6 +66,22 @@ def to_plain(value: object) -> object:
 def echo_json(value: object) -> None:
     """Print one JSON object on its own line; click flushes it at once."""
     click.echo(orjson.dumps(value).decode())
+
+
+_lost: list[bool] = []
+
+
+def lose_stdout() -> None:
+    """Send what is still written to standard output (at exit too) to /dev/null: it failed
+    (a closed pipe, a full disk), and every further write would fail again."""
+    _lost.append(True)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), sys.stdout.fileno())
+
+
+def stdout_lost() -> bool:
+    """Whether standard output failed (see :func:`lose_stdout`)."""
+    return bool(_lost)
 
 
 def outcome_json(outcome: CaptureOutcome) -> dict[str, object]:
