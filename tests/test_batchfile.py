@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tracemalloc
 from pathlib import Path
 
@@ -75,6 +76,19 @@ def test_count_lines_skips_blank_lines(tmp_path: Path) -> None:
     path = tmp_path / "a.csv"
     path.write_text("h\n1\n\n  \n2\n3")
     assert count_lines(str(path)) == 4
+
+
+def test_count_lines_leaves_a_pipe_to_the_batch() -> None:
+    # `cat f | klarna-om batch /dev/stdin` on a terminal: counting the lines for the
+    # progress bar read the pipe to its end, and the batch then found an empty file.
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"order_id,captured_amount\no1,100\n")
+    os.close(write_end)
+    try:
+        assert count_lines(f"/dev/fd/{read_end}") is None
+        assert os.read(read_end, 100) == b"order_id,captured_amount\no1,100\n"
+    finally:
+        os.close(read_end)
 
 
 # -- CSV ---------------------------------------------------------------------------------------

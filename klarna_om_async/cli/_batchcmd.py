@@ -306,7 +306,7 @@ def _total(settings: _Settings) -> int | None:
         lines = count_lines(settings.path)
     except OSError:
         return None  # no total then; open_batch reports why the file cannot be read
-    return max(lines - (settings.fmt is BatchFormat.CSV), 0)
+    return None if lines is None else max(lines - (settings.fmt is BatchFormat.CSV), 0)
 
 
 def _unlisted(view: BatchView, done: list[int]) -> int:

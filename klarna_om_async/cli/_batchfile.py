@@ -45,6 +45,7 @@ import enum
 import json
 import os
 import re
+import stat
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import IO, TypeAlias, TypeVar
 
@@ -158,8 +159,12 @@ def detect_format(path: str, explicit: BatchFormat | str | None = None) -> Batch
         ) from None
 
 
-def count_lines(path: str) -> int:
-    """Non-blank lines in ``path``, streamed: the progress bar's (approximate) total."""
+def count_lines(path: str) -> int | None:
+    """Non-blank lines in ``path``, streamed: the progress bar's (approximate) total; None
+    for anything but a regular file (a pipe, /dev/stdin, a FIFO), which only the batch may
+    read (counting it would consume it, or wait for its writer)."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        return None
     with open(path, "rb") as file:
         return sum(1 for line in file if line.strip())
 
