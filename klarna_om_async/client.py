@@ -62,6 +62,28 @@ def _env_proxy(url: yarl.URL) -> str | None:
     return proxy
 
 
+def check_base_url(url: str) -> None:
+    """``ValueError`` unless ``url`` is an absolute http(s) URL every path can be added to."""
+    try:
+        parsed = yarl.URL(url)
+        host = parsed.host
+    except ValueError as error:  # e.g. "http://[::1": yarl cannot parse it
+        raise ValueError(
+            f"base_url must be an absolute http(s) URL, got {url!r}: {error}"
+        ) from None
+    if parsed.scheme not in ("http", "https") or not host:
+        raise ValueError(f"base_url must be an absolute http(s) URL, got {url!r}")
+    if parsed.user is not None or parsed.password is not None:
+        # aiohttp refuses every request that has them and an Authorization header.
+        raise ValueError(
+            "base_url must not hold credentials (user:password@): KlarnaOM sends the ones it"
+            " is given"
+        )
+    if parsed.query_string or parsed.fragment or "?" in url or "#" in url:
+        # Every path would be added after them: .../?x=1/ordermanagement/v1/...
+        raise ValueError(f"base_url must have no query or fragment, got {url!r}")
+
+
 class KlarnaOM:
     """Async client for Klarna Order Management; use it as ``async with``.
 
@@ -132,9 +154,7 @@ class KlarnaOM:
     ) -> None:
         credentials = Credentials(username, password)
         url = base_url if base_url is not None else base_url_for(region, playground=playground)
-        parsed = yarl.URL(url)
-        if parsed.scheme not in ("http", "https") or not parsed.host:
-            raise ValueError(f"base_url must be an absolute http(s) URL, got {url!r}")
+        check_base_url(url)
         check_seconds("timeout", timeout, high=3600.0)
         check_count("max_connections", max_connections)
         if session is not None and session.auth is not None:

@@ -397,6 +397,38 @@ def test_a_bad_base_url_is_a_usage_error(served: ServedFake) -> None:
     assert "base_url" in result.stderr
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--base-url", "http://[::1"],
+        ["--proxy", "http://[::1"],
+        ["--base-url", "http://user:pw@127.0.0.1:9"],
+        ["--base-url", "http://127.0.0.1:9/?x=1"],
+        ["--password", "pass\nword"],
+    ],
+)
+def test_a_bad_connection_is_one_line_before_the_key_is_said(
+    served: ServedFake, args: list[str]
+) -> None:
+    # These came as tracebacks (exit 1), or after the key was said.
+    order_id = served.add_order(10_000)
+    result = cli(["capture", order_id, "--amount", "100", *args], served)
+    assert result.exit_code == 2, result.output
+    [line] = result.stderr.splitlines()
+    assert line.startswith("Error: ")
+    assert served.booked(order_id) == 0
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["demo", "--concurrency", "100000"], ["demo", "--fault-rate", "nan"]],
+)
+def test_demo_options_out_of_range_are_usage_errors(args: list[str]) -> None:
+    result = cli(args)
+    assert result.exit_code == 2, result.output
+    assert "Invalid value" in result.stderr
+
+
 def test_help_documents_the_environment_and_exit_codes() -> None:
     text = cli(["--help"]).stdout
     for name in (*KLARNA_VARS, "KLARNA_BASE_URL", "demo", "130"):

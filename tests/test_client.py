@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import aiohttp
 import orjson
 import pytest
@@ -468,6 +470,23 @@ async def test_a_closed_client_refuses_new_calls(fake: FakeKlarna) -> None:
     await om.close()
     with pytest.raises(RuntimeError, match="closed"):
         await om.orders.get("x")
+
+
+@pytest.mark.parametrize(
+    ("base_url", "says"),
+    [
+        ("http://[::1", "Invalid IPv6 URL"),
+        ("http://user:pw@api.klarna.com", "must not hold credentials"),
+        ("https://api.klarna.com/?x=1", "no query or fragment"),
+        ("https://api.klarna.com/#top", "no query or fragment"),
+        ("https://api.klarna.com?", "no query or fragment"),
+    ],
+)
+def test_a_base_url_every_path_cannot_be_added_to_is_refused(base_url: str, says: str) -> None:
+    # With credentials in it every request failed in aiohttp (reported "outcome unknown");
+    # after a query or fragment every path went to .../?x=1/ordermanagement/...
+    with pytest.raises(ValueError, match=re.escape(says)):
+        KlarnaOM("u", "p", base_url=base_url)
 
 
 def test_configuration_is_checked_up_front() -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import sqlite3
 import sys
 from collections.abc import AsyncIterator
@@ -37,6 +36,7 @@ from ._options import (
     Interrupted,
     connection_options,
     damaged,
+    finite,
     journal_fault,
     json_option,
     open_journal,
@@ -93,13 +93,6 @@ summary, or --json); 2 usage or input errors; 130 interrupted (Ctrl-C);
 143 terminated (SIGTERM). Either signal stops the batch as Ctrl-C does: no new
 items, then the summary.
 """
-
-
-def _finite(value: float | None) -> float | None:
-    # FloatRange lets nan through: every comparison with nan is False.
-    if value is not None and not math.isfinite(value):
-        raise click.BadParameter(f"{value} is not a number of requests per second")
-    return value
 
 
 @attrs.frozen
@@ -164,7 +157,7 @@ class _Settings:
 @click.option(
     "--rate",
     type=click.FloatRange(min=0.01, max=10_000),
-    callback=lambda _ctx, _param, value: _finite(value),
+    callback=finite,
     help="At most this many requests per second (Klarna allows 200/s in production, "
     "50/s in the playground; at most 10000) [default: no limit].",
 )

@@ -26,7 +26,7 @@ from rich.console import Console
 
 from ..batch import BatchItem, CaptureOutcome, CaptureStatus
 from ..client import KlarnaOM
-from ..config import MAX_RATE_LIMIT, RetryPolicy
+from ..config import MAX_CONCURRENCY, MAX_RATE_LIMIT, RetryPolicy
 from ..models import CaptureRequest
 from ..sqlite_journal import SQLiteJournal
 from ..testing import DropAfterProcessing, FakeKlarna, Fault, RateLimited, ServerFailure
@@ -34,6 +34,7 @@ from ._options import (
     EXIT_OK,
     EXIT_SOME_NOT_CAPTURED,
     Interrupted,
+    finite,
     json_option,
     run_interruptible,
 )
@@ -250,7 +251,7 @@ class DemoCheck:
 )
 @click.option(
     "--concurrency",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=1, max=MAX_CONCURRENCY),
     default=64,
     show_default=True,
     help="Captures in flight at once.",
@@ -265,6 +266,7 @@ class DemoCheck:
 @click.option(
     "--fault-rate",
     type=click.FloatRange(0, 0.9),
+    callback=finite,
     default=0.1,
     show_default=True,
     help="Share of capture attempts that hit a fault.",

@@ -12,7 +12,7 @@ import click
 
 from ..testing import FakeKlarna
 from ._demo import inject_demo_faults
-from ._options import InputError, json_option
+from ._options import InputError, finite, json_option
 from ._render import echo_json
 
 __all__ = ("fake_server",)
@@ -49,6 +49,7 @@ __all__ = ("fake_server",)
 @click.option(
     "--fault-rate",
     type=click.FloatRange(0, 0.9),
+    callback=finite,
     default=0.0,
     show_default=True,
     help="Share of capture attempts that hit a fault (lost answers, 503s, 429s), as in demo.",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import signal
 import sqlite3
 import sys
@@ -16,8 +17,8 @@ import click
 import yarl
 from click.core import ParameterSource
 
-from ..client import KlarnaOM
-from ..config import Region, RetryPolicy
+from ..client import KlarnaOM, check_base_url
+from ..config import Credentials, Region, RetryPolicy
 from ..errors import KlarnaError, ValidationError
 from ..journal import JournalError
 from ..sqlite_journal import SQLiteJournal
@@ -105,12 +106,22 @@ class Connection:
         )
 
     def check(self) -> tuple[str, str]:
-        """The username and password; ``InputError`` if either is missing."""
+        """The username and password; ``InputError`` if either is missing or unusable, or
+        the base URL or proxy is: before a command says a key or sends anything."""
         if not self.username or not self.password:
             raise InputError(
                 "no credentials: set KLARNA_USERNAME and KLARNA_PASSWORD, "
                 "or pass --username and --password"
             )
+        try:
+            Credentials(self.username, self.password)
+            if self.base_url is not None:
+                check_base_url(self.base_url)
+        except ValueError as error:
+            raise InputError(str(error)) from None
+        _check_base_url(self.base_url)
+        if self.proxy is not None:
+            _check_proxy(self.proxy)
         return self.username, self.password
 
     @contextlib.asynccontextmanager
@@ -159,7 +170,10 @@ def _check_base_url(base_url: str | None) -> None:
     """Refuse a base URL that includes the API path, which every request would repeat."""
     if base_url is None:
         return
-    parsed = yarl.URL(base_url)
+    try:
+        parsed = yarl.URL(base_url)
+    except ValueError as error:  # e.g. "http://[::1"
+        raise InputError(f"--base-url {base_url!r} is not a URL: {error}") from None
     at = parsed.path.find(_API_PREFIX.rstrip("/"))
     if parsed.host and at >= 0:
         root = str(parsed.with_path(parsed.path[:at] or "/")).rstrip("/")
@@ -170,11 +184,19 @@ def _check_base_url(base_url: str | None) -> None:
         )
 
 
+def _check_proxy(proxy: str) -> None:
+    try:
+        parsed = yarl.URL(proxy)
+        host = parsed.host
+    except ValueError:  # e.g. "http://[::1"
+        host = None
+    if host is None or parsed.scheme not in ("http", "https"):
+        raise InputError(f"--proxy must be an http(s) URL such as http://proxy:3128, got {proxy!r}")
+
+
 def _proxy_session(proxy: str) -> aiohttp.ClientSession:
     """A session that sends every request through ``proxy``; lent to ``KlarnaOM``."""
-    parsed = yarl.URL(proxy)
-    if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise InputError(f"--proxy must be an http(s) URL such as http://proxy:3128, got {proxy!r}")
+    _check_proxy(proxy)
     # As KlarnaOM's own session: no total timeout (each attempt has its own), and no pool
     # limit below the concurrency a batch asks for (its --concurrency bounds the requests).
     return aiohttp.ClientSession(
@@ -395,6 +417,14 @@ def journal_fault(error: sqlite3.Error) -> bool:
     return isinstance(error, sqlite3.OperationalError | sqlite3.IntegrityError) or (
         type(error) is sqlite3.DatabaseError
     )
+
+
+def finite(_ctx: click.Context, _param: click.Parameter, value: float | None) -> float | None:
+    """A click callback refusing nan, which ``click.FloatRange`` lets through (every
+    comparison with nan is False)."""
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a number")
+    return value
 
 
 def damaged(journal: str, error: BaseException) -> str | None:
