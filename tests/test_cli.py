@@ -1284,6 +1284,21 @@ def test_reconcile_settles_expired_keys_then_the_rerun_finishes_exactly_once(
     statuses = {o: v["status"] for o, v in outcomes_by_order(rerun.stdout).items()}
     assert statuses == {booked_ref: "skipped", never: "captured", no_ref: "needs_review"}
     assert [served.booked(o) for o in (booked_ref, never, no_ref)] == [1, 1, 1]
+    # The review item still waits: reconcile said "none" and exited 0 ("nothing left").
+    again = cli(["reconcile", journal, "--json"], served)
+    assert again.exit_code == 1, again.output
+    *listed, summary = json_lines(again.stdout)
+    assert [(o["type"], o["order_id"]) for o in listed] == [("needs_review", no_ref)]
+    assert (summary["items"], summary["needs_review_in_journal"]) == (0, 1)
+    human = cli(["reconcile", journal], served)
+    assert human.exit_code == 1
+    assert "1 item(s) of the journal need review" in human.stdout
+    assert "klarna-om reconcile JOURNAL --captured" in rerun_text(served, path)
+
+
+def rerun_text(served: ServedFake, path: str) -> str:
+    """What a batch rerun says of its items (human output)."""
+    return cli(["batch", path], served).output
 
 
 def test_reconcile_refuses_a_missing_or_foreign_journal(served: ServedFake, tmp_path: Path) -> None:

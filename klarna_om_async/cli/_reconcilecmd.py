@@ -140,7 +140,7 @@ def reconcile(
     connection = Connection.from_context()
     connection.check()
     try:
-        results = run_interruptible(lambda: _run(journal, connection, concurrency))
+        results, review = run_interruptible(lambda: _run(journal, connection, concurrency))
     except Interrupted as interrupted:
         click.echo("Interrupted: items not yet reconciled are left as they were.", err=True)
         sys.exit(interrupted.exit_code)
@@ -151,20 +151,47 @@ def reconcile(
     for result in results:
         _show(result, json_output)
     counts = collections.Counter(r.verdict for r in results)
+    # Those judged by an earlier run wait too: "nothing left to review" must be true.
+    judged_now = {r.item_key for r in results}
+    earlier = [e for e in review if e.item_key not in judged_now]
     if json_output:
+        for entry in earlier[:_EARLIER_LISTED]:
+            echo_json(
+                {
+                    "type": "needs_review",
+                    "item_key": entry.item_key,
+                    "order_id": entry.order_id,
+                    "operation": entry.operation.value,
+                    "idempotency_key": entry.idempotency_key,
+                    "evidence": entry.error,
+                }
+            )
         echo_json(
             {
                 "type": "summary",
                 "journal": journal,
                 "items": len(results),
                 **{str(v.value if v else "unknown"): counts[v] for v in _SAYS},
+                "needs_review_in_journal": len(review),
             }
         )
     else:
+        for entry in earlier[:_EARLIER_LISTED]:
+            click.echo(f"{entry.item_key}: needs review (earlier): {entry.error or ''}".rstrip())
         told = ", ".join(f"{counts[v]} {v.value if v else 'unknown'}" for v in _SAYS if counts[v])
         click.echo(f"Reconciled {len(results)} unknown item(s) of {journal}: {told or 'none'}.")
-    troubled = counts[Verdict.NEEDS_REVIEW] + counts[None]
+        if review:
+            click.echo(
+                f"{len(review)} item(s) of the journal need review: check each in the Klarna"
+                " merchant portal, then settle it with --captured ITEM_KEY ID or"
+                " --not-captured ITEM_KEY."
+            )
+    troubled = len(review) + counts[None]
     sys.exit(EXIT_SOME_NOT_CAPTURED if troubled else EXIT_OK)
+
+
+#: How many items an earlier run left for review are listed.
+_EARLIER_LISTED = 20
 
 
 def _unwritable(journal: str, error: sqlite3.Error) -> InputError:
@@ -257,11 +284,15 @@ async def _check_created(om: KlarnaOM, entry: JournalEntry, created_id: str) -> 
         )
 
 
-async def _run(path: str, connection: Connection, concurrency: int) -> list[Reconciliation]:
+async def _run(
+    path: str, connection: Connection, concurrency: int
+) -> tuple[list[Reconciliation], list[JournalEntry]]:
+    """The verdicts, and every item that needs review afterwards (earlier ones too)."""
     journal = await open_journal(SQLiteJournal(path))
     try:
         async with connection.client() as om:
-            return await om.reconcile(journal, concurrency=concurrency)
+            results = await om.reconcile(journal, concurrency=concurrency)
+        return results, await journal.entries(statuses=[JournalStatus.NEEDS_REVIEW])
     finally:
         await journal.close()
 

@@ -29,7 +29,7 @@ from rich.text import Text
 
 from .._convert import converter
 from ..batch import CaptureOutcome, CaptureStatus
-from ..errors import IdempotencyKeyReusedError, KlarnaError, ValidationError
+from ..errors import IdempotencyKeyReusedError, KlarnaError, NeedsReviewError, ValidationError
 from ..journal import JournalStatus
 from ..models import Capture, Order, Refund
 from ..operations import Operation
@@ -331,6 +331,13 @@ def _problem_text(error: BaseException | None) -> str:
     if isinstance(error, ValidationError) and error.field == "item_key":
         # The journal's "item key" is order_id:reference; a person knows the two columns.
         return f"order_id and reference {error.reason}"
+    if isinstance(error, NeedsReviewError):
+        # Never sent again: a rerun would only report it again.
+        return cli_error_text(
+            error,
+            rerun="check the order in the Klarna merchant portal, then settle the item with"
+            " klarna-om reconcile JOURNAL --captured ITEM_KEY ID or --not-captured ITEM_KEY",
+        )
     if isinstance(error, KlarnaError):
         # A rerun of the batch resends the item with its journaled key by itself.
         return cli_error_text(error, rerun="rerun the same batch command to finish it")
