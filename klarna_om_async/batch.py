@@ -445,6 +445,16 @@ def _unfinished(item: BatchItem, error: BaseException) -> CaptureOutcome:
     return _outcome(item, CaptureStatus.FAILED, item.idempotency_key or "", error=cause)
 
 
+async def _with_journaled_key(outcome: CaptureOutcome, journal: Journal) -> CaptureOutcome:
+    """``outcome`` with the key its item holds in ``journal`` from an earlier run, if any
+    (and if the journal can still be read); a refused item's key is done with."""
+    with contextlib.suppress(Exception):
+        for entry in await journal.entries(item_key=outcome.item_key):
+            if entry.status is not JournalStatus.REFUSED:
+                return attrs.evolve(outcome, idempotency_key=entry.idempotency_key)
+    return outcome
+
+
 @attrs.define
 class _OrderLock:
     lock: asyncio.Lock = attrs.Factory(asyncio.Lock)
@@ -599,8 +609,12 @@ class _Run:
                 stop = error.error
             elif item is not None:
                 # Its journal or hold failed before it was sent: an item read from a source
-                # read once must still reach the caller.
-                await outcomes.put(_unfinished(item, error))
+                # read once must still reach the caller, with the key an earlier run may
+                # have sent it under (the one that makes a retry safe).
+                unfinished = _unfinished(item, error)
+                if not unfinished.idempotency_key and self.journal is not None:
+                    unfinished = await _with_journaled_key(unfinished, self.journal)
+                await outcomes.put(unfinished)
             if self.error is None:
                 self.error = stop
         # Every worker ends with a None, or the batch waits for it forever.

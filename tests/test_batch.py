@@ -550,7 +550,35 @@ async def test_an_item_whose_claim_fails_is_reported_unknown_and_the_batch_stops
         (items[1][0], CaptureStatus.FAILED),
     ]
     assert isinstance(seen[1].error, OSError)
+    assert seen[1].idempotency_key == ""  # new to the journal: nothing was ever sent
     assert [c.order_id for c in fake.booked_captures] == [items[0][0]]
+
+
+async def test_an_item_whose_claim_fails_in_a_rerun_is_reported_with_its_journaled_key(
+    om: KlarnaOM, fake: FakeKlarna
+) -> None:
+    # Left unknown by the first run under key K; the rerun's claim failed (a full disk) and
+    # the item came back with no key, although K is what makes a retry safe.
+    class ClaimFails(MemoryJournal):
+        full = False
+
+        async def claim(self, item: ItemRecord, new_key: str, **kw: Any) -> Claim:
+            if self.full:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return await super().claim(item, new_key, **kw)
+
+    items = full(fake, [100])
+    fake.inject(DropAfterProcessing(), method="POST", times=None)
+    journal = ClaimFails()
+    [first] = (await collect(om.capture_many(items, journal=journal))).values()
+    assert first.status is CaptureStatus.FAILED
+    journal.full = True
+    seen: list[CaptureOutcome] = []
+    with pytest.raises(OSError, match="No space left"):
+        await into(seen, om.capture_many(items, journal=journal))
+    [again] = seen
+    assert again.status is CaptureStatus.FAILED
+    assert again.idempotency_key == first.idempotency_key != ""
 
 
 @pytest.mark.parametrize("part", ["journal", "source"])
