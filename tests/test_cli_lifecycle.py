@@ -5,6 +5,7 @@ against a FakeKlarna served over loopback from its own thread (see test_cli.py).
 from __future__ import annotations
 
 import datetime
+import io
 import os
 import subprocess
 import sys
@@ -193,6 +194,31 @@ def test_on_a_terminal_it_asks_and_anything_but_yes_sends_nothing(
     assert result.stdout == ""
     assert served.requests_for(order_id) == 0
     assert status(served, order_id) == "AUTHORIZED"
+
+
+class CtrlC(io.RawIOBase):
+    """A terminal whose person presses Ctrl-C at the question."""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if len(buffer):  # (a read of 0 bytes only asks what the stream gives)
+            raise KeyboardInterrupt
+        return 0
+
+
+@pytest.mark.usefixtures("terminal")
+@pytest.mark.parametrize("command", ["cancel", "release"])
+def test_ctrl_c_at_the_question_exits_130_and_sends_nothing(
+    served: ServedFake, command: str
+) -> None:
+    # It said "not confirmed" and exited 1, as for a "no".
+    order_id = served.add_order(10_000)
+    result = CliRunner().invoke(main, [command, order_id], input=CtrlC(), env=klarna_env(served))
+    assert result.exit_code == 130, result.output
+    assert result.stderr.splitlines()[-1].startswith("Interrupted: nothing was sent")
+    assert served.requests_for(order_id) == 0
 
 
 @pytest.mark.usefixtures("terminal")

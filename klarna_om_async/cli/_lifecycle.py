@@ -36,6 +36,7 @@ from ._commands import (
     show_one,
 )
 from ._options import (
+    EXIT_INTERRUPTED,
     EXIT_SOME_NOT_CAPTURED,
     Connection,
     InputError,
@@ -87,7 +88,10 @@ def _confirm(yes: bool, command: str, question: str, unchanged: str) -> None:
         )
     try:
         confirmed = click.confirm(question, default=False, err=True)
-    except click.Abort:  # end of input, or Ctrl-C at the question
+    except click.Abort as abort:  # end of input, or Ctrl-C at the question
+        if isinstance(abort.__context__, KeyboardInterrupt):  # click raises it "from None"
+            click.echo(f"\nInterrupted: nothing was sent; {unchanged}", err=True)
+            sys.exit(EXIT_INTERRUPTED)
         confirmed = False
     if not confirmed:
         raise Declined(f"not confirmed: nothing was sent; {unchanged}")
