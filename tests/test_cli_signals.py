@@ -18,6 +18,7 @@ import sys
 import threading
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any
 
@@ -27,11 +28,11 @@ from click.testing import CliRunner, Result
 from test_cli import PASSWORD, USERNAME
 from test_cli import ServedFake as _ServedFake
 
-from klarna_om_async import SQLiteJournal
+from klarna_om_async import CaptureRequest, CaptureStatus, KlarnaOM, RetryPolicy, SQLiteJournal
 from klarna_om_async.cli import main
 from klarna_om_async.cli._options import Interrupted, run_interruptible
 from klarna_om_async.cli._render import BatchView
-from klarna_om_async.testing import Delay
+from klarna_om_async.testing import Delay, DropAfterProcessing
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
@@ -639,3 +640,46 @@ def test_sigterm_in_this_process_cancels_the_call_and_reports_it(
         assert result.stderr == f"outcome unknown: rerun with --idempotency-key {key}\n"
     else:
         assert (result.stdout, result.stderr) == ("", "interrupted by SIGTERM\n")
+
+
+# -- Ctrl-C during reconcile -------------------------------------------------------------------
+
+
+def test_ctrl_c_during_reconcile_shows_the_items_it_settled(
+    served: ServedFake, tmp_path: Path
+) -> None:
+    # They were recorded in the journal but never shown: the run printed only "Interrupted".
+    orders = sorted(served.add_order(10_000) for _ in range(3))  # reconciled in this order
+    journal = str(tmp_path / "j.sqlite")
+
+    async def lost_answers_a_day_ago() -> None:
+        a_day_ago = datetime.now(UTC) - timedelta(hours=25)
+        policy = RetryPolicy(max_attempts=1)
+        async with (
+            SQLiteJournal(journal, clock=lambda: a_day_ago) as opened,
+            KlarnaOM(USERNAME, PASSWORD, base_url=served.fake.base_url, retry=policy) as om,
+        ):
+            items = [(o, CaptureRequest(captured_amount=100, reference="r")) for o in orders]
+            async for outcome in om.capture_many(items, journal=opened):
+                assert outcome.status is CaptureStatus.FAILED
+
+    served.do(lambda: served.fake.inject(DropAfterProcessing(), method="POST", times=None))
+    asyncio.run(lost_answers_a_day_ago())
+    served.do(served.fake.clear_faults)
+    slow = f"/ordermanagement/v1/orders/{orders[2]}"
+    served.do(lambda: served.fake.inject(Delay(30), method="GET", path=slow))
+    before = served.do(lambda: len(served.fake.requests))
+    command = start(["reconcile", journal, "--json", "--concurrency", "1"], served.fake.base_url)
+    with command:
+        try:
+            # One order at a time: when the last one is read, the first two are settled.
+            served.wait_for_requests(before + 3)
+            out, err = stop(command, signal.SIGINT)
+        finally:
+            kill_if_running(command)
+    assert command.returncode == 130, err
+    assert [(o["order_id"], o["verdict"]) for o in json_lines(out)] == [
+        (orders[0], "captured"),
+        (orders[1], "captured"),
+    ]
+    assert err.splitlines()[-1] == "Interrupted: items not yet reconciled are left as they were."

@@ -7,6 +7,7 @@ import os
 import sqlite3
 import sys
 
+import attrs
 import click
 
 from .._routes import normalize_id
@@ -14,7 +15,8 @@ from ..client import KlarnaOM
 from ..errors import KlarnaError, NotFoundError, ValidationError
 from ..journal import JournalEntry, JournalStatus
 from ..operations import Operation
-from ..reconcile import Reconciliation, Verdict
+from ..orders import OrdersService
+from ..reconcile import Reconciliation, Verdict, reconcile_listeners
 from ..sqlite_journal import SQLiteJournal
 from ._options import (
     EXIT_OK,
@@ -139,9 +141,12 @@ def reconcile(
         sys.exit(EXIT_OK)
     connection = Connection.from_context()
     connection.check()
+    judged: list[Reconciliation] = []
     try:
-        results, review = run_interruptible(lambda: _run(journal, connection, concurrency))
+        results, review = run_interruptible(lambda: _run(journal, connection, concurrency, judged))
     except Interrupted as interrupted:
+        for result in judged:  # recorded in the journal: say what they were judged
+            _show(result, json_output)
         click.echo("Interrupted: items not yet reconciled are left as they were.", err=True)
         sys.exit(interrupted.exit_code)
     except sqlite3.Error as error:  # the journal cannot be written (disk full)
@@ -285,16 +290,36 @@ async def _check_created(om: KlarnaOM, entry: JournalEntry, created_id: str) -> 
 
 
 async def _run(
-    path: str, connection: Connection, concurrency: int
+    path: str, connection: Connection, concurrency: int, judged: list[Reconciliation]
 ) -> tuple[list[Reconciliation], list[JournalEntry]]:
-    """The verdicts, and every item that needs review afterwards (earlier ones too)."""
+    """The verdicts, and every item that needs review afterwards (earlier ones too); each
+    verdict also goes to ``judged`` as it is made, for an interrupted run to show."""
     journal = await open_journal(SQLiteJournal(path))
     try:
         async with connection.client() as om:
-            results = await om.reconcile(journal, concurrency=concurrency)
+
+            def collect(orders: OrdersService, _entry: JournalEntry) -> _Judged | None:
+                return _Judged(judged) if orders is om.orders else None
+
+            reconcile_listeners.append(collect)
+            try:
+                results = await om.reconcile(journal, concurrency=concurrency)
+            finally:
+                reconcile_listeners.remove(collect)
         return results, await journal.entries(statuses=[JournalStatus.NEEDS_REVIEW])
     finally:
         await journal.close()
+
+
+@attrs.frozen
+class _Judged:
+    """Adds a reconciliation's result, as it ends, to a list."""
+
+    into: list[Reconciliation]
+
+    def ended(self, result: Reconciliation | None, error: BaseException | None) -> None:
+        if result is not None:
+            self.into.append(result)
 
 
 def _show(result: Reconciliation, json_output: bool) -> None:
