@@ -326,6 +326,16 @@ def test_order_shows_status_amounts_and_captures(served: ServedFake) -> None:
     assert printed["captures"][0]["capture_id"] == capture_id
 
 
+def test_ids_are_shown_as_they_are_not_as_markup(served: ServedFake) -> None:
+    # The tables' titles took "[red]" for rich markup: order x[red]y was shown as "xy".
+    order_id = served.add_order(10_000, order_id="x[red]y")
+    capture(served, order_id, 4000)
+    for args in (["order", order_id], ["list", order_id]):
+        shown = cli(args, served)
+        assert shown.exit_code == 0, shown.output
+        assert "x[red]y" in shown.stdout
+
+
 def test_order_unknown_exits_1(served: ServedFake) -> None:
     result = cli(["order", "no-such-order", "--json"], served)
     assert result.exit_code == 1
@@ -1302,6 +1312,12 @@ def rerun_text(served: ServedFake, path: str) -> str:
 
 
 def test_reconcile_refuses_a_missing_or_foreign_journal(served: ServedFake, tmp_path: Path) -> None:
+    empty = tmp_path / "empty.sqlite"
+    empty.touch()
+    refused = cli(["reconcile", str(empty)], served)
+    assert refused.exit_code == 2
+    assert "is empty: it is no journal" in refused.stderr
+    assert empty.stat().st_size == 0  # SQLite made it a journal
     missing = cli(["reconcile", str(tmp_path / "nope.sqlite")], served)
     assert missing.exit_code == 2
     assert "no journal at" in missing.stderr

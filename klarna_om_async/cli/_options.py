@@ -276,7 +276,7 @@ def connection_options(command: _F) -> _F:
         ),
         click.option(
             "--max-attempts",
-            type=click.IntRange(min=1),
+            type=click.IntRange(min=1, max=100),  # as RetryPolicy.max_attempts
             default=5,
             show_default=True,
             callback=_remember,

@@ -109,6 +109,9 @@ def reconcile(
     """
     if not os.path.exists(journal):
         raise InputError(f"no journal at {journal}")
+    if os.path.isfile(journal) and os.path.getsize(journal) == 0:
+        # SQLite would make it a new, empty journal: reconcile reads journals, never makes one.
+        raise InputError(f"{journal} is empty: it is no journal (a batch writes one)")
     if mark_captured or mark_not_captured:
         try:
             # The id as Klarna reads it (and as it is recorded): " X" is X, which a recorded

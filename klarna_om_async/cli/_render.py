@@ -157,7 +157,8 @@ def error_json(error: KlarnaError, *, exit_code: int) -> dict[str, object]:
 
 
 def _fields(console: Console, title: str, rows: Sequence[tuple[str, object]]) -> None:
-    table = Table(title=title, show_header=False, title_justify="left")
+    # Titles are Text, as the values: an id like "x[red]y" is not rich markup.
+    table = Table(title=Text(title), show_header=False, title_justify="left")
     table.add_column("field", style="bold", no_wrap=True)
     # fold, never "…": an id cut short is useless for the next command.
     table.add_column("value", overflow="fold")
@@ -199,7 +200,7 @@ def show_captures(console: Console, order_id: str, captures: Sequence[Capture]) 
     if not captures:
         console.print(f"Order {order_id} has no captures.")
         return
-    table = Table(title=f"Captures of order {order_id}", title_justify="left")
+    table = Table(title=Text(f"Captures of order {order_id}"), title_justify="left")
     # The capture id is what the next command needs: never cut, never wrapped; the other
     # columns give way on a narrow terminal.
     id_width = max(len(capture.capture_id or "") for capture in captures)
@@ -245,7 +246,7 @@ def show_refund(console: Console, refund: Refund) -> None:
 
 def show_refunds(console: Console, order_id: str, refunds: Sequence[Refund]) -> None:
     """An order's refunds as one table (ids never cut, like the captures')."""
-    table = Table(title=f"Refunds of order {order_id}", title_justify="left")
+    table = Table(title=Text(f"Refunds of order {order_id}"), title_justify="left")
     id_width = max(len(refund.refund_id or "") for refund in refunds)
     table.add_column("refund_id", no_wrap=True, min_width=max(id_width, len("refund_id")))
     table.add_column("amount", justify="right", no_wrap=True)
