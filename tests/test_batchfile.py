@@ -169,6 +169,13 @@ def test_csv_bad_lines_name_their_line_and_field(tmp_path: Path, line: str, mess
     assert bad(row).startswith(message)
 
 
+def test_csv_blank_lines_before_the_header_are_skipped(tmp_path: Path) -> None:
+    # Blank lines are skipped everywhere, but one before the header made an "empty file".
+    [row] = read(tmp_path, "a.csv", "\n \r\norder_id,captured_amount\n\no1,100\n")
+    assert isinstance(row, BatchItem)
+    assert (row.order_id, row.line) == ("o1", 5)
+
+
 def test_csv_bad_line_keeps_its_order_id(tmp_path: Path) -> None:
     [row] = read(tmp_path, "a.csv", "order_id,captured_amount\no1,x\n")
     assert isinstance(row, BadLine)
@@ -179,7 +186,9 @@ def test_csv_bad_line_keeps_its_order_id(tmp_path: Path) -> None:
     ("text", "message"),
     [
         ("", "empty file"),
+        ("\n  \r\n", "empty file"),
         ("order_id,amount\n", "line 1: unknown column(s) 'amount'"),
+        ("\n\norder_id,amount\n", "line 3: unknown column(s) 'amount'"),
         ("order_id,reference\n", "line 1: missing required column(s) captured_amount"),
         (b"order_id,captured_amount\xff\n", "line 1: cannot read the header"),
     ],

@@ -252,18 +252,21 @@ def _text_lines(file: IO[bytes], encoding: str) -> Iterator[_Line]:
 
 def _csv_rows(path: str, lines: Iterator[_Line], delimiter: str | None) -> Iterator[Row]:
     first = next(lines, None)
-    if first is None or (isinstance(first[1], str) and not first[1].strip()):
+    # Blank lines are skipped everywhere, before the header too.
+    while first is not None and isinstance(first[1], str) and not first[1].strip():
+        first = next(lines, None)
+    if first is None:
         _check_header(path, None, ",")
     assert first is not None
-    text = first[1]
+    number, text = first
     if isinstance(text, _Undecodable):
-        raise BatchFileError(f"{path}: line 1: cannot read the header: {text}")
+        raise BatchFileError(f"{path}: line {number}: cannot read the header: {text}")
     delimiter = delimiter or _guess_delimiter(text)
     try:
         header = [name.strip() for name in _csv_fields(text, delimiter)]
     except ValueError as error:
-        raise BatchFileError(f"{path}: line 1: cannot read the header: {error}") from None
-    _check_header(path, header, delimiter)
+        raise BatchFileError(f"{path}: line {number}: cannot read the header: {error}") from None
+    _check_header(path, header, delimiter, number)
     return _csv_records(lines, header, delimiter)
 
 
@@ -287,19 +290,19 @@ def _csv_fields(text: str, delimiter: str) -> list[str]:
     return fields
 
 
-def _check_header(path: str, header: Sequence[str] | None, delimiter: str) -> None:
+def _check_header(path: str, header: Sequence[str] | None, delimiter: str, number: int = 1) -> None:
     if not header:
         raise BatchFileError(f"{path}: empty file; expected a header line with {_columns()}")
     unknown = [name for name in header if name not in CSV_COLUMNS]
     if unknown:
         raise BatchFileError(
-            f"{path}: line 1: unknown column(s) {', '.join(map(repr, unknown))}; "
+            f"{path}: line {number}: unknown column(s) {', '.join(map(repr, unknown))}; "
             f"expected {_columns()}{_delimiter_hint(unknown, delimiter)}"
         )
     for index, name in enumerate(header):
         if name in header[:index]:
             raise BatchFileError(
-                f"{path}: line 1: column {name!r} appears more than once (columns "
+                f"{path}: line {number}: column {name!r} appears more than once (columns "
                 f"{header.index(name) + 1} and {index + 1}); each column may appear only once"
             )
     required = CSV_COLUMNS[:1] if "operation" in header else CSV_COLUMNS[:2]
@@ -308,7 +311,7 @@ def _check_header(path: str, header: Sequence[str] | None, delimiter: str) -> No
         refunds = "refunded_amount" in header and "captured_amount" in missing
         hint = "; to refund, add an operation column with refund" if refunds else ""
         raise BatchFileError(
-            f"{path}: line 1: missing required column(s) {', '.join(missing)}{hint}; "
+            f"{path}: line {number}: missing required column(s) {', '.join(missing)}{hint}; "
             f"expected {_columns()}"
         )
 
