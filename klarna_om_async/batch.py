@@ -668,9 +668,11 @@ class _Run:
             return _outcome(item, CaptureStatus.REFUSED, "", error=error)
         # Refused, not skipped: the caller meant two captures or made a typo, and a batch
         # that "succeeds" would hide the part never captured.
-        why = (
-            f"{key_name!r} appears twice in this batch; give each part of a split"
-            f" {_operation_name(item)} its own reference"
+        operation = operation_or_none(item.request) or Operation.CAPTURE
+        why = f"{key_name!r} appears twice in this batch; " + (
+            f"give each part of a split {operation.value} its own reference"
+            if operation in (Operation.CAPTURE, Operation.REFUND)
+            else f"an order is {operation.done} once"  # these take no reference
         )
         return _outcome(item, CaptureStatus.REFUSED, "", error=ValidationError("item_key", why))
 

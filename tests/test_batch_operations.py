@@ -1576,6 +1576,28 @@ def test_a_duplicate_line_after_a_bad_line_is_refused_as_a_duplicate(
     assert "appears twice in this batch" in by_line[4]["error"]
 
 
+@pytest.mark.parametrize(
+    ("request_", "says"),
+    [
+        (ReleaseRemainingAuthorization(), "an order is released once"),
+        (CancelOrder(), "an order is cancelled once"),
+        (RefundRequest(refunded_amount=100), "give each part of a split refund its own reference"),
+    ],
+)
+async def test_a_duplicate_item_is_told_what_to_do_about_it(
+    om: KlarnaOM, fake: FakeKlarna, request_: OperationRequest, says: str
+) -> None:
+    # A second release was told to give each part of a split release its own reference,
+    # which a release refuses.
+    cancel = isinstance(request_, CancelOrder)  # only an order not captured yet
+    order_id = fake.add_order(amount=10_000) if cancel else await captured_order(om, fake)
+    items = [BatchItem(order_id=order_id, request=request_) for _ in range(2)]
+    first, second = [o async for o in om.run_many(items, concurrency=1)]
+    assert first.status is CaptureStatus.CAPTURED
+    assert second.status is CaptureStatus.REFUSED
+    assert says in str(second.error)
+
+
 async def test_run_many_holds_back_what_hold_names_and_its_orders_later_items(
     om: KlarnaOM, fake: FakeKlarna, journal: SQLiteJournal
 ) -> None:
