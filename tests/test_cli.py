@@ -287,6 +287,18 @@ def test_ship_adds_tracking_details(served: ServedFake) -> None:
     assert booked.shipping_info[0]["tracking_uri"] == "https://track.example/T-1"
 
 
+@pytest.mark.parametrize("blank", ["--company", "--tracking-number"])
+def test_ship_with_a_blank_required_field_sends_nothing(served: ServedFake, blank: str) -> None:
+    order_id = served.add_order()
+    capture_id = capture(served, order_id, 10_000)
+    fields = {"--company": "DHL", "--tracking-number": "T-1", blank: " "}
+    result = cli(["ship", order_id, capture_id, *[x for f in fields.items() for x in f]], served)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines() == [f"Error: {blank} must not be blank"]
+    [booked] = served.do(lambda: served.fake.captures(order_id))
+    assert booked.shipping_info == []
+
+
 def test_ship_to_an_unknown_capture_exits_1(served: ServedFake) -> None:
     order_id = served.add_order()
     args = ["ship", order_id, "nope", "--company", "DHL", "--tracking-number", "1"]

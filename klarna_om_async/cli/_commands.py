@@ -420,6 +420,9 @@ def _shipment(
     company: str, tracking_number: str, method: str, tracking_uri: str | None
 ) -> ShippingInfo:
     """The shipment the options describe; a bad field exits 2 before anything is sent."""
+    for option, value in (("--company", company), ("--tracking-number", tracking_number)):
+        if not value.strip():  # required, so a blank one is a mistake, not "none"
+            raise InputError(f"{option} must not be blank")
     return _valid(
         lambda: ShippingInfo(
             shipping_company=company,
