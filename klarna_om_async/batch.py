@@ -942,36 +942,27 @@ class _Run:
             else:  # pragma: no cover - the send went through that service
                 return outcome
         except KlarnaError as error:
-            unread = KlarnaError(
+            return _unconfirmed(
+                outcome,
                 f"Klarna answered 201 to the {noun} of order {item.order_id} under the given"
                 f" key {key} ({noun} {created_id}), but reading it back to check that it is"
                 f" this item's failed ({error}); the outcome is unknown: rerun (the same key)"
-                " to check it"
+                " to check it",
             )
-            unread.idempotency_key = key
-            unread.earlier_attempt_unknown = True
-            return attrs.evolve(outcome, status=CaptureStatus.FAILED, error=unread)
         if found[0] == asked[0] and asked[1] in (None, found[1]):
             return outcome
         what = f"{noun} {created_id} of {found[0]}" + (
             "" if found[1] is None else f" with reference {found[1]!r}"
         )
-        reused = IdempotencyKeyReusedError(
+        return _replayed(
+            outcome,
             f"Klarna replayed an earlier request made with the given idempotency key {key}:"
             f" {what} on order {item.order_id}, not the {asked[0]}"
             + ("" if asked[1] is None else f" with reference {asked[1]!r}")
             + " asked, so nothing was done for this item; give it a new key",
             status=201,
-            location="",
+            path=f"{noun}s",
         )
-        reused.bind(
-            method="POST",
-            url=f"/ordermanagement/v1/orders/{item.order_id}/{noun}s",
-            idempotency_key=key,
-            attempts=outcome.attempts,
-        )
-        refused = attrs.evolve(outcome, capture_id=None, refund_id=None)
-        return attrs.evolve(refused, status=CaptureStatus.REFUSED, error=reused)
 
     async def _read_back(self, item: BatchItem, outcome: CaptureOutcome) -> CaptureOutcome:
         """Confirm a release/cancel answered 204 under a key the caller gave, by the order.
@@ -986,32 +977,47 @@ class _Run:
         try:
             order = await orders.get(item.order_id)
         except KlarnaError as error:
-            unread = KlarnaError(
+            return _unconfirmed(
+                outcome,
                 f"Klarna answered 204 to the {item.operation.value} of order {item.order_id}"
                 f" under the given key {key}, but the order could not be read to confirm it"
-                f" ({error}); the outcome is unknown: rerun (the same key) to confirm it"
+                f" ({error}); the outcome is unknown: rerun (the same key) to confirm it",
             )
-            unread.idempotency_key = key
-            unread.earlier_attempt_unknown = True
-            return attrs.evolve(outcome, status=CaptureStatus.FAILED, error=unread)
         done, evidence = order_shows(item.operation, order)
         if done:
             return outcome
-        reused = IdempotencyKeyReusedError(
+        return _replayed(
+            outcome,
             f"Klarna answered 204 to the {item.operation.value} of order {item.order_id}, but"
             f" {evidence}: the given idempotency key {key} was used before for another request"
             " (another order or process), whose answer Klarna replayed; nothing was done to"
             " this order",
             status=204,
-            location="",
+            path=_PATHS[item.operation],
         )
-        reused.bind(
-            method="POST",
-            url=f"/ordermanagement/v1/orders/{item.order_id}/{_PATHS[item.operation]}",
-            idempotency_key=key,
-            attempts=outcome.attempts,
-        )
-        return attrs.evolve(outcome, status=CaptureStatus.REFUSED, error=reused)
+
+
+def _unconfirmed(outcome: CaptureOutcome, why: str) -> CaptureOutcome:
+    """``outcome`` as unknown (``failed``): Klarna answered, but the check of what that
+    answer is could not be made."""
+    unread = KlarnaError(why)
+    unread.idempotency_key = outcome.idempotency_key
+    unread.earlier_attempt_unknown = True
+    return attrs.evolve(outcome, status=CaptureStatus.FAILED, error=unread)
+
+
+def _replayed(outcome: CaptureOutcome, why: str, *, status: int, path: str) -> CaptureOutcome:
+    """``outcome`` refused: Klarna replayed another request's answer to the POST to
+    ``…/orders/{order_id}/{path}`` (``status``), and did nothing for this item."""
+    reused = IdempotencyKeyReusedError(why, status=status, location="")
+    reused.bind(
+        method="POST",
+        url=f"/ordermanagement/v1/orders/{outcome.order_id}/{path}",
+        idempotency_key=outcome.idempotency_key,
+        attempts=outcome.attempts,
+    )
+    refused = attrs.evolve(outcome, capture_id=None, refund_id=None)  # none is this item's
+    return attrs.evolve(refused, status=CaptureStatus.REFUSED, error=reused)
 
 
 def _time_left(claim: Claim) -> float | None:
