@@ -922,10 +922,12 @@ class _Run:
     async def _read_created(self, item: BatchItem, outcome: CaptureOutcome) -> CaptureOutcome:
         """Confirm a capture/refund created under a key the caller gave is this item's.
 
-        Klarna replays by key alone: a key the caller used before on the same order for
-        another amount (or reference) gets that request's 201, and nothing is done for
-        this item. Only the created capture or refund read back tells. A key the journal
-        (or the batch) made is this item's own and needs no read.
+        Klarna replays by key alone: a key used before on the same order for another amount
+        (or reference) gets that request's 201, and nothing is done for this call. Only the
+        created capture or refund read back tells. That earlier request may have been this
+        item before it was edited (booked then) or another one (nothing done for this item):
+        the item needs review. A key the journal (or the batch) made is this item's own and
+        needs no read.
         """
         key, created_id, request = outcome.idempotency_key, outcome.created_id, item.request
         assert created_id is not None  # only created items are read back
@@ -949,20 +951,18 @@ class _Run:
                 f" this item's failed ({error}); the outcome is unknown: rerun (the same key)"
                 " to check it",
             )
-        if found[0] == asked[0] and asked[1] in (None, found[1]):
+        # References as the item's identity reads them: " A " is "A", a blank one none.
+        if found[0] == asked[0] and _reference(found[1]) == _reference(asked[1]):
             return outcome
-        what = f"{noun} {created_id} of {found[0]}" + (
-            "" if found[1] is None else f" with reference {found[1]!r}"
+        evidence = (
+            f"Klarna holds {_described(noun, created_id, *found)} under the given key {key},"
+            f" not the {_described(noun, None, *asked)} asked: the key was used before, for"
+            " this item before it was edited (then it is booked) or for another request (then"
+            f" nothing was done for this item); check the order, then settle the item"
         )
-        return _replayed(
-            outcome,
-            f"Klarna replayed an earlier request made with the given idempotency key {key}:"
-            f" {what} on order {item.order_id}, not the {asked[0]}"
-            + ("" if asked[1] is None else f" with reference {asked[1]!r}")
-            + " asked, so nothing was done for this item; give it a new key",
-            status=201,
-            path=f"{noun}s",
-        )
+        review = NeedsReviewError(evidence, order_id=item.order_id, idempotency_key=key)
+        unsure = attrs.evolve(outcome, capture_id=None, refund_id=None)
+        return attrs.evolve(unsure, status=CaptureStatus.NEEDS_REVIEW, error=review)
 
     async def _read_back(self, item: BatchItem, outcome: CaptureOutcome) -> CaptureOutcome:
         """Confirm a release/cancel answered 204 under a key the caller gave, by the order.
@@ -995,6 +995,17 @@ class _Run:
             status=204,
             path=_PATHS[item.operation],
         )
+
+
+def _reference(value: str | None) -> str | None:
+    return (value.strip() or None) if isinstance(value, str) else value
+
+
+def _described(noun: str, created_id: str | None, amount: int | None, reference: str | None) -> str:
+    named = "" if created_id is None else f" {created_id}"
+    return f"{noun}{named} of {amount}" + (
+        "" if _reference(reference) is None else f" with reference {reference!r}"
+    )
 
 
 def _unconfirmed(outcome: CaptureOutcome, why: str) -> CaptureOutcome:

@@ -585,15 +585,20 @@ async def test_a_callers_own_key_is_confirmed_by_the_order_and_a_journal_key_is_
 
 
 @pytest.mark.parametrize("operation", [Operation.CAPTURE, Operation.REFUND])
-@pytest.mark.parametrize("changed", ["amount", "reference"])
-async def test_a_201_replayed_for_a_callers_key_used_before_on_the_order_is_refused(
+@pytest.mark.parametrize("changed", ["amount", "reference", "no reference"])
+async def test_a_201_replayed_for_a_callers_key_used_before_on_the_order_needs_review(
     om: KlarnaOM, fake: FakeKlarna, journal: SQLiteJournal, operation: Operation, changed: str
 ) -> None:
     # The key was used before on this order for another amount (or reference): Klarna
     # replayed that 201, and the item was reported done with the earlier capture's id, so
-    # its own amount was never captured (the journal skipped it on every rerun).
+    # its own amount was never captured (the journal skipped it on every rerun). Nor is it
+    # "refused": that earlier request may have been this item before an edit.
     order_id = await captured_order(om, fake)
-    amount, reference = (700, "box-1") if changed == "amount" else (500, "box-2")
+    amount, reference = {
+        "amount": (700, "box-1"),
+        "reference": (500, "box-2"),
+        "no reference": (500, None),
+    }[changed]
     earlier: CaptureRequest | RefundRequest
     request: CaptureRequest | RefundRequest
     # By another process (this client would refuse a key it sent with another body).
@@ -610,11 +615,13 @@ async def test_a_201_replayed_for_a_callers_key_used_before_on_the_order_is_refu
 
     [outcome] = [o async for o in om.run_many([item], journal=journal)]
 
-    assert outcome.status is CaptureStatus.REFUSED
+    assert outcome.status is CaptureStatus.NEEDS_REVIEW
     assert outcome.created_id is None
-    assert isinstance(outcome.error, IdempotencyKeyReusedError)
-    assert not outcome.error.outcome_unknown
-    assert f"not the {amount} with reference {reference!r} asked" in str(outcome.error)
+    assert isinstance(outcome.error, NeedsReviewError)
+    assert outcome.error.outcome_unknown
+    asked = f"of {amount}" + ("" if reference is None else f" with reference {reference!r}")
+    assert f"not the {operation.value} {asked} asked" in str(outcome.error)
+    assert "with reference 'box-1' under the given key ticket-4711" in str(outcome.error)
     # Nothing more was booked.
     assert [c.captured_amount for c in fake.captures(order_id)] == (
         [6000, 500] if operation is Operation.CAPTURE else [6000]
@@ -623,7 +630,29 @@ async def test_a_201_replayed_for_a_callers_key_used_before_on_the_order_is_refu
         [] if operation is Operation.CAPTURE else [500]
     )
     [entry] = await journal.entries()
-    assert entry.status is JournalStatus.REFUSED
+    assert entry.status is JournalStatus.NEEDS_REVIEW
+
+
+async def test_a_callers_key_read_back_compares_references_as_the_item_names_them(
+    om: KlarnaOM, fake: FakeKlarna
+) -> None:
+    # " A " is the item "A", and a blank reference is none: the same request, not a reuse.
+    orders = [fake.add_order(amount=10_000) for _ in range(2)]
+    async with KlarnaOM(fake.username, fake.password, base_url=fake.base_url) as other:
+        for order_id, sent in zip(orders, [" A ", " "], strict=True):
+            request = CaptureRequest(captured_amount=700, reference=sent)
+            await other.captures.create(order_id, request, idempotency_key=f"k-{order_id}")
+    items = [
+        BatchItem(
+            order_id=order_id,
+            request=CaptureRequest(captured_amount=700, reference=asked),
+            idempotency_key=f"k-{order_id}",
+        )
+        for order_id, asked in zip(orders, ["A", None], strict=True)
+    ]
+    outcomes = [o async for o in om.capture_many(items)]
+    assert [o.status for o in outcomes] == [CaptureStatus.CAPTURED] * 2
+    assert [len(fake.captures(o)) for o in orders] == [1, 1]
 
 
 async def test_a_callers_key_is_checked_by_reading_what_it_created(

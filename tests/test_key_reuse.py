@@ -367,7 +367,11 @@ def test_cli_a_key_reused_with_another_reference_exits_1(served: ServedFake, kin
     assert "of 100 with reference 'box-1'" in line
     assert "not the 100 with reference 'box-2' asked" in line
     assert served_booked(served) == before
-    assert cli(args, served).exit_code == 0  # no reference asked: the amount matches
+    # No reference asked, but Klarna's has one: not this request either.
+    assert cli(args, served).exit_code == 1
+    # The same reference with spaces around it is the same request.
+    assert cli([*args, "--reference", " box-1 "], served).exit_code == 0
+    assert served_booked(served) == before
 
 
 @pytest.mark.parametrize("kind", ["capture", "refund"])

@@ -267,15 +267,21 @@ def _money_command(kind: _Money[Any]) -> click.Command:
                 return _Created(created_id, location, attempts, booked, None, booked_reference)
 
         created = run_single(call, json_output=json_output, idempotency_key=key)
-        # As sent (the request may have trimmed it).
+        # As sent (the request may have trimmed it); compared as a batch names items: " A "
+        # is "A", and a blank reference none.
         asked_reference: str | None = request.reference
         if created.booked is not None and (
-            created.booked != amount or asked_reference not in (None, created.booked_reference)
+            created.booked != amount
+            or _reference(asked_reference) != _reference(created.booked_reference)
         ):
             _replayed(kind, order_id, amount, asked_reference, key, created, json_output)
         _report_created(kind, order_id, amount, key, created, json_output)
 
     return command
+
+
+def _reference(value: str | None) -> str | None:
+    return (value.strip() or None) if value is not None else None
 
 
 def _replayed(
