@@ -881,12 +881,13 @@ class _Run:
         """Send ``item`` under ``key``, retried for at most ``time_left`` seconds (None: a
         key new to this send) before Klarna may have forgotten the key: an earlier run may
         have sent it hours ago. The item then ends unknown, and a rerun reconciles it."""
-        # Set for every item (the worker's task has a context of its own): the last item's
-        # value must not bound this one's.
-        key_time_left.set(time_left)
         request = item.request
         captures = self.services.captures
         created_id: str | None
+        # The worker's task has a context of its own, where the item source and the read-
+        # backs run too: the bound is this send's only. (Set back, not reset: a coroutine
+        # closed outside its task could not reset it.)
+        key_time_left.set(time_left)
         try:
             if type(request) is CaptureRequest and captures is not None:
                 # The common case, sent as ``send`` sends it, without its dispatch.
@@ -904,6 +905,8 @@ class _Run:
                 attempts=getattr(error, "attempts", 0),
                 operation=operation,
             )
+        finally:
+            key_time_left.set(None)
         outcome = _outcome(
             item,
             CaptureStatus.CAPTURED,
@@ -1032,13 +1035,20 @@ def _replayed(outcome: CaptureOutcome, why: str, *, status: int, path: str) -> C
 
 
 def _time_left(claim: Claim) -> float | None:
-    """Seconds the claim's key may still be sent; a journal of its own that does not say is
-    taken to keep keys for the default ``key_max_age``, by this machine's clock."""
+    """Seconds the claim's key may still be sent (None: a key new to this send).
+
+    A journal of one's own that does not say is taken to keep keys for the default
+    ``key_max_age``, by this machine's clock (a time without a zone taken as UTC); a key it
+    resends (``uncertain``) without saying when it was first sent has no time left: Klarna
+    may have forgotten it.
+    """
     if claim.key_time_left is not None:
         return claim.key_time_left
     sent = claim.entry.key_sent_at
     if sent is None:
-        return None
+        return 0.0 if claim.entry.uncertain else None
+    if sent.tzinfo is None:
+        sent = sent.replace(tzinfo=UTC)
     return (sent + DEFAULT_KEY_MAX_AGE - datetime.now(UTC)).total_seconds()
 
 

@@ -162,7 +162,9 @@ class RetryPolicy:
     ``deadline`` plus one attempt's timeout. A call under an idempotency key also stops
     resending it 23 hours after its first attempt (Klarna forgets a key 24 hours after its
     first use, and would then book a resend again); in a batch with a journal, once the key
-    is older than the journal's ``key_max_age``, however long ago an earlier run sent it.
+    is older than the journal's ``key_max_age``, however long ago an earlier run sent it. A
+    call retrying a key you sent in an earlier call cannot know when that was: keep its
+    ``deadline`` within what is left of the key's 24 hours.
 
     A 429 is not a failed attempt: the merchant is busy, and the call waits its turn. 429s do
     not use up ``max_attempts``; only ``deadline`` bounds them (``no_retries()`` still

@@ -15,6 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 
 from klarna_om_async import (
@@ -35,6 +36,7 @@ from klarna_om_async import (
     Verdict,
 )
 from klarna_om_async.batch import ItemHeldBackError
+from klarna_om_async.journal import Claim, ItemRecord, MemoryJournal
 from klarna_om_async.reconcile import reconcile
 from klarna_om_async.testing import (
     DropAfterProcessing,
@@ -274,6 +276,84 @@ async def test_a_key_an_earlier_run_sent_is_never_retried_past_the_journals_key_
         fake.clear_faults()
         [third] = await run(om, items, journal)  # an expired key: the order is read
     assert third.status is CaptureStatus.CAPTURED
+    assert booked(fake) == {order_id: 1}
+
+
+async def test_the_bound_of_a_resent_key_is_that_send_alone(
+    om: KlarnaOM, fake: FakeKlarna, journal: SQLiteJournal
+) -> None:
+    # The bound stayed set in the worker's task, where the item source runs too: a keyed
+    # call the source made next got the resent key's last minutes, not its own deadline.
+    order_id, other = fake.add_order(amount=10_000), fake.add_order(amount=10_000)
+    item = (order_id, CaptureRequest(captured_amount=4000, reference="box-1"))
+    fake.inject(DropAfterProcessing(), method="POST", times=None)
+    [first] = await run(om, [item], journal)
+    assert first.status is CaptureStatus.FAILED
+    fake.clear_faults()
+    fake.advance_clock(23 * 3600 - 900)  # 15 minutes of the key's life left
+    waits = AgingSleep(fake)
+    acknowledged: list[str] = []
+    async with patient(fake, waits, deadline=7200) as rerun:
+
+        async def source() -> AsyncIterator[tuple[str, CaptureRequest]]:
+            yield item
+            # Three 503s: 600 + 1200 + 1200 s of retries, within the call's 2 hours.
+            fake.inject(ServerFailure(), method="POST", path="acknowledge", times=3)
+            await rerun.orders.acknowledge(other, idempotency_key="ack-1")
+            acknowledged.append(other)
+            yield (other, CaptureRequest(captured_amount=4000))
+
+        outcomes = [o async for o in rerun.capture_many(source(), journal=journal, concurrency=1)]
+    assert acknowledged == [other]
+    assert [o.status for o in outcomes] == [CaptureStatus.CAPTURED] * 2
+    assert booked(fake) == {order_id: 1, other: 1}
+
+
+class ClaimsOfItsOwn(MemoryJournal):
+    """A journal of one's own: its claims say no ``key_time_left``, and its times are
+    ``sent_at(entry)`` (a time without a zone, or none)."""
+
+    def __init__(self, sent_at: Any, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.sent_at = sent_at
+
+    async def claim(self, item: ItemRecord, new_key: str, *, run_id: str | None = None) -> Claim:
+        claim = await super().claim(item, new_key, run_id=run_id)
+        entry = attrs.evolve(claim.entry, key_sent_at=self.sent_at(claim.entry))
+        return Claim(claim.action, entry, claim.reason, claim.outcome_unknown)
+
+
+async def test_a_journal_of_ones_own_with_times_without_a_zone_runs(
+    om: KlarnaOM, fake: FakeKlarna
+) -> None:
+    # Its claims raised TypeError (naive minus aware), and the batch sent nothing.
+    journal = ClaimsOfItsOwn(lambda entry: entry.key_sent_at.replace(tzinfo=None))
+    items = [(fake.add_order(amount=100), CaptureRequest(captured_amount=100)) for _ in range(3)]
+    outcomes = await run(om, items, journal)  # type: ignore[arg-type]
+    assert [o.status for o in outcomes] == [CaptureStatus.CAPTURED] * 3
+
+
+async def test_a_resent_key_of_unknown_age_is_not_sent_again(
+    om: KlarnaOM, fake: FakeKlarna
+) -> None:
+    # A journal of one's own that knows no key_sent_at: an earlier run's key was given a
+    # new key's 23 hours, and retried 23.5 hours after that run's send (booked twice).
+    journal = ClaimsOfItsOwn(lambda _entry: None, clock=fake.now, key_max_age=timedelta(hours=24))
+    order_id = fake.add_order(amount=10_000)
+    items = [(order_id, CaptureRequest(captured_amount=4000, reference="box-1"))]
+    fake.inject(DropAfterProcessing(), method="POST", times=None)
+    [first] = await run(om, items, journal)  # type: ignore[arg-type]
+    assert first.status is CaptureStatus.FAILED  # a new key: sent and retried
+    fake.clear_faults()
+    fake.advance_clock(23.5 * 3600)
+    posts = sum(r.method == "POST" for r in fake.requests)
+    waits = AgingSleep(fake)
+    async with patient(fake, waits, deadline=DAY) as client:
+        fake.inject(ServerFailure(), method="POST", times=3)
+        [again] = [o async for o in client.capture_many(items, journal=journal)]
+    assert again.status is CaptureStatus.FAILED
+    assert again.idempotency_key == first.idempotency_key
+    assert sum(r.method == "POST" for r in fake.requests) == posts
     assert booked(fake) == {order_id: 1}
 
 
