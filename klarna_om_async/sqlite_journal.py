@@ -126,6 +126,13 @@ INSERT INTO journal_v4 ({_COLUMNS}) SELECT {_COLUMNS} FROM journal;
 DROP TABLE journal;
 ALTER TABLE journal_v4 RENAME TO journal
 """
+# Whether a run holds the file open (``open_by``: the path it opened), kept in the file.
+_CREATE_STATE = (
+    "CREATE TABLE IF NOT EXISTS state (name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID"
+)
+_SELECT_OPEN_BY = "SELECT value FROM state WHERE name = 'open_by'"
+_SET_OPEN_BY = "INSERT OR REPLACE INTO state VALUES ('open_by', ?)"
+_CLEAR_OPEN_BY = "DELETE FROM state WHERE name = 'open_by'"
 _FILL_KEYS = "INSERT OR IGNORE INTO keys SELECT idempotency_key, item_key FROM journal"
 _UPSERT = f"""
 INSERT INTO journal ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
@@ -435,6 +442,22 @@ def _linked(journal: str, names: int) -> JournalError:
         f"journal {journal} has {names} names (hard links): SQLite keeps the claims of a run"
         " beside the name it opened, so a run under another name would not see them; keep"
         " only the name the last run used (remove the other links), and open it by that name"
+    )
+
+
+def _wal_of(path: str) -> str:
+    # Beside the file a symlinked path names, where SQLite keeps it.
+    return os.path.realpath(path) + "-wal"
+
+
+def _left_open(journal: str, used_as: str) -> JournalError:
+    return JournalError(
+        f"journal {journal} was left open by a run that used it as {used_as}, and that"
+        f" run's last claims are in {used_as}-wal, which is not beside it: put that file"
+        f" here as {os.path.realpath(journal)}-wal, or open the journal where it was; if it"
+        " is lost, the items that run sent last are not in the journal: check their orders"
+        f' at Klarna before any rerun, then clear this check: sqlite3 {journal} "DELETE FROM'
+        " state WHERE name = 'open_by'\""
     )
 
 
@@ -776,10 +799,13 @@ class SQLiteJournal:
             except OSError as exc:
                 failed = exc
             finally:
+                self._mark_closed(conn)
                 conn.close()
         _resolve([(future, None, failed) for future in stops])
 
     def _connect(self) -> sqlite3.Connection:
+        # Before SQLite opens the file (and makes a log of its own): a log left by a run.
+        logged = os.path.exists(_wal_of(self._path))
         # isolation_level=None: transactions are exactly the BEGIN/COMMIT issued here.
         conn = sqlite3.connect(self._path, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
         try:
@@ -789,6 +815,7 @@ class SQLiteJournal:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute(f"PRAGMA wal_autocheckpoint = {_CHECKPOINT_PAGES}")
             conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+            self._mark_open(conn, logged)
         except sqlite3.DatabaseError as exc:
             conn.close()
             if isinstance(exc, sqlite3.OperationalError):
@@ -798,6 +825,31 @@ class SQLiteJournal:
             conn.close()
             raise
         return conn
+
+    def _mark_open(self, conn: sqlite3.Connection, logged: bool) -> None:
+        """Refuse a file a run left open whose write-ahead log is not beside it, then mark
+        the file open (in the file itself, not only in its log) until ``close``.
+
+        SQLite keeps a run's last writes (its claims) in ``PATH-wal`` until they are copied
+        into the file. A run killed, then the file moved or copied without that log, and a
+        rerun would send those items again under new keys.
+        """
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(_CREATE_STATE)
+        row = conn.execute(_SELECT_OPEN_BY).fetchone()
+        if row is not None and not logged:
+            conn.execute("ROLLBACK")
+            raise _left_open(self._path, row[0])
+        conn.execute(_SET_OPEN_BY, (os.path.realpath(self._path),))
+        conn.execute("COMMIT")
+        # Into the file: a copy of the file alone then carries the mark (and every write a
+        # killed run's log held, now recovered).
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    @staticmethod
+    def _mark_closed(conn: sqlite3.Connection) -> None:
+        with contextlib.suppress(sqlite3.Error):  # then the log stays, and with it the mark
+            conn.execute(_CLEAR_OPEN_BY)
 
     def _check_schema(self, conn: sqlite3.Connection) -> None:
         (app_id,) = conn.execute("PRAGMA application_id").fetchone()
@@ -910,8 +962,7 @@ class SQLiteJournal:
         # SQLite locks the -shm file and the database, never the -wal: closing this
         # descriptor drops none of its locks.
         with contextlib.suppress(FileNotFoundError):
-            # Beside the file a symlinked path names, where SQLite keeps it.
-            fd = os.open(os.path.realpath(self._path) + "-wal", os.O_RDONLY)
+            fd = os.open(_wal_of(self._path), os.O_RDONLY)
             try:
                 os.fsync(fd)
             finally:

@@ -4,6 +4,7 @@ import asyncio
 import os
 import signal
 import sqlite3
+import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -472,6 +473,57 @@ async def test_a_journal_file_with_another_hard_link_is_refused(tmp_path: Path) 
     path.unlink()
     async with SQLiteJournal(link) as journal:
         assert [e.idempotency_key for e in await journal.entries()] == ["key-1"]
+
+
+KILLED_SCRIPT = """
+import asyncio, os, signal, sys
+from klarna_om_async import SQLiteJournal
+from klarna_om_async.journal import ItemRecord
+
+async def main() -> None:
+    journal = await SQLiteJournal(sys.argv[1]).open()
+    for n in range(3):
+        record = ItemRecord(item_key=f"o{n}", order_id=f"o{n}", fingerprint="f", captured_amount=1)
+        await journal.claim(record, f"key-{n}")
+    os.kill(os.getpid(), signal.SIGKILL)  # the claims are in the -wal file only
+
+asyncio.run(main())
+"""
+
+
+def killed_run(path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", KILLED_SCRIPT, str(path)], cwd=REPO_ROOT, timeout=TIMEOUT_S
+    )
+    assert done.returncode == -signal.SIGKILL
+
+
+async def test_a_journal_moved_without_the_log_of_a_killed_run_is_refused(tmp_path: Path) -> None:
+    # The claims a killed run made last stay in PATH-wal; the file moved (or copied) alone,
+    # a rerun saw none of them and sent those items again under new keys.
+    path, moved = tmp_path / "j.sqlite", tmp_path / "moved.sqlite"
+    killed_run(path)
+    path.rename(moved)
+    with pytest.raises(JournalError, match="was left open by a run that used it as"):
+        await SQLiteJournal(moved).open()
+    os.rename(f"{path}-wal", f"{moved}-wal")  # as the error says
+    async with SQLiteJournal(moved) as journal:
+        assert sorted(e.idempotency_key for e in await journal.entries()) == [
+            "key-0",
+            "key-1",
+            "key-2",
+        ]
+    # Closed cleanly, the file alone holds everything: it may move.
+    moved.rename(path)
+    async with SQLiteJournal(path) as journal:
+        assert len(await journal.entries()) == 3
+
+
+async def test_a_killed_run_is_recovered_where_it_ran(tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite"
+    killed_run(path)
+    async with SQLiteJournal(path) as journal:
+        assert len(await journal.entries()) == 3
 
 
 HOLD_SCRIPT = """
