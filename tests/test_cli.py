@@ -1010,19 +1010,41 @@ def test_a_capture_whose_output_is_closed_exits_3_and_its_key_finishes_it(
     assert served.booked(order_id) == 1
 
 
+@pytest.mark.parametrize("output", [["--json"], []], ids=["json", "table"])
 def test_a_batch_whose_output_is_closed_exits_3_and_reruns_exactly_once(
-    served: ServedFake, tmp_path: Path
+    served: ServedFake, tmp_path: Path, output: list[str]
 ) -> None:
+    # The table's writer (rich) exited 1 ("refused") in silence: a rerun without the
+    # journal would capture everything again.
     orders = [served.add_order(1000) for _ in range(20)]
     path = capture_file(tmp_path, orders)
     env = subprocess_env(served.fake.base_url)
     with closed_pipe() as stdout:
-        done = run_into(stdout, "batch", path, "--json", "--concurrency", "4", env=env)
+        done = run_into(stdout, "batch", path, *output, "--concurrency", "4", env=env)
     assert done.returncode == 3, done.stderr
-    assert "the output could not be written (Broken pipe)" in done.stderr.splitlines()[-1]
+    line = done.stderr.splitlines()[-1]
+    assert "the output could not be written (Broken pipe)" in line
+    assert "without one, a rerun sends every item again" in line
     again = cli(["batch", path, "--json"], served)
     assert again.exit_code == 0, again.output
     assert [served.booked(order) for order in orders] == [1] * 20
+
+
+def test_a_command_started_with_its_output_closed_sends_nothing(served: ServedFake) -> None:
+    # `klarna-om capture ... --json >&-`: sent, and every word of it lost (exit 0).
+    order_id = served.add_order(10_000)
+    command = ["capture", order_id, "--amount", "100", "--json"]
+    done = subprocess.run(
+        ["sh", "-c", 'exec "$@" >&-', "sh", sys.executable, "-m", "klarna_om_async.cli", *command],
+        env=subprocess_env(served.fake.base_url),
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == ["Error: standard output is closed: nothing was sent"]
+    assert served.booked(order_id) == 0
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full on this system")

@@ -15,7 +15,7 @@ from ._commands import SINGLE_COMMANDS
 from ._demo import demo
 from ._fakeserver import fake_server
 from ._lifecycle import LIFECYCLE_COMMANDS
-from ._options import EXIT_UNKNOWN_OUTCOME, connection_options
+from ._options import EXIT_UNKNOWN_OUTCOME, InputError, connection_options
 from ._reconcilecmd import reconcile
 from ._render import echo_json, lose_stdout, stdout_lost
 
@@ -29,22 +29,27 @@ class _Group(click.Group):
         # The command's own arguments: its name is not among them, and "--json" is no name.
         wants_json = "--json" in ctx.args
         try:
+            if sys.stdout is None:  # started with it closed: every result would be lost
+                raise InputError("standard output is closed: nothing was sent")
             return super().invoke(ctx)
         except click.ClickException as error:
-            if wants_json and not stdout_lost():
-                echo_json(
-                    {
-                        "type": "error",
-                        "error": "usage" if isinstance(error, click.UsageError) else "input",
-                        "message": error.format_message(),
-                        "outcome_unknown": False,
-                        "idempotency_key": None,
-                        "correlation_id": None,
-                        "status": None,
-                        "error_code": None,
-                        "exit_code": error.exit_code,
-                    }
-                )
+            if wants_json and not stdout_lost() and sys.stdout is not None:
+                try:
+                    echo_json(
+                        {
+                            "type": "error",
+                            "error": "usage" if isinstance(error, click.UsageError) else "input",
+                            "message": error.format_message(),
+                            "outcome_unknown": False,
+                            "idempotency_key": None,
+                            "correlation_id": None,
+                            "status": None,
+                            "error_code": None,
+                            "exit_code": error.exit_code,
+                        }
+                    )
+                except OSError:  # a closed pipe, a full disk: the error goes to stderr anyway
+                    lose_stdout()
             raise
         except OSError as error:
             if not _stdout_failed(error):
@@ -54,7 +59,8 @@ class _Group(click.Group):
             click.echo(
                 f"Error: the output could not be written ({error.strerror}), so the result is"
                 " not shown: rerun the command to see it (a call that changes an order with"
-                " --idempotency-key KEY, the key printed above; a batch with the same journal)",
+                " --idempotency-key KEY, the key printed above; a batch only with the journal"
+                " it used: without one, a rerun sends every item again)",
                 err=True,
             )
             sys.exit(EXIT_UNKNOWN_OUTCOME)

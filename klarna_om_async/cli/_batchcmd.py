@@ -15,7 +15,6 @@ from typing import Literal
 
 import attrs
 import click
-from rich.console import Console
 
 from ..batch import DEFAULT_CONCURRENCY, BatchAbortedError, CaptureStatus
 from ..journal import JournalStatus
@@ -42,7 +41,7 @@ from ._options import (
     open_journal,
     run_interruptible,
 )
-from ._render import BatchView, resume_note
+from ._render import BatchView, cli_console, resume_note
 from ._runner import run_batch
 
 __all__ = ("batch",)
@@ -207,7 +206,7 @@ def batch(
 
 
 async def _run(settings: _Settings, connection: Connection) -> bool:
-    console = Console(highlight=False)
+    console = cli_console()
     show_progress = console.is_terminal and not settings.json_output
     view = BatchView(
         console,

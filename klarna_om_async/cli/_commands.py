@@ -34,6 +34,7 @@ from ._options import (
     run_single,
 )
 from ._render import (
+    cli_console,
     cli_error_text,
     echo_json,
     error_json,
@@ -49,11 +50,6 @@ __all__ = ("SINGLE_COMMANDS",)
 
 _T = TypeVar("_T")
 _F = TypeVar("_F", bound=Callable[..., Any])
-
-
-def _console() -> Console:
-    # Made per call: click's test runner swaps sys.stdout between invocations.
-    return Console(highlight=False)
 
 
 _idempotency_option = click.option(
@@ -362,7 +358,7 @@ def show_one(
     if json_output:
         echo_json(to_plain(found))
     else:
-        show(_console(), found)
+        show(cli_console(), found)
 
 
 @click.command()
@@ -400,7 +396,7 @@ def list_captures(order_id: str, json_output: bool) -> None:
         for found in captures:  # one object per line, as every --json output
             echo_json(to_plain(found))
     else:
-        show_captures(_console(), order_id, captures)
+        show_captures(cli_console(), order_id, captures)
 
 
 def _shipment_options(command: _F) -> _F:

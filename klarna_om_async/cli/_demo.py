@@ -38,7 +38,7 @@ from ._options import (
     json_option,
     run_interruptible,
 )
-from ._render import BatchView
+from ._render import BatchView, cli_console
 from ._runner import run_batch
 
 __all__ = ("DemoCheck", "demo", "inject_demo_faults", "inject_planned_faults", "plan_faults")
@@ -287,7 +287,7 @@ def demo(orders: int, concurrency: int, seed: int, fault_rate: float, json_outpu
     Exit status: 0 when the check passes and every item that fits its order was
     captured; 1 otherwise.
     """
-    console = Console(highlight=False)
+    console = cli_console()
     if not json_output:
         console.print(
             f"Capturing {orders} orders on an in-process FakeKlarna (seed {seed}); "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -61,6 +62,19 @@ _PROBLEMS_SHOWN = 20
 def to_plain(value: object) -> object:
     """A model (or list of models) as JSON-ready values, in Klarna's field names."""
     return converter.unstructure(value)
+
+
+class _Console(Console):
+    """rich's Console, on standard output, whose broken pipe is the command's to handle:
+    rich's own handling exits 1 ("refused") in silence, after Klarna may have booked."""
+
+    def on_broken_pipe(self) -> None:
+        raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+
+def cli_console() -> Console:
+    """A Console on standard output (made per command: click's test runner swaps stdout)."""
+    return _Console(highlight=False)
 
 
 def echo_json(value: object) -> None:
