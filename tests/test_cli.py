@@ -788,6 +788,27 @@ def test_batch_of_a_header_only_csv_prints_a_summary_of_0_items(
     assert served.do(lambda: len(served.fake.requests)) == 0
 
 
+def test_a_batch_read_from_a_stream_needs_a_named_journal(
+    served: ServedFake, tmp_path: Path
+) -> None:
+    # `producer | klarna-om batch /dev/stdin` kept its journal at /dev/stdin.journal.sqlite:
+    # lost at reboot, and shared by every batch read from a stream.
+    order_id = served.add_order(1000)
+    said = []
+    for args, code in (([], 2), (["--journal", str(tmp_path / "j.sqlite")], 0)):
+        read_end, write_end = os.pipe()
+        os.write(write_end, f"order_id,captured_amount\n{order_id},1000\n".encode())
+        os.close(write_end)
+        try:
+            result = cli(["batch", f"/dev/fd/{read_end}", "--format", "csv", *args], served)
+        finally:
+            os.close(read_end)
+        assert result.exit_code == code, result.output
+        said.append(result.stderr)
+    assert "name its journal with --journal PATH" in said[0]
+    assert served.booked(order_id) == 1
+
+
 def test_batch_format_option_overrides_the_extension(served: ServedFake, tmp_path: Path) -> None:
     order_id = served.add_order(1000)
     path = write(tmp_path, "orders.txt", f'{{"order_id": "{order_id}", "captured_amount": 1000}}\n')

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sqlite3
+import stat
 import sys
 from collections.abc import AsyncIterator
 from typing import Literal
@@ -79,7 +81,8 @@ order_lines; nothing more for release, extend and cancel. Example:
 Blank lines are skipped. A line that cannot become an operation is not sent: it
 is reported as refused with its line number, and the other lines go on.
 
-The journal (default: FILE.journal.sqlite, unless --no-journal) records each
+The journal (default: FILE.journal.sqlite, unless --no-journal; required with
+--journal for a stream such as /dev/stdin) records each
 item's idempotency key before it is sent. Rerun the same command after a crash,
 Ctrl-C, SIGTERM or failures: items done are skipped, and items whose outcome was
 unknown are resent with their original keys, so nothing is captured or refunded
@@ -176,6 +179,13 @@ def batch(
 ) -> None:
     if journal is not None and no_journal:
         raise click.UsageError("--journal and --no-journal exclude each other")
+    if journal is None and not no_journal and _streamed(file):
+        # Beside /dev/stdin (or /dev/fd/N) a journal would be lost at reboot, and every
+        # stream's batch would share it.
+        raise InputError(
+            f"{file} is not a file but a stream (a pipe, /dev/stdin): name its journal with"
+            " --journal PATH (and the same PATH on every rerun)"
+        )
     try:
         settings = _Settings(
             path=file,
@@ -290,6 +300,13 @@ def _journal_failed(settings: _Settings, error: sqlite3.Error | OSError) -> str:
         " not be written): once it can be written (a full disk, another program holding it),"
         " rerun the same command to finish them with their original keys."
     )
+
+
+def _streamed(path: str) -> bool:
+    try:
+        return not stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False  # open_batch says why it cannot be read
 
 
 def _total(settings: _Settings) -> int | None:
