@@ -59,6 +59,16 @@ def _env_proxy(url: yarl.URL) -> str | None:
     proxy = urllib.request.getproxies().get(url.scheme)
     if not proxy or (url.host is not None and urllib.request.proxy_bypass(url.host)):
         return None
+    try:
+        parsed = yarl.URL(proxy)
+        usable = parsed.scheme in ("http", "https") and bool(parsed.host)
+    except ValueError:
+        usable = False
+    if not usable:  # aiohttp would fail every attempt, each reported "outcome unknown"
+        raise ValueError(
+            f"the environment's {url.scheme.upper()}_PROXY is {proxy!r}, not an http(s) proxy"
+            " URL such as http://proxy:3128; fix it, or unset it"
+        )
     return proxy
 
 
@@ -155,6 +165,8 @@ class KlarnaOM:
         credentials = Credentials(username, password)
         url = base_url if base_url is not None else base_url_for(region, playground=playground)
         check_base_url(url)
+        if session is None:
+            _env_proxy(yarl.URL(url))  # the proxy its session will take: checked now
         check_seconds("timeout", timeout, high=3600.0)
         check_count("max_connections", max_connections)
         if session is not None and session.auth is not None:

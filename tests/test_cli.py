@@ -441,6 +441,21 @@ def test_a_bad_connection_is_one_line_before_the_key_is_said(
     assert served.booked(order_id) == 0
 
 
+def test_an_unusable_proxy_in_the_environment_is_one_line_before_the_key(
+    served: ServedFake,
+) -> None:
+    # Every attempt failed in aiohttp, reported "outcome unknown" (exit 3): nothing was sent.
+    order_id = served.add_order(10_000)
+    args = ["capture", order_id, "--amount", "100"]
+    result = cli(args, served, env={"HTTP_PROXY": "bogus", "NO_PROXY": ""})
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines() == [
+        "Error: the environment's HTTP_PROXY is 'bogus', not an http(s) proxy URL such as"
+        " http://proxy:3128; fix it, or unset it"
+    ]
+    assert served.booked(order_id) == 0
+
+
 @pytest.mark.parametrize(
     "args",
     [["demo", "--concurrency", "100000"], ["demo", "--fault-rate", "nan"]],

@@ -17,8 +17,8 @@ import click
 import yarl
 from click.core import ParameterSource
 
-from ..client import KlarnaOM, check_base_url
-from ..config import Credentials, Region, RetryPolicy
+from ..client import KlarnaOM, _env_proxy, check_base_url
+from ..config import Credentials, Region, RetryPolicy, base_url_for
 from ..errors import KlarnaError, ValidationError
 from ..journal import JournalError
 from ..sqlite_journal import SQLiteJournal
@@ -117,6 +117,9 @@ class Connection:
             Credentials(self.username, self.password)
             if self.base_url is not None:
                 check_base_url(self.base_url)
+            if self.proxy is None:  # the environment's proxy, which the client would take
+                url = self.base_url or base_url_for(self.region, playground=self.playground)
+                _env_proxy(yarl.URL(url))
         except ValueError as error:
             raise InputError(str(error)) from None
         _check_base_url(self.base_url)
