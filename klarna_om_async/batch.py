@@ -1289,7 +1289,7 @@ async def _engine(
     """The one engine behind ``capture_many`` and ``run_many``."""
     check_count("concurrency", concurrency, high=MAX_CONCURRENCY)
     if journal is not None:
-        _start_run(journal)
+        await _start_run(journal)
     watches: tuple[BatchWatch, ...] = ()
     ended: BaseException | None = None
     try:

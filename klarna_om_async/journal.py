@@ -24,6 +24,7 @@ durable journal is in :mod:`klarna_om_async.sqlite_journal`.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import uuid
 from collections.abc import Callable, Iterable
@@ -493,22 +494,33 @@ def _not_begun(item_key: str) -> LookupError:
 # hashable). The file lock keeps other processes and other journal objects out; this keeps
 # out a second run on the same object, which would take the first one's items in flight for
 # an earlier run's unknown ones and resend them.
-_RUNNING: set[int] = set()
+_RUNNING: dict[int, asyncio.Event] = {}
+# A batch left by ``break`` (or an exception in the loop over it) goes on until its
+# generator is closed, which Python does a few loop turns later: the next run waits that
+# long for it, not for a run that is still going.
+_IN_USE_GRACE_S = 2.0
 
 
-def _start_run(journal: Journal) -> None:
-    """Mark ``journal`` as used by a run; ``JournalInUseError`` if a run already uses it."""
-    if id(journal) in _RUNNING:
+async def _start_run(journal: Journal) -> None:
+    """Mark ``journal`` as used by a run; ``JournalInUseError`` if a run still uses it
+    after a short grace."""
+    try:
+        async with asyncio.timeout(_IN_USE_GRACE_S):
+            while (ended := _RUNNING.get(id(journal))) is not None:
+                await ended.wait()
+    except (TimeoutError, RuntimeError):  # (RuntimeError: it runs in another event loop)
         raise JournalInUseError(
             f"journal {journal!r} is in use by another batch or reconciliation in this"
             " process; one run at a time per journal: let the other finish, or close it first"
-            " (await batch.aclose(); a batch left by 'break' goes on until it is closed)"
-        )
-    _RUNNING.add(id(journal))
+            " (await batch.aclose())"
+        ) from None
+    _RUNNING[id(journal)] = asyncio.Event()
 
 
 def _end_run(journal: Journal) -> None:
-    _RUNNING.discard(id(journal))
+    ended = _RUNNING.pop(id(journal), None)
+    if ended is not None:
+        ended.set()
 
 
 def _not_open(name: str) -> RuntimeError:

@@ -391,7 +391,7 @@ async def reconcile(
     https://docs.klarna.com/api/ordermanagement/#operation/getOrder
     """
     check_count("concurrency", concurrency)
-    _start_run(journal)
+    await _start_run(journal)
     try:
         return await _reconcile_all(orders, journal, concurrency, clock_skew)
     finally:
