@@ -731,20 +731,22 @@ class ThrottleMiddleware:
             wait = self._reserve(pace, request, now, why)
             if wait <= 0:
                 return
-            if pace is not adaptive.pace:  # a fixed pace: the slot holds
+            if pace is self._pace:  # the user's rate_limit: the slot holds
                 await self._sleep(wait)
                 if self.wait_listeners:
                     self._waited("pace", wait, request)
                 return
-            # The learned grid may be laid anew while this request sleeps (a 429 lowered the
-            # pace, or it climbed) or forgotten: its slot is then void. Wake in steps to see.
+            # A learned grid may be laid anew while this request sleeps (a 429 lowered the
+            # pace, or it climbed; Klarna stated another limit) or forgotten: its slot is then
+            # void. Wake in steps to see.
             generation = pace.generation
             left = wait  # counted down by the steps slept, whatever the clock does
             while True:
                 step = min(left, ADAPTIVE_STEP)
                 await self._sleep(step)
                 left -= step
-                if adaptive.pace_at(self._clock()) is not pace or pace.generation != generation:
+                current = self._pace or self._stated or adaptive.pace_at(self._clock())
+                if current is not pace or pace.generation != generation:
                     if self.wait_listeners:
                         self._waited("pace", wait - left, request)
                     break  # take a slot on the new grid (or none, if forgotten)
@@ -790,9 +792,21 @@ class ThrottleMiddleware:
             # Per second, as Klarna counts; a little under it, for the skew between our clock
             # and Klarna's windows.
             rate = min(limit * LEARNED_SHARE, MAX_RATE_LIMIT)
-            if self._stated is None or self._stated.interval != 1.0 / rate:
-                self._stated = Pace(rate)
+            if self._stated is None:
+                stated = self._stated = Pace(rate)
+                # What the opening ramp let out this last second is in Klarna's window too:
+                # the grid starts after it, or the first second holds it and a full grid.
+                now = self._clock()
+                ramp = self.slow_start.in_flight - 1 if self.slow_start is not None else 0
+                recent = self.adaptive.measured(now) + max(ramp, 0)  # (this one: answered)
+                stated.hold(now + recent * stated.interval)
                 self._end_slow_start()  # the stated limit paces from now on
+            elif self._stated.interval != 1.0 / rate:
+                # The same grid, re-spaced: a new one would give its first slot at once, and
+                # the slots already taken on the old spacing would all be kept (a lowered
+                # limit sent at the old rate until they ran out).
+                self._stated.interval = 1.0 / rate
+                self._stated.restart(self._clock())
         remaining = _number(headers.get(_REMAINING))
         reset = reset_after(headers)
         if remaining is not None and remaining <= 0 and reset is not None:

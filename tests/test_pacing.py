@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from klarna_om_async import CaptureRequest, KlarnaOM, Request, Response, RetryPolicy
 from klarna_om_async.errors import RateLimitError, ValidationError, decode_error, reset_after
-from klarna_om_async.middleware import RetryMiddleware
+from klarna_om_async.middleware import Handler, RetryMiddleware
 from klarna_om_async.testing import FakeKlarna, InstantSleep
 from klarna_om_async.throttle import (
     LIMIT_SHARE,
@@ -176,13 +176,40 @@ async def test_a_stated_limit_paces_the_client_and_a_spent_window_pauses_it(
     async with KlarnaOM("u", "p", base_url=url, retry=policy, clock=time.clock) as om:
         for _ in range(3):
             await om.captures.create("o", CaptureRequest(captured_amount=1))
-        # The first answer said 10/s: from then on, slots 1/9.5 s apart (the first free).
-        assert time.waits == pytest.approx([1 / 9.5])
+        # The first answer said 10/s: from then on, slots 1/9.5 s apart, counted from the
+        # request that answer came to (it is in Klarna's window too).
+        assert time.waits == pytest.approx([1 / 9.5, 1 / 9.5])
         plan.append({"X-Ratelimit-Remaining": "0", "X-Ratelimit-Reset": "0.75"})
         await om.captures.create("o", CaptureRequest(captured_amount=1))
         await om.captures.create("o", CaptureRequest(captured_amount=1))
     # The window was used up: the client waited for its reset before the next request.
-    assert time.waits == pytest.approx([1 / 9.5, 1 / 9.5, 0.75])
+    assert time.waits == pytest.approx([1 / 9.5, 1 / 9.5, 1 / 9.5, 0.75])
+
+
+async def test_a_stated_limit_that_changes_respaces_the_grid_it_paces_on(
+    stated_limit: tuple[str, list[dict[str, str]]],
+) -> None:
+    # Each new value laid a new grid whose first slot was free: a limit alternating 20/21
+    # let 155 requests out in a second.
+    url, plan = stated_limit
+    time = FakeTime()
+    sent: list[float] = []
+    plan.extend({"X-Ratelimit-Limit": limit} for limit in ["20", "10", "20", "10", "20"])
+
+    async def note(request: Request, call_next: Handler) -> Response:
+        sent.append(time.now)
+        return await call_next(request)
+
+    policy = RetryPolicy(sleep=time.sleep)
+    async with KlarnaOM(
+        "u", "p", base_url=url, retry=policy, clock=time.clock, middlewares=[note]
+    ) as om:
+        for _ in range(6):
+            await om.captures.create("o", CaptureRequest(captured_amount=1))
+    gaps = [later - earlier for earlier, later in itertools.pairwise(sent)]
+    # After the first answer every send waits its slot on the spacing then stated (19/s,
+    # 9.5/s, ...): none goes at once.
+    assert min(gaps) >= 1 / 19 - 1e-9
 
 
 async def test_a_429_without_retry_after_pauses_until_the_window_resets(
