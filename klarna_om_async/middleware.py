@@ -343,12 +343,15 @@ class RetryMiddleware:
         delays = backoff.expo(factor=policy.initial_delay, max_value=policy.max_delay)
         next(delays)  # backoff's generators yield a priming 0 first
         attempt = 1
+        # Held back by the throttle before sending: no attempt reached Klarna.
+        unsent = 0
         # A 429 says the merchant is busy, not that the call failed: it does not use up
         # max_attempts (only the deadline bounds waiting for the merchant's turn).
         failures = 0
         unknown = False
         while True:
-            error.attempts = attempt
+            unsent += getattr(error, "refused_by_throttle", False)
+            error.attempts = attempt - unsent
             busy = isinstance(error, RateLimitError)
             failures += not busy
             wait = self._wait_before_retry(error, failures, deadline, delays)
@@ -369,7 +372,7 @@ class RetryMiddleware:
             except KlarnaError as next_error:
                 error = next_error
                 continue
-            return attrs.evolve(response, attempts=attempt)
+            return attrs.evolve(response, attempts=attempt - unsent)
 
     @staticmethod
     def _log_retry(

@@ -79,6 +79,13 @@ class ThrottleRefusal(RateLimitError):
 
     #: False: no attempt reached Klarna (as on ``KlarnaConnectionError``).
     request_sent: Final = False
+    #: True: the throttle held it back; a retry loop counts no attempt for it.
+    refused_by_throttle: Final = True
+
+    def __str__(self) -> str:
+        # Not "429 on POST ...": Klarna never saw it.
+        where = f" ({self.method} {self.url})" if self.method else ""
+        return f"{'; '.join(self.error_messages)}{where}.{self._retry_hint()}"
 
 
 class Pace:
@@ -690,7 +697,7 @@ class ThrottleMiddleware:
             if wait <= 0:
                 self._resume_at = 0.0  # the pause is over: later calls skip the clock
                 return
-            await self._wait(request, now, wait, "paused after a 429 from Klarna")
+            await self._wait(request, now, wait, "paused until Klarna's rate-limit window resets")
             if self.wait_listeners:
                 self._waited("pause", wait, request)
             if self._resume_at <= resume_at:
@@ -829,12 +836,15 @@ class ThrottleMiddleware:
         self, request: Request, wait: float, left: float, why: str, *, message: str = ""
     ) -> ThrottleRefusal:
         """The error for a call a wait would keep past its deadline; nothing was sent."""
+        # Rounded apart (the wait up, the time left down): never "for 0.5s more, and the
+        # deadline is 0.5s away".
+        more, away = math.ceil(wait * 10) / 10, max(math.floor(left * 10) / 10, 0.0)
         error = ThrottleRefusal(
             status=429,
             error_messages=(
                 message
-                or f"not sent: this client is {why} for {wait:.1f}s more, and the call's"
-                f" deadline is {max(left, 0.0):.1f}s away",
+                or f"not sent: this client is {why} for {more:.1f}s more, and the call's"
+                f" deadline is {away:.1f}s away",
             ),
             retry_after=wait,
         )
@@ -842,6 +852,6 @@ class ThrottleMiddleware:
             method=request.method,
             url=self._base_url + request.path,
             idempotency_key=request.idempotency_key,
-            attempts=1,
+            attempts=0,
         )
         return error

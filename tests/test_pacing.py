@@ -246,6 +246,34 @@ async def test_a_pace_slot_past_the_calls_deadline_is_refused_unsent() -> None:
     assert sent == [0.0, 1.0]
 
 
+async def test_a_call_the_pace_refuses_counts_no_attempt_and_names_no_429(
+    fake: FakeKlarna,
+) -> None:
+    # Refusals were counted as attempts of their call (a CLI summary said 34 attempts for 2
+    # requests) and read "429 on POST ...", for requests Klarna never saw.
+    order_id = fake.add_order(amount=10_000)
+    time = FakeTime()
+    policy = RetryPolicy(sleep=time.sleep, deadline=0.5)
+    async with KlarnaOM(
+        fake.username,
+        fake.password,
+        base_url=fake.base_url,
+        retry=policy,
+        clock=time.clock,
+        rate_limit=1,
+    ) as om:
+        await om.captures.create(order_id, CaptureRequest(captured_amount=1))
+        with pytest.raises(RateLimitError) as refused:
+            await om.captures.create(order_id, CaptureRequest(captured_amount=1))
+    error = refused.value
+    assert error.attempts == 0
+    assert not error.outcome_unknown
+    assert str(error).startswith("not sent: this client is waiting for the client's rate limit")
+    assert "429" not in str(error)
+    assert "for 1.1s more, and the call's deadline is 0.5s away" in str(error)
+    assert len(fake.captures(order_id)) == 1
+
+
 async def test_a_call_the_client_pace_would_refuse_takes_no_slot_of_the_batchs() -> None:
     time, throttle, sent, call_next = recording_throttle(Pace(1))
 
