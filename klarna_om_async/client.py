@@ -374,6 +374,7 @@ class KlarnaOM:
         """Close the HTTP session if this client created it; safe to call twice."""
         if self._closed:
             return
+        self._throttle.flush_log()
         self._closed, self._handler, self._transport = True, None, None
         if self._session is not None and self._owns_session:
             await self._session.close()

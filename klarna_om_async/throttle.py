@@ -651,11 +651,17 @@ class ThrottleMiddleware:
         self._last_429 = (request, error)
         self._log_rate_limited(now)
 
-    def _log_rate_limited(self, now: float) -> None:
+    def flush_log(self) -> None:
+        """Write the summary of the 429s not written yet (the client is closing: no answer
+        comes after them to write it)."""
+        if self._unlogged:
+            self._log_rate_limited(self._clock(), now_or_never=True)
+
+    def _log_rate_limited(self, now: float, *, now_or_never: bool = False) -> None:
         """Write the summary of the 429s counted, unless one was written in the last
         ``LOG_INTERVAL`` seconds (then they wait for the next 429 or answer after it)."""
         since = now - self._logged_at
-        if since < LOG_INTERVAL or self._last_429 is None:
+        if (since < LOG_INTERVAL and not now_or_never) or self._last_429 is None:
             return
         count, self._unlogged, self._logged_at = self._unlogged, 0, now
         request, error = self._last_429

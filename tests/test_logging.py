@@ -151,6 +151,21 @@ async def test_a_429_storm_logs_one_summary_per_interval(
     assert {record.status for record in retries} == {429}  # type: ignore[attr-defined]
 
 
+async def test_the_429s_of_the_last_interval_are_logged_as_the_client_closes(
+    fake: FakeKlarna, sleeps: InstantSleep, caplog: pytest.LogCaptureFixture
+) -> None:
+    # No answer came after them to write their summary: 50 429s, 38 of them logged.
+    clock = ManualClock()
+    orders = [fake.add_order(amount=1000) for _ in range(20)]
+    fake.inject(RateLimited("1"), times=30, method="POST", path="/captures")
+    with caplog.at_level(logging.INFO, logger="klarna_om_async"):
+        async with client(fake, sleeps, clock=clock) as om:
+            request = CaptureRequest(captured_amount=1000)
+            await asyncio.gather(*(om.captures.create(order, request) for order in orders))
+    summaries = records(caplog, THROTTLE)
+    assert sum(r.rate_limited for r in summaries) == 30  # type: ignore[attr-defined]
+
+
 async def credentials_scenario(username: str, password: str) -> None:
     sleeps = InstantSleep()
     async with FakeKlarna(username=username, password=password) as fake:
