@@ -137,7 +137,7 @@ async def test_a_pause_past_the_deadline_fails_at_once_and_sends_nothing(
     assert capture_posts(fake, later) == []
     error = caught.value
     assert not error.outcome_unknown
-    assert (error.method, error.idempotency_key, error.attempts) == ("POST", key, 1)
+    assert (error.method, error.idempotency_key, error.attempts) == ("POST", key, 0)  # none sent
     assert error.url == f"{fake.base_url}/ordermanagement/v1/orders/{later}/captures"
     assert error.retry_after == 29.0
     assert "not sent" in str(error)
