@@ -960,8 +960,9 @@ class _Run:
         evidence = (
             f"Klarna holds {_described(noun, created_id, *found)} under the given key {key},"
             f" not the {_described(noun, None, *asked)} asked: the key was used before, for"
-            " this item before it was edited (then it is booked) or for another request (then"
-            f" nothing was done for this item); check the order, then settle the item"
+            " this item before it was edited (then it is booked: put its amount and reference"
+            " back in the item) or for another request (then nothing was done for this item:"
+            " give it a new key)"
         )
         review = NeedsReviewError(evidence, order_id=item.order_id, idempotency_key=key)
         unsure = attrs.evolve(outcome, capture_id=None, refund_id=None)
@@ -1038,9 +1039,9 @@ def _time_left(claim: Claim) -> float | None:
     """Seconds the claim's key may still be sent (None: a key new to this send).
 
     A journal of one's own that does not say is taken to keep keys for the default
-    ``key_max_age``, by this machine's clock (a time without a zone taken as UTC); a key it
-    resends (``uncertain``) without saying when it was first sent has no time left: Klarna
-    may have forgotten it.
+    ``key_max_age``, by this machine's clock (a time without a zone read as UTC or as local
+    time, whichever leaves less); a key it resends (``uncertain``) without saying when it
+    was first sent has no time left: Klarna may have forgotten it.
     """
     if claim.key_time_left is not None:
         return claim.key_time_left
@@ -1048,7 +1049,7 @@ def _time_left(claim: Claim) -> float | None:
     if sent is None:
         return 0.0 if claim.entry.uncertain else None
     if sent.tzinfo is None:
-        sent = sent.replace(tzinfo=UTC)
+        sent = min(sent.replace(tzinfo=UTC), sent.astimezone(UTC))
     return (sent + DEFAULT_KEY_MAX_AGE - datetime.now(UTC)).total_seconds()
 
 

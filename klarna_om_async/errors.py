@@ -511,4 +511,4 @@ class NeedsReviewError(KlarnaError):
         return True
 
     def __str__(self) -> str:
-        return f"needs review: order {self.order_id}: {self.evidence} (key {self.idempotency_key})"
+        return f"needs review: order {self.order_id}: {self.evidence} (key {self.idempotency_key})."

@@ -11,6 +11,7 @@ import contextlib
 import math
 import os
 import queue
+import shlex
 import sqlite3
 import sys
 import threading
@@ -451,13 +452,22 @@ def _wal_of(path: str) -> str:
 
 
 def _left_open(journal: str, used_as: str) -> JournalError:
+    clear = shlex.quote("DELETE FROM state WHERE name = 'open_by'")
     return JournalError(
         f"journal {journal} was left open by a run that used it as {used_as}, and that"
-        f" run's last claims are in {used_as}-wal, which is not beside it: put that file"
+        f" run's last claims are in {used_as}-wal, which did not come with it: put that file"
         f" here as {os.path.realpath(journal)}-wal, or open the journal where it was; if it"
         " is lost, the items that run sent last are not in the journal: check their orders"
-        f' at Klarna before any rerun, then clear this check: sqlite3 {journal} "DELETE FROM'
-        " state WHERE name = 'open_by'\""
+        f" at Klarna before any rerun, then clear this check: sqlite3 {shlex.quote(journal)}"
+        f" {clear}"
+    )
+
+
+def _log_without_journal(journal: str) -> JournalError:
+    return JournalError(
+        f"{journal} does not exist, but its write-ahead log {_wal_of(journal)} does: a run's"
+        " last claims are in it, and the journal they belong to was moved away; put the"
+        " journal back here (or the log beside it), or remove the log if it is no journal's"
     )
 
 
@@ -483,6 +493,9 @@ class _OwnerLock:
         self._id: tuple[int, int] | None = None
 
     def acquire(self) -> None:
+        if not os.path.exists(self._path) and os.path.exists(_wal_of(self._path)):
+            # SQLite would make a new journal here, and delete the log with those claims.
+            raise _log_without_journal(self._path)
         with contextlib.suppress(FileNotFoundError):
             st = os.stat(self._path)
             if (st.st_dev, st.st_ino) in _HELD:
@@ -805,7 +818,8 @@ class SQLiteJournal:
 
     def _connect(self) -> sqlite3.Connection:
         # Before SQLite opens the file (and makes a log of its own): a log left by a run.
-        logged = os.path.exists(_wal_of(self._path))
+        wal = _wal_of(self._path)
+        logged = os.path.exists(wal) and os.path.getsize(wal) > 0
         # isolation_level=None: transactions are exactly the BEGIN/COMMIT issued here.
         conn = sqlite3.connect(self._path, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
         try:
@@ -827,24 +841,29 @@ class SQLiteJournal:
         return conn
 
     def _mark_open(self, conn: sqlite3.Connection, logged: bool) -> None:
-        """Refuse a file a run left open whose write-ahead log is not beside it, then mark
-        the file open (in the file itself, not only in its log) until ``close``.
+        """Refuse a file a run left open elsewhere whose write-ahead log did not come with
+        it, then mark the file open (in the file itself, not only in its log) until
+        ``close``.
 
         SQLite keeps a run's last writes (its claims) in ``PATH-wal`` until they are copied
         into the file. A run killed, then the file moved or copied without that log, and a
-        rerun would send those items again under new keys.
+        rerun would send those items again under new keys. Where the run left it, the file
+        is trusted: a log missing there was copied in and removed (a ``sqlite3`` shell does
+        so when it closes), or removed by hand.
         """
+        here = os.path.realpath(self._path)
         conn.execute("BEGIN IMMEDIATE")
         conn.execute(_CREATE_STATE)
         row = conn.execute(_SELECT_OPEN_BY).fetchone()
-        if row is not None and not logged:
+        if row is not None and row[0] != here and not logged:
             conn.execute("ROLLBACK")
             raise _left_open(self._path, row[0])
-        conn.execute(_SET_OPEN_BY, (os.path.realpath(self._path),))
+        conn.execute(_SET_OPEN_BY, (here,))
         conn.execute("COMMIT")
         # Into the file: a copy of the file alone then carries the mark (and every write a
-        # killed run's log held, now recovered).
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        # killed run's log held, now recovered). PASSIVE: a reader in a transaction would
+        # hold any other mode for the whole busy timeout; the mark then stays in the log.
+        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     @staticmethod
     def _mark_closed(conn: sqlite3.Connection) -> None:

@@ -106,6 +106,7 @@ class Pace:
         #: Bumped by :meth:`restart`: a holder of a slot taken before must take a new one.
         self.generation = 0
         self._next = -math.inf
+        self._held = -math.inf  # no slot before this (see hold), whatever restarts it
 
     @classmethod
     def under(cls, limit: float) -> Pace:
@@ -128,15 +129,16 @@ class Pace:
     def restart(self, now: float) -> None:
         """Void the slots taken beyond ``now`` (after the interval changed; ``generation``
         tells their holders to take new ones). The next slot is at most one interval after
-        ``now``, never sooner, so a send at ``now`` and the next are an interval apart."""
-        self._next = min(self._next, now + self.interval)
+        ``now``, never sooner, so a send at ``now`` and the next are an interval apart; nor
+        before the end of a :meth:`hold`."""
+        self._next = max(min(self._next, now + self.interval), self._held)
         self.generation += 1
 
     def hold(self, until: float) -> None:
         """Void the slots taken (``generation`` tells their holders) and hand out none before
         ``until``: a 429 paused the client, and a slot taken before it would send into the
         window Klarna just said is full."""
-        self._next = until
+        self._next = self._held = until
         self.generation += 1
 
 
@@ -814,10 +816,11 @@ class ThrottleMiddleware:
                 recent = self.adaptive.measured(now) + max(ramp, 0)  # (this one: answered)
                 stated.hold(now + recent * stated.interval)
                 self._end_slow_start()  # the stated limit paces from now on
-            elif self._stated.interval != 1.0 / rate:
+            elif not 1.0 <= self._stated.interval * rate <= ADAPTIVE_REGRID:
                 # The same grid, re-spaced: a new one would give its first slot at once, and
                 # the slots already taken on the old spacing would all be kept (a lowered
-                # limit sent at the old rate until they ran out).
+                # limit sent at the old rate until they ran out). Not for a limit raised a
+                # little: one stated as 20, 21, 20, ... would re-space it at every answer.
                 self._stated.interval = 1.0 / rate
                 self._stated.restart(self._clock())
         remaining = _number(headers.get(_REMAINING))

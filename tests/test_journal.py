@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sqlite3
@@ -506,6 +507,13 @@ async def test_a_journal_moved_without_the_log_of_a_killed_run_is_refused(tmp_pa
     path.rename(moved)
     with pytest.raises(JournalError, match="was left open by a run that used it as"):
         await SQLiteJournal(moved).open()
+    # Nor with an empty log beside it (a run killed before any claim leaves one).
+    open(f"{moved}-wal", "wb").close()  # noqa: ASYNC230 - as `touch` would
+    with pytest.raises(JournalError, match="was left open by a run that used it as"):
+        await SQLiteJournal(moved).open()
+    # Nor at the old name, where only the log is left: SQLite would delete it.
+    with pytest.raises(JournalError, match="does not exist, but its write-ahead log"):
+        await SQLiteJournal(path).open()
     os.rename(f"{path}-wal", f"{moved}-wal")  # as the error says
     async with SQLiteJournal(moved) as journal:
         assert sorted(e.idempotency_key for e in await journal.entries()) == [
@@ -519,9 +527,14 @@ async def test_a_journal_moved_without_the_log_of_a_killed_run_is_refused(tmp_pa
         assert len(await journal.entries()) == 3
 
 
-async def test_a_killed_run_is_recovered_where_it_ran(tmp_path: Path) -> None:
+@pytest.mark.parametrize("looked", [False, True])
+async def test_a_killed_run_is_recovered_where_it_ran(tmp_path: Path, looked: bool) -> None:
     path = tmp_path / "j.sqlite"
     killed_run(path)
+    if looked:  # a sqlite3 shell read it: closing, it copied the log in and removed it
+        with contextlib.closing(sqlite3.connect(path)) as shell:
+            shell.execute("SELECT count(*) FROM journal").fetchone()
+        assert not os.path.exists(f"{path}-wal")  # noqa: ASYNC240
     async with SQLiteJournal(path) as journal:
         assert len(await journal.entries()) == 3
 

@@ -84,6 +84,16 @@ def test_a_restarted_grid_voids_the_slots_handed_out_beyond_now() -> None:
     assert pace.delay(1.0) == pytest.approx(0.15)
 
 
+def test_a_restart_keeps_a_hold() -> None:
+    # A changed stated limit restarted the grid: the hold that counted what the opening
+    # ramp had sent (or a 429's pause) was undone, and its slots went at once.
+    pace = Pace(10)
+    pace.hold(0.8)
+    pace.interval = 0.05
+    pace.restart(0.1)
+    assert pace.delay(0.1) == pytest.approx(0.7)  # at 0.8, not at 0.15
+
+
 @given(
     rate=st.integers(min_value=1, max_value=500),
     arrivals=st.lists(st.floats(min_value=0, max_value=5), min_size=1, max_size=300),

@@ -387,9 +387,11 @@ def _finish(
         )
     if view.tally.counts[CaptureStatus.NEEDS_REVIEW]:
         notes.append(
-            "Some items need review: their keys expired and Klarna's order does not show "
-            "whether they were booked. They are never sent again; check each order in the "
-            "Klarna merchant portal (the evidence is listed above)."
+            "Some items need review: Klarna's order does not show whether they were booked "
+            "as asked (a key that expired, or a key of yours Klarna holds for another "
+            "request). They are never sent again; check each order in the Klarna merchant "
+            "portal (the evidence is listed above), then settle each with klarna-om "
+            "reconcile."
         )
     if interrupted:
         notes.append("Interrupted: the summary covers the items finished so far.")

@@ -297,7 +297,9 @@ def _replayed(
         + ("" if held is None else f" with reference {held!r}")
         + f" on order {order_id}, not the {amount}"
         + ("" if reference is None else f" with reference {reference!r}")
-        + f" asked, so nothing more was {kind.past}",
+        + f" asked, so nothing more was {kind.past}: if that {kind.noun} is this one before"
+        " a change, it is done and must not be sent again; otherwise the key belongs to"
+        " another request",
         status=201,
         location=created.location,
     )
