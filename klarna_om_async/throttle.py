@@ -134,6 +134,18 @@ class Pace:
         self._next = max(min(self._next, now + self.interval), self._held)
         self.generation += 1
 
+    def respace(self, per_second: float, now: float) -> None:
+        """Hand out slots ``1 / per_second`` apart from ``now`` on (see :meth:`restart`). A
+        hold still to come counts sends on the old spacing: it is rescaled to the new one
+        (the opening ramp's sends at 1 per second hold 16 s; at 100 per second, 0.16 s)."""
+        check_rate_limit(per_second)
+        interval = 1.0 / per_second
+        if self._held > now:
+            self._held = now + (self._held - now) * interval / self.interval
+            self._next = min(self._next, self._held)
+        self.interval = interval
+        self.restart(now)
+
     def hold(self, until: float) -> None:
         """Void the slots taken (``generation`` tells their holders) and hand out none before
         ``until``: a 429 paused the client, and a slot taken before it would send into the
@@ -821,8 +833,7 @@ class ThrottleMiddleware:
                 # the slots already taken on the old spacing would all be kept (a lowered
                 # limit sent at the old rate until they ran out). Not for a limit raised a
                 # little: one stated as 20, 21, 20, ... would re-space it at every answer.
-                self._stated.interval = 1.0 / rate
-                self._stated.restart(self._clock())
+                self._stated.respace(rate, self._clock())
         remaining = _number(headers.get(_REMAINING))
         reset = reset_after(headers)
         if remaining is not None and remaining <= 0 and reset is not None:

@@ -94,6 +94,16 @@ def test_a_restart_keeps_a_hold() -> None:
     assert pace.delay(0.1) == pytest.approx(0.7)  # at 0.8, not at 0.15
 
 
+def test_a_respaced_grid_rescales_the_hold_that_counts_sends() -> None:
+    # The opening ramp's 16 sends held a grid stated at 1 per second for 16 s; the limit
+    # then stated as 100 kept that stall (17 s for 40 items).
+    pace = Pace(1)
+    pace.hold(16.0)
+    pace.respace(100, 0.0)
+    assert pace.delay(0.0) == pytest.approx(0.16)
+    assert pace.delay(0.0) == pytest.approx(0.17)
+
+
 @given(
     rate=st.integers(min_value=1, max_value=500),
     arrivals=st.lists(st.floats(min_value=0, max_value=5), min_size=1, max_size=300),
