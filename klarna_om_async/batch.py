@@ -31,7 +31,7 @@ from ._convert import to_json
 from ._keys import check_idempotency_key, key_time_left, random_key
 from ._seen import SeenSet
 from .captures import CapturesService
-from .config import MAX_CONCURRENCY, check_count
+from .config import MAX_CONCURRENCY, MIN_BUSY_WAIT, check_count
 from .errors import (
     AuthenticationError,
     IdempotencyKeyReusedError,
@@ -888,14 +888,21 @@ class _Run:
         # backs run too: the bound is this send's only. (Set back, not reset: a coroutine
         # closed outside its task could not reset it.)
         key_time_left.set(time_left)
+        expires = None if time_left is None else self.services.clock() + time_left
         try:
-            if type(request) is CaptureRequest and captures is not None:
-                # The common case, sent as ``send`` sends it, without its dispatch.
-                created = await captures.create(item.order_id, request, idempotency_key=key)
-                created_id, attempts = created.capture_id, created.attempts
-            else:
-                sent = await send(self.services, item.order_id, request, key)
-                created_id, attempts = sent.created_id, sent.attempts
+            while True:
+                try:
+                    if type(request) is CaptureRequest and captures is not None:
+                        # The common case, sent as ``send`` sends it, without its dispatch.
+                        created = await captures.create(item.order_id, request, idempotency_key=key)
+                        created_id, attempts = created.capture_id, created.attempts
+                    else:
+                        sent = await send(self.services, item.order_id, request, key)
+                        created_id, attempts = sent.created_id, sent.attempts
+                    break
+                except RateLimitError as error:
+                    if not await self._wait_turn(error, expires):
+                        raise
         except Exception as error:
             return _outcome(
                 item,
@@ -921,6 +928,28 @@ class _Run:
             if outcome.created_id is not None:
                 return await self._read_created(item, outcome)
         return outcome
+
+    async def _wait_turn(self, error: RateLimitError, expires: float | None) -> bool:
+        """Wait for the item's turn at the client's pace, if ``error`` held it back unsent.
+
+        The throttle refuses a call whose pace slot (or 429 pause) lies past its deadline,
+        sending nothing. In a batch whose workers outnumber what the pace lets through
+        within a deadline (a pace learned low under a 429 storm, a ``--rate`` far below the
+        concurrency) that failed most items unsent at once. The item waits instead (half
+        the wait it was told, at least ``MIN_BUSY_WAIT``, then asks again), as long as its
+        key may be sent (``expires``, on the client's clock). False: not such a refusal, or
+        the key's time is up; the error is the item's outcome.
+        """
+        if not getattr(error, "refused_by_throttle", False) or error.attempts:
+            return False
+        services = self.services
+        wait = max((error.retry_after or 0.0) / 2, MIN_BUSY_WAIT)
+        if expires is not None and services.clock() + wait >= expires:
+            return False
+        await services.sleep(wait)
+        if expires is not None:
+            key_time_left.set(expires - services.clock())
+        return True
 
     async def _read_created(self, item: BatchItem, outcome: CaptureOutcome) -> CaptureOutcome:
         """Confirm a capture/refund created under a key the caller gave is this item's.

@@ -17,7 +17,7 @@ from .batch import (
     BatchProgress,
     CaptureOutcome,
     ItemSource,
-    capture_many,
+    _engine,
     run_many,
 )
 from .captures import CapturesService
@@ -44,7 +44,7 @@ from .middleware import (
     RetryMiddleware,
     compose,
 )
-from .operations import Services
+from .operations import Operation, Services
 from .orders import OrdersService
 from .reconcile import Reconciliation, reconcile
 from .refunds import RefundsService
@@ -179,6 +179,7 @@ class KlarnaOM:
         #: Who we authenticate as (the password is not kept in any public attribute).
         self.username = credentials.username
         self.retry_policy = retry if retry is not None else RetryPolicy()
+        self._clock = clock
         self._throttle = ThrottleMiddleware(
             sleep=self.retry_policy.sleep,
             clock=clock,
@@ -258,14 +259,9 @@ class KlarnaOM:
         https://docs.klarna.com/api/ordermanagement/#operation/captureOrder
         """
         concurrency = self._batch_concurrency(concurrency, rate_limit)
-        return capture_many(
-            self.captures,
-            items,
-            concurrency=concurrency,
-            rate_limit=rate_limit,
-            journal=journal,
-            on_progress=on_progress,
-            orders=self.orders,
+        services = self._services(refunds=False)
+        return _engine(
+            services, items, journal, concurrency, rate_limit, on_progress, only=Operation.CAPTURE
         )
 
     def run_many(
@@ -304,7 +300,7 @@ class KlarnaOM:
         https://docs.klarna.com/api/ordermanagement/
         """
         concurrency = self._batch_concurrency(concurrency, rate_limit)
-        services = Services(captures=self.captures, refunds=self.refunds, orders=self.orders)
+        services = self._services(refunds=True)
         return run_many(
             services,
             items,
@@ -313,6 +309,16 @@ class KlarnaOM:
             journal=journal,
             on_progress=on_progress,
             hold=hold,
+        )
+
+    def _services(self, *, refunds: bool) -> Services:
+        """What a batch sends through, waiting on this client's sleep and clock."""
+        return Services(
+            captures=self.captures,
+            refunds=self.refunds if refunds else None,
+            orders=self.orders,
+            sleep=self.retry_policy.sleep,
+            clock=self._clock,
         )
 
     def _batch_concurrency(self, concurrency: int | None, rate_limit: float | None) -> int:

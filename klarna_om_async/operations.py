@@ -15,7 +15,10 @@ it does by the type of its ``request``::
 
 from __future__ import annotations
 
+import asyncio
 import enum
+import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeAlias
 
 import attrs
@@ -159,6 +162,11 @@ class Services:
     captures: CapturesService | None = None
     refunds: RefundsService | None = None
     orders: OrdersService | None = None
+    #: How the batch waits for the client's pace (its retry policy's ``sleep``) and the
+    #: client's clock (monotonic seconds): an item the throttle held back unsent waits
+    #: its turn on them.
+    sleep: Callable[[float], Awaitable[None]] = attrs.field(default=asyncio.sleep, eq=False)
+    clock: Callable[[], float] = attrs.field(default=time.monotonic, eq=False)
 
 
 @attrs.frozen
