@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from klarna_om_async import (
+    BatchAbortedError,
     CaptureRequest,
     CaptureStatus,
     KlarnaError,
@@ -316,6 +317,54 @@ async def test_items_the_pace_holds_back_past_their_deadline_wait_their_turn(
     assert [o.status for o in outcomes] == [CaptureStatus.CAPTURED] * 10
     assert {o.attempts for o in outcomes} == {1}  # waiting is no attempt
     assert booked(fake) == dict.fromkeys(orders, 1)
+
+
+async def test_items_waiting_their_turn_send_nothing_once_the_batch_stops(
+    fake: FakeKlarna,
+) -> None:
+    # After the first 401 the batch starts nothing new, but the items already waiting for
+    # their pace slot sent one by one: 20 401s, and the abort 19 s late.
+    policy = RetryPolicy(deadline=0.1, jitter=lambda d: d)
+    items = [(fake.add_order(amount=100), CaptureRequest(captured_amount=100)) for _ in range(20)]
+    async with KlarnaOM(
+        fake.username, "wrong", base_url=fake.base_url, retry=policy, rate_limit=20
+    ) as om:
+        with pytest.raises(BatchAbortedError):
+            [o async for o in om.capture_many(items, concurrency=10)]
+    # Only those whose slot lay within their first deadline (0.1 s at 20/s) were sent.
+    assert sum(r.method == "POST" for r in fake.requests) <= 3
+
+
+class SleepThatPassesNoTime:
+    """A retry sleep that returns at once and moves no clock (a test's stand-in)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def __call__(self, seconds: float) -> None:
+        self.calls += 1
+        if self.calls > 1000:  # the batch would ask again for ever
+            raise AssertionError("the batch kept waiting on a sleep that passes no time")
+
+
+async def test_a_sleep_that_passes_no_time_does_not_hold_an_item_for_ever(
+    fake: FakeKlarna,
+) -> None:
+    sleep = SleepThatPassesNoTime()
+    policy = RetryPolicy(deadline=0.2, sleep=sleep, jitter=lambda d: d)
+    items = [(fake.add_order(amount=100), CaptureRequest(captured_amount=100)) for _ in range(5)]
+    async with KlarnaOM(
+        fake.username,
+        fake.password,
+        base_url=fake.base_url,
+        retry=policy,
+        rate_limit=1,
+        clock=lambda: 0.0,
+    ) as om:
+        outcomes = [o async for o in om.capture_many(items)]
+    statuses = sorted(o.status.value for o in outcomes)
+    assert statuses == ["captured"] + ["failed"] * 4  # failed unsent, as before the wait
+    assert sleep.calls <= 5
 
 
 @pytest.mark.parametrize("how", ["klarna-429", "throttle"])
