@@ -68,7 +68,7 @@ from .operations import (
 )
 from .orders import OrdersService
 from .reconcile import Verdict, order_shows, reconcile_entry
-from .throttle import rate_limited
+from .throttle import ThrottleRefusal, rate_limited
 
 __all__ = (
     "DEFAULT_CONCURRENCY",
@@ -252,11 +252,9 @@ class BatchItem:
         operation = operation_or_none(self.request)
         if operation is None or operation is Operation.CAPTURE:
             # Anything else is refused when run, on its own outcome.
-            reference = getattr(self.request, "reference", None)
-            reference = reference.strip() if isinstance(reference, str) else None
+            reference = _reference(getattr(self.request, "reference", None))
             return f"{self.order_id}:{reference}" if reference else self.order_id
-        reference = reference_of(self.request)
-        reference = reference.strip() if isinstance(reference, str) else None
+        reference = _reference(reference_of(self.request))
         key = f"{operation.value}:{self.order_id}"
         return f"{key}:{reference}" if reference else key
 
@@ -884,13 +882,14 @@ class _Run:
         request = item.request
         captures = self.services.captures
         created_id: str | None
-        # The worker's task has a context of its own, where the item source and the read-
-        # backs run too: the bound is this send's only. (Set back, not reset: a coroutine
-        # closed outside its task could not reset it.)
-        key_time_left.set(time_left)
-        expires = None if time_left is None else self.services.clock() + time_left
+        clock = self.services.clock
+        expires = None if time_left is None else clock() + time_left
         try:
             while True:
+                # For this attempt only: the worker's task has a context of its own, where
+                # the item source and the read-backs run too. (Set back below, not reset: a
+                # coroutine closed outside its task could not reset it.)
+                key_time_left.set(None if expires is None else expires - clock())
                 try:
                     if type(request) is CaptureRequest and captures is not None:
                         # The common case, sent as ``send`` sends it, without its dispatch.
@@ -940,7 +939,7 @@ class _Run:
         key may be sent (``expires``, on the client's clock). False: not such a refusal, or
         the key's time is up; the error is the item's outcome.
         """
-        if not getattr(error, "refused_by_throttle", False) or error.attempts:
+        if not isinstance(error, ThrottleRefusal) or error.attempts:
             return False
         services = self.services
         wait = max((error.retry_after or 0.0) / 2, MIN_BUSY_WAIT)
@@ -948,13 +947,8 @@ class _Run:
         if self._stopped() or (expires is not None and before + wait >= expires):
             return False  # (a batch that stops sends nothing more: a 401, Klarna unreachable)
         await services.sleep(wait)
-        now = services.clock()
-        if now - before < wait / 2 or self._stopped():
-            # A sleep that lets no time pass (a test's stand-in) would ask again for ever.
-            return False
-        if expires is not None:
-            key_time_left.set(expires - now)
-        return True
+        # A sleep that lets no time pass (a test's stand-in) would ask again for ever.
+        return services.clock() - before >= wait / 2 and not self._stopped()
 
     async def _read_created(self, item: BatchItem, outcome: CaptureOutcome) -> CaptureOutcome:
         """Confirm a capture/refund created under a key the caller gave is this item's.
@@ -1035,8 +1029,10 @@ class _Run:
         )
 
 
-def _reference(value: str | None) -> str | None:
-    return (value.strip() or None) if isinstance(value, str) else value
+def _reference(value: object) -> str | None:
+    """A reference as an item's identity reads it: " A " is "A", a blank one (or anything
+    but a string) none."""
+    return (value.strip() or None) if isinstance(value, str) else None
 
 
 def _described(noun: str, created_id: str | None, amount: int | None, reference: str | None) -> str:

@@ -33,6 +33,7 @@ from typing import Protocol, Self
 
 import attrs
 
+from ._keys import KEY_RESEND_WINDOW_S
 from .operations import Operation
 
 __all__ = (
@@ -58,7 +59,7 @@ KLARNA_OM_NAMESPACE = uuid.UUID("1d2b8123-73b1-4db4-8907-032af9f09d73")
 
 #: Klarna honours a key for 24 hours after its first use; an hour's margin covers clock skew
 #: and a send that was slow to leave.
-DEFAULT_KEY_MAX_AGE = timedelta(hours=23)
+DEFAULT_KEY_MAX_AGE = timedelta(seconds=KEY_RESEND_WINDOW_S)
 #: How long Klarna honours a key: a ``key_max_age`` beyond it would resend a key Klarna may
 #: have forgotten, which books the operation again.
 KLARNA_KEY_LIFETIME = timedelta(hours=24)

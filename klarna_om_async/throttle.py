@@ -142,7 +142,6 @@ class Pace:
         interval = 1.0 / per_second
         if self._held > now:
             self._held = now + (self._held - now) * interval / self.interval
-            self._next = min(self._next, self._held)
         self.interval = interval
         self.restart(now)
 

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import sqlite3
-import stat
 import sys
 from collections.abc import AsyncIterator
 from typing import Literal
@@ -27,6 +25,7 @@ from ._batchfile import (
     BatchFormat,
     count_lines,
     detect_format,
+    is_stream,
     open_batch,
 )
 from ._options import (
@@ -179,7 +178,7 @@ def batch(
 ) -> None:
     if journal is not None and no_journal:
         raise click.UsageError("--journal and --no-journal exclude each other")
-    if journal is None and not no_journal and _streamed(file):
+    if journal is None and not no_journal and _stream(file):
         # Beside /dev/stdin (or /dev/fd/N) a journal would be lost at reboot, and every
         # stream's batch would share it.
         raise InputError(
@@ -302,9 +301,9 @@ def _journal_failed(settings: _Settings, error: sqlite3.Error | OSError) -> str:
     )
 
 
-def _streamed(path: str) -> bool:
+def _stream(path: str) -> bool:
     try:
-        return not stat.S_ISREG(os.stat(path).st_mode)
+        return is_stream(path)
     except OSError:
         return False  # open_batch says why it cannot be read
 

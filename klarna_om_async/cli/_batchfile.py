@@ -75,6 +75,7 @@ __all__ = (
     "Row",
     "count_lines",
     "detect_format",
+    "is_stream",
     "open_batch",
 )
 
@@ -159,11 +160,16 @@ def detect_format(path: str, explicit: BatchFormat | str | None = None) -> Batch
         ) from None
 
 
+def is_stream(path: str) -> bool:
+    """Whether ``path`` is no regular file but a stream (a pipe, /dev/stdin, a FIFO): read
+    once, by the batch alone. ``OSError`` if it cannot be looked at."""
+    return not stat.S_ISREG(os.stat(path).st_mode)
+
+
 def count_lines(path: str) -> int | None:
     """Non-blank lines in ``path``, streamed: the progress bar's (approximate) total; None
-    for anything but a regular file (a pipe, /dev/stdin, a FIFO), which only the batch may
-    read (counting it would consume it, or wait for its writer)."""
-    if not stat.S_ISREG(os.stat(path).st_mode):
+    for a stream (counting it would consume it, or wait for its writer)."""
+    if is_stream(path):
         return None
     with open(path, "rb") as file:
         return sum(1 for line in file if line.strip())

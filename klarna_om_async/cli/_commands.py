@@ -14,6 +14,7 @@ from rich.console import Console
 
 from .._keys import check_idempotency_key, new_idempotency_key
 from .._routes import normalize_id
+from ..batch import _reference
 from ..client import KlarnaOM
 from ..errors import IdempotencyKeyReusedError, KlarnaError, ValidationError
 from ..models import (
@@ -274,10 +275,6 @@ def _money_command(kind: _Money[Any]) -> click.Command:
         _report_created(kind, order_id, amount, key, created, json_output)
 
     return command
-
-
-def _reference(value: str | None) -> str | None:
-    return (value.strip() or None) if value is not None else None
 
 
 def _replayed(
