@@ -9,6 +9,7 @@ booked, and ``err.idempotency_key`` is the key that makes a later retry safe.
 from __future__ import annotations
 
 import email.utils
+import math
 import time
 from collections.abc import Mapping
 from typing import ClassVar
@@ -309,6 +310,9 @@ class RateLimitError(KlarnaAPIError):
     """429: too many requests for this merchant; retried with backoff by default."""
 
     retryable = True
+    #: The merchant's limit in requests per second, if the 429 stated it
+    #: (``X-Ratelimit-Limit``); the client then paces under it.
+    stated_limit: float | None = None
 
 
 class ServerError(KlarnaAPIError):
@@ -358,6 +362,15 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def header_number(value: str | None) -> float | None:
+    """A header's finite number, or None (absent, empty, not a number, inf or nan)."""
+    try:
+        number = float(value) if value else None
+    except ValueError:
+        return None
+    return number if number is not None and math.isfinite(number) else None
 
 
 def reset_after(headers: Mapping[str, str], *, now: float | None = None) -> float | None:
@@ -421,7 +434,7 @@ def decode_error(status: int, headers: Mapping[str, str], body: bytes) -> Klarna
         text = "; ".join(_readable(payload))
         if not text and error_code is None and payload is not None:
             text = _one_line(body[:1000].decode("utf-8", errors="replace"))
-    return _error_class(status, error_code)(
+    error = _error_class(status, error_code)(
         status=status,
         error_code=error_code,
         error_messages=messages,
@@ -429,6 +442,9 @@ def decode_error(status: int, headers: Mapping[str, str], body: bytes) -> Klarna
         retry_after=retry_after,
         body=text,
     )
+    if isinstance(error, RateLimitError):
+        error.stated_limit = header_number(headers.get("X-Ratelimit-Limit"))
+    return error
 
 
 _NOT_JSON = object()

@@ -8,7 +8,8 @@ The pause is capped (``RetryPolicy.retry_after_cap``), and a call never waits pa
 deadline for it: it fails with ``RateLimitError`` instead, having sent nothing.
 
 The client's pace is, in this order of precedence: the user's ``rate_limit``; a limit Klarna
-states (``X-Ratelimit-Limit``, paced at ``LEARNED_SHARE`` of it); a pace learned from 429s
+states (``X-Ratelimit-Limit``, paced at ``LEARNED_SHARE`` of it and cut by the 429s that come
+anyway, :class:`StatedRate`); a pace learned from 429s
 (:class:`AdaptiveRate`) when Klarna states none; else no pace.
 
 Logs, on the logger ``klarna_om_async.throttle`` (structured fields in ``extra=``):
@@ -21,7 +22,8 @@ Logs, on the logger ``klarna_om_async.throttle`` (structured fields in ``extra=`
   ``method``, ``path``, ``order_id``, ``idempotency_key``, ``correlation_id``). The first 429
   after a quiet interval is logged at once; later ones are counted and summarized by the
   first 429 or answer that comes ``LOG_INTERVAL`` or more after the last record.
-- DEBUG: each drop of the learned pace (``pace``, ``ceiling``, and the 429's fields).
+- DEBUG: each drop of the learned or stated pace (``pace``, ``ceiling``, and the 429's
+  fields).
 
 No record carries credentials or a body.
 
@@ -44,13 +46,14 @@ from contextvars import ContextVar
 from typing import Final, Literal, TypeAlias
 
 from .config import MAX_RATE_LIMIT, check_rate_limit
-from .errors import KlarnaAPIError, RateLimitError, reset_after
+from .errors import KlarnaAPIError, RateLimitError, header_number, reset_after
 from .middleware import Handler, Request, Response, log_fields
 
 __all__ = (
     "AdaptiveRate",
     "Pace",
     "SlowStart",
+    "StatedRate",
     "ThrottleMiddleware",
     "ThrottleRefusal",
     "WaitListener",
@@ -149,7 +152,7 @@ class Pace:
         """Void the slots taken (``generation`` tells their holders) and hand out none before
         ``until``: a 429 paused the client, and a slot taken before it would send into the
         window Klarna just said is full."""
-        self._next = self._held = until
+        self._next = self._held = max(until, self._held)
         self.generation += 1
 
 
@@ -167,14 +170,6 @@ LEARNED_SHARE = 0.95
 #: whose ``Retry-After`` (whole seconds) stalls the client for up to a second. Measured at
 #: R = 200 against fixed windows: 1 run in 4 took 1.09-1.16x the floor N/R, with 1-3 429s.
 LIMIT_SHARE = 0.99
-
-
-def _number(value: str | None) -> float | None:
-    try:
-        number = float(value) if value else None
-    except ValueError:
-        return None
-    return number if number is not None and math.isfinite(number) else None
 
 
 #: Pause after a 429 that did not say how long to wait (unless a learned pace already
@@ -372,8 +367,7 @@ class AdaptiveRate:
         """Requests per second the learned pace allows at ``now``; None without one."""
         if self.pace is None:
             return None
-        climbed = max(now - self._since, 0.0) / ADAPTIVE_RECOVERY - 1.0
-        rate = self.ceiling * (1.0 + (1.0 - ADAPTIVE_DECREASE) * climbed**3)
+        rate = _climb(self.ceiling, self._since, now)
         return None if rate > ADAPTIVE_FORGET * self.ceiling else min(rate, MAX_RATE_LIMIT)
 
     def pace_at(self, now: float) -> Pace | None:
@@ -390,6 +384,95 @@ class AdaptiveRate:
             self._grid_rate = rate
             pace.restart(now)  # the sleepers on far slots move up (ThrottleMiddleware)
         return pace
+
+
+class StatedRate:
+    """The client's pace at a limit Klarna states (``X-Ratelimit-Limit``), cut by 429s.
+
+    Paced at ``LEARNED_SHARE`` of the stated limit. The limit is the merchant's, not this
+    client's: two workers (or a web service and a batch) each pacing at it send twice what
+    Klarna lets through, and a limit stated wrong is never corrected by the headers. So a 429
+    to a request sent at the stated pace cuts the pace to ``ADAPTIVE_DECREASE`` of ``W``: the
+    pace it had, or the answers other than 429 of the last ``ADAPTIVE_WINDOW`` if fewer and no
+    pause fell in it (what Klarna let through). One cut per window: the 429s to requests sent
+    within a window after a cut belong to the overshoot it answered. From the
+    end of the 429's pause it climbs back on ``AdaptiveRate``'s curve (flat just under ``W``,
+    then probing above it), up to the stated rate: clients that share one quota and do the
+    same settle under it, each meeting a 429 seconds apart rather than every second.
+
+    A limit stated anew below the pace, or more than ``ADAPTIVE_REGRID`` above it (Klarna
+    raised it), is the pace from then on: the cuts are forgotten.
+    """
+
+    def __init__(self, limit: float, now: float) -> None:
+        rate = min(limit * LEARNED_SHARE, MAX_RATE_LIMIT)
+        #: The stated limit (requests per second), as last stated.
+        self.limit = limit
+        #: The grid the pace is kept on.
+        self.pace = Pace(rate)
+        #: How many times a 429 cut the pace.
+        self.cuts = 0
+        self._stated = rate  # the pace without cuts
+        self._ceiling = rate  # W: the pace a 429 answered (climbing while under _stated)
+        self._grid_rate = rate  # the rate the grid was last laid at (ADAPTIVE_REGRID)
+        # The pace was set then: requests sent before a second after it were sent into a
+        # window the setting had not seen (the 429s of the opening, say).
+        self._set_at = now
+        self._since = now  # when the climb starts (the end of the last cut's pause)
+
+    def state(self, limit: float, now: float) -> None:
+        """Klarna stated ``limit`` (requests per second) again."""
+        if limit == self.limit:
+            return
+        self.limit = limit
+        rate = min(limit * LEARNED_SHARE, MAX_RATE_LIMIT)
+        current = 1.0 / self.pace.interval
+        if rate < current or rate > ADAPTIVE_REGRID * current:
+            # A lowered limit slower than the pace, or a limit raised far past it: the same
+            # grid, re-spaced (a new one would give its first slot at once, and the slots
+            # taken on the old spacing would all be kept). Not for a limit raised a little:
+            # one stated as 20, 21, 20, ... would re-space it at every answer.
+            self._stated = self._ceiling = self._grid_rate = rate
+            self.pace.respace(rate, now)
+        elif rate < self._stated:
+            self._stated = rate  # lowered, yet above a cut pace: it climbs no higher
+
+    def limited(self, sent_at: float, now: float, resume_at: float, measured: int) -> bool:
+        """Cut the pace after a 429 to a request sent at ``sent_at`` (``resume_at``: when the
+        pause it imposed ends; ``measured``: the answers other than 429 in the last window);
+        False when that 429 belongs to the last cut's overshoot."""
+        if sent_at <= self._set_at + ADAPTIVE_WINDOW:
+            return False
+        current = 1.0 / self.pace.interval
+        if now - ADAPTIVE_WINDOW >= self._since and measured:  # no pause in the window
+            current = min(current, float(measured))
+        self._ceiling = current
+        self._grid_rate = max(ADAPTIVE_DECREASE * self._ceiling, MIN_ADAPTIVE_RATE)
+        self._set_at = now
+        self._since = max(now, resume_at)
+        self.cuts += 1
+        self.pace.respace(self._grid_rate, now)
+        return True
+
+    def pace_at(self, now: float) -> Pace:
+        """The pace with its interval moved along the climb to ``now``."""
+        pace = self.pace
+        if self._ceiling < self._stated:
+            rate = min(_climb(self._ceiling, self._since, now), self._stated)
+            if rate >= self._stated:
+                self._ceiling = rate  # back at the stated rate: no more climbing to compute
+            pace.interval = 1.0 / rate
+            if rate >= ADAPTIVE_REGRID * self._grid_rate:
+                self._grid_rate = rate
+                pace.restart(now)  # the sleepers on far slots move up (ThrottleMiddleware)
+        return pace
+
+
+def _climb(ceiling: float, since: float, now: float) -> float:
+    """The rate ``now`` on the climb back from a cut to ``ADAPTIVE_DECREASE * ceiling`` at
+    ``since``: CUBIC's curve (see ``AdaptiveRate``), scaled to ``ceiling``."""
+    climbed = max(now - since, 0.0) / ADAPTIVE_RECOVERY - 1.0
+    return ceiling * (1.0 + (1.0 - ADAPTIVE_DECREASE) * climbed**3)
 
 
 def _within(times: deque[float], now: float, span: float = ADAPTIVE_WINDOW) -> int:
@@ -520,7 +603,8 @@ class ThrottleMiddleware:
         if not max_pause >= 0:
             raise ValueError(f"max_pause must be >= 0, got {max_pause!r}")
         self._pace = pace
-        self._stated: Pace | None = None
+        #: The pace at a limit Klarna stated (used only without ``pace``); None: none stated.
+        self.stated: StatedRate | None = None
         #: The pace learned from 429s (used only without ``pace`` and a stated limit).
         self.adaptive = AdaptiveRate()
         #: The opening ramp while nothing is known of the limit (None: over, or a ``pace``).
@@ -544,9 +628,10 @@ class ThrottleMiddleware:
     def rate(self) -> float | None:
         """Attempts per second the client's pace allows now (the user's ``rate_limit``, else
         95% of a limit Klarna stated, else the one learned from 429s); None: no pace."""
-        pace = self._pace or self._stated
-        if pace is not None:
-            return 1.0 / pace.interval
+        if self._pace is not None:
+            return 1.0 / self._pace.interval
+        if self.stated is not None:
+            return 1.0 / self.stated.pace_at(self._clock()).interval
         return self.adaptive.rate_at(self._clock())
 
     async def __call__(self, request: Request, call_next: Handler) -> Response:
@@ -577,27 +662,30 @@ class ThrottleMiddleware:
             if self._resume_at:  # 0.0 unless a 429 paused the client and nobody waited since
                 await self._wait_pause(request)
             adaptive = self.adaptive
-            learning = self._pace is None and self._stated is None
+            stated = self.stated if self._pace is None else None
+            learning = self._pace is None and stated is None
             # When it came, for telling a new overshoot from the last one; before any
             # decision, "earlier than any" (-inf) says the same without reading the clock.
             asked_at = self._clock() if learning and adaptive.decided_at > -math.inf else -math.inf
             # The paces come after the pause, so requests released together leave one by one.
-            if self._pace or self._stated or adaptive.pace or _batch_pace.get() is not None:
+            if self._pace or stated or adaptive.pace or _batch_pace.get() is not None:
                 await self._take_slots(request)
+            # When it left, for telling a 429 to the stated pace from one sent before it.
+            sent_at = self._clock() if stated is not None else -math.inf
             try:
                 response = await call_next(request)
             except ThrottleRefusal:
                 raise  # refused by `recheck`: Klarna saw nothing
             except RateLimitError as error:
-                self._rate_limited(error, asked_at, request)
+                self._rate_limited(error, asked_at, sent_at, request)
                 raise
             except KlarnaAPIError:
-                if learning:
+                if learning or stated is not None:
                     adaptive.answered(self._clock())  # refused, but let through
                 if self._unlogged:
                     self._log_rate_limited(self._clock())
                 raise
-            if learning:
+            if learning or stated is not None:
                 adaptive.answered(self._clock())
             if self._unlogged:  # a 429 storm's count waits for its interval to end
                 self._log_rate_limited(self._clock())
@@ -624,22 +712,29 @@ class ThrottleMiddleware:
                 " its deadline",
             )
 
-    def _rate_limited(self, error: RateLimitError, asked_at: float, request: Request) -> None:
-        """Pause the client after a 429 and, without a stated limit, lower its learned pace."""
+    def _rate_limited(
+        self, error: RateLimitError, asked_at: float, sent_at: float, request: Request
+    ) -> None:
+        """Pause the client after a 429 and lower its pace: the stated one (learning it from
+        the 429's headers if none was), else the learned one."""
         self.rate_limited_count += 1
         now = self._clock()
-        learning = self._pace is None and self._stated is None
+        if error.stated_limit is not None and self._pace is None:
+            self._learn_limit(error.stated_limit)  # some servers state it on 429s alone
+        stated = self.stated if self._pace is None else None
+        learning = self._pace is None and stated is None
         if learning:
             self._end_slow_start()  # the pace learned from this 429 takes over
         pause = error.retry_after
         # `not >=` also catches nan. "Retry-After: 0" (or a date gone by) sets no wait, but
         # the 429 still says "too fast": a learning client treats it as saying nothing.
         if pause is None or not pause >= 0 or (learning and pause == 0):
-            # With a pace learned (or to be learned from the answers of the last second),
-            # the lower pace is the slowdown; the short pause only probes for the end of
-            # Klarna's full window instead of sending into it at the full pace (one 429 per
-            # probe, not one per slot). With nothing measured, the pause is the slowdown.
-            probe = learning and self.adaptive.measured(now)
+            # With a pace learned or stated (cut by this 429), or to be learned from the
+            # answers of the last second, the lower pace is the slowdown; the short pause
+            # only probes for the end of Klarna's full window instead of sending into it at
+            # the full pace (one 429 per probe, not one per slot). With nothing measured, the
+            # pause is the slowdown.
+            probe = (learning or stated is not None) and self.adaptive.measured(now)
             pause = ADAPTIVE_PROBE if probe else DEFAULT_RATE_LIMIT_PAUSE
         if pause > 0:
             self._resume_at = max(self._resume_at, now + min(pause, self._max_pause))
@@ -656,10 +751,24 @@ class ThrottleMiddleware:
                     "ceiling": ceiling,
                 },
             )
-        if learning and self._resume_at > now and self.adaptive.pace is not None:
+        measured = self.adaptive.measured(now) if stated is not None else 0
+        if stated is not None and stated.limited(sent_at, now, self._resume_at, measured):
+            logger.debug(
+                "Klarna answered 429 under its stated limit of %g requests/s: pacing this"
+                " client at %.1f requests/s",
+                stated.limit,
+                1.0 / stated.pace.interval,
+                extra={
+                    **log_fields(request, status=429, correlation_id=error.correlation_id),
+                    "pace": 1.0 / stated.pace.interval,
+                    "ceiling": stated.limit,
+                },
+            )
+        held = stated.pace if stated is not None else self.adaptive.pace if learning else None
+        if held is not None and self._resume_at > now:
             # Slots taken before this 429 would send into the window it says is full, one
             # slot after another (measured: a 429 every 10 ms until the window ended).
-            self.adaptive.pace.hold(self._resume_at)
+            held.hold(self._resume_at)
         self._unlogged += 1
         self._last_429 = (request, error)
         self._log_rate_limited(now)
@@ -733,7 +842,6 @@ class ThrottleMiddleware:
 
     async def _take_slots(self, request: Request) -> None:
         """Wait for a slot of the batch's pace, then of the client's."""
-        adaptive = self.adaptive
         why = "waiting for the client's rate limit"
         batch_pace = _batch_pace.get()
         if batch_pace is not None:
@@ -741,7 +849,7 @@ class ThrottleMiddleware:
             wait = batch_pace.peek(now)
             if wait > 0:
                 self._check_deadline(request, now, wait, "waiting for the batch's rate_limit")
-            client = self._pace or self._stated or adaptive.pace_at(now)
+            client = self._client_pace(now)
             if client is not None:  # refused after taking the batch's slot, it would waste it
                 self._check_deadline(request, now, wait + client.peek(now + wait), why)
             wait = batch_pace.delay(now)
@@ -751,7 +859,7 @@ class ThrottleMiddleware:
                     self._waited("pace", wait, request)
         while True:
             now = self._clock()
-            pace = self._pace or self._stated or adaptive.pace_at(now)  # every call's
+            pace = self._client_pace(now)  # every call's
             if pace is None:
                 return
             wait = self._reserve(pace, request, now, why)
@@ -771,7 +879,7 @@ class ThrottleMiddleware:
                 step = min(left, ADAPTIVE_STEP)
                 await self._sleep(step)
                 left -= step
-                current = self._pace or self._stated or adaptive.pace_at(self._clock())
+                current = self._client_pace(self._clock())
                 if current is not pace or pace.generation != generation:
                     if self.wait_listeners:
                         self._waited("pace", wait - left, request)
@@ -780,6 +888,14 @@ class ThrottleMiddleware:
                     if self.wait_listeners:
                         self._waited("pace", wait, request)
                     return
+
+    def _client_pace(self, now: float) -> Pace | None:
+        """The client's pace at ``now``: the user's, else the stated one, else the learned."""
+        if self._pace is not None:
+            return self._pace
+        if self.stated is not None:
+            return self.stated.pace_at(now)
+        return self.adaptive.pace_at(now)
 
     def _waited(self, reason: WaitReason, seconds: float, request: Request) -> None:
         """Tell every wait listener about a wait that just ended."""
@@ -813,31 +929,30 @@ class ThrottleMiddleware:
 
     def _learn(self, headers: Mapping[str, str]) -> None:
         """Pace at Klarna's stated limit, and pause when its window is used up."""
-        limit = _number(headers.get(_LIMIT))
-        if limit is not None and limit >= 1 and self._pace is None:
-            # Per second, as Klarna counts; a little under it, for the skew between our clock
-            # and Klarna's windows.
-            rate = min(limit * LEARNED_SHARE, MAX_RATE_LIMIT)
-            if self._stated is None:
-                stated = self._stated = Pace(rate)
-                # What the opening ramp let out this last second is in Klarna's window too:
-                # the grid starts after it, or the first second holds it and a full grid.
-                now = self._clock()
-                ramp = self.slow_start.in_flight - 1 if self.slow_start is not None else 0
-                recent = self.adaptive.measured(now) + max(ramp, 0)  # (this one: answered)
-                stated.hold(now + recent * stated.interval)
-                self._end_slow_start()  # the stated limit paces from now on
-            elif not 1.0 <= self._stated.interval * rate <= ADAPTIVE_REGRID:
-                # The same grid, re-spaced: a new one would give its first slot at once, and
-                # the slots already taken on the old spacing would all be kept (a lowered
-                # limit sent at the old rate until they ran out). Not for a limit raised a
-                # little: one stated as 20, 21, 20, ... would re-space it at every answer.
-                self._stated.respace(rate, self._clock())
-        remaining = _number(headers.get(_REMAINING))
+        limit = header_number(headers.get(_LIMIT))
+        if limit is not None and self._pace is None:
+            self._learn_limit(limit)
+        remaining = header_number(headers.get(_REMAINING))
         reset = reset_after(headers)
         if remaining is not None and remaining <= 0 and reset is not None:
             pause = min(reset, self._max_pause)
             self._resume_at = max(self._resume_at, self._clock() + pause)
+
+    def _learn_limit(self, limit: float) -> None:
+        """Pace at ``limit`` (requests per second, as Klarna counts), which Klarna stated."""
+        if not limit >= 1:
+            return
+        now = self._clock()
+        if self.stated is not None:
+            self.stated.state(limit, now)
+            return
+        stated = self.stated = StatedRate(limit, now)
+        # What the opening ramp let out this last second is in Klarna's window too: the grid
+        # starts after it, or the first second holds it and a full grid.
+        ramp = self.slow_start.in_flight - 1 if self.slow_start is not None else 0
+        recent = self.adaptive.measured(now) + max(ramp, 0)  # (this one: answered)
+        stated.pace.hold(now + recent * stated.pace.interval)
+        self._end_slow_start()  # the stated limit paces from now on
 
     async def _wait(self, request: Request, now: float, wait: float, why: str) -> None:
         """Sleep ``wait`` seconds, unless that passes the call's deadline: then refuse it."""

@@ -33,8 +33,10 @@ from klarna_om_async.throttle import (
     ADAPTIVE_FORGET,
     ADAPTIVE_PROBE,
     ADAPTIVE_RECOVERY,
+    LEARNED_SHARE,
     LIMIT_SHARE,
     AdaptiveRate,
+    StatedRate,
     ThrottleMiddleware,
 )
 
@@ -132,7 +134,8 @@ class SimulatedTime:
 class LimitedServer:
     """Books captures, at most ``limit`` a virtual second (fixed windows on the clock's
     seconds, every request counted), 429 beyond; no ``X-Ratelimit-*`` unless ``stated`` (then
-    ``X-Ratelimit-Limit`` on every answer), and ``Retry-After: retry_after`` on 429s if given.
+    ``X-Ratelimit-Limit: stated_as``, by default the limit, on every answer, or on the 429s
+    alone), and ``Retry-After: retry_after`` on 429s if given.
     A booking is answered ``latency`` virtual seconds after it arrived, a 429
     ``reject_latency`` after."""
 
@@ -142,6 +145,8 @@ class LimitedServer:
         limit: int,
         *,
         stated: bool = False,
+        stated_as: int | None = None,
+        stated_on_429s_only: bool = False,
         retry_after: str = "",
         latency: float = 0.0,
         reject_latency: float = 0.0,
@@ -151,6 +156,8 @@ class LimitedServer:
         self.reject_latency = reject_latency
         self.limit = limit
         self.stated = stated
+        self.stated_as = limit if stated_as is None else stated_as
+        self.stated_on_429s_only = stated_on_429s_only
         self.retry_after = retry_after
         #: (virtual arrival time, status, the client's pace then in requests per second)
         self.arrivals: list[tuple[float, int, float | None]] = []
@@ -166,7 +173,8 @@ class LimitedServer:
         self._used += 1
         status = 201 if self._used <= self.limit else 429
         self.arrivals.append((now, status, self.client_rate()))
-        headers = {"X-Ratelimit-Limit": str(self.limit)} if self.stated else {}
+        stating = self.stated and (status == 429 or not self.stated_on_429s_only)
+        headers = {"X-Ratelimit-Limit": str(self.stated_as)} if stating else {}
         if status == 201:
             headers["Capture-Id"] = f"cap-{len(self.arrivals)}"
             if self.latency:
@@ -386,6 +394,70 @@ async def test_a_stated_limit_wins_over_the_learned_pace(
     assert [a for a in resumed if a[1] == 429] == []
 
 
+async def test_a_limit_stated_only_on_429s_paces_the_client_at_it(
+    serve: Callable[[LimitedServer], Awaitable[str]],
+) -> None:
+    # The 429s of the opening say the limit: from then on the client paces under it, as it
+    # would had every answer said it (it used to learn a pace from 429s instead: 45 of them).
+    time = SimulatedTime()
+    server = LimitedServer(time, limit=20, stated=True, stated_on_429s_only=True)
+    url = await serve(server)
+    async with client(url, time) as om:
+        throttle = throttle_of(om)
+        server.client_rate = lambda: throttle.rate
+        statuses = await time.run(capture_all(om, 100, concurrency=32))
+    assert statuses == [CaptureStatus.CAPTURED] * 100
+    resumed = server.after(1.0)
+    assert {round(a[2] or 0, 9) for a in resumed} == {19.0}
+    assert [a for a in resumed if a[1] == 429] == []
+
+
+async def test_a_stated_limit_above_the_real_one_is_cut_by_429s_and_settles_under_it(
+    serve: Callable[[LimitedServer], Awaitable[str]],
+) -> None:
+    # Klarna says 40/s but lets 20 through: paced at the stated 38/s, every second met a 429.
+    time = SimulatedTime()
+    server = LimitedServer(time, limit=20, stated=True, stated_as=40)
+    url = await serve(server)
+    async with client(url, time) as om:
+        throttle = throttle_of(om)
+        server.client_rate = lambda: throttle.rate
+        statuses = await time.run(capture_all(om, 300, concurrency=32))
+        stated = throttle.stated
+    assert statuses == [CaptureStatus.CAPTURED] * 300
+    assert stated is not None
+    assert stated.cuts >= 1
+    later = server.after(3.0)
+    assert sum(a[1] == 429 for a in later) <= 3
+    assert max(a[2] or 0 for a in later) < 40 * LEARNED_SHARE  # it climbs no higher
+    booked = [a[0] for a in later if a[1] == 201]
+    assert (len(booked) - 1) / (booked[-1] - booked[0]) >= 0.85 * 20
+
+
+async def test_clients_sharing_a_stated_quota_settle_under_it_together(
+    serve: Callable[[LimitedServer], Awaitable[str]],
+) -> None:
+    # Two workers of one merchant, each told the merchant's limit: each paced at it, they
+    # sent twice what Klarna lets through, and met a 429 every second.
+    time = SimulatedTime()
+    server = LimitedServer(time, limit=20, stated=True)
+    url = await serve(server)
+
+    async def worker(om: KlarnaOM) -> list[CaptureStatus]:
+        async with om:
+            return await capture_all(om, 150, concurrency=16)
+
+    async def both() -> list[list[CaptureStatus]]:
+        return await asyncio.gather(worker(client(url, time)), worker(client(url, time)))
+
+    outcomes = await time.run(both())
+    assert outcomes == [[CaptureStatus.CAPTURED] * 150] * 2
+    later = server.after(3.0)
+    assert sum(a[1] == 429 for a in later) <= 5
+    booked = [a[0] for a in later if a[1] == 201]
+    assert (len(booked) - 1) / (booked[-1] - booked[0]) >= 0.85 * 20
+
+
 async def test_the_users_rate_limit_wins_over_both(
     serve: Callable[[LimitedServer], Awaitable[str]],
 ) -> None:
@@ -585,3 +657,25 @@ def test_a_lone_429_to_a_client_sending_below_its_pace_keeps_the_pace() -> None:
     current = rate.rate_at(11.5)
     assert rate.limited(asked_at=11.45, now=11.5, resume_at=11.6)
     assert rate.ceiling == current
+
+
+def test_a_stated_pace_is_cut_once_per_overshoot_and_climbs_back_no_higher() -> None:
+    stated = StatedRate(20, now=0.0)  # paced at 19/s
+    # Sent within a window of the limit being stated: sent into a window it had not seen.
+    assert not stated.limited(sent_at=0.5, now=0.6, resume_at=0.7, measured=19)
+    # What Klarna let through in the last window is W, when fewer than the pace.
+    assert stated.limited(sent_at=1.8, now=1.9, resume_at=2.5, measured=12)
+    assert 1 / stated.pace.interval == pytest.approx(ADAPTIVE_DECREASE * 12)
+    assert not stated.limited(sent_at=2.6, now=2.7, resume_at=2.8, measured=3)  # the same
+    # On the curve: back at W after ADAPTIVE_RECOVERY, then above it, never above the
+    # stated rate.
+    assert 1 / stated.pace_at(2.5 + ADAPTIVE_RECOVERY).interval == pytest.approx(12)
+    assert 1 / stated.pace_at(60.0).interval == pytest.approx(19)
+    # A pause fell in the last window: its answers undercount, so W is the pace itself.
+    assert stated.limited(sent_at=61.0, now=61.1, resume_at=62.0, measured=19)
+    assert stated.limited(sent_at=62.2, now=62.5, resume_at=62.6, measured=2)
+    assert 1 / stated.pace.interval == pytest.approx(ADAPTIVE_DECREASE**2 * 19)
+    assert stated.cuts == 3
+    # Klarna raises the limit past the pace: it is the pace, the cuts forgotten.
+    stated.state(40, now=63.0)
+    assert 1 / stated.pace_at(63.0).interval == pytest.approx(38)

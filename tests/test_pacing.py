@@ -245,6 +245,12 @@ async def test_a_429_without_retry_after_pauses_until_the_window_resets(
     assert 0.4 in time.waits  # the retry waited for the reset, not a guessed backoff
 
 
+def test_a_429_says_the_limit_it_states() -> None:
+    assert decode_error(429, {"X-Ratelimit-Limit": "20"}, b"").stated_limit == 20.0
+    for odd in ("", "many", "nan", "inf"):
+        assert decode_error(429, {"X-Ratelimit-Limit": odd}, b"").stated_limit is None
+
+
 def test_a_reset_is_seconds_or_a_unix_time() -> None:
     assert reset_after({"X-Ratelimit-Reset": "1.5"}) == 1.5
     assert reset_after({"X-Ratelimit-Reset": "2000000002"}, now=2_000_000_000) == 2.0
