@@ -148,6 +148,18 @@ class Pace:
         self.interval = interval
         self.restart(now)
 
+    def defer(self, until: float) -> None:
+        """Void the slots taken before ``until`` (see :meth:`voided`) and hand out none before
+        it; the slots taken from ``until`` on hold. For a send that left after its slot, held
+        back by another pace: the next keeps its interval after it."""
+        self._held = max(self._held, until)
+        self._next = max(self._next, until)
+
+    def voided(self, slot: float) -> bool:
+        """Whether the slot at ``slot``, taken before, was voided since (by a hold or
+        :meth:`defer`)."""
+        return slot < self._held
+
     def hold(self, until: float) -> None:
         """Void the slots taken (``generation`` tells their holders) and hand out none before
         ``until``: a 429 paused the client, and a slot taken before it would send into the
@@ -844,7 +856,7 @@ class ThrottleMiddleware:
         """Wait for a slot of the batch's pace, then of the client's."""
         why = "waiting for the client's rate limit"
         batch_pace = _batch_pace.get()
-        if batch_pace is not None:
+        while batch_pace is not None:
             now = self._clock()
             wait = batch_pace.peek(now)
             if wait > 0:
@@ -853,10 +865,15 @@ class ThrottleMiddleware:
             if client is not None:  # refused after taking the batch's slot, it would waste it
                 self._check_deadline(request, now, wait + client.peek(now + wait), why)
             wait = batch_pace.delay(now)
-            if wait > 0:
-                await self._sleep(wait)
-                if self.wait_listeners:
-                    self._waited("pace", wait, request)
+            if wait <= 0:
+                break
+            await self._sleep(wait)
+            if self.wait_listeners:
+                self._waited("pace", wait, request)
+            if not batch_pace.voided(now + wait):
+                break
+            # An earlier send of the batch left late, held back by the client's pace, and
+            # voided the slots of the interval after it: take a new one.
         while True:
             now = self._clock()
             pace = self._client_pace(now)  # every call's
@@ -865,6 +882,12 @@ class ThrottleMiddleware:
             wait = self._reserve(pace, request, now, why)
             if wait <= 0:
                 return
+            if batch_pace is not None:
+                # This send leaves after its batch slot: the batch's next one keeps its
+                # interval after it, or the batch's items that queued here behind the
+                # client's other calls would leave together at the client's pace (25 in a
+                # second from a batch limited to 10).
+                batch_pace.defer(now + wait + batch_pace.interval)
             if pace is self._pace:  # the user's rate_limit: the slot holds
                 await self._sleep(wait)
                 if self.wait_listeners:

@@ -162,6 +162,8 @@ class LimitedServer:
         #: (virtual arrival time, status, the client's pace then in requests per second)
         self.arrivals: list[tuple[float, int, float | None]] = []
         self.client_rate: Callable[[], float | None] = lambda: None
+        #: The order id of each arrival.
+        self.orders: list[str] = []
         self._window = -1
         self._used = 0
 
@@ -173,6 +175,7 @@ class LimitedServer:
         self._used += 1
         status = 201 if self._used <= self.limit else 429
         self.arrivals.append((now, status, self.client_rate()))
+        self.orders.append(request.match_info["order"])
         stating = self.stated and (status == 429 or not self.stated_on_429s_only)
         headers = {"X-Ratelimit-Limit": str(self.stated_as)} if stating else {}
         if status == 201:
@@ -657,6 +660,36 @@ def test_a_lone_429_to_a_client_sending_below_its_pace_keeps_the_pace() -> None:
     current = rate.rate_at(11.5)
     assert rate.limited(asked_at=11.45, now=11.5, resume_at=11.6)
     assert rate.ceiling == current
+
+
+async def test_a_batchs_pace_holds_when_the_clients_pace_held_its_items_back(
+    serve: Callable[[LimitedServer], Awaitable[str]],
+) -> None:
+    # A batch limited to 10/s beside 100 single calls on a client limited to 40/s: the
+    # batch's items took their slots, then queued behind the single calls for the client's,
+    # and left together at the client's pace (25 in one second).
+    time = SimulatedTime()
+    server = LimitedServer(time, limit=1000)
+    url = await serve(server)
+
+    async def batch(om: KlarnaOM) -> list[CaptureStatus]:
+        items = [(f"b{i}", CaptureRequest(captured_amount=100)) for i in range(40)]
+        return [o.status async for o in om.capture_many(items, concurrency=64, rate_limit=10)]
+
+    async def singles(om: KlarnaOM) -> None:
+        request = CaptureRequest(captured_amount=100)
+        await asyncio.gather(*(om.captures.create(f"s{i}", request) for i in range(100)))
+
+    async def both() -> list[CaptureStatus]:
+        async with client(url, time, rate_limit=40) as om:
+            statuses, _ = await asyncio.gather(batch(om), singles(om))
+            return statuses
+
+    assert await time.run(both()) == [CaptureStatus.CAPTURED] * 40
+    sent = [a[0] for a in server.arrivals]
+    batch_sent = [t for t, order in zip(sent, server.orders, strict=True) if order[0] == "b"]
+    assert min(gaps(batch_sent)) >= 1 / 10 - 1e-9
+    assert min(gaps(sent)) >= 1 / 40 - 1e-9  # and the client's pace held too
 
 
 def test_a_stated_pace_is_cut_once_per_overshoot_and_climbs_back_no_higher() -> None:
