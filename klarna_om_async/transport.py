@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections import deque
 from collections.abc import Awaitable, Callable
 
 import aiohttp
@@ -90,25 +91,49 @@ class _Slots:
     aiohttp's connector makes a request wait for a free pooled connection inside the
     request, where any timeout around it counts the wait. Attempts queue here instead, before
     their clock starts, so a long queue never times out an attempt that never reached Klarna.
+    First come, first served: a released slot goes straight to the longest waiting attempt.
     """
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._semaphore = asyncio.Semaphore(size)
+        self._free = size
+        self._waiters: deque[asyncio.Future[None]] = deque()
 
     def grow(self, size: int) -> None:
         """Allow ``size`` attempts at once if that is more than now."""
         for _ in range(size - self.size):
-            self._semaphore.release()  # an unbounded Semaphore: each release adds a slot
+            self.release()  # each release adds a slot (or hands one to a waiter)
         self.size = max(self.size, size)
 
-    async def acquire(self) -> None:
-        """Wait for a free slot."""
-        await self._semaphore.acquire()
+    def acquire(self) -> Awaitable[None] | None:
+        """Take a slot: None when one is free (no coroutine for the common case, as
+        ``asyncio.Semaphore.acquire`` would cost two), else an awaitable that waits for one."""
+        if self._free and not self._waiters:
+            self._free -= 1
+            return None
+        return self._wait()
+
+    async def _wait(self) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # handed a slot as it was cancelled: the next one takes it
+            elif waiter in self._waiters:  # (a release may have dropped it, cancelled, already)
+                self._waiters.remove(waiter)
+            raise
 
     def release(self) -> None:
-        """Give the slot back."""
-        self._semaphore.release()
+        """Give the slot back (to the first attempt waiting for one, if any)."""
+        waiters = self._waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self._free += 1
 
 
 def _reason(error: OSError) -> str:
@@ -156,7 +181,9 @@ class AiohttpTransport:
         """
         slots = self.slots
         if slots is not None:
-            await slots.acquire()
+            waiting = slots.acquire()
+            if waiting is not None:
+                await waiting
         try:
             if self._before_send is not None:
                 waiting = self._before_send(request)
