@@ -25,7 +25,7 @@ from klarna_om_async import (
 )
 from klarna_om_async.middleware import Handler
 from klarna_om_async.testing import Delay, DropConnection, FakeKlarna, InstantSleep
-from klarna_om_async.transport import AiohttpTransport
+from klarna_om_async.transport import AiohttpTransport, _Slots
 
 
 @pytest.fixture
@@ -351,3 +351,35 @@ async def test_an_attempt_that_got_its_connection_after_its_deadline_is_not_sent
     assert not caught.value.outcome_unknown
     assert caught.value.idempotency_key is not None
     assert om.rate_limited_count == 0  # no 429 from Klarna, and no pause
+
+
+async def test_connection_slots_go_in_turn_and_a_cancelled_waiter_passes_its_slot_on() -> None:
+    slots = _Slots(1)
+    assert slots.acquire() is None  # a free slot is taken at once
+    got: list[str] = []
+
+    async def attempt(name: str) -> None:
+        waiting = slots.acquire()
+        assert waiting is not None
+        await waiting
+        got.append(name)
+
+    a, b, c, d = (asyncio.ensure_future(attempt(name)) for name in "abcd")
+    await asyncio.sleep(0)  # all four queue, in this order
+    b.cancel()  # gives up while queued: never holds a slot
+    slots.release()  # to "a"
+    await asyncio.sleep(0)
+    assert got == ["a"]
+    slots.release()  # to "c" ("b" is gone) ...
+    c.cancel()  # ... which is cancelled before it runs: "d" takes the slot instead
+    await asyncio.gather(a, b, c, d, return_exceptions=True)
+    assert got == ["a", "d"]
+    assert b.cancelled() and c.cancelled()
+    slots.release()  # "d" done: the slot is free again, once
+    assert slots.acquire() is None
+    e = asyncio.ensure_future(attempt("e"))
+    await asyncio.sleep(0)
+    assert not e.done()  # queued: no second slot appeared
+    e.cancel()
+    await asyncio.gather(e, return_exceptions=True)
+    assert got == ["a", "d"]
