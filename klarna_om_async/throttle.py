@@ -155,6 +155,11 @@ class Pace:
         self._held = max(self._held, until)
         self._next = max(self._next, until)
 
+    def queued(self, slot: float) -> bool:
+        """Whether the slot at ``slot``, just taken ahead of now, waits behind another send
+        on this grid (not only for the end of a hold)."""
+        return slot > self._held
+
     def voided(self, slot: float) -> bool:
         """Whether the slot at ``slot``, taken before, was voided since (by a hold or
         :meth:`defer`)."""
@@ -404,16 +409,22 @@ class StatedRate:
     Paced at ``LEARNED_SHARE`` of the stated limit. The limit is the merchant's, not this
     client's: two workers (or a web service and a batch) each pacing at it send twice what
     Klarna lets through, and a limit stated wrong is never corrected by the headers. So a 429
-    to a request sent at the stated pace cuts the pace to ``ADAPTIVE_DECREASE`` of ``W``: the
-    pace it had, or the answers other than 429 of the last ``ADAPTIVE_WINDOW`` if fewer and no
-    pause fell in it (what Klarna let through). One cut per window: the 429s to requests sent
-    within a window after a cut belong to the overshoot it answered. From the
-    end of the 429's pause it climbs back on ``AdaptiveRate``'s curve (flat just under ``W``,
-    then probing above it), up to the stated rate: clients that share one quota and do the
-    same settle under it, each meeting a 429 seconds apart rather than every second.
+    to a client sending at its pace (the refused request waited for its slot, or the last
+    ``ADAPTIVE_WINDOW`` had at least ``ADAPTIVE_PACE_BOUND`` of the pace in answers) cuts the
+    pace to ``ADAPTIVE_DECREASE`` of ``W``: what got through in that window, when no pause
+    longer than ``ADAPTIVE_PROBE`` fell in it and it was less than the pace; else the pace
+    itself. A 429 to a client sending far below its pace (a web service's call; another
+    client used the quota up) tells nothing of the limit: its pause is the slowdown. One cut
+    per window: the 429s to requests sent within a window after a cut belong to the
+    overshoot it answered. From the end of the 429's pause the pace climbs back on
+    ``AdaptiveRate``'s curve (flat just under ``W``, then probing above it), up to the
+    stated rate, or back to it at once on reaching ``ADAPTIVE_FORGET * W`` (about 12.6 s
+    without a 429): clients that share one quota and do the same settle under it, each
+    meeting a 429 seconds apart rather than every second. One cut at most halves ``W``.
 
-    A limit stated anew below the pace, or more than ``ADAPTIVE_REGRID`` above it (Klarna
-    raised it), is the pace from then on: the cuts are forgotten.
+    A limit stated anew below the pace is the pace from then on. Otherwise it only moves
+    the stated rate the pace climbs to, or, with no cut to climb back from, re-spaces the
+    pace when it is more than ``ADAPTIVE_REGRID`` above it (Klarna raised the limit).
     """
 
     def __init__(self, limit: float, now: float) -> None:
@@ -425,7 +436,9 @@ class StatedRate:
         #: How many times a 429 cut the pace.
         self.cuts = 0
         self._stated = rate  # the pace without cuts
-        self._ceiling = rate  # W: the pace a 429 answered (climbing while under _stated)
+        self._ceiling = rate  # W: the pace a 429 answered
+        self._climbing = False  # back up to _stated, from a cut
+        self._cut_rate = rate  # the pace the last cut set: the climb starts there
         self._grid_rate = rate  # the rate the grid was last laid at (ADAPTIVE_REGRID)
         # The pace was set then: requests sent before a second after it were sent into a
         # window the setting had not seen (the 429s of the opening, say).
@@ -439,29 +452,54 @@ class StatedRate:
         self.limit = limit
         rate = min(limit * LEARNED_SHARE, MAX_RATE_LIMIT)
         current = 1.0 / self.pace.interval
-        if rate < current or rate > ADAPTIVE_REGRID * current:
-            # A lowered limit slower than the pace, or a limit raised far past it: the same
-            # grid, re-spaced (a new one would give its first slot at once, and the slots
-            # taken on the old spacing would all be kept). Not for a limit raised a little:
-            # one stated as 20, 21, 20, ... would re-space it at every answer.
+        if rate < current or (not self._climbing and rate > ADAPTIVE_REGRID * current):
+            # A lowered limit slower than the pace, or a limit raised far past an uncut
+            # pace: the same grid, re-spaced (a new one would give its first slot at once,
+            # and the slots taken on the old spacing would all be kept). Not for a limit
+            # raised a little: one stated as 20, 21, 20, ... would re-space it at every
+            # answer.
             self._stated = self._ceiling = self._grid_rate = rate
+            self._climbing = False
             self.pace.respace(rate, now)
-        elif rate < self._stated:
-            self._stated = rate  # lowered, yet above a cut pace: it climbs no higher
+        elif self._climbing:
+            # The pace climbs to it, as the cuts allow: a restated limit is no news of
+            # the quota the merchant's other clients use (two workers, stated 20 and 19 in
+            # turn, would otherwise undo each other's cuts at every answer).
+            self._stated = rate
 
-    def limited(self, sent_at: float, now: float, resume_at: float, measured: int) -> bool:
-        """Cut the pace after a 429 to a request sent at ``sent_at`` (``resume_at``: when the
-        pause it imposed ends; ``measured``: the answers other than 429 in the last window);
-        False when that 429 belongs to the last cut's overshoot."""
+    def limited(
+        self,
+        *,
+        sent_at: float,
+        now: float,
+        resume_at: float,
+        paused_until: float,
+        measured: int,
+        paced: bool,
+    ) -> bool:
+        """Cut the pace after a 429 to a request sent at ``sent_at``: ``resume_at`` is when
+        the pause it imposed ends, ``paused_until`` the end of the last pause longer than a
+        probe's before it,
+        ``measured`` the answers other than 429 of the last window, ``paced`` whether the
+        pace held the refused request back. False (no cut) when the 429 belongs to the last
+        cut's overshoot, or came to a client sending far below its pace."""
         if sent_at <= self._set_at + ADAPTIVE_WINDOW:
             return False
         current = 1.0 / self.pace.interval
-        if now - ADAPTIVE_WINDOW >= self._since and measured:  # no pause in the window
-            current = min(current, float(measured))
-        self._ceiling = current
-        self._grid_rate = max(ADAPTIVE_DECREASE * self._ceiling, MIN_ADAPTIVE_RATE)
+        if not paced and measured < ADAPTIVE_PACE_BOUND * current:
+            return False
+        ceiling = current
+        if now - ADAPTIVE_WINDOW >= paused_until and measured:
+            # No pause undercounts it; at most halved by one 429 (two requests that met in
+            # a pace slot now and then do not make a web service's calls the limit).
+            ceiling = max(min(ceiling, float(measured)), ADAPTIVE_PACE_BOUND * current)
+        self._ceiling = max(ceiling, MIN_ADAPTIVE_RATE)
+        # Never faster than it was (a limit of 1/s is paced at 0.95/s, under the floor).
+        self._grid_rate = min(max(ADAPTIVE_DECREASE * self._ceiling, MIN_ADAPTIVE_RATE), current)
+        self._cut_rate = self._grid_rate
         self._set_at = now
         self._since = max(now, resume_at)
+        self._climbing = True
         self.cuts += 1
         self.pace.respace(self._grid_rate, now)
         return True
@@ -469,10 +507,12 @@ class StatedRate:
     def pace_at(self, now: float) -> Pace:
         """The pace with its interval moved along the climb to ``now``."""
         pace = self.pace
-        if self._ceiling < self._stated:
-            rate = min(_climb(self._ceiling, self._since, now), self._stated)
-            if rate >= self._stated:
-                self._ceiling = rate  # back at the stated rate: no more climbing to compute
+        if self._climbing:
+            climbed = max(_climb(self._ceiling, self._since, now), self._cut_rate)
+            if climbed > ADAPTIVE_FORGET * self._ceiling:
+                climbed = self._stated  # no 429 for seconds: the cuts are forgotten
+            rate = min(climbed, self._stated)
+            self._climbing = rate < self._stated
             pace.interval = 1.0 / rate
             if rate >= ADAPTIVE_REGRID * self._grid_rate:
                 self._grid_rate = rate
@@ -629,6 +669,7 @@ class ThrottleMiddleware:
         self._max_pause = max_pause
         self._base_url = base_url
         self._resume_at = 0.0
+        self._paused_until = -math.inf  # the end of the last pause longer than a probe
         #: Called after every wait this middleware imposes (``WaitListener``); empty costs
         #: nothing. ``klarna_om_async.telemetry.instrument`` adds one.
         self.wait_listeners: list[WaitListener] = []
@@ -680,8 +721,9 @@ class ThrottleMiddleware:
             # decision, "earlier than any" (-inf) says the same without reading the clock.
             asked_at = self._clock() if learning and adaptive.decided_at > -math.inf else -math.inf
             # The paces come after the pause, so requests released together leave one by one.
+            paced = False
             if self._pace or stated or adaptive.pace or _batch_pace.get() is not None:
-                await self._take_slots(request)
+                paced = await self._take_slots(request)
             # When it left, for telling a 429 to the stated pace from one sent before it.
             sent_at = self._clock() if stated is not None else -math.inf
             try:
@@ -689,7 +731,7 @@ class ThrottleMiddleware:
             except ThrottleRefusal:
                 raise  # refused by `recheck`: Klarna saw nothing
             except RateLimitError as error:
-                self._rate_limited(error, asked_at, sent_at, request)
+                self._rate_limited(error, asked_at, sent_at, paced, request)
                 raise
             except KlarnaAPIError:
                 if learning or stated is not None:
@@ -725,10 +767,16 @@ class ThrottleMiddleware:
             )
 
     def _rate_limited(
-        self, error: RateLimitError, asked_at: float, sent_at: float, request: Request
+        self,
+        error: RateLimitError,
+        asked_at: float,
+        sent_at: float,
+        paced: bool,
+        request: Request,
     ) -> None:
         """Pause the client after a 429 and lower its pace: the stated one (learning it from
-        the 429's headers if none was), else the learned one."""
+        the 429's headers if none was), else the learned one. ``paced``: the client's pace
+        held the refused request back."""
         self.rate_limited_count += 1
         now = self._clock()
         if error.stated_limit is not None and self._pace is None:
@@ -748,8 +796,10 @@ class ThrottleMiddleware:
             # pause is the slowdown.
             probe = (learning or stated is not None) and self.adaptive.measured(now)
             pause = ADAPTIVE_PROBE if probe else DEFAULT_RATE_LIMIT_PAUSE
+        paused_until = self._paused_until  # the end of the last pause before this 429
         if pause > 0:
             self._resume_at = max(self._resume_at, now + min(pause, self._max_pause))
+            self._paused(now)
         if learning and self.adaptive.limited(asked_at, now, self._resume_at):
             ceiling = self.adaptive.ceiling
             logger.debug(
@@ -763,8 +813,14 @@ class ThrottleMiddleware:
                     "ceiling": ceiling,
                 },
             )
-        measured = self.adaptive.measured(now) if stated is not None else 0
-        if stated is not None and stated.limited(sent_at, now, self._resume_at, measured):
+        if stated is not None and stated.limited(
+            sent_at=sent_at,
+            now=now,
+            resume_at=self._resume_at,
+            paused_until=paused_until,
+            measured=self.adaptive.measured(now),
+            paced=paced,
+        ):
             logger.debug(
                 "Klarna answered 429 under its stated limit of %g requests/s: pacing this"
                 " client at %.1f requests/s",
@@ -823,6 +879,13 @@ class ThrottleMiddleware:
         )
         logger.info(message, *args, extra=fields)
 
+    def _paused(self, now: float) -> None:
+        """Note the pause set at ``now``: one longer than a probe's leaves the client's
+        answers of the window it falls in too few to measure the limit by (a probe's comes
+        only while Klarna's window is full anyway)."""
+        if self._resume_at > now + ADAPTIVE_PROBE:
+            self._paused_until = max(self._paused_until, self._resume_at)
+
     def _end_slow_start(self) -> None:
         if self.slow_start is not None:
             self.slow_start.end()
@@ -852,8 +915,10 @@ class ThrottleMiddleware:
             self._check_deadline(request, now, wait, why)
         return pace.delay(now)
 
-    async def _take_slots(self, request: Request) -> None:
-        """Wait for a slot of the batch's pace, then of the client's."""
+    async def _take_slots(self, request: Request) -> bool:
+        """Wait for a slot of the batch's pace, then of the client's; whether the client's
+        held the request back (the client sends as fast as its pace allows)."""
+        paced = False
         why = "waiting for the client's rate limit"
         batch_pace = _batch_pace.get()
         while batch_pace is not None:
@@ -878,10 +943,11 @@ class ThrottleMiddleware:
             now = self._clock()
             pace = self._client_pace(now)  # every call's
             if pace is None:
-                return
+                return paced
             wait = self._reserve(pace, request, now, why)
             if wait <= 0:
-                return
+                return paced
+            paced = paced or pace.queued(now + wait)
             if batch_pace is not None:
                 # This send leaves after its batch slot: the batch's next one keeps its
                 # interval after it, or the batch's items that queued here behind the
@@ -892,7 +958,7 @@ class ThrottleMiddleware:
                 await self._sleep(wait)
                 if self.wait_listeners:
                     self._waited("pace", wait, request)
-                return
+                return paced
             # A learned grid may be laid anew while this request sleeps (a 429 lowered the
             # pace, or it climbed; Klarna stated another limit) or forgotten: its slot is then
             # void. Wake in steps to see.
@@ -910,7 +976,7 @@ class ThrottleMiddleware:
                 if left <= 0:
                     if self.wait_listeners:
                         self._waited("pace", wait, request)
-                    return
+                    return paced
 
     def _client_pace(self, now: float) -> Pace | None:
         """The client's pace at ``now``: the user's, else the stated one, else the learned."""
@@ -960,6 +1026,7 @@ class ThrottleMiddleware:
         if remaining is not None and remaining <= 0 and reset is not None:
             pause = min(reset, self._max_pause)
             self._resume_at = max(self._resume_at, self._clock() + pause)
+            self._paused(self._clock())
 
     def _learn_limit(self, limit: float) -> None:
         """Pace at ``limit`` (requests per second, as Klarna counts), which Klarna stated."""

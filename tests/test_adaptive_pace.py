@@ -694,21 +694,60 @@ async def test_a_batchs_pace_holds_when_the_clients_pace_held_its_items_back(
 
 def test_a_stated_pace_is_cut_once_per_overshoot_and_climbs_back_no_higher() -> None:
     stated = StatedRate(20, now=0.0)  # paced at 19/s
+
+    def limited(
+        sent_at: float, measured: int, paced: bool = True, paused_until: float = 0.0
+    ) -> bool:
+        now = sent_at + 0.1
+        return stated.limited(
+            sent_at=sent_at,
+            now=now,
+            resume_at=now + 0.1,
+            paused_until=paused_until,
+            measured=measured,
+            paced=paced,
+        )
+
+    def pace() -> float:
+        return 1 / stated.pace.interval
+
     # Sent within a window of the limit being stated: sent into a window it had not seen.
-    assert not stated.limited(sent_at=0.5, now=0.6, resume_at=0.7, measured=19)
+    assert not limited(sent_at=0.5, measured=19)
     # What Klarna let through in the last window is W, when fewer than the pace.
-    assert stated.limited(sent_at=1.8, now=1.9, resume_at=2.5, measured=12)
-    assert 1 / stated.pace.interval == pytest.approx(ADAPTIVE_DECREASE * 12)
-    assert not stated.limited(sent_at=2.6, now=2.7, resume_at=2.8, measured=3)  # the same
+    assert limited(sent_at=1.8, measured=12)
+    assert pace() == pytest.approx(ADAPTIVE_DECREASE * 12)
+    assert not limited(sent_at=2.6, measured=3)  # the same overshoot
     # On the curve: back at W after ADAPTIVE_RECOVERY, then above it, never above the
     # stated rate.
-    assert 1 / stated.pace_at(2.5 + ADAPTIVE_RECOVERY).interval == pytest.approx(12)
+    assert 1 / stated.pace_at(2.0 + ADAPTIVE_RECOVERY).interval == pytest.approx(12)
     assert 1 / stated.pace_at(60.0).interval == pytest.approx(19)
     # A pause fell in the last window: its answers undercount, so W is the pace itself.
-    assert stated.limited(sent_at=61.0, now=61.1, resume_at=62.0, measured=19)
-    assert stated.limited(sent_at=62.2, now=62.5, resume_at=62.6, measured=2)
-    assert 1 / stated.pace.interval == pytest.approx(ADAPTIVE_DECREASE**2 * 19)
-    assert stated.cuts == 3
-    # Klarna raises the limit past the pace: it is the pace, the cuts forgotten.
-    stated.state(40, now=63.0)
-    assert 1 / stated.pace_at(63.0).interval == pytest.approx(38)
+    assert limited(sent_at=61.0, measured=2, paused_until=60.8)
+    assert pace() == pytest.approx(ADAPTIVE_DECREASE * 19)
+    # Klarna states the limit anew while the pace climbs back: the cut stands.
+    stated.state(21, now=61.5)
+    stated.state(20, now=61.6)
+    assert pace() == pytest.approx(ADAPTIVE_DECREASE * 19)
+    # A web service's call, sent far below the pace and not held back by it: its 429s
+    # (another client used the quota up) tell nothing of the limit, however many.
+    for second in range(100, 130):
+        assert not limited(sent_at=float(second), measured=1, paced=False)
+    assert 1 / stated.pace_at(130.0).interval == pytest.approx(19)
+    assert stated.cuts == 2
+    # Klarna lowers the limit under the pace: it is the pace.
+    stated.state(10, now=131.0)
+    assert 1 / stated.pace_at(131.0).interval == pytest.approx(9.5)
+
+
+def test_a_stated_pace_never_falls_under_the_floor_nor_rises_by_a_cut() -> None:
+    stated = StatedRate(1, now=0.0)  # paced at 0.95/s, under MIN_ADAPTIVE_RATE
+    for second in range(2, 40, 2):
+        stated.limited(
+            sent_at=float(second),
+            now=second + 0.1,
+            resume_at=second + 1.1,
+            paused_until=0.0,
+            measured=0,
+            paced=True,
+        )
+        assert 1 / stated.pace_at(second + 0.1).interval == pytest.approx(0.95)

@@ -374,7 +374,8 @@ async def test_connection_slots_go_in_turn_and_a_cancelled_waiter_passes_its_slo
     c.cancel()  # ... which is cancelled before it runs: "d" takes the slot instead
     await asyncio.gather(a, b, c, d, return_exceptions=True)
     assert got == ["a", "d"]
-    assert b.cancelled() and c.cancelled()
+    assert b.cancelled()
+    assert c.cancelled()
     slots.release()  # "d" done: the slot is free again, once
     assert slots.acquire() is None
     e = asyncio.ensure_future(attempt("e"))
