@@ -155,10 +155,10 @@ class Pace:
         self._held = max(self._held, until)
         self._next = max(self._next, until)
 
-    def queued(self, slot: float) -> bool:
-        """Whether the slot at ``slot``, just taken ahead of now, waits behind another send
-        on this grid (not only for the end of a hold)."""
-        return slot > self._held
+    def backlog(self, now: float) -> float:
+        """How many slots are taken ahead of ``now`` (after any hold): requests waiting for
+        their turn on this grid."""
+        return max(self._next - max(now, self._held), 0.0) / self.interval
 
     def voided(self, slot: float) -> bool:
         """Whether the slot at ``slot``, taken before, was voided since (by a hold or
@@ -403,14 +403,21 @@ class AdaptiveRate:
         return pace
 
 
+#: ``StatedRate``: requests waiting for their turn on the pace that say the client sends as
+#: fast as its pace lets it (a web service's call and its retry meet in one slot now and
+#: then: that is no queue).
+STATED_BACKLOG = 2.0
+
+
 class StatedRate:
     """The client's pace at a limit Klarna states (``X-Ratelimit-Limit``), cut by 429s.
 
     Paced at ``LEARNED_SHARE`` of the stated limit. The limit is the merchant's, not this
     client's: two workers (or a web service and a batch) each pacing at it send twice what
     Klarna lets through, and a limit stated wrong is never corrected by the headers. So a 429
-    to a client sending at its pace (the refused request waited for its slot, or the last
-    ``ADAPTIVE_WINDOW`` had at least ``ADAPTIVE_PACE_BOUND`` of the pace in answers) cuts the
+    to a client sending at its pace (``STATED_BACKLOG`` requests or more wait for their turn
+    on it, or the last ``ADAPTIVE_WINDOW`` had at least ``ADAPTIVE_PACE_BOUND`` of the pace
+    in answers) cuts the
     pace to ``ADAPTIVE_DECREASE`` of ``W``: what got through in that window, when no pause
     longer than ``ADAPTIVE_PROBE`` fell in it and it was less than the pace; else the pace
     itself. A 429 to a client sending far below its pace (a web service's call; another
@@ -475,18 +482,19 @@ class StatedRate:
         resume_at: float,
         paused_until: float,
         measured: int,
-        paced: bool,
+        backlog: float,
     ) -> bool:
         """Cut the pace after a 429 to a request sent at ``sent_at``: ``resume_at`` is when
         the pause it imposed ends, ``paused_until`` the end of the last pause longer than a
         probe's before it,
-        ``measured`` the answers other than 429 of the last window, ``paced`` whether the
-        pace held the refused request back. False (no cut) when the 429 belongs to the last
-        cut's overshoot, or came to a client sending far below its pace."""
+        ``measured`` the answers other than 429 of the last window, ``backlog`` the requests
+        waiting for their turn on the pace (``Pace.backlog``). False (no cut) when the 429
+        belongs to the last cut's overshoot, or came to a client sending far below its
+        pace."""
         if sent_at <= self._set_at + ADAPTIVE_WINDOW:
             return False
         current = 1.0 / self.pace.interval
-        if not paced and measured < ADAPTIVE_PACE_BOUND * current:
+        if backlog < STATED_BACKLOG and measured < ADAPTIVE_PACE_BOUND * current:
             return False
         ceiling = current
         if now - ADAPTIVE_WINDOW >= paused_until and measured:
@@ -721,9 +729,8 @@ class ThrottleMiddleware:
             # decision, "earlier than any" (-inf) says the same without reading the clock.
             asked_at = self._clock() if learning and adaptive.decided_at > -math.inf else -math.inf
             # The paces come after the pause, so requests released together leave one by one.
-            paced = False
             if self._pace or stated or adaptive.pace or _batch_pace.get() is not None:
-                paced = await self._take_slots(request)
+                await self._take_slots(request)
             # When it left, for telling a 429 to the stated pace from one sent before it.
             sent_at = self._clock() if stated is not None else -math.inf
             try:
@@ -731,7 +738,7 @@ class ThrottleMiddleware:
             except ThrottleRefusal:
                 raise  # refused by `recheck`: Klarna saw nothing
             except RateLimitError as error:
-                self._rate_limited(error, asked_at, sent_at, paced, request)
+                self._rate_limited(error, asked_at, sent_at, request)
                 raise
             except KlarnaAPIError:
                 if learning or stated is not None:
@@ -767,16 +774,10 @@ class ThrottleMiddleware:
             )
 
     def _rate_limited(
-        self,
-        error: RateLimitError,
-        asked_at: float,
-        sent_at: float,
-        paced: bool,
-        request: Request,
+        self, error: RateLimitError, asked_at: float, sent_at: float, request: Request
     ) -> None:
         """Pause the client after a 429 and lower its pace: the stated one (learning it from
-        the 429's headers if none was), else the learned one. ``paced``: the client's pace
-        held the refused request back."""
+        the 429's headers if none was), else the learned one."""
         self.rate_limited_count += 1
         now = self._clock()
         if error.stated_limit is not None and self._pace is None:
@@ -819,7 +820,7 @@ class ThrottleMiddleware:
             resume_at=self._resume_at,
             paused_until=paused_until,
             measured=self.adaptive.measured(now),
-            paced=paced,
+            backlog=stated.pace.backlog(now),
         ):
             logger.debug(
                 "Klarna answered 429 under its stated limit of %g requests/s: pacing this"
@@ -915,10 +916,8 @@ class ThrottleMiddleware:
             self._check_deadline(request, now, wait, why)
         return pace.delay(now)
 
-    async def _take_slots(self, request: Request) -> bool:
-        """Wait for a slot of the batch's pace, then of the client's; whether the client's
-        held the request back (the client sends as fast as its pace allows)."""
-        paced = False
+    async def _take_slots(self, request: Request) -> None:
+        """Wait for a slot of the batch's pace, then of the client's."""
         why = "waiting for the client's rate limit"
         batch_pace = _batch_pace.get()
         while batch_pace is not None:
@@ -943,11 +942,10 @@ class ThrottleMiddleware:
             now = self._clock()
             pace = self._client_pace(now)  # every call's
             if pace is None:
-                return paced
+                return
             wait = self._reserve(pace, request, now, why)
             if wait <= 0:
-                return paced
-            paced = paced or pace.queued(now + wait)
+                return
             if batch_pace is not None:
                 # This send leaves after its batch slot: the batch's next one keeps its
                 # interval after it, or the batch's items that queued here behind the
@@ -958,7 +956,7 @@ class ThrottleMiddleware:
                 await self._sleep(wait)
                 if self.wait_listeners:
                     self._waited("pace", wait, request)
-                return paced
+                return
             # A learned grid may be laid anew while this request sleeps (a 429 lowered the
             # pace, or it climbed; Klarna stated another limit) or forgotten: its slot is then
             # void. Wake in steps to see.
@@ -976,7 +974,7 @@ class ThrottleMiddleware:
                 if left <= 0:
                     if self.wait_listeners:
                         self._waited("pace", wait, request)
-                    return paced
+                    return
 
     def _client_pace(self, now: float) -> Pace | None:
         """The client's pace at ``now``: the user's, else the stated one, else the learned."""

@@ -696,7 +696,7 @@ def test_a_stated_pace_is_cut_once_per_overshoot_and_climbs_back_no_higher() -> 
     stated = StatedRate(20, now=0.0)  # paced at 19/s
 
     def limited(
-        sent_at: float, measured: int, paced: bool = True, paused_until: float = 0.0
+        sent_at: float, measured: int, backlog: float = 5.0, paused_until: float = 0.0
     ) -> bool:
         now = sent_at + 0.1
         return stated.limited(
@@ -705,7 +705,7 @@ def test_a_stated_pace_is_cut_once_per_overshoot_and_climbs_back_no_higher() -> 
             resume_at=now + 0.1,
             paused_until=paused_until,
             measured=measured,
-            paced=paced,
+            backlog=backlog,
         )
 
     def pace() -> float:
@@ -728,10 +728,11 @@ def test_a_stated_pace_is_cut_once_per_overshoot_and_climbs_back_no_higher() -> 
     stated.state(21, now=61.5)
     stated.state(20, now=61.6)
     assert pace() == pytest.approx(ADAPTIVE_DECREASE * 19)
-    # A web service's call, sent far below the pace and not held back by it: its 429s
-    # (another client used the quota up) tell nothing of the limit, however many.
+    # A web service's call, sent far below the pace, no queue on it (its retry may meet
+    # the next call in one slot): its 429s (another client used the quota up) tell nothing
+    # of the limit, however many.
     for second in range(100, 130):
-        assert not limited(sent_at=float(second), measured=1, paced=False)
+        assert not limited(sent_at=float(second), measured=1, backlog=1.0)
     assert 1 / stated.pace_at(130.0).interval == pytest.approx(19)
     assert stated.cuts == 2
     # Klarna lowers the limit under the pace: it is the pace.
@@ -748,6 +749,6 @@ def test_a_stated_pace_never_falls_under_the_floor_nor_rises_by_a_cut() -> None:
             resume_at=second + 1.1,
             paused_until=0.0,
             measured=0,
-            paced=True,
+            backlog=5.0,
         )
         assert 1 / stated.pace_at(second + 0.1).interval == pytest.approx(0.95)

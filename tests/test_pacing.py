@@ -68,6 +68,27 @@ def test_slots_lie_on_a_fixed_grid_taken_when_asked() -> None:
     assert pace.delay(5.0) == pytest.approx(0.1)
 
 
+def test_a_grid_counts_the_requests_waiting_their_turn_after_any_hold() -> None:
+    pace = Pace(10)
+    for _ in range(4):
+        pace.delay(0.0)  # slots 0, 0.1, 0.2, 0.3: three wait
+    assert pace.backlog(0.0) == pytest.approx(4)
+    assert pace.backlog(0.25) == pytest.approx(1.5)
+    pace.hold(2.0)  # a 429's pause: no slot before 2.0 is no queue
+    assert pace.backlog(0.5) == 0.0
+    pace.delay(0.5)
+    pace.delay(0.5)  # 2.0 and 2.1
+    assert pace.backlog(0.5) == pytest.approx(2)
+
+
+def test_a_deferred_grid_voids_only_the_slots_before_the_late_send() -> None:
+    pace = Pace(10)
+    slots = [pace.delay(0.0) for _ in range(6)]  # 0 ... 0.5
+    pace.defer(0.3)  # a send that left at 0.2, held back by another pace
+    assert [pace.voided(slot) for slot in slots] == [True, True, True, False, False, False]
+    assert pace.delay(0.0) == pytest.approx(0.6)  # new slots after those that hold
+
+
 def test_a_restarted_grid_voids_the_slots_handed_out_beyond_now() -> None:
     pace = Pace(10)
     assert [pace.delay(0.0) for _ in range(3)] == pytest.approx([0.0, 0.1, 0.2])
