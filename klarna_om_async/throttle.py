@@ -636,10 +636,11 @@ class ThrottleMiddleware:
     (``retry_after`` = the pause left; not an unknown outcome by itself), which the retry
     loop gives up with. ``base_url`` only completes the URL such an error reports.
 
-    Without ``pace`` (the user's ``rate_limit``) and without a limit stated in
-    ``X-Ratelimit-Limit``, a 429 gives the client a pace learned from the rate Klarna let
-    through (``AdaptiveRate``): the requests the pause held back then leave on that grid, one
-    by one. When the last second let answers through, a 429 without a wait (no
+    Without ``pace`` (the user's ``rate_limit``), a limit stated in ``X-Ratelimit-Limit`` (on
+    any answer, 429s included) paces the client, and 429s that come anyway cut that pace
+    (``StatedRate``). Without either, a 429 gives the client a pace learned from the rate
+    Klarna let through (``AdaptiveRate``): the requests the pause held back then leave on
+    that grid, one by one. When the last second let answers through, a 429 without a wait (no
     ``Retry-After``, ``Retry-After: 0``, a date gone by) lowers that pace and pauses the
     client only ``ADAPTIVE_PROBE`` (0.1 s): the lower pace is the slowdown, and the short
     pause probes Klarna's full window with one request at a time instead of the full pace.
@@ -688,7 +689,8 @@ class ThrottleMiddleware:
     @property
     def rate(self) -> float | None:
         """Attempts per second the client's pace allows now (the user's ``rate_limit``, else
-        95% of a limit Klarna stated, else the one learned from 429s); None: no pace."""
+        95% of a limit Klarna stated, as 429s cut it, else the one learned from 429s); None:
+        no pace."""
         if self._pace is not None:
             return 1.0 / self._pace.interval
         if self.stated is not None:
