@@ -311,6 +311,11 @@ class AdaptiveRate:
             if self.pace is None:  # the first 429 came before any answer: now there is one
                 self._lay(self.ceiling, now)
 
+    def refused(self, now: float) -> int:
+        """Note a 429 at ``now`` (outside :meth:`limited`); the 429s of the last window."""
+        self._refusals.append(now)
+        return _within(self._refusals, now)
+
     def limited(self, asked_at: float, now: float, resume_at: float) -> bool:
         """Lower the pace after a 429 (``resume_at``: when the pause it imposed ends).
 
@@ -407,6 +412,11 @@ class AdaptiveRate:
 #: fast as its pace lets it (a web service's call and its retry meet in one slot now and
 #: then: that is no queue).
 STATED_BACKLOG = 2.0
+#: ``StatedRate``: 429s in the last window that say the client's own sends overshoot the
+#: limit, whatever its pace (a batch whose concurrency keeps it under the pace, beside
+#: another worker); a web service's call and its retries meet fewer. (5 left two to four
+#: such workers at 429s for ever, and spared a web service refused half the time little.)
+STATED_REFUSALS = 3
 
 
 class StatedRate:
@@ -417,11 +427,12 @@ class StatedRate:
     Klarna lets through, and a limit stated wrong is never corrected by the headers. So a 429
     to a client sending at its pace (``STATED_BACKLOG`` requests or more wait for their turn
     on it, or the last ``ADAPTIVE_WINDOW`` had at least ``ADAPTIVE_PACE_BOUND`` of the pace
-    in answers) cuts the
+    in answers), or meeting ``STATED_REFUSALS`` 429s or more in that window (its own sends
+    overshoot, though its concurrency keeps it under the pace), cuts the
     pace to ``ADAPTIVE_DECREASE`` of ``W``: what got through in that window, when no pause
     longer than ``ADAPTIVE_PROBE`` fell in it and it was less than the pace; else the pace
-    itself. A 429 to a client sending far below its pace (a web service's call; another
-    client used the quota up) tells nothing of the limit: its pause is the slowdown. One cut
+    itself. A lone 429 to a client sending far below its pace (a web service's call;
+    another client used the quota up) tells nothing of the limit: its pause is the slowdown. One cut
     per window: the 429s to requests sent within a window after a cut belong to the
     overshoot it answered. From the end of the 429's pause the pace climbs back on
     ``AdaptiveRate``'s curve (flat just under ``W``, then probing above it), up to the
@@ -483,18 +494,20 @@ class StatedRate:
         paused_until: float,
         measured: int,
         backlog: float,
+        refused: int,
     ) -> bool:
         """Cut the pace after a 429 to a request sent at ``sent_at``: ``resume_at`` is when
         the pause it imposed ends, ``paused_until`` the end of the last pause longer than a
         probe's before it,
         ``measured`` the answers other than 429 of the last window, ``backlog`` the requests
-        waiting for their turn on the pace (``Pace.backlog``). False (no cut) when the 429
-        belongs to the last cut's overshoot, or came to a client sending far below its
-        pace."""
+        waiting for their turn on the pace (``Pace.backlog``), ``refused`` the 429s of the
+        last window, this one included. False (no cut) when the 429 belongs to the last
+        cut's overshoot, or came to a client sending far below its pace."""
         if sent_at <= self._set_at + ADAPTIVE_WINDOW:
             return False
         current = 1.0 / self.pace.interval
-        if backlog < STATED_BACKLOG and measured < ADAPTIVE_PACE_BOUND * current:
+        sending = backlog >= STATED_BACKLOG or measured >= ADAPTIVE_PACE_BOUND * current
+        if not sending and refused < STATED_REFUSALS:
             return False
         ceiling = current
         if now - ADAPTIVE_WINDOW >= paused_until and measured:
@@ -823,6 +836,7 @@ class ThrottleMiddleware:
             paused_until=paused_until,
             measured=self.adaptive.measured(now),
             backlog=stated.pace.backlog(now),
+            refused=self.adaptive.refused(now),
         ):
             logger.debug(
                 "Klarna answered 429 under its stated limit of %g requests/s: pacing this"

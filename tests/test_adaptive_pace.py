@@ -464,6 +464,33 @@ async def test_clients_sharing_a_stated_quota_settle_under_it_together(
     assert booked_rate(later) >= 0.85 * 20
 
 
+async def test_workers_kept_under_a_stated_pace_by_their_concurrency_settle_too(
+    serve: Callable[[LimitedServer], Awaitable[str]],
+) -> None:
+    # Klarna states 200/s, lets 20 through, and answers (429s too) in 0.2 s; two workers of
+    # 8 requests in flight each send about 40/s: no queue forms on a pace of 190/s, and
+    # few answers get through, yet their own 429s (several a second) say they overshoot.
+    # They were never cut: 429s for ever.
+    time = SimulatedTime()
+    server = LimitedServer(
+        time, limit=20, stated=True, stated_as=200, latency=0.2, reject_latency=0.2
+    )
+    url = await serve(server)
+
+    async def worker(om: KlarnaOM) -> list[CaptureStatus]:
+        async with om:
+            return await capture_all(om, 200, concurrency=8)
+
+    async def both() -> list[list[CaptureStatus]]:
+        return await asyncio.gather(worker(client(url, time)), worker(client(url, time)))
+
+    outcomes = await time.run(both())
+    assert outcomes == [[CaptureStatus.CAPTURED] * 200] * 2
+    later = server.after(10.0)
+    assert sum(a[1] == 429 for a in later) <= 0.05 * len(later)
+    assert booked_rate(later) >= 0.85 * 20
+
+
 async def test_the_users_rate_limit_wins_over_both(
     serve: Callable[[LimitedServer], Awaitable[str]],
 ) -> None:
@@ -698,7 +725,11 @@ def test_a_stated_pace_is_cut_once_per_overshoot_and_climbs_back_no_higher() -> 
     stated = StatedRate(20, now=0.0)  # paced at 19/s
 
     def limited(
-        sent_at: float, measured: int, backlog: float = 5.0, paused_until: float = 0.0
+        sent_at: float,
+        measured: int,
+        backlog: float = 5.0,
+        paused_until: float = 0.0,
+        refused: int = 1,
     ) -> bool:
         now = sent_at + 0.1
         return stated.limited(
@@ -708,6 +739,7 @@ def test_a_stated_pace_is_cut_once_per_overshoot_and_climbs_back_no_higher() -> 
             paused_until=paused_until,
             measured=measured,
             backlog=backlog,
+            refused=refused,
         )
 
     def pace() -> float:
@@ -734,12 +766,17 @@ def test_a_stated_pace_is_cut_once_per_overshoot_and_climbs_back_no_higher() -> 
     # the next call in one slot): its 429s (another client used the quota up) tell nothing
     # of the limit, however many.
     for second in range(100, 130):
-        assert not limited(sent_at=float(second), measured=1, backlog=1.0)
+        assert not limited(sent_at=float(second), measured=1, backlog=1.0, refused=2)
     assert 1 / stated.pace_at(130.0).interval == pytest.approx(19)
     assert stated.cuts == 2
+    # A batch whose concurrency keeps it under the pace (no queue on it), beside another
+    # worker: its own 429s say it overshoots.
+    assert limited(sent_at=131.0, measured=9, backlog=0.0, refused=3)
+    assert pace() == pytest.approx(ADAPTIVE_DECREASE * 19 / 2)  # W halved at most
+    assert stated.cuts == 3
     # Klarna lowers the limit under the pace: it is the pace.
-    stated.state(10, now=131.0)
-    assert 1 / stated.pace_at(131.0).interval == pytest.approx(9.5)
+    stated.state(5, now=132.0)
+    assert 1 / stated.pace_at(132.0).interval == pytest.approx(4.75)
 
 
 def test_a_stated_pace_never_falls_under_the_floor_nor_rises_by_a_cut() -> None:
@@ -752,5 +789,6 @@ def test_a_stated_pace_never_falls_under_the_floor_nor_rises_by_a_cut() -> None:
             paused_until=0.0,
             measured=0,
             backlog=5.0,
+            refused=1,
         )
         assert 1 / stated.pace_at(second + 0.1).interval == pytest.approx(0.95)
