@@ -311,11 +311,6 @@ class AdaptiveRate:
             if self.pace is None:  # the first 429 came before any answer: now there is one
                 self._lay(self.ceiling, now)
 
-    def refused(self, now: float) -> int:
-        """Note a 429 at ``now`` (outside :meth:`limited`); the 429s of the last window."""
-        self._refusals.append(now)
-        return _within(self._refusals, now)
-
     def limited(self, asked_at: float, now: float, resume_at: float) -> bool:
         """Lower the pace after a 429 (``resume_at``: when the pause it imposed ends).
 
@@ -412,10 +407,10 @@ class AdaptiveRate:
 #: fast as its pace lets it (a web service's call and its retry meet in one slot now and
 #: then: that is no queue).
 STATED_BACKLOG = 2.0
-#: ``StatedRate``: 429s in the last window that say the client's own sends overshoot the
-#: limit, whatever its pace (a batch whose concurrency keeps it under the pace, beside
-#: another worker); a web service's call and its retries meet fewer. (5 left two to four
-#: such workers at 429s for ever, and spared a web service refused half the time little.)
+#: ``StatedRate``: calls refused in the last window (a call's retries count once) that say
+#: the client's own sends overshoot the limit, whatever its pace (a batch whose concurrency
+#: keeps it under the pace, beside another worker); a web service's calls meet fewer. (5
+#: left two to four such workers at 429s for ever.)
 STATED_REFUSALS = 3
 
 
@@ -427,8 +422,8 @@ class StatedRate:
     Klarna lets through, and a limit stated wrong is never corrected by the headers. So a 429
     to a client sending at its pace (``STATED_BACKLOG`` requests or more wait for their turn
     on it, or the last ``ADAPTIVE_WINDOW`` had at least ``ADAPTIVE_PACE_BOUND`` of the pace
-    in answers), or meeting ``STATED_REFUSALS`` 429s or more in that window (its own sends
-    overshoot, though its concurrency keeps it under the pace), cuts the
+    in answers), or ``STATED_REFUSALS`` of its calls or more met a 429 in that window (its own
+    sends overshoot, though its concurrency keeps it under the pace), cuts the
     pace to ``ADAPTIVE_DECREASE`` of ``W``: what got through in that window, when no pause
     longer than ``ADAPTIVE_PROBE`` fell in it and it was less than the pace; else the pace
     itself. A lone 429 to a client sending far below its pace (a web service's call;
@@ -500,9 +495,10 @@ class StatedRate:
         the pause it imposed ends, ``paused_until`` the end of the last pause longer than a
         probe's before it,
         ``measured`` the answers other than 429 of the last window, ``backlog`` the requests
-        waiting for their turn on the pace (``Pace.backlog``), ``refused`` the 429s of the
-        last window, this one included. False (no cut) when the 429 belongs to the last
-        cut's overshoot, or came to a client sending far below its pace."""
+        waiting for their turn on the pace (``Pace.backlog``), ``refused`` the calls refused
+        in the last window, this one included (a call's retries count once). False (no cut)
+        when the 429 belongs to the last cut's overshoot, or came to a client sending far
+        below its pace."""
         if sent_at <= self._set_at + ADAPTIVE_WINDOW:
             return False
         current = 1.0 / self.pace.interval
@@ -692,6 +688,7 @@ class ThrottleMiddleware:
         self._base_url = base_url
         self._resume_at = 0.0
         self._paused_until = -math.inf  # the end of the last pause longer than a probe
+        self._refusals: deque[tuple[float, str]] = deque()  # (when, which call) of 429s
         #: Called after every wait this middleware imposes (``WaitListener``); empty costs
         #: nothing. ``klarna_om_async.telemetry.instrument`` adds one.
         self.wait_listeners: list[WaitListener] = []
@@ -836,7 +833,7 @@ class ThrottleMiddleware:
             paused_until=paused_until,
             measured=self.adaptive.measured(now),
             backlog=stated.pace.backlog(now),
-            refused=self.adaptive.refused(now),
+            refused=self._refused_calls(request, now),
         ):
             logger.debug(
                 "Klarna answered 429 under its stated limit of %g requests/s: pacing this"
@@ -895,6 +892,17 @@ class ThrottleMiddleware:
             pause=pause,
         )
         logger.info(message, *args, extra=fields)
+
+    def _refused_calls(self, request: Request, now: float) -> int:
+        """Note the 429 to ``request`` at ``now``; the calls refused in the last window (a
+        call and its retries, one key, count once: a web service's call refused three times
+        is no sign of its sending at its pace)."""
+        refusals = self._refusals
+        refusals.append((now, request.idempotency_key or request.path))
+        cutoff = now - ADAPTIVE_WINDOW
+        while refusals[0][0] <= cutoff:
+            refusals.popleft()
+        return len({call for _, call in refusals})
 
     def _paused(self, now: float) -> None:
         """Note the pause set at ``now``: one longer than a probe's leaves the client's
