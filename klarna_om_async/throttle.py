@@ -420,20 +420,20 @@ class StatedRate:
     Paced at ``LEARNED_SHARE`` of the stated limit. The limit is the merchant's, not this
     client's: two workers (or a web service and a batch) each pacing at it send twice what
     Klarna lets through, and a limit stated wrong is never corrected by the headers. So a 429
-    to a client sending at its pace (``STATED_BACKLOG`` requests or more wait for their turn
-    on it, or the last ``ADAPTIVE_WINDOW`` had at least ``ADAPTIVE_PACE_BOUND`` of the pace
-    in answers), or ``STATED_REFUSALS`` of its calls or more met a 429 in that window (its own
-    sends overshoot, though its concurrency keeps it under the pace), cuts the
-    pace to ``ADAPTIVE_DECREASE`` of ``W``: what got through in that window, when no pause
-    longer than ``ADAPTIVE_PROBE`` fell in it and it was less than the pace; else the pace
-    itself. A lone 429 to a client sending far below its pace (a web service's call;
-    another client used the quota up) tells nothing of the limit: its pause is the slowdown. One cut
-    per window: the 429s to requests sent within a window after a cut belong to the
-    overshoot it answered. From the end of the 429's pause the pace climbs back on
-    ``AdaptiveRate``'s curve (flat just under ``W``, then probing above it), up to the
-    stated rate, or back to it at once on reaching ``ADAPTIVE_FORGET * W`` (about 12.6 s
-    without a 429): clients that share one quota and do the same settle under it, each
-    meeting a 429 seconds apart rather than every second. One cut at most halves ``W``.
+    cuts the pace when the client sends at its pace, that is when ``STATED_BACKLOG``
+    requests or more wait for their turn on it, the last ``ADAPTIVE_WINDOW`` had at least
+    ``ADAPTIVE_PACE_BOUND`` of the pace in answers, or ``STATED_REFUSALS`` of its calls or
+    more met a 429 in that window (its own sends overshoot, though its concurrency keeps it
+    under the pace). The pace drops to ``ADAPTIVE_DECREASE`` of ``W``: what got through in
+    that window, when no pause longer than ``ADAPTIVE_PROBE`` fell in it and it was less
+    than the pace (at most halving it); else the pace itself. A lone 429 to a client sending
+    far below its pace (a web service's call; another client used the quota up) tells
+    nothing of the limit: its pause is the slowdown. One cut per window: the 429s to
+    requests sent within a window after a cut belong to the overshoot it answered. From the
+    end of the 429's pause the pace climbs back on ``AdaptiveRate``'s curve (flat just under
+    ``W``, then probing above it), up to the stated rate, or back to it at once on reaching
+    ``ADAPTIVE_FORGET * W`` (about 12.6 s without a 429): clients that share one quota and
+    do the same settle under it, each meeting a 429 seconds apart rather than every second.
 
     A limit stated anew below the pace is the pace from then on. Otherwise it only moves
     the stated rate the pace climbs to, or, with no cut to climb back from, re-spaces the
@@ -491,14 +491,15 @@ class StatedRate:
         backlog: float,
         refused: int,
     ) -> bool:
-        """Cut the pace after a 429 to a request sent at ``sent_at``: ``resume_at`` is when
-        the pause it imposed ends, ``paused_until`` the end of the last pause longer than a
-        probe's before it,
-        ``measured`` the answers other than 429 of the last window, ``backlog`` the requests
-        waiting for their turn on the pace (``Pace.backlog``), ``refused`` the calls refused
-        in the last window, this one included (a call's retries count once). False (no cut)
-        when the 429 belongs to the last cut's overshoot, or came to a client sending far
-        below its pace."""
+        """Cut the pace after a 429 to a request sent at ``sent_at``.
+
+        ``resume_at``: when the pause it imposed ends; ``paused_until``: the end of the last
+        pause longer than a probe's before it; ``measured``: the answers other than 429 of
+        the last window; ``backlog``: the requests waiting for their turn on the pace
+        (``Pace.backlog``); ``refused``: the calls refused in the last window, this one
+        included (a call's retries count once). False (no cut) when the 429 belongs to the
+        last cut's overshoot, or came to a client sending far below its pace.
+        """
         if sent_at <= self._set_at + ADAPTIVE_WINDOW:
             return False
         current = 1.0 / self.pace.interval
