@@ -242,6 +242,21 @@ def gaps(times: list[float]) -> list[float]:
     return [b - a for a, b in itertools.pairwise(times)]
 
 
+async def two_workers(
+    time: SimulatedTime, url: str, n: int, concurrency: int
+) -> list[list[CaptureStatus]]:
+    """Two clients (workers of one merchant), each capturing ``n`` orders, at once."""
+
+    async def worker(om: KlarnaOM) -> list[CaptureStatus]:
+        async with om:
+            return await capture_all(om, n, concurrency=concurrency)
+
+    async def both() -> list[list[CaptureStatus]]:
+        return await asyncio.gather(worker(client(url, time)), worker(client(url, time)))
+
+    return await time.run(both())
+
+
 def booked_rate(arrivals: list[tuple[float, int, float | None]]) -> float:
     """Bookings per second from the first booking among ``arrivals`` to the last."""
     booked = [a[0] for a in arrivals if a[1] == 201]
@@ -448,16 +463,7 @@ async def test_clients_sharing_a_stated_quota_settle_under_it_together(
     # sent twice what Klarna lets through, and met a 429 every second.
     time = SimulatedTime()
     server = LimitedServer(time, limit=20, stated=True)
-    url = await serve(server)
-
-    async def worker(om: KlarnaOM) -> list[CaptureStatus]:
-        async with om:
-            return await capture_all(om, 150, concurrency=16)
-
-    async def both() -> list[list[CaptureStatus]]:
-        return await asyncio.gather(worker(client(url, time)), worker(client(url, time)))
-
-    outcomes = await time.run(both())
+    outcomes = await two_workers(time, await serve(server), 150, concurrency=16)
     assert outcomes == [[CaptureStatus.CAPTURED] * 150] * 2
     later = server.after(3.0)
     assert sum(a[1] == 429 for a in later) <= 5
@@ -475,16 +481,7 @@ async def test_workers_kept_under_a_stated_pace_by_their_concurrency_settle_too(
     server = LimitedServer(
         time, limit=20, stated=True, stated_as=200, latency=0.2, reject_latency=0.2
     )
-    url = await serve(server)
-
-    async def worker(om: KlarnaOM) -> list[CaptureStatus]:
-        async with om:
-            return await capture_all(om, 200, concurrency=8)
-
-    async def both() -> list[list[CaptureStatus]]:
-        return await asyncio.gather(worker(client(url, time)), worker(client(url, time)))
-
-    outcomes = await time.run(both())
+    outcomes = await two_workers(time, await serve(server), 200, concurrency=8)
     assert outcomes == [[CaptureStatus.CAPTURED] * 200] * 2
     later = server.after(10.0)
     assert sum(a[1] == 429 for a in later) <= 0.05 * len(later)
