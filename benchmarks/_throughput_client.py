@@ -1,12 +1,15 @@
 """One ``capture_many`` batch in a fresh process; prints one JSON line with what happened.
 
     python benchmarks/_throughput_client.py --url http://127.0.0.1:PORT -n 3000 [--rate 200]
+        [--first 0]
 
 Uses the library's public API only, with its default settings: ``KlarnaOM(user, password,
 base_url=url)`` and ``om.capture_many(items)``. ``--rate R`` (the limit is known) passes
 ``rate_limit=R`` to the client if ``KlarnaOM`` takes one (a client-wide limit), else to
 ``capture_many``; ``--concurrency`` overrides the batch's default. The wall time runs from
-the call to the last outcome (the process's start-up is not counted).
+the call to the last outcome (the process's start-up is not counted); ``started_at`` is when
+the call was made (Unix time), so the runs of several workers can be put on one time line.
+``--first`` is the index of the first order (workers of one merchant capture other orders).
 """
 
 from __future__ import annotations
@@ -35,7 +38,9 @@ def default_concurrency() -> object:
     return inspect.signature(KlarnaOM.capture_many).parameters["concurrency"].default
 
 
-async def run(url: str, n: int, rate: float | None, concurrency: int | None) -> dict[str, Any]:
+async def run(
+    url: str, n: int, rate: float | None, concurrency: int | None, first: int = 0
+) -> dict[str, Any]:
     client_kwargs: dict[str, Any] = {}
     batch_kwargs: dict[str, Any] = {}
     rate_limit_on = None
@@ -51,7 +56,8 @@ async def run(url: str, n: int, rate: float | None, concurrency: int | None) -> 
     attempts = 0
     aborted = None
     async with KlarnaOM(USERNAME, PASSWORD, base_url=url, **client_kwargs) as om:
-        items = ((order_id(i), model(i)) for i in range(n))
+        items = ((order_id(i), model(i)) for i in range(first, first + n))
+        started_at = time.time()
         wall0, cpu0 = time.perf_counter(), time.process_time()
         try:
             async for outcome in om.capture_many(items, **batch_kwargs):
@@ -64,6 +70,7 @@ async def run(url: str, n: int, rate: float | None, concurrency: int | None) -> 
         wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     return {
         "n": n,
+        "started_at": started_at,
         "wall_s": wall,
         "cpu_s": cpu,
         "captured": statuses["captured"],
@@ -84,13 +91,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rate", type=float, help="the known limit (requests per second)")
     parser.add_argument("--concurrency", type=int, help="default: capture_many's own")
     parser.add_argument("--timeout", type=float, default=3600.0, help="give up after (s)")
+    parser.add_argument("--first", type=int, default=0, help="the first order's index")
     args = parser.parse_args(argv)
     if not args.url.startswith("http://127.0.0.1:"):
         raise SystemExit("the benchmark only talks to a server on 127.0.0.1")
 
     async def bounded() -> dict[str, Any]:
         async with asyncio.timeout(args.timeout):
-            return await run(args.url, args.n, args.rate, args.concurrency)
+            return await run(args.url, args.n, args.rate, args.concurrency, args.first)
 
     json.dump(asyncio.run(bounded()), sys.stdout)
     sys.stdout.write("\n")

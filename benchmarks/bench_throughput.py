@@ -133,6 +133,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--latency", help="LOW,HIGH seconds per capture (0.15,0.35; quick 0.05,0.1)"
     )
     parser.add_argument("--seed", type=int, default=9, help="the server's latency seed")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="library client processes sharing the server's limit, each with N/workers "
+        "captures of its own orders (workers of one merchant; 1)",
+    )
     parser.add_argument("--repeats", type=int, default=1, help="rounds of the whole matrix")
     parser.add_argument(
         "--run-timeout", type=float, help="kill a run after this (default 4 x N/R + 120 s)"
@@ -152,8 +159,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.rates = args.rates or ([200] if args.quick else [200, 50])
     args.servers = args.servers or (["fixed"] if args.quick else ["fixed", "bucket", "fixed-bare"])
     args.latency = args.latency or ("0.05,0.1" if args.quick else "0.15,0.35")
-    if min(args.captures) < 1 or min(args.rates) < 1 or args.repeats < 1:
-        parser.error("batch sizes, rates and repeats must be at least 1")
+    if min(args.captures) < 1 or min(args.rates) < 1 or args.repeats < 1 or args.workers < 1:
+        parser.error("batch sizes, rates, repeats and workers must be at least 1")
+    if args.workers > 1 and args.clients != ["library"]:
+        parser.error("--workers runs library clients only: add --clients library")
     if args.out is not None:
         args.markdown, args.raw_dir = args.out / "THROUGHPUT.md", args.out
     elif args.quick:
@@ -214,13 +223,22 @@ def write_csv(folder: Path, n: int) -> Path:
 
 
 def client_command(
-    args: argparse.Namespace, config: dict[str, Any], url: str, folder: Path, timeout: float
+    args: argparse.Namespace,
+    config: dict[str, Any],
+    url: str,
+    folder: Path,
+    timeout: float,
+    worker: int = 0,
 ) -> list[str]:
     known = config["limit"] == "known"
     if config["client"] == "library":
-        command = [sys.executable, str(CLIENT), "--url", url, "-n", str(config["n"])]
-        command += ["--timeout", str(timeout)]
-        command += ["--rate", str(config["rate"])] if known else []
+        share, first = config["n"] // args.workers, worker * (config["n"] // args.workers)
+        if worker == args.workers - 1:
+            share = config["n"] - first  # the last worker takes the remainder
+        command = [sys.executable, str(CLIENT), "--url", url, "-n", str(share)]
+        command += ["--timeout", str(timeout), "--first", str(first)]
+        # Workers that know the limit split it, as a merchant running several would.
+        command += ["--rate", str(config["rate"] / args.workers)] if known else []
     else:
         csv = write_csv(folder, config["n"])
         command = [sys.executable, "-m", "klarna_om_async.cli", "batch", str(csv), "--json"]
@@ -262,6 +280,71 @@ def parse_cli(stdout: str) -> dict[str, Any]:
     }
 
 
+def run_clients(
+    commands: list[list[str]], folder: Path, timeout: float, cpus: Any
+) -> list[tuple[int, str, str, bool]]:
+    """Run the client processes at once; each one's (exit status, stdout, stderr, whether it
+    was killed for taking longer than ``timeout``). Their output goes to files, so no pipe
+    fills while another process is waited for."""
+    env = {**os.environ, "KLARNA_USERNAME": "bench-user", "KLARNA_PASSWORD": "bench-password"}
+    deadline = time.monotonic() + timeout
+    running = []
+    try:
+        for number, command in enumerate(commands):
+            out = (folder / f"client-{number}.out").open("w+")
+            err = (folder / f"client-{number}.err").open("w+")
+            process = subprocess.Popen(
+                command, stdout=out, stderr=err, text=True, env=env, cwd=HERE
+            )
+            running.append((process, out, err))
+            pin(process.pid, cpus)
+        ended = []
+        for process, out, err in running:
+            timed_out = False
+            try:
+                process.wait(timeout=max(deadline - time.monotonic(), 0.0))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+                timed_out = True
+            out.seek(0)
+            err.seek(0)
+            ended.append((process.returncode, out.read(), err.read(), timed_out))
+        return ended
+    finally:
+        for process, out, err in running:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            out.close()
+            err.close()
+
+
+def merge_library_runs(ended: list[tuple[int, str, str, bool]]) -> dict[str, Any]:
+    """One result for the library's client processes: the wall time from the first one's call
+    to the last one's last outcome, and their counts added up."""
+    parsed = []
+    for returncode, stdout, _, _ in ended:
+        lines = stdout.strip().splitlines()
+        parsed.append(json.loads(lines[-1]) if lines and returncode == 0 else {})
+    if len(parsed) == 1 or not all(parsed):
+        return parsed[0] if len(parsed) == 1 else {}
+    first = min(run["started_at"] for run in parsed)
+    merged: dict[str, Any] = dict(parsed[0])
+    merged["wall_s"] = max(run["started_at"] + run["wall_s"] - first for run in parsed)
+    for name in ("n", "cpu_s", "captured", "attempts"):
+        merged[name] = sum(run[name] for run in parsed)
+    for name in ("statuses", "errors"):
+        totals: dict[str, int] = {}
+        for run in parsed:
+            for key, count in run[name].items():
+                totals[key] = totals.get(key, 0) + count
+        merged[name] = totals
+    merged["aborted"] = "; ".join(run["aborted"] for run in parsed if run["aborted"]) or None
+    merged["workers"] = len(parsed)
+    return merged
+
+
 def one_run(
     args: argparse.Namespace, config: dict[str, Any], folder: Path, cpus: tuple[Any, Any]
 ) -> dict[str, Any]:
@@ -270,31 +353,22 @@ def one_run(
     timeout = args.run_timeout or 4 * floor + 120
     result: dict[str, Any] = dict(config, floor_s=floor)
     with server(args, config["server"], rate, timeout + 60, cpus[0]) as url:
-        command = client_command(args, config, url, folder, timeout)
-        env = {**os.environ, "KLARNA_USERNAME": "bench-user", "KLARNA_PASSWORD": "bench-password"}
+        workers = args.workers if config["client"] == "library" else 1
+        commands = [
+            client_command(args, config, url, folder, timeout, worker) for worker in range(workers)
+        ]
         started = time.perf_counter()
-        with subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=HERE
-        ) as process:
-            try:
-                pin(process.pid, cpus[1])
-                stdout, stderr = process.communicate(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                stdout, stderr = process.communicate()
-                result["timed_out"] = True
-            except BaseException:
-                process.kill()
-                raise
+        ended = run_clients(commands, folder, timeout, cpus[1])
         result["process_wall_s"] = time.perf_counter() - started
-        result["returncode"] = process.returncode
+        result["timed_out"] = any(timed_out for _, _, _, timed_out in ended)
+        result["returncode"] = next((code for code, _, _, _ in ended if code), 0)
+        stderr = "".join(stderr for _, _, stderr, _ in ended)
         result["stderr_lines"] = stderr.count("\n")
         result["stderr_tail"] = stderr[-1500:]
         if config["client"] == "library":
-            lines = stdout.strip().splitlines()
-            parsed = json.loads(lines[-1]) if lines and process.returncode == 0 else {}
+            parsed = merge_library_runs(ended)
         else:
-            parsed = parse_cli(stdout)
+            parsed = parse_cli(ended[0][1])
         result.update(parsed)
         result["server"] = config["server"]  # the client's own keys never shadow the config
         result["stats"] = server_stats(url)
@@ -333,6 +407,10 @@ def verdict(result: dict[str, Any]) -> str:
     return "met" if not missed else "missed: " + ", ".join(missed)
 
 
+def workers(run: dict[str, Any]) -> str:
+    return f", {run['workers']} workers" if run.get("workers", 1) > 1 else ""
+
+
 def report(args: argparse.Namespace, runs: list[dict[str, Any]], seconds: float) -> str:
     low, _, high = args.latency.partition(",")
     lines = [
@@ -354,7 +432,15 @@ def report(args: argparse.Namespace, runs: list[dict[str, Any]], seconds: float)
         "1000; unknown, ≤ 1.10 and ≤ 20; none not captured, no double bookings. Fixed windows "
         "are aligned on the clock's seconds, so a run whose first window is already under way "
         "can finish up to 1 s under N/R (a ratio below 1 on a short run); the token bucket "
-        "starts full (R), which buys at most 1 s too.",
+        "starts full (R), which buys at most 1 s too."
+        + (
+            f" *{args.workers} workers*: that many client processes at once, each with N/"
+            f"{args.workers} captures of orders of its own, sharing the server's R (workers of "
+            "one merchant; *known*: each is given R/workers); *wall* runs from the first one's "
+            "call to the last one's last outcome. Issue 9's targets are for one client."
+            if args.workers > 1
+            else ""
+        ),
         "",
         "Servers: " + "; ".join(f"*{name}*: {SERVERS[name][0]}" for name in args.servers) + ".",
         "",
@@ -368,7 +454,7 @@ def report(args: argparse.Namespace, runs: list[dict[str, Any]], seconds: float)
         wall = f"{run['wall_s']:.1f}" + (" (timed out)" if run.get("timed_out") else "")
         lines.append(
             f"| {run['server']} | {run['rate']} | {run['limit']} | {run['n']:,} "
-            f"| {CLIENTS[run['client']]} | {run.get('concurrency', '?')} | {wall} "
+            f"| {CLIENTS[run['client']]}{workers(run)} | {run.get('concurrency', '?')} | {wall} "
             f"| {run['ratio']:.2f} | {stats['per_1000_429']:.0f} | {run['not_captured']:,} "
             f"| {stats['double_bookings']} | {stats['max_in_flight']} | {verdict(run)} |"
         )

@@ -412,6 +412,9 @@ STATED_BACKLOG = 2.0
 #: keeps it under the pace, beside another worker); a web service's calls meet fewer. (5
 #: left two to four such workers at 429s for ever.)
 STATED_REFUSALS = 3
+#: ``ThrottleMiddleware``: a 429 under a stated pace that says to wait this long or longer
+#: (``Retry-After``, ``X-Ratelimit-Reset``) pauses the client and cuts nothing.
+STATED_TOLD_WAIT = 1.0
 
 
 class StatedRate:
@@ -428,7 +431,9 @@ class StatedRate:
     that window, when no pause longer than ``ADAPTIVE_PROBE`` fell in it and it was less
     than the pace (at most halving it); else the pace itself. A lone 429 to a client sending
     far below its pace (a web service's call; another client used the quota up) tells
-    nothing of the limit: its pause is the slowdown. One cut per window: the 429s to
+    nothing of the limit: its pause is the slowdown, as it is for a 429 that says to wait
+    ``STATED_TOLD_WAIT`` (1 s) or more (the workers that are not paused have the window:
+    the pauses share the quota out). One cut per window: the 429s to
     requests sent within a window after a cut belong to the overshoot it answered. From the
     end of the 429's pause the pace climbs back on ``AdaptiveRate``'s curve (flat just under
     ``W``, then probing above it), up to the stated rate, or back to it at once on reaching
@@ -827,26 +832,8 @@ class ThrottleMiddleware:
                     "ceiling": ceiling,
                 },
             )
-        if stated is not None and stated.limited(
-            sent_at=sent_at,
-            now=now,
-            resume_at=self._resume_at,
-            paused_until=paused_until,
-            measured=self.adaptive.measured(now),
-            backlog=stated.pace.backlog(now),
-            refused=self._refused_calls(request, now),
-        ):
-            logger.debug(
-                "Klarna answered 429 under its stated limit of %g requests/s: pacing this"
-                " client at %.1f requests/s",
-                stated.limit,
-                1.0 / stated.pace.interval,
-                extra={
-                    **log_fields(request, status=429, correlation_id=error.correlation_id),
-                    "pace": 1.0 / stated.pace.interval,
-                    "ceiling": stated.limit,
-                },
-            )
+        if stated is not None:
+            self._cut_stated(stated, error, request, sent_at, paused_until, now)
         held = stated.pace if stated is not None else self.adaptive.pace if learning else None
         if held is not None and self._resume_at > now:
             # Slots taken before this 429 would send into the window it says is full, one
@@ -893,6 +880,44 @@ class ThrottleMiddleware:
             pause=pause,
         )
         logger.info(message, *args, extra=fields)
+
+    def _cut_stated(
+        self,
+        stated: StatedRate,
+        error: RateLimitError,
+        request: Request,
+        sent_at: float,
+        paused_until: float,
+        now: float,
+    ) -> None:
+        """Cut the stated pace after ``error``, a 429 to ``request`` (see ``StatedRate``)."""
+        refused = self._refused_calls(request, now)
+        # A 429 that says to wait a second or more: Klarna's window is full until then, and
+        # the pause is the slowdown. Cutting the pace too idled the quota the pauses share
+        # out (two workers, whole-second Retry-After: 1.29x the floor, against 1.11x).
+        if error.retry_after is not None and error.retry_after >= STATED_TOLD_WAIT:
+            return
+        cut = stated.limited(
+            sent_at=sent_at,
+            now=now,
+            resume_at=self._resume_at,
+            paused_until=paused_until,
+            measured=self.adaptive.measured(now),
+            backlog=stated.pace.backlog(now),
+            refused=refused,
+        )
+        if cut:
+            logger.debug(
+                "Klarna answered 429 under its stated limit of %g requests/s: pacing this"
+                " client at %.1f requests/s",
+                stated.limit,
+                1.0 / stated.pace.interval,
+                extra={
+                    **log_fields(request, status=429, correlation_id=error.correlation_id),
+                    "pace": 1.0 / stated.pace.interval,
+                    "ceiling": stated.limit,
+                },
+            )
 
     def _refused_calls(self, request: Request, now: float) -> int:
         """Note the 429 to ``request`` at ``now``; the calls refused in the last window (a

@@ -470,6 +470,29 @@ async def test_clients_sharing_a_stated_quota_settle_under_it_together(
     assert booked_rate(later) >= 0.85 * 20
 
 
+async def test_a_429_that_says_to_wait_a_second_shares_a_stated_quota_by_its_pauses(
+    serve: Callable[[LimitedServer], Awaitable[str]],
+) -> None:
+    # "Retry-After: 1": Klarna's window is full until then. The pauses share the quota out
+    # (whoever is not paused has the window); cutting the pace as well idled it (two
+    # workers: 1.29x the floor, against 1.11x).
+    time = SimulatedTime()
+    server = LimitedServer(time, limit=20, stated=True, retry_after="1")
+    url = await serve(server)
+    oms = [client(url, time), client(url, time)]
+
+    async def worker(om: KlarnaOM) -> list[CaptureStatus]:
+        async with om:
+            return await capture_all(om, 150, concurrency=16)
+
+    async def both() -> list[list[CaptureStatus]]:
+        return await asyncio.gather(*(worker(om) for om in oms))
+
+    assert await time.run(both()) == [[CaptureStatus.CAPTURED] * 150] * 2
+    assert [getattr(throttle_of(om).stated, "cuts", None) for om in oms] == [0, 0]
+    assert booked_rate(server.after(3.0)) >= 0.85 * 20
+
+
 async def test_workers_kept_under_a_stated_pace_by_their_concurrency_settle_too(
     serve: Callable[[LimitedServer], Awaitable[str]],
 ) -> None:
