@@ -145,3 +145,22 @@ def test_the_limited_server_limits_replays_and_counts() -> None:
     assert stats["answered_201"] == statuses.count(201)
     booked_keys = {key for key, (status, _) in zip(KEYS, answers, strict=True) if status == 201}
     assert stats["double_bookings"] == len(booked_keys) - 1
+
+
+def test_a_throughput_run_with_workers_shares_the_server_among_them(tmp_path: Path) -> None:
+    """Two library clients at once, each with orders of its own, against one server: one
+    row whose counts add both up; only that it ends and is reported, never how fast."""
+    command = [sys.executable, str(THROUGHPUT), "--quick", "-n", "60", "--limits", "unknown"]
+    command += ["--clients", "library", "--workers", "2", "--out", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+
+    report = (tmp_path / "THROUGHPUT.md").read_text()
+    (row,) = [line for line in report.splitlines() if line.startswith("| fixed |")]
+    assert "`capture_many`, 2 workers" in row
+    (raw,) = tmp_path.glob("throughput-*.json")
+    (run,) = json.loads(raw.read_text())["runs"]
+    assert run["workers"] == 2
+    assert run["captured"] + run["not_captured"] == 60
+    assert run["stats"]["double_bookings"] == 0
+    assert run["stats"]["bookings"] == run["captured"]  # no order was captured by both
