@@ -163,6 +163,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("batch sizes, rates, repeats and workers must be at least 1")
     if args.workers > 1 and args.clients != ["library"]:
         parser.error("--workers runs library clients only: add --clients library")
+    if args.workers > min(args.captures):
+        parser.error(f"--workers {args.workers} is more than the batch size {min(args.captures)}")
     if args.out is not None:
         args.markdown, args.raw_dir = args.out / "THROUGHPUT.md", args.out
     elif args.quick:
@@ -322,17 +324,20 @@ def run_clients(
 
 def merge_library_runs(ended: list[tuple[int, str, str, bool]]) -> dict[str, Any]:
     """One result for the library's client processes: the wall time from the first one's call
-    to the last one's last outcome, and their counts added up."""
+    to the last one's last outcome, and their counts added up (of those that reported: a
+    worker that failed counts as capturing nothing)."""
     parsed = []
     for returncode, stdout, _, _ in ended:
         lines = stdout.strip().splitlines()
-        parsed.append(json.loads(lines[-1]) if lines and returncode == 0 else {})
-    if len(parsed) == 1 or not all(parsed):
-        return parsed[0] if len(parsed) == 1 else {}
+        if lines and returncode == 0:
+            parsed.append(json.loads(lines[-1]))
+    if len(ended) == 1 or not parsed:
+        return parsed[0] if parsed else {"workers": len(ended)}
     first = min(run["started_at"] for run in parsed)
     merged: dict[str, Any] = dict(parsed[0])
     merged["wall_s"] = max(run["started_at"] + run["wall_s"] - first for run in parsed)
-    for name in ("n", "cpu_s", "captured", "attempts"):
+    del merged["n"]  # the run's N stands: a worker that failed captured none of its share
+    for name in ("cpu_s", "captured", "attempts"):
         merged[name] = sum(run[name] for run in parsed)
     for name in ("statuses", "errors"):
         totals: dict[str, int] = {}
@@ -341,7 +346,7 @@ def merge_library_runs(ended: list[tuple[int, str, str, bool]]) -> dict[str, Any
                 totals[key] = totals.get(key, 0) + count
         merged[name] = totals
     merged["aborted"] = "; ".join(run["aborted"] for run in parsed if run["aborted"]) or None
-    merged["workers"] = len(parsed)
+    merged["workers"] = len(ended)
     return merged
 
 

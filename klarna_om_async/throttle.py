@@ -413,8 +413,9 @@ STATED_BACKLOG = 2.0
 #: left two to four such workers at 429s for ever.)
 STATED_REFUSALS = 3
 #: ``ThrottleMiddleware``: a 429 under a stated pace that says to wait this long or longer
-#: (``Retry-After``, ``X-Ratelimit-Reset``) pauses the client and cuts nothing.
-STATED_TOLD_WAIT = 1.0
+#: (``Retry-After``, ``X-Ratelimit-Reset``) pauses the client and cuts nothing. Under 1 s:
+#: "1 s" written as a Unix time or an HTTP date arrives a little short of it.
+STATED_TOLD_WAIT = 0.9
 
 
 class StatedRate:
@@ -895,8 +896,9 @@ class ThrottleMiddleware:
         # A 429 that says to wait a second or more: Klarna's window is full until then, and
         # the pause is the slowdown. Cutting the pace too idled the quota the pauses share
         # out (two workers, whole-second Retry-After: 1.29x the floor, against 1.11x).
-        if error.retry_after is not None and error.retry_after >= STATED_TOLD_WAIT:
-            return
+        told = error.retry_after
+        if told is not None and min(told, self._max_pause) >= STATED_TOLD_WAIT:
+            return  # (the pause taken, capped: a shorter one leaves the slowdown to the pace)
         cut = stated.limited(
             sent_at=sent_at,
             now=now,

@@ -493,6 +493,28 @@ async def test_a_429_that_says_to_wait_a_second_shares_a_stated_quota_by_its_pau
     assert booked_rate(server.after(3.0)) >= 0.85 * 20
 
 
+async def test_a_429_whose_wait_the_client_caps_short_still_cuts_the_stated_pace(
+    serve: Callable[[LimitedServer], Awaitable[str]],
+) -> None:
+    # "Retry-After: 1", but the client waits at most 0.3 s (retry_after_cap): the short
+    # pause leaves the slowdown to the pace, as a 429 without a wait does.
+    time = SimulatedTime()
+    server = LimitedServer(time, limit=20, stated=True, stated_as=40, retry_after="1")
+    policy = RetryPolicy(sleep=time.sleep, jitter=lambda d: d, deadline=600, retry_after_cap=0.3)
+    om = KlarnaOM(
+        "u",
+        "p",
+        base_url=await serve(server),
+        retry=policy,
+        clock=time.clock,
+        middlewares=[time.middleware],
+    )
+    async with om:
+        statuses = await time.run(capture_all(om, 150, concurrency=16))
+    assert statuses == [CaptureStatus.CAPTURED] * 150
+    assert getattr(throttle_of(om).stated, "cuts", 0) >= 1
+
+
 async def test_workers_kept_under_a_stated_pace_by_their_concurrency_settle_too(
     serve: Callable[[LimitedServer], Awaitable[str]],
 ) -> None:
