@@ -32,6 +32,7 @@ import argparse
 import datetime
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -476,8 +477,15 @@ def report(args: argparse.Namespace, runs: list[dict[str, Any]], seconds: float)
     return "\n".join(lines) + "\n"
 
 
+def _stop(signum: int, _frame: object) -> None:
+    # As Ctrl-C does: the run's clean-ups end its client and server processes (a SIGTERM's
+    # default would leave them running until their own timeouts).
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _stop)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     started = time.monotonic()
     split = cpu_split(not args.no_pin)
