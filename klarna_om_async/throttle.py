@@ -752,6 +752,7 @@ class ThrottleMiddleware:
                 await self._take_slots(request)
             # When it left, for telling a 429 to the stated pace from one sent before it.
             sent_at = self._clock() if stated is not None else -math.inf
+            counting = self._pace is None  # answers measure the limit, stated or learned
             try:
                 response = await call_next(request)
             except ThrottleRefusal:
@@ -760,12 +761,12 @@ class ThrottleMiddleware:
                 self._rate_limited(error, asked_at, sent_at, request)
                 raise
             except KlarnaAPIError:
-                if learning or stated is not None:
+                if counting:
                     adaptive.answered(self._clock())  # refused, but let through
                 if self._unlogged:
                     self._log_rate_limited(self._clock())
                 raise
-            if learning or stated is not None:
+            if counting:
                 adaptive.answered(self._clock())
             if self._unlogged:  # a 429 storm's count waits for its interval to end
                 self._log_rate_limited(self._clock())
@@ -814,7 +815,7 @@ class ThrottleMiddleware:
             # only probes for the end of Klarna's full window instead of sending into it at
             # the full pace (one 429 per probe, not one per slot). With nothing measured, the
             # pause is the slowdown.
-            probe = (learning or stated is not None) and self.adaptive.measured(now)
+            probe = self._pace is None and self.adaptive.measured(now)
             pause = ADAPTIVE_PROBE if probe else DEFAULT_RATE_LIMIT_PAUSE
         paused_until = self._paused_until  # the end of the last pause before this 429
         if pause > 0:
