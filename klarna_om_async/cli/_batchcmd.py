@@ -42,6 +42,7 @@ from ._options import (
     open_journal,
     run_interruptible,
 )
+from ._reading import read_rows
 from ._render import BatchView, cli_console, resume_note
 from ._runner import run_batch
 
@@ -230,32 +231,38 @@ async def _run(settings: _Settings, connection: Connection) -> bool:
     # Items the journal holds done, as the batch began and as it ended (see _unlisted).
     done: list[int] = []
     try:
-        with open_batch(
-            settings.path, settings.fmt, encoding=settings.encoding, delimiter=settings.delimiter
-        ) as rows:
-            async with (
-                # --rate is the merchant's limit: the client's pace, which then also
-                # overrides the (lower) pace it would take from Klarna's X-Ratelimit-Limit.
-                connection.client(deadline=_BATCH_DEADLINE, rate_limit=settings.rate) as om,
-                _journal(settings, journal_failed, done) as journal,
-            ):
-                with view:
-                    try:
-                        await run_batch(
-                            om,
-                            rows,
-                            report=view.report,
-                            concurrency=settings.concurrency,
-                            journal=journal,
-                        )
-                    except BatchAbortedError as error:  # it cannot work: said once, below
-                        stopped = error
-                    except sqlite3.Error as error:
-                        if not journal_fault(error):
-                            raise  # a bug, not the journal's state: shown as one
-                        journal_failed.append(error)
-                    finally:
-                        view.tally.rate_limited = om.rate_limited_count
+        async with (
+            # Read on a thread of its own: a stream's slow writer must not stall the batch.
+            read_rows(
+                lambda: open_batch(
+                    settings.path,
+                    settings.fmt,
+                    encoding=settings.encoding,
+                    delimiter=settings.delimiter,
+                )
+            ) as rows,
+            # --rate is the merchant's limit: the client's pace, which then also overrides
+            # the (lower) pace it would take from Klarna's X-Ratelimit-Limit.
+            connection.client(deadline=_BATCH_DEADLINE, rate_limit=settings.rate) as om,
+            _journal(settings, journal_failed, done) as journal,
+        ):
+            with view:
+                try:
+                    await run_batch(
+                        om,
+                        rows,
+                        report=view.report,
+                        concurrency=settings.concurrency,
+                        journal=journal,
+                    )
+                except BatchAbortedError as error:  # it cannot work: said once, below
+                    stopped = error
+                except sqlite3.Error as error:
+                    if not journal_fault(error):
+                        raise  # a bug, not the journal's state: shown as one
+                    journal_failed.append(error)
+                finally:
+                    view.tally.rate_limited = om.rate_limited_count
         completed = True
     except BatchFileError as error:
         raise InputError(str(error)) from None

@@ -68,6 +68,7 @@ from ..operations import (
 
 __all__ = (
     "CSV_COLUMNS",
+    "MAX_LINE_BYTES",
     "BadLine",
     "BadLineError",
     "BatchFileError",
@@ -172,7 +173,10 @@ def count_lines(path: str) -> int | None:
     if is_stream(path):
         return None
     with open(path, "rb") as file:
-        return sum(1 for line in file if line.strip())
+        # In pieces of at most MAX_LINE_BYTES (a line without end takes no memory without
+        # end); a longer line's pieces count as lines.
+        pieces = iter(lambda: file.readline(MAX_LINE_BYTES), b"")
+        return sum(1 for piece in pieces if piece.strip())
 
 
 @contextlib.contextmanager
@@ -227,23 +231,36 @@ def _check_encoding(encoding: str) -> None:
         )
 
 
-class _Undecodable(ValueError):
-    """A line whose bytes are not in the file's encoding."""
+class _Unreadable(ValueError):
+    """A line that cannot be read: bytes not in the file's encoding, or far too long."""
 
 
 # One physical line: its number, and its text without the line ending (or why not).
-_Line: TypeAlias = tuple[int, "str | _Undecodable"]
+_Line: TypeAlias = tuple[int, "str | _Unreadable"]
+
+#: The longest line read, in bytes. A capture of a thousand order lines takes well under
+#: one MiB; a line longer than this is no batch line (``/dev/zero``, a binary file), and
+#: reading it whole would take memory without end. It is skipped, as a line that failed.
+MAX_LINE_BYTES = 4 * 1024 * 1024
 
 
 def _text_lines(file: IO[bytes], encoding: str) -> Iterator[_Line]:
-    for number, raw in enumerate(file, start=1):
+    number = 0
+    while raw := file.readline(MAX_LINE_BYTES + 1):
+        number += 1
+        if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+            # Skipped to its end a piece at a time: memory stays bounded however long it is.
+            while (rest := file.readline(MAX_LINE_BYTES)) and not rest.endswith(b"\n"):
+                pass
+            yield number, _Unreadable(f"the line is longer than {MAX_LINE_BYTES} bytes")
+            continue
         raw = raw.removesuffix(b"\n").removesuffix(b"\r")
         try:
             text = raw.decode(encoding)
         except UnicodeDecodeError as error:
             yield (
                 number,
-                _Undecodable(
+                _Unreadable(
                     f"byte 0x{raw[error.start]:02x} at column {error.start + 1} is not valid "
                     f"{encoding}; if the file was saved in another encoding, pass --encoding "
                     "(e.g. --encoding cp1252)"
@@ -265,7 +282,7 @@ def _csv_rows(path: str, lines: Iterator[_Line], delimiter: str | None) -> Itera
         _check_header(path, None, ",")
     assert first is not None
     number, text = first
-    if isinstance(text, _Undecodable):
+    if isinstance(text, _Unreadable):
         raise BatchFileError(f"{path}: line {number}: cannot read the header: {text}")
     delimiter = delimiter or _guess_delimiter(text)
     try:
@@ -338,7 +355,7 @@ def _delimiter_hint(unknown: Sequence[str], delimiter: str) -> str:
 
 def _csv_records(lines: Iterator[_Line], header: list[str], delimiter: str) -> Iterator[Row]:
     for line, text in lines:
-        if isinstance(text, _Undecodable):
+        if isinstance(text, _Unreadable):
             yield BadLine(line, None, BadLineError(line, None, str(text)))
             continue
         if not text.strip():
@@ -503,7 +520,7 @@ _NESTED_FIELDS = {
 
 def _jsonl_rows(lines: Iterator[_Line]) -> Iterator[Row]:
     for line, text in lines:
-        if isinstance(text, _Undecodable):
+        if isinstance(text, _Unreadable):
             yield BadLine(line, None, BadLineError(line, None, str(text)))
         elif text.strip():
             yield _jsonl_row(line, text)

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import collections
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Iterable,
+    Iterator,
+)
 
 import attrs
 
@@ -117,7 +124,7 @@ _WAIT_FOR_BAD_LINES = frozenset({Operation.REFUND, Operation.RELEASE, Operation.
 
 async def run_batch(
     om: KlarnaOM,
-    rows: Iterable[Row],
+    rows: Iterable[Row] | AsyncIterable[Row],
     *,
     report: Callable[[CaptureOutcome], None],
     concurrency: int,
@@ -125,7 +132,8 @@ async def run_batch(
 ) -> None:
     """Run every good row, report every outcome (bad lines as refused), in end order.
 
-    ``rows`` is consumed lazily by ``run_many``'s workers; bad lines never reach it, so
+    ``rows`` (or an async iterator of them: see ``_reading``) is consumed lazily by
+    ``run_many``'s workers; bad lines never reach it, so
     nothing is sent for them, and their outcomes are reported as the reading passes them.
     A bad line holds its order's later lines back, as ``run_many`` holds back an order's
     later items after one that did not end done: they are reported refused, never sent
@@ -148,30 +156,43 @@ async def run_batch(
         if waiting.add(order_id) and len(why_waiting) < HELD_LISTED:
             why_waiting[order_id] = why
 
-    def good_rows() -> Iterator[BatchItem]:
+    def admit(row: Row) -> BatchItem | None:
+        # The row as an item to run (with why it must wait, if it must), or None for a
+        # bad line, kept to be reported.
         nonlocal first_bad
+        if isinstance(row, BadLine):
+            bad.append(row)
+            if first_bad is None:
+                first_bad = row.line
+            if row.order_id is not None:
+                wait(row.order_id, f"(line {row.line}) could not be read")
+            return None
+        line = row.line if row.line is not None else -1
+        if row.order_id in waiting:
+            reason = why_waiting.get(row.order_id, "could not be read")
+            holds[line] = f"an earlier item of order {row.order_id} {reason}"
+        elif (
+            first_bad is not None
+            and (operation := operation_or_none(row.request)) in _WAIT_FOR_BAD_LINES
+        ):
+            assert operation is not None
+            holds[line] = (
+                f"line {first_bad} could not be read, and the order it names may be"
+                f" misread; a {operation.value} waits until it is fixed"
+            )
+        return row
+
+    def good_rows() -> Iterator[BatchItem]:
+        assert isinstance(rows, Iterable)
         for row in rows:
-            if isinstance(row, BadLine):
-                bad.append(row)
-                if first_bad is None:
-                    first_bad = row.line
-                if row.order_id is not None:
-                    wait(row.order_id, f"(line {row.line}) could not be read")
-                continue
-            line = row.line if row.line is not None else -1
-            if row.order_id in waiting:
-                reason = why_waiting.get(row.order_id, "could not be read")
-                holds[line] = f"an earlier item of order {row.order_id} {reason}"
-            elif (
-                first_bad is not None
-                and (operation := operation_or_none(row.request)) in _WAIT_FOR_BAD_LINES
-            ):
-                assert operation is not None
-                holds[line] = (
-                    f"line {first_bad} could not be read, and the order it names may be"
-                    f" misread; a {operation.value} waits until it is fixed"
-                )
-            yield row
+            if (item := admit(row)) is not None:
+                yield item
+
+    async def good_rows_read() -> AsyncIterator[BatchItem]:
+        assert isinstance(rows, AsyncIterable)
+        async for row in rows:
+            if (item := admit(row)) is not None:
+                yield item
 
     def hold(item: BatchItem) -> str | None:
         return holds.pop(item.line if item.line is not None else -1, None)
@@ -180,7 +201,8 @@ async def run_batch(
         while bad:
             report(bad_line_outcome(bad.popleft()))
 
-    outcomes = om.run_many(good_rows(), concurrency=concurrency, journal=journal, hold=hold)
+    items = good_rows_read() if isinstance(rows, AsyncIterable) else good_rows()
+    outcomes = om.run_many(items, concurrency=concurrency, journal=journal, hold=hold)
     try:
         async for outcome in outcomes:
             report_bad()
@@ -192,4 +214,6 @@ async def run_batch(
         # On Ctrl-C (cancellation) the generator's cleanup must cancel its workers now,
         # while the journal is still open, not whenever the generator is collected.
         await outcomes.aclose()
+        if isinstance(items, AsyncGenerator):
+            await items.aclose()
     report_bad()

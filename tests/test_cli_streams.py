@@ -1,0 +1,245 @@
+"""`klarna-om batch` fed by a stream (`producer | klarna-om batch /dev/stdin`), and lines that
+never end.
+
+A stream's lines come when its writer writes them. Read on the event loop, a read waiting
+for the next line held back everything else: the lines already read were not sent, and
+Ctrl-C or SIGTERM were not handled until the writer wrote again (or closed the stream). The
+rows are read on a thread of their own instead. A line longer than ``MAX_LINE_BYTES`` (a
+binary file, ``/dev/zero``) is refused as a bad line, read a piece at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import queue
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+import orjson
+import pytest
+from test_cli_signals import (
+    ServedFake,
+    cli,
+    json_lines,
+    kill_if_running,
+    served,
+    subprocess_env,
+)
+
+from klarna_om_async.cli._batchfile import (
+    MAX_LINE_BYTES,
+    BadLine,
+    BadLineError,
+    BatchFileError,
+    Row,
+    _jsonl_rows,
+    _text_lines,
+)
+from klarna_om_async.cli._reading import READ_AHEAD, read_rows
+
+__all__ = ("served",)  # the fixture, imported for these tests
+
+posix = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+
+
+def batch_from_stdin(served: ServedFake, journal: Path) -> subprocess.Popen[str]:
+    """`producer | klarna-om batch /dev/stdin`, the test as the producer (its stdin pipe)."""
+    args = ["batch", "/dev/stdin", "--format", "csv", "--journal", str(journal), "--json"]
+    return subprocess.Popen(
+        [sys.executable, "-W", "error", "-m", "klarna_om_async.cli", *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(served.fake.base_url),
+    )
+
+
+def printed_lines(stream: IO[str] | None) -> queue.Queue[str]:
+    """Each line the subprocess prints, as it prints it (a thread reads them)."""
+    assert stream is not None
+    printed: queue.Queue[str] = queue.Queue()
+
+    def read() -> None:
+        for line in stream:
+            printed.put(line)
+
+    threading.Thread(target=read, daemon=True).start()
+    return printed
+
+
+@posix
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stream_s_lines_are_sent_while_its_writer_is_silent_and_a_signal_stops_it(
+    served: ServedFake, tmp_path: Path, signum: signal.Signals
+) -> None:
+    orders = [served.add_order(1000) for _ in range(2)]
+    command = batch_from_stdin(served, tmp_path / "stream.journal.sqlite")
+    with command:
+        try:
+            assert command.stdin is not None
+            command.stdin.write("order_id,captured_amount\n")
+            command.stdin.writelines(f"{order},1000\n" for order in orders)
+            command.stdin.flush()  # ... and the writer says nothing more, the stream open
+            printed = printed_lines(command.stdout)
+            # Both done and said before the stream says more.
+            outcomes = [orjson.loads(printed.get(timeout=30)) for _ in orders]
+            command.send_signal(signum)
+            command.wait(timeout=30)  # while the stream is still open
+            assert command.stderr is not None
+            stderr = command.stderr.read()
+        finally:
+            kill_if_running(command)
+    assert command.returncode == 128 + signum, stderr
+    assert sorted(o["order_id"] for o in outcomes) == sorted(orders)
+    assert {o["status"] for o in outcomes} == {"captured"}
+    summary = orjson.loads(printed.get(timeout=30))
+    assert (summary["captured"], summary["items"], summary["interrupted"]) == (2, 2, True)
+    assert [served.booked(order) for order in orders] == [1, 1]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_signal_stops_a_batch_waiting_for_its_stream_s_header(
+    served: ServedFake, tmp_path: Path
+) -> None:
+    command = batch_from_stdin(served, tmp_path / "stream.journal.sqlite")
+    with command:
+        try:
+            # Its signal handlers are in place, and it waits for the stream, once it reads
+            # the stream on a second thread (it prints nothing until a line comes).
+            tasks = Path(f"/proc/{command.pid}/task")
+            idle = threading.Event()  # never set: a wait between looks
+            while command.poll() is None and len(list(tasks.iterdir())) < 2:
+                idle.wait(0.01)
+            command.send_signal(signal.SIGTERM)
+            command.wait(timeout=30)  # the writer never wrote, nor closed the stream
+            assert command.stderr is not None
+            stderr = command.stderr.read()
+        finally:
+            kill_if_running(command)
+    assert command.returncode == 143, stderr
+    assert "Interrupted" in stderr
+    assert served.do(lambda: len(served.fake.requests)) == 0
+
+
+def test_a_line_longer_than_the_limit_is_refused_and_the_lines_after_it_run(
+    served: ServedFake, tmp_path: Path
+) -> None:
+    first, last = served.add_order(1000), served.add_order(1000)
+    path = tmp_path / "long.csv"
+    with path.open("w") as file:
+        file.write(f"order_id,captured_amount\n{first},1000\n")
+        file.write("x" * (MAX_LINE_BYTES + 10) + "\n")
+        file.write(f"{last},1000\n")
+    result = cli(["batch", str(path), "--json"], served)
+    assert result.exit_code == 1, result.output
+    by_line = {o["line"]: o for o in json_lines(result.output) if o["type"] == "outcome"}
+    assert by_line[3]["status"] == "refused"
+    assert by_line[3]["error"] == f"line 3: the line is longer than {MAX_LINE_BYTES} bytes"
+    assert (by_line[2]["status"], by_line[4]["status"]) == ("captured", "captured")
+    assert [served.booked(first), served.booked(last)] == [1, 1]
+
+
+class _Endless(io.RawIOBase):
+    """A stream of NUL bytes that never ends (``/dev/zero``), recording each read's size."""
+
+    def __init__(self, then: bytes = b"") -> None:
+        self.sizes: list[int] = []
+        self.left = 3 * MAX_LINE_BYTES  # ... then ``then``, then the end (for the test)
+        self.then = then
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        self.sizes.append(len(buffer))
+        if self.left:
+            n = min(len(buffer), self.left)
+            buffer[:n] = bytes(n)
+            self.left -= n
+            return n
+        n = min(len(buffer), len(self.then))
+        buffer[:n], self.then = self.then[:n], self.then[n:]
+        return n
+
+
+def test_a_line_without_end_is_read_a_piece_at_a_time() -> None:
+    raw = _Endless(then=b"\nabc,1000\n")
+    lines = _text_lines(io.BufferedReader(raw, buffer_size=65536), "utf-8")
+    rows = list(_jsonl_rows(lines))
+    assert len(rows) == 2
+    assert isinstance(rows[0], BadLine)
+    assert str(rows[0].error) == f"line 1: the line is longer than {MAX_LINE_BYTES} bytes"
+    assert isinstance(rows[1], BadLine)
+    assert rows[1].line == 2  # "abc,1000" is no JSON
+    assert max(raw.sizes) <= MAX_LINE_BYTES + 1  # never the whole line at once
+
+
+# -- read_rows: the reader thread ----------------------------------------------------------------
+
+
+def _rows(made: list[int]) -> Iterator[Row]:
+    """Rows without end, each noted in ``made`` as the reader thread takes it."""
+    line = 0
+    while True:
+        line += 1
+        made.append(line)
+        yield _bad(line)
+
+
+def _bad(line: int) -> BadLine:
+    return BadLine(line, None, BadLineError(line, None, "test"))
+
+
+def test_the_reader_reads_at_most_read_ahead_rows_before_the_batch_takes_them() -> None:
+    made: list[int] = []
+
+    async def main() -> None:
+        async with read_rows(lambda: contextlib.nullcontext(_rows(made))) as rows:
+            taken = 0
+            async for row in rows:
+                taken += 1
+                assert isinstance(row, BadLine)
+                assert row.line == taken
+                # Made so far: those taken, those waiting (READ_AHEAD), one held by the thread.
+                assert len(made) <= taken + READ_AHEAD + 1
+                if taken == 3 * READ_AHEAD:
+                    break
+
+    asyncio.run(main())
+
+
+def test_the_reader_raises_a_file_error_on_entry_and_a_later_error_after_the_rows() -> None:
+    @contextlib.contextmanager
+    def broken_open() -> Iterator[Iterator[Row]]:
+        raise BatchFileError("x.csv: line 1: cannot read the header")
+        yield iter(())
+
+    def failing() -> Iterator[Row]:
+        yield _bad(1)
+        raise OSError(5, "Input/output error")
+
+    async def main() -> list[int]:
+        with pytest.raises(BatchFileError, match="cannot read the header"):
+            async with read_rows(broken_open):
+                pass
+        seen: list[int] = []
+
+        async def read_all() -> None:
+            async with read_rows(lambda: contextlib.nullcontext(failing())) as rows:
+                async for row in rows:
+                    assert isinstance(row, BadLine)
+                    seen.append(row.line)
+
+        with pytest.raises(OSError, match="Input/output error"):
+            await read_all()
+        return seen
+
+    assert asyncio.run(main()) == [1]
