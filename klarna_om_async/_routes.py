@@ -264,8 +264,9 @@ async def call(send: Handler, request: Request, operation: str) -> Response:
         ) from error
 
 
-async def call_no_content(send: Handler, request: Request, operation: str) -> None:
-    """Send a call that creates nothing (``operation`` names it), whose success is ``204``.
+async def call_no_content(send: Handler, request: Request, operation: str) -> int:
+    """Send a call that creates nothing (``operation`` names it), whose success is ``204``;
+    the HTTP attempts it took.
 
     Any other 2xx (e.g. a capture's 201 with ``Capture-Id`` and ``Location``) is Klarna
     replaying the answer of an earlier request made with the same key, which created
@@ -276,7 +277,7 @@ async def call_no_content(send: Handler, request: Request, operation: str) -> No
     """
     response = await call(send, request, operation)
     if response.status == 204:
-        return
+        return response.attempts
     location = response.headers.get("Location") or ""
     named = _named_in_location(location) if location else None
     if named is not None:

@@ -174,7 +174,7 @@ class Sent:
     """What a successful send returned: the created id (captures, refunds) and attempts."""
 
     created_id: str | None
-    #: HTTP attempts; a 204 operation's service returns nothing, so 1 is all that is known.
+    #: HTTP attempts it took.
     attempts: int = 1
 
 
@@ -204,10 +204,4 @@ async def send(
     orders = services.orders
     if orders is None:
         raise _missing("orders", operation)
-    if operation is Operation.RELEASE:
-        await orders.release_remaining_authorization(order_id, idempotency_key=idempotency_key)
-    elif operation is Operation.EXTEND:
-        await orders.extend_authorization_time(order_id, idempotency_key=idempotency_key)
-    else:
-        await orders.cancel(order_id, idempotency_key=idempotency_key)
-    return Sent(None)
+    return Sent(None, await orders._act(operation, order_id, idempotency_key))

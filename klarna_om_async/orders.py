@@ -17,8 +17,17 @@ from .models import (
     UpdateShippingAddressRequest,
     validate_shipping_info_request,
 )
+from .operations import Operation
 
 __all__ = ("OrdersService",)
+
+# The body-less operations a batch runs: the path under the order, and the call's name in
+# an error about its answer.
+_ACTIONS = {
+    Operation.RELEASE: ("release-remaining-authorization", "release"),
+    Operation.EXTEND: ("extend-authorization-time", "extension"),
+    Operation.CANCEL: ("cancel", "cancel"),
+}
 
 
 class OrdersService:
@@ -86,9 +95,7 @@ class OrdersService:
         ``ServerError``/``RateLimitError``/``ConflictError``/``KlarnaConnectionError``/
         ``KlarnaTimeoutError`` after the retries (check ``err.outcome_unknown``).
         """
-        await self._post_no_body(
-            order_id, "release-remaining-authorization", idempotency_key, "release"
-        )
+        await self._act(Operation.RELEASE, order_id, idempotency_key)
 
     async def extend_authorization_time(
         self, order_id: str, *, idempotency_key: str | None = None
@@ -108,9 +115,7 @@ class OrdersService:
         ``RateLimitError``/``ConflictError``/``KlarnaConnectionError``/``KlarnaTimeoutError``
         after the retries (check ``err.outcome_unknown``).
         """
-        await self._post_no_body(
-            order_id, "extend-authorization-time", idempotency_key, "extension"
-        )
+        await self._act(Operation.EXTEND, order_id, idempotency_key)
 
     async def cancel(self, order_id: str, *, idempotency_key: str | None = None) -> None:
         """Cancel an order that has no captures yet; ``None`` (204).
@@ -129,7 +134,7 @@ class OrdersService:
         ``KlarnaConnectionError``/``KlarnaTimeoutError`` after the retries (check
         ``err.outcome_unknown``).
         """
-        await self._post_no_body(order_id, "cancel", idempotency_key, "cancel")
+        await self._act(Operation.CANCEL, order_id, idempotency_key)
 
     async def acknowledge(self, order_id: str, *, idempotency_key: str | None = None) -> None:
         """Tell Klarna a Klarna Checkout order reached your system; ``None`` (204).
@@ -260,11 +265,16 @@ class OrdersService:
         request = _routes.post(path, body, idempotency_key=idempotency_key)
         await _routes.call_no_content(self._send, request, "shipping info")
 
+    async def _act(self, operation: Operation, order_id: str, key: str | None) -> int:
+        """Release, extend or cancel (a batch sends them so): the HTTP attempts it took."""
+        action, noun = _ACTIONS[operation]
+        return await self._post_no_body(order_id, action, key, noun)
+
     async def _post_no_body(
         self, order_id: str, action: str, key: str | None, operation: str
-    ) -> None:
+    ) -> int:
         path = f"{_routes.order_path(order_id)}/{action}"
-        await _routes.call_no_content(
+        return await _routes.call_no_content(
             self._send, _routes.post(path, idempotency_key=key), operation
         )
 

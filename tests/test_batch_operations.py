@@ -65,6 +65,7 @@ from klarna_om_async.testing import (
     DropConnection,
     FakeKlarna,
     InstantSleep,
+    ServerFailure,
 )
 
 T = TypeVar("T")
@@ -325,6 +326,24 @@ async def test_a_release_or_cancel_whose_answer_was_lost_is_done_on_the_rerun(
         "releaseRemainingAuthorization" if first.operation is Operation.RELEASE else "cancelOrder"
     )
     assert order.operations.count(word) == 1
+
+
+@pytest.mark.parametrize(
+    "request_", [ReleaseRemainingAuthorization(), ExtendAuthorizationTime(), CancelOrder()]
+)
+async def test_a_retried_release_extend_or_cancel_reports_every_attempt_it_took(
+    om: KlarnaOM, fake: FakeKlarna, journal: SQLiteJournal, request_: OperationRequest
+) -> None:
+    order_id = fake.add_order(amount=10_000)
+    if isinstance(request_, ReleaseRemainingAuthorization):
+        await om.captures.create(order_id, CaptureRequest(captured_amount=4000))
+    before = posts(fake)
+    fake.inject(ServerFailure(503), method="POST", times=2)  # then the third attempt's 204
+    [done] = await run(om, [(order_id, request_)], journal)
+    assert done.status is CaptureStatus.CAPTURED
+    assert done.attempts == posts(fake) - before == 3
+    [entry] = [e for e in await journal.entries() if e.operation is done.operation]
+    assert entry.attempts == 3
 
 
 @pytest.mark.parametrize("request_", [ReleaseRemainingAuthorization(), CancelOrder()])
