@@ -237,8 +237,10 @@ class KlarnaOM:
         """Capture many orders concurrently; ``async for`` the outcomes as they complete.
 
         ``items``: (order_id, CaptureRequest) pairs or ``BatchItem``s, sync or async,
-        consumed lazily. ``rate_limit``: requests per second (Klarna allows 200/s in
-        production, 50/s in the playground). ``journal``: makes reruns exactly-once.
+        consumed lazily (a sync one on the event loop: give a source whose reads wait, a
+        socket or a pipe, as an async iterable). ``rate_limit``: requests per second
+        (Klarna allows 200/s in production, 50/s in the playground). ``journal``: makes
+        reruns exactly-once.
         Stop early with ``await outcomes.aclose()`` (or by leaving ``async with
         contextlib.aclosing(...)``): no new item starts, and items in flight are cancelled and
         stay in the journal as in flight, so the next run finishes them with their keys.
