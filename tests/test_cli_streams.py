@@ -39,6 +39,7 @@ from klarna_om_async.cli._batchfile import (
     BadLineError,
     BatchFileError,
     Row,
+    _csv_rows,
     _jsonl_rows,
     _text_lines,
 )
@@ -103,6 +104,39 @@ def test_a_stream_s_lines_are_sent_while_its_writer_is_silent_and_a_signal_stops
     summary = orjson.loads(printed.get(timeout=30))
     assert (summary["captured"], summary["items"], summary["interrupted"]) == (2, 2, True)
     assert [served.booked(order) for order in orders] == [1, 1]
+
+
+@posix
+def test_a_bad_line_of_a_stream_is_reported_at_once_and_a_cut_last_line_is_refused(
+    served: ServedFake, tmp_path: Path
+) -> None:
+    good, cut = served.add_order(5000), served.add_order(5000)
+    command = batch_from_stdin(served, tmp_path / "stream.journal.sqlite")
+    with command:
+        try:
+            assert command.stdin is not None
+            command.stdin.write(f"order_id,captured_amount\n{good},5000\n{good},lots\n")
+            command.stdin.flush()
+            printed = printed_lines(command.stdout)
+            # Both said while the writer is silent: the bad line waits for no other item.
+            said = sorted((o["line"], o["status"]) for o in map(orjson.loads, _take(printed, 2)))
+            assert said == [(2, "captured"), (3, "refused")]
+            command.stdin.write(f"{cut},50")  # the writer dies in the middle of "5000"
+            command.stdin.close()
+            command.wait(timeout=30)
+        finally:
+            kill_if_running(command)
+    assert command.returncode == 1
+    [last] = map(orjson.loads, _take(printed, 1))
+    assert (last["line"], last["status"]) == (4, "refused")
+    assert "the stream ended in the middle of this line" in last["error"]
+    assert served.booked(cut) == 0  # not 50 of its 5000
+    summary = orjson.loads(printed.get(timeout=30))
+    assert (summary["captured"], summary["refused"]) == (1, 2)
+
+
+def _take(printed: queue.Queue[str], count: int) -> list[str]:
+    return [printed.get(timeout=30) for _ in range(count)]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -179,7 +213,46 @@ def test_a_line_without_end_is_read_a_piece_at_a_time() -> None:
     assert str(rows[0].error) == f"line 1: the line is longer than {MAX_LINE_BYTES} bytes"
     assert isinstance(rows[1], BadLine)
     assert rows[1].line == 2  # "abc,1000" is no JSON
-    assert max(raw.sizes) <= MAX_LINE_BYTES + 1  # never the whole line at once
+    assert max(raw.sizes) <= MAX_LINE_BYTES + 2  # never the whole line at once
+
+
+@pytest.mark.parametrize(
+    ("size", "end", "longer"),
+    [
+        (MAX_LINE_BYTES, b"\r\n", False),  # the limit counts no line end
+        (MAX_LINE_BYTES, b"\n", False),
+        (MAX_LINE_BYTES, b"", False),  # the last line, without an end
+        (MAX_LINE_BYTES + 1, b"\r\n", True),
+        (MAX_LINE_BYTES + 1, b"\n", True),
+        (MAX_LINE_BYTES + 1, b"", True),
+    ],
+)
+def test_the_line_limit_counts_the_line_without_its_end(
+    size: int, end: bytes, longer: bool
+) -> None:
+    after = b"next\n" if end else b""
+    [(number, text), *rest] = _text_lines(io.BytesIO(b"x" * size + end + after), "utf-8")
+    assert number == 1
+    assert isinstance(text, ValueError) is longer
+    assert [text for _, text in rest] == (["next"] if end else [])
+
+
+def test_a_header_longer_than_the_limit_refuses_the_file_at_once() -> None:
+    raw = _Endless()
+    raw.left = 10**15  # as good as /dev/zero
+    lines = _text_lines(io.BufferedReader(raw, buffer_size=65536), "utf-8", stream=True)
+    with pytest.raises(BatchFileError, match="line 1: cannot read the header: the line is long"):
+        _csv_rows("/dev/zero", lines, None)
+    assert sum(raw.sizes) <= MAX_LINE_BYTES + 2 + 65536  # the first line's worth, no more
+
+
+def test_only_a_stream_refuses_a_last_line_without_its_end() -> None:
+    def last(stream: bool) -> str | ValueError:
+        *_, (_, text) = _text_lines(io.BytesIO(b"h\nO1,50"), "utf-8", stream=stream)
+        return text
+
+    assert last(stream=False) == "O1,50"  # a file saved without a final line end
+    assert "the stream ended in the middle of this line" in str(last(stream=True))
 
 
 # -- read_rows: the reader thread ----------------------------------------------------------------

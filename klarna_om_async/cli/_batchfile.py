@@ -197,7 +197,8 @@ def open_batch(
     if delimiter is not None and len(delimiter) != 1:
         raise BatchFileError(f"the delimiter must be one character, got {delimiter!r}")
     with _opened(path, lambda: open(path, "rb")) as binary:
-        lines = _text_lines(binary, encoding)
+        stream = not stat.S_ISREG(os.fstat(binary.fileno()).st_mode)
+        lines = _text_lines(binary, encoding, stream=stream)
         if fmt is BatchFormat.CSV:
             yield _csv_rows(path, lines, delimiter)
         else:
@@ -238,23 +239,34 @@ class _Unreadable(ValueError):
 # One physical line: its number, and its text without the line ending (or why not).
 _Line: TypeAlias = tuple[int, "str | _Unreadable"]
 
-#: The longest line read, in bytes. A capture of a thousand order lines takes well under
-#: one MiB; a line longer than this is no batch line (``/dev/zero``, a binary file), and
-#: reading it whole would take memory without end. It is skipped, as a line that failed.
+#: The longest line read, in bytes (without its line end). A capture of a thousand order
+#: lines takes well under one MiB; a longer line is no batch line (a binary file,
+#: ``/dev/zero``), and reading it whole would take memory without end. It is refused, as a
+#: line that cannot be read, and skipped a piece at a time.
 MAX_LINE_BYTES = 4 * 1024 * 1024
 
 
-def _text_lines(file: IO[bytes], encoding: str) -> Iterator[_Line]:
+def _text_lines(file: IO[bytes], encoding: str, *, stream: bool = False) -> Iterator[_Line]:
+    """The file's lines; ``stream``: a last line without a line end is refused, as the
+    stream's writer may have stopped in the middle of it (``O1,50`` of ``O1,5000``)."""
     number = 0
-    while raw := file.readline(MAX_LINE_BYTES + 1):
+    while raw := file.readline(MAX_LINE_BYTES + 2):  # the longest line and its CR LF
         number += 1
-        if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
-            # Skipped to its end a piece at a time: memory stays bounded however long it is.
-            while (rest := file.readline(MAX_LINE_BYTES)) and not rest.endswith(b"\n"):
-                pass
-            yield number, _Unreadable(f"the line is longer than {MAX_LINE_BYTES} bytes")
-            continue
+        ended = raw.endswith(b"\n")
         raw = raw.removesuffix(b"\n").removesuffix(b"\r")
+        if len(raw) > MAX_LINE_BYTES:
+            yield number, _Unreadable(f"the line is longer than {MAX_LINE_BYTES} bytes")
+            # Skipped once reported (a header at once refuses the file): a line that never
+            # ends, as /dev/zero's, is then read on until the batch is stopped.
+            while not ended and (rest := file.readline(MAX_LINE_BYTES)):
+                ended = rest.endswith(b"\n")
+            continue
+        if stream and not ended and raw.strip():
+            yield number, _Unreadable(
+                "the stream ended in the middle of this line (no line end after it), which may"
+                " be cut short: not sent"
+            )
+            continue
         try:
             text = raw.decode(encoding)
         except UnicodeDecodeError as error:

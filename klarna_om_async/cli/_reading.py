@@ -13,8 +13,9 @@ from ._batchfile import Row
 
 __all__ = ("read_rows",)
 
-#: Rows read ahead of the batch at most: memory stays bounded for a file of any length.
-READ_AHEAD = 1024
+#: Rows read ahead of the batch at most: memory stays bounded for a stream of any length,
+#: and of any line length (a row may hold a line of up to 4 MiB).
+READ_AHEAD = 16
 
 
 class _Rows:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import time
 from collections.abc import (
     AsyncGenerator,
@@ -18,7 +17,6 @@ import attrs
 from .._seen import SeenSet
 from ..batch import (
     HELD_LISTED,
-    BatchAbortedError,
     BatchItem,
     CaptureOutcome,
     CaptureStatus,
@@ -133,16 +131,16 @@ async def run_batch(
     """Run every good row, report every outcome (bad lines as refused), in end order.
 
     ``rows`` (or an async iterator of them: see ``_reading``) is consumed lazily by
-    ``run_many``'s workers; bad lines never reach it, so
-    nothing is sent for them, and their outcomes are reported as the reading passes them.
-    A bad line holds its order's later lines back, as ``run_many`` holds back an order's
+    ``run_many``'s workers; bad lines never reach it, so nothing is sent for them, and
+    their outcomes are reported as the reading passes them: at once, for a stream's writer
+    may say nothing more for a long while, or a signal end the run, before another item
+    ends. A bad line holds its order's later lines back, as ``run_many`` holds back an order's
     later items after one that did not end done: they are reported refused, never sent
     (a release must not follow a capture line that could not be read). A bad line may name
     another order than it means (columns shifted by a missing value or an open quote, bytes
     not in the file's encoding), so after any bad line every later refund, release and
     cancel is held back too, and then its order's later lines with it.
     """
-    bad: collections.deque[BadLine] = collections.deque()
     # Orders whose later lines wait (all of them), and for the first HELD_LISTED why.
     waiting = SeenSet()
     why_waiting: dict[str, str] = {}
@@ -158,10 +156,10 @@ async def run_batch(
 
     def admit(row: Row) -> BatchItem | None:
         # The row as an item to run (with why it must wait, if it must), or None for a
-        # bad line, kept to be reported.
+        # bad line, reported.
         nonlocal first_bad
         if isinstance(row, BadLine):
-            bad.append(row)
+            report(bad_line_outcome(row))
             if first_bad is None:
                 first_bad = row.line
             if row.order_id is not None:
@@ -197,23 +195,14 @@ async def run_batch(
     def hold(item: BatchItem) -> str | None:
         return holds.pop(item.line if item.line is not None else -1, None)
 
-    def report_bad() -> None:
-        while bad:
-            report(bad_line_outcome(bad.popleft()))
-
     items = good_rows_read() if isinstance(rows, AsyncIterable) else good_rows()
     outcomes = om.run_many(items, concurrency=concurrency, journal=journal, hold=hold)
     try:
         async for outcome in outcomes:
-            report_bad()
             report(outcome)
-    except BatchAbortedError:
-        report_bad()  # read while the rest of the file was counted as not sent
-        raise
     finally:
         # On Ctrl-C (cancellation) the generator's cleanup must cancel its workers now,
         # while the journal is still open, not whenever the generator is collected.
         await outcomes.aclose()
         if isinstance(items, AsyncGenerator):
             await items.aclose()
-    report_bad()
