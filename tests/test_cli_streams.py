@@ -33,6 +33,7 @@ from test_cli_signals import (
     subprocess_env,
 )
 
+from klarna_om_async.cli import _batchfile
 from klarna_om_async.cli._batchfile import (
     MAX_LINE_BYTES,
     BadLine,
@@ -179,6 +180,54 @@ def test_a_line_longer_than_the_limit_is_refused_and_the_lines_after_it_run(
     assert by_line[3]["error"] == f"line 3: the line is longer than {MAX_LINE_BYTES} bytes"
     assert (by_line[2]["status"], by_line[4]["status"]) == ("captured", "captured")
     assert [served.booked(first), served.booked(last)] == [1, 1]
+
+
+class _FailsAfter(io.RawIOBase):
+    """``data``, until ``good`` bytes were read: then the disk fails (EIO)."""
+
+    def __init__(self, data: bytes, good: int) -> None:
+        self.data, self.good, self.at = data, good, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        if self.at >= self.good:
+            raise OSError(5, "Input/output error")
+        n = min(len(buffer), 16, len(self.data) - self.at)
+        buffer[:n] = self.data[self.at : self.at + n]
+        self.at += n
+        return n
+
+
+def test_a_file_that_cannot_be_read_on_ends_the_run_with_the_lines_it_read_done(
+    served: ServedFake, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    orders = [served.add_order(1000) for _ in range(8)]
+    path = tmp_path / "disk.csv"
+    path.write_text("order_id,captured_amount\n" + "".join(f"{o},1000\n" for o in orders))
+    data = path.read_bytes()
+    good = data.index(orders[4].encode())  # lines 2-5 can be read, line 6 cannot
+    failing = lambda *_: io.BufferedReader(_FailsAfter(data, good), buffer_size=16)  # noqa: E731
+    monkeypatch.setattr(_batchfile, "open", failing, raising=False)
+    result = cli(["batch", str(path), "--json"], served)
+    assert result.exit_code == 1, result.output
+    lines = json_lines(result.stdout)
+    assert sorted(o["line"] for o in lines if o["type"] == "outcome") == [2, 3, 4, 5]
+    assert lines[-1]["captured"] == 4
+    assert f"{path}: could not read line 6: Input/output error" in result.stderr
+    assert "the lines after it were not read" in result.stderr
+
+    # Failing at the header, nothing runs: an input error (2), as for a file not found.
+    monkeypatch.setattr(_batchfile, "open", lambda *_: _FailsAfter(data, 0), raising=False)
+    header = cli(["batch", str(path), "--json", "--journal", str(tmp_path / "h.sqlite")], served)
+    assert header.exit_code == 2
+    assert "could not read line 1: Input/output error" in header.stderr
+
+    monkeypatch.undo()  # the disk is back: the rerun skips lines 2-5 and runs the rest
+    rerun = cli(["batch", str(path), "--json"], served)
+    assert rerun.exit_code == 0, rerun.output
+    assert [served.booked(order) for order in orders] == [1] * len(orders)
 
 
 class _Endless(io.RawIOBase):

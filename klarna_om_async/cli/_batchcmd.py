@@ -23,6 +23,7 @@ from ._batchfile import (
     CSV_COLUMNS,
     BatchFileError,
     BatchFormat,
+    BatchReadError,
     Row,
     count_lines,
     detect_format,
@@ -227,6 +228,8 @@ async def _run(settings: _Settings, connection: Connection) -> bool:
     )
     interrupted = completed = False
     stopped: BatchAbortedError | None = None
+    # The file could not be read on, after some of it ran.
+    unread: BatchReadError | None = None
     # The journal's failures: a write mid-batch (a full disk, an I/O error), or its close.
     journal_failed: list[sqlite3.Error | OSError] = []
     # Items the journal holds done, as the batch began and as it ended (see _unlisted).
@@ -250,6 +253,8 @@ async def _run(settings: _Settings, connection: Connection) -> bool:
                     )
                 except BatchAbortedError as error:  # it cannot work: said once, below
                     stopped = error
+                except BatchReadError as error:  # the items it read ran: said below
+                    unread = error
                 except sqlite3.Error as error:
                     if not journal_fault(error):
                         raise  # a bug, not the journal's state: shown as one
@@ -280,6 +285,13 @@ async def _run(settings: _Settings, connection: Connection) -> bool:
             )
     if stopped is not None:
         click.echo(str(stopped), err=True)
+        return False
+    if unread is not None:
+        click.echo(
+            f"{unread}; the lines after it were not read. Once the file can be read, rerun the"
+            " same command: lines done are skipped.",
+            err=True,
+        )
         return False
     if failed is not None:
         click.echo(failed, err=True)

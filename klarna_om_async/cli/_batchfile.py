@@ -73,6 +73,7 @@ __all__ = (
     "BadLineError",
     "BatchFileError",
     "BatchFormat",
+    "BatchReadError",
     "Row",
     "count_lines",
     "detect_format",
@@ -118,6 +119,11 @@ _BOM = "\ufeff"
 
 class BatchFileError(Exception):
     """The file as a whole cannot be read (missing, unknown format, bad header)."""
+
+
+class BatchReadError(BatchFileError):
+    """The file could not be read on from a line (an I/O error): the lines after it are
+    not read. Raised where the reading stops: before the first row, or mid-run."""
 
 
 class BadLineError(ValueError):
@@ -197,8 +203,7 @@ def open_batch(
     if delimiter is not None and len(delimiter) != 1:
         raise BatchFileError(f"the delimiter must be one character, got {delimiter!r}")
     with _opened(path, lambda: open(path, "rb")) as binary:
-        stream = not stat.S_ISREG(os.fstat(binary.fileno()).st_mode)
-        lines = _text_lines(binary, encoding, stream=stream)
+        lines = _text_lines(binary, encoding, stream=is_stream(path), path=path)
         if fmt is BatchFormat.CSV:
             yield _csv_rows(path, lines, delimiter)
         else:
@@ -246,11 +251,14 @@ _Line: TypeAlias = tuple[int, "str | _Unreadable"]
 MAX_LINE_BYTES = 4 * 1024 * 1024
 
 
-def _text_lines(file: IO[bytes], encoding: str, *, stream: bool = False) -> Iterator[_Line]:
+def _text_lines(
+    file: IO[bytes], encoding: str, *, stream: bool = False, path: str = "the file"
+) -> Iterator[_Line]:
     """The file's lines; ``stream``: a last line without a line end is refused, as the
-    stream's writer may have stopped in the middle of it (``O1,50`` of ``O1,5000``)."""
+    stream's writer may have stopped in the middle of it (``O1,50`` of ``O1,5000``).
+    ``BatchReadError`` when a line cannot be read (an I/O error)."""
     number = 0
-    while raw := file.readline(MAX_LINE_BYTES + 2):  # the longest line and its CR LF
+    while raw := _read_line(file, MAX_LINE_BYTES + 2, path, number + 1):  # and its CR LF
         number += 1
         ended = raw.endswith(b"\n")
         raw = raw.removesuffix(b"\n").removesuffix(b"\r")
@@ -258,13 +266,16 @@ def _text_lines(file: IO[bytes], encoding: str, *, stream: bool = False) -> Iter
             yield number, _Unreadable(f"the line is longer than {MAX_LINE_BYTES} bytes")
             # Skipped once reported (a header at once refuses the file): a line that never
             # ends, as /dev/zero's, is then read on until the batch is stopped.
-            while not ended and (rest := file.readline(MAX_LINE_BYTES)):
+            while not ended and (rest := _read_line(file, MAX_LINE_BYTES, path, number)):
                 ended = rest.endswith(b"\n")
             continue
         if stream and not ended and raw.strip():
-            yield number, _Unreadable(
-                "the stream ended in the middle of this line (no line end after it), which may"
-                " be cut short: not sent"
+            yield (
+                number,
+                _Unreadable(
+                    "the stream ended in the middle of this line (no line end after it), which may"
+                    " be cut short: not sent"
+                ),
             )
             continue
         try:
@@ -280,6 +291,15 @@ def _text_lines(file: IO[bytes], encoding: str, *, stream: bool = False) -> Iter
             )
             continue
         yield number, text.removeprefix(_BOM) if number == 1 else text
+
+
+def _read_line(file: IO[bytes], size: int, path: str, number: int) -> bytes:
+    try:
+        return file.readline(size)
+    except OSError as error:
+        raise BatchReadError(
+            f"{path}: could not read line {number}: {error.strerror or error}"
+        ) from error
 
 
 # --- CSV -------------------------------------------------------------------------------------
