@@ -39,6 +39,7 @@ from klarna_om_async.cli._batchfile import (
     BadLine,
     BadLineError,
     BatchFileError,
+    BatchReadError,
     Row,
     _csv_rows,
     _jsonl_rows,
@@ -293,6 +294,19 @@ def test_a_header_longer_than_the_limit_refuses_the_file_at_once() -> None:
     with pytest.raises(BatchFileError, match="line 1: cannot read the header: the line is long"):
         _csv_rows("/dev/zero", lines, None)
     assert sum(raw.sizes) <= MAX_LINE_BYTES + 2 + 65536  # the first line's worth, no more
+
+
+def test_a_line_without_end_ends_the_reading_after_its_first_64_mib() -> None:
+    raw = _Endless()
+    raw.left = 10**15  # as good as /dev/zero
+    lines = _text_lines(io.BufferedReader(raw, buffer_size=65536), "utf-8", path="/dev/zero")
+    rows = _jsonl_rows(lines)
+    first = next(rows)  # refused at once, before its rest is read
+    assert isinstance(first, BadLine)
+    assert "longer than" in str(first.error)
+    with pytest.raises(BatchReadError, match="line 1 has no end in its first 64 MiB"):
+        next(rows)
+    assert sum(raw.sizes) <= 65 * 2**20
 
 
 def test_only_a_stream_refuses_a_last_line_without_its_end() -> None:

@@ -288,8 +288,8 @@ async def _run(settings: _Settings, connection: Connection) -> bool:
         return False
     if unread is not None:
         click.echo(
-            f"{unread}; the lines after it were not read. Once the file can be read, rerun the"
-            " same command: lines done are skipped.",
+            f"{unread}; the lines after it were not read. Rerun the same command once that"
+            " is fixed: the lines done are skipped.",
             err=True,
         )
         return False

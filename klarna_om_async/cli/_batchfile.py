@@ -249,6 +249,8 @@ _Line: TypeAlias = tuple[int, "str | _Unreadable"]
 #: ``/dev/zero``), and reading it whole would take memory without end. It is refused, as a
 #: line that cannot be read, and skipped a piece at a time.
 MAX_LINE_BYTES = 4 * 1024 * 1024
+# A line this long ends the reading: no batch file holds one.
+_SKIPPED_AT_MOST = 16 * MAX_LINE_BYTES
 
 
 def _text_lines(
@@ -264,10 +266,16 @@ def _text_lines(
         raw = raw.removesuffix(b"\n").removesuffix(b"\r")
         if len(raw) > MAX_LINE_BYTES:
             yield number, _Unreadable(f"the line is longer than {MAX_LINE_BYTES} bytes")
-            # Skipped once reported (a header at once refuses the file): a line that never
-            # ends, as /dev/zero's, is then read on until the batch is stopped.
+            # Skipped once reported (a header at once refuses the file), up to a point: a
+            # line that never ends (/dev/zero) would be read on until the batch is stopped.
+            skipped = len(raw)
             while not ended and (rest := _read_line(file, MAX_LINE_BYTES, path, number)):
-                ended = rest.endswith(b"\n")
+                ended, skipped = rest.endswith(b"\n"), skipped + len(rest)
+                if skipped > _SKIPPED_AT_MOST:
+                    raise BatchReadError(
+                        f"{path}: line {number} has no end in its first"
+                        f" {_SKIPPED_AT_MOST >> 20} MiB: this is no batch file"
+                    )
             continue
         if stream and not ended and raw.strip():
             yield (
