@@ -46,7 +46,7 @@ class _Rows:
         try:
             with open_rows() as rows:
                 opened = True
-                self._call(_resolve, self.opened, None)
+                self._resolve_soon(self.opened)
                 for row in rows:
                     if not self._put(row):
                         return
@@ -55,7 +55,7 @@ class _Rows:
             if opened:
                 self._end(error)
             else:
-                self._call(_resolve, self.opened, error)
+                self._resolve_soon(self.opened, error)
 
     def _put(self, row: Row) -> bool:
         with self._lock:
@@ -66,7 +66,7 @@ class _Rows:
             self._rows.append(row)
             waiter, self._waiter = self._waiter, None
         if waiter is not None:
-            self._call(_resolve, waiter, None)
+            self._resolve_soon(waiter)
         return True
 
     def _end(self, error: BaseException | None) -> None:
@@ -74,16 +74,13 @@ class _Rows:
             self._done, self._error = True, error
             waiter, self._waiter = self._waiter, None
         if waiter is not None:
-            self._call(_resolve, waiter, None)
+            self._resolve_soon(waiter)
 
-    def _call(
-        self,
-        resolve: Callable[[asyncio.Future[None], BaseException | None], None],
-        future: asyncio.Future[None],
-        error: BaseException | None,
+    def _resolve_soon(
+        self, future: asyncio.Future[None], error: BaseException | None = None
     ) -> None:
         with contextlib.suppress(RuntimeError):  # the loop closed: nobody is waiting
-            self._loop.call_soon_threadsafe(resolve, future, error)
+            self._loop.call_soon_threadsafe(_resolve, future, error)
 
     # --- on the event loop ---
 
@@ -129,8 +126,9 @@ async def read_rows(
     """``open_rows()`` (``open_batch``'s context) entered and read on a daemon thread.
 
     Gives the rows as an async iterator once the file is open (a ``BatchFileError`` about
-    the whole file is raised here, before any row); an error reading on (an ``OSError``)
-    is raised by the iterator after the rows read before it. Closing it stops the reading.
+    the whole file is raised here, before any row); an error reading on (a
+    ``BatchReadError``) is raised by the iterator after the rows read before it. Closing
+    it stops the reading.
     """
     rows = _Rows(asyncio.get_running_loop())
     # A daemon: a read blocked on a stream nobody writes to never holds up the exit.
