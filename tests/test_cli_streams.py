@@ -338,7 +338,7 @@ def test_the_reader_reads_at_most_read_ahead_rows_before_the_batch_takes_them() 
     made: list[int] = []
 
     async def main() -> None:
-        async with read_rows(lambda: contextlib.nullcontext(_rows(made))) as rows:
+        async with read_rows(lambda _stop: contextlib.nullcontext(_rows(made))) as rows:
             taken = 0
             async for row in rows:
                 taken += 1
@@ -354,7 +354,7 @@ def test_the_reader_reads_at_most_read_ahead_rows_before_the_batch_takes_them() 
 
 def test_the_reader_raises_a_file_error_on_entry_and_a_later_error_after_the_rows() -> None:
     @contextlib.contextmanager
-    def broken_open() -> Iterator[Iterator[Row]]:
+    def broken_open(_stop: threading.Event) -> Iterator[Iterator[Row]]:
         raise BatchFileError("x.csv: line 1: cannot read the header")
         yield iter(())
 
@@ -369,7 +369,7 @@ def test_the_reader_raises_a_file_error_on_entry_and_a_later_error_after_the_row
         seen: list[int] = []
 
         async def read_all() -> None:
-            async with read_rows(lambda: contextlib.nullcontext(failing())) as rows:
+            async with read_rows(lambda _stop: contextlib.nullcontext(failing())) as rows:
                 async for row in rows:
                     assert isinstance(row, BadLine)
                     seen.append(row.line)
@@ -379,3 +379,27 @@ def test_the_reader_raises_a_file_error_on_entry_and_a_later_error_after_the_row
         return seen
 
     assert asyncio.run(main()) == [1]
+
+
+def test_the_reader_stops_at_the_next_line_once_the_batch_takes_no_more() -> None:
+    # Blank lines without end (`yes ""`): they give no row, so the thread would never come
+    # to hand one over and see that no more are wanted.
+    class Blank(io.RawIOBase):
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+            buffer[: len(buffer)] = b"\n" * len(buffer)
+            return len(buffer)
+
+    def blank_lines(stop: threading.Event) -> contextlib.nullcontext[Iterator[Row]]:
+        return contextlib.nullcontext(_jsonl_rows(_text_lines(Blank(), "utf-8", stop=stop)))
+
+    async def main() -> threading.Thread:
+        async with read_rows(blank_lines):
+            [reader] = [t for t in threading.enumerate() if t.name == "klarna-om batch file"]
+        return reader
+
+    reader = asyncio.run(main())
+    reader.join(timeout=30)
+    assert not reader.is_alive()

@@ -10,7 +10,9 @@ import asyncio
 import contextlib
 import sqlite3
 import sys
+import threading
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
+from contextlib import AbstractContextManager
 from typing import Literal
 
 import attrs
@@ -317,9 +319,13 @@ def _journal_failed(settings: _Settings, error: sqlite3.Error | OSError) -> str:
 async def _rows(settings: _Settings) -> AsyncIterator[Iterable[Row] | AsyncIterable[Row]]:
     """The file's rows; ``BatchFileError`` (on entry) when the file as a whole is unusable."""
 
-    def opened() -> contextlib.AbstractContextManager[Iterator[Row]]:
+    def opened(stop: threading.Event | None = None) -> AbstractContextManager[Iterator[Row]]:
         return open_batch(
-            settings.path, settings.fmt, encoding=settings.encoding, delimiter=settings.delimiter
+            settings.path,
+            settings.fmt,
+            encoding=settings.encoding,
+            delimiter=settings.delimiter,
+            stop=stop,
         )
 
     if _stream(settings.path):
@@ -329,7 +335,7 @@ async def _rows(settings: _Settings) -> AsyncIterator[Iterable[Row] | AsyncItera
             yield read
     else:
         # A file's reads never wait long: on the loop, where they cost least (handing rows
-        # over from a thread woke the loop for each one: a third more CPU for a rerun).
+        # over from a thread cost a rerun a third more CPU).
         with opened() as rows:
             yield rows
 

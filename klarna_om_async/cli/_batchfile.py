@@ -46,6 +46,7 @@ import json
 import os
 import re
 import stat
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import IO, TypeAlias, TypeVar
 
@@ -187,13 +188,19 @@ def count_lines(path: str) -> int | None:
 
 @contextlib.contextmanager
 def open_batch(
-    path: str, fmt: BatchFormat, *, encoding: str = "utf-8", delimiter: str | None = None
+    path: str,
+    fmt: BatchFormat,
+    *,
+    encoding: str = "utf-8",
+    delimiter: str | None = None,
+    stop: threading.Event | None = None,
 ) -> Iterator[Iterator[Row]]:
     """Open ``path`` and give an iterator of its rows, read one line at a time.
 
     ``encoding`` must keep ASCII bytes as they are (utf-8, cp1252, latin-1, ...); a UTF-8
     byte order mark is skipped. ``delimiter`` separates CSV columns; by default it is
-    recognised from the header (``,``, ``;``, tab or ``|``).
+    recognised from the header (``,``, ``;``, tab or ``|``). Once ``stop`` is set the rows
+    end at the next line (another thread reading the file stops there).
 
     Problems with the whole file (cannot be opened, an unusable encoding, a CSV header that
     cannot be read or lacks the required columns, has unknown or duplicate ones) raise
@@ -203,7 +210,7 @@ def open_batch(
     if delimiter is not None and len(delimiter) != 1:
         raise BatchFileError(f"the delimiter must be one character, got {delimiter!r}")
     with _opened(path, lambda: open(path, "rb")) as binary:
-        lines = _text_lines(binary, encoding, stream=is_stream(path), path=path)
+        lines = _text_lines(binary, encoding, stream=is_stream(path), path=path, stop=stop)
         if fmt is BatchFormat.CSV:
             yield _csv_rows(path, lines, delimiter)
         else:
@@ -254,13 +261,21 @@ _SKIPPED_AT_MOST = 16 * MAX_LINE_BYTES
 
 
 def _text_lines(
-    file: IO[bytes], encoding: str, *, stream: bool = False, path: str = "the file"
+    file: IO[bytes],
+    encoding: str,
+    *,
+    stream: bool = False,
+    path: str = "the file",
+    stop: threading.Event | None = None,
 ) -> Iterator[_Line]:
     """The file's lines; ``stream``: a last line without a line end is refused, as the
     stream's writer may have stopped in the middle of it (``O1,50`` of ``O1,5000``).
-    ``BatchReadError`` when a line cannot be read (an I/O error)."""
+    ``BatchReadError`` when a line cannot be read (an I/O error). They end once ``stop``
+    is set (blank lines give no row, so a reader thread would not see it otherwise)."""
     number = 0
     while raw := _read_line(file, MAX_LINE_BYTES + 2, path, number + 1):  # and its CR LF
+        if stop is not None and stop.is_set():
+            return
         number += 1
         ended = raw.endswith(b"\n")
         raw = raw.removesuffix(b"\n").removesuffix(b"\r")

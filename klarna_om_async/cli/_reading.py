@@ -13,6 +13,9 @@ from ._batchfile import Row
 
 __all__ = ("read_rows",)
 
+# open_batch(..., stop=stop), given the event that ends its reading.
+_Opener = Callable[[threading.Event], AbstractContextManager[Iterator[Row]]]
+
 #: Rows read ahead of the batch at most: memory stays bounded for a stream of any length,
 #: and of any line length (a row may hold a line of up to 4 MiB).
 READ_AHEAD = 16
@@ -35,16 +38,17 @@ class _Rows:
         self._waiter: asyncio.Future[None] | None = None  # the loop, waiting for a row
         self._done = False  # the thread read the last row, or failed
         self._error: BaseException | None = None  # why it failed after the file opened
-        self._stopped = False  # the batch took its last row: the thread stops reading
+        #: Set when the batch takes no more rows: the thread stops reading at its next line.
+        self.stopped = threading.Event()
         #: Resolved once the file is open and its header checked, or with why it is not.
         self.opened: asyncio.Future[None] = loop.create_future()
 
     # --- on the reader thread ---
 
-    def read(self, open_rows: Callable[[], AbstractContextManager[Iterator[Row]]]) -> None:
+    def read(self, open_rows: _Opener) -> None:
         opened = False
         try:
-            with open_rows() as rows:
+            with open_rows(self.stopped) as rows:
                 opened = True
                 self._resolve_soon(self.opened)
                 for row in rows:
@@ -59,9 +63,9 @@ class _Rows:
 
     def _put(self, row: Row) -> bool:
         with self._lock:
-            while len(self._rows) >= READ_AHEAD and not self._stopped:
+            while len(self._rows) >= READ_AHEAD and not self.stopped.is_set():
                 self._lock.wait()
-            if self._stopped:
+            if self.stopped.is_set():
                 return False
             self._rows.append(row)
             waiter, self._waiter = self._waiter, None
@@ -105,7 +109,7 @@ class _Rows:
         """No more rows are wanted; the thread stops at its next row (a read it is blocked
         in ends when the stream gives a line, or the process exits: the thread is a daemon)."""
         with self._lock:
-            self._stopped = True
+            self.stopped.set()
             self._rows.clear()
             self._lock.notify()
 
@@ -120,10 +124,9 @@ def _resolve(future: asyncio.Future[None], error: BaseException | None) -> None:
 
 
 @contextlib.asynccontextmanager
-async def read_rows(
-    open_rows: Callable[[], AbstractContextManager[Iterator[Row]]],
-) -> AsyncIterator[AsyncIterator[Row]]:
-    """``open_rows()`` (``open_batch``'s context) entered and read on a daemon thread.
+async def read_rows(open_rows: _Opener) -> AsyncIterator[AsyncIterator[Row]]:
+    """``open_rows(stop)`` (``open_batch``'s context; ``stop`` is set once no more rows are
+    wanted, and ends its reading at the next line) entered and read on a daemon thread.
 
     Gives the rows as an async iterator once the file is open (a ``BatchFileError`` about
     the whole file is raised here, before any row); an error reading on (a

@@ -132,7 +132,7 @@ async def run_batch(
 
     ``rows`` (or an async iterator of them: see ``_reading``) is consumed lazily by
     ``run_many``'s workers; bad lines never reach it, so nothing is sent for them, and
-    their outcomes are reported as the reading passes them: at once, for a stream's writer
+    their outcomes are reported as the batch takes them: at once, for a stream's writer
     may say nothing more for a long while, or a signal end the run, before another item
     ends. A bad line holds its order's later lines back, as ``run_many`` holds back an order's
     later items after one that did not end done: they are reported refused, never sent
