@@ -1,11 +1,13 @@
-"""`klarna-om batch` fed by a stream (`producer | klarna-om batch /dev/stdin`), and lines that
-never end.
+"""`klarna-om batch` fed by a stream (`producer | klarna-om batch /dev/stdin`), lines that
+never end, and files that cannot be read on.
 
 A stream's lines come when its writer writes them. Read on the event loop, a read waiting
 for the next line held back everything else: the lines already read were not sent, and
-Ctrl-C or SIGTERM were not handled until the writer wrote again (or closed the stream). The
-rows are read on a thread of their own instead. A line longer than ``MAX_LINE_BYTES`` (a
-binary file, ``/dev/zero``) is refused as a bad line, read a piece at a time.
+Ctrl-C or SIGTERM were not handled until the writer wrote again (or closed the stream). A
+stream's rows are read on a thread of their own instead, and its last line without an end
+(its writer stopped in the middle) is refused. A line longer than ``MAX_LINE_BYTES`` (a
+binary file, ``/dev/zero``) is refused as a bad line, read a piece at a time; an I/O error
+ends the reading with the lines read before it done.
 """
 
 from __future__ import annotations
