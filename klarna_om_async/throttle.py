@@ -1075,9 +1075,9 @@ class ThrottleMiddleware:
         remaining = header_number(headers.get(_REMAINING))
         reset = reset_after(headers)
         if remaining is not None and remaining <= 0 and reset is not None:
-            pause = min(reset, self._max_pause)
-            self._resume_at = max(self._resume_at, self._clock() + pause)
-            self._paused(self._clock())
+            now = self._clock()
+            self._resume_at = max(self._resume_at, now + min(reset, self._max_pause))
+            self._paused(now)
 
     def _learn_limit(self, limit: float) -> None:
         """Pace at ``limit`` (requests per second, as Klarna counts), which Klarna stated."""
