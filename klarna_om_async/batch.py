@@ -133,26 +133,42 @@ class BatchAbortedError(KlarnaError):
     Raised by ``capture_many`` after it has yielded the outcome of every item it started.
     ``cause`` is the error that stopped it: an ``AuthenticationError`` (401: every item would
     be refused), or the ``KlarnaConnectionError`` of the last of ``UNREACHABLE_ITEMS`` items in
-    a row that could not connect (nothing sent). The source was then read to its end without
-    sending anything: ``not_sent_count`` counts those items and ``not_sent`` names the first
-    ``NOT_SENT_LISTED`` of them (by ``item_key``; a batch of a million items must not hold a
-    million names). They were never claimed in the journal, so a rerun of the same source
-    sends them as new items, each exactly once, and skips the items already captured.
+    a row that could not connect (nothing sent). A plain iterable (a list, a file read on the
+    loop) was then read to its end without sending anything: ``not_sent_count`` counts those
+    items and ``not_sent`` names the first ``NOT_SENT_LISTED`` of them (by ``item_key``; a
+    batch of a million items must not hold a million names). An async iterable is read no
+    further (``not_sent_count`` is None, ``not_sent`` empty): its reads may wait without end
+    (a stream whose producer never closes it, a queue consumer), so a read in progress is
+    cancelled, and what it did not yield stays with its source (a source read once should
+    lose nothing to a cancelled read, as ``asyncio.Queue.get`` does). Items not sent were
+    never claimed in the journal, so a rerun of the same source sends them as new items,
+    each exactly once, and skips the items already captured.
     """
 
     def __init__(
-        self, cause: KlarnaError, not_sent: tuple[str, ...], not_sent_count: int | None = None
+        self,
+        cause: KlarnaError,
+        not_sent: tuple[str, ...],
+        not_sent_count: int | None = None,
+        *,
+        source_read: bool = True,
     ) -> None:
         #: The failure that stopped the batch.
         self.cause = cause
         #: ``item_key`` of the first ``NOT_SENT_LISTED`` items the batch did not send, in
-        #: source order.
+        #: source order (empty when the source was not read to its end).
         self.not_sent = not_sent
-        #: How many items the batch did not send.
-        self.not_sent_count = len(not_sent) if not_sent_count is None else not_sent_count
-        super().__init__(
-            f"stopped: {self.reason}; {self.not_sent_count} items not sent; {self.advice}"
+        #: How many items the batch did not send; None when the rest of the source (an async
+        #: iterable) was not read.
+        self.not_sent_count: int | None = (
+            None if not source_read else len(not_sent) if not_sent_count is None else not_sent_count
         )
+        unsent = (
+            "the rest of the source was not read"
+            if self.not_sent_count is None
+            else f"{self.not_sent_count} items not sent"
+        )
+        super().__init__(f"stopped: {self.reason}; {unsent}; {self.advice}")
 
     @property
     def reason(self) -> str:
@@ -510,15 +526,14 @@ class _Run:
                 items
             )
             self._lock = asyncio.Lock()  # an async generator must not be advanced concurrently
+            self._dry = False  # the async source said it has no more items
+            # The worker waiting for the async source's next item, if any; and the one whose
+            # wait the batch cut short as it stopped (see _stop_reading).
+            self._reading: asyncio.Task[Any] | None = None
+            self._cut: asyncio.Task[Any] | None = None
         else:
             self._iter = iter(items)
             self._aiter = None
-
-    async def _next_raw(self) -> BatchItem | tuple[str, OperationRequest] | None:
-        if self._aiter is None:
-            return next(self._iter, None)
-        async with self._lock:
-            return await anext(self._aiter, None)
 
     def _stopped(self) -> bool:
         return self.error is not None or self.abort is not None
@@ -553,9 +568,22 @@ class _Run:
             async with self._lock:
                 if self._stopped():  # while this worker waited for its turn at the source
                     return None
-                raw = await anext(self._aiter, None)
+                self._reading = task = asyncio.current_task()
+                try:
+                    raw = await anext(self._aiter, None)
+                except asyncio.CancelledError:
+                    if self._uncut(task):
+                        return None  # the batch stopped while the source had nothing yet
+                    raise
+                finally:
+                    self._reading = None
+                # A source that swallowed the cut made an item: it is run, as below.
+                self._uncut(task)
+                if raw is None:
+                    self._dry = True
             # An item the source made as the run stopped is run all the same, as one taken
-            # before it: a source read once must not lose it.
+            # before it: a source read once must not lose it. (A wait for an item it has not
+            # made yet is cut short: see _stop_reading.)
             _stop_if_cancelled()
         return None if raw is None else _as_item(raw)
 
@@ -615,6 +643,7 @@ class _Run:
                 await outcomes.put(unfinished)
             if self.error is None:
                 self.error = stop
+                self._stop_reading()
         # Every worker ends with a None, or the batch waits for it forever.
         _stop_if_cancelled()
         await outcomes.put(None)
@@ -624,18 +653,46 @@ class _Run:
         error = outcome.error
         if isinstance(error, AuthenticationError):
             self.abort = self.abort or error
+            self._stop_reading()
         elif isinstance(error, KlarnaConnectionError) and not error.outcome_unknown:
             self._unreachable += 1
             if self._unreachable >= UNREACHABLE_ITEMS:
                 self.abort = self.abort or error
+                self._stop_reading()
         elif outcome.attempts:
             self._unreachable = 0  # Klarna answered (or may have): the host is reachable
 
-    async def not_sent(self) -> tuple[tuple[str, ...], int]:
-        """Read the rest of the source without sending: the first ``item_key``s and the count."""
+    def _stop_reading(self) -> None:
+        """Cut short a worker's wait for the async source's next item: the batch stopped.
+
+        A source's read may wait without end (a stream whose producer is silent, a queue
+        consumer); the batch waited for it, then ran the item it made. The wait is
+        cancelled instead (``CancelledError`` at the source's ``await``, as ``aclose()``
+        does): what the source had not yet made stays with it.
+        """
+        reading = self._reading if self._aiter is not None else None
+        if reading is not None and reading is not asyncio.current_task() and self._cut is None:
+            self._cut = reading
+            reading.cancel()
+
+    def _uncut(self, task: asyncio.Task[Any] | None) -> bool:
+        """Take back the cut of ``task``'s wait; whether nothing else cancels it."""
+        if task is None or self._cut is not task:
+            return False
+        self._cut = None
+        return not task.uncancel()
+
+    def not_sent(self) -> tuple[tuple[str, ...], int] | None:
+        """Read the rest of the source without sending: the first ``item_key``s and the count.
+
+        None for an async source not yet run dry: it is not read further, as its reads may
+        wait without end (see ``BatchAbortedError``).
+        """
+        if self._aiter is not None:
+            return None if not self._dry else ((), 0)
         keys: list[str] = []
         count = 0
-        while (raw := await self._next_raw()) is not None:
+        while (raw := next(self._iter, None)) is not None:
             count += 1
             if len(keys) < NOT_SENT_LISTED:
                 try:
@@ -1365,7 +1422,10 @@ async def _engine(
         if run.error is not None:
             raise run.error
         if run.abort is not None:
-            not_sent, count = await run.not_sent()
+            rest = run.not_sent()
+            if rest is None:
+                raise BatchAbortedError(run.abort, (), source_read=False)
+            not_sent, count = rest
             if count:  # every item has its outcome otherwise: nothing to stop
                 raise BatchAbortedError(run.abort, not_sent, count)
     except BaseException as error:

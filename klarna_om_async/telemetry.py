@@ -757,7 +757,7 @@ class _BatchSpan:
             ended["klarna.batch.stopped_early"] = True
         elif error is not None:
             ended["error.type"] = _error_type(error)
-            if isinstance(error, BatchAbortedError):
+            if isinstance(error, BatchAbortedError) and error.not_sent_count is not None:
                 ended["klarna.batch.not_sent"] = error.not_sent_count
             span.record_exception(error)
             span.set_status(StatusCode.ERROR)

@@ -639,9 +639,9 @@ async def test_after_a_failure_workers_take_no_new_item_from_an_async_source(
     om: KlarnaOM, fake: FakeKlarna
 ) -> None:
     # Workers waiting for their turn at an async source took their item after a journal
-    # failure, and claimed and sent it: the run had said it stops taking items. The item the
-    # source was making as the run failed is still run and reported: a source read once
-    # must not lose it.
+    # failure, and claimed and sent it: the run had said it stops taking items. The worker
+    # waiting for the source's next item has its wait cut short (the source may never make
+    # it): the source is cancelled there, and what it had not yet made stays with it.
     items = full(fake, [100] * 3)
     failed = asyncio.Event()
     made: list[str] = []
@@ -653,17 +653,23 @@ async def test_after_a_failure_workers_take_no_new_item_from_an_async_source(
             finally:
                 failed.set()
 
+    cut: list[int] = []
+
     async def source() -> AsyncIterator[tuple[str, CaptureRequest]]:
         for index, item in enumerate(items):
             if index == 1:
-                await failed.wait()  # one worker waits here, another for its turn
+                try:
+                    await failed.wait()  # one worker waits here, another for its turn
+                except asyncio.CancelledError:
+                    cut.append(index)
+                    raise
             made.append(item[0])
             yield item
 
     seen: list[CaptureOutcome] = []
     with pytest.raises(OSError, match="No space left"):
         await into(seen, om.capture_many(source(), concurrency=3, journal=Failing(recorded=0)))
-    assert made == [order_id for order_id, _ in items[:2]]
+    assert (made, cut) == ([items[0][0]], [1])
     assert [o.order_id for o in seen] == made
     assert [c.order_id for c in fake.booked_captures] == made
 
@@ -739,19 +745,26 @@ def test_workers_closed_with_their_loop_after_a_system_exit_say_nothing() -> Non
     assert "no running event loop" not in run.stderr
 
 
-async def test_a_stopped_batch_reports_the_item_an_async_source_made_meanwhile(
+async def test_a_stopped_batch_cuts_short_its_wait_for_an_async_source_s_next_item(
     fake: FakeKlarna,
 ) -> None:
-    # After a 401 the batch stops. The item the source was making then is run and reported
-    # (a source read once must not lose it); the workers waiting for their turn take none,
-    # and the rest is counted as not sent.
+    # After a 401 the batch stops. It waited for the item the source was making (which may
+    # never come: a queue consumer, a stream whose producer is silent), then read the rest
+    # of the source to count it. Now the wait is cancelled and nothing more is read.
     items = full(fake, [100] * 4)
     aborted = asyncio.Event()
+    made: list[str] = []
+    cut: list[int] = []
 
     async def source() -> AsyncIterator[tuple[str, CaptureRequest]]:
         yield items[0]
-        await aborted.wait()
+        try:
+            await aborted.wait()
+        except asyncio.CancelledError:
+            cut.append(1)
+            raise
         for item in items[1:]:
+            made.append(item[0])
             yield item
 
     policy = RetryPolicy(max_attempts=1)
@@ -760,10 +773,52 @@ async def test_a_stopped_batch_reports_the_item_an_async_source_made_meanwhile(
         batch = om.capture_many(source(), concurrency=3, on_progress=lambda _: aborted.set())
         with pytest.raises(BatchAbortedError) as raised:
             await into(seen, batch)
-    assert [o.order_id for o in seen] == [order_id for order_id, _ in items[:2]]
+    assert ([o.order_id for o in seen], made, cut) == ([items[0][0]], [], [1])
     assert {o.status for o in seen} == {CaptureStatus.REFUSED}
-    assert raised.value.not_sent == tuple(order_id for order_id, _ in items[2:])
-    assert sum(r.method == "POST" for r in fake.requests) == 2
+    assert (raised.value.not_sent, raised.value.not_sent_count) == ((), None)
+    assert "; the rest of the source was not read; fix the credentials" in str(raised.value)
+    assert sum(r.method == "POST" for r in fake.requests) == 1
+
+
+@pytest.mark.parametrize("concurrency", [1, 2])
+async def test_a_stopped_batch_does_not_wait_for_an_async_source_that_never_ends(
+    fake: FakeKlarna, concurrency: int
+) -> None:
+    # A queue consumer after a 401: the batch read it on to count what it did not send,
+    # waiting forever and taking its messages. With two workers, one waits in the queue.
+    items = full(fake, [100] * 3)
+    waiting: asyncio.Queue[tuple[str, CaptureRequest]] = asyncio.Queue()
+    waiting.put_nowait(items[0])
+
+    async def consumer() -> AsyncIterator[tuple[str, CaptureRequest]]:
+        while True:
+            yield await waiting.get()
+
+    policy = RetryPolicy(max_attempts=1)
+    seen: list[CaptureOutcome] = []
+    async with KlarnaOM(fake.username, "wrong", base_url=fake.base_url, retry=policy) as om:
+        batch = om.capture_many(consumer(), concurrency=concurrency)
+        with pytest.raises(BatchAbortedError) as raised:
+            # A guard against the hang this test is about, not a timing: it ends at once.
+            await asyncio.wait_for(into(seen, batch), 30)
+    assert raised.value.not_sent_count is None
+    assert [o.order_id for o in seen] == [items[0][0]]
+    for item in items[1:]:  # messages sent to the queue later stay in it
+        waiting.put_nowait(item)
+    assert [waiting.get_nowait()[0] for _ in items[1:]] == [i[0] for i in items[1:]]
+
+
+async def test_a_stopped_batch_counts_the_rest_of_a_plain_iterable(fake: FakeKlarna) -> None:
+    items = full(fake, [100] * 5)
+    policy = RetryPolicy(max_attempts=1)
+    seen: list[CaptureOutcome] = []
+    async with KlarnaOM(fake.username, "wrong", base_url=fake.base_url, retry=policy) as om:
+        with pytest.raises(BatchAbortedError) as raised:
+            await into(seen, om.capture_many(iter(items), concurrency=1))
+    assert [o.order_id for o in seen] == [items[0][0]]
+    assert raised.value.not_sent_count == 4
+    assert raised.value.not_sent == tuple(order_id for order_id, _ in items[1:])
+    assert "; 4 items not sent; fix the credentials and rerun" in str(raised.value)
 
 
 async def test_a_broken_source_surfaces_after_started_items_finish(

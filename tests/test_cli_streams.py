@@ -54,7 +54,9 @@ __all__ = ("served",)  # the fixture, imported for these tests
 posix = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
 
-def batch_from_stdin(served: ServedFake, journal: Path) -> subprocess.Popen[str]:
+def batch_from_stdin(
+    served: ServedFake, journal: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
     """`producer | klarna-om batch /dev/stdin`, the test as the producer (its stdin pipe)."""
     args = ["batch", "/dev/stdin", "--format", "csv", "--journal", str(journal), "--json"]
     return subprocess.Popen(
@@ -63,7 +65,7 @@ def batch_from_stdin(served: ServedFake, journal: Path) -> subprocess.Popen[str]
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=subprocess_env(served.fake.base_url),
+        env=subprocess_env(served.fake.base_url) | (env or {}),
     )
 
 
@@ -108,6 +110,35 @@ def test_a_stream_s_lines_are_sent_while_its_writer_is_silent_and_a_signal_stops
     summary = orjson.loads(printed.get(timeout=30))
     assert (summary["captured"], summary["items"], summary["interrupted"]) == (2, 2, True)
     assert [served.booked(order) for order in orders] == [1, 1]
+
+
+def test_a_batch_stopped_by_a_401_does_not_read_on_a_stream_that_stays_open(
+    served: ServedFake, tmp_path: Path
+) -> None:
+    # It read the rest of the stream to count what it did not send: with a producer that
+    # keeps the stream open, it never ended.
+    orders = [served.add_order(1000) for _ in range(2)]
+    env = {"KLARNA_PASSWORD": "wrong-pw"}
+    command = batch_from_stdin(served, tmp_path / "stream.journal.sqlite", env)
+    with command:
+        try:
+            assert command.stdin is not None
+            command.stdin.write("order_id,captured_amount\n")
+            command.stdin.writelines(f"{order},1000\n" for order in orders)
+            command.stdin.flush()  # ... and the stream stays open
+            command.wait(timeout=60)
+            assert command.stdout is not None
+            assert command.stderr is not None
+            printed, stderr = command.stdout.read(), command.stderr.read()
+        finally:
+            kill_if_running(command)
+    assert command.returncode == 1, stderr
+    assert "(401); the rest of the source was not read; fix the credentials" in stderr
+    *outcomes, summary = json_lines(printed)
+    assert {o["status"] for o in outcomes} == {"refused"}
+    assert summary["not_sent"] is None
+    assert "; the rest of the source was not read; " in summary["stopped"]
+    assert [served.booked(order) for order in orders] == [0, 0]
 
 
 @posix

@@ -414,10 +414,12 @@ def _finish(
     if failed is not None:
         notes.append(failed)
     if stopped is not None:
-        notes.append(
-            f"Stopped early: {stopped.not_sent_count} items were not sent (not claimed in the"
-            " journal); the rerun sends them."
+        unsent = (
+            "the rest of the stream was not read"
+            if stopped.not_sent_count is None
+            else f"{stopped.not_sent_count} items were not sent"
         )
+        notes.append(f"Stopped early: {unsent} (not claimed in the journal); the rerun sends them.")
     if view.tally.counts[CaptureStatus.FAILED]:
         notes.append(
             "Some outcomes are unknown (failed): rerun the same command to finish them "
