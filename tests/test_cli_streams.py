@@ -42,12 +42,14 @@ from klarna_om_async.cli._batchfile import (
     BadLineError,
     BatchFileError,
     BatchReadError,
-    Row,
+    Line,
+    Parse,
     _csv_rows,
+    _jsonl_row_of,
     _jsonl_rows,
     _text_lines,
 )
-from klarna_om_async.cli._reading import READ_AHEAD, read_rows
+from klarna_om_async.cli._reading import READ_AHEAD, READ_AHEAD_CHARS, read_rows
 
 __all__ = ("served",)  # the fixture, imported for these tests
 
@@ -354,32 +356,44 @@ def test_only_a_stream_refuses_a_last_line_without_its_end() -> None:
 # -- read_rows: the reader thread ----------------------------------------------------------------
 
 
-def _rows(made: list[int]) -> Iterator[Row]:
-    """Rows without end, each noted in ``made`` as the reader thread takes it."""
+def _lines(made: list[int], text: str = "x") -> Iterator[Line]:
+    """Lines without end, each noted in ``made`` as the reader thread reads it."""
     line = 0
     while True:
         line += 1
         made.append(line)
-        yield _bad(line)
+        yield line, text
 
 
-def _bad(line: int) -> BadLine:
+def _bad(numbered: Line) -> BadLine:
+    line = numbered[0]
     return BadLine(line, None, BadLineError(line, None, "test"))
 
 
-def test_the_reader_reads_at_most_read_ahead_rows_before_the_batch_takes_them() -> None:
+def _opened(lines: Iterator[Line]) -> contextlib.nullcontext[tuple[Parse, Iterator[Line]]]:
+    return contextlib.nullcontext((_bad, lines))
+
+
+@pytest.mark.parametrize(
+    ("text", "ahead"),
+    [("x", READ_AHEAD), ("x" * (READ_AHEAD_CHARS // 8), 8)],
+    ids=["lines", "characters"],
+)
+def test_the_reader_reads_at_most_read_ahead_lines_before_the_batch_takes_them(
+    text: str, ahead: int
+) -> None:
     made: list[int] = []
 
     async def main() -> None:
-        async with read_rows(lambda _stop: contextlib.nullcontext(_rows(made))) as rows:
+        async with read_rows(lambda _stop: _opened(_lines(made, text))) as rows:
             taken = 0
             async for row in rows:
                 taken += 1
                 assert isinstance(row, BadLine)
                 assert row.line == taken
-                # Made so far: those taken, those waiting (READ_AHEAD), one held by the thread.
-                assert len(made) <= taken + READ_AHEAD + 1
-                if taken == 3 * READ_AHEAD:
+                # Made so far: those taken, those waiting, one held by the thread.
+                assert len(made) <= taken + ahead + 1
+                if taken == 3 * ahead:
                     break
 
     asyncio.run(main())
@@ -387,12 +401,12 @@ def test_the_reader_reads_at_most_read_ahead_rows_before_the_batch_takes_them() 
 
 def test_the_reader_raises_a_file_error_on_entry_and_a_later_error_after_the_rows() -> None:
     @contextlib.contextmanager
-    def broken_open(_stop: threading.Event) -> Iterator[Iterator[Row]]:
+    def broken_open(_stop: threading.Event) -> Iterator[tuple[Parse, Iterator[Line]]]:
         raise BatchFileError("x.csv: line 1: cannot read the header")
-        yield iter(())
+        yield _bad, iter(())
 
-    def failing() -> Iterator[Row]:
-        yield _bad(1)
+    def failing() -> Iterator[Line]:
+        yield 1, "x"
         raise OSError(5, "Input/output error")
 
     async def main() -> list[int]:
@@ -402,7 +416,7 @@ def test_the_reader_raises_a_file_error_on_entry_and_a_later_error_after_the_row
         seen: list[int] = []
 
         async def read_all() -> None:
-            async with read_rows(lambda _stop: contextlib.nullcontext(failing())) as rows:
+            async with read_rows(lambda _stop: _opened(failing())) as rows:
                 async for row in rows:
                     assert isinstance(row, BadLine)
                     seen.append(row.line)
@@ -425,8 +439,8 @@ def test_the_reader_stops_at_the_next_line_once_the_batch_takes_no_more() -> Non
             buffer[: len(buffer)] = b"\n" * len(buffer)
             return len(buffer)
 
-    def blank_lines(stop: threading.Event) -> contextlib.nullcontext[Iterator[Row]]:
-        return contextlib.nullcontext(_jsonl_rows(_text_lines(Blank(), "utf-8", stop=stop)))
+    def blank_lines(stop: threading.Event) -> contextlib.nullcontext[tuple[Parse, Iterator[Line]]]:
+        return contextlib.nullcontext((_jsonl_row_of, _text_lines(Blank(), "utf-8", stop=stop)))
 
     async def main() -> threading.Thread:
         async with read_rows(blank_lines):

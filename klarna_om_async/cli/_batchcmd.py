@@ -26,11 +26,14 @@ from ._batchfile import (
     BatchFileError,
     BatchFormat,
     BatchReadError,
+    Line,
+    Parse,
     Row,
     count_lines,
     detect_format,
     is_stream,
     open_batch,
+    open_lines,
 )
 from ._options import (
     EXIT_OK,
@@ -318,25 +321,24 @@ def _journal_failed(settings: _Settings, error: sqlite3.Error | OSError) -> str:
 @contextlib.asynccontextmanager
 async def _rows(settings: _Settings) -> AsyncIterator[Iterable[Row] | AsyncIterable[Row]]:
     """The file's rows; ``BatchFileError`` (on entry) when the file as a whole is unusable."""
-
-    def opened(stop: threading.Event | None = None) -> AbstractContextManager[Iterator[Row]]:
-        return open_batch(
-            settings.path,
-            settings.fmt,
-            encoding=settings.encoding,
-            delimiter=settings.delimiter,
-            stop=stop,
-        )
-
-    if _stream(settings.path):
+    path, fmt, encoding, delimiter = (
+        settings.path,
+        settings.fmt,
+        settings.encoding,
+        settings.delimiter,
+    )
+    if _stream(path):
         # A stream's reads wait for its writer: on a thread of their own, or a silent
-        # writer would stall the whole batch (see _reading).
-        async with read_rows(opened) as read:
+        # writer would stall the whole batch (see _reading). Its rows are made on the loop.
+        def lines(stop: threading.Event) -> AbstractContextManager[tuple[Parse, Iterator[Line]]]:
+            return open_lines(path, fmt, encoding=encoding, delimiter=delimiter, stop=stop)
+
+        async with read_rows(lines) as read:
             yield read
     else:
         # A file's reads never wait long: on the loop, where they cost least (handing rows
         # over from a thread cost a rerun a third more CPU).
-        with opened() as rows:
+        with open_batch(path, fmt, encoding=encoding, delimiter=delimiter) as rows:
             yield rows
 
 

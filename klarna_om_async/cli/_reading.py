@@ -1,4 +1,7 @@
-"""A batch file's rows, read on a thread of their own: a slow stream never stalls the loop."""
+"""A batch file's lines, read on a thread of their own: a slow stream never stalls the loop.
+
+The thread only reads (and decodes) lines; the event loop makes their rows.
+"""
 
 from __future__ import annotations
 
@@ -9,20 +12,36 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractContextManager
 
-from ._batchfile import Row
+from ._batchfile import Line, Parse, Row
 
 __all__ = ("read_rows",)
 
-# open_batch(..., stop=stop), given the event that ends its reading.
-_Opener = Callable[[threading.Event], AbstractContextManager[Iterator[Row]]]
+# open_lines(..., stop=stop), given the event that ends its reading: each line's row made
+# by the function it gives, and the lines after the header.
+_Opener = Callable[[threading.Event], AbstractContextManager[tuple[Parse, Iterator[Line]]]]
 
-#: Rows read ahead of the batch at most: memory stays bounded for a stream of any length,
-#: and of any line length (a row may hold a line of up to 4 MiB).
-READ_AHEAD = 16
+#: Lines read ahead of the batch at most, and their characters at most: memory stays
+#: bounded for a stream of any length, and of any line length (a line may hold 4 MiB; one
+#: line is always taken). A batch takes as many lines at once as it has free workers (128
+#: by default): read ahead less, it took them a few at a time, its journal's writer thread
+#: ran beside the loop instead of between its turns, and the three threads handed the
+#: interpreter lock back and forth: a rerun through a pipe cost 1.8 times the CPU of the
+#: same file by its path.
+READ_AHEAD = 1024
+READ_AHEAD_CHARS = 16 * 1024 * 1024
+# A reader waiting for room is woken once the batch has taken this far down: it then reads
+# many lines at a time, not one per line taken.
+_WAKE_AT_LINES = READ_AHEAD // 4
+_WAKE_AT_CHARS = READ_AHEAD_CHARS // 4
+
+
+def _size(line: Line) -> int:
+    text = line[1]
+    return len(text) if isinstance(text, str) else 0
 
 
 class _Rows:
-    """The rows a reader thread hands over; ``async for`` takes them on the event loop.
+    """The lines a reader thread hands over; ``async for`` makes their rows on the event loop.
 
     A read blocks until its line is there. Read on the event loop, a pipe whose writer is
     slow (a producer that emits a line a minute) held back everything else the loop does
@@ -33,7 +52,10 @@ class _Rows:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._rows: deque[Row] = deque()
+        self._lines: deque[Line] = deque()
+        self._chars = 0  # in the lines read ahead
+        self._full = False  # the thread waits for room
+        self._parse: Parse | None = None  # set by the thread before ``opened`` resolves
         self._lock = threading.Condition()
         self._waiter: asyncio.Future[None] | None = None  # the loop, waiting for a row
         self._done = False  # the thread read the last row, or failed
@@ -48,11 +70,12 @@ class _Rows:
     def read(self, open_rows: _Opener) -> None:
         opened = False
         try:
-            with open_rows(self.stopped) as rows:
+            with open_rows(self.stopped) as (parse, lines):
                 opened = True
+                self._parse = parse
                 self._resolve_soon(self.opened)
-                for row in rows:
-                    if not self._put(row):
+                for line in lines:
+                    if not self._put(line):
                         return
             self._end(None)
         except BaseException as error:  # handed to the loop, which raises it
@@ -61,13 +84,20 @@ class _Rows:
             else:
                 self._resolve_soon(self.opened, error)
 
-    def _put(self, row: Row) -> bool:
+    def _put(self, line: Line) -> bool:
+        size = _size(line)
         with self._lock:
-            while len(self._rows) >= READ_AHEAD and not self.stopped.is_set():
+            while (
+                self._lines
+                and (len(self._lines) >= READ_AHEAD or self._chars + size > READ_AHEAD_CHARS)
+                and not self.stopped.is_set()
+            ):
+                self._full = True
                 self._lock.wait()
             if self.stopped.is_set():
                 return False
-            self._rows.append(row)
+            self._lines.append(line)
+            self._chars += size
             waiter, self._waiter = self._waiter, None
         if waiter is not None:
             self._resolve_soon(waiter)
@@ -92,25 +122,38 @@ class _Rows:
         return self
 
     async def __anext__(self) -> Row:
+        parse = self._parse
+        assert parse is not None
         while True:
             with self._lock:
-                if self._rows:
-                    row = self._rows.popleft()
-                    self._lock.notify()  # the thread may wait for room
-                    return row
-                if self._done:
+                if self._lines:
+                    line = self._lines.popleft()
+                    self._chars -= _size(line)
+                    if (
+                        self._full
+                        and len(self._lines) <= _WAKE_AT_LINES
+                        and self._chars <= _WAKE_AT_CHARS
+                    ):
+                        self._full = False
+                        self._lock.notify()  # the thread waits for room
+                    waiter = None
+                elif self._done:
                     if self._error is not None:
                         raise self._error
                     raise StopAsyncIteration
-                waiter = self._waiter = self._loop.create_future()
-            await waiter
+                else:
+                    waiter = self._waiter = self._loop.create_future()
+            if waiter is not None:
+                await waiter
+            elif (row := parse(line)) is not None:
+                return row
 
     def stop(self) -> None:
         """No more rows are wanted; the thread stops at its next row (a read it is blocked
         in ends when the stream gives a line, or the process exits: the thread is a daemon)."""
         with self._lock:
             self.stopped.set()
-            self._rows.clear()
+            self._lines.clear()
             self._lock.notify()
 
 
@@ -125,13 +168,13 @@ def _resolve(future: asyncio.Future[None], error: BaseException | None) -> None:
 
 @contextlib.asynccontextmanager
 async def read_rows(open_rows: _Opener) -> AsyncIterator[AsyncIterator[Row]]:
-    """``open_rows(stop)`` (``open_batch``'s context; ``stop`` is set once no more rows are
-    wanted, and ends its reading at the next line) entered and read on a daemon thread.
+    """``open_rows(stop)`` (``open_lines``'s context; ``stop`` is set once no more rows
+    are wanted, and ends its reading at the next line) entered and read on a daemon thread.
 
     Gives the rows as an async iterator once the file is open (a ``BatchFileError`` about
-    the whole file is raised here, before any row); an error reading on (a
-    ``BatchReadError``) is raised by the iterator after the rows read before it. Closing
-    it stops the reading.
+    the whole file is raised here, before any row); each line's row is made on the event
+    loop as the batch takes it. An error reading on (a ``BatchReadError``) is raised by the
+    iterator after the rows read before it. Closing it stops the reading.
     """
     rows = _Rows(asyncio.get_running_loop())
     # A daemon: a read blocked on a stream nobody writes to never holds up the exit.
