@@ -111,6 +111,7 @@ def test_a_stream_s_lines_are_sent_while_its_writer_is_silent_and_a_signal_stops
     assert {o["status"] for o in outcomes} == {"captured"}
     summary = orjson.loads(printed.get(timeout=30))
     assert (summary["captured"], summary["items"], summary["interrupted"]) == (2, 2, True)
+    assert summary["not_sent_after_line"] == 3  # a stream cannot be read again: where to go on
     assert [served.booked(order) for order in orders] == [1, 1]
 
 
@@ -138,7 +139,7 @@ def test_a_batch_stopped_by_a_401_does_not_read_on_a_stream_that_stays_open(
     assert "(401); the rest of the source was not read; fix the credentials" in stderr
     *outcomes, summary = json_lines(printed)
     assert {o["status"] for o in outcomes} == {"refused"}
-    assert summary["not_sent"] is None
+    assert (summary["not_sent"], summary["not_sent_after_line"]) == (None, 3)
     assert "; the rest of the source was not read; " in summary["stopped"]
     assert [served.booked(order) for order in orders] == [0, 0]
 
@@ -170,6 +171,7 @@ def test_a_bad_line_of_a_stream_is_reported_at_once_and_a_cut_last_line_is_refus
     assert served.booked(cut) == 0  # not 50 of its 5000
     summary = orjson.loads(printed.get(timeout=30))
     assert (summary["captured"], summary["refused"]) == (1, 2)
+    assert "not_sent_after_line" not in summary  # the stream ended: every line was taken
 
 
 def _take(printed: queue.Queue[str], count: int) -> list[str]:

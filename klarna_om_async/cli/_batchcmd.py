@@ -49,7 +49,7 @@ from ._options import (
     open_journal,
     run_interruptible,
 )
-from ._reading import read_rows
+from ._reading import StreamRows, read_rows
 from ._render import BatchView, cli_console, resume_note
 from ._runner import run_batch
 
@@ -239,6 +239,7 @@ async def _run(settings: _Settings, connection: Connection) -> bool:
     journal_failed: list[sqlite3.Error | OSError] = []
     # Items the journal holds done, as the batch began and as it ended (see _unlisted).
     done: list[int] = []
+    rows: Iterable[Row] | AsyncIterable[Row] = ()
     try:
         async with (
             _rows(settings) as rows,
@@ -280,6 +281,8 @@ async def _run(settings: _Settings, connection: Connection) -> bool:
         failed = _journal_failed(settings, journal_failed[0]) if journal_failed else None
         if completed or view.tally.items or interrupted:
             unlisted = _unlisted(view, done) if interrupted and not journal_failed else 0
+            # A stream cannot be read again: which of its lines were not sent.
+            untaken = rows.taken if isinstance(rows, StreamRows) and not rows.ended else None
             _finish(
                 view,
                 settings,
@@ -287,6 +290,7 @@ async def _run(settings: _Settings, connection: Connection) -> bool:
                 stopped=stopped,
                 failed=failed,
                 unlisted=unlisted,
+                untaken=untaken if unread is None else None,  # said with the read error
             )
     if stopped is not None:
         click.echo(str(stopped), err=True)
@@ -411,17 +415,25 @@ def _finish(
     stopped: BatchAbortedError | None = None,
     failed: str | None = None,
     unlisted: int = 0,
+    untaken: int | None = None,
 ) -> None:
+    """Print the summary. ``untaken``: a stream stopped before its end, the number of the
+    last line the batch took (0: none)."""
     notes = [f"Journal: {settings.journal}"] if settings.journal else []
     if failed is not None:
         notes.append(failed)
-    if stopped is not None:
-        unsent = (
-            "the rest of the stream was not read"
-            if stopped.not_sent_count is None
-            else f"{stopped.not_sent_count} items were not sent"
+    if stopped is not None and stopped.not_sent_count is not None:
+        notes.append(
+            f"Stopped early: {stopped.not_sent_count} items were not sent (not claimed in the"
+            " journal); the rerun sends them."
         )
-        notes.append(f"Stopped early: {unsent} (not claimed in the journal); the rerun sends them.")
+    if untaken is not None:
+        after = f" after line {untaken:,}" if untaken else ""
+        notes.append(
+            f"{'Stopped early: the' if stopped else 'The'} stream's lines{after} were not sent"
+            " (not claimed in the journal; the lines read ahead are dropped): give them again"
+            + (", with this journal." if settings.journal else ".")
+        )
     if view.tally.counts[CaptureStatus.FAILED]:
         notes.append(
             "Some outcomes are unknown (failed): rerun the same command to finish them "
@@ -448,6 +460,8 @@ def _finish(
         extra.update(unlisted_done=unlisted)
     if stopped is not None:
         extra.update(stopped=str(stopped), not_sent=stopped.not_sent_count)
+    if untaken is not None:
+        extra.update(not_sent_after_line=untaken)
     if failed is not None:
         extra.update(stopped=failed)
     view.finish(notes=notes, extra=extra)

@@ -14,7 +14,7 @@ from contextlib import AbstractContextManager
 
 from ._batchfile import Line, Parse, Row
 
-__all__ = ("read_rows",)
+__all__ = ("READ_AHEAD", "READ_AHEAD_CHARS", "StreamRows", "read_rows")
 
 # open_lines(..., stop=stop), given the event that ends its reading: each line's row made
 # by the function it gives, and the lines after the header.
@@ -40,7 +40,7 @@ def _size(line: Line) -> int:
     return len(text) if isinstance(text, str) else 0
 
 
-class _Rows:
+class StreamRows:
     """The lines a reader thread hands over; ``async for`` makes their rows on the event loop.
 
     A read blocks until its line is there. Read on the event loop, a pipe whose writer is
@@ -55,6 +55,10 @@ class _Rows:
         self._lines: deque[Line] = deque()
         self._chars = 0  # in the lines read ahead
         self._full = False  # the thread waits for room
+        #: The number of the last line the batch took (0: none yet).
+        self.taken = 0
+        #: The batch took every line: the stream ended.
+        self.ended = False
         self._parse: Parse | None = None  # set by the thread before ``opened`` resolves
         self._lock = threading.Condition()
         self._waiter: asyncio.Future[None] | None = None  # the loop, waiting for a row
@@ -118,7 +122,7 @@ class _Rows:
 
     # --- on the event loop ---
 
-    def __aiter__(self) -> _Rows:
+    def __aiter__(self) -> StreamRows:
         return self
 
     async def __anext__(self) -> Row:
@@ -128,6 +132,7 @@ class _Rows:
             with self._lock:
                 if self._lines:
                     line = self._lines.popleft()
+                    self.taken = line[0]
                     self._chars -= _size(line)
                     if (
                         self._full
@@ -140,6 +145,7 @@ class _Rows:
                 elif self._done:
                     if self._error is not None:
                         raise self._error
+                    self.ended = True
                     raise StopAsyncIteration
                 else:
                     waiter = self._waiter = self._loop.create_future()
@@ -167,7 +173,7 @@ def _resolve(future: asyncio.Future[None], error: BaseException | None) -> None:
 
 
 @contextlib.asynccontextmanager
-async def read_rows(open_rows: _Opener) -> AsyncIterator[AsyncIterator[Row]]:
+async def read_rows(open_rows: _Opener) -> AsyncIterator[StreamRows]:
     """``open_rows(stop)`` (``open_lines``'s context; ``stop`` is set once no more rows
     are wanted, and ends its reading at the next line) entered and read on a daemon thread.
 
@@ -176,7 +182,7 @@ async def read_rows(open_rows: _Opener) -> AsyncIterator[AsyncIterator[Row]]:
     loop as the batch takes it. An error reading on (a ``BatchReadError``) is raised by the
     iterator after the rows read before it. Closing it stops the reading.
     """
-    rows = _Rows(asyncio.get_running_loop())
+    rows = StreamRows(asyncio.get_running_loop())
     # A daemon: a read blocked on a stream nobody writes to never holds up the exit.
     thread = threading.Thread(target=rows.read, args=(open_rows,), daemon=True)
     thread.name = "klarna-om batch file"
