@@ -227,9 +227,9 @@ def open_lines(
     that makes each one's row.
 
     A stream's reader thread reads the lines; the event loop makes their rows. (Made on the
-    thread too, the two contended for the interpreter lock at every row: a rerun through a
-    pipe cost 1.8 times the CPU of the same file by its path.) ``BatchFileError`` as
-    ``open_batch``, on entry.
+    thread, beside the loop, they held the interpreter lock the loop waited for: a rerun
+    through a pipe cost about a tenth more CPU.) ``BatchFileError`` as ``open_batch``, on
+    entry.
     """
     _check_encoding(encoding)
     if delimiter is not None and len(delimiter) != 1:
