@@ -57,10 +57,14 @@ posix = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
 
 def batch_from_stdin(
-    served: ServedFake, journal: Path, env: dict[str, str] | None = None
+    served: ServedFake,
+    journal: Path,
+    env: dict[str, str] | None = None,
+    options: tuple[str, ...] = (),
 ) -> subprocess.Popen[str]:
     """`producer | klarna-om batch /dev/stdin`, the test as the producer (its stdin pipe)."""
     args = ["batch", "/dev/stdin", "--format", "csv", "--journal", str(journal), "--json"]
+    args += options
     return subprocess.Popen(
         [sys.executable, "-W", "error", "-m", "klarna_om_async.cli", *args],
         stdin=subprocess.PIPE,
@@ -111,8 +115,42 @@ def test_a_stream_s_lines_are_sent_while_its_writer_is_silent_and_a_signal_stops
     assert {o["status"] for o in outcomes} == {"captured"}
     summary = orjson.loads(printed.get(timeout=30))
     assert (summary["captured"], summary["items"], summary["interrupted"]) == (2, 2, True)
-    assert summary["not_sent_after_line"] == 3  # a stream cannot be read again: where to go on
+    assert summary["resume_from_line"] == 4  # a stream cannot be read again: where to go on
     assert [served.booked(order) for order in orders] == [1, 1]
+
+
+@posix
+def test_a_stream_stopped_with_lines_in_flight_is_given_again_from_the_first_not_done(
+    served: ServedFake, tmp_path: Path
+) -> None:
+    # Lines taken but not done (waiting for their turn at --rate 1) lie before the last line
+    # the batch took: given only the lines after that one, the rerun left them uncaptured.
+    orders = [served.add_order(1000) for _ in range(8)]
+    lines = [f"{order},1000\n" for order in orders]  # line 2 onwards
+    journal = tmp_path / "stream.journal.sqlite"
+    options = ("--rate", "1", "--concurrency", "4")
+    command = batch_from_stdin(served, journal, options=options)
+    with command:
+        try:
+            assert command.stdin is not None
+            command.stdin.write("order_id,captured_amount\n")
+            command.stdin.writelines(lines)
+            command.stdin.flush()  # ... and the stream stays open
+            printed = printed_lines(command.stdout)
+            assert orjson.loads(printed.get(timeout=30))["status"] == "captured"
+            command.send_signal(signal.SIGINT)
+            command.wait(timeout=30)
+        finally:
+            kill_if_running(command)
+    while (said := orjson.loads(printed.get(timeout=30)))["type"] != "summary":
+        pass
+    resume = said["resume_from_line"]
+    assert 2 < resume <= 1 + len(orders)
+    again = batch_from_stdin(served, journal)
+    rest = "order_id,captured_amount\n" + "".join(lines[resume - 2 :])
+    _, stderr = again.communicate(rest, timeout=60)
+    assert again.returncode == 0, stderr
+    assert [served.booked(order) for order in orders] == [1] * len(orders)
 
 
 def test_a_batch_stopped_by_a_401_does_not_read_on_a_stream_that_stays_open(
@@ -139,7 +177,7 @@ def test_a_batch_stopped_by_a_401_does_not_read_on_a_stream_that_stays_open(
     assert "(401); the rest of the source was not read; fix the credentials" in stderr
     *outcomes, summary = json_lines(printed)
     assert {o["status"] for o in outcomes} == {"refused"}
-    assert (summary["not_sent"], summary["not_sent_after_line"]) == (None, 3)
+    assert (summary["not_sent"], summary["resume_from_line"]) == (None, 2)  # both refused
     assert "; the rest of the source was not read; " in summary["stopped"]
     assert [served.booked(order) for order in orders] == [0, 0]
 
@@ -171,7 +209,7 @@ def test_a_bad_line_of_a_stream_is_reported_at_once_and_a_cut_last_line_is_refus
     assert served.booked(cut) == 0  # not 50 of its 5000
     summary = orjson.loads(printed.get(timeout=30))
     assert (summary["captured"], summary["refused"]) == (1, 2)
-    assert "not_sent_after_line" not in summary  # the stream ended: every line was taken
+    assert "resume_from_line" not in summary  # the stream ended: every line was taken
 
 
 def _take(printed: queue.Queue[str], count: int) -> list[str]:

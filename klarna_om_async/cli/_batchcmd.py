@@ -11,14 +11,14 @@ import contextlib
 import sqlite3
 import sys
 import threading
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from typing import Literal
 
 import attrs
 import click
 
-from ..batch import DEFAULT_CONCURRENCY, BatchAbortedError, CaptureStatus
+from ..batch import DEFAULT_CONCURRENCY, BatchAbortedError, CaptureOutcome, CaptureStatus
 from ..journal import JournalStatus
 from ..sqlite_journal import SQLiteJournal
 from ._batchfile import (
@@ -253,7 +253,7 @@ async def _run(settings: _Settings, connection: Connection) -> bool:
                     await run_batch(
                         om,
                         rows,
-                        report=view.report,
+                        report=_tracked(rows, view.report),
                         concurrency=settings.concurrency,
                         journal=journal,
                     )
@@ -281,8 +281,8 @@ async def _run(settings: _Settings, connection: Connection) -> bool:
         failed = _journal_failed(settings, journal_failed[0]) if journal_failed else None
         if completed or view.tally.items or interrupted:
             unlisted = _unlisted(view, done) if interrupted and not journal_failed else 0
-            # A stream cannot be read again: which of its lines were not sent.
-            untaken = rows.taken if isinstance(rows, StreamRows) and not rows.ended else None
+            # A stream cannot be read again: from which line to give it again.
+            resume = rows.resume_line() if isinstance(rows, StreamRows) else None
             _finish(
                 view,
                 settings,
@@ -290,7 +290,7 @@ async def _run(settings: _Settings, connection: Connection) -> bool:
                 stopped=stopped,
                 failed=failed,
                 unlisted=unlisted,
-                untaken=untaken if unread is None else None,  # said with the read error
+                resume=resume if unread is None else None,  # said with the read error
             )
     if stopped is not None:
         click.echo(str(stopped), err=True)
@@ -306,6 +306,23 @@ async def _run(settings: _Settings, connection: Connection) -> bool:
         click.echo(failed, err=True)
         return False
     return view.tally.all_done
+
+
+def _tracked(
+    rows: Iterable[Row] | AsyncIterable[Row], report: Callable[[CaptureOutcome], None]
+) -> Callable[[CaptureOutcome], None]:
+    """``report``, also telling a stream's rows which of its lines ended done."""
+    if not isinstance(rows, StreamRows):
+        return report
+
+    def tracked(outcome: CaptureOutcome) -> None:
+        rows.finished(outcome.line, outcome.status in _DONE)
+        report(outcome)
+
+    return tracked
+
+
+_DONE = frozenset({CaptureStatus.CAPTURED, CaptureStatus.SKIPPED})
 
 
 def _journal_failed(settings: _Settings, error: sqlite3.Error | OSError) -> str:
@@ -415,10 +432,10 @@ def _finish(
     stopped: BatchAbortedError | None = None,
     failed: str | None = None,
     unlisted: int = 0,
-    untaken: int | None = None,
+    resume: int | None = None,
 ) -> None:
-    """Print the summary. ``untaken``: a stream stopped before its end, the number of the
-    last line the batch took (0: none)."""
+    """Print the summary. ``resume``: a stream stopped before its end, the first line to
+    give the batch again."""
     notes = [f"Journal: {settings.journal}"] if settings.journal else []
     if failed is not None:
         notes.append(failed)
@@ -427,12 +444,17 @@ def _finish(
             f"Stopped early: {stopped.not_sent_count} items were not sent (not claimed in the"
             " journal); the rerun sends them."
         )
-    if untaken is not None:
-        after = f" after line {untaken:,}" if untaken else ""
+    if resume is not None:
+        header = " after its header line" if settings.fmt is BatchFormat.CSV else ""
         notes.append(
-            f"{'Stopped early: the' if stopped else 'The'} stream's lines{after} were not sent"
-            " (not claimed in the journal; the lines read ahead are dropped): give them again"
-            + (", with this journal." if settings.journal else ".")
+            f"{'Stopped early: the' if stopped else 'The'} stream was not read to its end (the"
+            f" lines read ahead are dropped): give the batch its lines from line {resume:,}"
+            f" on again{header}"
+            + (
+                ", with this journal: the lines done are skipped, the others finished exactly once."
+                if settings.journal
+                else "."
+            )
         )
     if view.tally.counts[CaptureStatus.FAILED]:
         notes.append(
@@ -460,8 +482,8 @@ def _finish(
         extra.update(unlisted_done=unlisted)
     if stopped is not None:
         extra.update(stopped=str(stopped), not_sent=stopped.not_sent_count)
-    if untaken is not None:
-        extra.update(not_sent_after_line=untaken)
+    if resume is not None:
+        extra.update(resume_from_line=resume)
     if failed is not None:
         extra.update(stopped=failed)
     view.finish(notes=notes, extra=extra)

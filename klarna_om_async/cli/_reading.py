@@ -55,8 +55,11 @@ class StreamRows:
         self._lines: deque[Line] = deque()
         self._chars = 0  # in the lines read ahead
         self._full = False  # the thread waits for room
-        #: The number of the last line the batch took (0: none yet).
-        self.taken = 0
+        # The number of the last line the batch took (0: none yet); its rows' lines without
+        # an outcome yet; the first line whose outcome was not done.
+        self._taken = 0
+        self._unfinished: set[int] = set()
+        self._first_not_done: int | None = None
         #: The batch took every line: the stream ended.
         self.ended = False
         self._parse: Parse | None = None  # set by the thread before ``opened`` resolves
@@ -132,7 +135,7 @@ class StreamRows:
             with self._lock:
                 if self._lines:
                     line = self._lines.popleft()
-                    self.taken = line[0]
+                    self._taken = line[0]
                     self._chars -= _size(line)
                     if (
                         self._full
@@ -152,7 +155,27 @@ class StreamRows:
             if waiter is not None:
                 await waiter
             elif (row := parse(line)) is not None:
+                self._unfinished.add(line[0])
                 return row
+
+    def finished(self, line: int | None, done: bool) -> None:
+        """The outcome of the row of ``line`` came: ``done`` (captured or skipped) or not."""
+        if line is None:
+            return
+        self._unfinished.discard(line)
+        if not done and (self._first_not_done is None or line < self._first_not_done):
+            self._first_not_done = line
+
+    def resume_line(self) -> int | None:
+        """The first line to give the batch again, as the stream cannot be read again: the
+        first whose row has no outcome or one not done, else the first line not taken (a
+        stream that stopped before its end). None when the batch took the whole stream."""
+        if self.ended:
+            return None
+        firsts = [*self._unfinished, self._taken + 1]
+        if self._first_not_done is not None:
+            firsts.append(self._first_not_done)
+        return min(firsts)
 
     def stop(self) -> None:
         """No more rows are wanted; the thread stops at its next row (a read it is blocked
