@@ -140,9 +140,10 @@ class BatchAbortedError(KlarnaError):
     further (``not_sent_count`` is None, ``not_sent`` empty): its reads may wait without end
     (a stream whose producer never closes it, a queue consumer), so a read in progress is
     cancelled, and what it did not yield stays with its source (a source read once should
-    lose nothing to a cancelled read, as ``asyncio.Queue.get`` does). Items not sent were
-    never claimed in the journal, so a rerun of the same source sends them as new items,
-    each exactly once, and skips the items already captured.
+    lose nothing to a cancelled read, as ``asyncio.Queue.get`` does; a read handed to a
+    thread, ``run_in_executor``, loses what the thread takes after the cancellation).
+    Items not sent were never claimed in the journal, so a rerun of the same source sends
+    them as new items, each exactly once, and skips the items already captured.
     """
 
     def __init__(
@@ -571,15 +572,19 @@ class _Run:
                 self._reading = task = asyncio.current_task()
                 try:
                     raw = await anext(self._aiter, None)
-                except asyncio.CancelledError:
+                except (asyncio.CancelledError, Exception):
+                    # Cut: the batch stopped while the source had nothing yet (a source may
+                    # turn the cancellation into an error of its own). Nothing else is read.
                     if self._uncut(task):
-                        return None  # the batch stopped while the source had nothing yet
+                        return None
                     raise
                 finally:
                     self._reading = None
-                # A source that swallowed the cut made an item: it is run, as below.
-                self._uncut(task)
-                if raw is None:
+                if self._cut is task:
+                    # The source took the cut for its end (not run dry), or swallowed it and
+                    # made an item, which is run as below.
+                    self._uncut(task)
+                elif raw is None:
                     self._dry = True
             # An item the source made as the run stopped is run all the same, as one taken
             # before it: a source read once must not lose it. (A wait for an item it has not

@@ -808,6 +808,37 @@ async def test_a_stopped_batch_does_not_wait_for_an_async_source_that_never_ends
     assert [waiting.get_nowait()[0] for _ in items[1:]] == [i[0] for i in items[1:]]
 
 
+@pytest.mark.parametrize("on_cut", ["raises", "ends"])
+async def test_a_source_that_raises_or_ends_when_its_wait_is_cut_still_stops_the_batch(
+    fake: FakeKlarna, on_cut: str
+) -> None:
+    # A source that turns the cancellation into an error of its own (a consumer whose close
+    # fails) left the cut pending: its worker never said it was done, and the batch waited
+    # forever. One that takes it for its end ("graceful stop") made the batch end as if the
+    # source had run dry: no BatchAbortedError, the items it never made unreported.
+    items = full(fake, [100] * 4)
+    never = asyncio.Event()
+
+    async def source() -> AsyncIterator[tuple[str, CaptureRequest]]:
+        yield items[0]
+        try:
+            await never.wait()
+        except asyncio.CancelledError:
+            if on_cut == "raises":
+                raise ConnectionResetError("the consumer's connection closed") from None
+            return
+        yield items[1]
+
+    policy = RetryPolicy(max_attempts=1)
+    seen: list[CaptureOutcome] = []
+    async with KlarnaOM(fake.username, "wrong", base_url=fake.base_url, retry=policy) as om:
+        with pytest.raises(BatchAbortedError) as raised:
+            # A guard against the hang this test is about, not a timing: it ends at once.
+            await asyncio.wait_for(into(seen, om.capture_many(source(), concurrency=2)), 30)
+    assert raised.value.not_sent_count is None
+    assert [o.order_id for o in seen] == [items[0][0]]
+
+
 async def test_a_stopped_batch_counts_the_rest_of_a_plain_iterable(fake: FakeKlarna) -> None:
     items = full(fake, [100] * 5)
     policy = RetryPolicy(max_attempts=1)
