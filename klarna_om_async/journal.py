@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Protocol, Self
 
@@ -665,6 +665,15 @@ class MemoryJournal:
         for entry in self._entries.values():
             counts[entry.status] += 1
         return counts
+
+    async def unknown_except(
+        self, item_keys: Collection[str], *, listed: int = 10
+    ) -> tuple[int, list[JournalEntry]]:
+        """The items in flight or failed (outcome unknown) whose ``item_key`` is not in
+        ``item_keys``: how many, and the first ``listed`` of them by ``item_key``."""
+        unknown = (JournalStatus.IN_FLIGHT, JournalStatus.FAILED)
+        left = [e for e in await self.entries(statuses=unknown) if e.item_key not in item_keys]
+        return len(left), left[:listed]
 
     async def done_by_operation(self) -> dict[Operation, int]:
         """How many items Klarna booked (status ``captured``), per operation (none: absent)."""

@@ -16,7 +16,7 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from datetime import datetime, timedelta
 from typing import Any, Literal, Self, TypeVar
 
@@ -723,6 +723,28 @@ class SQLiteJournal:
 
         def op(conn: sqlite3.Connection, group: _Group) -> list[JournalEntry]:
             return [_row_to_entry(row) for row in conn.execute(sql, params)]
+
+        return await self._call(op)
+
+    async def unknown_except(
+        self, item_keys: Collection[str], *, listed: int = 10
+    ) -> tuple[int, list[JournalEntry]]:
+        """The items in flight or failed (outcome unknown) whose ``item_key`` is not in
+        ``item_keys``: how many, and the first ``listed`` of them by ``item_key``. Read a row
+        at a time (the journal may hold a million items); ``item_keys`` must not change
+        until it returns."""
+        sql = f"SELECT {_COLUMNS} FROM journal WHERE status IN (?, ?) ORDER BY item_key"
+        unknown = (JournalStatus.IN_FLIGHT.value, JournalStatus.FAILED.value)
+
+        def op(conn: sqlite3.Connection, group: _Group) -> tuple[int, list[JournalEntry]]:
+            count = 0
+            first: list[JournalEntry] = []
+            for row in conn.execute(sql, unknown):
+                if row[0] not in item_keys:
+                    count += 1
+                    if len(first) < listed:
+                        first.append(_row_to_entry(row))
+            return count, first
 
         return await self._call(op)
 

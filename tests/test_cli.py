@@ -607,6 +607,38 @@ def test_batch_rerun_with_the_journal_finishes_unknown_outcomes_exactly_once(
     assert all(len(served.posts(order)) == 1 for order in orders if order != lost)
 
 
+@pytest.mark.parametrize("json_output", [True, False], ids=["json", "table"])
+def test_a_rerun_whose_input_lacks_an_unknown_item_of_the_journal_says_so_and_fails(
+    served: ServedFake, tmp_path: Path, json_output: bool
+) -> None:
+    # An edited file (or a stream given again from too late a line) without the line of an
+    # item whose outcome the journal holds unknown: nothing settled it, and the rerun said
+    # "all done" (exit 0) while money may have moved.
+    orders = [served.add_order(1000) for _ in range(3)]
+    lost = orders[1]
+    served.do(lambda: served.fake.inject(DropAfterProcessing(), path=f"/{lost}/captures"))
+    header = "order_id,captured_amount\n"
+    path = write(tmp_path, "o.csv", header + "".join(f"{o},1000\n" for o in orders))
+    journal = str(tmp_path / "run.sqlite")
+    first = cli(["batch", path, "--journal", journal, "--max-attempts", "1"], served)
+    assert first.exit_code == 1
+    edited = write(tmp_path, "edited.csv", header + "".join(f"{o},1000\n" for o in orders[::2]))
+    options = ["--json"] if json_output else []
+    second = cli(["batch", edited, "--journal", journal, *options], served)
+    assert second.exit_code == 1, second.output
+    if json_output:
+        summary = json_lines(second.stdout)[-1]
+        assert summary["unknown_not_in_input"] == 1
+        assert summary["unknown_not_in_input_first"] == [lost]
+    else:
+        assert "1 items the journal holds with an unknown outcome" in second.stdout
+        assert f"order {lost}" in second.stdout
+    whole = cli(["batch", path, "--journal", journal, "--json"], served)
+    assert whole.exit_code == 0, whole.output
+    assert "unknown_not_in_input" not in json_lines(whole.stdout)[-1]
+    assert [served.booked(order) for order in orders] == [1, 1, 1]
+
+
 def fill_the_disk(journal: str, when: str) -> None:
     """Make ``journal``'s writes fail as on a full disk: an SQLite trigger rolls back the
     transaction ``when`` (a trigger's event and condition, e.g. ``BEFORE UPDATE ON journal

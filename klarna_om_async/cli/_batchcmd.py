@@ -11,7 +11,7 @@ import contextlib
 import sqlite3
 import sys
 import threading
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Literal
 
@@ -19,7 +19,7 @@ import attrs
 import click
 
 from ..batch import DEFAULT_CONCURRENCY, BatchAbortedError, CaptureOutcome, CaptureStatus
-from ..journal import JournalStatus
+from ..journal import JournalEntry, JournalStatus
 from ..sqlite_journal import SQLiteJournal
 from ._batchfile import (
     CSV_COLUMNS,
@@ -240,6 +240,9 @@ async def _run(settings: _Settings, connection: Connection) -> bool:
     # Items the journal holds done, as the batch began and as it ended (see _unlisted).
     done: list[int] = []
     rows: Iterable[Row] | AsyncIterable[Row] = ()
+    # Items the journal holds unknown (from earlier runs) that this input did not have: how
+    # many, and the first of them.
+    left: tuple[int, list[JournalEntry]] = (0, [])
     try:
         async with (
             _rows(settings) as rows,
@@ -249,14 +252,17 @@ async def _run(settings: _Settings, connection: Connection) -> bool:
             _journal(settings, journal_failed, done) as journal,
         ):
             with view:
+                outcomes = _Outcomes(rows, view.report)
                 try:
                     await run_batch(
                         om,
                         rows,
-                        report=_tracked(rows, view.report),
+                        report=outcomes.report,
                         concurrency=settings.concurrency,
                         journal=journal,
                     )
+                    if journal is not None:
+                        left = await outcomes.unknown_left(journal)
                 except BatchAbortedError as error:  # it cannot work: said once, below
                     stopped = error
                 except BatchReadError as error:  # the items it read ran: said below
@@ -291,6 +297,7 @@ async def _run(settings: _Settings, connection: Connection) -> bool:
                 failed=failed,
                 unlisted=unlisted,
                 resume=resume if unread is None else None,  # said with the read error
+                left=left,
             )
     if stopped is not None:
         click.echo(str(stopped), err=True)
@@ -305,21 +312,33 @@ async def _run(settings: _Settings, connection: Connection) -> bool:
     if failed is not None:
         click.echo(failed, err=True)
         return False
-    return view.tally.all_done
+    return view.tally.all_done and not left[0]
 
 
-def _tracked(
-    rows: Iterable[Row] | AsyncIterable[Row], report: Callable[[CaptureOutcome], None]
-) -> Callable[[CaptureOutcome], None]:
-    """``report``, also telling a stream's rows which of its lines ended done."""
-    if not isinstance(rows, StreamRows):
-        return report
+class _Outcomes:
+    """The batch's ``report``, also noting the items whose outcome stays unknown, and telling
+    a stream's rows which of its lines ended done."""
 
-    def tracked(outcome: CaptureOutcome) -> None:
-        rows.finished(outcome.line, outcome.status in _DONE)
-        report(outcome)
+    def __init__(
+        self, rows: Iterable[Row] | AsyncIterable[Row], report: Callable[[CaptureOutcome], None]
+    ) -> None:
+        self._report = report
+        self._stream = rows if isinstance(rows, StreamRows) else None
+        self._failed: set[str] = set()  # item keys; as many as failed, not one per item
 
-    return tracked
+    def report(self, outcome: CaptureOutcome) -> None:
+        if self._stream is not None:
+            self._stream.finished(outcome.line, outcome.status in _DONE)
+        if outcome.status is CaptureStatus.FAILED:
+            self._failed.add(outcome.item_key)
+        self._report(outcome)
+
+    async def unknown_left(self, journal: SQLiteJournal) -> tuple[int, list[JournalEntry]]:
+        """The items ``journal`` holds with an unknown outcome that this run did not report
+        (how many, the first): an earlier run's, whose lines this input lacks (an edited
+        file, a stream given again from too late a line). Nothing else settles them, and the
+        run ended "all done"."""
+        return await journal.unknown_except(self._failed)
 
 
 _DONE = frozenset({CaptureStatus.CAPTURED, CaptureStatus.SKIPPED})
@@ -433,6 +452,7 @@ def _finish(
     failed: str | None = None,
     unlisted: int = 0,
     resume: int | None = None,
+    left: tuple[int, Sequence[JournalEntry]] = (0, ()),
 ) -> None:
     """Print the summary. ``resume``: a stream stopped before its end, the first line to
     give the batch again."""
@@ -455,6 +475,15 @@ def _finish(
                 if settings.journal
                 else "."
             )
+        )
+    unknown_left, left_first = left
+    if unknown_left:
+        first = left_first[0]
+        notes.append(
+            f"{unknown_left:,} items the journal holds with an unknown outcome (money may have"
+            f" moved) were not in this input, e.g. order {first.order_id} (item_key"
+            f" {first.item_key!r}): give the batch their lines again with this journal (each"
+            " is finished with its own key), or settle them with klarna-om reconcile."
         )
     if view.tally.counts[CaptureStatus.FAILED]:
         notes.append(
@@ -484,6 +513,11 @@ def _finish(
         extra.update(stopped=str(stopped), not_sent=stopped.not_sent_count)
     if resume is not None:
         extra.update(resume_from_line=resume)
+    if unknown_left:
+        extra.update(
+            unknown_not_in_input=unknown_left,
+            unknown_not_in_input_first=[entry.item_key for entry in left_first],
+        )
     if failed is not None:
         extra.update(stopped=failed)
     view.finish(notes=notes, extra=extra)
