@@ -145,6 +145,13 @@ class BadLineError(ValueError):
         self.reason = reason
 
 
+def _bare(error: BadLineError) -> BadLineError:
+    """``error`` without its traceback and the error it was raised in: they hold the frames
+    that parsed its line, and so the line (up to 4 MiB), until the collector finds them."""
+    error.__traceback__ = error.__context__ = error.__cause__ = None
+    return error
+
+
 @attrs.frozen
 class BadLine:
     """A line that was not sent, and why."""
@@ -152,7 +159,7 @@ class BadLine:
     line: int
     #: The order the line names, when it names one.
     order_id: str | None
-    error: BadLineError
+    error: BadLineError = attrs.field(converter=_bare)
 
 
 Row: TypeAlias = BatchItem | BadLine
