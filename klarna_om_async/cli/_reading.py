@@ -25,8 +25,8 @@ _Opener = Callable[[threading.Event], AbstractContextManager[tuple[Parse, Iterat
 #: line is always taken). A batch takes as many lines at once as it has free workers (128
 #: by default): read ahead less, it took them a few at a time, its journal's writer thread
 #: ran beside the loop instead of between its turns, and the three threads handed the
-#: interpreter lock back and forth: a rerun through a pipe cost 1.8 times the CPU of the
-#: same file by its path.
+#: interpreter lock back and forth: a rerun through a pipe cost 1.4 times the CPU of the
+#: same file by its path (benchmarks/SCALING.md, "A stream's rerun").
 READ_AHEAD = 1024
 READ_AHEAD_CHARS = 16 * 1024 * 1024
 # A reader waiting for room is woken once the batch has taken this far down: it then reads
