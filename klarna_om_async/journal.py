@@ -669,9 +669,10 @@ class MemoryJournal:
     async def unknown_except(
         self, item_keys: Collection[str], *, listed: int = 10
     ) -> tuple[int, list[JournalEntry]]:
-        """The items in flight or failed (outcome unknown) whose ``item_key`` is not in
-        ``item_keys``: how many, and the first ``listed`` of them by ``item_key``."""
-        unknown = (JournalStatus.IN_FLIGHT, JournalStatus.FAILED)
+        """The items whose outcome is unknown (in flight, failed or needing review) whose
+        ``item_key`` is not in ``item_keys``: how many, and the first ``listed`` of them by
+        ``item_key``."""
+        unknown = (JournalStatus.IN_FLIGHT, JournalStatus.FAILED, JournalStatus.NEEDS_REVIEW)
         left = [e for e in await self.entries(statuses=unknown) if e.item_key not in item_keys]
         return len(left), left[:listed]
 

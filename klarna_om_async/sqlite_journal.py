@@ -48,6 +48,8 @@ __all__ = ("SQLiteJournal",)
 _SCHEMA_VERSION = 4
 # "KOMJ": marks the file as ours, so another program's database is never written to.
 _APPLICATION_ID = 0x4B4F4D4A
+# The statuses of an item whose outcome is unknown (see unknown_except).
+_UNKNOWN = (JournalStatus.IN_FLIGHT, JournalStatus.FAILED, JournalStatus.NEEDS_REVIEW)
 _COLUMNS = (
     "item_key, order_id, idempotency_key, status, capture_id, error, attempts, updated_at,"
     " fingerprint, captured_amount, reference, key_sent_at, uncertain, run_id, operation"
@@ -729,12 +731,12 @@ class SQLiteJournal:
     async def unknown_except(
         self, item_keys: Collection[str], *, listed: int = 10
     ) -> tuple[int, list[JournalEntry]]:
-        """The items in flight or failed (outcome unknown) whose ``item_key`` is not in
-        ``item_keys``: how many, and the first ``listed`` of them by ``item_key``. Read a row
-        at a time (the journal may hold a million items); ``item_keys`` must not change
-        until it returns."""
-        sql = f"SELECT {_COLUMNS} FROM journal WHERE status IN (?, ?) ORDER BY item_key"
-        unknown = (JournalStatus.IN_FLIGHT.value, JournalStatus.FAILED.value)
+        """The items whose outcome is unknown (in flight, failed or needing review) whose
+        ``item_key`` is not in ``item_keys``: how many, and the first ``listed`` of them by
+        ``item_key``. Read a row at a time (the journal may hold a million items);
+        ``item_keys`` must not change until it returns."""
+        sql = f"SELECT {_COLUMNS} FROM journal WHERE status IN (?, ?, ?) ORDER BY item_key"
+        unknown = tuple(status.value for status in _UNKNOWN)
 
         def op(conn: sqlite3.Connection, group: _Group) -> tuple[int, list[JournalEntry]]:
             count = 0

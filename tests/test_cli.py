@@ -639,6 +639,32 @@ def test_a_rerun_whose_input_lacks_an_unknown_item_of_the_journal_says_so_and_fa
     assert [served.booked(order) for order in orders] == [1, 1, 1]
 
 
+def test_a_rerun_whose_input_lacks_an_item_needing_review_says_so_until_it_is_settled(
+    served: ServedFake, tmp_path: Path
+) -> None:
+    review, other = served.add_order(1000), served.add_order(1000)
+    journal = str(tmp_path / "j.sqlite")
+
+    async def in_doubt() -> None:
+        async with SQLiteJournal(journal) as opened:
+            item = ItemRecord(
+                item_key=review, order_id=review, captured_amount=100, fingerprint="f"
+            )
+            await opened.claim(item, f"key-{review}")
+            await opened.finish(review, JournalStatus.NEEDS_REVIEW, reconciled=True)
+
+    asyncio.run(in_doubt())
+    path = write(tmp_path, "o.csv", f"order_id,captured_amount\n{other},1000\n")
+    first = cli(["batch", path, "--journal", journal, "--json"], served)
+    assert first.exit_code == 1, first.output
+    assert json_lines(first.stdout)[-1]["unknown_not_in_input_first"] == [review]
+    settled = cli(["reconcile", journal, "--not-captured", review], served)
+    assert settled.exit_code == 0, settled.output
+    again = cli(["batch", path, "--journal", journal, "--json"], served)
+    assert again.exit_code == 0, again.output
+    assert [served.booked(review), served.booked(other)] == [0, 1]
+
+
 def fill_the_disk(journal: str, when: str) -> None:
     """Make ``journal``'s writes fail as on a full disk: an SQLite trigger rolls back the
     transaction ``when`` (a trigger's event and condition, e.g. ``BEFORE UPDATE ON journal

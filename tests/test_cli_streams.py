@@ -26,6 +26,7 @@ from typing import IO
 
 import orjson
 import pytest
+from test_cli import fill_the_disk, free_the_disk
 from test_cli_signals import (
     ServedFake,
     cli,
@@ -43,7 +44,7 @@ from klarna_om_async.cli._batchfile import (
     BatchFileError,
     BatchReadError,
     Line,
-    Parse,
+    OpenedLines,
     _csv_rows,
     _jsonl_row_of,
     _jsonl_rows,
@@ -151,6 +152,41 @@ def test_a_stream_stopped_with_lines_in_flight_is_given_again_from_the_first_not
     _, stderr = again.communicate(rest, timeout=60)
     assert again.returncode == 0, stderr
     assert [served.booked(order) for order in orders] == [1] * len(orders)
+
+
+def test_a_stream_stopped_before_its_first_line_is_given_again_from_the_line_after_its_header() -> (
+    None
+):
+    # Nothing taken: the line to resume from was the header's, which a user then gave twice.
+    async def main() -> tuple[int | None, int]:
+        opened = OpenedLines(_bad, iter(()), header_line=2)
+        async with read_rows(lambda _stop: contextlib.nullcontext(opened)) as rows:
+            return rows.resume_line(), rows.first_line
+
+    assert asyncio.run(main()) == (3, 3)
+
+
+def test_a_stream_whose_journal_failed_is_given_again_whole(
+    served: ServedFake, tmp_path: Path
+) -> None:
+    # The journal could not record line 2's outcome (a full disk): reported captured (Klarna
+    # booked it) and counted done, so the line to resume from was 3, and line 2, in flight in
+    # the journal, was never given again.
+    orders = [served.add_order(1000) for _ in range(3)]
+    stream = "order_id,captured_amount\n" + "".join(f"{o},1000\n" for o in orders)
+    journal = tmp_path / "stream.journal.sqlite"
+    fill_the_disk(str(journal), f"BEFORE UPDATE ON journal WHEN NEW.item_key = '{orders[0]}'")
+    first = batch_from_stdin(served, journal, options=("--concurrency", "1"))
+    printed, stderr = first.communicate(stream, timeout=60)
+    assert first.returncode == 1, stderr
+    *outcomes, summary = json_lines(printed)
+    assert [(o["line"], o["status"]) for o in outcomes] == [(2, "captured")]
+    assert summary["resume_from_line"] == 2
+    free_the_disk(str(journal))
+    again = batch_from_stdin(served, journal)
+    printed, stderr = again.communicate(stream, timeout=60)
+    assert again.returncode == 0, stderr
+    assert [served.booked(order) for order in orders] == [1, 1, 1]
 
 
 def test_a_batch_stopped_by_a_401_does_not_read_on_a_stream_that_stays_open(
@@ -430,8 +466,8 @@ def _bad(numbered: Line) -> BadLine:
     return BadLine(line, None, BadLineError(line, None, "test"))
 
 
-def _opened(lines: Iterator[Line]) -> contextlib.nullcontext[tuple[Parse, Iterator[Line]]]:
-    return contextlib.nullcontext((_bad, lines))
+def _opened(lines: Iterator[Line]) -> contextlib.nullcontext[OpenedLines]:
+    return contextlib.nullcontext(OpenedLines(_bad, lines))
 
 
 @pytest.mark.parametrize(
@@ -461,9 +497,9 @@ def test_the_reader_reads_at_most_read_ahead_lines_before_the_batch_takes_them(
 
 def test_the_reader_raises_a_file_error_on_entry_and_a_later_error_after_the_rows() -> None:
     @contextlib.contextmanager
-    def broken_open(_stop: threading.Event) -> Iterator[tuple[Parse, Iterator[Line]]]:
+    def broken_open(_stop: threading.Event) -> Iterator[OpenedLines]:
         raise BatchFileError("x.csv: line 1: cannot read the header")
-        yield _bad, iter(())
+        yield OpenedLines(_bad, iter(()))
 
     def failing() -> Iterator[Line]:
         yield 1, "x"
@@ -499,8 +535,10 @@ def test_the_reader_stops_at_the_next_line_once_the_batch_takes_no_more() -> Non
             buffer[: len(buffer)] = b"\n" * len(buffer)
             return len(buffer)
 
-    def blank_lines(stop: threading.Event) -> contextlib.nullcontext[tuple[Parse, Iterator[Line]]]:
-        return contextlib.nullcontext((_jsonl_row_of, _text_lines(Blank(), "utf-8", stop=stop)))
+    def blank_lines(stop: threading.Event) -> contextlib.nullcontext[OpenedLines]:
+        return contextlib.nullcontext(
+            OpenedLines(_jsonl_row_of, _text_lines(Blank(), "utf-8", stop=stop))
+        )
 
     async def main() -> threading.Thread:
         async with read_rows(blank_lines):

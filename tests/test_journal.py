@@ -197,15 +197,16 @@ async def test_entries_and_summary_report_every_status(journal: Journal) -> None
 
 async def test_unknown_except_counts_the_items_in_doubt_not_named(journal: Journal) -> None:
     assert isinstance(journal, SQLiteJournal | MemoryJournal)
-    for key in "edcba":
+    for key in "fedcba":
         await begin(journal, key, f"order-{key}", f"key-{key}")
     await journal.finish("a", JournalStatus.CAPTURED, capture_id="cap-a")
     await journal.finish("b", JournalStatus.FAILED, error="lost")
-    await journal.finish("e", JournalStatus.REFUSED, error="no")
+    await journal.finish("e", JournalStatus.NEEDS_REVIEW, error="expired", reconciled=True)
+    await journal.finish("f", JournalStatus.REFUSED, error="no")
     count, first = await journal.unknown_except(set())
-    assert (count, [e.item_key for e in first]) == (3, ["b", "c", "d"])
+    assert (count, [e.item_key for e in first]) == (4, ["b", "c", "d", "e"])
     count, first = await journal.unknown_except({"b", "x"}, listed=1)
-    assert (count, [e.item_key for e in first]) == (2, ["c"])
+    assert (count, [e.item_key for e in first]) == (3, ["c"])
 
 
 async def test_finish_of_an_item_never_begun_is_an_error(journal: Journal) -> None:

@@ -11,7 +11,7 @@ import contextlib
 import sqlite3
 import sys
 import threading
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from typing import Literal
 
@@ -26,8 +26,7 @@ from ._batchfile import (
     BatchFileError,
     BatchFormat,
     BatchReadError,
-    Line,
-    Parse,
+    OpenedLines,
     Row,
     count_lines,
     detect_format,
@@ -288,7 +287,11 @@ async def _run(settings: _Settings, connection: Connection) -> bool:
         if completed or view.tally.items or interrupted:
             unlisted = _unlisted(view, done) if interrupted and not journal_failed else 0
             # A stream cannot be read again: from which line to give it again.
-            resume = rows.resume_line() if isinstance(rows, StreamRows) else None
+            resume = (
+                rows.resume_line(whole=bool(journal_failed))
+                if isinstance(rows, StreamRows)
+                else None
+            )
             _finish(
                 view,
                 settings,
@@ -297,6 +300,7 @@ async def _run(settings: _Settings, connection: Connection) -> bool:
                 failed=failed,
                 unlisted=unlisted,
                 resume=resume if unread is None else None,  # said with the read error
+                first_line=rows.first_line if isinstance(rows, StreamRows) else 1,
                 left=left,
             )
     if stopped is not None:
@@ -324,13 +328,13 @@ class _Outcomes:
     ) -> None:
         self._report = report
         self._stream = rows if isinstance(rows, StreamRows) else None
-        self._failed: set[str] = set()  # item keys; as many as failed, not one per item
+        self._unknown: set[str] = set()  # item keys; as many as failed, not one per item
 
     def report(self, outcome: CaptureOutcome) -> None:
         if self._stream is not None:
             self._stream.finished(outcome.line, outcome.status in _DONE)
-        if outcome.status is CaptureStatus.FAILED:
-            self._failed.add(outcome.item_key)
+        if outcome.status in _UNKNOWN:
+            self._unknown.add(outcome.item_key)
         self._report(outcome)
 
     async def unknown_left(self, journal: SQLiteJournal) -> tuple[int, list[JournalEntry]]:
@@ -338,10 +342,11 @@ class _Outcomes:
         (how many, the first): an earlier run's, whose lines this input lacks (an edited
         file, a stream given again from too late a line). Nothing else settles them, and the
         run ended "all done"."""
-        return await journal.unknown_except(self._failed)
+        return await journal.unknown_except(self._unknown)
 
 
 _DONE = frozenset({CaptureStatus.CAPTURED, CaptureStatus.SKIPPED})
+_UNKNOWN = frozenset({CaptureStatus.FAILED, CaptureStatus.NEEDS_REVIEW})
 
 
 def _journal_failed(settings: _Settings, error: sqlite3.Error | OSError) -> str:
@@ -370,7 +375,7 @@ async def _rows(settings: _Settings) -> AsyncIterator[Iterable[Row] | AsyncItera
     if _stream(path):
         # A stream's reads wait for its writer: on a thread of their own, or a silent
         # writer would stall the whole batch (see _reading). Its rows are made on the loop.
-        def lines(stop: threading.Event) -> AbstractContextManager[tuple[Parse, Iterator[Line]]]:
+        def lines(stop: threading.Event) -> AbstractContextManager[OpenedLines]:
             return open_lines(path, fmt, encoding=encoding, delimiter=delimiter, stop=stop)
 
         async with read_rows(lines) as read:
@@ -452,10 +457,11 @@ def _finish(
     failed: str | None = None,
     unlisted: int = 0,
     resume: int | None = None,
+    first_line: int = 1,
     left: tuple[int, Sequence[JournalEntry]] = (0, ()),
 ) -> None:
     """Print the summary. ``resume``: a stream stopped before its end, the first line to
-    give the batch again."""
+    give the batch again (``first_line``: its first after the header)."""
     notes = [f"Journal: {settings.journal}"] if settings.journal else []
     if failed is not None:
         notes.append(failed)
@@ -465,11 +471,15 @@ def _finish(
             " journal); the rerun sends them."
         )
     if resume is not None:
-        header = " after its header line" if settings.fmt is BatchFormat.CSV else ""
+        header = " (after its header line)" if settings.fmt is BatchFormat.CSV else ""
+        again = (
+            "the whole stream again"
+            if resume == first_line
+            else f"the stream's lines from line {resume:,} on again{header}"
+        )
         notes.append(
             f"{'Stopped early: the' if stopped else 'The'} stream was not read to its end (the"
-            f" lines read ahead are dropped): give the batch its lines from line {resume:,}"
-            f" on again{header}"
+            f" lines read ahead are dropped): give the batch {again}"
             + (
                 ", with this journal: the lines done are skipped, the others finished exactly once."
                 if settings.journal
@@ -481,14 +491,16 @@ def _finish(
         first = left_first[0]
         notes.append(
             f"{unknown_left:,} items the journal holds with an unknown outcome (money may have"
-            f" moved) were not in this input, e.g. order {first.order_id} (item_key"
-            f" {first.item_key!r}): give the batch their lines again with this journal (each"
-            " is finished with its own key), or settle them with klarna-om reconcile."
+            f" moved) were not run from this input (their lines are missing, or could not be"
+            f" read), e.g. order {first.order_id} (item_key {first.item_key!r}): give the"
+            " batch their lines again with this journal (each is finished with its own key);"
+            " one that needs review is settled with klarna-om reconcile."
         )
     if view.tally.counts[CaptureStatus.FAILED]:
         notes.append(
-            "Some outcomes are unknown (failed): rerun the same command to finish them "
-            "exactly once with their original idempotency keys."
+            "Some outcomes are unknown (failed): "
+            + ("rerun the same command" if resume is None else "give the stream again (above)")
+            + " to finish them exactly once with their original idempotency keys."
         )
     if view.tally.counts[CaptureStatus.NEEDS_REVIEW]:
         notes.append(

@@ -49,7 +49,7 @@ import re
 import stat
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import IO, TypeAlias, TypeVar
+from typing import IO, NamedTuple, TypeAlias, TypeVar
 
 import attrs
 import cattrs
@@ -77,6 +77,7 @@ __all__ = (
     "BatchFormat",
     "BatchReadError",
     "Line",
+    "OpenedLines",
     "Parse",
     "Row",
     "count_lines",
@@ -218,7 +219,18 @@ def open_batch(
     :class:`BatchFileError` here, before any row is read.
     """
     with open_lines(path, fmt, encoding=encoding, delimiter=delimiter, stop=stop) as opened:
-        yield _parsed(*opened)
+        yield _parsed(opened.parse, opened.lines)
+
+
+class OpenedLines(NamedTuple):
+    """A batch file opened by ``open_lines``."""
+
+    #: Makes each line's row (None for a line that gives none).
+    parse: Parse
+    #: The lines after the header.
+    lines: Iterator[Line]
+    #: The header's line number (0: the format has none).
+    header_line: int = 0
 
 
 @contextlib.contextmanager
@@ -229,7 +241,7 @@ def open_lines(
     encoding: str = "utf-8",
     delimiter: str | None = None,
     stop: threading.Event | None = None,
-) -> Iterator[tuple[Parse, Iterator[Line]]]:
+) -> Iterator[OpenedLines]:
     """``open_batch`` in two halves: the file's lines after its header, and the function
     that makes each one's row.
 
@@ -244,9 +256,10 @@ def open_lines(
     with _opened(path, lambda: open(path, "rb")) as binary:
         lines = _text_lines(binary, encoding, stream=is_stream(path), path=path, stop=stop)
         if fmt is BatchFormat.CSV:
-            yield _csv_parse(path, lines, delimiter), lines
+            parse, header_line = _csv_parse(path, lines, delimiter)
+            yield OpenedLines(parse, lines, header_line)
         else:
-            yield _jsonl_row_of, lines
+            yield OpenedLines(_jsonl_row_of, lines)
 
 
 def _parsed(parse: Parse, lines: Iterator[Line]) -> Iterator[Row]:
@@ -369,11 +382,12 @@ def _read_line(file: IO[bytes], size: int, path: str, number: int) -> bytes:
 
 
 def _csv_rows(path: str, lines: Iterator[Line], delimiter: str | None) -> Iterator[Row]:
-    return _parsed(_csv_parse(path, lines, delimiter), lines)
+    return _parsed(_csv_parse(path, lines, delimiter)[0], lines)
 
 
-def _csv_parse(path: str, lines: Iterator[Line], delimiter: str | None) -> Parse:
-    """Read the header from ``lines``: the function that makes each later line's row."""
+def _csv_parse(path: str, lines: Iterator[Line], delimiter: str | None) -> tuple[Parse, int]:
+    """Read the header from ``lines``: the function that makes each later line's row, and
+    the header's line number."""
     first = next(lines, None)
     # Blank lines are skipped everywhere, before the header too.
     while first is not None and isinstance(first[1], str) and not first[1].strip():
@@ -390,7 +404,7 @@ def _csv_parse(path: str, lines: Iterator[Line], delimiter: str | None) -> Parse
     except ValueError as error:
         raise BatchFileError(f"{path}: line {number}: cannot read the header: {error}") from None
     _check_header(path, header, delimiter, number)
-    return functools.partial(_csv_record, header, delimiter)
+    return functools.partial(_csv_record, header, delimiter), number
 
 
 def _guess_delimiter(header: str) -> str:

@@ -9,16 +9,15 @@ import asyncio
 import contextlib
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractContextManager
 
-from ._batchfile import Line, Parse, Row
+from ._batchfile import Line, OpenedLines, Parse, Row
 
 __all__ = ("READ_AHEAD", "READ_AHEAD_CHARS", "StreamRows", "read_rows")
 
-# open_lines(..., stop=stop), given the event that ends its reading: each line's row made
-# by the function it gives, and the lines after the header.
-_Opener = Callable[[threading.Event], AbstractContextManager[tuple[Parse, Iterator[Line]]]]
+# open_lines(..., stop=stop), given the event that ends its reading.
+_Opener = Callable[[threading.Event], AbstractContextManager[OpenedLines]]
 
 #: Lines read ahead of the batch at most, and their characters at most: memory stays
 #: bounded for a stream of any length, and of any line length (a line may hold 4 MiB; one
@@ -62,7 +61,9 @@ class StreamRows:
         self._first_not_done: int | None = None
         #: The batch took every line: the stream ended.
         self.ended = False
-        self._parse: Parse | None = None  # set by the thread before ``opened`` resolves
+        # Set by the thread before ``opened`` resolves.
+        self._parse: Parse | None = None
+        self._header_line = 0
         self._lock = threading.Condition()
         self._waiter: asyncio.Future[None] | None = None  # the loop, waiting for a row
         self._done = False  # the thread read the last row, or failed
@@ -77,11 +78,12 @@ class StreamRows:
     def read(self, open_rows: _Opener) -> None:
         opened = False
         try:
-            with open_rows(self.stopped) as (parse, lines):
+            with open_rows(self.stopped) as lines:
                 opened = True
-                self._parse = parse
+                self._parse, self._header_line = lines.parse, lines.header_line
+                self._taken = lines.header_line
                 self._resolve_soon(self.opened)
-                for line in lines:
+                for line in lines.lines:
                     if not self._put(line):
                         return
             self._end(None)
@@ -166,12 +168,21 @@ class StreamRows:
         if not done and (self._first_not_done is None or line < self._first_not_done):
             self._first_not_done = line
 
-    def resume_line(self) -> int | None:
+    @property
+    def first_line(self) -> int:
+        """The number of the stream's first line after its header."""
+        return self._header_line + 1
+
+    def resume_line(self, *, whole: bool = False) -> int | None:
         """The first line to give the batch again, as the stream cannot be read again: the
         first whose row has no outcome or one not done, else the first line not taken (a
-        stream that stopped before its end). None when the batch took the whole stream."""
+        stream that stopped before its end); ``whole``: the first line (the journal failed:
+        an outcome reported done may not be recorded). None when the batch took the whole
+        stream."""
         if self.ended:
             return None
+        if whole:
+            return self.first_line
         firsts = [*self._unfinished, self._taken + 1]
         if self._first_not_done is not None:
             firsts.append(self._first_not_done)
