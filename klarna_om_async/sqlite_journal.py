@@ -572,6 +572,12 @@ class SQLiteJournal:
     commits: int
     """Transactions committed by the writer thread so far (for tests and metrics)."""
 
+    write_failure: Exception | None
+    """The first error that undid a whole group's transaction (a full disk, an I/O error, a
+    lock another program held too long), or None. Each call of that group raised it; a
+    caller that stopped waiting for them (a batch interrupted) learns here that outcomes
+    it reported may not be recorded (their items stay in flight)."""
+
     commit_listeners: list[CommitListener]
     """Called as ``listener(seconds, entries)`` after each group commit: ``seconds`` is how
     long the COMMIT took (with ``durability="full"``, its fsync included) and ``entries``
@@ -616,6 +622,7 @@ class SQLiteJournal:
         self._synchronous = durability.upper()
         self._unsynced = False
         self.commits = 0
+        self.write_failure = None
         self.commit_listeners = []
 
     def __repr__(self) -> str:
@@ -979,6 +986,8 @@ class SQLiteJournal:
         except Exception as exc:
             with contextlib.suppress(sqlite3.Error):
                 conn.rollback()
+            if self.write_failure is None:
+                self.write_failure = exc  # read on the loop: one reference, set once
             return [(future, None, exc) for _, _, future, _ in calls], None
         self.commits += 1
         if group.writes and self._durability == "full":

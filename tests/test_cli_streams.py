@@ -189,6 +189,41 @@ def test_a_stream_whose_journal_failed_is_given_again_whole(
     assert [served.booked(order) for order in orders] == [1, 1, 1]
 
 
+@posix
+def test_a_stream_interrupted_after_its_journal_failed_is_given_again_whole(
+    served: ServedFake, tmp_path: Path
+) -> None:
+    # Ctrl-C while the batch waited for its items in flight after the journal failed: the
+    # failure went unsaid, and the line to resume from skipped the outcome it could not
+    # record (reported captured, in flight in the journal).
+    orders = [served.add_order(1000) for _ in range(4)]
+    stream = "order_id,captured_amount\n" + "".join(f"{o},1000\n" for o in orders)
+    journal = tmp_path / "stream.journal.sqlite"
+    fill_the_disk(str(journal), f"BEFORE UPDATE ON journal WHEN NEW.item_key = '{orders[0]}'")
+    command = batch_from_stdin(served, journal, options=("--rate", "1", "--concurrency", "4"))
+    with command:
+        try:
+            assert command.stdin is not None
+            command.stdin.write(stream)
+            command.stdin.flush()
+            printed = printed_lines(command.stdout)
+            first = orjson.loads(printed.get(timeout=30))
+            assert (first["line"], first["status"]) == (2, "captured")
+            command.send_signal(signal.SIGINT)  # the others wait for their turn at --rate 1
+            command.wait(timeout=30)
+        finally:
+            kill_if_running(command)
+    while (said := orjson.loads(printed.get(timeout=30)))["type"] != "summary":
+        pass
+    assert said["resume_from_line"] == 2
+    assert "could not be written (database or disk is full)" in said["stopped"]
+    free_the_disk(str(journal))
+    again = batch_from_stdin(served, journal)
+    _, stderr = again.communicate(stream, timeout=60)
+    assert again.returncode == 0, stderr
+    assert [served.booked(order) for order in orders] == [1] * len(orders)
+
+
 def test_a_batch_stopped_by_a_401_does_not_read_on_a_stream_that_stays_open(
     served: ServedFake, tmp_path: Path
 ) -> None:

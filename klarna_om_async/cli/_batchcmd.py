@@ -436,6 +436,12 @@ async def _journal(
             click.echo(note, err=True)
         yield journal
     except (asyncio.CancelledError, KeyboardInterrupt):
+        # Interrupted while the batch waited for the items in flight after the journal
+        # failed: said, and outcomes reported may not be recorded (see _run's resume).
+        if journal.write_failure is not None and not failed:
+            failure = journal.write_failure
+            if isinstance(failure, sqlite3.Error | OSError):
+                failed.append(failure)
         # Read only then (it counts the whole journal): see _unlisted.
         if not failed:
             with contextlib.suppress(sqlite3.Error):  # then _unlisted says nothing
