@@ -40,6 +40,7 @@ __all__ = (
     "DEFAULT_KEY_MAX_AGE",
     "KLARNA_KEY_LIFETIME",
     "KLARNA_OM_NAMESPACE",
+    "UNKNOWN_STATUSES",
     "Claim",
     "ClaimAction",
     "ItemRecord",
@@ -124,6 +125,10 @@ class ItemRecord:
     #: lines, reference).
     fingerprint: str
     operation: Operation = Operation.CAPTURE
+
+
+#: The statuses of an item whose outcome is unknown: money may have moved (``unknown_except``).
+UNKNOWN_STATUSES = (JournalStatus.IN_FLIGHT, JournalStatus.FAILED, JournalStatus.NEEDS_REVIEW)
 
 
 @attrs.frozen(kw_only=True)
@@ -672,8 +677,8 @@ class MemoryJournal:
         """The items whose outcome is unknown (in flight, failed or needing review) whose
         ``item_key`` is not in ``item_keys``: how many, and the first ``listed`` of them by
         ``item_key``."""
-        unknown = (JournalStatus.IN_FLIGHT, JournalStatus.FAILED, JournalStatus.NEEDS_REVIEW)
-        left = [e for e in await self.entries(statuses=unknown) if e.item_key not in item_keys]
+        unknown = await self.entries(statuses=UNKNOWN_STATUSES)
+        left = [entry for entry in unknown if entry.item_key not in item_keys]
         return len(left), left[:listed]
 
     async def done_by_operation(self) -> dict[Operation, int]:

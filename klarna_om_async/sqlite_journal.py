@@ -22,6 +22,7 @@ from typing import Any, Literal, Self, TypeVar
 
 from .journal import (
     DEFAULT_KEY_MAX_AGE,
+    UNKNOWN_STATUSES,
     Claim,
     ClaimAction,
     ItemRecord,
@@ -48,8 +49,6 @@ __all__ = ("SQLiteJournal",)
 _SCHEMA_VERSION = 4
 # "KOMJ": marks the file as ours, so another program's database is never written to.
 _APPLICATION_ID = 0x4B4F4D4A
-# The statuses of an item whose outcome is unknown (see unknown_except).
-_UNKNOWN = (JournalStatus.IN_FLIGHT, JournalStatus.FAILED, JournalStatus.NEEDS_REVIEW)
 _COLUMNS = (
     "item_key, order_id, idempotency_key, status, capture_id, error, attempts, updated_at,"
     " fingerprint, captured_amount, reference, key_sent_at, uncertain, run_id, operation"
@@ -743,7 +742,7 @@ class SQLiteJournal:
         ``item_key``. Read a row at a time (the journal may hold a million items);
         ``item_keys`` must not change until it returns."""
         sql = f"SELECT {_COLUMNS} FROM journal WHERE status IN (?, ?, ?) ORDER BY item_key"
-        unknown = tuple(status.value for status in _UNKNOWN)
+        unknown = tuple(status.value for status in UNKNOWN_STATUSES)
 
         def op(conn: sqlite3.Connection, group: _Group) -> tuple[int, list[JournalEntry]]:
             count = 0

@@ -45,9 +45,9 @@ from klarna_om_async.cli._batchfile import (
     BatchReadError,
     Line,
     OpenedLines,
-    _csv_rows,
+    _csv_parse,
     _jsonl_row_of,
-    _jsonl_rows,
+    _parsed,
     _text_lines,
 )
 from klarna_om_async.cli._reading import READ_AHEAD, READ_AHEAD_CHARS, read_rows
@@ -403,7 +403,7 @@ class _Endless(io.RawIOBase):
 def test_a_line_without_end_is_read_a_piece_at_a_time() -> None:
     raw = _Endless(then=b"\nabc,1000\n")
     lines = _text_lines(io.BufferedReader(raw, buffer_size=65536), "utf-8")
-    rows = list(_jsonl_rows(lines))
+    rows = list(_parsed(_jsonl_row_of, lines))
     assert len(rows) == 2
     assert isinstance(rows[0], BadLine)
     assert str(rows[0].error) == f"line 1: the line is longer than {MAX_LINE_BYTES} bytes"
@@ -447,7 +447,7 @@ def test_a_bad_line_holds_no_frame_that_parsed_it(raw: bytes) -> None:
     # parsed the line, with the line, until the collector came: a stream of refused 4 MiB
     # lines peaked at 435 MB, a file of them at 239 MB.
     lines = _text_lines(io.BytesIO(raw % (b"d" * 1000) + b"\n"), "utf-8")
-    [row] = _jsonl_rows(lines)
+    [row] = _parsed(_jsonl_row_of, lines)
     assert isinstance(row, BadLine)
     error = row.error
     assert (error.__traceback__, error.__context__, error.__cause__) == (None, None, None)
@@ -458,7 +458,7 @@ def test_a_header_longer_than_the_limit_refuses_the_file_at_once() -> None:
     raw.left = 10**15  # as good as /dev/zero
     lines = _text_lines(io.BufferedReader(raw, buffer_size=65536), "utf-8", stream=True)
     with pytest.raises(BatchFileError, match="line 1: cannot read the header: the line is long"):
-        _csv_rows("/dev/zero", lines, None)
+        _csv_parse("/dev/zero", lines, None)
     assert sum(raw.sizes) <= MAX_LINE_BYTES + 2 + 65536  # the first line's worth, no more
 
 
@@ -466,7 +466,7 @@ def test_a_line_without_end_ends_the_reading_after_its_first_64_mib() -> None:
     raw = _Endless()
     raw.left = 10**15  # as good as /dev/zero
     lines = _text_lines(io.BufferedReader(raw, buffer_size=65536), "utf-8", path="/dev/zero")
-    rows = _jsonl_rows(lines)
+    rows = _parsed(_jsonl_row_of, lines)
     first = next(rows)  # refused at once, before its rest is read
     assert isinstance(first, BadLine)
     assert "longer than" in str(first.error)

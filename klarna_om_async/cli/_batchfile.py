@@ -200,25 +200,19 @@ def count_lines(path: str) -> int | None:
 
 @contextlib.contextmanager
 def open_batch(
-    path: str,
-    fmt: BatchFormat,
-    *,
-    encoding: str = "utf-8",
-    delimiter: str | None = None,
-    stop: threading.Event | None = None,
+    path: str, fmt: BatchFormat, *, encoding: str = "utf-8", delimiter: str | None = None
 ) -> Iterator[Iterator[Row]]:
     """Open ``path`` and give an iterator of its rows, read one line at a time.
 
     ``encoding`` must keep ASCII bytes as they are (utf-8, cp1252, latin-1, ...); a UTF-8
     byte order mark is skipped. ``delimiter`` separates CSV columns; by default it is
-    recognised from the header (``,``, ``;``, tab or ``|``). Once ``stop`` is set the rows
-    end at the next line (another thread reading the file stops there).
+    recognised from the header (``,``, ``;``, tab or ``|``).
 
     Problems with the whole file (cannot be opened, an unusable encoding, a CSV header that
     cannot be read or lacks the required columns, has unknown or duplicate ones) raise
     :class:`BatchFileError` here, before any row is read.
     """
-    with open_lines(path, fmt, encoding=encoding, delimiter=delimiter, stop=stop) as opened:
+    with open_lines(path, fmt, encoding=encoding, delimiter=delimiter) as opened:
         yield _parsed(opened.parse, opened.lines)
 
 
@@ -247,7 +241,8 @@ def open_lines(
 
     A stream's reader thread reads the lines; the event loop makes their rows. (Made on the
     thread, beside the loop, they held the interpreter lock the loop waited for: a rerun
-    through a pipe cost about a tenth more CPU.) ``BatchFileError`` as ``open_batch``, on
+    through a pipe cost about a tenth more CPU.) Once ``stop`` is set the lines end at the
+    next one (the reader thread stops there). ``BatchFileError`` as ``open_batch``, on
     entry.
     """
     _check_encoding(encoding)
@@ -379,10 +374,6 @@ def _read_line(file: IO[bytes], size: int, path: str, number: int) -> bytes:
 
 
 # --- CSV -------------------------------------------------------------------------------------
-
-
-def _csv_rows(path: str, lines: Iterator[Line], delimiter: str | None) -> Iterator[Row]:
-    return _parsed(_csv_parse(path, lines, delimiter)[0], lines)
 
 
 def _csv_parse(path: str, lines: Iterator[Line], delimiter: str | None) -> tuple[Parse, int]:
@@ -627,10 +618,6 @@ _NESTED_FIELDS = {
     "order_lines": frozenset(field.name for field in attrs.fields(OrderLine)),
     "shipping_info": frozenset(field.name for field in attrs.fields(ShippingInfo)),
 }
-
-
-def _jsonl_rows(lines: Iterator[Line]) -> Iterator[Row]:
-    return _parsed(_jsonl_row_of, lines)
 
 
 def _jsonl_row_of(numbered: Line) -> Row | None:
