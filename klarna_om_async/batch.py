@@ -34,6 +34,7 @@ from .captures import CapturesService
 from .config import MAX_CONCURRENCY, MIN_BUSY_WAIT, check_count
 from .errors import (
     AuthenticationError,
+    ClockSkewError,
     IdempotencyKeyReusedError,
     ItemConflictError,
     KlarnaConnectionError,
@@ -67,11 +68,12 @@ from .operations import (
     send,
 )
 from .orders import OrdersService
-from .reconcile import Verdict, order_shows, reconcile_entry
+from .reconcile import DEFAULT_CLOCK_SKEW, Verdict, order_shows, reconcile_entry
 from .throttle import ThrottleRefusal, rate_limited
 
 __all__ = (
     "DEFAULT_CONCURRENCY",
+    "MAX_CLOCK_SKEW",
     "NOT_SENT_LISTED",
     "BatchAbortedError",
     "BatchItem",
@@ -126,17 +128,23 @@ _HOLDS = frozenset({CaptureStatus.FAILED, CaptureStatus.REFUSED, CaptureStatus.N
 #: How many of the items a stopped batch did not send ``BatchAbortedError.not_sent`` names.
 NOT_SENT_LISTED = 1000
 
+#: How far a journal's clock may be from Klarna's before a journaled batch stops sending
+#: (``ClockSkewError``): the error reconciliation allows (its ``clock_skew``).
+MAX_CLOCK_SKEW = DEFAULT_CLOCK_SKEW
+
 
 class BatchAbortedError(KlarnaError):
     """A batch stopped early on a failure that would hit every item; rerun once it is fixed.
 
     Raised by ``capture_many`` after it has yielded the outcome of every item it started.
     ``cause`` is the error that stopped it: an ``AuthenticationError`` (401: every item would
-    be refused), or the ``KlarnaConnectionError`` of the last of ``UNREACHABLE_ITEMS`` items in
-    a row that could not connect (nothing sent). A plain iterable (a list, a file read on the
-    loop) was then read to its end without sending anything: ``not_sent_count`` counts those
-    items and ``not_sent`` names the first ``NOT_SENT_LISTED`` of them (by ``item_key``; a
-    batch of a million items must not hold a million names). An async iterable is read no
+    be refused), the ``KlarnaConnectionError`` of the last of ``UNREACHABLE_ITEMS`` items in
+    a row that could not connect (nothing sent), or a ``ClockSkewError`` (the journal's clock
+    is more than ``MAX_CLOCK_SKEW`` from Klarna's; that item was not sent). A plain iterable
+    (a list, a file read on the loop) was then read to its end without sending anything:
+    ``not_sent_count`` counts those items and ``not_sent`` names the first
+    ``NOT_SENT_LISTED`` of them (by ``item_key``; a batch of a million items must not hold a
+    million names). An async iterable is read no
     further (``not_sent_count`` is None, ``not_sent`` empty): its reads may wait without end
     (a stream whose producer never closes it, a queue consumer), so a read in progress is
     cancelled, and what it did not yield stays with its source (a source read once should
@@ -176,6 +184,8 @@ class BatchAbortedError(KlarnaError):
         """Why the batch stopped, in a few words."""
         if isinstance(self.cause, AuthenticationError):
             return "Klarna refused the credentials (401)"
+        if isinstance(self.cause, ClockSkewError):
+            return self.cause.measured
         cause = str(self.cause).rstrip(".")
         return f"{UNREACHABLE_ITEMS} items in a row could not connect: {cause}"
 
@@ -184,6 +194,8 @@ class BatchAbortedError(KlarnaError):
         """What to do before the rerun."""
         if isinstance(self.cause, AuthenticationError):
             return "fix the credentials and rerun"
+        if isinstance(self.cause, ClockSkewError):
+            return self.cause.advice
         return "check the base URL, proxy and network, then rerun"
 
 
@@ -522,6 +534,15 @@ class _Run:
         #: Set when the batch must stop early (see ``BatchAbortedError``).
         self.abort: KlarnaError | None = None
         self._unreachable = 0
+        # Klarna's time as this run's answers tell it; one read of an order at a time to
+        # learn it (see _clock_error).
+        self._klarna_clock = services.klarna_clock
+        self._answers_before = 0 if self._klarna_clock is None else self._klarna_clock.answers
+        self._learning_time = asyncio.Lock()
+        # The run's first new item, sent before any answer told Klarna's time; the others
+        # wait for its send to end (see _clock_error).
+        self._scout: BatchItem | None = None
+        self._scouting: asyncio.Future[None] | None = None
         if isinstance(items, AsyncIterable):
             self._aiter: AsyncIterator[BatchItem | tuple[str, OperationRequest]] | None = aiter(
                 items
@@ -656,7 +677,7 @@ class _Run:
     def _watch(self, outcome: CaptureOutcome) -> None:
         """Stop taking items after a failure that every item would meet."""
         error = outcome.error
-        if isinstance(error, AuthenticationError):
+        if isinstance(error, AuthenticationError | ClockSkewError):
             self.abort = self.abort or error
             self._stop_reading()
         elif isinstance(error, KlarnaConnectionError) and not error.outcome_unknown:
@@ -817,7 +838,15 @@ class _Run:
         key = entry.idempotency_key
         match claim.action:
             case ClaimAction.SEND:
-                outcome = await self._send(item, key, item.operation, _time_left(claim))
+                skewed = await self._clock_error(item, entry)
+                if skewed is None:
+                    try:
+                        outcome = await self._send(item, key, item.operation, _time_left(claim))
+                    finally:
+                        if self._scout is item:
+                            self._scouted()
+                else:  # nothing sent: recorded refused (failed, if an earlier run sent it)
+                    outcome = _outcome(item, CaptureStatus.REFUSED, key, error=skewed)
                 if entry.uncertain and isinstance(outcome.error, KlarnaError):
                     # An earlier run's send under this key may have booked it: whatever
                     # this send met, the outcome is unknown (its error must say so).
@@ -876,6 +905,49 @@ class _Run:
                     conflict.earlier_attempt_unknown = True
                     return _outcome(item, _unsettled_status(entry), key, error=conflict)
                 return _outcome(item, CaptureStatus.REFUSED, key, error=conflict)
+
+    async def _clock_error(self, item: BatchItem, entry: JournalEntry) -> ClockSkewError | None:
+        """Why the claim of ``entry`` must not be sent: the journal's clock, which dated it
+        (``updated_at``), is more than ``MAX_CLOCK_SKEW`` from Klarna's; None if not.
+
+        The journal judges by such dates whether Klarna still remembers an item's key (an
+        earlier run's key is resent only while it is young), and which of an order's
+        captures could be the key's. Klarna's time is that of the latest answer to the
+        client during this run (HTTP ``Date``). Before the first, one new item is sent
+        unchecked (the run's scout: see ``_scouted``) and the others wait for its send to
+        end; a key an earlier run sent (its age judged by the journal's clock) waits for
+        the item's order to be read instead.
+        """
+        clock = self._klarna_clock
+        if clock is None:
+            return None
+        if clock.answers == self._answers_before:  # no answer in this run yet
+            if entry.uncertain and self.orders is not None:
+                async with self._learning_time:
+                    if clock.answers == self._answers_before:
+                        with contextlib.suppress(KlarnaError):  # its own send meets the same
+                            await self.orders.get(item.order_id)
+            while clock.answers == self._answers_before and not entry.uncertain:
+                scouting = self._scouting
+                if scouting is None or scouting.done():  # (done: it met no answer either)
+                    self._scouting = asyncio.get_running_loop().create_future()
+                    self._scout = item
+                    return None
+                await asyncio.shield(scouting)
+        klarna_now = clock.now()
+        if klarna_now is None:
+            return None  # no answer (Klarna unreachable), or none with a Date: nothing to check
+        skew = entry.updated_at - klarna_now
+        if abs(skew) <= MAX_CLOCK_SKEW:
+            return None
+        key = entry.idempotency_key
+        return ClockSkewError(skew=skew, klarna_time=klarna_now, idempotency_key=key)
+
+    def _scouted(self) -> None:
+        """The scout's send ended: whoever waited for Klarna's time checks it now."""
+        self._scout = None
+        if self._scouting is not None and not self._scouting.done():
+            self._scouting.set_result(None)
 
     async def _confirm(self, item: BatchItem, journal: Journal) -> CaptureOutcome | None:
         """The outcome of an uncertain release/cancel the order proves done; None otherwise."""

@@ -5,12 +5,14 @@ from __future__ import annotations
 import time
 import urllib.request
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
+from datetime import datetime
 from types import TracebackType
 from typing import Self
 
 import aiohttp
 import yarl
 
+from ._klarna_clock import KlarnaClock
 from .batch import (
     DEFAULT_CONCURRENCY,
     BatchItem,
@@ -180,6 +182,7 @@ class KlarnaOM:
         self.username = credentials.username
         self.retry_policy = retry if retry is not None else RetryPolicy()
         self._clock = clock
+        self._klarna_clock = KlarnaClock(clock)
         self._throttle = ThrottleMiddleware(
             sleep=self.retry_policy.sleep,
             clock=clock,
@@ -224,6 +227,16 @@ class KlarnaOM:
         calls refused before sending (their pause lay past their deadline) are not counted.
         """
         return self._throttle.rate_limited_count
+
+    def klarna_now(self) -> datetime | None:
+        """Klarna's current time (UTC), as the ``Date`` header of its latest answer to this
+        client tells it (to a second or so), moved on by this client's clock since; None
+        before any answer. Raises nothing. A journaled batch checks its journal's clock
+        against the time of its run's answers and stops with a ``ClockSkewError`` when they
+        are more than 5 minutes apart.
+        https://docs.klarna.com/api/ordermanagement/
+        """
+        return self._klarna_clock.now()
 
     def capture_many(
         self,
@@ -321,6 +334,7 @@ class KlarnaOM:
             orders=self.orders,
             sleep=self.retry_policy.sleep,
             clock=self._clock,
+            klarna_clock=self._klarna_clock,
         )
 
     def _batch_concurrency(self, concurrency: int | None, rate_limit: float | None) -> int:
@@ -420,6 +434,7 @@ class KlarnaOM:
                 _Slots(size) if size else None,
                 # A 429 may pause the client while an attempt queues for a connection.
                 before_send=self._throttle.recheck,
+                klarna_clock=self._klarna_clock,
             )
         return self._transport
 

@@ -12,6 +12,7 @@ import email.utils
 import math
 import time
 from collections.abc import Mapping
+from datetime import datetime, timedelta
 from typing import ClassVar
 
 import orjson
@@ -21,6 +22,7 @@ __all__ = (
     "BadRequestError",
     "CancelNotAllowedError",
     "CaptureNotAllowedError",
+    "ClockSkewError",
     "ConflictError",
     "IdempotencyKeyReusedError",
     "ItemConflictError",
@@ -505,6 +507,55 @@ class ItemConflictError(KlarnaError, ValueError):
         #: The item's key in the journal.
         self.item_key = item_key
         self.idempotency_key = idempotency_key
+
+
+class ClockSkewError(KlarnaError):
+    """A journaled batch's item was not sent: the journal's clock is off Klarna's.
+
+    A journal dates each idempotency key by its clock, and judges by that date whether
+    Klarna, which remembers a key for 24 hours, still does (an older key is reconciled, not
+    resent), and which of an order's captures could be the key's. A clock more than
+    ``MAX_CLOCK_SKEW`` (5 minutes, reconciliation's ``clock_skew``) from the time in
+    Klarna's answers (HTTP ``Date``) would have a forgotten key resent, booking again. The
+    batch stops sending (``BatchAbortedError``); set this machine's clock right (NTP), then
+    rerun. Nothing was sent for the item (``outcome_unknown`` is False unless an earlier run
+    sent its key).
+    """
+
+    def __init__(
+        self, *, skew: timedelta, klarna_time: datetime, idempotency_key: str | None
+    ) -> None:
+        #: The journal's clock minus Klarna's: positive when it is ahead.
+        self.skew = skew
+        #: Klarna's time (UTC), from its latest answer's ``Date`` header.
+        self.klarna_time = klarna_time
+        self.idempotency_key = idempotency_key
+        way = "ahead of" if skew > timedelta(0) else "behind"
+        #: What was measured, in words.
+        self.measured = (
+            f"the journal's clock is {_duration(abs(skew))} {way} Klarna's (Klarna's answers"
+            f" say {klarna_time:%Y-%m-%d %H:%M:%S} UTC)"
+        )
+        super().__init__(f"not sent: {self.measured}; {self.advice}")
+
+    #: What to do.
+    advice: ClassVar[str] = (
+        "the journal dates each idempotency key by its clock to know whether Klarna (24 hours)"
+        " still remembers it: set this machine's clock right (NTP), then rerun"
+    )
+
+
+def _duration(span: timedelta) -> str:
+    """``span`` in words, to the nearest second or minute: "7 min 30 s", "2 h 5 min", "3 days"."""
+    seconds = round(span.total_seconds())
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    minutes = round(seconds / 60)
+    if minutes < 1440:
+        return f"{minutes // 60} h {minutes % 60} min"
+    days, hours = divmod(round(minutes / 60), 24)
+    whole = f"{days} day" if days == 1 else f"{days} days"
+    return f"{whole} {hours} h" if hours else whole
 
 
 class NeedsReviewError(KlarnaError):

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 
 import aiohttp
 
+from ._klarna_clock import KlarnaClock
 from .errors import KlarnaConnectionError, KlarnaTimeoutError
 from .middleware import Request, Response
 
@@ -158,6 +159,7 @@ class AiohttpTransport:
     ``raise_for_status=False``, no session middlewares, ``auto_decompress=True``, an absolute
     URL (a session ``base_url`` is ignored), its own timeout, and our ``Authorization``
     header (over a default one). The session's proxy settings and connector are used.
+    Every answer's ``Date`` header is shown to ``klarna_clock``: Klarna's time.
     """
 
     def __init__(
@@ -167,8 +169,10 @@ class AiohttpTransport:
         timeout: float,
         slots: _Slots | None = None,
         before_send: BeforeSend | None = None,
+        klarna_clock: KlarnaClock | None = None,
     ) -> None:
         self._session = session
+        self._klarna_clock = klarna_clock
         self._base_url = base_url
         self._deadlines = _Deadlines(timeout)
         self.slots = slots
@@ -208,6 +212,8 @@ class AiohttpTransport:
                         auto_decompress=True,
                         middlewares=(),
                     ) as answer:
+                        if self._klarna_clock is not None:
+                            self._klarna_clock.saw(answer.headers.get("Date"))
                         return Response(
                             answer.status, answer.headers, await answer.read(), request, url
                         )

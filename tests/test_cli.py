@@ -607,6 +607,37 @@ def test_batch_rerun_with_the_journal_finishes_unknown_outcomes_exactly_once(
     assert all(len(served.posts(order)) == 1 for order in orders if order != lost)
 
 
+def test_a_journaled_batch_on_a_clock_hours_off_stops_after_its_first_item_in_one_line(
+    served: ServedFake, tmp_path: Path
+) -> None:
+    orders = [served.add_order(1000) for _ in range(4)]
+    path = write(
+        tmp_path, "o.csv", "order_id,captured_amount\n" + "".join(f"{o},1000\n" for o in orders)
+    )
+    journal = str(tmp_path / "run.sqlite")
+    served.do(lambda: served.fake.advance_clock(2 * 3600))  # this machine is 2 hours behind
+    args = ["batch", path, "--journal", journal, "--concurrency", "1", "--json"]
+
+    first = cli(args, served)
+
+    assert first.exit_code == 1
+    statuses = {o: v["status"] for o, v in outcomes_by_order(first.stdout).items()}
+    assert statuses == {orders[0]: "captured", orders[1]: "refused"}
+    assert "the journal's clock is 2 h 0 min behind Klarna's" in first.stderr
+    assert "set this machine's clock right (NTP), then rerun" in first.stderr
+    assert [served.booked(o) for o in orders] == [1, 0, 0, 0]
+    # The item refused was never sent; those after it were not even claimed.
+    assert [len(served.posts(o)) for o in orders] == [1, 0, 0, 0]
+
+    # The rerun on the same clock: the item refused is new again, and goes first, unchecked,
+    # as a run's first item always does (it is Klarna's answer that tells the time).
+    served.do(lambda: served.fake.advance_clock(86_400))  # a day later, at Klarna only
+    again = cli(args, served)
+    assert again.exit_code == 1
+    assert "the journal's clock is 1 day 2 h behind Klarna's" in again.stderr
+    assert [served.booked(o) for o in orders] == [1, 1, 0, 0]
+
+
 @pytest.mark.parametrize("json_output", [True, False], ids=["json", "table"])
 def test_a_rerun_whose_input_lacks_an_unknown_item_of_the_journal_says_so_and_fails(
     served: ServedFake, tmp_path: Path, json_output: bool
@@ -1244,7 +1275,9 @@ def test_ctrl_c_stops_a_batch_and_the_rerun_finishes_it_exactly_once(
 ) -> None:
     orders = [served.add_order(1000) for _ in range(12)]
     # Booked at once, answered only much later: Ctrl-C catches items in flight after booking.
-    served.do(lambda: served.fake.inject(Delay(30, after_processing=True), times=None))
+    # The first is answered at once: the batch sends no more until an answer tells Klarna's time.
+    later = re.compile("|".join(orders[1:]))
+    served.do(lambda: served.fake.inject(Delay(30, after_processing=True), times=None, path=later))
     path = write(
         tmp_path, "o.csv", "order_id,captured_amount\n" + "".join(f"{o},1000\n" for o in orders)
     )
@@ -1256,19 +1289,20 @@ def test_ctrl_c_stops_a_batch_and_the_rerun_finishes_it_exactly_once(
         env=subprocess_env(served.fake.base_url),
     )
     try:
-        served.run(asyncio.wait_for(served.fake.wait_for_requests(4), timeout=25))
+        served.run(asyncio.wait_for(served.fake.wait_for_requests(5), timeout=25))
     finally:
         batch.send_signal(signal.SIGINT)
         _, stderr = batch.communicate(timeout=20)
     assert batch.returncode == 130, stderr
     assert "Interrupted: no new items were started" in stderr
     assert f"{path}.journal.sqlite" in stderr
-    assert served.do(lambda: len(served.fake.requests)) == 4  # nothing started after Ctrl-C
+    assert served.do(lambda: len(served.fake.requests)) == 5  # nothing started after Ctrl-C
 
     served.do(served.fake.clear_faults)
     rerun = cli(["batch", path, "--json"], served)
     assert rerun.exit_code == 0, rerun.output
-    assert {o["status"] for o in outcomes_by_order(rerun.stdout).values()} == {"captured"}
+    statuses = {o: v["status"] for o, v in outcomes_by_order(rerun.stdout).items()}
+    assert statuses == {o: "skipped" if o == orders[0] else "captured" for o in orders}
     assert all(served.booked(order) == 1 for order in orders)
 
 

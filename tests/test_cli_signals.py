@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import select
 import signal
 import subprocess
@@ -310,21 +311,24 @@ def test_sigterm_stops_a_batch_like_ctrl_c_and_the_rerun_finishes_it_exactly_onc
     served: ServedFake, tmp_path: Path
 ) -> None:
     orders = [served.add_order(1000) for _ in range(12)]
-    served.do(lambda: served.fake.inject(Delay(30, after_processing=True), times=None))
+    # The first is answered at once: the batch sends no more until an answer tells Klarna's time.
+    later = re.compile("|".join(orders[1:]))
+    served.do(lambda: served.fake.inject(Delay(30, after_processing=True), times=None, path=later))
     path = write_batch(tmp_path, orders)
     command = start(["batch", path, "--concurrency", "4", "--json"], served.fake.base_url)
     with command:
         try:
-            served.wait_for_requests(4)
+            served.wait_for_requests(5)
             stdout, stderr = stop(command, signal.SIGTERM)
         finally:
             kill_if_running(command)
     assert command.returncode == 143, stderr
     assert "Interrupted: no new items were started" in stderr
     assert f"{path}.journal.sqlite" in stderr
-    [summary] = json_lines(stdout)
+    first, summary = json_lines(stdout)
+    assert (first["order_id"], first["status"]) == (orders[0], "captured")
     assert (summary["type"], summary["interrupted"]) == ("summary", True)
-    assert served.do(lambda: len(served.fake.requests)) == 4  # nothing started after SIGTERM
+    assert served.do(lambda: len(served.fake.requests)) == 5  # nothing started after SIGTERM
 
     served.do(served.fake.clear_faults)
     rerun = cli(["batch", path, "--json"], served)
@@ -413,6 +417,7 @@ def test_a_second_ctrl_c_while_a_batch_winds_down_keeps_its_summary_and_exit_130
     served: ServedFake, tmp_path: Path
 ) -> None:
     orders = [served.add_order(1000) for _ in range(8)]
+    # The batch sends one item and waits for its answer (Klarna's time) before the others.
     served.do(lambda: served.fake.inject(Delay(30, after_processing=True), times=None))
     path = write_batch(tmp_path, orders)
     relay = Relay(int(served.fake.base_url.rsplit(":", 1)[1]))
@@ -425,7 +430,7 @@ def test_a_second_ctrl_c_while_a_batch_winds_down_keeps_its_summary_and_exit_130
         os.close(write_fd)
         with command:
             try:
-                served.wait_for_requests(4)
+                served.wait_for_requests(1)
                 command.send_signal(signal.SIGINT)
                 # The first Ctrl-C is being handled: requests in flight are being cancelled.
                 served.run(asyncio.wait_for(relay.client_closed.wait(), timeout=25))
@@ -444,7 +449,7 @@ def test_a_second_ctrl_c_while_a_batch_winds_down_keeps_its_summary_and_exit_130
     assert "Interrupted: no new items were started" in stderr
     [summary] = json_lines(stdout)
     assert (summary["type"], summary["interrupted"]) == ("summary", True)
-    assert served.do(lambda: len(served.fake.requests)) == 4
+    assert served.do(lambda: len(served.fake.requests)) == 1
 
     served.do(served.fake.clear_faults)
     rerun = cli(["batch", path, "--json"], served)

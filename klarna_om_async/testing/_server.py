@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import email.utils
 import random
 import re
 import time
@@ -106,7 +107,12 @@ class FakeKlarna:
 
         app = web.Application(middlewares=[fake_klarna])
         OrderManagementApi(self._ledger).add_routes(app.router)
+        app.on_response_prepare.append(self._dated)
         return app
+
+    async def _dated(self, _request: web.Request, response: web.StreamResponse) -> None:
+        # Klarna's answers carry its time; the fake's is its clock (advance_clock moves it).
+        response.headers["Date"] = email.utils.format_datetime(self._clock.now(), usegmt=True)
 
     # -- lifecycle ---------------------------------------------------------------------------
 

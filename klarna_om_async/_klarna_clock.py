@@ -1,0 +1,56 @@
+"""Klarna's clock, as the ``Date`` header of its answers tells it.
+
+A journal dates each idempotency key by this machine's clock, and later judges by that date
+whether Klarna (which remembers a key for 24 hours) still does, and which of an order's
+captures could be the key's. A clock that is off (no NTP, a virtual machine restored from a
+snapshot, a clock set back between two runs) would make an expired key look fresh: resent,
+it books again. Every answer carries Klarna's time (HTTP ``Date``, to the second), so a batch
+checks its journal's clock against it before it sends (see ``ClockSkewError``).
+"""
+
+from __future__ import annotations
+
+import email.utils
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+__all__ = ("KlarnaClock",)
+
+
+class KlarnaClock:
+    """Klarna's time from the latest ``Date`` header seen, moved on by ``clock`` since."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        # ``clock``: the client's monotonic seconds (tests move it with the fake's time).
+        self._clock = clock
+        self._header: str | None = None
+        self._told: datetime | None = None
+        self._at = 0.0
+        #: How many answers were seen (with a ``Date`` header or not).
+        self.answers = 0
+
+    def saw(self, header: str | None) -> None:
+        """Note an answer and its ``Date`` header (parsed only when it changed: once a
+        second)."""
+        self.answers += 1
+        if header is None:
+            return
+        self._at = self._clock()
+        if header == self._header:
+            return
+        self._header = header
+        try:
+            told = email.utils.parsedate_to_datetime(header)
+        except (TypeError, ValueError):  # not a date: nothing known
+            self._told = None
+            return
+        # A date without a zone ("-0000") is UTC, as HTTP dates always are.
+        self._told = told.replace(tzinfo=UTC) if told.tzinfo is None else told.astimezone(UTC)
+
+    def now(self) -> datetime | None:
+        """Klarna's current time (UTC, to a second or so): the latest ``Date`` moved on by
+        the time since its answer; None before any answer with one."""
+        told = self._told
+        if told is None:
+            return None
+        return told + timedelta(seconds=self._clock() - self._at)
