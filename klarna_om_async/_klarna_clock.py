@@ -26,26 +26,26 @@ class KlarnaClock:
         self._header: str | None = None
         self._told: datetime | None = None
         self._at = 0.0
-        #: How many answers were seen (with a ``Date`` header or not).
-        self.answers = 0
+        #: How many answers told the time (a ``Date`` header that is a date).
+        self.dated = 0
 
     def saw(self, header: str | None) -> None:
-        """Note an answer and its ``Date`` header (parsed only when it changed: once a
-        second)."""
-        self.answers += 1
+        """Note an answer's ``Date`` header (parsed only when it changed: once a second)."""
         if header is None:
             return
+        if header != self._header:
+            self._header = header
+            try:
+                told = email.utils.parsedate_to_datetime(header)
+            except (TypeError, ValueError):  # not a date: nothing known
+                self._told = None
+                return
+            # A date without a zone ("-0000") is UTC, as HTTP dates always are.
+            self._told = told.replace(tzinfo=UTC) if told.tzinfo is None else told.astimezone(UTC)
+        elif self._told is None:
+            return  # the same nonsense again
         self._at = self._clock()
-        if header == self._header:
-            return
-        self._header = header
-        try:
-            told = email.utils.parsedate_to_datetime(header)
-        except (TypeError, ValueError):  # not a date: nothing known
-            self._told = None
-            return
-        # A date without a zone ("-0000") is UTC, as HTTP dates always are.
-        self._told = told.replace(tzinfo=UTC) if told.tzinfo is None else told.astimezone(UTC)
+        self.dated += 1
 
     def now(self) -> datetime | None:
         """Klarna's current time (UTC, to a second or so): the latest ``Date`` moved on by

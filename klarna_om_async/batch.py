@@ -21,7 +21,7 @@ import enum
 import hashlib
 import inspect
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeAlias
 
 import attrs
@@ -29,6 +29,7 @@ import orjson
 
 from ._convert import to_json
 from ._keys import check_idempotency_key, key_time_left, random_key
+from ._klarna_clock import KlarnaClock
 from ._seen import SeenSet
 from .captures import CapturesService
 from .config import MAX_CONCURRENCY, MIN_BUSY_WAIT, check_count
@@ -534,15 +535,10 @@ class _Run:
         #: Set when the batch must stop early (see ``BatchAbortedError``).
         self.abort: KlarnaError | None = None
         self._unreachable = 0
-        # Klarna's time as this run's answers tell it; one read of an order at a time to
-        # learn it (see _clock_error).
-        self._klarna_clock = services.klarna_clock
-        self._answers_before = 0 if self._klarna_clock is None else self._klarna_clock.answers
+        # Klarna's time, as the client's answers tell it (see _clock_error); one read of an
+        # order at a time to learn it.
+        self._klarna_clock = None if self.orders is None else self.orders.klarna_clock
         self._learning_time = asyncio.Lock()
-        # The run's first new item, sent before any answer told Klarna's time; the others
-        # wait for its send to end (see _clock_error).
-        self._scout: BatchItem | None = None
-        self._scouting: asyncio.Future[None] | None = None
         if isinstance(items, AsyncIterable):
             self._aiter: AsyncIterator[BatchItem | tuple[str, OperationRequest]] | None = aiter(
                 items
@@ -822,6 +818,7 @@ class _Run:
         claim = await journal.claim(
             record, item.idempotency_key or random_key(), run_id=self.run_id
         )
+        claimed_at = self.services.clock()
         _stop_if_cancelled()
         if claim.action is ClaimAction.RECONCILE:
             outcome = await self._reconcile(item, claim, journal)
@@ -831,20 +828,19 @@ class _Run:
             claim = await journal.claim(
                 record, item.idempotency_key or random_key(), run_id=self.run_id
             )
-        return await self._act(item, claim, journal)
+            claimed_at = self.services.clock()
+        return await self._act(item, claim, journal, claimed_at)
 
-    async def _act(self, item: BatchItem, claim: Claim, journal: Journal) -> CaptureOutcome:
+    async def _act(
+        self, item: BatchItem, claim: Claim, journal: Journal, claimed_at: float
+    ) -> CaptureOutcome:
         entry = claim.entry
         key = entry.idempotency_key
         match claim.action:
             case ClaimAction.SEND:
-                skewed = await self._clock_error(item, entry)
+                skewed = await self._clock_error(item, entry, claimed_at)
                 if skewed is None:
-                    try:
-                        outcome = await self._send(item, key, item.operation, _time_left(claim))
-                    finally:
-                        if self._scout is item:
-                            self._scouted()
+                    outcome = await self._send(item, key, item.operation, _time_left(claim))
                 else:  # nothing sent: recorded refused (failed, if an earlier run sent it)
                     outcome = _outcome(item, CaptureStatus.REFUSED, key, error=skewed)
                 if entry.uncertain and isinstance(outcome.error, KlarnaError):
@@ -906,48 +902,77 @@ class _Run:
                     return _outcome(item, _unsettled_status(entry), key, error=conflict)
                 return _outcome(item, CaptureStatus.REFUSED, key, error=conflict)
 
-    async def _clock_error(self, item: BatchItem, entry: JournalEntry) -> ClockSkewError | None:
+    async def _clock_error(
+        self, item: BatchItem, entry: JournalEntry, claimed_at: float
+    ) -> ClockSkewError | None:
         """Why the claim of ``entry`` must not be sent: the journal's clock, which dated it
-        (``updated_at``), is more than ``MAX_CLOCK_SKEW`` from Klarna's; None if not.
+        (``updated_at``, at ``claimed_at`` on the client's clock), was more than
+        ``MAX_CLOCK_SKEW`` from Klarna's, or Klarna's time could not be learned; None if not.
 
         The journal judges by such dates whether Klarna still remembers an item's key (an
         earlier run's key is resent only while it is young), and which of an order's
-        captures could be the key's. Klarna's time is that of the latest answer to the
-        client during this run (HTTP ``Date``). Before the first, one new item is sent
-        unchecked (the run's scout: see ``_scouted``) and the others wait for its send to
-        end; a key an earlier run sent (its age judged by the journal's clock) waits for
-        the item's order to be read instead.
+        captures could be the key's. Klarna's time is that of the client's latest answer
+        (HTTP ``Date``), moved on by the client's clock. Before the first, the item's order
+        is read to learn it (one read at a time: the others wait for it); a time that says
+        the clock is off is learned again the same way before the batch stops (the last
+        answer may be old: a machine that slept, an outage, a client idle between runs). A
+        read that gets no answer at all stops only a key an earlier run sent.
         """
-        clock = self._klarna_clock
-        if clock is None:
+        clock, orders = self._klarna_clock, self.orders
+        if clock is None or orders is None:
             return None
-        if clock.answers == self._answers_before:  # no answer in this run yet
-            if entry.uncertain and self.orders is not None:
-                async with self._learning_time:
-                    if clock.answers == self._answers_before:
-                        with contextlib.suppress(KlarnaError):  # its own send meets the same
-                            await self.orders.get(item.order_id)
-            while clock.answers == self._answers_before and not entry.uncertain:
-                scouting = self._scouting
-                if scouting is None or scouting.done():  # (done: it met no answer either)
-                    self._scouting = asyncio.get_running_loop().create_future()
-                    self._scout = item
-                    return None
-                await asyncio.shield(scouting)
+        skew = self._skew(clock, entry, claimed_at)
+        if skew is not None and abs(skew) <= MAX_CLOCK_SKEW:
+            return None
+        failure = await self._learn_klarna_time(clock, orders, item.order_id)
+        # Without an answer to the read, a time from an earlier answer says nothing new.
+        skew = None if failure is not None else self._skew(clock, entry, claimed_at)
+        if skew is not None and abs(skew) <= MAX_CLOCK_SKEW:
+            return None
+        if failure is not None and not entry.uncertain:
+            # No answer at all (Klarna unreachable): a new key's send meets the same fault,
+            # and its answer, if any, is checked by the next item. A key an earlier run sent
+            # is resent only when its age is known to be right.
+            return None
+        return ClockSkewError(
+            skew=skew,
+            klarna_time=clock.now() if skew is not None else None,
+            idempotency_key=entry.idempotency_key,
+            failure=failure,
+        )
+
+    async def _learn_klarna_time(
+        self, clock: KlarnaClock, orders: OrdersService, order_id: str
+    ) -> KlarnaError | None:
+        """Read ``order_id``'s order for its answer's time, unless an answer tells it
+        meanwhile; the error that kept it from answering, if any."""
+        dated = clock.dated
+        async with self._learning_time:
+            while clock.dated == dated:  # else another read (or any answer) told it meanwhile
+                try:
+                    await orders.get(order_id)
+                except RateLimitError as error:
+                    # Held back unsent by the client's pace: it waits its turn, as a send does.
+                    if clock.dated == dated and await self._wait_turn(error, None):
+                        continue
+                    return None if clock.dated > dated else error
+                except KlarnaError as error:
+                    return None if clock.dated > dated else error
+                break  # answered (with a date, or none to learn)
+            return None
+
+    def _skew(self, clock: KlarnaClock, entry: JournalEntry, claimed_at: float) -> timedelta | None:
+        """The journal's clock minus Klarna's as ``entry`` was claimed; None while no
+        answer told Klarna's time."""
         klarna_now = clock.now()
         if klarna_now is None:
-            return None  # no answer (Klarna unreachable), or none with a Date: nothing to check
-        skew = entry.updated_at - klarna_now
-        if abs(skew) <= MAX_CLOCK_SKEW:
             return None
-        key = entry.idempotency_key
-        return ClockSkewError(skew=skew, klarna_time=klarna_now, idempotency_key=key)
-
-    def _scouted(self) -> None:
-        """The scout's send ended: whoever waited for Klarna's time checks it now."""
-        self._scout = None
-        if self._scouting is not None and not self._scouting.done():
-            self._scouting.set_result(None)
+        then = klarna_now - timedelta(seconds=self.services.clock() - claimed_at)
+        dated = entry.updated_at
+        if dated.tzinfo is not None:
+            return dated - then
+        # A journal clock without a zone: UTC or this machine's local time, whichever is closer.
+        return min(dated.replace(tzinfo=UTC) - then, dated.astimezone(UTC) - then, key=abs)
 
     async def _confirm(self, item: BatchItem, journal: Journal) -> CaptureOutcome | None:
         """The outcome of an uncertain release/cancel the order proves done; None otherwise."""

@@ -211,7 +211,7 @@ class KlarnaOM:
         #: Refund calls: create (full or partial refund), get.
         self.refunds = RefundsService(self._send)
         #: Order calls: read the order and what is left to capture.
-        self.orders = OrdersService(self._send)
+        self.orders = OrdersService(self._send, self._klarna_clock)
 
     @property
     def chain_fixed(self) -> bool:
@@ -232,8 +232,8 @@ class KlarnaOM:
         """Klarna's current time (UTC), as the ``Date`` header of its latest answer to this
         client tells it (to a second or so), moved on by this client's clock since; None
         before any answer. Raises nothing. A journaled batch checks its journal's clock
-        against the time of its run's answers and stops with a ``ClockSkewError`` when they
-        are more than 5 minutes apart.
+        against it before each send and stops with a ``ClockSkewError`` when they are more
+        than 5 minutes apart.
         https://docs.klarna.com/api/ordermanagement/
         """
         return self._klarna_clock.now()
@@ -334,7 +334,6 @@ class KlarnaOM:
             orders=self.orders,
             sleep=self.retry_policy.sleep,
             clock=self._clock,
-            klarna_clock=self._klarna_clock,
         )
 
     def _batch_concurrency(self, concurrency: int | None, rate_limit: float | None) -> int:

@@ -510,7 +510,8 @@ class ItemConflictError(KlarnaError, ValueError):
 
 
 class ClockSkewError(KlarnaError):
-    """A journaled batch's item was not sent: the journal's clock is off Klarna's.
+    """A journaled batch's item was not sent: the journal's clock is off Klarna's, or
+    Klarna's time could not be learned to check it.
 
     A journal dates each idempotency key by its clock, and judges by that date whether
     Klarna, which remembers a key for 24 hours, still does (an older key is reconciled, not
@@ -523,26 +524,44 @@ class ClockSkewError(KlarnaError):
     """
 
     def __init__(
-        self, *, skew: timedelta, klarna_time: datetime, idempotency_key: str | None
+        self,
+        *,
+        skew: timedelta | None,
+        klarna_time: datetime | None,
+        idempotency_key: str | None,
+        failure: KlarnaError | None = None,
     ) -> None:
-        #: The journal's clock minus Klarna's: positive when it is ahead.
+        #: The journal's clock minus Klarna's (positive: ahead); None when Klarna's time
+        #: could not be learned.
         self.skew = skew
-        #: Klarna's time (UTC), from its latest answer's ``Date`` header.
+        #: Klarna's time (UTC), from its latest answer's ``Date`` header, if any.
         self.klarna_time = klarna_time
+        #: What kept Klarna from telling its time (reading the item's order), if anything.
+        self.failure = failure
         self.idempotency_key = idempotency_key
-        way = "ahead of" if skew > timedelta(0) else "behind"
-        #: What was measured, in words.
-        self.measured = (
-            f"the journal's clock is {_duration(abs(skew))} {way} Klarna's (Klarna's answers"
-            f" say {klarna_time:%Y-%m-%d %H:%M:%S} UTC)"
+        why = (
+            "the journal dates each idempotency key by its clock to know whether Klarna (24"
+            " hours) still remembers it"
         )
-        super().__init__(f"not sent: {self.measured}; {self.advice}")
-
-    #: What to do.
-    advice: ClassVar[str] = (
-        "the journal dates each idempotency key by its clock to know whether Klarna (24 hours)"
-        " still remembers it: set this machine's clock right (NTP), then rerun"
-    )
+        if skew is not None and klarna_time is not None:
+            way = "ahead of" if skew > timedelta(0) else "behind"
+            #: What was found, in words.
+            self.measured = (
+                f"the journal's clock is {_duration(abs(skew))} {way} Klarna's (Klarna's"
+                f" answers say {klarna_time:%Y-%m-%d %H:%M:%S} UTC)"
+            )
+            #: What to do.
+            self.advice = f"{why}: set this machine's clock right (NTP), then rerun"
+        elif failure is not None:
+            self.measured = f"Klarna's time could not be learned (reading the order: {failure})"
+            self.advice = f"{why}, and checks it against Klarna's: rerun once Klarna answers"
+        else:
+            self.measured = "Klarna's answers tell no time (no HTTP Date header)"
+            self.advice = (
+                f"{why}, and checks it against Klarna's: send through a proxy that keeps"
+                " Klarna's Date header"
+            )
+        super().__init__(f"not sent: {self.measured}; {self.advice}.")
 
 
 def _duration(span: timedelta) -> str:

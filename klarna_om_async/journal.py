@@ -225,7 +225,9 @@ class Journal(Protocol):
     async def claim(self, item: ItemRecord, new_key: str, *, run_id: str | None = None) -> Claim:
         """Decide what to do with ``item`` and durably record a ``SEND`` as in flight.
 
-        ``new_key`` is used only when the item gets a new key (new, or refused before).
+        ``new_key`` is used only when the item gets a new key (new, or refused before). A
+        ``SEND`` claim's entry has ``updated_at`` set to the journal's clock now: the batch
+        checks that clock against Klarna's before it sends (see ``ClockSkewError``).
         ``run_id`` names the run claiming (one per ``capture_many`` call): given, an item
         that would take a new key (new, or refused before) is refused while another run left
         an item of the same order unknown (or needing review).

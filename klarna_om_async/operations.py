@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, TypeAlias
 
 import attrs
 
-from ._klarna_clock import KlarnaClock
 from .models import CaptureRequest, RefundRequest
 
 if TYPE_CHECKING:
@@ -168,9 +167,6 @@ class Services:
     #: its turn on them.
     sleep: Callable[[float], Awaitable[None]] = attrs.field(default=asyncio.sleep, eq=False)
     clock: Callable[[], float] = attrs.field(default=time.monotonic, eq=False)
-    #: Klarna's time as its answers' ``Date`` headers tell it (``KlarnaOM.klarna_now``): a
-    #: journaled batch checks its journal's clock against it. None: never checked.
-    klarna_clock: KlarnaClock | None = attrs.field(default=None, eq=False)
 
 
 @attrs.frozen

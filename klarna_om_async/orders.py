@@ -7,6 +7,7 @@ from collections.abc import Iterable
 
 from . import _routes
 from ._convert import to_json
+from ._klarna_clock import KlarnaClock
 from .middleware import Handler
 from .models import (
     Address,
@@ -57,8 +58,11 @@ class OrdersService:
     https://docs.klarna.com/api/ordermanagement/
     """
 
-    def __init__(self, send: Handler) -> None:
+    def __init__(self, send: Handler, klarna_clock: KlarnaClock | None = None) -> None:
         self._send = send
+        #: Klarna's time as its answers to this client tell it (a journaled batch checks its
+        #: journal's clock against it); None: not known to this service.
+        self.klarna_clock = klarna_clock
 
     async def get(self, order_id: str) -> Order:
         """The order with its amounts, status and captures: an ``Order``.

@@ -7,12 +7,15 @@ counts what FakeKlarna actually booked.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from aiohttp import web
+from conftest import served_app
 
 from klarna_om_async import (
     BatchAbortedError,
@@ -21,15 +24,33 @@ from klarna_om_async import (
     CaptureStatus,
     ClockSkewError,
     JournalStatus,
+    KlarnaConnectionError,
     KlarnaOM,
+    RetryPolicy,
     SQLiteJournal,
 )
 from klarna_om_async._klarna_clock import KlarnaClock
 from klarna_om_async.batch import MAX_CLOCK_SKEW
-from klarna_om_async.testing import DropAfterProcessing, FakeKlarna
+from klarna_om_async.journal import MemoryJournal
+from klarna_om_async.testing import DropAfterProcessing, DropConnection, FakeKlarna, RateLimited
 
 DAY = 24 * 3600.0
-Items = Iterable[tuple[str, CaptureRequest]]
+Items = Iterable[tuple[str, CaptureRequest]] | AsyncIterable[tuple[str, CaptureRequest]]
+
+
+class AgingSleep:
+    """Retry waits that pass on the fake's clock and the client's alike."""
+
+    def __init__(self, fake: FakeKlarna) -> None:
+        self.fake = fake
+        self.waited = 0.0
+
+    async def __call__(self, seconds: float) -> None:
+        self.fake.advance_clock(seconds)
+        self.waited += seconds
+
+    def clock(self) -> float:
+        return time.monotonic() + self.waited
 
 
 def booked(fake: FakeKlarna) -> Counter[str]:
@@ -42,7 +63,7 @@ def off_by(fake: FakeKlarna, seconds: float) -> Callable[[], datetime]:
 
 
 async def run(
-    om: KlarnaOM, items: Items, journal: SQLiteJournal, concurrency: int = 1
+    om: KlarnaOM, items: Items, journal: SQLiteJournal | MemoryJournal, concurrency: int = 1
 ) -> tuple[list[CaptureOutcome], BatchAbortedError | None]:
     outcomes: list[CaptureOutcome] = []
     try:
@@ -102,31 +123,149 @@ async def test_a_clock_set_back_does_not_resend_a_key_klarna_forgot(
     assert booked(fake) == {order_id: 1, later[0][0]: 1}
 
 
-async def test_a_clock_ahead_stops_the_batch_at_the_first_answer_and_the_rerun_ends_it(
+async def test_a_clock_ahead_stops_the_batch_before_anything_is_sent_and_the_rerun_ends_it(
     om: KlarnaOM, fake: FakeKlarna, tmp_path: Path
 ) -> None:
     items = captures(fake, 5)
     path = tmp_path / "j.sqlite"
     async with SQLiteJournal(path, clock=off_by(fake, 2 * 3600)) as journal:
-        outcomes, stopped = await run(om, items, journal)
+        outcomes, stopped = await run(om, items, journal, concurrency=3)
         statuses = {e.item_key: e.status for e in await journal.entries()}
 
-    # The first item went out before any answer told Klarna's time; the second was not sent.
-    assert [o.status for o in outcomes] == [CaptureStatus.CAPTURED, CaptureStatus.REFUSED]
-    assert isinstance(outcomes[1].error, ClockSkewError)
-    assert not outcomes[1].error.outcome_unknown
-    assert outcomes[1].error.skew > timedelta(hours=1, minutes=59)
-    assert statuses == {items[0][0]: JournalStatus.CAPTURED, items[1][0]: JournalStatus.REFUSED}
+    # Klarna's time came first (the first item's order read): no key went out misdated.
+    assert booked(fake) == {}
+    assert not [r for r in fake.requests if r.method == "POST"]
+    refused = [o for o in outcomes if o.status is CaptureStatus.REFUSED]
+    assert refused == outcomes
+    assert len(outcomes) in (1, 2, 3)  # the items claimed as it stopped
+    error = outcomes[0].error
+    assert isinstance(error, ClockSkewError)
+    assert not error.outcome_unknown
+    assert error.skew is not None
+    assert timedelta(hours=1, minutes=59) < error.skew < timedelta(hours=2, minutes=1)
+    assert set(statuses.values()) == {JournalStatus.REFUSED}
     assert isinstance(stopped, BatchAbortedError)
-    assert stopped.not_sent_count == 3
+    assert stopped.not_sent_count == 5 - len(outcomes)
     assert "2 h 0 min ahead of Klarna's" in str(stopped)
-    assert booked(fake) == {items[0][0]: 1}
 
     async with SQLiteJournal(path, clock=fake.now) as journal:
         outcomes, stopped = await run(om, items, journal, concurrency=4)
     assert stopped is None
-    assert [o.status for o in outcomes].count(CaptureStatus.CAPTURED) == 4
+    assert {o.status for o in outcomes} == {CaptureStatus.CAPTURED}
     assert booked(fake) == {order_id: 1 for order_id, _ in items}
+
+
+async def test_when_klarnas_time_cannot_be_read_nothing_is_sent(
+    om: KlarnaOM, fake: FakeKlarna, tmp_path: Path
+) -> None:
+    order_id = fake.add_order(amount=10_000)
+    items = [(order_id, CaptureRequest(captured_amount=4000, reference="box-1"))]
+    path = tmp_path / "j.sqlite"
+    fake.inject(DropAfterProcessing(), method="POST", times=None)
+    async with SQLiteJournal(path, clock=fake.now) as journal:
+        await run(om, items, journal)
+    fake.clear_faults()
+    fake.advance_clock(DAY + 3600)  # Klarna has forgotten the key
+    # The clock was set back, and the read that would tell Klarna's time gets no answer.
+    fake.inject(DropConnection(), method="GET", times=None)
+    async with SQLiteJournal(path, clock=off_by(fake, -3 * 3600)) as journal:
+        [second], stopped = await run(om, [*items, *captures(fake, 1)], journal)
+
+    assert booked(fake) == {order_id: 1}
+    assert second.status is CaptureStatus.FAILED
+    assert isinstance(second.error, ClockSkewError)
+    assert second.error.skew is None
+    assert isinstance(second.error.failure, KlarnaConnectionError)
+    assert isinstance(stopped, BatchAbortedError)
+    assert str(stopped).startswith("stopped: Klarna's time could not be learned (reading the")
+    assert "rerun once Klarna answers" in str(stopped)
+
+
+async def test_answers_without_a_date_stop_a_journaled_batch_before_it_sends(
+    tmp_path: Path,
+) -> None:
+    """A proxy that drops ``Date``: the journal's clock cannot be checked, so nothing goes."""
+    posts: list[str] = []
+
+    async def order(request: web.Request) -> web.Response:
+        return web.json_response({"order_id": request.match_info["order_id"]})
+
+    async def capture(request: web.Request) -> web.Response:
+        posts.append(request.match_info["order_id"])
+        return web.Response(status=201, headers={"Capture-Id": "c1"})
+
+    async def undated(_request: web.Request, response: web.StreamResponse) -> None:
+        response.headers["Date"] = "sometime on Tuesday"  # aiohttp adds one when none is set
+
+    app = web.Application()
+    app.router.add_get("/ordermanagement/v1/orders/{order_id}", order)
+    app.router.add_post("/ordermanagement/v1/orders/{order_id}/captures", capture)
+    app.on_response_prepare.append(undated)
+    async with (
+        served_app(app) as url,
+        KlarnaOM("u", "p", base_url=url) as om,
+        SQLiteJournal(tmp_path / "j.sqlite") as journal,
+    ):
+        items = [("o1", CaptureRequest(captured_amount=100))]
+        [outcome], _ = await run(om, items, journal)
+    assert posts == []
+    assert outcome.status is CaptureStatus.REFUSED
+    assert "Klarna's answers tell no time (no HTTP Date header)" in str(outcome.error)
+
+
+async def test_a_long_wait_before_the_check_is_no_clock_off(
+    fake: FakeKlarna, tmp_path: Path
+) -> None:
+    """Seven minutes of 429s on the read of Klarna's time, on the fake's clock and the
+    client's alike: the claims made before them are judged by the time they were made."""
+    waits = AgingSleep(fake)
+    policy = RetryPolicy(max_attempts=20, deadline=3600, jitter=lambda d: d, sleep=waits)
+    fake.inject(RateLimited(retry_after="30"), method="GET", times=14)
+    items = captures(fake, 6)
+    async with (
+        KlarnaOM(
+            fake.username, fake.password, base_url=fake.base_url, retry=policy, clock=waits.clock
+        ) as om,
+        SQLiteJournal(tmp_path / "j.sqlite", clock=fake.now) as journal,
+    ):
+        outcomes, stopped = await run(om, items, journal, concurrency=3)
+    assert waits.waited >= 400
+    assert stopped is None
+    assert {o.status for o in outcomes} == {CaptureStatus.CAPTURED}
+    assert booked(fake) == {order_id: 1 for order_id, _ in items}
+
+
+async def test_a_machine_that_slept_mid_batch_is_measured_again_not_stopped(
+    om: KlarnaOM, fake: FakeKlarna, tmp_path: Path
+) -> None:
+    """Ten minutes pass for Klarna and the journal's clock, not for the client's monotonic
+    clock (a suspended laptop): the time of the last answer is read again before judging."""
+    items = captures(fake, 6)
+
+    async def slept_after_three() -> AsyncIterator[tuple[str, CaptureRequest]]:
+        for n, item in enumerate(items):
+            if n == 3:
+                fake.advance_clock(600)
+            yield item
+
+    gets_before = sum(r.method == "GET" for r in fake.requests)
+    async with SQLiteJournal(tmp_path / "j.sqlite", clock=fake.now) as journal:
+        outcomes, stopped = await run(om, slept_after_three(), journal)
+    assert stopped is None
+    assert {o.status for o in outcomes} == {CaptureStatus.CAPTURED}
+    assert booked(fake) == {order_id: 1 for order_id, _ in items}
+    # Once to learn Klarna's time, once to learn it again after the sleep.
+    assert sum(r.method == "GET" for r in fake.requests) == gets_before + 2
+
+
+async def test_a_journal_clock_without_a_zone_is_read_as_utc_or_local(
+    om: KlarnaOM, fake: FakeKlarna
+) -> None:
+    items = captures(fake, 3)
+    journal = MemoryJournal(clock=lambda: fake.now().replace(tzinfo=None))  # utcnow-like
+    outcomes, stopped = await run(om, items, journal)  # type: ignore[arg-type]
+    assert stopped is None
+    assert {o.status for o in outcomes} == {CaptureStatus.CAPTURED}
 
 
 @pytest.mark.parametrize("seconds", [-270.0, 270.0])
@@ -164,13 +303,14 @@ def test_a_date_header_is_read_once_a_second_and_nonsense_is_ignored() -> None:
     ticks = [100.0]
     clock = KlarnaClock(lambda: ticks[0])
     clock.saw(None)  # an answer without a date tells no time
-    assert (clock.answers, clock.now()) == (1, None)
+    assert (clock.dated, clock.now()) == (0, None)
     clock.saw("Tue, 01 Dec 2026 10:00:00 GMT")
     ticks[0] += 30.5  # no answer for half a minute: Klarna's time moved on all the same
     assert clock.now() == datetime(2026, 12, 1, 10, 0, 30, 500_000, tzinfo=UTC)
     clock.saw("Tue, 01 Dec 2026 10:00:00 GMT")  # the same second: counted from this answer
-    assert clock.now() == datetime(2026, 12, 1, 10, 0, 0, tzinfo=UTC)
+    assert (clock.dated, clock.now()) == (2, datetime(2026, 12, 1, 10, 0, 0, tzinfo=UTC))
     clock.saw("not a date")
-    assert (clock.answers, clock.now()) == (4, None)
+    clock.saw("not a date")
+    assert (clock.dated, clock.now()) == (2, None)
     clock.saw("Tue, 01 Dec 2026 10:00:31 -0000")
-    assert clock.now() == datetime(2026, 12, 1, 10, 0, 31, tzinfo=UTC)
+    assert (clock.dated, clock.now()) == (3, datetime(2026, 12, 1, 10, 0, 31, tzinfo=UTC))

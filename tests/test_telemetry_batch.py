@@ -181,10 +181,16 @@ async def test_a_batch_item_reconciled_is_a_reconcile_span_linked_to_its_batch(
         "klarna.reconcile.evidence": attributes(reconciled)["klarna.reconcile.evidence"],
         "klarna.reconcile.created_id": second.capture_id,
     }
-    read = one(named(otel, "klarna.orders.get"))  # the order read is inside the reconcile
-    assert read.parent is not None
     assert reconciled.context is not None
-    assert read.parent.span_id == reconciled.context.span_id
+    # The order read is inside the reconcile (the first run's first read, before it sent
+    # anything, told Klarna's time).
+    read = one(
+        [
+            span
+            for span in named(otel, "klarna.orders.get")
+            if span.parent is not None and span.parent.span_id == reconciled.context.span_id
+        ]
+    )
     assert read.links == ()
 
 
@@ -208,10 +214,14 @@ async def test_om_reconcile_is_a_span_per_item_under_the_current_span(
     assert reconciled.parent.span_id == job.get_span_context().span_id
     assert attributes(reconciled)["klarna.reconcile.verdict"] == "not_captured"
     assert reconciled.status.status_code is StatusCode.UNSET
-    read = one(named(otel, "klarna.orders.get"))
-    assert read.parent is not None
     assert reconciled.context is not None
-    assert read.parent.span_id == reconciled.context.span_id
+    assert one(
+        [
+            span
+            for span in named(otel, "klarna.orders.get")
+            if span.parent is not None and span.parent.span_id == reconciled.context.span_id
+        ]
+    )
 
 
 async def test_an_order_that_cannot_be_read_is_an_error_on_the_reconcile_span(

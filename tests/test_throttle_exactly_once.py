@@ -85,7 +85,7 @@ async def test_lost_answer_then_throttle_refusal_stays_unknown_and_reruns_once(
     busy = fake.add_order(amount=10000)
     hook = PauseAfterFirstPost(busy)
     fake.inject(DropAfterProcessing(), method="POST", times=1)
-    fake.inject(RateLimited(retry_after="30"), method="GET", times=1)
+    fake.inject(RateLimited(retry_after="30"), method="GET", times=1, path=busy)
     async with await _client(fake, hook) as om:
         hook.om = om
         items = [(order, CaptureRequest(captured_amount=4000))]
