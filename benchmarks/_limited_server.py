@@ -19,6 +19,9 @@ It imitates what limits a real batch, not Klarna's CPU cost:
 - Idempotency by ``Klarna-Idempotency-Key``: the same key gets the same answer (a replay of a
   key still in progress waits for its answer). Booking the same (order, ``reference``) under
   two different keys is counted as a double booking (and booked, as Klarna would).
+- ``GET /ordermanagement/v1/orders/{order_id}`` (a journaled batch reads one to learn Klarna's
+  time before it sends) answers 200 with a minimal order after the same latency, counted
+  against the limit like any request.
 - ``GET /stats`` returns the counters as JSON: requests, 201s (new bookings and replays),
   429s (and per 1000 requests), double bookings, bookings, and the most requests in flight.
 
@@ -88,6 +91,7 @@ class TokenBucket:
 class Stats:
     def __init__(self) -> None:
         self.requests = 0
+        self.reads = 0
         self.created = 0
         self.replays = 0
         self.rate_limited = 0
@@ -106,6 +110,7 @@ class Stats:
         )
         return {
             "requests": self.requests,
+            "reads": self.reads,
             "answered_201": self.created + self.replays,
             "created": self.created,
             "replays": self.replays,
@@ -185,12 +190,33 @@ def make_handler(args: argparse.Namespace, base_url: str) -> web.Server:
         headers["Location"] = f"{base_url}{request.path}/{capture_id}"
         return web.Response(status=201, headers=headers)
 
+    async def read_order(request: web.BaseRequest) -> web.StreamResponse:
+        admitted, remaining, reset = limiter.admit()
+        headers = limit_headers(remaining, reset)
+        if not admitted:
+            stats.rate_limited += 1
+            await asyncio.sleep(args.reject_latency)
+            if args.retry_after:
+                headers["Retry-After"] = str(max(1, math.ceil(reset)))
+            return web.Response(
+                status=429, body=too_many, headers=headers, content_type="application/json"
+            )
+        stats.reads += 1
+        await asyncio.sleep(rng.uniform(low, high))
+        order = {"order_id": request.path[len(_ORDERS) :], "status": "AUTHORIZED"}
+        return web.json_response(order, headers=headers)
+
     async def handle(request: web.BaseRequest) -> web.StreamResponse:
         if request.method == "GET" and request.path == "/stats":
             return web.json_response(stats.as_dict(len(booked)))
         if "Authorization" not in request.headers:
             return web.Response(status=401, body=unauthorized, content_type="application/json")
-        if not (
+        reading = (
+            request.method == "GET"
+            and request.path.startswith(_ORDERS)
+            and "/" not in request.path[len(_ORDERS) :]
+        )
+        if not reading and not (
             request.method == "POST"
             and request.path.startswith(_ORDERS)
             and request.path.endswith(_CAPTURES)
@@ -204,7 +230,7 @@ def make_handler(args: argparse.Namespace, base_url: str) -> web.Server:
         stats.in_flight += 1
         stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
         try:
-            return await capture(request)
+            return await (read_order(request) if reading else capture(request))
         finally:
             stats.in_flight -= 1
             stats.last_answer = time.monotonic()

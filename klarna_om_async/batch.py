@@ -145,12 +145,12 @@ class BatchAbortedError(KlarnaError):
     (a list, a file read on the loop) was then read to its end without sending anything:
     ``not_sent_count`` counts those items and ``not_sent`` names the first
     ``NOT_SENT_LISTED`` of them (by ``item_key``; a batch of a million items must not hold a
-    million names). An async iterable is read no
-    further (``not_sent_count`` is None, ``not_sent`` empty): its reads may wait without end
-    (a stream whose producer never closes it, a queue consumer), so a read in progress is
-    cancelled, and what it did not yield stays with its source (a source read once should
-    lose nothing to a cancelled read, as ``asyncio.Queue.get`` does; a read handed to a
-    thread, ``run_in_executor``, loses what the thread takes after the cancellation).
+    million names). An async iterable is read no further (``not_sent_count`` is None,
+    ``not_sent`` empty): its reads may wait without end (a stream whose producer never
+    closes it, a queue consumer), so a read in progress is cancelled, and what it did not
+    yield stays with its source (a source read once should lose nothing to a cancelled
+    read, as ``asyncio.Queue.get`` does; a read handed to a thread, ``run_in_executor``,
+    loses what the thread takes after the cancellation).
     Items not sent were never claimed in the journal, so a rerun of the same source sends
     them as new items, each exactly once, and skips the items already captured.
     """
@@ -916,7 +916,7 @@ class _Run:
         is read to learn it (one read at a time: the others wait for it); a time that says
         the clock is off is learned again the same way before the batch stops (the last
         answer may be old: a machine that slept, an outage, a client idle between runs). A
-        read that gets no answer at all stops only a key an earlier run sent.
+        read that gets no answer, or an answer without a date, stops the batch too.
         """
         clock, orders = self._klarna_clock, self.orders
         if clock is None or orders is None:
@@ -929,11 +929,8 @@ class _Run:
         skew = None if failure is not None else self._skew(clock, entry, claimed_at)
         if skew is not None and abs(skew) <= MAX_CLOCK_SKEW:
             return None
-        if failure is not None and not entry.uncertain:
-            # No answer at all (Klarna unreachable): a new key's send meets the same fault,
-            # and its answer, if any, is checked by the next item. A key an earlier run sent
-            # is resent only when its age is known to be right.
-            return None
+        # Off, or not known: a key dated by a clock off Klarna's is misjudged later, should
+        # its outcome stay unknown (a new one as surely as one an earlier run sent).
         return ClockSkewError(
             skew=skew,
             klarna_time=clock.now() if skew is not None else None,
@@ -969,10 +966,9 @@ class _Run:
             return None
         then = klarna_now - timedelta(seconds=self.services.clock() - claimed_at)
         dated = entry.updated_at
-        if dated.tzinfo is not None:
-            return dated - then
-        # A journal clock without a zone: UTC or this machine's local time, whichever is closer.
-        return min(dated.replace(tzinfo=UTC) - then, dated.astimezone(UTC) - then, key=abs)
+        # A journal clock without a zone is read as UTC (``datetime.utcnow``): one that
+        # gives local time is off by the zone, and moves with it (daylight saving time).
+        return (dated if dated.tzinfo is not None else dated.replace(tzinfo=UTC)) - then
 
     async def _confirm(self, item: BatchItem, journal: Journal) -> CaptureOutcome | None:
         """The outcome of an uncertain release/cancel the order proves done; None otherwise."""

@@ -554,7 +554,9 @@ class ClockSkewError(KlarnaError):
             self.advice = f"{why}: set this machine's clock right (NTP), then rerun"
         elif failure is not None:
             self.measured = f"Klarna's time could not be learned (reading the order: {failure})"
-            self.advice = f"{why}, and checks it against Klarna's: rerun once Klarna answers"
+            self.advice = (
+                f"{why}, and checks it against Klarna's before sending: rerun once Klarna answers"
+            )
         else:
             self.measured = "Klarna's answers tell no time (no HTTP Date header)"
             self.advice = (

@@ -332,10 +332,12 @@ class AdaptiveRate:
             if current is None:
                 # A batch's opening burst: the answers still to come to the requests in
                 # flight (until the pause ends; later ones are to requests it held back).
+                # A pace forgotten (climbed far past its estimate) goes too: laid at a
+                # ceiling of 0 it would have no interval.
                 self.decided_at = now
                 self._since = max(now, resume_at)
                 self._refine_until = max(now, resume_at)
-                self.ceiling = 0.0
+                self.pace, self.ceiling = None, 0.0
             return False
         refused = _within(self._refusals, now)
         steady = _within(self._answers, now, 2 * ADAPTIVE_WINDOW) / 2

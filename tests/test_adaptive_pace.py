@@ -289,6 +289,24 @@ def test_a_429_drops_the_pace_under_what_got_through_and_it_climbs_back_on_a_cur
     assert rate.pace is None
 
 
+def test_a_429_without_answers_after_the_pace_was_forgotten_learns_it_anew() -> None:
+    # The forgotten pace was kept under a ceiling of 0: the next pace_at divided by it.
+    rate = AdaptiveRate()
+    for i in range(20):
+        rate.answered(0.01 + i / 20)
+    assert rate.limited(asked_at=0.99, now=1.0, resume_at=2.0)
+    later = 2.0 + 10 * ADAPTIVE_RECOVERY  # forgotten: far past the estimate
+    assert rate.rate_at(later) is None
+    assert not rate.limited(asked_at=later, now=later, resume_at=later + 1.0)  # no answers
+    assert rate.pace_at(later + 0.5) is None
+    for i in range(10):  # the answers to the requests in flight set the new estimate
+        rate.answered(later + 0.1 + i / 20)
+    assert rate.ceiling == 10
+    pace = rate.pace_at(later + 0.7)
+    assert pace is not None
+    assert pace.interval == pytest.approx(1 / (ADAPTIVE_DECREASE * 10))
+
+
 def test_one_overshoot_lowers_the_pace_once() -> None:
     rate = AdaptiveRate()
     for i in range(10):

@@ -16,6 +16,7 @@ from klarna_om_async import (
     CaptureOutcome,
     CaptureRequest,
     CaptureStatus,
+    ClockSkewError,
     JournalStatus,
     KlarnaConnectionError,
     KlarnaOM,
@@ -71,20 +72,31 @@ def closed_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@pytest.mark.parametrize("journaled", [False, True], ids=["no-journal", "journal"])
 async def test_an_unreachable_host_stops_the_batch_after_a_few_items(
-    sleeps: InstantSleep,
+    sleeps: InstantSleep, journaled: bool
 ) -> None:
     items = [(f"order-{i}", CaptureRequest(captured_amount=100)) for i in range(50)]
-    journal = MemoryJournal()
+    journal = MemoryJournal() if journaled else None
     policy = RetryPolicy(max_attempts=2, jitter=lambda d: d, sleep=sleeps)
     async with KlarnaOM("u", "p", base_url=f"http://127.0.0.1:{closed_port()}", retry=policy) as om:
         outcomes, stopped = await run(om, items, concurrency=2, journal=journal)
     assert stopped is not None
-    assert isinstance(stopped.cause, KlarnaConnectionError)
-    assert not stopped.cause.request_sent
-    assert len(outcomes) <= 4
     assert len(outcomes) + len(stopped.not_sent) == 50
-    assert "could not connect" in str(stopped)
+    if journal is None:
+        assert isinstance(stopped.cause, KlarnaConnectionError)
+        assert not stopped.cause.request_sent
+        assert len(outcomes) <= 4
+        assert "3 items in a row could not connect" in str(stopped)
+        return
+    # A journaled batch first reads an order for Klarna's time, and stops when it cannot.
+    assert isinstance(stopped.cause, ClockSkewError)
+    assert isinstance(stopped.cause.failure, KlarnaConnectionError)
+    assert not stopped.cause.failure.request_sent
+    assert len(outcomes) <= 2
+    assert "Klarna's time could not be learned (reading the order: Could not connect" in str(
+        stopped
+    )
     # What was tried stays resumable; nothing else was claimed.
     entries = await journal.entries()
     assert len(entries) == len(outcomes)
