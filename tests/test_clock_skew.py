@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from conftest import served_app
+from test_exactly_once_batch import AgingSleep
 
 from klarna_om_async import (
     BatchAbortedError,
@@ -30,6 +31,7 @@ from klarna_om_async import (
     SQLiteJournal,
 )
 from klarna_om_async._klarna_clock import KlarnaClock
+from klarna_om_async.batch import MAX_CLOCK_SKEW
 from klarna_om_async.journal import MemoryJournal
 from klarna_om_async.testing import DropAfterProcessing, DropConnection, FakeKlarna, RateLimited
 
@@ -37,23 +39,19 @@ DAY = 24 * 3600.0
 Items = Iterable[tuple[str, CaptureRequest]] | AsyncIterable[tuple[str, CaptureRequest]]
 
 
-class AgingSleep:
-    """Retry waits that pass on the fake's clock and the client's alike."""
-
-    def __init__(self, fake: FakeKlarna) -> None:
-        self.fake = fake
-        self.waited = 0.0
-
-    async def __call__(self, seconds: float) -> None:
-        self.fake.advance_clock(seconds)
-        self.waited += seconds
-
-    def clock(self) -> float:
-        return time.monotonic() + self.waited
-
-
 def booked(fake: FakeKlarna) -> Counter[str]:
     return Counter(c.order_id for c in fake.booked_captures)
+
+
+def each_captured_once(
+    fake: FakeKlarna,
+    items: list[tuple[str, CaptureRequest]],
+    outcomes: list[CaptureOutcome],
+    stopped: BatchAbortedError | None,
+) -> None:
+    assert stopped is None
+    assert {o.status for o in outcomes} == {CaptureStatus.CAPTURED}
+    assert booked(fake) == {order_id: 1 for order_id, _ in items}
 
 
 def off_by(fake: FakeKlarna, seconds: float) -> Callable[[], datetime]:
@@ -149,9 +147,7 @@ async def test_a_clock_ahead_stops_the_batch_before_anything_is_sent_and_the_rer
 
     async with SQLiteJournal(path, clock=fake.now) as journal:
         outcomes, stopped = await run(om, items, journal, concurrency=4)
-    assert stopped is None
-    assert {o.status for o in outcomes} == {CaptureStatus.CAPTURED}
-    assert booked(fake) == {order_id: 1 for order_id, _ in items}
+    each_captured_once(fake, items, outcomes, stopped)
 
 
 async def test_when_klarnas_time_cannot_be_read_nothing_is_sent(
@@ -229,9 +225,7 @@ async def test_a_long_wait_before_the_check_is_no_clock_off(
     ):
         outcomes, stopped = await run(om, items, journal, concurrency=3)
     assert waits.waited >= 400
-    assert stopped is None
-    assert {o.status for o in outcomes} == {CaptureStatus.CAPTURED}
-    assert booked(fake) == {order_id: 1 for order_id, _ in items}
+    each_captured_once(fake, items, outcomes, stopped)
 
 
 async def test_a_machine_that_slept_mid_batch_is_measured_again_not_stopped(
@@ -250,9 +244,7 @@ async def test_a_machine_that_slept_mid_batch_is_measured_again_not_stopped(
     gets_before = sum(r.method == "GET" for r in fake.requests)
     async with SQLiteJournal(tmp_path / "j.sqlite", clock=fake.now) as journal:
         outcomes, stopped = await run(om, slept_after_three(), journal)
-    assert stopped is None
-    assert {o.status for o in outcomes} == {CaptureStatus.CAPTURED}
-    assert booked(fake) == {order_id: 1 for order_id, _ in items}
+    each_captured_once(fake, items, outcomes, stopped)
     # Once to learn Klarna's time, once to learn it again after the sleep.
     assert sum(r.method == "GET" for r in fake.requests) == gets_before + 2
 
@@ -300,6 +292,35 @@ async def test_a_clock_off_is_not_sent_when_the_read_of_klarnas_time_gets_no_ans
     assert error.skew is None
     assert isinstance(error.failure, KlarnaConnectionError)
     assert isinstance(stopped, BatchAbortedError)
+
+
+@pytest.mark.parametrize("seconds", [-270.0, 270.0])
+async def test_a_clock_within_the_allowed_skew_runs(
+    om: KlarnaOM, fake: FakeKlarna, tmp_path: Path, seconds: float
+) -> None:
+    assert timedelta(seconds=abs(seconds)) < MAX_CLOCK_SKEW
+    items = captures(fake, 6)
+    async with SQLiteJournal(tmp_path / "j.sqlite", clock=off_by(fake, seconds)) as journal:
+        outcomes, stopped = await run(om, items, journal, concurrency=2)
+    each_captured_once(fake, items, outcomes, stopped)
+
+
+async def test_a_batch_without_a_journal_dates_no_key_and_is_not_stopped(
+    om: KlarnaOM, fake: FakeKlarna
+) -> None:
+    fake.advance_clock(3 * DAY)
+    items = captures(fake, 3)
+    outcomes = [o async for o in om.capture_many(items, concurrency=1)]
+    assert {o.status for o in outcomes} == {CaptureStatus.CAPTURED}
+
+
+async def test_klarna_now_is_the_time_of_klarnas_answers(om: KlarnaOM, fake: FakeKlarna) -> None:
+    assert om.klarna_now() is None  # before any answer
+    fake.advance_clock(5 * 3600)
+    await om.orders.get(fake.add_order(amount=100))
+    told = om.klarna_now()
+    assert told is not None
+    assert abs(told - fake.now()) < timedelta(seconds=2)
 
 
 def test_a_date_header_is_read_once_a_second_and_nonsense_is_ignored() -> None:
