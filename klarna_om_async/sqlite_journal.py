@@ -556,8 +556,10 @@ class SQLiteJournal:
     :class:`NotAJournalError`. ``key_max_age`` (default 23 hours) is how old an unknown item's
     key may be before it is reconciled instead of resent; it must be positive and at most
     Klarna's 24 hours (``ValueError`` otherwise: an older key resent would book again).
-    ``clock`` returns the current UTC time (tests drive it). Each item's operation is stored
-    (schema 3); the items of a journal written before it read back as captures.
+    ``clock`` returns the current UTC time (tests drive it; one without a zone is read as
+    UTC); a batch checks it against Klarna's before it sends (``ClockSkewError``). Each
+    item's operation is stored (schema 3); the items of a journal written before it read
+    back as captures.
 
     A dedicated thread owns the connection: calls queue their work and await a future; the
     thread takes everything queued, applies it in ONE transaction, commits, then resolves the
