@@ -14,7 +14,7 @@ import email.utils
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
-__all__ = ("KlarnaClock",)
+__all__ = ("KlarnaClock", "clock_skew")
 
 
 class KlarnaClock:
@@ -54,3 +54,14 @@ class KlarnaClock:
         if told is None:
             return None
         return told + timedelta(seconds=self._clock() - self._at)
+
+
+def clock_skew(journal_now: datetime, klarna_now: datetime | None) -> timedelta | None:
+    """A journal's clock minus Klarna's (None: Klarna's not known). A journal clock without
+    a zone is read as UTC (``datetime.utcnow``): one that gives local time is off by the
+    zone, and moves with it (daylight saving time)."""
+    if klarna_now is None:
+        return None
+    if journal_now.tzinfo is None:
+        journal_now = journal_now.replace(tzinfo=UTC)
+    return journal_now - klarna_now

@@ -29,7 +29,7 @@ import orjson
 
 from ._convert import to_json
 from ._keys import check_idempotency_key, key_time_left, random_key
-from ._klarna_clock import KlarnaClock
+from ._klarna_clock import KlarnaClock, clock_skew
 from ._seen import SeenSet
 from .captures import CapturesService
 from .config import MAX_CONCURRENCY, MIN_BUSY_WAIT, check_count
@@ -535,10 +535,13 @@ class _Run:
         #: Set when the batch must stop early (see ``BatchAbortedError``).
         self.abort: KlarnaError | None = None
         self._unreachable = 0
-        # Klarna's time, as the client's answers tell it (see _clock_error); one read of an
-        # order at a time to learn it.
-        self._klarna_clock = None if self.orders is None else self.orders.klarna_clock
+        # Klarna's time, as the client's answers tell it, and the journal's clock, to check
+        # it against (see _claim); one read of an order at a time to learn Klarna's; why it
+        # could not be learned.
+        self._klarna_clock: KlarnaClock | None = getattr(self.orders, "klarna_clock", None)
+        self._journal_clock: Callable[[], datetime] | None = getattr(journal, "clock", None)
         self._learning_time = asyncio.Lock()
+        self._no_time: ClockSkewError | None = None
         if isinstance(items, AsyncIterable):
             self._aiter: AsyncIterator[BatchItem | tuple[str, OperationRequest]] | None = aiter(
                 items
@@ -815,34 +818,30 @@ class _Run:
             record = _record(item, operation)
         except (TypeError, AttributeError, ValueError) as error:  # a malformed request
             return _outcome(item, CaptureStatus.REFUSED, "", error=error)
-        claim = await journal.claim(
-            record, item.idempotency_key or random_key(), run_id=self.run_id
-        )
-        claimed_at = self.services.clock()
-        _stop_if_cancelled()
+        # Klarna's time first: a read cut short (Ctrl-C) leaves nothing claimed, and so no
+        # key dated by a clock that may be off.
+        unknown = await self._klarna_time(item)
+        if unknown is not None:
+            return await _unclaimed_outcome(item, unknown, journal)
+        claim = await self._claim(item, record, journal)
+        if isinstance(claim, CaptureOutcome):
+            return claim
         if claim.action is ClaimAction.RECONCILE:
             outcome = await self._reconcile(item, claim, journal)
             if outcome is not None:
                 return outcome
             # Proven never booked: the item takes a new key and is sent.
-            claim = await journal.claim(
-                record, item.idempotency_key or random_key(), run_id=self.run_id
-            )
-            claimed_at = self.services.clock()
-        return await self._act(item, claim, journal, claimed_at)
+            claim = await self._claim(item, record, journal)
+            if isinstance(claim, CaptureOutcome):
+                return claim
+        return await self._act(item, claim, journal)
 
-    async def _act(
-        self, item: BatchItem, claim: Claim, journal: Journal, claimed_at: float
-    ) -> CaptureOutcome:
+    async def _act(self, item: BatchItem, claim: Claim, journal: Journal) -> CaptureOutcome:
         entry = claim.entry
         key = entry.idempotency_key
         match claim.action:
             case ClaimAction.SEND:
-                skewed = await self._clock_error(item, entry, claimed_at)
-                if skewed is None:
-                    outcome = await self._send(item, key, item.operation, _time_left(claim))
-                else:  # nothing sent: recorded refused (failed, if an earlier run sent it)
-                    outcome = _outcome(item, CaptureStatus.REFUSED, key, error=skewed)
+                outcome = await self._send(item, key, item.operation, _time_left(claim))
                 if entry.uncertain and isinstance(outcome.error, KlarnaError):
                     # An earlier run's send under this key may have booked it: whatever
                     # this send met, the outcome is unknown (its error must say so).
@@ -902,73 +901,109 @@ class _Run:
                     return _outcome(item, _unsettled_status(entry), key, error=conflict)
                 return _outcome(item, CaptureStatus.REFUSED, key, error=conflict)
 
-    async def _clock_error(
-        self, item: BatchItem, entry: JournalEntry, claimed_at: float
-    ) -> ClockSkewError | None:
-        """Why the claim of ``entry`` must not be sent: the journal's clock, which dated it
-        (``updated_at``, at ``claimed_at`` on the client's clock), was more than
-        ``MAX_CLOCK_SKEW`` from Klarna's, or Klarna's time could not be learned; None if not.
+    async def _claim(
+        self, item: BatchItem, record: ItemRecord, journal: Journal
+    ) -> Claim | CaptureOutcome:
+        """``journal``'s claim of ``item``; the item's outcome instead when the journal's
+        clock, which dated the claim, is more than ``MAX_CLOCK_SKEW`` from Klarna's.
 
         The journal judges by such dates whether Klarna still remembers an item's key (an
-        earlier run's key is resent only while it is young), and which of an order's
-        captures could be the key's. Klarna's time is that of the client's latest answer
-        (HTTP ``Date``), moved on by the client's clock. Before the first, the item's order
-        is read to learn it (one read at a time: the others wait for it); a time that says
-        the clock is off is learned again the same way before the batch stops (the last
-        answer may be old: a machine that slept, an outage, a client idle between runs). A
-        read that gets no answer, or an answer without a date, stops the batch too.
+        earlier run's key is resent only while it is young, else reconciled), and which of
+        an order's captures could be the key's. A claim that sends or reconciles is checked
+        at once against Klarna's time as the client's latest answer tells it (HTTP
+        ``Date``, moved on by the client's clock). A clock that seems off is checked again
+        against a fresh answer (the last one may be old: a machine that slept) before the
+        batch stops; a claim to send is recorded refused first (failed, if an earlier run
+        sent its key), so that a read cut short leaves no key dated by that clock.
         """
+        for _ in range(2):  # once more after a fresh answer found the clock right after all
+            claim = await journal.claim(
+                record, item.idempotency_key or random_key(), run_id=self.run_id
+            )
+            _stop_if_cancelled()
+            if claim.action not in _DATED or self._clock_fits():
+                return claim
+            entry = claim.entry
+            status = _unsettled_status(entry)
+            if claim.action is ClaimAction.SEND:
+                status = CaptureStatus(
+                    (
+                        await journal.finish(
+                            item.item_key,
+                            JournalStatus.REFUSED,
+                            error="not sent: the journal's clock seemed off Klarna's",
+                        )
+                    ).value
+                )
+            off = await self._measure_again(item)
+            if off is not None:
+                off.idempotency_key = entry.idempotency_key
+                off.earlier_attempt_unknown = entry.uncertain
+                return _outcome(item, status, entry.idempotency_key, error=off)
+        return claim
+
+    async def _klarna_time(self, item: BatchItem) -> ClockSkewError | None:
+        """Learn Klarna's time before the first claim (reading ``item``'s order), unless an
+        answer told it; why it cannot be learned, if it cannot (the batch then stops)."""
+        clock = self._klarna_clock
+        if clock is None or self._journal_clock is None or clock.now() is not None:
+            return None
+        await self._learn_klarna_time(item)
+        return self._no_time
+
+    async def _measure_again(self, item: BatchItem) -> ClockSkewError | None:
+        """Read Klarna's time again (unless an answer tells it meanwhile); why the journal's
+        clock is not right by it, or None."""
+        await self._learn_klarna_time(item)
+        if self._no_time is not None:
+            return self._no_time
+        skew = self._skew()
+        if skew is not None and abs(skew) <= MAX_CLOCK_SKEW:
+            return None
+        klarna_now = None if self._klarna_clock is None else self._klarna_clock.now()
+        return ClockSkewError(skew=skew, klarna_time=klarna_now, idempotency_key=None)
+
+    async def _learn_klarna_time(self, item: BatchItem) -> None:
+        """Read ``item``'s order for its answer's time, unless an answer tells it meanwhile,
+        one read at a time; sets ``_no_time`` when the read gets no answer, or no time."""
         clock, orders = self._klarna_clock, self.orders
         if clock is None or orders is None:
-            return None
-        skew = self._skew(clock, entry, claimed_at)
-        if skew is not None and abs(skew) <= MAX_CLOCK_SKEW:
-            return None
-        failure = await self._learn_klarna_time(clock, orders, item.order_id)
-        # Without an answer to the read, a time from an earlier answer says nothing new.
-        skew = None if failure is not None else self._skew(clock, entry, claimed_at)
-        if skew is not None and abs(skew) <= MAX_CLOCK_SKEW:
-            return None
-        # Off, or not known: a key dated by a clock off Klarna's is misjudged later, should
-        # its outcome stay unknown (a new one as surely as one an earlier run sent).
-        return ClockSkewError(
-            skew=skew,
-            klarna_time=clock.now() if skew is not None else None,
-            idempotency_key=entry.idempotency_key,
-            failure=failure,
-        )
-
-    async def _learn_klarna_time(
-        self, clock: KlarnaClock, orders: OrdersService, order_id: str
-    ) -> KlarnaError | None:
-        """Read ``order_id``'s order for its answer's time, unless an answer tells it
-        meanwhile; the error that kept it from answering, if any."""
+            return
         dated = clock.dated
         async with self._learning_time:
-            while clock.dated == dated:  # else another read (or any answer) told it meanwhile
+            if self._no_time is not None or clock.dated > dated:
+                return  # a read failed (the batch stops), or another answer told the time
+            while True:
                 try:
-                    await orders.get(order_id)
+                    await orders.get(item.order_id)
                 except RateLimitError as error:
                     # Held back unsent by the client's pace: it waits its turn, as a send does.
                     if clock.dated == dated and await self._wait_turn(error, None):
                         continue
-                    return None if clock.dated > dated else error
+                    failure: KlarnaError | None = None if clock.dated > dated else error
                 except KlarnaError as error:
-                    return None if clock.dated > dated else error
-                break  # answered (with a date, or none to learn)
-            return None
+                    failure = None if clock.dated > dated else error
+                else:
+                    failure = None
+                break
+            if failure is not None or clock.dated == dated:  # no answer, or none dated
+                self._no_time = ClockSkewError(
+                    skew=None, klarna_time=None, idempotency_key=None, failure=failure
+                )
 
-    def _skew(self, clock: KlarnaClock, entry: JournalEntry, claimed_at: float) -> timedelta | None:
-        """The journal's clock minus Klarna's as ``entry`` was claimed; None while no
-        answer told Klarna's time."""
-        klarna_now = clock.now()
-        if klarna_now is None:
+    def _clock_fits(self) -> bool:
+        """Whether the journal's clock is within ``MAX_CLOCK_SKEW`` of Klarna's (True when
+        neither is known to the batch: a journal without a clock, a batch without orders)."""
+        if self._klarna_clock is None or self._journal_clock is None:
+            return True
+        skew = self._skew()
+        return skew is not None and abs(skew) <= MAX_CLOCK_SKEW
+
+    def _skew(self) -> timedelta | None:
+        """The journal's clock minus Klarna's now; None while no answer told Klarna's."""
+        if self._klarna_clock is None or self._journal_clock is None:
             return None
-        then = klarna_now - timedelta(seconds=self.services.clock() - claimed_at)
-        dated = entry.updated_at
-        # A journal clock without a zone is read as UTC (``datetime.utcnow``): one that
-        # gives local time is off by the zone, and moves with it (daylight saving time).
-        return (dated if dated.tzinfo is not None else dated.replace(tzinfo=UTC)) - then
+        return clock_skew(self._journal_clock(), self._klarna_clock.now())
 
     async def _confirm(self, item: BatchItem, journal: Journal) -> CaptureOutcome | None:
         """The outcome of an uncertain release/cancel the order proves done; None otherwise."""
@@ -1238,6 +1273,10 @@ def _time_left(claim: Claim) -> float | None:
     return (sent + DEFAULT_KEY_MAX_AGE - datetime.now(UTC)).total_seconds()
 
 
+#: Claims whose decision read the journal's clock, or whose date it keeps: checked against
+#: Klarna's (see ``_Run._claim``).
+_DATED = frozenset({ClaimAction.SEND, ClaimAction.RECONCILE})
+
 #: Operations whose effect the order's state proves (see ``reconcile.judge``).
 _PROVEN_BY_ORDER = frozenset({Operation.RELEASE, Operation.CANCEL})
 #: Their endpoints under the order, to name the call a replayed 204 answered.
@@ -1300,6 +1339,23 @@ async def _held_back_outcome(
         message, item_key=item.item_key, idempotency_key=key or None, unknown=unknown
     )
     return _outcome(item, status, key, error=error)
+
+
+async def _unclaimed_outcome(
+    item: BatchItem, error: ClockSkewError, journal: Journal
+) -> CaptureOutcome:
+    """The outcome of ``item``, not claimed (nothing sent) because of ``error``: refused,
+    or as the journal holds it when an earlier run sent it (under that key)."""
+    entry = await _entry_of(journal, item)
+    if entry is None or entry.status is JournalStatus.REFUSED:
+        return _outcome(item, CaptureStatus.REFUSED, item.idempotency_key or "", error=error)
+    error.idempotency_key = entry.idempotency_key
+    if entry.status is JournalStatus.CAPTURED:
+        return _outcome(
+            item, CaptureStatus.SKIPPED, entry.idempotency_key, created_id=entry.capture_id
+        )
+    error.earlier_attempt_unknown = True
+    return _outcome(item, _unsettled_status(entry), entry.idempotency_key, error=error)
 
 
 def _record(item: BatchItem, operation: Operation) -> ItemRecord:

@@ -577,7 +577,9 @@ class MemoryJournal:
         self._owners: dict[str, str] = {}  # every idempotency key handed out -> item key
         self._by_order: dict[str, set[str]] = {}  # order id -> item keys
         self._key_max_age = key_max_age
-        self._clock = clock
+        #: The journal's clock (the current UTC time): it dates each key. A batch checks it
+        #: against Klarna's before it claims an item to send (``ClockSkewError``).
+        self.clock = clock
         self._open = True
 
     async def open(self) -> Self:
@@ -617,7 +619,7 @@ class MemoryJournal:
             new_key,
             key_owner=self._owners.get(new_key),
             sibling=sibling,
-            now=self._clock(),
+            now=self.clock(),
             key_max_age=self._key_max_age,
             run_id=run_id,
         )
@@ -642,7 +644,7 @@ class MemoryJournal:
         old = self._entries.get(item_key)
         if old is None:
             raise _not_begun(item_key)
-        new = _finished(old, status, capture_id, error, attempts, reconciled, self._clock())
+        new = _finished(old, status, capture_id, error, attempts, reconciled, self.clock())
         self._entries[item_key] = new
         return new.status
 
@@ -663,7 +665,7 @@ class MemoryJournal:
 
     def key_expired(self, entry: JournalEntry) -> bool:
         """True when Klarna may have forgotten ``entry``'s key (older than ``key_max_age``)."""
-        return _expired(entry, self._clock(), self._key_max_age)
+        return _expired(entry, self.clock(), self._key_max_age)
 
     async def summary(self) -> dict[JournalStatus, int]:
         """How many items are in each status (zero included)."""

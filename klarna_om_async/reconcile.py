@@ -49,8 +49,9 @@ from typing import Protocol, TypeAlias
 
 import attrs
 
+from ._klarna_clock import KlarnaClock, clock_skew
 from .config import check_count
-from .errors import KlarnaError, NoSuchOrderError
+from .errors import ClockSkewError, KlarnaError, NoSuchOrderError
 from .journal import Journal, JournalEntry, JournalStatus, _end_run, _start_run
 from .models import Order, OrderStatus
 from .operations import Operation
@@ -347,6 +348,9 @@ async def _reconcile_entry(
             else "could not read the order"
         )
         return _result(entry, None, f"{why}: {error}", error=error)
+    off = _clock_off(orders, journal, entry)
+    if off is not None:  # the verdict would rest on the journal's clock: none is recorded
+        return _result(entry, None, str(off), error=off)
     others = await journal.entries(order_id=entry.order_id)
     claimed = {
         e.capture_id
@@ -367,6 +371,25 @@ async def _reconcile_entry(
         reconciled=True,
     )
     return _result(entry, verdict, evidence, capture_id=capture_id)
+
+
+def _clock_off(
+    orders: OrdersService, journal: Journal, entry: JournalEntry
+) -> ClockSkewError | None:
+    """Why ``journal``'s clock cannot judge ``entry``: more than ``clock_skew`` (the default,
+    5 minutes) from Klarna's time, as the order's answer just told it. Whether Klarna still
+    remembers the key, and which captures came after it, are judged by that clock."""
+    journal_clock = getattr(journal, "clock", None)
+    klarna_clock: KlarnaClock | None = getattr(orders, "klarna_clock", None)
+    if journal_clock is None or klarna_clock is None:
+        return None
+    klarna_now = klarna_clock.now()
+    off = clock_skew(journal_clock(), klarna_now)
+    if off is None or abs(off) <= DEFAULT_CLOCK_SKEW:
+        return None
+    error = ClockSkewError(skew=off, klarna_time=klarna_now, idempotency_key=entry.idempotency_key)
+    error.earlier_attempt_unknown = True
+    return error
 
 
 async def reconcile(

@@ -604,7 +604,9 @@ class SQLiteJournal:
         self._path = os.fspath(path)
         self._durability = durability
         self._key_max_age = key_max_age
-        self._clock = clock
+        #: The journal's clock (the current UTC time): it dates each key. A batch checks it
+        #: against Klarna's before it claims an item to send (``ClockSkewError``).
+        self.clock = clock
         self._lock = _OwnerLock(self._path)
         self._work: _Queue | None = None
         # Calls made since the last flush; sent to the writer thread as one group.
@@ -760,7 +762,7 @@ class SQLiteJournal:
 
     def key_expired(self, entry: JournalEntry) -> bool:
         """True when Klarna may have forgotten ``entry``'s key (older than ``key_max_age``)."""
-        return _expired(entry, self._clock(), self._key_max_age)
+        return _expired(entry, self.clock(), self._key_max_age)
 
     async def summary(self) -> dict[JournalStatus, int]:
         """How many items are in each status (zero included)."""
@@ -966,7 +968,7 @@ class SQLiteJournal:
         self, conn: sqlite3.Connection, calls: list[_Work]
     ) -> tuple[list[_Outcome], _Commit | None]:
         """Apply ``calls`` in one transaction: their outcomes, and the commit to report."""
-        group = _Group(self._clock())
+        group = _Group(self.clock())
         listeners = self.commit_listeners
         outcomes: list[_Outcome] = []
         try:

@@ -7,6 +7,7 @@ counts what FakeKlarna actually booked.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
@@ -33,7 +34,13 @@ from klarna_om_async import (
 from klarna_om_async._klarna_clock import KlarnaClock
 from klarna_om_async.batch import MAX_CLOCK_SKEW
 from klarna_om_async.journal import MemoryJournal
-from klarna_om_async.testing import DropAfterProcessing, DropConnection, FakeKlarna, RateLimited
+from klarna_om_async.testing import (
+    Delay,
+    DropAfterProcessing,
+    DropConnection,
+    FakeKlarna,
+    RateLimited,
+)
 
 DAY = 24 * 3600.0
 Items = Iterable[tuple[str, CaptureRequest]] | AsyncIterable[tuple[str, CaptureRequest]]
@@ -292,6 +299,101 @@ async def test_a_clock_off_is_not_sent_when_the_read_of_klarnas_time_gets_no_ans
     assert error.skew is None
     assert isinstance(error.failure, KlarnaConnectionError)
     assert isinstance(stopped, BatchAbortedError)
+
+
+async def test_a_batch_stopped_while_it_reads_klarnas_time_leaves_nothing_claimed(
+    om: KlarnaOM, fake: FakeKlarna, tmp_path: Path
+) -> None:
+    """Ctrl-C during the read: a claim made first kept a key dated by a clock 3 hours
+    ahead; fixed and rerun, that key's send was misjudged a day later (helper-84)."""
+    fake.inject(Delay(30), method="GET")
+    items = captures(fake, 3)
+    async with SQLiteJournal(tmp_path / "j.sqlite", clock=off_by(fake, 3 * 3600)) as journal:
+        batch = asyncio.ensure_future(run(om, items, journal, concurrency=3))
+        await asyncio.wait_for(fake.wait_for_requests(1), timeout=10)
+        batch.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await batch
+        assert await journal.entries() == []
+    assert booked(fake) == {}
+
+
+async def test_a_key_is_not_reconciled_by_a_clock_that_makes_it_look_expired(
+    om: KlarnaOM, fake: FakeKlarna, tmp_path: Path
+) -> None:
+    """A day ahead, a key Klarna still remembers looks expired: reconciled, an order that
+    does not show a capture yet (a request landing late) was "not captured", and the
+    rerun took a new key (helper-84). The entry is left as it was."""
+    order_id = fake.add_order(amount=3000)
+    items = [(order_id, CaptureRequest(captured_amount=1000, reference="r"))]
+    path = tmp_path / "j.sqlite"
+    fake.inject(DropConnection(), method="POST", times=None)
+    async with SQLiteJournal(path, clock=fake.now) as journal:
+        [first], _ = await run(om, items, journal)
+    fake.clear_faults()
+    async with SQLiteJournal(path, clock=off_by(fake, 23.5 * 3600)) as journal:
+        [second], stopped = await run(om, [*items, *captures(fake, 1)], journal)
+        entries = await journal.entries(order_id=order_id)
+    assert [(e.status, e.idempotency_key) for e in entries] == [
+        (JournalStatus.FAILED, first.idempotency_key)
+    ]
+    assert second.status is CaptureStatus.FAILED
+    assert isinstance(second.error, ClockSkewError)
+    assert second.error.outcome_unknown
+    assert isinstance(stopped, BatchAbortedError)
+    assert not [r for r in fake.requests if r.method == "POST" and r.fault is None]
+
+
+async def test_om_reconcile_records_no_verdict_by_a_clock_off_klarnas(
+    om: KlarnaOM, fake: FakeKlarna, tmp_path: Path
+) -> None:
+    order_id = fake.add_order(amount=3000)
+    items = [(order_id, CaptureRequest(captured_amount=1000, reference="r"))]
+    path = tmp_path / "j.sqlite"
+    fake.inject(DropConnection(), method="POST", times=None)
+    async with SQLiteJournal(path, clock=fake.now) as journal:
+        [first], _ = await run(om, items, journal)
+    async with SQLiteJournal(path, clock=off_by(fake, 23.5 * 3600)) as journal:
+        [result] = await om.reconcile(journal)
+        [entry] = await journal.entries()
+    assert result.verdict is None
+    assert isinstance(result.error, ClockSkewError)
+    assert "23 h 30 min ahead of Klarna's" in result.evidence
+    assert (entry.status, entry.idempotency_key) == (JournalStatus.FAILED, first.idempotency_key)
+
+
+async def test_a_machine_that_slept_while_klarnas_time_was_read_is_not_stopped(
+    om: KlarnaOM, fake: FakeKlarna, tmp_path: Path
+) -> None:
+    fake.inject(Delay(0.2), method="GET")
+    items = captures(fake, 4)
+
+    async def sleep_during_the_read() -> None:
+        await fake.wait_for_requests(1)
+        fake.advance_clock(600)  # ten minutes for Klarna and the journal, not for monotonic
+
+    async with SQLiteJournal(tmp_path / "j.sqlite", clock=fake.now) as journal:
+        sleeper = asyncio.ensure_future(sleep_during_the_read())
+        outcomes, stopped = await run(om, items, journal, concurrency=2)
+        await sleeper
+    each_captured_once(fake, items, outcomes, stopped)
+
+
+async def test_klarnas_time_is_read_once_when_the_read_gets_no_answer(
+    om: KlarnaOM, fake: FakeKlarna, tmp_path: Path
+) -> None:
+    """Every waiting item read it again in turn, each for the whole retry policy: at
+    concurrency 128, two hours before the batch ended (helper-84)."""
+    fake.inject(DropConnection(), method="GET", times=None)
+    items = captures(fake, 12)
+    async with SQLiteJournal(tmp_path / "j.sqlite", clock=fake.now) as journal:
+        outcomes, stopped = await run(om, items, journal, concurrency=8)
+    reads = [r for r in fake.requests if r.method == "GET"]
+    assert len({r.path for r in reads}) == 1  # one item's order read, with its retries
+    assert len(reads) <= 2 * om.retry_policy.max_attempts  # (aiohttp retries a GET once)
+    assert {o.status for o in outcomes} == {CaptureStatus.REFUSED}
+    assert isinstance(stopped, BatchAbortedError)
+    assert booked(fake) == {}
 
 
 @pytest.mark.parametrize("seconds", [-270.0, 270.0])
