@@ -905,18 +905,23 @@ class _Run:
         self, item: BatchItem, record: ItemRecord, journal: Journal
     ) -> Claim | CaptureOutcome:
         """``journal``'s claim of ``item``; the item's outcome instead when the journal's
-        clock, which dated the claim, is more than ``MAX_CLOCK_SKEW`` from Klarna's.
+        clock, which dates the claim, is more than ``MAX_CLOCK_SKEW`` from Klarna's.
 
         The journal judges by such dates whether Klarna still remembers an item's key (an
         earlier run's key is resent only while it is young, else reconciled), and which of
-        an order's captures could be the key's. A claim that sends or reconciles is checked
-        at once against Klarna's time as the client's latest answer tells it (HTTP
-        ``Date``, moved on by the client's clock). A clock that seems off is checked again
-        against a fresh answer (the last one may be old: a machine that slept) before the
-        batch stops; a claim to send is recorded refused first (failed, if an earlier run
-        sent its key), so that a read cut short leaves no key dated by that clock.
+        an order's captures could be the key's. So the clock is checked before the claim
+        against Klarna's time as the client's latest answer tells it (HTTP ``Date``, moved
+        on by the client's clock), and nothing is claimed by a clock that is off: a claim
+        cut short (Ctrl-C, a crash) would keep its date. A clock that seems off is checked
+        again against a fresh answer (the last one may be old: a machine that slept)
+        before the batch stops. A claim that sends or reconciles is checked once more when
+        it returns; a claim to send is then recorded refused (failed, if an earlier run sent
+        its key) before the clock is read again.
         """
-        for _ in range(2):  # once more after a fresh answer found the clock right after all
+        for _ in range(2):  # once more when the clock moved while the journal claimed
+            off = None if self._clock_fits() else await self._measure_again(item)
+            if off is not None:
+                return await _unclaimed_outcome(item, off, journal)
             claim = await journal.claim(
                 record, item.idempotency_key or random_key(), run_id=self.run_id
             )
@@ -926,21 +931,22 @@ class _Run:
             entry = claim.entry
             status = _unsettled_status(entry)
             if claim.action is ClaimAction.SEND:
-                status = CaptureStatus(
-                    (
-                        await journal.finish(
-                            item.item_key,
-                            JournalStatus.REFUSED,
-                            error="not sent: the journal's clock seemed off Klarna's",
-                        )
-                    ).value
+                recorded = await journal.finish(
+                    item.item_key,
+                    JournalStatus.REFUSED,
+                    error="not sent: the journal's clock seemed off Klarna's",
                 )
+                status = CaptureStatus(recorded.value)
             off = await self._measure_again(item)
             if off is not None:
                 off.idempotency_key = entry.idempotency_key
                 off.earlier_attempt_unknown = entry.uncertain
                 return _outcome(item, status, entry.idempotency_key, error=off)
-        return claim
+        # Right by a fresh answer, off again at the claim, twice: a clock that keeps jumping.
+        off = self._clock_error()
+        off.idempotency_key = entry.idempotency_key
+        off.earlier_attempt_unknown = entry.uncertain
+        return _outcome(item, status, entry.idempotency_key, error=off)
 
     async def _klarna_time(self, item: BatchItem) -> ClockSkewError | None:
         """Learn Klarna's time before the first claim (reading ``item``'s order), unless an
@@ -949,30 +955,41 @@ class _Run:
         if clock is None or self._journal_clock is None or clock.now() is not None:
             return None
         await self._learn_klarna_time(item)
-        return self._no_time
+        return None if self._no_time is None else self._clock_error()
 
     async def _measure_again(self, item: BatchItem) -> ClockSkewError | None:
-        """Read Klarna's time again (unless an answer tells it meanwhile); why the journal's
-        clock is not right by it, or None."""
-        await self._learn_klarna_time(item)
-        if self._no_time is not None:
-            return self._no_time
-        skew = self._skew()
-        if skew is not None and abs(skew) <= MAX_CLOCK_SKEW:
-            return None
-        klarna_now = None if self._klarna_clock is None else self._klarna_clock.now()
-        return ClockSkewError(skew=skew, klarna_time=klarna_now, idempotency_key=None)
+        """Read Klarna's time again, unless the clock fits it by then (another item's read
+        came first); why the journal's clock is not right by it, or None."""
+        await self._learn_klarna_time(item, fresh=True)
+        return None if self._clock_fits() else self._clock_error()
 
-    async def _learn_klarna_time(self, item: BatchItem) -> None:
-        """Read ``item``'s order for its answer's time, unless an answer tells it meanwhile,
-        one read at a time; sets ``_no_time`` when the read gets no answer, or no time."""
+    def _clock_error(self) -> ClockSkewError:
+        """Why the journal's clock cannot date a key, as last measured (a new error for
+        each item: each carries its own key)."""
+        if self._no_time is not None:
+            failure = self._no_time
+            return ClockSkewError(
+                skew=None, klarna_time=None, idempotency_key=None, failure=failure.failure
+            )
+        klarna_now = None if self._klarna_clock is None else self._klarna_clock.now()
+        return ClockSkewError(skew=self._skew(), klarna_time=klarna_now, idempotency_key=None)
+
+    async def _learn_klarna_time(self, item: BatchItem, *, fresh: bool = False) -> None:
+        """Read ``item``'s order for its answer's time, one read at a time; sets
+        ``_no_time`` when the read gets no answer, or no time. Skipped once a read failed
+        (the batch stops), and when Klarna's time came meanwhile: for a ``fresh`` time,
+        only when the clock fits it (an answer read after a machine slept may carry a time
+        from before: only a read of its own tells)."""
         clock, orders = self._klarna_clock, self.orders
         if clock is None or orders is None:
             return
         dated = clock.dated
         async with self._learning_time:
-            if self._no_time is not None or clock.dated > dated:
-                return  # a read failed (the batch stops), or another answer told the time
+            if self._no_time is not None:
+                return
+            if self._clock_fits() if fresh else clock.dated > dated:
+                return
+            dated = clock.dated
             while True:
                 try:
                     await orders.get(item.order_id)

@@ -405,9 +405,16 @@ def _what(entry: JournalEntry) -> str:
     return f"{entry.operation.value}{amount}"
 
 
+#: How far apart this machine's clock and Klarna's may be (reconciliation's ``clock_skew``,
+#: and how far a journal's clock may be from Klarna's before a batch stops).
+DEFAULT_CLOCK_SKEW = timedelta(minutes=5)
+
+
 def _expired(entry: JournalEntry, now: datetime, key_max_age: timedelta) -> bool:
+    """Whether Klarna may have forgotten ``entry``'s key: older than ``key_max_age``, or
+    sent "later" than ``now`` (dated by a clock that was ahead: its age is unknown)."""
     sent = entry.key_sent_at
-    return sent is None or now - sent >= key_max_age
+    return sent is None or now - sent >= key_max_age or sent - now > DEFAULT_CLOCK_SKEW
 
 
 def _new_entry(item: ItemRecord, key: str, now: datetime, run_id: str | None) -> JournalEntry:

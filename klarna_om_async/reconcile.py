@@ -44,7 +44,7 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections.abc import Callable, Collection, Iterable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Protocol, TypeAlias
 
 import attrs
@@ -52,7 +52,14 @@ import attrs
 from ._klarna_clock import KlarnaClock, clock_skew
 from .config import check_count
 from .errors import ClockSkewError, KlarnaError, NoSuchOrderError
-from .journal import Journal, JournalEntry, JournalStatus, _end_run, _start_run
+from .journal import (
+    DEFAULT_CLOCK_SKEW,
+    Journal,
+    JournalEntry,
+    JournalStatus,
+    _end_run,
+    _start_run,
+)
 from .models import Order, OrderStatus
 from .operations import Operation
 from .orders import OrdersService
@@ -69,9 +76,6 @@ __all__ = (
     "reconcile_entry",
     "reconcile_listeners",
 )
-
-#: How far Klarna's clock (``captured_at``) may lag ours (``key_sent_at``).
-DEFAULT_CLOCK_SKEW = timedelta(minutes=5)
 
 
 class Verdict(enum.StrEnum):
@@ -351,6 +355,7 @@ async def _reconcile_entry(
     off = _clock_off(orders, journal, entry)
     if off is not None:  # the verdict would rest on the journal's clock: none is recorded
         return _result(entry, None, str(off), error=off)
+    judged = _undated_if_later(entry, getattr(journal, "clock", None))
     others = await journal.entries(order_id=entry.order_id)
     claimed = {
         e.capture_id
@@ -359,7 +364,7 @@ async def _reconcile_entry(
         and e.item_key != entry.item_key
         and e.operation is entry.operation
     }
-    verdict, capture_id, evidence = judge(entry, order, claimed=claimed, clock_skew=clock_skew)
+    verdict, capture_id, evidence = judge(judged, order, claimed=claimed, clock_skew=clock_skew)
     if verdict is not Verdict.CAPTURED and not journal.key_expired(entry):
         evidence = f"{evidence}; the key is still valid, so a rerun resends it"
         return _result(entry, Verdict.RESEND, evidence)
@@ -371,6 +376,18 @@ async def _reconcile_entry(
         reconciled=True,
     )
     return _result(entry, verdict, evidence, capture_id=capture_id)
+
+
+def _undated_if_later(entry: JournalEntry, clock: Callable[[], datetime] | None) -> JournalEntry:
+    """``entry``, without its key's date when that date is later than the journal's clock
+    now: a clock that was ahead dated it, and captures booked before that date may be its."""
+    sent = entry.key_sent_at
+    if sent is None or clock is None:
+        return entry
+    now = clock()
+    now = now if now.tzinfo is not None else now.replace(tzinfo=UTC)
+    sent = sent if sent.tzinfo is not None else sent.replace(tzinfo=UTC)
+    return attrs.evolve(entry, key_sent_at=None) if sent - now > DEFAULT_CLOCK_SKEW else entry
 
 
 def _clock_off(
