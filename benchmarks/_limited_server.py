@@ -165,18 +165,21 @@ def make_handler(args: argparse.Namespace, base_url: str) -> web.Server:
         stats.created += 1
         return f"{next(ids):08d}-79d0-4d76-99ea-4afaa7c8e552"
 
+    async def refused(headers: dict[str, str], reset: float) -> web.StreamResponse:
+        stats.rate_limited += 1
+        await asyncio.sleep(args.reject_latency)
+        if args.retry_after:
+            headers["Retry-After"] = str(max(1, math.ceil(reset)))
+        return web.Response(
+            status=429, body=too_many, headers=headers, content_type="application/json"
+        )
+
     async def capture(request: web.BaseRequest) -> web.StreamResponse:
         body = await request.read()
         admitted, remaining, reset = limiter.admit()
         headers = limit_headers(remaining, reset)
         if not admitted:
-            stats.rate_limited += 1
-            await asyncio.sleep(args.reject_latency)
-            if args.retry_after:
-                headers["Retry-After"] = str(max(1, math.ceil(reset)))
-            return web.Response(
-                status=429, body=too_many, headers=headers, content_type="application/json"
-            )
+            return await refused(headers, reset)
         order_id = request.path[len(_ORDERS) : -len(_CAPTURES)]
         key = request.headers.get("Klarna-Idempotency-Key") or f"no-key-{next(ids)}"
         answer = answers.get(key)
@@ -194,13 +197,7 @@ def make_handler(args: argparse.Namespace, base_url: str) -> web.Server:
         admitted, remaining, reset = limiter.admit()
         headers = limit_headers(remaining, reset)
         if not admitted:
-            stats.rate_limited += 1
-            await asyncio.sleep(args.reject_latency)
-            if args.retry_after:
-                headers["Retry-After"] = str(max(1, math.ceil(reset)))
-            return web.Response(
-                status=429, body=too_many, headers=headers, content_type="application/json"
-            )
+            return await refused(headers, reset)
         stats.reads += 1
         await asyncio.sleep(rng.uniform(low, high))
         order = {"order_id": request.path[len(_ORDERS) :], "status": "AUTHORIZED"}

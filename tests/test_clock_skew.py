@@ -90,6 +90,21 @@ def _record_of(order_id: str, request: CaptureRequest) -> ItemRecord:
     )
 
 
+async def left_unknown(
+    om: KlarnaOM, fake: FakeKlarna, path: Path, fault: DropAfterProcessing | DropConnection
+) -> tuple[str, list[tuple[str, CaptureRequest]], CaptureOutcome]:
+    """A first run on the right clock whose capture (1000 of an order of 3000) ends unknown:
+    booked with its answer lost, or never processed."""
+    order_id = fake.add_order(amount=3000)
+    items = [(order_id, CaptureRequest(captured_amount=1000, reference="r"))]
+    fake.inject(fault, method="POST", times=None)
+    async with SQLiteJournal(path, clock=fake.now) as journal:
+        [first], _ = await run(om, items, journal)
+    fake.clear_faults()
+    assert first.status is CaptureStatus.FAILED
+    return order_id, items, first
+
+
 def captures(fake: FakeKlarna, n: int) -> list[tuple[str, CaptureRequest]]:
     return [(fake.add_order(amount=1000), CaptureRequest(captured_amount=1000)) for _ in range(n)]
 
@@ -97,14 +112,8 @@ def captures(fake: FakeKlarna, n: int) -> list[tuple[str, CaptureRequest]]:
 async def test_a_clock_set_back_does_not_resend_a_key_klarna_forgot(
     om: KlarnaOM, fake: FakeKlarna, tmp_path: Path
 ) -> None:
-    order_id = fake.add_order(amount=10_000)
-    items = [(order_id, CaptureRequest(captured_amount=4000, reference="box-1"))]
     path = tmp_path / "j.sqlite"
-    fake.inject(DropAfterProcessing(), method="POST", times=None)  # booked, answer lost
-    async with SQLiteJournal(path, clock=fake.now) as journal:
-        [first], _ = await run(om, items, journal)
-    assert first.status is CaptureStatus.FAILED
-    fake.clear_faults()
+    order_id, items, first = await left_unknown(om, fake, path, DropAfterProcessing())
     fake.advance_clock(DAY + 3600)  # Klarna has forgotten the key
     gets_before = sum(r.method == "GET" for r in fake.requests)
 
@@ -172,13 +181,8 @@ async def test_a_clock_ahead_stops_the_batch_before_anything_is_sent_and_the_rer
 async def test_when_klarnas_time_cannot_be_read_nothing_is_sent(
     om: KlarnaOM, fake: FakeKlarna, tmp_path: Path
 ) -> None:
-    order_id = fake.add_order(amount=10_000)
-    items = [(order_id, CaptureRequest(captured_amount=4000, reference="box-1"))]
     path = tmp_path / "j.sqlite"
-    fake.inject(DropAfterProcessing(), method="POST", times=None)
-    async with SQLiteJournal(path, clock=fake.now) as journal:
-        await run(om, items, journal)
-    fake.clear_faults()
+    order_id, items, _ = await left_unknown(om, fake, path, DropAfterProcessing())
     fake.advance_clock(DAY + 3600)  # Klarna has forgotten the key
     # The clock was set back, and the read that would tell Klarna's time gets no answer.
     fake.inject(DropConnection(), method="GET", times=None)
@@ -336,13 +340,8 @@ async def test_a_key_is_not_reconciled_by_a_clock_that_makes_it_look_expired(
     """A day ahead, a key Klarna still remembers looks expired: reconciled, an order that
     does not show a capture yet (a request landing late) was "not captured", and the
     rerun took a new key (helper-84). The entry is left as it was."""
-    order_id = fake.add_order(amount=3000)
-    items = [(order_id, CaptureRequest(captured_amount=1000, reference="r"))]
     path = tmp_path / "j.sqlite"
-    fake.inject(DropConnection(), method="POST", times=None)
-    async with SQLiteJournal(path, clock=fake.now) as journal:
-        [first], _ = await run(om, items, journal)
-    fake.clear_faults()
+    order_id, items, first = await left_unknown(om, fake, path, DropConnection())
     async with SQLiteJournal(path, clock=off_by(fake, 23.5 * 3600)) as journal:
         [second], stopped = await run(om, [*items, *captures(fake, 1)], journal)
         entries = await journal.entries(order_id=order_id)
@@ -359,12 +358,8 @@ async def test_a_key_is_not_reconciled_by_a_clock_that_makes_it_look_expired(
 async def test_om_reconcile_records_no_verdict_by_a_clock_off_klarnas(
     om: KlarnaOM, fake: FakeKlarna, tmp_path: Path
 ) -> None:
-    order_id = fake.add_order(amount=3000)
-    items = [(order_id, CaptureRequest(captured_amount=1000, reference="r"))]
     path = tmp_path / "j.sqlite"
-    fake.inject(DropConnection(), method="POST", times=None)
-    async with SQLiteJournal(path, clock=fake.now) as journal:
-        [first], _ = await run(om, items, journal)
+    _, _, first = await left_unknown(om, fake, path, DropConnection())
     async with SQLiteJournal(path, clock=off_by(fake, 23.5 * 3600)) as journal:
         [result] = await om.reconcile(journal)
         [entry] = await journal.entries()
