@@ -928,6 +928,7 @@ class _Run:
             _stop_if_cancelled()
             if claim.action not in _DATED or self._clock_fits():
                 return claim
+            seen = self._clock_error()  # as found at the claim, for the message
             entry = claim.entry
             status = _unsettled_status(entry)
             if claim.action is ClaimAction.SEND:
@@ -943,10 +944,9 @@ class _Run:
                 off.earlier_attempt_unknown = entry.uncertain
                 return _outcome(item, status, entry.idempotency_key, error=off)
         # Right by a fresh answer, off again at the claim, twice: a clock that keeps jumping.
-        off = self._clock_error()
-        off.idempotency_key = entry.idempotency_key
-        off.earlier_attempt_unknown = entry.uncertain
-        return _outcome(item, status, entry.idempotency_key, error=off)
+        seen.idempotency_key = entry.idempotency_key
+        seen.earlier_attempt_unknown = entry.uncertain
+        return _outcome(item, status, entry.idempotency_key, error=seen)
 
     async def _klarna_time(self, item: BatchItem) -> ClockSkewError | None:
         """Learn Klarna's time before the first claim (reading ``item``'s order), unless an

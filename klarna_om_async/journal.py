@@ -411,10 +411,11 @@ DEFAULT_CLOCK_SKEW = timedelta(minutes=5)
 
 
 def _expired(entry: JournalEntry, now: datetime, key_max_age: timedelta) -> bool:
-    """Whether Klarna may have forgotten ``entry``'s key: older than ``key_max_age``, or
-    sent "later" than ``now`` (dated by a clock that was ahead: its age is unknown)."""
+    # (A key dated later than now is not taken as expired: two clocks each within
+    # DEFAULT_CLOCK_SKEW of Klarna's can be twice that apart, and a new key would be sent
+    # while the old one's request may still land: helper-86.)
     sent = entry.key_sent_at
-    return sent is None or now - sent >= key_max_age or sent - now > DEFAULT_CLOCK_SKEW
+    return sent is None or now - sent >= key_max_age
 
 
 def _new_entry(item: ItemRecord, key: str, now: datetime, run_id: str | None) -> JournalEntry:

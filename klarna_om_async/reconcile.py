@@ -44,7 +44,7 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections.abc import Callable, Collection, Iterable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Protocol, TypeAlias
 
 import attrs
@@ -355,7 +355,6 @@ async def _reconcile_entry(
     off = _clock_off(orders, journal, entry)
     if off is not None:  # the verdict would rest on the journal's clock: none is recorded
         return _result(entry, None, str(off), error=off)
-    judged = _undated_if_later(entry, getattr(journal, "clock", None))
     others = await journal.entries(order_id=entry.order_id)
     claimed = {
         e.capture_id
@@ -364,7 +363,7 @@ async def _reconcile_entry(
         and e.item_key != entry.item_key
         and e.operation is entry.operation
     }
-    verdict, capture_id, evidence = judge(judged, order, claimed=claimed, clock_skew=clock_skew)
+    verdict, capture_id, evidence = judge(entry, order, claimed=claimed, clock_skew=clock_skew)
     if verdict is not Verdict.CAPTURED and not journal.key_expired(entry):
         evidence = f"{evidence}; the key is still valid, so a rerun resends it"
         return _result(entry, Verdict.RESEND, evidence)
@@ -376,18 +375,6 @@ async def _reconcile_entry(
         reconciled=True,
     )
     return _result(entry, verdict, evidence, capture_id=capture_id)
-
-
-def _undated_if_later(entry: JournalEntry, clock: Callable[[], datetime] | None) -> JournalEntry:
-    """``entry``, without its key's date when that date is later than the journal's clock
-    now: a clock that was ahead dated it, and captures booked before that date may be its."""
-    sent = entry.key_sent_at
-    if sent is None or clock is None:
-        return entry
-    now = clock()
-    now = now if now.tzinfo is not None else now.replace(tzinfo=UTC)
-    sent = sent if sent.tzinfo is not None else sent.replace(tzinfo=UTC)
-    return attrs.evolve(entry, key_sent_at=None) if sent - now > DEFAULT_CLOCK_SKEW else entry
 
 
 def _clock_off(

@@ -21,7 +21,6 @@ from test_exactly_once_batch import AgingSleep
 
 from klarna_om_async import (
     BatchAbortedError,
-    BatchItem,
     CaptureOutcome,
     CaptureRequest,
     CaptureStatus,
@@ -33,8 +32,8 @@ from klarna_om_async import (
     SQLiteJournal,
 )
 from klarna_om_async._klarna_clock import KlarnaClock
-from klarna_om_async.batch import MAX_CLOCK_SKEW, request_fingerprint
-from klarna_om_async.journal import ItemRecord, MemoryJournal
+from klarna_om_async.batch import MAX_CLOCK_SKEW
+from klarna_om_async.journal import MemoryJournal
 from klarna_om_async.testing import (
     Delay,
     DropAfterProcessing,
@@ -77,17 +76,6 @@ async def run(
     except BatchAbortedError as stopped:
         return outcomes, stopped
     return outcomes, None
-
-
-def _record_of(order_id: str, request: CaptureRequest) -> ItemRecord:
-    item = BatchItem(order_id=order_id, request=request)
-    return ItemRecord(
-        item_key=item.item_key,
-        order_id=order_id,
-        captured_amount=request.captured_amount,
-        reference=request.reference,
-        fingerprint=request_fingerprint(order_id, request),
-    )
 
 
 async def left_unknown(
@@ -401,30 +389,6 @@ async def test_klarnas_time_is_read_once_when_the_read_gets_no_answer(
     assert {o.status for o in outcomes} == {CaptureStatus.REFUSED}
     assert isinstance(stopped, BatchAbortedError)
     assert booked(fake) == {}
-
-
-async def test_a_key_dated_later_than_the_clock_now_is_reconciled_not_resent(
-    om: KlarnaOM, fake: FakeKlarna, tmp_path: Path
-) -> None:
-    """A claim a clock 3 hours ahead dated, left in flight (a claim cut short, or a journal
-    of an older version): a rerun on the right clock resent it, and its age was misjudged a
-    day later (helper-85). It is reconciled instead: nothing booked, so a new key."""
-    order_id = fake.add_order(amount=3000)
-    request = CaptureRequest(captured_amount=1000, reference="r")
-    path = tmp_path / "j.sqlite"
-    async with SQLiteJournal(path, clock=off_by(fake, 3 * 3600)) as journal:
-        await journal.claim(_record_of(order_id, request), "k-misdated")
-    fake.inject(DropAfterProcessing(), method="POST", times=None)
-    async with SQLiteJournal(path, clock=fake.now) as journal:
-        [first], _ = await run(om, [(order_id, request)], journal)
-    assert first.status is CaptureStatus.FAILED
-    assert first.idempotency_key != "k-misdated"  # reconciled: never booked, a new key
-    fake.clear_faults()
-    fake.advance_clock(DAY + 1800)  # Klarna forgot the new key too
-    async with SQLiteJournal(path, clock=fake.now) as journal:
-        [second], _ = await run(om, [(order_id, request)], journal)
-    assert second.status is CaptureStatus.CAPTURED
-    assert booked(fake) == {order_id: 1}
 
 
 async def test_each_item_stopped_by_the_clock_has_an_error_of_its_own(
