@@ -94,7 +94,25 @@ async def test_slow_start_ends_by_itself_at_twice_the_most_in_flight() -> None:
         await start.enter()
     assert not start.over  # 6 allowed, 3 the most in flight
     start.leave()
-    assert start.over  # the window (7) is past twice the 3: it no longer binds
+    assert not start.over  # 7: past twice the 3, but not yet twice the first window (4)
+    await start.enter()
+    start.leave()
+    assert start.over  # the window (8) is past twice the 3: it no longer binds
+
+
+async def test_a_lone_call_first_does_not_end_slow_start_for_the_burst_after_it() -> None:
+    # A journaled batch reads one order (Klarna's time) before its 128 first sends: its
+    # answer ended the ramp (the window, 17, was past twice the 1 in flight).
+    start = SlowStart(window=SLOW_START_WINDOW)
+    await start.enter()
+    start.leave()
+    assert not start.over
+    entered = [asyncio.create_task(start.enter()) for _ in range(3 * SLOW_START_WINDOW)]
+    await settle()
+    assert start.in_flight == SLOW_START_WINDOW + 1
+    for task in entered:
+        task.cancel()
+    await asyncio.gather(*entered, return_exceptions=True)
 
 
 async def test_the_opening_burst_waits_for_answers_and_a_429_ends_the_ramp() -> None:
