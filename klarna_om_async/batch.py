@@ -919,7 +919,7 @@ class _Run:
         its key) before the clock is read again.
         """
         for _ in range(2):  # once more when the clock moved while the journal claimed
-            off = None if self._clock_fits() else await self._measure_again(item)
+            off = None if self._clock_fits() else await self._klarna_time(item, fresh=True)
             if off is not None:
                 return await _unclaimed_outcome(item, off, journal)
             claim = await journal.claim(
@@ -938,30 +938,16 @@ class _Run:
                     error="not sent: the journal's clock seemed off Klarna's",
                 )
                 status = CaptureStatus(recorded.value)
-            off = await self._measure_again(item)
+            off = await self._klarna_time(item, fresh=True)
             if off is not None:
-                off.idempotency_key = entry.idempotency_key
-                off.earlier_attempt_unknown = entry.uncertain
-                return _outcome(item, status, entry.idempotency_key, error=off)
-        # Right by a fresh answer, off again at the claim, twice: a clock that keeps jumping.
-        seen.idempotency_key = entry.idempotency_key
-        seen.earlier_attempt_unknown = entry.uncertain
-        return _outcome(item, status, entry.idempotency_key, error=seen)
-
-    async def _klarna_time(self, item: BatchItem) -> ClockSkewError | None:
-        """Learn Klarna's time before the first claim (reading ``item``'s order), unless an
-        answer told it; why it cannot be learned, if it cannot (the batch then stops)."""
-        clock = self._klarna_clock
-        if clock is None or self._journal_clock is None or clock.now() is not None:
-            return None
-        await self._learn_klarna_time(item)
-        return None if self._no_time is None else self._clock_error()
-
-    async def _measure_again(self, item: BatchItem) -> ClockSkewError | None:
-        """Read Klarna's time again, unless the clock fits it by then (another item's read
-        came first); why the journal's clock is not right by it, or None."""
-        await self._learn_klarna_time(item, fresh=True)
-        return None if self._clock_fits() else self._clock_error()
+                break
+        else:
+            # Right by a fresh answer, off again at the claim, twice: a clock that keeps
+            # jumping.
+            off = seen
+        off.idempotency_key = entry.idempotency_key
+        off.earlier_attempt_unknown = entry.uncertain
+        return _outcome(item, status, entry.idempotency_key, error=off)
 
     def _clock_error(self) -> ClockSkewError:
         """Why the journal's clock cannot date a key, as last measured (a new error for
@@ -974,39 +960,52 @@ class _Run:
         klarna_now = None if self._klarna_clock is None else self._klarna_clock.now()
         return ClockSkewError(skew=self._skew(), klarna_time=klarna_now, idempotency_key=None)
 
-    async def _learn_klarna_time(self, item: BatchItem, *, fresh: bool = False) -> None:
-        """Read ``item``'s order for its answer's time, one read at a time; sets
-        ``_no_time`` when the read gets no answer, or no time. Skipped once a read failed
-        (the batch stops), and when Klarna's time came meanwhile: for a ``fresh`` time,
-        only when the clock fits it (an answer read after a machine slept may carry a time
-        from before: only a read of its own tells)."""
+    async def _klarna_time(self, item: BatchItem, *, fresh: bool = False) -> ClockSkewError | None:
+        """Learn Klarna's time by reading ``item``'s order (one read at a time); why the
+        journal's clock cannot date a key, if it cannot.
+
+        Before a run's first claim (not ``fresh``): read unless an answer told Klarna's
+        time; only a read that gets no answer, or no time, is an error (it sets
+        ``_no_time``: no later call reads again, and the batch stops). For a clock that
+        seemed off (``fresh``): read unless the clock fits by then (another item's read came
+        first; an answer read after a machine slept may carry a time from before, and only
+        a read of its own tells); an error unless the clock fits the time read.
+        """
         clock, orders = self._klarna_clock, self.orders
-        if clock is None or orders is None:
-            return
+        if clock is None or orders is None or self._journal_clock is None:
+            return None
+        if not fresh and clock.now() is not None:
+            return None
         dated = clock.dated
         async with self._learning_time:
-            if self._no_time is not None:
-                return
-            if self._clock_fits() if fresh else clock.dated > dated:
-                return
-            dated = clock.dated
-            while True:
-                try:
-                    await orders.get(item.order_id)
-                except RateLimitError as error:
-                    # Held back unsent by the client's pace: it waits its turn, as a send does.
-                    if clock.dated == dated and await self._wait_turn(error, None):
-                        continue
-                    failure: KlarnaError | None = None if clock.dated > dated else error
-                except KlarnaError as error:
-                    failure = None if clock.dated > dated else error
-                else:
-                    failure = None
-                break
-            if failure is not None or clock.dated == dated:  # no answer, or none dated
-                self._no_time = ClockSkewError(
-                    skew=None, klarna_time=None, idempotency_key=None, failure=failure
-                )
+            if self._no_time is None and not (self._clock_fits() if fresh else clock.dated > dated):
+                dated = clock.dated
+                failure = await self._read_order_for_time(item, orders, clock)
+                if failure is not None or clock.dated == dated:  # no answer, or none dated
+                    self._no_time = ClockSkewError(
+                        skew=None, klarna_time=None, idempotency_key=None, failure=failure
+                    )
+        if fresh:
+            return None if self._clock_fits() else self._clock_error()
+        return None if self._no_time is None else self._clock_error()
+
+    async def _read_order_for_time(
+        self, item: BatchItem, orders: OrdersService, clock: KlarnaClock
+    ) -> KlarnaError | None:
+        """Read ``item``'s order; the error that kept an answer from coming, if none came
+        (``clock`` counts the answers)."""
+        dated = clock.dated
+        while True:
+            try:
+                await orders.get(item.order_id)
+            except RateLimitError as error:
+                # Held back unsent by the client's pace: it waits its turn, as a send does.
+                if clock.dated == dated and await self._wait_turn(error, None):
+                    continue
+                return None if clock.dated > dated else error
+            except KlarnaError as error:
+                return None if clock.dated > dated else error
+            return None
 
     def _clock_fits(self) -> bool:
         """Whether the journal's clock is within ``MAX_CLOCK_SKEW`` of Klarna's (True when
