@@ -822,7 +822,7 @@ class _Run:
         # key dated by a clock that may be off.
         unknown = await self._klarna_time(item)
         if unknown is not None:
-            return await _unclaimed_outcome(item, unknown, journal)
+            return await _unclaimed_outcome(item, unknown, journal, record)
         claim = await self._claim(item, record, journal)
         if isinstance(claim, CaptureOutcome):
             return claim
@@ -891,15 +891,7 @@ class _Run:
                 error = NeedsReviewError(evidence, order_id=item.order_id, idempotency_key=key)
                 return _outcome(item, CaptureStatus.NEEDS_REVIEW, key, error=error)
             case _:  # CONFLICT (RECONCILE was handled by the caller)
-                conflict = ItemConflictError(
-                    claim.reason or "conflict", item_key=item.item_key, idempotency_key=key
-                )
-                if claim.outcome_unknown:
-                    # Changed since its send under this key, whose outcome is unknown: not
-                    # sent now, but money may have moved under the key (not "refused").
-                    conflict.earlier_attempt_unknown = True
-                    return _outcome(item, _unsettled_status(entry), key, error=conflict)
-                return _outcome(item, CaptureStatus.REFUSED, key, error=conflict)
+                return _conflict_outcome(item, claim)
 
     async def _claim(
         self, item: BatchItem, record: ItemRecord, journal: Journal
@@ -921,7 +913,7 @@ class _Run:
         for _ in range(2):  # once more when the clock moved while the journal claimed
             off = None if self._clock_fits() else await self._klarna_time(item, fresh=True)
             if off is not None:
-                return await _unclaimed_outcome(item, off, journal)
+                return await _unclaimed_outcome(item, off, journal, record)
             claim = await journal.claim(
                 record, item.idempotency_key or random_key(), run_id=self.run_id
             )
@@ -946,7 +938,9 @@ class _Run:
             # jumping.
             off = seen
         off.idempotency_key = entry.idempotency_key
-        off.earlier_attempt_unknown = entry.uncertain
+        # An earlier run sent the key: a resend's entry says so, a reconciliation's is the
+        # earlier run's unknown entry itself (helper-87: a crash's leftover said "not sent").
+        off.earlier_attempt_unknown = entry.uncertain or claim.action is ClaimAction.RECONCILE
         return _outcome(item, status, entry.idempotency_key, error=off)
 
     def _clock_error(self) -> ClockSkewError:
@@ -1357,16 +1351,37 @@ async def _held_back_outcome(
     return _outcome(item, status, key, error=error)
 
 
+def _conflict_outcome(item: BatchItem, claim: Claim) -> CaptureOutcome:
+    """The outcome of ``item``, whose claim is a ``CONFLICT``: refused, or unknown under its
+    key when its own earlier send is."""
+    entry = claim.entry
+    key = entry.idempotency_key
+    conflict = ItemConflictError(
+        claim.reason or "conflict", item_key=item.item_key, idempotency_key=key
+    )
+    if claim.outcome_unknown:
+        # Changed since its send under this key, whose outcome is unknown: not sent now, but
+        # money may have moved under the key (not "refused").
+        conflict.earlier_attempt_unknown = True
+        return _outcome(item, _unsettled_status(entry), key, error=conflict)
+    return _outcome(item, CaptureStatus.REFUSED, key, error=conflict)
+
+
 async def _unclaimed_outcome(
-    item: BatchItem, error: ClockSkewError, journal: Journal
+    item: BatchItem, error: ClockSkewError, journal: Journal, record: ItemRecord
 ) -> CaptureOutcome:
     """The outcome of ``item``, not claimed (nothing sent) because of ``error``: refused,
-    or as the journal holds it when an earlier run sent it (under that key)."""
+    or as the journal holds it when an earlier run sent it (under that key). An item done
+    in an earlier run is skipped, unless it changed since: then it is refused as a claim
+    refuses it (helper-87: an edited amount was reported done)."""
     entry = await _entry_of(journal, item)
     if entry is None or entry.status is JournalStatus.REFUSED:
         return _outcome(item, CaptureStatus.REFUSED, item.idempotency_key or "", error=error)
     error.idempotency_key = entry.idempotency_key
     if entry.status is JournalStatus.CAPTURED:
+        conflict = _conflict(entry, record)
+        if conflict is not None:
+            return _conflict_outcome(item, conflict)
         return _outcome(
             item, CaptureStatus.SKIPPED, entry.idempotency_key, created_id=entry.capture_id
         )

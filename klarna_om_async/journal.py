@@ -40,6 +40,7 @@ __all__ = (
     "DEFAULT_KEY_MAX_AGE",
     "KLARNA_KEY_LIFETIME",
     "KLARNA_OM_NAMESPACE",
+    "MAX_KEY_MAX_AGE",
     "UNKNOWN_STATUSES",
     "Claim",
     "ClaimAction",
@@ -64,16 +65,25 @@ DEFAULT_KEY_MAX_AGE = timedelta(seconds=KEY_RESEND_WINDOW_S)
 #: How long Klarna honours a key: a ``key_max_age`` beyond it would resend a key Klarna may
 #: have forgotten, which books the operation again.
 KLARNA_KEY_LIFETIME = timedelta(hours=24)
+#: How far apart this machine's clock and Klarna's may be (reconciliation's ``clock_skew``,
+#: and how far a journal's clock may be from Klarna's before a batch stops).
+DEFAULT_CLOCK_SKEW = timedelta(minutes=5)
+#: The longest ``key_max_age``: Klarna's 24 hours less the ``DEFAULT_CLOCK_SKEW`` a journal's
+#: clock may be behind Klarna's (a key dated by a clock 5 minutes behind looks 5 minutes
+#: younger than it is).
+MAX_KEY_MAX_AGE = KLARNA_KEY_LIFETIME - DEFAULT_CLOCK_SKEW
 
 
 def check_key_max_age(key_max_age: timedelta) -> timedelta:
-    """``key_max_age`` if it is positive and at most Klarna's 24 hours; ``ValueError`` else."""
+    """``key_max_age`` if it is positive and at most ``MAX_KEY_MAX_AGE`` (23 h 55 min:
+    Klarna's 24 hours less the clock skew a batch allows); ``ValueError`` else."""
     if key_max_age <= timedelta(0):
         raise ValueError(f"key_max_age must be positive, not {key_max_age!r}")
-    if key_max_age > KLARNA_KEY_LIFETIME:
+    if key_max_age > MAX_KEY_MAX_AGE:
         raise ValueError(
-            f"key_max_age must be at most 24 hours, not {key_max_age}: Klarna forgets a key"
-            " 24 hours after its first use, and an older key resent books the operation again"
+            f"key_max_age must be at most {MAX_KEY_MAX_AGE}, not {key_max_age}: Klarna forgets"
+            " a key 24 hours after its first use, a journal's clock may be 5 minutes behind"
+            " Klarna's, and an older key resent books the operation again"
         )
     return key_max_age
 
@@ -219,7 +229,7 @@ class Journal(Protocol):
     ``ItemConflictError`` saying so, to reconcile an item whose operation differs (nothing
     is sent; the item stays unknown under its key), and ``om.reconcile(journal)``, which
     knows no items, judges its entries as captures. Its ``key_max_age`` must be at most
-    Klarna's 24 hours (see :func:`check_key_max_age`).
+    ``MAX_KEY_MAX_AGE``, Klarna's 24 hours less 5 minutes (see :func:`check_key_max_age`).
     """
 
     async def claim(self, item: ItemRecord, new_key: str, *, run_id: str | None = None) -> Claim:
@@ -403,11 +413,6 @@ def _held_back_by(old: JournalEntry | None, item: ItemRecord, sibling: JournalEn
 def _what(entry: JournalEntry) -> str:
     amount = "" if entry.captured_amount is None else f" of {entry.captured_amount}"
     return f"{entry.operation.value}{amount}"
-
-
-#: How far apart this machine's clock and Klarna's may be (reconciliation's ``clock_skew``,
-#: and how far a journal's clock may be from Klarna's before a batch stops).
-DEFAULT_CLOCK_SKEW = timedelta(minutes=5)
 
 
 def _expired(entry: JournalEntry, now: datetime, key_max_age: timedelta) -> bool:

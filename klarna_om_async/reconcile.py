@@ -352,7 +352,7 @@ async def _reconcile_entry(
             else "could not read the order"
         )
         return _result(entry, None, f"{why}: {error}", error=error)
-    off = _clock_off(orders, journal, entry)
+    off = _clock_off(orders, journal, entry, clock_skew)
     if off is not None:  # the verdict would rest on the journal's clock: none is recorded
         return _result(entry, None, str(off), error=off)
     others = await journal.entries(order_id=entry.order_id)
@@ -378,18 +378,20 @@ async def _reconcile_entry(
 
 
 def _clock_off(
-    orders: OrdersService, journal: Journal, entry: JournalEntry
+    orders: OrdersService, journal: Journal, entry: JournalEntry, allowed: timedelta
 ) -> ClockSkewError | None:
-    """Why ``journal``'s clock cannot judge ``entry``: more than ``clock_skew`` (the default,
-    5 minutes) from Klarna's time, as the order's answer just told it. Whether Klarna still
-    remembers the key, and which captures came after it, are judged by that clock."""
+    """Why ``journal``'s clock cannot judge ``entry``: more than ``allowed`` (``clock_skew``,
+    at most the batch's 5 minutes) from Klarna's time, as the order's answer just told it,
+    or no answer told Klarna's time (no ``Date``: a proxy that drops it). Whether Klarna
+    still remembers the key, and which captures came after it (from ``key_sent_at`` less
+    ``clock_skew``), are judged by that clock."""
     journal_clock = getattr(journal, "clock", None)
     klarna_clock: KlarnaClock | None = getattr(orders, "klarna_clock", None)
     if journal_clock is None or klarna_clock is None:
         return None
     klarna_now = klarna_clock.now()
     off = clock_skew(journal_clock(), klarna_now)
-    if off is None or abs(off) <= DEFAULT_CLOCK_SKEW:
+    if off is not None and abs(off) <= min(allowed, DEFAULT_CLOCK_SKEW):
         return None
     error = ClockSkewError(skew=off, klarna_time=klarna_now, idempotency_key=entry.idempotency_key)
     error.earlier_attempt_unknown = True
@@ -410,6 +412,12 @@ async def reconcile(
     Each item is judged by the operation its entry records (see :func:`judge`): a release
     only by an order that was released, a cancel only by a cancelled one. A journal that
     keeps no operation reads every entry back as a capture, and it is judged as one.
+
+    ``clock_skew``: how far the journal's clock may be from Klarna's; a capture booked
+    earlier than the key's date less this is not the item's. An item whose order's answer
+    shows the journal's clock further off than ``clock_skew`` (or 5 minutes, if less), or
+    shows no time at all (no ``Date``), gets no verdict: ``verdict=None`` with a
+    ``ClockSkewError``.
 
     Returns one ``Reconciliation`` per unknown item. Raises ``ValidationError`` (a
     ``ValueError``) unless ``concurrency`` is a whole number from 1 to 10,000, and what the

@@ -8,6 +8,8 @@ counts what FakeKlarna actually booked.
 from __future__ import annotations
 
 import asyncio
+import re
+import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
@@ -25,6 +27,7 @@ from klarna_om_async import (
     CaptureRequest,
     CaptureStatus,
     ClockSkewError,
+    ItemConflictError,
     JournalStatus,
     KlarnaConnectionError,
     KlarnaOM,
@@ -32,8 +35,9 @@ from klarna_om_async import (
     SQLiteJournal,
 )
 from klarna_om_async._klarna_clock import KlarnaClock
-from klarna_om_async.batch import MAX_CLOCK_SKEW
-from klarna_om_async.journal import MemoryJournal
+from klarna_om_async.batch import MAX_CLOCK_SKEW, request_fingerprint
+from klarna_om_async.journal import ItemRecord, MemoryJournal
+from klarna_om_async.reconcile import reconcile
 from klarna_om_async.testing import (
     Delay,
     DropAfterProcessing,
@@ -355,6 +359,128 @@ async def test_om_reconcile_records_no_verdict_by_a_clock_off_klarnas(
     assert isinstance(result.error, ClockSkewError)
     assert "23 h 30 min ahead of Klarna's" in result.evidence
     assert (entry.status, entry.idempotency_key) == (JournalStatus.FAILED, first.idempotency_key)
+
+
+async def test_om_reconcile_records_no_verdict_when_klarnas_answers_tell_no_time(
+    tmp_path: Path,
+) -> None:
+    """Through a proxy that drops ``Date``, a journal clock a day ahead made a key Klarna
+    still remembered look expired: "not captured" was recorded, the request landed late,
+    and the rerun booked again under a new key (helper-87). A batch stops there; so does
+    reconciliation now: no verdict, the entry left as it was."""
+
+    async def order(request: web.Request) -> web.Response:
+        return web.json_response({"order_id": request.match_info["order_id"], "captures": []})
+
+    async def undated(_request: web.Request, response: web.StreamResponse) -> None:
+        response.headers["Date"] = "sometime on Tuesday"  # aiohttp adds one when none is set
+
+    app = web.Application()
+    app.router.add_get("/ordermanagement/v1/orders/{order_id}", order)
+    app.on_response_prepare.append(undated)
+    path = tmp_path / "j.sqlite"
+    async with SQLiteJournal(path) as journal:
+        record = ItemRecord(
+            item_key="o1:r", order_id="o1", captured_amount=100, reference="r", fingerprint="f"
+        )
+        sent = await journal.claim(record, "key-1", run_id="run-1")
+    a_day_ahead = lambda: datetime.now(UTC) + timedelta(days=1)  # noqa: E731
+    async with (
+        served_app(app) as url,
+        KlarnaOM("u", "p", base_url=url) as om,
+        SQLiteJournal(path, clock=a_day_ahead) as journal,
+    ):
+        [result] = await om.reconcile(journal)
+        [entry] = await journal.entries()
+    assert result.verdict is None
+    assert isinstance(result.error, ClockSkewError)
+    assert "Klarna's answers tell no time (no HTTP Date header)" in result.evidence
+    assert (entry.status, entry.idempotency_key) == (JournalStatus.IN_FLIGHT, "key-1")
+    assert sent.entry == entry
+
+
+async def test_reconcile_checks_the_clock_against_the_clock_skew_it_is_given(
+    om: KlarnaOM, fake: FakeKlarna, tmp_path: Path
+) -> None:
+    """A capture booked earlier than the key's date less ``clock_skew`` is not the item's:
+    with ``clock_skew`` 30 s, a journal clock 4 minutes ahead must not judge (helper-87: it
+    recorded "not captured" and the rerun booked again)."""
+    path = tmp_path / "j.sqlite"
+    _, _, first = await left_unknown(om, fake, path, DropConnection())
+    async with SQLiteJournal(path, clock=off_by(fake, 240)) as journal:
+        [result] = await reconcile(om.orders, journal, clock_skew=timedelta(seconds=30))
+        [entry] = await journal.entries()
+    assert result.verdict is None
+    assert isinstance(result.error, ClockSkewError)
+    assert re.search("4 min [01] s ahead of Klarna's", result.evidence)
+    assert (entry.status, entry.idempotency_key) == (JournalStatus.FAILED, first.idempotency_key)
+
+
+async def test_an_item_changed_since_it_was_done_is_refused_when_the_clock_is_off(
+    om: KlarnaOM, fake: FakeKlarna, tmp_path: Path
+) -> None:
+    """Captured at 1000, then edited to 2500: a rerun on a clock an hour off reported it
+    done (skipped, the old capture's id; the CLI exited 0) where a right clock refuses it
+    as changed (helper-87)."""
+    path = tmp_path / "j.sqlite"
+    order_id = fake.add_order(amount=3000)
+    async with SQLiteJournal(path, clock=fake.now) as journal:
+        [first], _ = await run(
+            om, [(order_id, CaptureRequest(captured_amount=1000, reference="r"))], journal
+        )
+    edited = [(order_id, CaptureRequest(captured_amount=2500, reference="r"))]
+    for clock in (off_by(fake, 3600), fake.now):
+        async with SQLiteJournal(path, clock=clock) as journal:
+            [second], _ = await run(om, edited, journal)
+        assert second.status is CaptureStatus.REFUSED
+        assert isinstance(second.error, ItemConflictError)
+        assert "changed since it was journaled" in str(second.error)
+        assert second.idempotency_key == first.idempotency_key
+    assert [c.captured_amount for c in fake.captures(order_id)] == [1000]
+
+
+async def test_a_clock_that_steps_during_the_claim_of_an_earlier_runs_key_says_it_is_unknown(
+    om: KlarnaOM, fake: FakeKlarna, tmp_path: Path
+) -> None:
+    """A crash's leftover (in flight, its key 25 hours old) claimed while the clock stepped
+    3 hours ahead: the claim said "reconcile", the check after it found the clock off, and
+    the item's error said nothing was sent (``outcome_unknown`` False, no key to retry
+    with), though the earlier run may have booked it (helper-87)."""
+    path = tmp_path / "j.sqlite"
+    order_id = fake.add_order(amount=3000)
+    request = CaptureRequest(captured_amount=1000, reference="r")
+    record = ItemRecord(
+        item_key=f"{order_id}:r",
+        order_id=order_id,
+        captured_amount=1000,
+        reference="r",
+        fingerprint=request_fingerprint(order_id, request),
+    )
+    async with SQLiteJournal(path, clock=fake.now) as journal:
+        left = await journal.claim(record, "key-of-the-crashed-run", run_id="crashed")
+    fake.advance_clock(25 * 3600)
+    stepped = False
+
+    def clock() -> datetime:
+        nonlocal stepped
+        stepped = stepped or threading.current_thread() is not threading.main_thread()
+        return fake.now() + timedelta(hours=3 if stepped else 0)
+
+    async with SQLiteJournal(path, clock=clock) as journal:
+        [outcome], stopped = await run(om, [(order_id, request)], journal)
+        [entry] = await journal.entries()
+    assert stepped
+    assert outcome.status is CaptureStatus.FAILED
+    assert isinstance(outcome.error, ClockSkewError)
+    assert outcome.error.outcome_unknown
+    assert outcome.idempotency_key == outcome.error.idempotency_key == "key-of-the-crashed-run"
+    assert (entry.status, entry.idempotency_key) == (
+        JournalStatus.IN_FLIGHT,
+        "key-of-the-crashed-run",
+    )
+    assert left.entry == entry
+    assert stopped is None  # its only item has its outcome
+    assert booked(fake) == {}
 
 
 async def test_a_machine_that_slept_while_klarnas_time_was_read_is_not_stopped(

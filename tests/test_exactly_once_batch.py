@@ -36,7 +36,7 @@ from klarna_om_async import (
     Verdict,
 )
 from klarna_om_async.batch import ItemHeldBackError
-from klarna_om_async.journal import Claim, ItemRecord, MemoryJournal
+from klarna_om_async.journal import MAX_KEY_MAX_AGE, Claim, ItemRecord, MemoryJournal
 from klarna_om_async.reconcile import reconcile
 from klarna_om_async.testing import (
     DropAfterProcessing,
@@ -242,16 +242,15 @@ def patient(fake: FakeKlarna, waits: AgingSleep, deadline: float) -> KlarnaOM:
     )
 
 
-@pytest.mark.parametrize("hours", [23, 24])
+@pytest.mark.parametrize("age", [timedelta(hours=23), MAX_KEY_MAX_AGE])
 async def test_a_key_an_earlier_run_sent_is_never_retried_past_the_journals_key_max_age(
-    om: KlarnaOM, fake: FakeKlarna, tmp_path: Path, hours: int
+    om: KlarnaOM, fake: FakeKlarna, tmp_path: Path, age: timedelta
 ) -> None:
     # The rerun claimed the key 1,000 s before key_max_age and met 503s; its retries (a
     # patient policy: a 2-hour deadline) went on after Klarna had forgotten the key, and the
     # one that got through booked the capture a second time.
     order_id = fake.add_order(amount=10000)
     items = [(order_id, CaptureRequest(captured_amount=4000, reference="box-1"))]
-    age = timedelta(hours=hours)
     waits = AgingSleep(fake)
     async with (
         SQLiteJournal(tmp_path / "j.sqlite", clock=fake.now, key_max_age=age) as journal,
@@ -338,7 +337,7 @@ async def test_a_resent_key_of_unknown_age_is_not_sent_again(
 ) -> None:
     # A journal of one's own that knows no key_sent_at: an earlier run's key was given a
     # new key's 23 hours, and retried 23.5 hours after that run's send (booked twice).
-    journal = ClaimsOfItsOwn(lambda _entry: None, clock=fake.now, key_max_age=timedelta(hours=24))
+    journal = ClaimsOfItsOwn(lambda _entry: None, clock=fake.now, key_max_age=MAX_KEY_MAX_AGE)
     order_id = fake.add_order(amount=10_000)
     items = [(order_id, CaptureRequest(captured_amount=4000, reference="box-1"))]
     fake.inject(DropAfterProcessing(), method="POST", times=None)
