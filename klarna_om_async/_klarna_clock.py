@@ -62,6 +62,11 @@ def clock_skew(journal_now: datetime, klarna_now: datetime | None) -> timedelta 
     zone, and moves with it (daylight saving time)."""
     if klarna_now is None:
         return None
-    if journal_now.tzinfo is None:
-        journal_now = journal_now.replace(tzinfo=UTC)
-    return journal_now - klarna_now
+    return in_utc(journal_now) - klarna_now
+
+
+def in_utc(when: datetime) -> datetime:
+    """``when``; a time without a zone is read as UTC, as a journal clock's is. The journals
+    read their clock and the times they stored so (a run on a zone-less clock, then a rerun
+    on the default clock, raised TypeError at every date: helper-87)."""
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)

@@ -818,11 +818,6 @@ class _Run:
             record = _record(item, operation)
         except (TypeError, AttributeError, ValueError) as error:  # a malformed request
             return _outcome(item, CaptureStatus.REFUSED, "", error=error)
-        # Klarna's time first: a read cut short (Ctrl-C) leaves nothing claimed, and so no
-        # key dated by a clock that may be off.
-        unknown = await self._klarna_time(item)
-        if unknown is not None:
-            return await _unclaimed_outcome(item, unknown, journal, record)
         claim = await self._claim(item, record, journal)
         if isinstance(claim, CaptureOutcome):
             return claim
@@ -894,6 +889,24 @@ class _Run:
                 return _conflict_outcome(item, claim)
 
     async def _claim(
+        self, item: BatchItem, record: ItemRecord, journal: Journal
+    ) -> Claim | CaptureOutcome:
+        """``journal``'s claim of ``item``, by a clock checked against Klarna's (see
+        ``_checked_claim``); the item's outcome instead when it cannot be made."""
+        try:
+            # Klarna's time first: a read cut short (Ctrl-C) leaves nothing claimed, and so no
+            # key dated by a clock that may be off.
+            unknown = await self._klarna_time(item)
+            if unknown is not None:
+                return await _unclaimed_outcome(item, unknown, journal, record)
+            return await self._checked_claim(item, record, journal)
+        except ValidationError as error:
+            # Its order id can be neither sent nor read for Klarna's time: refused, as its
+            # send would be (helper-87: a first item's bad id stopped a batch whose clock is
+            # right), or as the journal holds it.
+            return await _unclaimed_outcome(item, error, journal, record)
+
+    async def _checked_claim(
         self, item: BatchItem, record: ItemRecord, journal: Journal
     ) -> Claim | CaptureOutcome:
         """``journal``'s claim of ``item``; the item's outcome instead when the journal's
@@ -997,6 +1010,8 @@ class _Run:
                 if clock.dated == dated and await self._wait_turn(error, None):
                     continue
                 return None if clock.dated > dated else error
+            except ValidationError:
+                raise  # the item's own fault, nothing sent: see _claim
             except KlarnaError as error:
                 return None if clock.dated > dated else error
             return None
@@ -1368,7 +1383,7 @@ def _conflict_outcome(item: BatchItem, claim: Claim) -> CaptureOutcome:
 
 
 async def _unclaimed_outcome(
-    item: BatchItem, error: ClockSkewError, journal: Journal, record: ItemRecord
+    item: BatchItem, error: ClockSkewError | ValidationError, journal: Journal, record: ItemRecord
 ) -> CaptureOutcome:
     """The outcome of ``item``, not claimed (nothing sent) because of ``error``: refused,
     or as the journal holds it when an earlier run sent it (under that key). An item done

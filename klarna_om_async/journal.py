@@ -34,6 +34,7 @@ from typing import Protocol, Self
 import attrs
 
 from ._keys import KEY_RESEND_WINDOW_S
+from ._klarna_clock import in_utc
 from .operations import Operation
 
 __all__ = (
@@ -632,7 +633,7 @@ class MemoryJournal:
             new_key,
             key_owner=self._owners.get(new_key),
             sibling=sibling,
-            now=self.clock(),
+            now=in_utc(self.clock()),
             key_max_age=self._key_max_age,
             run_id=run_id,
         )
@@ -657,7 +658,7 @@ class MemoryJournal:
         old = self._entries.get(item_key)
         if old is None:
             raise _not_begun(item_key)
-        new = _finished(old, status, capture_id, error, attempts, reconciled, self.clock())
+        new = _finished(old, status, capture_id, error, attempts, reconciled, in_utc(self.clock()))
         self._entries[item_key] = new
         return new.status
 
@@ -678,7 +679,7 @@ class MemoryJournal:
 
     def key_expired(self, entry: JournalEntry) -> bool:
         """True when Klarna may have forgotten ``entry``'s key (older than ``key_max_age``)."""
-        return _expired(entry, self.clock(), self._key_max_age)
+        return _expired(entry, in_utc(self.clock()), self._key_max_age)
 
     async def summary(self) -> dict[JournalStatus, int]:
         """How many items are in each status (zero included)."""

@@ -20,6 +20,7 @@ from collections.abc import Callable, Collection, Iterable
 from datetime import datetime, timedelta
 from typing import Any, Literal, Self, TypeVar
 
+from ._klarna_clock import in_utc
 from .journal import (
     DEFAULT_KEY_MAX_AGE,
     UNKNOWN_STATUSES,
@@ -264,11 +265,11 @@ def _row_to_entry(row: tuple[Any, ...]) -> JournalEntry:
         capture_id=capture_id,
         error=error,
         attempts=attempts,
-        updated_at=datetime.fromisoformat(updated_at),
+        updated_at=in_utc(datetime.fromisoformat(updated_at)),
         fingerprint=fingerprint,
         captured_amount=amount,
         reference=reference,
-        key_sent_at=None if sent_at is None else datetime.fromisoformat(sent_at),
+        key_sent_at=None if sent_at is None else in_utc(datetime.fromisoformat(sent_at)),
         uncertain=bool(uncertain),
         run_id=run_id,
         operation=Operation(operation),
@@ -762,7 +763,7 @@ class SQLiteJournal:
 
     def key_expired(self, entry: JournalEntry) -> bool:
         """True when Klarna may have forgotten ``entry``'s key (older than ``key_max_age``)."""
-        return _expired(entry, self.clock(), self._key_max_age)
+        return _expired(entry, in_utc(self.clock()), self._key_max_age)
 
     async def summary(self) -> dict[JournalStatus, int]:
         """How many items are in each status (zero included)."""
@@ -968,7 +969,7 @@ class SQLiteJournal:
         self, conn: sqlite3.Connection, calls: list[_Work]
     ) -> tuple[list[_Outcome], _Commit | None]:
         """Apply ``calls`` in one transaction: their outcomes, and the commit to report."""
-        group = _Group(self.clock())
+        group = _Group(in_utc(self.clock()))
         listeners = self.commit_listeners
         outcomes: list[_Outcome] = []
         try:

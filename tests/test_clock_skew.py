@@ -33,11 +33,12 @@ from klarna_om_async import (
     KlarnaOM,
     RetryPolicy,
     SQLiteJournal,
+    ValidationError,
 )
 from klarna_om_async._klarna_clock import KlarnaClock
 from klarna_om_async.batch import MAX_CLOCK_SKEW, request_fingerprint
 from klarna_om_async.journal import ItemRecord, MemoryJournal
-from klarna_om_async.reconcile import reconcile
+from klarna_om_async.reconcile import Verdict, reconcile
 from klarna_om_async.testing import (
     Delay,
     DropAfterProcessing,
@@ -288,6 +289,39 @@ async def test_a_journal_clock_without_a_zone_is_read_as_utc(
     assert isinstance(stopped, BatchAbortedError)
 
 
+@pytest.mark.parametrize("first", ["without a zone", "with a zone"])
+async def test_a_rerun_on_a_clock_with_or_without_a_zone_reads_the_other_runs_dates(
+    om: KlarnaOM, fake: FakeKlarna, tmp_path: Path, first: str
+) -> None:
+    """Both clocks right, one without a zone (``utcnow``-like), read as UTC: a run on one
+    and its rerun on the other raised TypeError at every date the journal compared, the
+    rerun's and reconciliation's (helper-87)."""
+    path = tmp_path / "j.sqlite"
+    zoneless = lambda: fake.now().replace(tzinfo=None)  # noqa: E731
+    clocks = [zoneless, fake.now] if first == "without a zone" else [fake.now, zoneless]
+    order_id = fake.add_order(amount=3000)
+    items = [(order_id, CaptureRequest(captured_amount=1000, reference="r"))]
+    fake.inject(DropConnection(), method="POST", times=None)
+    async with SQLiteJournal(path, clock=clocks[0]) as journal:
+        [first_run], _ = await run(om, items, journal)
+    fake.clear_faults()
+    async with SQLiteJournal(path, clock=clocks[1]) as journal:
+        [resent], _ = await run(om, items, journal)  # its key is young: resent
+    assert resent.status is CaptureStatus.CAPTURED
+    assert resent.idempotency_key == first_run.idempotency_key
+    other = fake.add_order(amount=3000)
+    more = [(other, CaptureRequest(captured_amount=1000, reference="r"))]
+    fake.inject(DropConnection(), method="POST", times=None)
+    async with SQLiteJournal(path, clock=clocks[0]) as journal:
+        await run(om, more, journal)
+    fake.clear_faults()
+    fake.advance_clock(25 * 3600)
+    async with SQLiteJournal(path, clock=clocks[1]) as journal:
+        [result] = await om.reconcile(journal)  # its key is old: judged by the order
+    assert result.verdict is Verdict.NOT_CAPTURED
+    assert booked(fake) == {order_id: 1}
+
+
 @pytest.mark.parametrize("known", [False, True], ids=["no-time-yet", "time-known"])
 async def test_a_clock_off_is_not_sent_when_the_read_of_klarnas_time_gets_no_answer(
     om: KlarnaOM, fake: FakeKlarna, tmp_path: Path, known: bool
@@ -481,6 +515,30 @@ async def test_a_clock_that_steps_during_the_claim_of_an_earlier_runs_key_says_i
     assert left.entry == entry
     assert stopped is None  # its only item has its outcome
     assert booked(fake) == {}
+
+
+@pytest.mark.parametrize("bad", ["..", "ab\ncd"])
+async def test_a_first_item_whose_order_id_cannot_be_sent_is_refused_not_a_stop(
+    om: KlarnaOM, fake: FakeKlarna, tmp_path: Path, bad: str
+) -> None:
+    """The read of Klarna's time took the first item's order id, which the client refuses
+    to send: the whole batch stopped ("Klarna's time could not be learned"), its clock
+    right, its other items unsent (helper-87). Only that item is refused, as without a
+    journal."""
+    items = [(bad, CaptureRequest(captured_amount=1000)), *captures(fake, 2)]
+    async with SQLiteJournal(tmp_path / "j.sqlite", clock=fake.now) as journal:
+        outcomes, stopped = await run(om, items, journal)
+        entries = await journal.entries()
+    assert stopped is None
+    assert [o.status for o in outcomes] == [
+        CaptureStatus.REFUSED,
+        CaptureStatus.CAPTURED,
+        CaptureStatus.CAPTURED,
+    ]
+    assert isinstance(outcomes[0].error, ValidationError)
+    assert "order_id" in str(outcomes[0].error)
+    assert booked(fake) == {order_id: 1 for order_id, _ in items[1:]}
+    assert len(entries) == 2
 
 
 async def test_a_machine_that_slept_while_klarnas_time_was_read_is_not_stopped(
