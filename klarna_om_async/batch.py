@@ -927,13 +927,27 @@ class _Run:
             off = None if self._clock_fits() else await self._klarna_time(item, fresh=True)
             if off is not None:
                 return await _unclaimed_outcome(item, off, journal, record)
+            answers = 0 if self._klarna_clock is None else self._klarna_clock.dated
             claim = await journal.claim(
                 record, item.idempotency_key or random_key(), run_id=self.run_id
             )
             _stop_if_cancelled()
-            if claim.action not in _DATED or self._clock_fits():
+            if claim.action not in _DATED:
                 return claim
-            seen = self._clock_error()  # as found at the claim, for the message
+            if self._claim_fits(claim):
+                if not (claim.action is ClaimAction.SEND and claim.entry.uncertain):
+                    return claim
+                # An earlier run's key resent: whether Klarna still remembers it rests on the
+                # journal's clock now, so it is checked against an answer that came after
+                # the claim. The last one may predate a pause that held this machine's
+                # clocks too (a snapshot restored): both then agree, and a key Klarna forgot
+                # looks young (helper-87: booked twice).
+                late = await self._klarna_time(item, since=answers)
+                if late is None:
+                    return claim
+                seen = late
+            else:
+                seen = self._clock_error()  # as found at the claim, for the message
             entry = claim.entry
             status = _unsettled_status(entry)
             if claim.action is ClaimAction.SEND:
@@ -967,34 +981,46 @@ class _Run:
         klarna_now = None if self._klarna_clock is None else self._klarna_clock.now()
         return ClockSkewError(skew=self._skew(), klarna_time=klarna_now, idempotency_key=None)
 
-    async def _klarna_time(self, item: BatchItem, *, fresh: bool = False) -> ClockSkewError | None:
+    async def _klarna_time(
+        self, item: BatchItem, *, fresh: bool = False, since: int | None = None
+    ) -> ClockSkewError | None:
         """Learn Klarna's time by reading ``item``'s order (one read at a time); why the
         journal's clock cannot date a key, if it cannot.
 
-        Before a run's first claim (not ``fresh``): read unless an answer told Klarna's
-        time; only a read that gets no answer, or no time, is an error (it sets
-        ``_no_time``: no later call reads again, and the batch stops). For a clock that
-        seemed off (``fresh``): read unless the clock fits by then (another item's read came
-        first; an answer read after a machine slept may carry a time from before, and only
-        a read of its own tells); an error unless the clock fits the time read.
+        Before a run's first claim (neither ``fresh`` nor ``since``): read unless an answer
+        told Klarna's time; only a read that gets no answer, or no time, is an error (it
+        sets ``_no_time``: no later call reads again, and the batch stops). For a clock
+        that seemed off (``fresh``): read unless the clock fits by then (another item's
+        read came first; an answer read after a machine slept may carry a time from
+        before, and only a read of its own tells); an error unless the clock fits the time
+        read. ``since``, a count of the client's answers (``KlarnaClock.dated``): read
+        unless an answer came after it; an error unless one did and the clock fits it.
         """
         clock, orders = self._klarna_clock, self.orders
         if clock is None or orders is None or self._journal_clock is None:
             return None
-        if not fresh and clock.now() is not None:
+        if not fresh and since is None and clock.now() is not None:
             return None
         dated = clock.dated
         async with self._learning_time:
-            if self._no_time is None and not (self._clock_fits() if fresh else clock.dated > dated):
+            if since is not None:
+                stale = clock.dated <= since
+            elif fresh:
+                stale = not self._clock_fits()
+            else:
+                stale = clock.dated <= dated  # no other item's read came first
+            if self._no_time is None and stale:
                 dated = clock.dated
                 failure = await self._read_order_for_time(item, orders, clock)
                 if failure is not None or clock.dated == dated:  # no answer, or none dated
                     self._no_time = ClockSkewError(
                         skew=None, klarna_time=None, idempotency_key=None, failure=failure
                     )
-        if fresh:
-            return None if self._clock_fits() else self._clock_error()
-        return None if self._no_time is None else self._clock_error()
+        if since is not None:
+            fits = clock.dated > since and self._clock_fits()
+        else:
+            fits = self._clock_fits() if fresh else self._no_time is None
+        return None if fits else self._clock_error()
 
     async def _read_order_for_time(
         self, item: BatchItem, orders: OrdersService, clock: KlarnaClock
@@ -1015,6 +1041,18 @@ class _Run:
             except KlarnaError as error:
                 return None if clock.dated > dated else error
             return None
+
+    def _claim_fits(self, claim: Claim) -> bool:
+        """Whether the journal's clock now, and the time a claim to send was made at (its
+        entry's ``updated_at``), are within ``MAX_CLOCK_SKEW`` of Klarna's: the claim
+        judged the key's age by the latter (helper-87: a clock off for the claim's reading
+        alone got a key Klarna forgot resent)."""
+        if not self._clock_fits():
+            return False
+        if claim.action is not ClaimAction.SEND or self._klarna_clock is None:
+            return True
+        skew = clock_skew(claim.entry.updated_at, self._klarna_clock.now())
+        return skew is not None and abs(skew) <= MAX_CLOCK_SKEW
 
     def _clock_fits(self) -> bool:
         """Whether the journal's clock is within ``MAX_CLOCK_SKEW`` of Klarna's (True when

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import sys
 import threading
 import time
 from collections import Counter
@@ -539,6 +540,61 @@ async def test_a_first_item_whose_order_id_cannot_be_sent_is_refused_not_a_stop(
     assert "order_id" in str(outcomes[0].error)
     assert booked(fake) == {order_id: 1 for order_id, _ in items[1:]}
     assert len(entries) == 2
+
+
+async def test_a_key_resent_is_checked_against_an_answer_that_came_after_its_claim(
+    om: KlarnaOM, fake: FakeKlarna, tmp_path: Path
+) -> None:
+    """A long-lived client's last answer and the journal's clock, both held by a pause (a
+    snapshot restored: this machine's clocks stood still while Klarna's went on 25 hours),
+    agree: the rerun judged the earlier run's key young and resent it, after Klarna had
+    forgotten it (helper-87: booked twice). Nothing is resent; the key is reported."""
+    path = tmp_path / "j.sqlite"
+    order_id, items, first = await left_unknown(om, fake, path, DropAfterProcessing())
+    held = fake.now()
+    fake.advance_clock(DAY + 3600)
+    async with SQLiteJournal(path, clock=lambda: held) as journal:
+        [second], stopped = await run(om, [*items, *captures(fake, 1)], journal)
+        [entry] = await journal.entries(order_id=order_id)
+    assert second.status is CaptureStatus.FAILED
+    assert isinstance(second.error, ClockSkewError)
+    assert "1 day 1 h behind Klarna's" in str(second.error)
+    assert second.error.outcome_unknown
+    assert second.idempotency_key == second.error.idempotency_key == first.idempotency_key
+    assert (entry.status, entry.idempotency_key) == (JournalStatus.FAILED, first.idempotency_key)
+    assert isinstance(stopped, BatchAbortedError)
+    assert booked(fake) == {order_id: 1}
+
+
+async def test_a_clock_off_for_the_claims_own_reading_is_caught(
+    om: KlarnaOM, fake: FakeKlarna
+) -> None:
+    """A journal clock a day behind for the one reading the claim took, right before and
+    after it: the claim judged a key Klarna had forgotten young and resent it, and the
+    checks around it, reading the clock again, passed (helper-87: booked twice). The time
+    the claim was made at is checked; the next claim, on the right clock, reconciles."""
+    glitch = False
+
+    def clock() -> datetime:
+        nonlocal glitch
+        if glitch and sys._getframe(1).f_code.co_name == "claim":
+            glitch = False
+            return fake.now() - timedelta(days=1)
+        return fake.now()
+
+    journal = MemoryJournal(clock=clock)
+    order_id = fake.add_order(amount=3000)
+    items = [(order_id, CaptureRequest(captured_amount=1000, reference="r"))]
+    fake.inject(DropAfterProcessing(), method="POST", times=None)
+    [first], _ = await run(om, items, journal)
+    fake.clear_faults()
+    fake.advance_clock(DAY + 3600)
+    glitch = True
+    [second], stopped = await run(om, items, journal)
+    assert stopped is None
+    assert second.status is CaptureStatus.CAPTURED  # reconciled: found by its reference
+    assert booked(fake) == {order_id: 1}
+    assert first.idempotency_key == second.idempotency_key
 
 
 async def test_a_machine_that_slept_while_klarnas_time_was_read_is_not_stopped(
