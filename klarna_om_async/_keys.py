@@ -11,6 +11,7 @@ from .errors import ValidationError
 __all__ = (
     "KEY_RESEND_WINDOW_S",
     "check_idempotency_key",
+    "fresh_key",
     "key_time_left",
     "new_idempotency_key",
     "random_key",
@@ -26,6 +27,11 @@ KEY_RESEND_WINDOW_S = 23 * 3600.0
 #: the call starts after that (see ``RetryMiddleware``). ``None``: the key is new to this
 #: call, which may resend it for ``KEY_RESEND_WINDOW_S``.
 key_time_left: ContextVar[float | None] = ContextVar("klarna_om_key_time_left", default=None)
+
+#: A key the caller gives that it vouches was never sent before this call: a batch's own new
+#: key. Any other key a caller gives may have been sent by an earlier call, so an error that
+#: says nothing of that send leaves the call's outcome unknown (see ``IdempotencyMiddleware``).
+fresh_key: ContextVar[str | None] = ContextVar("klarna_om_fresh_key", default=None)
 
 # Printable ASCII, no space at either end: anything else breaks the header (a newline is
 # refused by aiohttp) or is trimmed by HTTP, and would then name another key.

@@ -28,7 +28,7 @@ import attrs
 import orjson
 
 from ._convert import to_json
-from ._keys import check_idempotency_key, key_time_left, random_key
+from ._keys import check_idempotency_key, fresh_key, key_time_left, random_key
 from ._klarna_clock import KlarnaClock, clock_skew
 from ._seen import SeenSet
 from .captures import CapturesService
@@ -813,7 +813,9 @@ class _Run:
             return await _held_back_outcome(item, hold, self.journal)
         journal = self.journal
         if journal is None:
-            return await self._send(item, item.idempotency_key or random_key(), operation)
+            if item.idempotency_key is not None:
+                return await self._send(item, item.idempotency_key, operation)
+            return await self._send(item, random_key(), operation, fresh=True)
         try:
             record = _record(item, operation)
         except (TypeError, AttributeError, ValueError) as error:  # a malformed request
@@ -836,7 +838,12 @@ class _Run:
         key = entry.idempotency_key
         match claim.action:
             case ClaimAction.SEND:
-                outcome = await self._send(item, key, item.operation, _time_left(claim))
+                # A key the journal just made is new to Klarna; one the item brought, or an
+                # earlier run sent, may not be.
+                fresh = item.idempotency_key is None and not entry.uncertain
+                outcome = await self._send(
+                    item, key, item.operation, _time_left(claim), fresh=fresh
+                )
                 if entry.uncertain and isinstance(outcome.error, KlarnaError):
                     # An earlier run's send under this key may have booked it: whatever
                     # this send met, the outcome is unknown (its error must say so).
@@ -1127,11 +1134,19 @@ class _Run:
                 return _outcome(item, CaptureStatus.FAILED, key, error=result.error)
 
     async def _send(
-        self, item: BatchItem, key: str, operation: Operation, time_left: float | None = None
+        self,
+        item: BatchItem,
+        key: str,
+        operation: Operation,
+        time_left: float | None = None,
+        *,
+        fresh: bool = False,
     ) -> CaptureOutcome:
         """Send ``item`` under ``key``, retried for at most ``time_left`` seconds (None: a
         key new to this send) before Klarna may have forgotten the key: an earlier run may
-        have sent it hours ago. The item then ends unknown, and a rerun reconciles it."""
+        have sent it hours ago. The item then ends unknown, and a rerun reconciles it.
+        ``fresh``: the key was never sent before (the batch made it), so an error that
+        says nothing of an earlier send (a 429, a 401) leaves the outcome known."""
         request = item.request
         captures = self.services.captures
         created_id: str | None
@@ -1143,6 +1158,7 @@ class _Run:
                 # the item source and the read-backs run too. (Set back below, not reset: a
                 # coroutine closed outside its task could not reset it.)
                 key_time_left.set(None if expires is None else expires - clock())
+                fresh_key.set(key if fresh else None)
                 try:
                     if type(request) is CaptureRequest and captures is not None:
                         # The common case, sent as ``send`` sends it, without its dispatch.
@@ -1166,6 +1182,7 @@ class _Run:
             )
         finally:
             key_time_left.set(None)
+            fresh_key.set(None)
         outcome = _outcome(
             item,
             CaptureStatus.CAPTURED,

@@ -63,7 +63,9 @@ class KlarnaError(Exception):
     #: How many HTTP attempts were made before giving up.
     attempts: int = 0
     #: Set when an earlier attempt of the same call may have taken effect (its answer was
-    #: lost): then a 429 or 409 on the last attempt proves nothing about the call.
+    #: lost): then a 429 or 409 on the last attempt proves nothing about the call. Also set
+    #: for a call under a key the caller gave (an earlier call may have sent it) that ends
+    #: in an error saying nothing of that send: a 429, 401 or 409, a 5xx, no answer.
     earlier_attempt_unknown: bool = False
 
     def bind(

@@ -43,9 +43,17 @@ from typing import Protocol
 import attrs
 import backoff
 
-from ._keys import KEY_RESEND_WINDOW_S, check_idempotency_key, key_time_left, random_key
+from ._keys import (
+    KEY_RESEND_WINDOW_S,
+    check_idempotency_key,
+    fresh_key,
+    key_time_left,
+    random_key,
+)
 from .config import MIN_BUSY_WAIT, Credentials, RetryPolicy
 from .errors import (
+    AuthenticationError,
+    ConflictError,
     KlarnaAPIError,
     KlarnaConnectionError,
     KlarnaError,
@@ -209,8 +217,10 @@ class IdempotencyMiddleware:
         key = request.idempotency_key
         if key is None:
             key = self._new_key()
+            given = False
         else:
             check_idempotency_key(key)
+            given = fresh_key.get() != key
         path, body = request.path, request.body
         digest = hash((method, path, body))
         sent = self._sent
@@ -229,7 +239,39 @@ class IdempotencyMiddleware:
                 f" (klarna_om_async.new_idempotency_key()) for a different request",
             )
         headers = {**request.headers, IDEMPOTENCY_HEADER: key}
-        return call_next(Request(method, path, body, headers, key, request.deadline))
+        answer = call_next(Request(method, path, body, headers, key, request.deadline))
+        return _doubting_earlier_sends(answer) if given else answer
+
+
+async def _doubting_earlier_sends(answer: Awaitable[Response]) -> Response:
+    """``answer`` of a call under a key the caller gave, which an earlier call may have sent.
+
+    Klarna answers a key's first request and replays that answer to every later one (24
+    hours): a 4xx from it proves nothing was booked under the key. A 429, 401 or 409 comes
+    before that (the merchant is busy, the credentials are refused, another request holds
+    the key), as do a 5xx, no answer, and nothing sent: they say nothing of an earlier send,
+    so the call's outcome stays unknown (a retry under a key a cancelled call had booked met
+    only 429s, was told "nothing happened", and the caller's new key booked again:
+    helper-88).
+    """
+    try:
+        return await answer
+    except KlarnaError as error:
+        if not _settles_key(error):
+            error.earlier_attempt_unknown = True
+        raise
+
+
+def _settles_key(error: KlarnaError) -> bool:
+    """Whether ``error`` proves that nothing was ever booked under its call's key (or, for a
+    ``ValidationError``, that this call sent nothing and its request must change)."""
+    if isinstance(error, ValidationError):
+        return True
+    return (
+        isinstance(error, KlarnaAPIError)
+        and error.status < 500
+        and not isinstance(error, RateLimitError | AuthenticationError | ConflictError)
+    )
 
 
 _ORDERS = "/ordermanagement/v1/orders/"

@@ -11,7 +11,9 @@ import pytest
 
 import klarna_om_async
 from klarna_om_async import (
+    AuthenticationError,
     CaptureRequest,
+    KlarnaConnectionError,
     KlarnaOM,
     KlarnaResponseError,
     RateLimitError,
@@ -26,6 +28,7 @@ from klarna_om_async.errors import parse_retry_after
 from klarna_om_async.middleware import Handler
 from klarna_om_async.testing import (
     Delay,
+    DropAfterProcessing,
     FakeKlarna,
     InstantSleep,
     RateLimited,
@@ -136,12 +139,50 @@ async def test_a_pause_past_the_deadline_fails_at_once_and_sends_nothing(
     assert first.value.attempts == 1
     assert capture_posts(fake, later) == []
     error = caught.value
-    assert not error.outcome_unknown
+    # Nothing sent now; but the caller gave the key, which an earlier call may have sent:
+    # a 429 says nothing of that, so the outcome stays unknown until a retry under the key.
+    assert not first.value.outcome_unknown
+    assert error.outcome_unknown
+    assert f"Retry with idempotency_key={key!r}" in str(error)
     assert (error.method, error.idempotency_key, error.attempts) == ("POST", key, 0)  # none sent
     assert error.url == f"{fake.base_url}/ordermanagement/v1/orders/{later}/captures"
     assert error.retry_after == 29.0
     assert "not sent" in str(error)
     assert fake.booked_captures == []
+
+
+@pytest.mark.parametrize("busy", ["429s past the deadline", "a 401"])
+async def test_a_retry_under_a_key_that_may_have_booked_stays_unknown_on_an_answer_before_it(
+    fake: FakeKlarna, busy: str
+) -> None:
+    """The first call under the caller's key was booked and its answer lost; the retry, as
+    the docs say, met only 429s (or a 401 after a credential rotation) and was told its
+    outcome was known: "refused, nothing captured". The caller's new key then booked a
+    second time (helper-88). Such an answer comes before Klarna's idempotency: unknown."""
+    time = VirtualTime()
+    order_id = fake.add_order(amount=10_000)
+    request = CaptureRequest(captured_amount=3000, reference="box-1")
+    key = new_idempotency_key()
+    async with virtual_client(fake, time, max_attempts=1, retry_after_cap=30, deadline=10) as om:
+        fake.inject(DropAfterProcessing(), method="POST")
+        with pytest.raises(KlarnaConnectionError) as lost:
+            await om.captures.create(order_id, request, idempotency_key=key)
+        assert lost.value.outcome_unknown
+        if busy == "a 401":
+            retrying = KlarnaOM(fake.username, "rotated", base_url=fake.base_url)
+        else:
+            fake.inject(RateLimited(retry_after="3600"), method="POST", times=None)
+            retrying = om
+        with pytest.raises((RateLimitError, AuthenticationError)) as again:
+            await retrying.captures.create(order_id, request, idempotency_key=key)
+        if retrying is not om:
+            await retrying.close()
+        fake.clear_faults()
+        assert again.value.outcome_unknown
+        assert f"Retry with idempotency_key={key!r}" in str(again.value)
+        time.now += 60  # past the pause the 429s set
+        done = await om.captures.create(order_id, request, idempotency_key=key)
+    assert [c.capture_id for c in fake.captures(order_id)] == [done.capture_id]
 
 
 # -- 2. the 201's capture id ----------------------------------------------------------------
