@@ -1056,7 +1056,11 @@ class _Run:
         alone got a key Klarna forgot resent)."""
         if not self._clock_fits():
             return False
-        if claim.action is not ClaimAction.SEND or self._klarna_clock is None:
+        if (
+            claim.action is not ClaimAction.SEND
+            or self._klarna_clock is None
+            or self._journal_clock is None  # a journal without a clock is not checked
+        ):
             return True
         skew = clock_skew(claim.entry.updated_at, self._klarna_clock.now())
         return skew is not None and abs(skew) <= MAX_CLOCK_SKEW

@@ -69,22 +69,23 @@ KLARNA_KEY_LIFETIME = timedelta(hours=24)
 #: How far apart this machine's clock and Klarna's may be (reconciliation's ``clock_skew``,
 #: and how far a journal's clock may be from Klarna's before a batch stops).
 DEFAULT_CLOCK_SKEW = timedelta(minutes=5)
-#: The longest ``key_max_age``: Klarna's 24 hours less the ``DEFAULT_CLOCK_SKEW`` a journal's
-#: clock may be behind Klarna's (a key dated by a clock 5 minutes behind looks 5 minutes
-#: younger than it is).
-MAX_KEY_MAX_AGE = KLARNA_KEY_LIFETIME - DEFAULT_CLOCK_SKEW
+#: The longest ``key_max_age``: Klarna's 24 hours less twice the ``DEFAULT_CLOCK_SKEW`` a
+#: journal's clock may be off Klarna's. A key's age is one run's clock (its date) against
+#: another's (now): 5 minutes ahead then and 5 behind now, it looks 10 minutes younger.
+MAX_KEY_MAX_AGE = KLARNA_KEY_LIFETIME - 2 * DEFAULT_CLOCK_SKEW
 
 
 def check_key_max_age(key_max_age: timedelta) -> timedelta:
-    """``key_max_age`` if it is positive and at most ``MAX_KEY_MAX_AGE`` (23 h 55 min:
-    Klarna's 24 hours less the clock skew a batch allows); ``ValueError`` else."""
+    """``key_max_age`` if it is positive and at most ``MAX_KEY_MAX_AGE`` (23 h 50 min:
+    Klarna's 24 hours less the clock skew a batch allows, twice); ``ValueError`` else."""
     if key_max_age <= timedelta(0):
         raise ValueError(f"key_max_age must be positive, not {key_max_age!r}")
     if key_max_age > MAX_KEY_MAX_AGE:
         raise ValueError(
             f"key_max_age must be at most {MAX_KEY_MAX_AGE}, not {key_max_age}: Klarna forgets"
-            " a key 24 hours after its first use, a journal's clock may be 5 minutes behind"
-            " Klarna's, and an older key resent books the operation again"
+            " a key 24 hours after its first use, the clocks that date a key and judge its"
+            " age may each be 5 minutes off Klarna's, and an older key resent books the"
+            " operation again"
         )
     return key_max_age
 
@@ -230,7 +231,7 @@ class Journal(Protocol):
     ``ItemConflictError`` saying so, to reconcile an item whose operation differs (nothing
     is sent; the item stays unknown under its key), and ``om.reconcile(journal)``, which
     knows no items, judges its entries as captures. Its ``key_max_age`` must be at most
-    ``MAX_KEY_MAX_AGE``, Klarna's 24 hours less 5 minutes (see :func:`check_key_max_age`).
+    ``MAX_KEY_MAX_AGE``, Klarna's 24 hours less 10 minutes (see :func:`check_key_max_age`).
     """
 
     async def claim(self, item: ItemRecord, new_key: str, *, run_id: str | None = None) -> Claim:

@@ -597,6 +597,26 @@ async def test_a_clock_off_for_the_claims_own_reading_is_caught(
     assert first.idempotency_key == second.idempotency_key
 
 
+async def test_a_journal_without_a_clock_is_not_checked_nor_stopped(
+    om: KlarnaOM, fake: FakeKlarna
+) -> None:
+    """A journal written to the ``Journal`` protocol, which lists no ``clock``: its claims
+    cannot be checked (the guide says so), and a fresh client's batch refused every item
+    ("Klarna's answers tell no time") though every answer had a Date (helper-89)."""
+
+    class OwnJournal:
+        def __init__(self) -> None:
+            self._inner = MemoryJournal(clock=fake.now)
+            self.claim = self._inner.claim
+            self.finish = self._inner.finish
+            self.entries = self._inner.entries
+            self.key_expired = self._inner.key_expired
+
+    items = captures(fake, 2)
+    outcomes, stopped = await run(om, items, OwnJournal())  # type: ignore[arg-type]
+    each_captured_once(fake, items, outcomes, stopped)
+
+
 async def test_a_machine_that_slept_while_klarnas_time_was_read_is_not_stopped(
     om: KlarnaOM, fake: FakeKlarna, tmp_path: Path
 ) -> None:
