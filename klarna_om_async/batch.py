@@ -38,6 +38,7 @@ from .errors import (
     ClockSkewError,
     IdempotencyKeyReusedError,
     ItemConflictError,
+    KlarnaAPIError,
     KlarnaConnectionError,
     KlarnaError,
     NeedsReviewError,
@@ -542,6 +543,9 @@ class _Run:
         self._journal_clock: Callable[[], datetime] | None = getattr(journal, "clock", None)
         self._learning_time = asyncio.Lock()
         self._no_time: ClockSkewError | None = None
+        # Reads of Klarna's time begun, and the number of the last that told it (-1: none).
+        self._reads = 0
+        self._last_read = -1
         if isinstance(items, AsyncIterable):
             self._aiter: AsyncIterator[BatchItem | tuple[str, OperationRequest]] | None = aiter(
                 items
@@ -934,7 +938,7 @@ class _Run:
             off = None if self._clock_fits() else await self._klarna_time(item, fresh=True)
             if off is not None:
                 return await _unclaimed_outcome(item, off, journal, record)
-            answers = 0 if self._klarna_clock is None else self._klarna_clock.dated
+            reads = self._reads
             claim = await journal.claim(
                 record, item.idempotency_key or random_key(), run_id=self.run_id
             )
@@ -945,11 +949,11 @@ class _Run:
                 if not (claim.action is ClaimAction.SEND and claim.entry.uncertain):
                     return claim
                 # An earlier run's key resent: whether Klarna still remembers it rests on the
-                # journal's clock now, so it is checked against an answer that came after
-                # the claim. The last one may predate a pause that held this machine's
-                # clocks too (a snapshot restored): both then agree, and a key Klarna forgot
-                # looks young (helper-87: booked twice).
-                late = await self._klarna_time(item, since=answers)
+                # journal's clock now, so it is checked against a read begun after the claim.
+                # The last answer may predate a pause that held this machine's clocks too (a
+                # snapshot restored): both then agree, and a key Klarna forgot looks young
+                # (helper-87: booked twice); so may one arriving after it (helper-89).
+                late = await self._klarna_time(item, since=reads)
                 if late is None:
                     return claim
                 seen = late
@@ -958,10 +962,12 @@ class _Run:
             entry = claim.entry
             status = _unsettled_status(entry)
             if claim.action is ClaimAction.SEND:
+                # An earlier run's send stays unknown (failed), with what it met.
+                why = "not sent: the journal's clock seemed off Klarna's"
                 recorded = await journal.finish(
                     item.item_key,
                     JournalStatus.REFUSED,
-                    error="not sent: the journal's clock seemed off Klarna's",
+                    error=entry.error if entry.uncertain and entry.error else why,
                 )
                 status = CaptureStatus(recorded.value)
             off = await self._klarna_time(item, fresh=True)
@@ -1000,8 +1006,8 @@ class _Run:
         that seemed off (``fresh``): read unless the clock fits by then (another item's
         read came first; an answer read after a machine slept may carry a time from
         before, and only a read of its own tells); an error unless the clock fits the time
-        read. ``since``, a count of the client's answers (``KlarnaClock.dated``): read
-        unless an answer came after it; an error unless one did and the clock fits it.
+        read. ``since``, a count of reads begun (``_reads``): read unless a read begun after
+        that count told the time; an error unless one did and the clock fits it.
         """
         clock, orders = self._klarna_clock, self.orders
         if clock is None or orders is None or self._journal_clock is None:
@@ -1011,42 +1017,49 @@ class _Run:
         dated = clock.dated
         async with self._learning_time:
             if since is not None:
-                stale = clock.dated <= since
+                stale = self._last_read < since
             elif fresh:
                 stale = not self._clock_fits()
             else:
                 stale = clock.dated <= dated  # no other item's read came first
             if self._no_time is None and stale:
-                dated = clock.dated
-                failure = await self._read_order_for_time(item, orders, clock)
+                read, dated = self._reads, clock.dated
+                self._reads += 1
+                failure = await self._read_order_for_time(item, orders)
                 if failure is not None or clock.dated == dated:  # no answer, or none dated
                     self._no_time = ClockSkewError(
                         skew=None, klarna_time=None, idempotency_key=None, failure=failure
                     )
+                else:
+                    self._last_read = read
         if since is not None:
-            fits = clock.dated > since and self._clock_fits()
+            fits = self._last_read >= since and self._clock_fits()
         else:
             fits = self._clock_fits() if fresh else self._no_time is None
         return None if fits else self._clock_error()
 
     async def _read_order_for_time(
-        self, item: BatchItem, orders: OrdersService, clock: KlarnaClock
+        self, item: BatchItem, orders: OrdersService
     ) -> KlarnaError | None:
-        """Read ``item``'s order; the error that kept an answer from coming, if none came
-        (``clock`` counts the answers)."""
-        dated = clock.dated
+        """Read ``item``'s order; the error that kept Klarna's own answer from coming, if
+        none came. A 5xx may be a proxy's, with its own clock; any other answer is Klarna's
+        (a 404 or 429 too), and tells its time."""
         while True:
             try:
                 await orders.get(item.order_id)
             except RateLimitError as error:
+                if not getattr(error, "refused_by_throttle", False):
+                    return None  # Klarna's 429
                 # Held back unsent by the client's pace: it waits its turn, as a send does.
-                if clock.dated == dated and await self._wait_turn(error, None):
+                if await self._wait_turn(error, None):
                     continue
-                return None if clock.dated > dated else error
+                return error
             except ValidationError:
                 raise  # the item's own fault, nothing sent: see _claim
+            except KlarnaAPIError as error:
+                return None if error.status < 500 else error
             except KlarnaError as error:
-                return None if clock.dated > dated else error
+                return error
             return None
 
     def _claim_fits(self, claim: Claim) -> bool:
@@ -1445,17 +1458,17 @@ async def _unclaimed_outcome(
     item: BatchItem, error: ClockSkewError | ValidationError, journal: Journal, record: ItemRecord
 ) -> CaptureOutcome:
     """The outcome of ``item``, not claimed (nothing sent) because of ``error``: refused,
-    or as the journal holds it when an earlier run sent it (under that key). An item done
-    in an earlier run is skipped, unless it changed since: then it is refused as a claim
-    refuses it (helper-87: an edited amount was reported done)."""
+    or as the journal holds it when an earlier run sent it (under that key). An item that
+    changed since it was journaled is reported as a claim reports it (helper-87: an edited
+    amount was reported done), and an item done in an earlier run is skipped."""
     entry = await _entry_of(journal, item)
     if entry is None or entry.status is JournalStatus.REFUSED:
         return _outcome(item, CaptureStatus.REFUSED, item.idempotency_key or "", error=error)
+    conflict = _conflict(entry, record)
+    if conflict is not None:
+        return _conflict_outcome(item, conflict)
     error.idempotency_key = entry.idempotency_key
     if entry.status is JournalStatus.CAPTURED:
-        conflict = _conflict(entry, record)
-        if conflict is not None:
-            return _conflict_outcome(item, conflict)
         return _outcome(
             item, CaptureStatus.SKIPPED, entry.idempotency_key, created_id=entry.capture_id
         )

@@ -159,7 +159,7 @@ class AiohttpTransport:
     ``raise_for_status=False``, no session middlewares, ``auto_decompress=True``, an absolute
     URL (a session ``base_url`` is ignored), its own timeout, and our ``Authorization``
     header (over a default one). The session's proxy settings and connector are used.
-    Every answer's ``Date`` header is shown to ``klarna_clock``: Klarna's time.
+    Every answer's ``Date`` header (but a 5xx's) is shown to ``klarna_clock``: Klarna's time.
     """
 
     def __init__(
@@ -212,7 +212,9 @@ class AiohttpTransport:
                         auto_decompress=True,
                         middlewares=(),
                     ) as answer:
-                        if self._klarna_clock is not None:
+                        # A 5xx may come from a proxy or balancer in front of Klarna, by
+                        # its own clock.
+                        if self._klarna_clock is not None and answer.status < 500:
                             self._klarna_clock.saw(answer.headers.get("Date"))
                         return Response(
                             answer.status, answer.headers, await answer.read(), request, url

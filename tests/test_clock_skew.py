@@ -617,6 +617,45 @@ async def test_a_journal_without_a_clock_is_not_checked_nor_stopped(
     each_captured_once(fake, items, outcomes, stopped)
 
 
+async def test_a_5xx_tells_no_time_a_key_could_be_resent_by(tmp_path: Path) -> None:
+    """A 5xx may come from a proxy in front of Klarna, by its own clock: one on this
+    machine, held by the same pause as the journal's clock, agreed with it, and an earlier
+    run's key Klarna had forgotten was resent (helper-89). Only Klarna's own answers (and
+    no 5xx) tell its time; the read got none, so nothing is sent."""
+    held = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+    posts: list[str | None] = []
+
+    async def order(_request: web.Request) -> web.Response:
+        stale = held.strftime("%a, %d %b %Y %H:%M:%S GMT")
+        return web.Response(status=503, text="upstream reset", headers={"Date": stale})
+
+    async def capture(request: web.Request) -> web.Response:
+        posts.append(request.headers.get("Klarna-Idempotency-Key"))
+        return web.Response(status=201, headers={"Capture-Id": "c1"})
+
+    app = web.Application()
+    app.router.add_get("/ordermanagement/v1/orders/{order_id}", order)
+    app.router.add_post("/ordermanagement/v1/orders/{order_id}/captures", capture)
+    request = CaptureRequest(captured_amount=1000, reference="r")
+    record = ItemRecord(
+        item_key="o1:r",
+        order_id="o1",
+        captured_amount=1000,
+        reference="r",
+        fingerprint=request_fingerprint("o1", request),
+    )
+    journal = MemoryJournal(clock=lambda: held)
+    await journal.claim(record, "key-of-the-earlier-run", run_id="earlier")
+    retry = RetryPolicy(max_attempts=2, jitter=lambda d: d, sleep=lambda _s: asyncio.sleep(0))
+    async with served_app(app) as url, KlarnaOM("u", "p", base_url=url, retry=retry) as om:
+        [outcome], _ = await run(om, [("o1", request)], journal)
+    assert posts == []
+    assert outcome.status is CaptureStatus.FAILED
+    assert isinstance(outcome.error, ClockSkewError)
+    assert "Klarna's time could not be learned" in str(outcome.error)
+    assert outcome.idempotency_key == "key-of-the-earlier-run"
+
+
 async def test_a_machine_that_slept_while_klarnas_time_was_read_is_not_stopped(
     om: KlarnaOM, fake: FakeKlarna, tmp_path: Path
 ) -> None:

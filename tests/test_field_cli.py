@@ -165,7 +165,8 @@ def test_the_batch_problem_list_says_rerun_the_batch_not_python(
     served: ServedFake, tmp_path: Path
 ) -> None:
     order_id = served.add_order(1000)
-    served.do(lambda: served.fake.inject(ServerFailure(503), times=None))
+    # The captures: the read of Klarna's time before them needs an answer of Klarna's own.
+    served.do(lambda: served.fake.inject(ServerFailure(503), method="POST", times=None))
     path = write(tmp_path, "b.csv", f"order_id,captured_amount\n{order_id},1000\n")
     result = cli(["batch", path, "--max-attempts", "1"], served)
     assert result.exit_code == 1

@@ -41,6 +41,7 @@ from klarna_om_async import (
     CaptureOutcome,
     CaptureRequest,
     CaptureStatus,
+    ClockSkewError,
     ItemConflictError,
     JournalEntry,
     JournalStatus,
@@ -87,6 +88,16 @@ KILL_DELAY = 0.25
 UNKNOWN = frozenset({JournalStatus.IN_FLIGHT, JournalStatus.FAILED})
 SETTLED = frozenset({JournalStatus.CAPTURED, JournalStatus.NEEDS_REVIEW})
 UNSETTLED = UNKNOWN | {JournalStatus.NEEDS_REVIEW}
+# How an item ends that is not sent because Klarna's time could not be learned (its order
+# reads failed), by its journal status: as the journal holds it.
+UNCHECKED = {
+    None: CaptureStatus.REFUSED,
+    JournalStatus.REFUSED: CaptureStatus.REFUSED,
+    JournalStatus.IN_FLIGHT: CaptureStatus.FAILED,
+    JournalStatus.FAILED: CaptureStatus.FAILED,
+    JournalStatus.NEEDS_REVIEW: CaptureStatus.NEEDS_REVIEW,
+    JournalStatus.CAPTURED: CaptureStatus.SKIPPED,
+}
 # How an item edited since it was journaled ends, by its journal status: never sent, and
 # never "refused" while money may have moved under its key.
 EDITED = {
@@ -306,6 +317,7 @@ class JournalMachine(RuleBasedStateMachine):
         *,
         clean: bool,
         nothing_processed: bool = False,
+        reads_fail: bool = False,
     ) -> list[CaptureOutcome]:
         """One complete run of the current batch, with the checks every run must pass."""
         before = await self._entries()
@@ -392,6 +404,30 @@ class JournalMachine(RuleBasedStateMachine):
                 assert outcome.idempotency_key == old.idempotency_key, (old, outcome)
                 assert item.key not in posted, f"edited {item.key} was sent"
                 assert after[item.key] == old, (old, after[item.key])
+                continue
+            if isinstance(outcome.error, ClockSkewError):
+                # Klarna's time could not be learned (its order reads met only 5xx, which
+                # may be a proxy's): nothing claimed, nothing sent; reported as the journal
+                # holds it (an edited item as a claim reports it: above).
+                assert reads_fail, (item, outcome)
+                assert item.key not in posted, f"{item.key} was sent by an unchecked clock"
+                now = after.get(item.key)
+                if old is not None and now != old:
+                    # Claimed to resend its earlier run's key, then found unchecked: still
+                    # unknown under that key, dated as it was.
+                    assert old.status in UNKNOWN, (old, now)
+                    assert now is not None, old
+                    assert now.status is JournalStatus.FAILED, now
+                    assert now.uncertain, now
+                    assert (now.idempotency_key, now.key_sent_at) == (
+                        old.idempotency_key,
+                        old.key_sent_at,
+                    ), (old, now)
+                status = None if old is None else old.status
+                assert outcome.status is UNCHECKED[status], (old, outcome)
+                if status not in (None, JournalStatus.REFUSED):
+                    assert outcome.idempotency_key == old.idempotency_key, (old, outcome)
+                    assert outcome.error.outcome_unknown, outcome
                 continue
             # An item that would take a new key: new, refused before, or unknown under a key
             # Klarna may have forgotten (reconciled in this run, and found never booked).
@@ -527,7 +563,9 @@ class JournalMachine(RuleBasedStateMachine):
                 case "503":
                     inject(ServerFailure(503))
         try:
-            self._await(self._checked_run(self._om, concurrency, clean=False))
+            self._await(
+                self._checked_run(self._om, concurrency, clean=False, reads_fail=reads_fail)
+            )
         finally:
             self.fake.clear_faults()
 
