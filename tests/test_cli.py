@@ -232,6 +232,18 @@ def test_an_unknown_outcome_names_the_key_to_retry_with(served: ServedFake) -> N
     assert served.posts(order_id) == ["k-503", "k-503"]
 
 
+def test_a_retry_under_a_given_key_met_only_by_429s_exits_unknown(served: ServedFake) -> None:
+    """The key may have booked in an earlier call; a 429 comes before Klarna's idempotency
+    and says nothing of it. Exit 1 ("refused, nothing happened") led to a new key and a
+    second booking (helper-88); it is 3 (outcome unknown), naming the key."""
+    order_id = served.add_order(3000)
+    served.do(lambda: served.fake.inject(RateLimited("30"), method="POST", times=None))
+    args = ["capture", order_id, "--amount", "1000", "--idempotency-key", "k-busy"]
+    result = cli([*args, "--max-attempts", "1"], served)
+    assert result.exit_code == 3
+    assert "--idempotency-key k-busy" in result.stderr
+
+
 def test_get_shows_a_capture(served: ServedFake) -> None:
     order_id = served.add_order(10_000)
     capture_id = capture(served, order_id, 10_000)
