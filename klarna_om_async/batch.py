@@ -953,9 +953,15 @@ class _Run:
                 # The last answer may predate a pause that held this machine's clocks too (a
                 # snapshot restored): both then agree, and a key Klarna forgot looks young
                 # (helper-87: booked twice); so may one arriving after it (helper-89).
+                began = self.services.clock()
                 late = await self._klarna_time(item, since=reads)
                 if late is None:
-                    return claim
+                    if claim.key_time_left is None:
+                        return claim
+                    # The key aged while Klarna's time was read (429s, 5xx: helper-90 sent
+                    # it past key_max_age, booked twice).
+                    spent = self.services.clock() - began
+                    return attrs.evolve(claim, key_time_left=claim.key_time_left - spent)
                 seen = late
             else:
                 seen = self._clock_error()  # as found at the claim, for the message
@@ -1048,8 +1054,10 @@ class _Run:
             try:
                 await orders.get(item.order_id)
             except RateLimitError as error:
-                if not getattr(error, "refused_by_throttle", False):
-                    return None  # Klarna's 429
+                if not getattr(error, "refused_by_throttle", False) or error.attempts:
+                    # Klarna's 429, or the pace held back a retry after Klarna answered
+                    # (helper-90: taken for no answer, it stopped a healthy batch).
+                    return None
                 # Held back unsent by the client's pace: it waits its turn, as a send does.
                 if await self._wait_turn(error, None):
                     continue

@@ -232,12 +232,16 @@ class IdempotencyMiddleware:
         elif earlier == digest:
             sent.move_to_end(key)
         else:
-            raise ValidationError(
+            reused = ValidationError(
                 "idempotency_key",
                 f"{key!r} was already used for a different request; Klarna would replay that"
                 f" request's answer and ignore this {method} {path}. Use a new key"
                 f" (klarna_om_async.new_idempotency_key()) for a different request",
             )
+            # That earlier call may have been booked: whoever changes the request and takes
+            # a new key must first know it was not (helper-90: the new key booked again).
+            reused.idempotency_key, reused.earlier_attempt_unknown = key, True
+            raise reused
         headers = {**request.headers, IDEMPOTENCY_HEADER: key}
         answer = call_next(Request(method, path, body, headers, key, request.deadline))
         return _doubting_earlier_sends(answer) if given else answer

@@ -244,6 +244,17 @@ def test_a_retry_under_a_given_key_met_only_by_429s_exits_unknown(served: Served
     assert "--idempotency-key k-busy" in result.stderr
 
 
+def test_a_capture_under_its_own_new_key_refused_401_exits_1(served: ServedFake) -> None:
+    """The key the command made was never sent before: a 401 under it says nothing
+    happened (helper-90: it was taken for a caller's key, exit 3, "rerun with it")."""
+    order_id = served.add_order(3000)
+    args = ["capture", order_id, "--amount", "1000"]
+    result = cli(args, served, env={"KLARNA_PASSWORD": "wrong-pw-xyz"})
+    assert result.exit_code == 1
+    assert "401" in result.stderr
+    assert "--idempotency-key" not in result.stderr.split("idempotency key:")[-1].partition("\n")[2]
+
+
 def test_get_shows_a_capture(served: ServedFake) -> None:
     order_id = served.add_order(10_000)
     capture_id = capture(served, order_id, 10_000)

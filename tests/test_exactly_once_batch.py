@@ -36,7 +36,13 @@ from klarna_om_async import (
     Verdict,
 )
 from klarna_om_async.batch import ItemHeldBackError
-from klarna_om_async.journal import MAX_KEY_MAX_AGE, Claim, ItemRecord, MemoryJournal
+from klarna_om_async.journal import (
+    DEFAULT_KEY_MAX_AGE,
+    MAX_KEY_MAX_AGE,
+    Claim,
+    ItemRecord,
+    MemoryJournal,
+)
 from klarna_om_async.reconcile import reconcile
 from klarna_om_async.testing import (
     DropAfterProcessing,
@@ -273,6 +279,37 @@ async def test_a_key_an_earlier_run_sent_is_never_retried_past_the_journals_key_
         assert isinstance(second.error, KlarnaError)
         assert second.error.outcome_unknown
         fake.clear_faults()
+        [third] = await run(om, items, journal)  # an expired key: the order is read
+    assert third.status is CaptureStatus.CAPTURED
+    assert booked(fake) == {order_id: 1}
+
+
+async def test_a_resent_key_ages_while_klarnas_time_is_read(
+    om: KlarnaOM, fake: FakeKlarna, tmp_path: Path
+) -> None:
+    """The key of an earlier run, claimed 1,000 s before key_max_age, waits for a read of
+    Klarna's time that meets 429s for an hour: its time left was counted from the send, not
+    the claim, and it went out after Klarna had forgotten it (helper-90: booked twice)."""
+    order_id, other = fake.add_order(amount=10000), fake.add_order(amount=10000)
+    items = [(order_id, CaptureRequest(captured_amount=4000, reference="box-1"))]
+    waits = AgingSleep(fake)
+    async with (
+        SQLiteJournal(tmp_path / "j.sqlite", clock=fake.now) as journal,
+        patient(fake, waits, deadline=7200) as rerun,
+    ):
+        fake.inject(DropAfterProcessing(), method="POST", times=None)
+        [first] = await run(om, items, journal)
+        fake.clear_faults()
+        fake.advance_clock(DEFAULT_KEY_MAX_AGE.total_seconds() - 1000)
+        await rerun.orders.get(other)  # the client knows Klarna's time
+        posts_before = sum(r.method == "POST" for r in fake.requests)
+        fake.inject(RateLimited(retry_after="1200"), method="GET", times=3)
+        [second] = await run(rerun, items, journal)
+        assert sum(r.method == "POST" for r in fake.requests) == posts_before  # not resent
+        assert second.status is CaptureStatus.FAILED
+        assert second.idempotency_key == first.idempotency_key
+        assert isinstance(second.error, KlarnaError)
+        assert second.error.outcome_unknown
         [third] = await run(om, items, journal)  # an expired key: the order is read
     assert third.status is CaptureStatus.CAPTURED
     assert booked(fake) == {order_id: 1}

@@ -185,6 +185,30 @@ async def test_a_retry_under_a_key_that_may_have_booked_stays_unknown_on_an_answ
     assert [c.capture_id for c in fake.captures(order_id)] == [done.capture_id]
 
 
+async def test_a_key_reused_for_another_request_says_the_earlier_one_may_have_booked(
+    fake: FakeKlarna,
+) -> None:
+    """The first call under the key was booked, its answer lost; the same key with a
+    changed request was refused as a ValidationError saying nothing of that, and a new
+    key for the changed request booked again (helper-90). It names the key, unknown."""
+    time = VirtualTime()
+    order_id = fake.add_order(amount=10_000)
+    key = new_idempotency_key()
+    async with virtual_client(fake, time, max_attempts=1) as om:
+        fake.inject(DropAfterProcessing(), method="POST")
+        with pytest.raises(KlarnaConnectionError):
+            await om.captures.create(
+                order_id, CaptureRequest(captured_amount=1000), idempotency_key=key
+            )
+        changed = CaptureRequest(captured_amount=1000, reference="r1")
+        with pytest.raises(ValidationError) as reused:
+            await om.captures.create(order_id, changed, idempotency_key=key)
+    assert "already used for a different request" in str(reused.value)
+    assert reused.value.outcome_unknown
+    assert reused.value.idempotency_key == key
+    assert len(fake.captures(order_id)) == 1
+
+
 # -- 2. the 201's capture id ----------------------------------------------------------------
 
 

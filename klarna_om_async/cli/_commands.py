@@ -12,7 +12,7 @@ import click
 import yarl
 from rich.console import Console
 
-from .._keys import check_idempotency_key, new_idempotency_key
+from .._keys import check_idempotency_key, fresh_key, new_idempotency_key
 from .._routes import normalize_id
 from ..batch import _reference
 from ..client import KlarnaOM
@@ -88,6 +88,10 @@ def _announce_key(given: str | None, json_output: bool, **request: str) -> str:
         key = new_idempotency_key() if given is None else check_idempotency_key(given)
     except ValidationError as error:
         raise InputError(str(error)) from None
+    if given is None:
+        # Never sent before: a 429 or 401 under it says nothing happened (a key given with
+        # --idempotency-key may have been sent by an earlier run: see IdempotencyMiddleware).
+        fresh_key.set(key)
     if json_output:
         try:
             echo_json({"type": "request", **request, "idempotency_key": key})
