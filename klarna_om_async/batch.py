@@ -434,6 +434,10 @@ def request_fingerprint(order_id: str, request: OperationRequest) -> str:
 
 
 def _status_of(error: Exception) -> CaptureStatus:
+    if isinstance(error, KlarnaError) and error.earlier_attempt_unknown:
+        # An earlier send under the key may have booked (a ValidationError for a key reused
+        # with another request too: helper-91), whatever this attempt met.
+        return CaptureStatus.FAILED
     if isinstance(error, ValidationError | TypeError):
         return CaptureStatus.REFUSED  # nothing was sent
     if isinstance(error, RateLimitError):
@@ -959,8 +963,12 @@ class _Run:
                     if claim.key_time_left is None:
                         return claim
                     # The key aged while Klarna's time was read (429s, 5xx: helper-90 sent
-                    # it past key_max_age, booked twice).
+                    # it past key_max_age, booked twice), by the client's clock or, if more
+                    # (a pause held the client's: helper-91), the journal's, just checked.
                     spent = self.services.clock() - began
+                    if self._journal_clock is not None:
+                        aged = clock_skew(self._journal_clock(), claim.entry.updated_at)
+                        spent = max(spent, 0.0 if aged is None else aged.total_seconds())
                     return attrs.evolve(claim, key_time_left=claim.key_time_left - spent)
                 seen = late
             else:

@@ -255,6 +255,22 @@ def test_a_capture_under_its_own_new_key_refused_401_exits_1(served: ServedFake)
     assert "--idempotency-key" not in result.stderr.split("idempotency key:")[-1].partition("\n")[2]
 
 
+def test_a_key_the_cli_made_is_not_vouched_for_by_a_later_command(served: ServedFake) -> None:
+    """In one process (CliRunner), the key a capture made was still taken as never sent
+    by the next command given it: its 429 said "refused" (exit 1), though the first had
+    booked (helper-91). The retry under it stays unknown (exit 3)."""
+    order_id = served.add_order(3000)
+    served.do(lambda: served.fake.inject(DropAfterProcessing(), method="POST"))
+    first = cli(["capture", order_id, "--amount", "1000", "--max-attempts", "1"], served)
+    assert first.exit_code == 3
+    key = first.stderr.split("idempotency key: ")[1].split()[0]
+    served.do(lambda: served.fake.inject(RateLimited("30"), method="POST", times=None))
+    args = ["capture", order_id, "--amount", "1000", "--idempotency-key", key]
+    again = cli([*args, "--max-attempts", "1"], served)
+    assert again.exit_code == 3
+    assert served.posts(order_id)[0] == key
+
+
 def test_get_shows_a_capture(served: ServedFake) -> None:
     order_id = served.add_order(10_000)
     capture_id = capture(served, order_id, 10_000)

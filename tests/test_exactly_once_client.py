@@ -12,7 +12,9 @@ import pytest
 import klarna_om_async
 from klarna_om_async import (
     AuthenticationError,
+    BatchItem,
     CaptureRequest,
+    CaptureStatus,
     KlarnaConnectionError,
     KlarnaOM,
     KlarnaResponseError,
@@ -206,6 +208,31 @@ async def test_a_key_reused_for_another_request_says_the_earlier_one_may_have_bo
     assert "already used for a different request" in str(reused.value)
     assert reused.value.outcome_unknown
     assert reused.value.idempotency_key == key
+    assert len(fake.captures(order_id)) == 1
+
+
+async def test_a_batch_item_under_a_key_reused_for_another_request_is_unknown(
+    fake: FakeKlarna,
+) -> None:
+    """The batch took the reused key's ValidationError for a refusal (``refused``: nothing
+    captured), though it says the earlier request under the key may have booked; a new key
+    then booked again (helper-91). It is failed (unknown), under the key."""
+    time = VirtualTime()
+    order_id = fake.add_order(amount=10_000)
+    key = new_idempotency_key()
+    async with virtual_client(fake, time, max_attempts=1) as om:
+        fake.inject(DropAfterProcessing(), method="POST")
+        with pytest.raises(KlarnaConnectionError):
+            await om.captures.create(
+                order_id, CaptureRequest(captured_amount=1000), idempotency_key=key
+            )
+        changed = CaptureRequest(captured_amount=1000, reference="r1")
+        item = BatchItem(order_id=order_id, request=changed, idempotency_key=key)
+        [outcome] = [o async for o in om.capture_many([item])]
+    assert outcome.status is CaptureStatus.FAILED
+    assert outcome.idempotency_key == key
+    assert isinstance(outcome.error, ValidationError)
+    assert outcome.error.outcome_unknown
     assert len(fake.captures(order_id)) == 1
 
 

@@ -88,10 +88,11 @@ def _announce_key(given: str | None, json_output: bool, **request: str) -> str:
         key = new_idempotency_key() if given is None else check_idempotency_key(given)
     except ValidationError as error:
         raise InputError(str(error)) from None
-    if given is None:
-        # Never sent before: a 429 or 401 under it says nothing happened (a key given with
-        # --idempotency-key may have been sent by an earlier run: see IdempotencyMiddleware).
-        fresh_key.set(key)
+    # A key made here was never sent before: a 429 or 401 under it says nothing happened (a
+    # key given with --idempotency-key may have been sent by an earlier run: see
+    # IdempotencyMiddleware). Set either way: a command run in the same process before
+    # (click's CliRunner) must not vouch for a key it made (helper-91).
+    fresh_key.set(key if given is None else None)
     if json_output:
         try:
             echo_json({"type": "request", **request, "idempotency_key": key})
