@@ -187,12 +187,14 @@ async def test_a_retry_under_a_key_that_may_have_booked_stays_unknown_on_an_answ
     assert [c.capture_id for c in fake.captures(order_id)] == [done.capture_id]
 
 
+@pytest.mark.parametrize("how", ["a single call", "a batch item"])
 async def test_a_key_reused_for_another_request_says_the_earlier_one_may_have_booked(
-    fake: FakeKlarna,
+    fake: FakeKlarna, how: str
 ) -> None:
     """The first call under the key was booked, its answer lost; the same key with a
-    changed request was refused as a ValidationError saying nothing of that, and a new
-    key for the changed request booked again (helper-90). It names the key, unknown."""
+    changed request was refused as a ValidationError saying nothing of that (helper-90), and
+    a batch took it for a refusal (``refused``: helper-91): a new key for the changed request
+    booked again. It names the key, unknown (a batch item is failed)."""
     time = VirtualTime()
     order_id = fake.add_order(amount=10_000)
     key = new_idempotency_key()
@@ -203,36 +205,19 @@ async def test_a_key_reused_for_another_request_says_the_earlier_one_may_have_bo
                 order_id, CaptureRequest(captured_amount=1000), idempotency_key=key
             )
         changed = CaptureRequest(captured_amount=1000, reference="r1")
-        with pytest.raises(ValidationError) as reused:
-            await om.captures.create(order_id, changed, idempotency_key=key)
-    assert "already used for a different request" in str(reused.value)
-    assert reused.value.outcome_unknown
-    assert reused.value.idempotency_key == key
-    assert len(fake.captures(order_id)) == 1
-
-
-async def test_a_batch_item_under_a_key_reused_for_another_request_is_unknown(
-    fake: FakeKlarna,
-) -> None:
-    """The batch took the reused key's ValidationError for a refusal (``refused``: nothing
-    captured), though it says the earlier request under the key may have booked; a new key
-    then booked again (helper-91). It is failed (unknown), under the key."""
-    time = VirtualTime()
-    order_id = fake.add_order(amount=10_000)
-    key = new_idempotency_key()
-    async with virtual_client(fake, time, max_attempts=1) as om:
-        fake.inject(DropAfterProcessing(), method="POST")
-        with pytest.raises(KlarnaConnectionError):
-            await om.captures.create(
-                order_id, CaptureRequest(captured_amount=1000), idempotency_key=key
-            )
-        changed = CaptureRequest(captured_amount=1000, reference="r1")
-        item = BatchItem(order_id=order_id, request=changed, idempotency_key=key)
-        [outcome] = [o async for o in om.capture_many([item])]
-    assert outcome.status is CaptureStatus.FAILED
-    assert outcome.idempotency_key == key
-    assert isinstance(outcome.error, ValidationError)
-    assert outcome.error.outcome_unknown
+        if how == "a single call":
+            with pytest.raises(ValidationError) as reused:
+                await om.captures.create(order_id, changed, idempotency_key=key)
+            error: Exception | None = reused.value
+        else:
+            item = BatchItem(order_id=order_id, request=changed, idempotency_key=key)
+            [outcome] = [o async for o in om.capture_many([item])]
+            assert (outcome.status, outcome.idempotency_key) == (CaptureStatus.FAILED, key)
+            error = outcome.error
+    assert isinstance(error, ValidationError)
+    assert "already used for a different request" in str(error)
+    assert error.outcome_unknown
+    assert error.idempotency_key == key
     assert len(fake.captures(order_id)) == 1
 
 
