@@ -29,7 +29,7 @@ import orjson
 
 from ._convert import to_json
 from ._keys import check_idempotency_key, fresh_key, key_time_left, random_key
-from ._klarna_clock import KlarnaClock, clock_skew
+from ._klarna_clock import KlarnaClock, clock_skew, in_utc
 from ._seen import SeenSet
 from .captures import CapturesService
 from .config import MAX_CONCURRENCY, MIN_BUSY_WAIT, check_count
@@ -967,8 +967,8 @@ class _Run:
                     # (a pause held the client's: helper-91), the journal's, just checked.
                     spent = self.services.clock() - began
                     if self._journal_clock is not None:
-                        aged = clock_skew(self._journal_clock(), claim.entry.updated_at)
-                        spent = max(spent, 0.0 if aged is None else aged.total_seconds())
+                        aged = in_utc(self._journal_clock()) - claim.entry.updated_at
+                        spent = max(spent, aged.total_seconds())
                     return attrs.evolve(claim, key_time_left=claim.key_time_left - spent)
                 seen = late
             else:
