@@ -37,6 +37,7 @@ from klarna_om_async import (
     CaptureStatus,
     JournalStatus,
     KlarnaOM,
+    RateLimitError,
     Region,
     RetryPolicy,
     SQLiteJournal,
@@ -268,6 +269,30 @@ def test_a_key_the_cli_made_is_not_vouched_for_by_a_later_command(served: Served
     args = ["capture", order_id, "--amount", "1000", "--idempotency-key", key]
     again = cli([*args, "--max-attempts", "1"], served)
     assert again.exit_code == 3
+    assert served.posts(order_id)[0] == key
+
+
+def test_a_key_the_cli_made_is_not_vouched_for_after_the_command(served: ServedFake) -> None:
+    """A library call in the same process after the command, finishing its unknown capture
+    under its key as the docs say, met a 429 and was told nothing had been booked; a new
+    key then booked again (helper-92). It stays unknown."""
+    order_id = served.add_order(3000)
+    served.do(lambda: served.fake.inject(DropAfterProcessing(), method="POST"))
+    first = cli(["capture", order_id, "--amount", "1000", "--max-attempts", "1"], served)
+    assert first.exit_code == 3
+    key = first.stderr.split("idempotency key: ")[1].split()[0]
+    served.do(lambda: served.fake.inject(RateLimited("30"), method="POST", times=None))
+
+    async def retry() -> RateLimitError:
+        policy = RetryPolicy(max_attempts=1, deadline=1)
+        url = served.fake.base_url
+        async with KlarnaOM(USERNAME, PASSWORD, base_url=url, retry=policy) as om:
+            request = CaptureRequest(captured_amount=1000)
+            with pytest.raises(RateLimitError) as busy:
+                await om.captures.create(order_id, request, idempotency_key=key)
+        return busy.value
+
+    assert asyncio.run(retry()).outcome_unknown
     assert served.posts(order_id)[0] == key
 
 

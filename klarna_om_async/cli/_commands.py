@@ -90,9 +90,12 @@ def _announce_key(given: str | None, json_output: bool, **request: str) -> str:
         raise InputError(str(error)) from None
     # A key made here was never sent before: a 429 or 401 under it says nothing happened (a
     # key given with --idempotency-key may have been sent by an earlier run: see
-    # IdempotencyMiddleware). Set either way: a command run in the same process before
-    # (click's CliRunner) must not vouch for a key it made (helper-91).
-    fresh_key.set(key if given is None else None)
+    # IdempotencyMiddleware). For this command only: code run in the same process after it
+    # (click's CliRunner, a library call) must not vouch for a key it made (helper-91, -92).
+    token = fresh_key.set(key if given is None else None)
+    context = click.get_current_context(silent=True)
+    if context is not None:
+        context.call_on_close(lambda: fresh_key.reset(token))
     if json_output:
         try:
             echo_json({"type": "request", **request, "idempotency_key": key})
